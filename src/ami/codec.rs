@@ -1,0 +1,481 @@
+//! Cuts the AMI byte stream into frames (`tokio_util::codec::Decoder`).
+//!
+//! AMI is line based: a frame is a run of `Key: Value` lines closed by an empty
+//! line; the very first line of a connection is the banner
+//! `Asterisk Call Manager/x.y.z`, which has no closing empty line. Asterisk
+//! sends CRLF; LF-only streams (proxies, hand-written traces) are accepted.
+//!
+//! The decoder scans each byte once: it remembers where it stopped in an
+//! incomplete frame and the header positions it already found, so a frame that
+//! arrives one byte at a time costs the same as one that arrives whole.
+//!
+//! Bounds, so that hostile input can never grow memory or stop the stream:
+//! - a frame larger than `max_frame_bytes`, or with more than `max_headers`
+//!   lines, is skipped up to the next empty line and reported as
+//!   [`AmiMessage::Malformed`]; while skipping, the decoder keeps at most two
+//!   bytes of it in the buffer;
+//! - a frame whose first line is not a header (binary garbage) is reported the
+//!   same way; the stream resynchronises at the next empty line.
+//!
+//! The decoder never fails on content: `Err` is reserved for I/O errors of the
+//! underlying stream. It never panics on any input (see the property tests).
+
+use super::frame::{Frame, HeaderPos};
+use bytes::{Buf, BytesMut};
+use smallvec::SmallVec;
+use tokio_util::codec::Decoder;
+
+/// What the decoder yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AmiMessage {
+    /// The `Asterisk Call Manager/x.y.z` greeting line (text after the slash).
+    Banner(String),
+    /// A well-formed frame.
+    Frame(Frame),
+    /// Bytes that were skipped; the stream goes on after them.
+    Malformed(Malformed),
+}
+
+/// A skipped run of bytes and why it was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed {
+    pub reason: MalformedReason,
+    /// How many bytes were dropped, closing empty line included.
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MalformedReason {
+    /// Larger than `max_frame_bytes`.
+    TooLarge,
+    /// More header lines than `max_headers`.
+    TooManyHeaders,
+    /// The first line is not `Key: Value`.
+    Garbage,
+}
+
+impl MalformedReason {
+    /// Stable label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MalformedReason::TooLarge => "too_large",
+            MalformedReason::TooManyHeaders => "too_many_headers",
+            MalformedReason::Garbage => "garbage",
+        }
+    }
+}
+
+/// Limits of the decoder.
+#[derive(Debug, Clone, Copy)]
+pub struct CodecLimits {
+    pub max_frame_bytes: usize,
+    pub max_headers: usize,
+}
+
+impl Default for CodecLimits {
+    fn default() -> Self {
+        // Asterisk's largest ordinary events (`QueueStatus` members with many
+        // variables, `Status` with all channel variables) stay below 16 KiB;
+        // 1 MiB leaves room for `Command` output without inviting abuse.
+        CodecLimits { max_frame_bytes: 1 << 20, max_headers: 1024 }
+    }
+}
+
+const BANNER_PREFIX: &[u8] = b"Asterisk Call Manager/";
+
+/// The AMI decoder. One per connection (or per trace file).
+#[derive(Debug)]
+pub struct AmiCodec {
+    limits: CodecLimits,
+    /// Where the next line of the pending frame starts.
+    scan_from: usize,
+    /// Header positions of the pending frame found so far.
+    pending: SmallVec<[HeaderPos; 40]>,
+    /// Whether the first line of the pending frame was a header.
+    pending_first_ok: bool,
+    /// Set while dropping an oversized frame up to its closing empty line.
+    discarding: Option<Discard>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Discard {
+    reason: MalformedReason,
+    dropped: u64,
+}
+
+impl Default for AmiCodec {
+    fn default() -> Self {
+        AmiCodec::new(CodecLimits::default())
+    }
+}
+
+enum Scan {
+    /// The frame's content ends at `content_end`; the closing empty line ends
+    /// at `consumed`.
+    Complete { content_end: usize, consumed: usize },
+    Incomplete,
+    Overflow(MalformedReason),
+}
+
+impl AmiCodec {
+    pub fn new(limits: CodecLimits) -> Self {
+        AmiCodec {
+            limits,
+            scan_from: 0,
+            pending: SmallVec::new(),
+            pending_first_ok: false,
+            discarding: None,
+        }
+    }
+
+    pub fn limits(&self) -> CodecLimits {
+        self.limits
+    }
+
+    /// Bytes of the current partial frame the decoder is holding on to
+    /// (for tests and metrics: it never exceeds `max_frame_bytes` + one read).
+    pub fn pending_bytes(&self) -> usize {
+        self.scan_from
+    }
+
+    fn reset_pending(&mut self) {
+        self.scan_from = 0;
+        self.pending.clear();
+        self.pending_first_ok = false;
+    }
+
+    /// Scans lines of the pending frame from `scan_from`, recording headers.
+    fn scan(&mut self, src: &[u8]) -> Scan {
+        let mut pos = self.scan_from;
+        loop {
+            // `pos` is the start of a line. Is it the closing empty line?
+            match src.get(pos) {
+                None => break,
+                Some(b'\n') if pos > 0 => {
+                    return Scan::Complete { content_end: pos, consumed: pos + 1 };
+                }
+                Some(b'\r') if pos > 0 => match src.get(pos + 1) {
+                    None => break,
+                    Some(b'\n') => return Scan::Complete { content_end: pos, consumed: pos + 2 },
+                    Some(_) => {}
+                },
+                Some(_) => {}
+            }
+            let Some(nl) = memchr::memchr(b'\n', &src[pos..]) else { break };
+            let line_end_nl = pos + nl;
+            let mut line_end = line_end_nl;
+            if line_end > pos && src[line_end - 1] == b'\r' {
+                line_end -= 1;
+            }
+            if self.pending.len() >= self.limits.max_headers {
+                return Scan::Overflow(MalformedReason::TooManyHeaders);
+            }
+            let line = &src[pos..line_end];
+            let header = match memchr::memchr(b':', line) {
+                Some(colon) => {
+                    let key_end = pos + colon;
+                    let mut value_start = key_end + 1;
+                    if src.get(value_start) == Some(&b' ') && value_start < line_end {
+                        value_start += 1;
+                    }
+                    HeaderPos {
+                        key_start: pos as u32,
+                        key_end: key_end as u32,
+                        value_start: value_start as u32,
+                        value_end: line_end as u32,
+                    }
+                }
+                None => HeaderPos {
+                    key_start: pos as u32,
+                    key_end: pos as u32,
+                    value_start: pos as u32,
+                    value_end: line_end as u32,
+                },
+            };
+            if self.pending.is_empty() {
+                self.pending_first_ok = is_header_key(&src[pos..header.key_end as usize])
+                    && header.key_end > header.key_start;
+            }
+            self.pending.push(header);
+            pos = line_end_nl + 1;
+            if pos > self.limits.max_frame_bytes {
+                return Scan::Overflow(MalformedReason::TooLarge);
+            }
+        }
+        self.scan_from = pos;
+        if src.len() > self.limits.max_frame_bytes {
+            return Scan::Overflow(MalformedReason::TooLarge);
+        }
+        Scan::Incomplete
+    }
+
+    /// Drops bytes of a skipped frame until its closing empty line.
+    fn discard(&mut self, src: &mut BytesMut, mut d: Discard) -> Option<AmiMessage> {
+        if let Some(upto) = find_empty_line_end(src) {
+            return Some(self.finish_discard(src, d, upto));
+        }
+        // Not found: keep at most the last two bytes (a "\n\r" that may be
+        // completed by the next read), drop the rest.
+        let keep = src.len().min(2);
+        let drop = src.len() - keep;
+        src.advance(drop);
+        d.dropped += drop as u64;
+        self.discarding = Some(d);
+        None
+    }
+
+    fn finish_discard(&mut self, src: &mut BytesMut, d: Discard, upto: usize) -> AmiMessage {
+        src.advance(upto);
+        self.discarding = None;
+        self.reset_pending();
+        AmiMessage::Malformed(Malformed { reason: d.reason, bytes: d.dropped + upto as u64 })
+    }
+}
+
+/// End (exclusive) of the first empty line ("\n\n" or "\n\r\n") in `bytes`.
+fn find_empty_line_end(bytes: &[u8]) -> Option<usize> {
+    let mut search = 0;
+    while let Some(i) = memchr::memchr(b'\n', &bytes[search..]) {
+        let nl = search + i;
+        match bytes.get(nl + 1) {
+            None => return None,
+            Some(b'\n') => return Some(nl + 2),
+            Some(b'\r') => match bytes.get(nl + 2) {
+                None => return None,
+                Some(b'\n') => return Some(nl + 3),
+                Some(_) => {}
+            },
+            Some(_) => {}
+        }
+        search = nl + 1;
+    }
+    None
+}
+
+/// AMI header names are ASCII letters, digits, '-' and '_' (e.g. `Cause-txt`,
+/// `CID-CallingPres`, `ChanVariable(SIP/2000-01)` is the only exception
+/// Asterisk sends, so parentheses, '/' and '.' are accepted too).
+fn is_header_key(k: &[u8]) -> bool {
+    !k.is_empty()
+        && k.len() <= 128
+        && k.iter().all(|&c| {
+            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'(' | b')' | b'/' | b'.' | b'@' | b';')
+        })
+}
+
+impl Decoder for AmiCodec {
+    type Item = AmiMessage;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<AmiMessage>, std::io::Error> {
+        if let Some(d) = self.discarding {
+            match self.discard(src, d) {
+                Some(m) => return Ok(Some(m)),
+                None => return Ok(None),
+            }
+        }
+        if self.scan_from == 0 {
+            // Stray empty lines between frames carry nothing.
+            let skip = src.iter().take_while(|&&c| c == b'\r' || c == b'\n').count();
+            // Keep a lone trailing '\r': it may be the start of "\r\n".
+            let skip = if skip == src.len() && src.last() == Some(&b'\r') { skip - 1 } else { skip };
+            src.advance(skip);
+            if src.is_empty() {
+                return Ok(None);
+            }
+            if src.len() >= BANNER_PREFIX.len() && src.starts_with(BANNER_PREFIX) {
+                return match memchr::memchr(b'\n', src) {
+                    Some(nl) => {
+                        let line = src.split_to(nl + 1);
+                        let text = String::from_utf8_lossy(&line[BANNER_PREFIX.len()..]);
+                        Ok(Some(AmiMessage::Banner(text.trim_end().to_string())))
+                    }
+                    None if src.len() > self.limits.max_frame_bytes => {
+                        let d = Discard { reason: MalformedReason::TooLarge, dropped: 0 };
+                        Ok(self.discard(src, d))
+                    }
+                    None => Ok(None),
+                };
+            }
+            if src.len() < BANNER_PREFIX.len() && BANNER_PREFIX.starts_with(&src[..]) {
+                // Could still become a banner: wait for more.
+                return Ok(None);
+            }
+        }
+        match self.scan(src) {
+            Scan::Incomplete => Ok(None),
+            Scan::Overflow(reason) => {
+                let d = Discard { reason, dropped: 0 };
+                self.reset_pending();
+                Ok(self.discard(src, d))
+            }
+            Scan::Complete { content_end, consumed } => {
+                let first_ok = self.pending_first_ok;
+                let mut headers = std::mem::take(&mut self.pending);
+                self.reset_pending();
+                if !first_ok {
+                    src.advance(consumed);
+                    return Ok(Some(AmiMessage::Malformed(Malformed {
+                        reason: MalformedReason::Garbage,
+                        bytes: consumed as u64,
+                    })));
+                }
+                let mut chunk = src.split_to(consumed);
+                chunk.truncate(content_end);
+                let buf = if std::str::from_utf8(&chunk).is_ok() {
+                    chunk.freeze()
+                } else {
+                    // Latin-1 names from old phones: replace invalid bytes and
+                    // re-index, so every value is valid UTF-8.
+                    let fixed = String::from_utf8_lossy(&chunk).into_owned();
+                    let mut again = AmiCodec::new(CodecLimits {
+                        max_frame_bytes: usize::MAX,
+                        max_headers: usize::MAX,
+                    });
+                    let mut b = BytesMut::from(fixed.as_bytes());
+                    b.extend_from_slice(b"\n\n");
+                    return Ok(again.decode(&mut b)?.or(Some(AmiMessage::Malformed(Malformed {
+                        reason: MalformedReason::Garbage,
+                        bytes: consumed as u64,
+                    }))));
+                };
+                headers.shrink_to_fit();
+                Ok(Some(AmiMessage::Frame(Frame::from_parts(buf, headers))))
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<AmiMessage>, std::io::Error> {
+        match self.decode(buf)? {
+            Some(m) => Ok(Some(m)),
+            None => {
+                // A trace may end without the final empty line: close it.
+                if self.discarding.is_none() && !buf.is_empty() && buf.iter().any(|&c| c != b'\r' && c != b'\n') {
+                    buf.extend_from_slice(b"\r\n\r\n");
+                    let m = self.decode(buf)?;
+                    buf.clear();
+                    self.reset_pending();
+                    return Ok(m);
+                }
+                if let Some(d) = self.discarding.take() {
+                    let dropped = d.dropped + buf.len() as u64;
+                    buf.clear();
+                    return Ok(Some(AmiMessage::Malformed(Malformed { reason: d.reason, bytes: dropped })));
+                }
+                buf.clear();
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Decodes a whole in-memory byte slice (a trace file), calling `f` for each
+/// message. Used by replay, tests and benchmarks.
+pub fn decode_all(codec: &mut AmiCodec, data: &[u8], mut f: impl FnMut(AmiMessage)) {
+    let mut buf = BytesMut::from(data);
+    // Decoding from memory cannot fail: errors only come from I/O.
+    while let Ok(Some(m)) = codec.decode(&mut buf) {
+        f(m);
+    }
+    while let Ok(Some(m)) = codec.decode_eof(&mut buf) {
+        f(m);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(data: &[u8]) -> Vec<AmiMessage> {
+        let mut out = Vec::new();
+        decode_all(&mut AmiCodec::default(), data, |m| out.push(m));
+        out
+    }
+
+    fn frame(m: &AmiMessage) -> &Frame {
+        match m {
+            AmiMessage::Frame(f) => f,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn banner_then_response_without_blank_line() {
+        let msgs = all(b"Asterisk Call Manager/9.0.0\r\nResponse: Success\r\nActionID: 1\r\n\r\n");
+        assert_eq!(msgs[0], AmiMessage::Banner("9.0.0".into()));
+        assert_eq!(frame(&msgs[1]).response(), Some("Success"));
+        assert_eq!(msgs.len(), 2);
+    }
+
+    #[test]
+    fn lf_only_and_values_with_colons() {
+        let msgs = all(b"Event: VarSet\nValue: sip:1@127.0.0.1:5090\nEmpty:\nSpaced: \n\n");
+        let f = frame(&msgs[0]);
+        assert_eq!(f.get("Value"), Some("sip:1@127.0.0.1:5090"));
+        assert_eq!(f.get("Empty"), Some(""));
+        assert_eq!(f.get("Spaced"), Some(""));
+    }
+
+    #[test]
+    fn command_output_lines_are_kept() {
+        let msgs = all(b"Response: Follows\r\nPrivilege: Command\r\nline without colon\r\n--END COMMAND--\r\n\r\n");
+        let f = frame(&msgs[0]);
+        let lines: Vec<_> = f.headers().filter(|(k, _)| k.is_empty()).map(|(_, v)| v).collect();
+        assert_eq!(lines, vec!["line without colon", "--END COMMAND--"]);
+    }
+
+    #[test]
+    fn oversized_frame_is_skipped_and_stream_resyncs() {
+        let mut codec = AmiCodec::new(CodecLimits { max_frame_bytes: 64, max_headers: 10 });
+        let mut data = Vec::new();
+        data.extend_from_slice(b"Event: Big\r\nValue: ");
+        data.extend(std::iter::repeat(b'x').take(1000));
+        data.extend_from_slice(b"\r\n\r\nEvent: Small\r\n\r\n");
+        let mut out = Vec::new();
+        decode_all(&mut codec, &data, |m| out.push(m));
+        assert!(matches!(out[0], AmiMessage::Malformed(Malformed { reason: MalformedReason::TooLarge, .. })));
+        assert_eq!(frame(&out[1]).event(), Some("Small"));
+    }
+
+    #[test]
+    fn too_many_headers_is_skipped() {
+        let mut codec = AmiCodec::new(CodecLimits { max_frame_bytes: 1 << 20, max_headers: 3 });
+        let mut out = Vec::new();
+        decode_all(&mut codec, b"A: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\nEvent: Ok\r\n\r\n", |m| out.push(m));
+        assert!(matches!(
+            out[0],
+            AmiMessage::Malformed(Malformed { reason: MalformedReason::TooManyHeaders, .. })
+        ));
+        assert_eq!(frame(&out[1]).event(), Some("Ok"));
+    }
+
+    #[test]
+    fn garbage_frame_is_reported() {
+        let out = all(b"\x00\x01\x02 nonsense\r\n\r\nEvent: Ok\r\n\r\n");
+        assert!(matches!(out[0], AmiMessage::Malformed(Malformed { reason: MalformedReason::Garbage, .. })));
+        assert_eq!(frame(&out[1]).event(), Some("Ok"));
+    }
+
+    #[test]
+    fn invalid_utf8_values_are_replaced() {
+        let out = all(b"Event: Newchannel\r\nCallerIDName: Jos\xe9\r\n\r\n");
+        assert_eq!(frame(&out[0]).get("CallerIDName"), Some("Jos\u{fffd}"));
+    }
+
+    #[test]
+    fn byte_by_byte_equals_whole() {
+        let data = b"Asterisk Call Manager/9.0.0\r\nResponse: Success\r\n\r\nEvent: A\r\nX: 1\r\n\r\n\r\nEvent: B\nY: 2\n\n";
+        let whole = all(data);
+        let mut codec = AmiCodec::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for &b in data.iter() {
+            buf.extend_from_slice(&[b]);
+            while let Some(m) = codec.decode(&mut buf).unwrap() {
+                out.push(m);
+            }
+        }
+        assert_eq!(out, whole);
+        assert_eq!(whole.len(), 4);
+    }
+}

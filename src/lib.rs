@@ -22,3 +22,7 @@
 //! full channel means *wait* for call events (backpressure), never *drop*.
 
 pub mod ami;
+pub mod config;
+pub mod directory;
+pub mod event;
+pub mod ids;

@@ -1,0 +1,56 @@
+//! Newtype ids: cheap to clone (`Arc<str>`), serialized as plain strings,
+//! looked up in maps by `&str` (`Borrow<str>`).
+
+use serde::Serialize;
+use std::fmt;
+use std::sync::Arc;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            pub fn new(s: &str) -> Self {
+                $name(Arc::from(s))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+id_type!(
+    /// The helpdesk's id of an agent (from the configuration).
+    AgentId
+);
+id_type!(
+    /// The helpdesk's id of a telephony group (from the configuration).
+    GroupId
+);
+id_type!(
+    /// A call's id: the Asterisk `Linkedid` shared by all its channels.
+    CallId
+);
+

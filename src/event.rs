@@ -23,9 +23,10 @@ pub fn format_time(t: Micros) -> String {
     }
 }
 
-/// Whole seconds between two PBX times (never negative).
+/// Seconds between two PBX times, rounded to the nearest second (never
+/// negative).
 pub fn seconds_between(from: Micros, to: Micros) -> u64 {
-    u64::try_from((to - from).max(0) / 1_000_000).unwrap_or(0)
+    u64::try_from(((to - from).max(0) + 500_000) / 1_000_000).unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -279,7 +280,10 @@ impl Event {
     pub fn ordering_key(&self) -> String {
         match (&self.call, &self.kind) {
             (Some(c), _) => c.id.to_string(),
-            (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => {
+            (
+                None,
+                EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. },
+            ) => {
                 format!("agent:{agent}")
             }
             (None, _) => String::new(),
@@ -290,7 +294,10 @@ impl Event {
     pub fn id(&self, pbx: &str) -> String {
         match (&self.call, &self.kind) {
             (Some(c), _) => format!("{pbx}:{}:{}", c.id, self.seq),
-            (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => {
+            (
+                None,
+                EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. },
+            ) => {
                 format!("{pbx}:agent:{agent}:{}", self.time)
             }
             (None, _) => format!("{pbx}:event:{}", self.time),

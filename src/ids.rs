@@ -53,4 +53,3 @@ id_type!(
     /// A call's id: the Asterisk `Linkedid` shared by all its channels.
     CallId
 );
-

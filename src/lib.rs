@@ -26,3 +26,6 @@ pub mod config;
 pub mod directory;
 pub mod event;
 pub mod ids;
+pub mod normalize;
+pub mod replay;
+pub mod tracegen;

@@ -26,6 +26,11 @@ use smallvec::SmallVec;
 use tokio_util::codec::Decoder;
 
 /// What the decoder yields.
+///
+/// `Frame` keeps its header index inline (no allocation per frame), which
+/// makes it much larger than the other variants; boxing it would cost an
+/// allocation per event on the hot path, so the size difference is accepted.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AmiMessage {
     /// The `Asterisk Call Manager/x.y.z` greeting line (text after the slash).
@@ -77,7 +82,10 @@ impl Default for CodecLimits {
         // Asterisk's largest ordinary events (`QueueStatus` members with many
         // variables, `Status` with all channel variables) stay below 16 KiB;
         // 1 MiB leaves room for `Command` output without inviting abuse.
-        CodecLimits { max_frame_bytes: 1 << 20, max_headers: 1024 }
+        CodecLimits {
+            max_frame_bytes: 1 << 20,
+            max_headers: 1024,
+        }
     }
 }
 
@@ -112,7 +120,10 @@ impl Default for AmiCodec {
 enum Scan {
     /// The frame's content ends at `content_end`; the closing empty line ends
     /// at `consumed`.
-    Complete { content_end: usize, consumed: usize },
+    Complete {
+        content_end: usize,
+        consumed: usize,
+    },
     Incomplete,
     Overflow(MalformedReason),
 }
@@ -152,16 +163,26 @@ impl AmiCodec {
             match src.get(pos) {
                 None => break,
                 Some(b'\n') if pos > 0 => {
-                    return Scan::Complete { content_end: pos, consumed: pos + 1 };
+                    return Scan::Complete {
+                        content_end: pos,
+                        consumed: pos + 1,
+                    };
                 }
                 Some(b'\r') if pos > 0 => match src.get(pos + 1) {
                     None => break,
-                    Some(b'\n') => return Scan::Complete { content_end: pos, consumed: pos + 2 },
+                    Some(b'\n') => {
+                        return Scan::Complete {
+                            content_end: pos,
+                            consumed: pos + 2,
+                        }
+                    }
                     Some(_) => {}
                 },
                 Some(_) => {}
             }
-            let Some(nl) = memchr::memchr(b'\n', &src[pos..]) else { break };
+            let Some(nl) = memchr::memchr(b'\n', &src[pos..]) else {
+                break;
+            };
             let line_end_nl = pos + nl;
             let mut line_end = line_end_nl;
             if line_end > pos && src[line_end - 1] == b'\r' {
@@ -228,7 +249,10 @@ impl AmiCodec {
         src.advance(upto);
         self.discarding = None;
         self.reset_pending();
-        AmiMessage::Malformed(Malformed { reason: d.reason, bytes: d.dropped + upto as u64 })
+        AmiMessage::Malformed(Malformed {
+            reason: d.reason,
+            bytes: d.dropped + upto as u64,
+        })
     }
 }
 
@@ -259,7 +283,8 @@ fn is_header_key(k: &[u8]) -> bool {
     !k.is_empty()
         && k.len() <= 128
         && k.iter().all(|&c| {
-            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'(' | b')' | b'/' | b'.' | b'@' | b';')
+            c.is_ascii_alphanumeric()
+                || matches!(c, b'-' | b'_' | b'(' | b')' | b'/' | b'.' | b'@' | b';')
         })
 }
 
@@ -276,9 +301,16 @@ impl Decoder for AmiCodec {
         }
         if self.scan_from == 0 {
             // Stray empty lines between frames carry nothing.
-            let skip = src.iter().take_while(|&&c| c == b'\r' || c == b'\n').count();
+            let skip = src
+                .iter()
+                .take_while(|&&c| c == b'\r' || c == b'\n')
+                .count();
             // Keep a lone trailing '\r': it may be the start of "\r\n".
-            let skip = if skip == src.len() && src.last() == Some(&b'\r') { skip - 1 } else { skip };
+            let skip = if skip == src.len() && src.last() == Some(&b'\r') {
+                skip - 1
+            } else {
+                skip
+            };
             src.advance(skip);
             if src.is_empty() {
                 return Ok(None);
@@ -291,7 +323,10 @@ impl Decoder for AmiCodec {
                         Ok(Some(AmiMessage::Banner(text.trim_end().to_string())))
                     }
                     None if src.len() > self.limits.max_frame_bytes => {
-                        let d = Discard { reason: MalformedReason::TooLarge, dropped: 0 };
+                        let d = Discard {
+                            reason: MalformedReason::TooLarge,
+                            dropped: 0,
+                        };
                         Ok(self.discard(src, d))
                     }
                     None => Ok(None),
@@ -309,7 +344,10 @@ impl Decoder for AmiCodec {
                 self.reset_pending();
                 Ok(self.discard(src, d))
             }
-            Scan::Complete { content_end, consumed } => {
+            Scan::Complete {
+                content_end,
+                consumed,
+            } => {
                 let first_ok = self.pending_first_ok;
                 let mut headers = std::mem::take(&mut self.pending);
                 self.reset_pending();
@@ -334,10 +372,12 @@ impl Decoder for AmiCodec {
                     });
                     let mut b = BytesMut::from(fixed.as_bytes());
                     b.extend_from_slice(b"\n\n");
-                    return Ok(again.decode(&mut b)?.or(Some(AmiMessage::Malformed(Malformed {
-                        reason: MalformedReason::Garbage,
-                        bytes: consumed as u64,
-                    }))));
+                    return Ok(again
+                        .decode(&mut b)?
+                        .or(Some(AmiMessage::Malformed(Malformed {
+                            reason: MalformedReason::Garbage,
+                            bytes: consumed as u64,
+                        }))));
                 };
                 headers.shrink_to_fit();
                 Ok(Some(AmiMessage::Frame(Frame::from_parts(buf, headers))))
@@ -350,7 +390,10 @@ impl Decoder for AmiCodec {
             Some(m) => Ok(Some(m)),
             None => {
                 // A trace may end without the final empty line: close it.
-                if self.discarding.is_none() && !buf.is_empty() && buf.iter().any(|&c| c != b'\r' && c != b'\n') {
+                if self.discarding.is_none()
+                    && !buf.is_empty()
+                    && buf.iter().any(|&c| c != b'\r' && c != b'\n')
+                {
                     buf.extend_from_slice(b"\r\n\r\n");
                     let m = self.decode(buf)?;
                     buf.clear();
@@ -360,7 +403,10 @@ impl Decoder for AmiCodec {
                 if let Some(d) = self.discarding.take() {
                     let dropped = d.dropped + buf.len() as u64;
                     buf.clear();
-                    return Ok(Some(AmiMessage::Malformed(Malformed { reason: d.reason, bytes: dropped })));
+                    return Ok(Some(AmiMessage::Malformed(Malformed {
+                        reason: d.reason,
+                        bytes: dropped,
+                    })));
                 }
                 buf.clear();
                 Ok(None)
@@ -370,12 +416,18 @@ impl Decoder for AmiCodec {
 }
 
 /// Decodes a whole in-memory byte slice (a trace file), calling `f` for each
-/// message. Used by replay, tests and benchmarks.
+/// message. Used by replay, tests and benchmarks. The bytes are fed in
+/// socket-sized chunks, so memory stays bounded by the codec's limits rather
+/// than by the size of the trace.
 pub fn decode_all(codec: &mut AmiCodec, data: &[u8], mut f: impl FnMut(AmiMessage)) {
-    let mut buf = BytesMut::from(data);
-    // Decoding from memory cannot fail: errors only come from I/O.
-    while let Ok(Some(m)) = codec.decode(&mut buf) {
-        f(m);
+    const CHUNK: usize = 64 * 1024;
+    let mut buf = BytesMut::with_capacity(CHUNK * 2);
+    for chunk in data.chunks(CHUNK) {
+        buf.extend_from_slice(chunk);
+        // Decoding from memory cannot fail: errors only come from I/O.
+        while let Ok(Some(m)) = codec.decode(&mut buf) {
+            f(m);
+        }
     }
     while let Ok(Some(m)) = codec.decode_eof(&mut buf) {
         f(m);
@@ -420,31 +472,54 @@ mod tests {
     fn command_output_lines_are_kept() {
         let msgs = all(b"Response: Follows\r\nPrivilege: Command\r\nline without colon\r\n--END COMMAND--\r\n\r\n");
         let f = frame(&msgs[0]);
-        let lines: Vec<_> = f.headers().filter(|(k, _)| k.is_empty()).map(|(_, v)| v).collect();
+        let lines: Vec<_> = f
+            .headers()
+            .filter(|(k, _)| k.is_empty())
+            .map(|(_, v)| v)
+            .collect();
         assert_eq!(lines, vec!["line without colon", "--END COMMAND--"]);
     }
 
     #[test]
     fn oversized_frame_is_skipped_and_stream_resyncs() {
-        let mut codec = AmiCodec::new(CodecLimits { max_frame_bytes: 64, max_headers: 10 });
+        let mut codec = AmiCodec::new(CodecLimits {
+            max_frame_bytes: 64,
+            max_headers: 10,
+        });
         let mut data = Vec::new();
         data.extend_from_slice(b"Event: Big\r\nValue: ");
-        data.extend(std::iter::repeat(b'x').take(1000));
+        data.extend(std::iter::repeat_n(b'x', 1000));
         data.extend_from_slice(b"\r\n\r\nEvent: Small\r\n\r\n");
         let mut out = Vec::new();
         decode_all(&mut codec, &data, |m| out.push(m));
-        assert!(matches!(out[0], AmiMessage::Malformed(Malformed { reason: MalformedReason::TooLarge, .. })));
+        assert!(matches!(
+            out[0],
+            AmiMessage::Malformed(Malformed {
+                reason: MalformedReason::TooLarge,
+                ..
+            })
+        ));
         assert_eq!(frame(&out[1]).event(), Some("Small"));
     }
 
     #[test]
     fn too_many_headers_is_skipped() {
-        let mut codec = AmiCodec::new(CodecLimits { max_frame_bytes: 1 << 20, max_headers: 3 });
+        let mut codec = AmiCodec::new(CodecLimits {
+            max_frame_bytes: 1 << 20,
+            max_headers: 3,
+        });
         let mut out = Vec::new();
-        decode_all(&mut codec, b"A: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\nEvent: Ok\r\n\r\n", |m| out.push(m));
+        decode_all(
+            &mut codec,
+            b"A: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\nEvent: Ok\r\n\r\n",
+            |m| out.push(m),
+        );
         assert!(matches!(
             out[0],
-            AmiMessage::Malformed(Malformed { reason: MalformedReason::TooManyHeaders, .. })
+            AmiMessage::Malformed(Malformed {
+                reason: MalformedReason::TooManyHeaders,
+                ..
+            })
         ));
         assert_eq!(frame(&out[1]).event(), Some("Ok"));
     }
@@ -452,7 +527,13 @@ mod tests {
     #[test]
     fn garbage_frame_is_reported() {
         let out = all(b"\x00\x01\x02 nonsense\r\n\r\nEvent: Ok\r\n\r\n");
-        assert!(matches!(out[0], AmiMessage::Malformed(Malformed { reason: MalformedReason::Garbage, .. })));
+        assert!(matches!(
+            out[0],
+            AmiMessage::Malformed(Malformed {
+                reason: MalformedReason::Garbage,
+                ..
+            })
+        ));
         assert_eq!(frame(&out[1]).event(), Some("Ok"));
     }
 

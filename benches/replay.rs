@@ -1,0 +1,100 @@
+//! Decode + normalize throughput on one core, over a large trace built from
+//! the real fixture traces (renamed copies), and resident memory over the run.
+//!
+//! `cargo bench --bench replay` (env `COPIES`, default 400 ≈ 900k frames).
+
+use callbridge::ami::codec::{decode_all, AmiCodec, AmiMessage};
+use callbridge::config::Config;
+use callbridge::directory::Directory;
+use callbridge::normalize::{AlwaysOpen, Normalizer, Options};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.to_string())
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn main() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut names: Vec<_> = std::fs::read_dir(format!("{root}/fixtures/ami"))
+        .expect("fixtures/ami")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ami"))
+        .collect();
+    names.sort();
+    let traces: Vec<Vec<u8>> = names
+        .iter()
+        .map(|p| std::fs::read(p).expect("trace"))
+        .collect();
+    let copies: usize = std::env::var("COPIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let data = callbridge::tracegen::concatenated(&traces, copies);
+    let config =
+        Config::load(std::path::Path::new(&format!("{root}/config/lab.toml"))).expect("config");
+    let mb = data.len() as f64 / 1e6;
+
+    // Decode only.
+    let mut best_decode = f64::MAX;
+    let mut frames = 0u64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut n = 0u64;
+        decode_all(&mut AmiCodec::default(), &data, |m| {
+            if matches!(m, AmiMessage::Frame(_)) {
+                n += 1
+            }
+        });
+        best_decode = best_decode.min(t.elapsed().as_secs_f64());
+        frames = n;
+    }
+    println!(
+        "decode:            {frames} frames, {mb:.1} MB in {best_decode:.3} s = {:.0} frames/s, {:.0} MB/s",
+        frames as f64 / best_decode,
+        mb / best_decode
+    );
+
+    // Decode + normalize (the pipeline's hot path), memory sampled along.
+    let mut best = f64::MAX;
+    let mut events = 0usize;
+    let (mut rss_min, mut rss_max) = (u64::MAX, 0u64);
+    for _ in 0..3 {
+        let dir = Arc::new(Directory::from_config(&config));
+        let mut norm = Normalizer::new(dir, Arc::new(AlwaysOpen), Options::from_config(&config));
+        let mut out = Vec::with_capacity(64);
+        let mut n_events = 0usize;
+        let mut n = 0u64;
+        let t = Instant::now();
+        decode_all(&mut AmiCodec::default(), &data, |m| {
+            if let AmiMessage::Frame(f) = m {
+                norm.handle(&f, 0, &mut out);
+                n_events += out.len();
+                out.clear();
+                n += 1;
+                if n % 100_000 == 0 {
+                    let r = rss_kib();
+                    rss_min = rss_min.min(r);
+                    rss_max = rss_max.max(r);
+                }
+            }
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+        events = n_events;
+        assert_eq!(norm.live_calls(), 0, "every call of the trace ended");
+    }
+    println!(
+        "decode+normalize:  {frames} frames -> {events} lifecycle events in {best:.3} s = {:.0} frames/s, {:.0} MB/s",
+        frames as f64 / best,
+        mb / best
+    );
+    println!("resident memory during the run: {rss_min} KiB .. {rss_max} KiB (trace itself {:.0} MiB in memory)", data.len() as f64 / (1 << 20) as f64);
+}

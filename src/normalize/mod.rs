@@ -1,0 +1,552 @@
+//! The normalizer: Asterisk's event soup in, the helpdesk's call lifecycle out.
+//!
+//! A pure, deterministic state machine. [`Normalizer::handle`] takes one AMI
+//! frame and the clock (`now`, used only when a frame has no `Timestamp`) and
+//! appends the lifecycle events it causes to a caller-provided `Vec`. It does
+//! no I/O and reads no clock, so a trace replayed twice gives the same events,
+//! byte for byte, as the live run that recorded it.
+//!
+//! # Model
+//!
+//! - A **call** is every channel sharing one `Linkedid` (SPEC §4). Channels are
+//!   also indexed by `Uniqueid`: when Asterisk moves a channel to another
+//!   Linkedid (bridging propagates the oldest Linkedid, e.g. after an attended
+//!   transfer), the channel moves to that call, and a call whose last channel
+//!   left or hung up ends.
+//! - Each channel gets a **role**: the call's originating channel, an agent's
+//!   phone (`SIP/2000-…`), a half of a Local channel (`Local/2000@agents-…;1`,
+//!   attributed to the agent but never counted as a separate offer), or an
+//!   external leg (the customer, outbound).
+//! - **Offers** are per agent, not per channel: `AgentCalled`, then the
+//!   `DialBegin`s of both Local halves, open one offer for that agent.
+//! - **Missed or answered** is decided when the call ends, not when the queue
+//!   says so: `QueueCallerAbandon` is also sent when the queue times out (the
+//!   `QUEUESTATUS=TIMEOUT` that tells them apart comes after it), and a call
+//!   that times out of one queue may still be answered in another.
+//!
+//! Architecture invariant: every call that produced `call.started` produces
+//! exactly one `call.ended`; per call, `seq` is 1, 2, 3… without gaps; a call
+//! never answered gets exactly one `call.missed` right before `call.ended`.
+//!
+//! Memory: per live call, a snapshot and a handful of channel records; all of
+//! it is dropped when the call ends. Ended call ids are remembered in a
+//! bounded ring only, so late events of an ended call do not resurrect it.
+
+mod call;
+
+use crate::ami::Frame;
+use crate::directory::Directory;
+use crate::event::{AvailabilitySource, CallId, EndReason, Event, EventKind, Micros, MissedReason};
+use crate::ids::{AgentId, GroupId};
+use call::Call;
+pub use call::ChannelRole;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+/// Business rules the normalizer consults when a call ends unanswered
+/// (hours and holidays, SPEC §2). Pure functions of the configuration.
+pub trait Rules: Send + Sync {
+    /// `Some(Holiday | OutsideHours)` when `group` was closed at `at`.
+    fn closed_reason(&self, group: &GroupId, at: Micros) -> Option<MissedReason>;
+}
+
+/// No business hours: every group is always open.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AlwaysOpen;
+
+impl Rules for AlwaysOpen {
+    fn closed_reason(&self, _: &GroupId, _: Micros) -> Option<MissedReason> {
+        None
+    }
+}
+
+/// Settings of the normalizer that come from the configuration.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Channel variable carrying the ticket id.
+    pub ticket_variable: String,
+    /// Base URL the recording's file name is appended to.
+    pub recording_url_base: Option<String>,
+    /// Dial prefix stripped from dialled numbers (outbound).
+    pub outbound_prefix: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ticket_variable: "CALLBRIDGE_TICKET".into(),
+            recording_url_base: None,
+            outbound_prefix: String::new(),
+        }
+    }
+}
+
+impl Options {
+    pub fn from_config(c: &crate::config::Config) -> Options {
+        Options {
+            ticket_variable: c.pbx.ticket_variable.clone(),
+            recording_url_base: c.recordings.url_base.clone(),
+            outbound_prefix: c.outbound.prefix.clone(),
+        }
+    }
+}
+
+/// How many ended call ids (and hung-up channel ids) are remembered so that
+/// late events for them are ignored instead of starting a ghost call.
+const ENDED_MEMORY: usize = 16_384;
+
+/// The state machine. One per PBX.
+pub struct Normalizer {
+    dir: Arc<Directory>,
+    rules: Arc<dyn Rules>,
+    opts: Options,
+    calls: HashMap<CallId, Call>,
+    /// Uniqueid → call, for channels whose Linkedid changes.
+    channel_call: HashMap<Box<str>, CallId>,
+    ended: BoundedSet,
+    gone_channels: BoundedSet,
+    /// Per agent, per queue: paused on the PBX.
+    paused: HashMap<AgentId, HashMap<String, bool>>,
+    /// Last availability reported per agent.
+    available: HashMap<AgentId, bool>,
+}
+
+/// What a PBX resync says exists (from `CoreShowChannels`).
+#[derive(Debug, Clone, Default)]
+pub struct PbxChannels {
+    pub channels: Vec<Frame>,
+}
+
+impl Normalizer {
+    pub fn new(dir: Arc<Directory>, rules: Arc<dyn Rules>, opts: Options) -> Normalizer {
+        Normalizer {
+            dir,
+            rules,
+            opts,
+            calls: HashMap::new(),
+            channel_call: HashMap::new(),
+            ended: BoundedSet::new(ENDED_MEMORY),
+            gone_channels: BoundedSet::new(ENDED_MEMORY * 4),
+            paused: HashMap::new(),
+            available: HashMap::new(),
+        }
+    }
+
+    /// Replaces the directory, rules and options (configuration reload).
+    /// Live calls keep the attribution they already have.
+    pub fn reconfigure(&mut self, dir: Arc<Directory>, rules: Arc<dyn Rules>, opts: Options) {
+        self.dir = dir;
+        self.rules = rules;
+        self.opts = opts;
+    }
+
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.dir
+    }
+
+    /// Number of live calls.
+    pub fn live_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Ids of the live calls (for the stuck-call sweeper and resync).
+    pub fn live_call_ids(&self) -> Vec<CallId> {
+        self.calls.keys().cloned().collect()
+    }
+
+    /// Time of the last event seen for a live call.
+    pub fn last_activity(&self, id: &str) -> Option<Micros> {
+        self.calls.get(id).map(|c| c.last_event_at)
+    }
+
+    /// Handles one AMI frame; appends the resulting events to `out`.
+    pub fn handle(&mut self, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
+        let Some(event) = frame.event() else { return };
+        // The cheap filters first: most traffic is VarSet and RTCP noise.
+        match event {
+            "VarSet" => {
+                let Some(var) = frame.get("Variable") else {
+                    return;
+                };
+                if !(var == "QUEUESTATUS"
+                    || var == "DIALSTATUS"
+                    || var == "MIXMONITOR_FILENAME"
+                    || var == self.opts.ticket_variable)
+                {
+                    return;
+                }
+            }
+            "Newchannel" | "Newstate" | "Newexten" | "QueueCallerJoin" | "QueueCallerLeave"
+            | "QueueCallerAbandon" | "AgentCalled" | "AgentRingNoAnswer" | "AgentConnect"
+            | "AgentDump" | "DialBegin" | "DialEnd" | "BridgeEnter" | "HangupRequest"
+            | "SoftHangupRequest" | "Hangup" | "Rename" => {}
+            "BlindTransfer" | "AttendedTransfer" => {
+                return self.on_transfer(event, frame, now, out)
+            }
+            "QueueMemberPause" | "QueueMemberStatus" | "QueueMember" | "QueueMemberPaused" => {
+                return self.on_member(frame, now, out)
+            }
+            "OriginateResponse" => return self.on_originate_response(frame, now, out),
+            _ => return,
+        }
+        let time = frame.timestamp_micros().unwrap_or(now);
+        let Some(linkedid) = frame.get("Linkedid").or_else(|| frame.get("DestLinkedid")) else {
+            return;
+        };
+        if linkedid.is_empty() {
+            return;
+        }
+        let uniqueid = frame.get("Uniqueid").filter(|u| !u.is_empty());
+
+        // Channel moved to another call (Linkedid propagation on bridging)?
+        if let Some(uid) = uniqueid {
+            if let Some(owner) = self.channel_call.get(uid) {
+                if owner.as_str() != linkedid {
+                    let owner = owner.clone();
+                    self.migrate_channel(uid, &owner, linkedid, time, out);
+                }
+            }
+        }
+
+        if !self.calls.contains_key(linkedid) {
+            if self.ended.contains(linkedid)
+                || uniqueid.is_some_and(|u| self.gone_channels.contains(u))
+            {
+                return;
+            }
+            if !starts_or_continues_call(event) {
+                return;
+            }
+            let channel = frame
+                .get("Channel")
+                .or_else(|| frame.get("DestChannel"))
+                .unwrap_or("");
+            let uid = uniqueid
+                .or_else(|| frame.get("DestUniqueid"))
+                .unwrap_or(linkedid);
+            let call = Call::start(
+                CallId::new(linkedid),
+                frame,
+                channel,
+                uid,
+                time,
+                &self.dir,
+                &self.opts,
+                out,
+            );
+            self.channel_call.insert(uid.into(), call.id.clone());
+            self.calls.insert(call.id.clone(), call);
+        }
+
+        let Some(call) = self.calls.get_mut(linkedid) else {
+            return;
+        };
+        call.last_event_at = time;
+        let mut new_channels: Vec<Box<str>> = Vec::new();
+        let ctx = call::Ctx {
+            dir: &self.dir,
+            opts: &self.opts,
+            new_channels: &mut new_channels,
+        };
+        let finished = call.handle(event, frame, time, ctx, out);
+        for uid in new_channels {
+            self.channel_call.insert(uid, call.id.clone());
+        }
+        if let Some(uid) = uniqueid {
+            if event == "Hangup" {
+                self.channel_call.remove(uid);
+                self.gone_channels.insert(uid);
+            }
+        }
+        if finished {
+            self.finish(linkedid, time, EndReason::Normal, out);
+        }
+    }
+
+    fn migrate_channel(
+        &mut self,
+        uid: &str,
+        from: &CallId,
+        to: &str,
+        time: Micros,
+        out: &mut Vec<Event>,
+    ) {
+        let Some(old) = self.calls.get_mut(from.as_str()) else {
+            return;
+        };
+        let Some(ch) = old.take_channel(uid) else {
+            return;
+        };
+        let old_empty = old.live_channel_count() == 0;
+        if let Some(new) = self.calls.get_mut(to) {
+            new.adopt_channel(ch);
+            self.channel_call.insert(uid.into(), new.id.clone());
+        } else {
+            // The target call is not known (yet): let the next handle() create
+            // it from this very event.
+            self.channel_call.remove(uid);
+        }
+        if old_empty {
+            self.finish(from.as_str(), time, EndReason::Normal, out);
+        }
+    }
+
+    /// Ends a call: closes offers, decides missed, emits `call.ended`.
+    fn finish(&mut self, id: &str, time: Micros, reason: EndReason, out: &mut Vec<Event>) {
+        let Some(mut call) = self.calls.remove(id) else {
+            return;
+        };
+        let closed = call.closed_reason(self.rules.as_ref());
+        call.finish(time, reason, closed, out);
+        for uid in call.channel_ids() {
+            self.channel_call.remove(uid);
+            self.gone_channels.insert(uid);
+        }
+        self.ended.insert(id);
+    }
+
+    /// Ends a live call from outside the event stream: an administrator
+    /// removed it (`EndReason::Removed`) or the PBX no longer has it
+    /// (`EndReason::Lost`). Returns false if the call is not live.
+    pub fn end_call(
+        &mut self,
+        id: &str,
+        reason: EndReason,
+        now: Micros,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        if !self.calls.contains_key(id) {
+            return false;
+        }
+        self.finish(id, now, reason, out);
+        true
+    }
+
+    /// Emits `call.stuck` for a live call (once per call).
+    pub fn mark_stuck(
+        &mut self,
+        id: &str,
+        detected_by: &str,
+        now: Micros,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        match self.calls.get_mut(id) {
+            Some(call) => call.mark_stuck(detected_by, now, out),
+            None => false,
+        }
+    }
+
+    /// Reconciles with what the PBX reports after a (re)connection: live
+    /// calls none of whose channels exist any more end as `lost`; channels
+    /// of unknown calls are adopted (the call starts now, with what the
+    /// listing tells).
+    pub fn resync(&mut self, pbx: &PbxChannels, now: Micros, out: &mut Vec<Event>) {
+        let alive: HashSet<&str> = pbx
+            .channels
+            .iter()
+            .filter_map(|f| f.get("Uniqueid"))
+            .collect();
+        let mut vanished: Vec<CallId> = Vec::new();
+        for (id, call) in self.calls.iter_mut() {
+            call.forget_channels_not_in(&alive);
+            if call.live_channel_count() == 0 {
+                vanished.push(id.clone());
+            }
+        }
+        vanished.sort();
+        for id in vanished {
+            self.finish(id.as_str(), now, EndReason::Lost, out);
+        }
+        // Adopt, originating channels first so that each call starts from
+        // its first channel when the listing has it.
+        let mut items: Vec<&Frame> = pbx.channels.iter().collect();
+        items.sort_by_key(|f| f.get("Uniqueid") != f.get("Linkedid"));
+        for f in items {
+            let (Some(uid), Some(linkedid)) = (f.get("Uniqueid"), f.get("Linkedid")) else {
+                continue;
+            };
+            if self.channel_call.contains_key(uid) {
+                continue;
+            }
+            let channel = f.get("Channel").unwrap_or("");
+            let started = f
+                .get("Duration")
+                .and_then(parse_duration)
+                .map_or(now, |secs| now - secs * 1_000_000);
+            let call = match self.calls.get_mut(linkedid) {
+                Some(call) => call,
+                None => {
+                    let call = Call::start(
+                        CallId::new(linkedid),
+                        f,
+                        channel,
+                        uid,
+                        started,
+                        &self.dir,
+                        &self.opts,
+                        out,
+                    );
+                    self.calls.entry(call.id.clone()).or_insert(call)
+                }
+            };
+            call.adopt_listed_channel(f, channel, uid, now, &self.dir, out);
+            let id = call.id.clone();
+            self.channel_call.insert(uid.into(), id);
+        }
+    }
+
+    fn on_transfer(&mut self, event: &str, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
+        if frame.get("Result").is_some_and(|r| r != "Success") {
+            return;
+        }
+        let time = frame.timestamp_micros().unwrap_or(now);
+        let linkedid = frame
+            .get("TransfereeLinkedid")
+            .or_else(|| frame.get("OrigTransfererLinkedid"))
+            .or_else(|| frame.get("TransfererLinkedid"));
+        let Some(call) = linkedid.and_then(|l| self.calls.get_mut(l)) else {
+            return;
+        };
+        call.last_event_at = time;
+        call.on_transfer(event, frame, time, &self.dir, out);
+    }
+
+    fn on_originate_response(&mut self, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
+        if frame.get("Response") == Some("Success") {
+            return;
+        }
+        let time = frame.timestamp_micros().unwrap_or(now);
+        if let Some(call) = frame
+            .get("Uniqueid")
+            .and_then(|u| self.channel_call.get(u))
+            .cloned()
+        {
+            if let Some(c) = self.calls.get_mut(call.as_str()) {
+                c.originate_failed();
+                let _ = time;
+            }
+        }
+        let _ = out;
+    }
+
+    fn on_member(&mut self, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
+        let Some(paused) = frame.get("Paused") else {
+            return;
+        };
+        let paused = paused == "1" || paused.eq_ignore_ascii_case("true");
+        let Some(queue) = frame.get("Queue") else {
+            return;
+        };
+        let Some(agent) = self
+            .dir
+            .agent_for_member(
+                frame.get("Interface").or_else(|| frame.get("Location")),
+                frame.get("StateInterface"),
+                frame.get("MemberName").or_else(|| frame.get("Name")),
+            )
+            .map(|a| a.id.clone())
+        else {
+            return;
+        };
+        let time = frame.timestamp_micros().unwrap_or(now);
+        let queues = self.paused.entry(agent.clone()).or_default();
+        queues.insert(queue.to_string(), paused);
+        // Available while unpaused in at least one queue.
+        let now_available = queues.values().any(|p| !p);
+        let before = self
+            .available
+            .insert(agent.clone(), now_available)
+            .unwrap_or(true);
+        if before != now_available {
+            let reason = frame
+                .get("PausedReason")
+                .or_else(|| frame.get("Reason"))
+                .filter(|r| !r.is_empty());
+            out.push(Event {
+                seq: 0,
+                time,
+                kind: EventKind::AgentAvailability {
+                    agent,
+                    available: now_available,
+                    reason: reason.map(str::to_string),
+                    source: AvailabilitySource::Pbx,
+                },
+                call: None,
+            });
+        }
+    }
+
+    /// Whether an agent is available for calls as far as the PBX told us
+    /// (unknown counts as available).
+    pub fn agent_available(&self, agent: &str) -> bool {
+        self.available.get(agent).copied().unwrap_or(true)
+    }
+
+    /// Whether at least one agent of the group is available.
+    pub fn group_has_available_agent(&self, group: &str) -> bool {
+        self.dir
+            .group(group)
+            .is_some_and(|g| g.agents.iter().any(|a| self.agent_available(a.as_str())))
+    }
+}
+
+/// Events that may introduce a call we do not know yet (a trace that starts
+/// mid-call, a call already up when callbridge started). Events that only
+/// end things never create a call.
+fn starts_or_continues_call(event: &str) -> bool {
+    !matches!(
+        event,
+        "Hangup"
+            | "HangupRequest"
+            | "SoftHangupRequest"
+            | "DialEnd"
+            | "QueueCallerLeave"
+            | "QueueCallerAbandon"
+    )
+}
+
+/// `CoreShowChannel`'s `Duration` is `HH:MM:SS` (or seconds).
+fn parse_duration(s: &str) -> Option<i64> {
+    let mut total: i64 = 0;
+    for part in s.split(':') {
+        total = total
+            .checked_mul(60)?
+            .checked_add(part.trim().parse::<i64>().ok()?)?;
+    }
+    Some(total)
+}
+
+/// A set that forgets its oldest members beyond a capacity.
+struct BoundedSet {
+    order: VecDeque<Box<str>>,
+    set: HashSet<Box<str>>,
+    cap: usize,
+}
+
+impl BoundedSet {
+    fn new(cap: usize) -> Self {
+        BoundedSet {
+            order: VecDeque::new(),
+            set: HashSet::new(),
+            cap,
+        }
+    }
+    fn insert(&mut self, s: &str) {
+        if self.set.contains(s) {
+            return;
+        }
+        if self.order.len() >= self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.order.push_back(s.into());
+        self.set.insert(s.into());
+    }
+    fn contains(&self, s: &str) -> bool {
+        self.set.contains(s)
+    }
+}
+
+#[cfg(test)]
+mod tests;

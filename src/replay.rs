@@ -1,0 +1,188 @@
+//! Replays recorded AMI traces through the normalizer.
+//!
+//! A trace is the raw byte stream an AMI client received (banner included).
+//! Replay decodes it with the very codec the live connection uses and feeds
+//! the very same normalizer; only the byte source and the clock differ.
+//! Pacing follows the frames' `Timestamp` headers: `max` does not wait,
+//! `realtime` waits as long as the PBX did, `N` runs N times faster. Each
+//! trace file is paced on its own (the gap between two files is not waited).
+//!
+//! This module must never reach the network.
+
+use crate::ami::codec::{decode_all, AmiCodec, AmiMessage, CodecLimits};
+use crate::event::{Event, EventKind, Micros, MissedReason};
+use crate::normalize::Normalizer;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// How fast a trace is replayed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Speed {
+    Max,
+    /// 1.0 = real time, 50.0 = fifty times faster.
+    Factor(f64),
+}
+
+impl FromStr for Speed {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "max" => Ok(Speed::Max),
+            "realtime" => Ok(Speed::Factor(1.0)),
+            n => match n.parse::<f64>() {
+                Ok(f) if f.is_finite() && f > 0.0 => Ok(Speed::Factor(f)),
+                _ => Err(format!(
+                    "speed must be max, realtime or a positive number, not {n:?}"
+                )),
+            },
+        }
+    }
+}
+
+/// Counters of one replay.
+#[derive(Debug, Default, Clone)]
+pub struct ReplayStats {
+    pub bytes: u64,
+    pub frames: u64,
+    pub malformed: u64,
+    pub events: u64,
+    pub calls_started: u64,
+    pub calls_ended: u64,
+    pub answered_calls: u64,
+    pub missed: BTreeMap<&'static str, u64>,
+    pub elapsed: Duration,
+}
+
+impl ReplayStats {
+    fn count(&mut self, e: &Event, answered_seen: &mut std::collections::HashSet<String>) {
+        self.events += 1;
+        match &e.kind {
+            EventKind::Started {} => self.calls_started += 1,
+            EventKind::Ended { .. } => self.calls_ended += 1,
+            EventKind::Answered { .. } => {
+                if let Some(c) = &e.call {
+                    if answered_seen.insert(c.id.to_string()) {
+                        self.answered_calls += 1;
+                    }
+                }
+            }
+            EventKind::Missed { reason, .. } => {
+                *self
+                    .missed
+                    .entry(MissedReason::as_str(*reason))
+                    .or_default() += 1
+            }
+            _ => {}
+        }
+    }
+
+    /// One human line: `12 calls: 9 answered, 3 missed (abandoned 3)`.
+    pub fn summary(&self) -> String {
+        let missed: u64 = self.missed.values().sum();
+        let reasons: Vec<String> = self
+            .missed
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        format!(
+            "{} calls: {} answered, {} missed{}; {} ended, {} still live; {} frames ({} malformed), {} events in {:.3} s ({:.0} frames/s)",
+            self.calls_started,
+            self.answered_calls,
+            missed,
+            if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
+            self.calls_ended,
+            self.calls_started.saturating_sub(self.calls_ended),
+            self.frames,
+            self.malformed,
+            self.events,
+            secs,
+            self.frames as f64 / secs,
+        )
+    }
+}
+
+/// Replays `data` (one trace) through `normalizer`, handing every event to
+/// `sink`. `now` is the clock for frames without a `Timestamp`.
+pub fn replay_bytes(
+    data: &[u8],
+    normalizer: &mut Normalizer,
+    speed: Speed,
+    limits: CodecLimits,
+    stats: &mut ReplayStats,
+    mut sink: impl FnMut(&Event),
+) {
+    let mut codec = AmiCodec::new(limits);
+    let mut out: Vec<Event> = Vec::with_capacity(16);
+    let mut answered = std::collections::HashSet::new();
+    let started = Instant::now();
+    let mut first_ts: Option<Micros> = None;
+    let mut last_ts: Micros = 0;
+    stats.bytes += data.len() as u64;
+    decode_all(&mut codec, data, |m| match m {
+        AmiMessage::Frame(f) => {
+            stats.frames += 1;
+            let ts = f.timestamp_micros();
+            if let (Speed::Factor(k), Some(ts)) = (speed, ts) {
+                let base = *first_ts.get_or_insert(ts);
+                let due = Duration::from_secs_f64(((ts - base).max(0) as f64 / 1e6) / k);
+                let elapsed = started.elapsed();
+                if due > elapsed {
+                    std::thread::sleep(due - elapsed);
+                }
+            }
+            if let Some(ts) = ts {
+                last_ts = last_ts.max(ts);
+            }
+            normalizer.handle(&f, last_ts, &mut out);
+            for e in out.drain(..) {
+                stats.count(&e, &mut answered);
+                sink(&e);
+            }
+        }
+        AmiMessage::Malformed(_) => stats.malformed += 1,
+        AmiMessage::Banner(_) => {}
+    });
+}
+
+/// Replays trace files in order.
+pub fn replay_files(
+    paths: &[impl AsRef<Path>],
+    normalizer: &mut Normalizer,
+    speed: Speed,
+    limits: CodecLimits,
+    mut sink: impl FnMut(&Event),
+) -> std::io::Result<ReplayStats> {
+    let mut stats = ReplayStats::default();
+    let t0 = Instant::now();
+    for p in paths {
+        let p = p.as_ref();
+        let data = std::fs::read(p).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot read trace {}: {e}", p.display()))
+        })?;
+        replay_bytes(&data, normalizer, speed, limits, &mut stats, &mut sink);
+    }
+    stats.elapsed = t0.elapsed();
+    Ok(stats)
+}
+
+/// Every event of replaying `traces` at full speed with `config`: the
+/// helper behind the golden tests and the invariant checks.
+pub fn events_of(
+    config: &crate::config::Config,
+    traces: &[impl AsRef<Path>],
+) -> std::io::Result<Vec<Event>> {
+    let dir = std::sync::Arc::new(crate::directory::Directory::from_config(config));
+    let mut n = Normalizer::new(
+        dir,
+        std::sync::Arc::new(crate::normalize::AlwaysOpen),
+        crate::normalize::Options::from_config(config),
+    );
+    let mut events = Vec::new();
+    replay_files(traces, &mut n, Speed::Max, CodecLimits::default(), |e| {
+        events.push(e.clone())
+    })?;
+    Ok(events)
+}

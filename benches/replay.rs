@@ -13,11 +13,7 @@ use std::time::Instant;
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .map(|l| l.to_string())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
@@ -30,17 +26,10 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "ami"))
         .collect();
     names.sort();
-    let traces: Vec<Vec<u8>> = names
-        .iter()
-        .map(|p| std::fs::read(p).expect("trace"))
-        .collect();
-    let copies: usize = std::env::var("COPIES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+    let traces: Vec<Vec<u8>> = names.iter().map(|p| std::fs::read(p).expect("trace")).collect();
+    let copies: usize = std::env::var("COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
     let data = callbridge::tracegen::concatenated(&traces, copies);
-    let config =
-        Config::load(std::path::Path::new(&format!("{root}/config/lab.toml"))).expect("config");
+    let config = Config::load(std::path::Path::new(&format!("{root}/config/lab.toml"))).expect("config");
     let mb = data.len() as f64 / 1e6;
 
     // Decode only.
@@ -96,5 +85,8 @@ fn main() {
         frames as f64 / best,
         mb / best
     );
-    println!("resident memory during the run: {rss_min} KiB .. {rss_max} KiB (trace itself {:.0} MiB in memory)", data.len() as f64 / (1 << 20) as f64);
+    println!(
+        "resident memory during the run: {rss_min} KiB .. {rss_max} KiB (trace itself {:.0} MiB in memory)",
+        data.len() as f64 / (1 << 20) as f64
+    );
 }

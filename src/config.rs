@@ -144,11 +144,10 @@ impl SecretSource {
             (None, Some(path), None) => std::fs::read_to_string(path)
                 .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
                 .map_err(|e| format!("cannot read secret_file {path:?}: {e}")),
-            (None, None, Some(var)) => std::env::var(var)
-                .map_err(|_| format!("environment variable {var:?} (secret_env) is not set")),
-            (None, None, None) => {
-                Err("no secret: set one of secret, secret_file, secret_env".into())
+            (None, None, Some(var)) => {
+                std::env::var(var).map_err(|_| format!("environment variable {var:?} (secret_env) is not set"))
             }
+            (None, None, None) => Err("no secret: set one of secret, secret_file, secret_env".into()),
             _ => Err("set only one of secret, secret_file, secret_env".into()),
         }
     }
@@ -248,9 +247,7 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig {
-            retention_seconds: default_retention(),
-        }
+        RegistryConfig { retention_seconds: default_retention() }
     }
 }
 
@@ -292,10 +289,7 @@ impl Config {
 
     /// Parses and validates configuration text; `source_name` names it in errors.
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
-        let err = |problems| ConfigError {
-            source_name: source_name.to_string(),
-            problems,
-        };
+        let err = |problems| ConfigError { source_name: source_name.to_string(), problems };
         let config: Config = toml::from_str(text).map_err(|e| err(vec![e.to_string()]))?;
         let problems = config.validate();
         if problems.is_empty() {
@@ -313,25 +307,16 @@ impl Config {
         }
         for (i, a) in self.agents.iter().enumerate() {
             if a.extension.as_deref().map_or(true, |e| e.trim().is_empty()) {
-                problems.push(format!(
-                    "agents[{i}] ({}): every agent needs an extension",
-                    a.id
-                ));
+                problems.push(format!("agents[{i}] ({}): every agent needs an extension", a.id));
             }
         }
         for (i, g) in self.groups.iter().enumerate() {
             if g.agents.is_empty() {
-                problems.push(format!(
-                    "groups[{i}] ({}).agents: a group needs at least one agent",
-                    g.id
-                ));
+                problems.push(format!("groups[{i}] ({}).agents: a group needs at least one agent", g.id));
             }
             for (j, a) in g.agents.iter().enumerate() {
                 if !self.agents.iter().any(|x| &x.id == a) {
-                    problems.push(format!(
-                        "groups[{i}] ({}).agents[{j}]: unknown agent {a:?}",
-                        g.id
-                    ));
+                    problems.push(format!("groups[{i}] ({}).agents[{j}]: unknown agent {a:?}", g.id));
                 }
             }
         }

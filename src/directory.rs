@@ -53,15 +53,8 @@ impl Directory {
             if let Some(name) = &a.name {
                 d.by_name.insert(name.clone(), id.clone());
             }
-            d.agents.insert(
-                id.clone(),
-                Agent {
-                    id,
-                    name: a.name.clone(),
-                    extension: ext.to_string(),
-                    groups: Vec::new(),
-                },
-            );
+            d.agents
+                .insert(id.clone(), Agent { id, name: a.name.clone(), extension: ext.to_string(), groups: Vec::new() });
         }
         for g in &config.groups {
             let id = GroupId::new(&g.id);
@@ -72,14 +65,7 @@ impl Directory {
                     agent.groups.push(id.clone());
                 }
             }
-            d.groups.insert(
-                id.clone(),
-                Group {
-                    id,
-                    queue: g.queue.clone(),
-                    agents,
-                },
-            );
+            d.groups.insert(id.clone(), Group { id, queue: g.queue.clone(), agents });
         }
         d
     }
@@ -106,9 +92,7 @@ impl Directory {
     }
 
     pub fn agent_for_extension(&self, exten: &str) -> Option<&Agent> {
-        self.by_extension
-            .get(exten)
-            .and_then(|a| self.agents.get(a))
+        self.by_extension.get(exten).and_then(|a| self.agents.get(a))
     }
 
     /// The agent behind a channel name (`SIP/2000-0000000f`,
@@ -129,11 +113,7 @@ impl Directory {
         interface
             .and_then(|i| self.agent_for_channel(i))
             .or_else(|| state_interface.and_then(|i| self.agent_for_channel(i)))
-            .or_else(|| {
-                member_name
-                    .and_then(|n| self.by_name.get(n))
-                    .and_then(|a| self.agents.get(a))
-            })
+            .or_else(|| member_name.and_then(|n| self.by_name.get(n)).and_then(|a| self.agents.get(a)))
     }
 }
 
@@ -153,11 +133,7 @@ pub fn device_resource(channel: &str) -> Option<&str> {
     // <resource>[-<hex sequence>] ; a dial string may add /<number>.
     let rest = rest.split('/').next().unwrap_or(rest);
     match rest.rfind('-') {
-        Some(dash)
-            if dash > 0
-                && rest[dash + 1..].bytes().all(|c| c.is_ascii_hexdigit())
-                && dash + 1 < rest.len() =>
-        {
+        Some(dash) if dash > 0 && rest[dash + 1..].bytes().all(|c| c.is_ascii_hexdigit()) && dash + 1 < rest.len() => {
             Some(&rest[..dash])
         }
         _ => Some(rest),
@@ -178,10 +154,7 @@ mod tests {
         assert_eq!(device_resource("SIP/2000-0000000f"), Some("2000"));
         assert_eq!(device_resource("PJSIP/2000-00000001"), Some("2000"));
         assert_eq!(device_resource("SIP/2002"), Some("2002"));
-        assert_eq!(
-            device_resource("Local/2000@agents-00000001;1"),
-            Some("2000")
-        );
+        assert_eq!(device_resource("Local/2000@agents-00000001;1"), Some("2000"));
         assert_eq!(device_resource("Local/2001@agents/n"), Some("2001"));
         assert_eq!(device_resource("SIP/carrier00-00000002"), Some("carrier00"));
         assert_eq!(device_resource("PJSIP/front-desk"), Some("front-desk"));

@@ -280,10 +280,7 @@ impl Event {
     pub fn ordering_key(&self) -> String {
         match (&self.call, &self.kind) {
             (Some(c), _) => c.id.to_string(),
-            (
-                None,
-                EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. },
-            ) => {
+            (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => {
                 format!("agent:{agent}")
             }
             (None, _) => String::new(),
@@ -294,10 +291,7 @@ impl Event {
     pub fn id(&self, pbx: &str) -> String {
         match (&self.call, &self.kind) {
             (Some(c), _) => format!("{pbx}:{}:{}", c.id, self.seq),
-            (
-                None,
-                EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. },
-            ) => {
+            (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => {
                 format!("{pbx}:agent:{agent}:{}", self.time)
             }
             (None, _) => format!("{pbx}:event:{}", self.time),

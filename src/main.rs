@@ -14,11 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(
-    name = "callbridge",
-    version,
-    about = "PBX call events in, helpdesk call lifecycle out"
-)]
+#[command(name = "callbridge", version, about = "PBX call events in, helpdesk call lifecycle out")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,12 +52,7 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Replay {
-            config,
-            speed,
-            summary,
-            traces,
-        } => {
+        Command::Replay { config, speed, summary, traces } => {
             let config = match load_config(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -84,10 +75,7 @@ fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> a
         .pbx
         .ami
         .as_ref()
-        .map(|a| CodecLimits {
-            max_frame_bytes: a.max_frame_bytes,
-            max_headers: a.max_headers,
-        })
+        .map(|a| CodecLimits { max_frame_bytes: a.max_frame_bytes, max_headers: a.max_headers })
         .unwrap_or_default();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());

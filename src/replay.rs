@@ -33,9 +33,7 @@ impl FromStr for Speed {
             "realtime" => Ok(Speed::Factor(1.0)),
             n => match n.parse::<f64>() {
                 Ok(f) if f.is_finite() && f > 0.0 => Ok(Speed::Factor(f)),
-                _ => Err(format!(
-                    "speed must be max, realtime or a positive number, not {n:?}"
-                )),
+                _ => Err(format!("speed must be max, realtime or a positive number, not {n:?}")),
             },
         }
     }
@@ -68,12 +66,7 @@ impl ReplayStats {
                     }
                 }
             }
-            EventKind::Missed { reason, .. } => {
-                *self
-                    .missed
-                    .entry(MissedReason::as_str(*reason))
-                    .or_default() += 1
-            }
+            EventKind::Missed { reason, .. } => *self.missed.entry(MissedReason::as_str(*reason)).or_default() += 1,
             _ => {}
         }
     }
@@ -81,11 +74,7 @@ impl ReplayStats {
     /// One human line: `12 calls: 9 answered, 3 missed (abandoned 3)`.
     pub fn summary(&self) -> String {
         let missed: u64 = self.missed.values().sum();
-        let reasons: Vec<String> = self
-            .missed
-            .iter()
-            .map(|(r, n)| format!("{r} {n}"))
-            .collect();
+        let reasons: Vec<String> = self.missed.iter().map(|(r, n)| format!("{r} {n}")).collect();
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         format!(
             "{} calls: {} answered, {} missed{}; {} ended, {} still live; {} frames ({} malformed), {} events in {:.3} s ({:.0} frames/s)",
@@ -159,9 +148,8 @@ pub fn replay_files(
     let t0 = Instant::now();
     for p in paths {
         let p = p.as_ref();
-        let data = std::fs::read(p).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot read trace {}: {e}", p.display()))
-        })?;
+        let data = std::fs::read(p)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read trace {}: {e}", p.display())))?;
         replay_bytes(&data, normalizer, speed, limits, &mut stats, &mut sink);
     }
     stats.elapsed = t0.elapsed();
@@ -170,10 +158,7 @@ pub fn replay_files(
 
 /// Every event of replaying `traces` at full speed with `config`: the
 /// helper behind the golden tests and the invariant checks.
-pub fn events_of(
-    config: &crate::config::Config,
-    traces: &[impl AsRef<Path>],
-) -> std::io::Result<Vec<Event>> {
+pub fn events_of(config: &crate::config::Config, traces: &[impl AsRef<Path>]) -> std::io::Result<Vec<Event>> {
     let dir = std::sync::Arc::new(crate::directory::Directory::from_config(config));
     let mut n = Normalizer::new(
         dir,
@@ -181,8 +166,6 @@ pub fn events_of(
         crate::normalize::Options::from_config(config),
     );
     let mut events = Vec::new();
-    replay_files(traces, &mut n, Speed::Max, CodecLimits::default(), |e| {
-        events.push(e.clone())
-    })?;
+    replay_files(traces, &mut n, Speed::Max, CodecLimits::default(), |e| events.push(e.clone()))?;
     Ok(events)
 }

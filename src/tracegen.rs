@@ -37,8 +37,7 @@ fn rename_into(src: &[u8], prefix: &[u8], out: &mut Vec<u8>) {
 mod tests {
     #[test]
     fn copies_get_distinct_ids() {
-        let t = b"Uniqueid: 1795471080.4\r\nTimestamp: 1795471080.044838\r\nX: a179547\r\n\r\n"
-            .to_vec();
+        let t = b"Uniqueid: 1795471080.4\r\nTimestamp: 1795471080.044838\r\nX: a179547\r\n\r\n".to_vec();
         let out = super::concatenated(&[t], 2);
         let s = String::from_utf8(out).unwrap();
         assert!(s.contains("Uniqueid: 1795471080.4"));

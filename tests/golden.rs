@@ -30,13 +30,8 @@ fn lab() -> Config {
 }
 
 fn expected_path(trace: &Path) -> PathBuf {
-    let stem = trace
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("trace");
-    root()
-        .join("fixtures/expected")
-        .join(format!("{stem}.jsonl"))
+    let stem = trace.file_stem().and_then(|s| s.to_str()).unwrap_or("trace");
+    root().join("fixtures/expected").join(format!("{stem}.jsonl"))
 }
 
 #[test]
@@ -46,22 +41,15 @@ fn every_trace_matches_its_golden_lifecycle() {
     let mut failures = Vec::new();
     for trace in traces() {
         let events = events_of(&config, &[&trace]).expect("trace readable");
-        let got: String = events
-            .iter()
-            .map(|e| e.to_cloudevent_json(&config.pbx.name) + "\n")
-            .collect();
+        let got: String = events.iter().map(|e| e.to_cloudevent_json(&config.pbx.name) + "\n").collect();
         let path = expected_path(&trace);
         if update {
             std::fs::create_dir_all(path.parent().expect("has parent")).expect("mkdir");
             std::fs::write(&path, &got).expect("write golden");
             continue;
         }
-        let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run with CALLBRIDGE_UPDATE_GOLDEN=1 to create)",
-                path.display()
-            )
-        });
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with CALLBRIDGE_UPDATE_GOLDEN=1 to create)", path.display()));
         if want != got {
             let first = want
                 .lines()
@@ -98,11 +86,7 @@ fn invariants_hold_for_all_traces_back_to_back_and_twice() {
     // pass is a replay of already ended calls and is ignored).
     let config = lab();
     let mut all = traces();
-    let calls_only = |v: Vec<callbridge::event::Event>| {
-        v.into_iter()
-            .filter(|e| e.call.is_some())
-            .collect::<Vec<_>>()
-    };
+    let calls_only = |v: Vec<callbridge::event::Event>| v.into_iter().filter(|e| e.call.is_some()).collect::<Vec<_>>();
     let once = events_of(&config, &all).expect("readable");
     lifecycle_checks::check_invariants(&once, &config.pbx.name).expect("one pass");
     all.extend(traces());
@@ -110,11 +94,7 @@ fn invariants_hold_for_all_traces_back_to_back_and_twice() {
     // events), which is what lets the helpdesk de-duplicate them.
     let twice = calls_only(events_of(&config, &all).expect("readable"));
     lifecycle_checks::check_invariants(&twice, &config.pbx.name).expect("two passes");
-    assert_eq!(
-        calls_only(once),
-        twice,
-        "replaying ended calls again emits no call event"
-    );
+    assert_eq!(calls_only(once), twice, "replaying ended calls again emits no call event");
 }
 
 #[test]

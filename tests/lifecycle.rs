@@ -25,28 +25,20 @@ fn lab() -> Config {
 }
 
 fn replay(name: &str) -> Vec<Event> {
-    let events =
-        events_of(&lab(), &[root().join("fixtures/ami").join(name)]).expect("trace readable");
+    let events = events_of(&lab(), &[root().join("fixtures/ami").join(name)]).expect("trace readable");
     check_invariants(&events, "lab").unwrap_or_else(|e| panic!("{name}: {e}"));
     events
 }
 
 fn only_call(events: &[Event]) -> String {
-    let mut ids: Vec<String> = events
-        .iter()
-        .filter_map(|e| e.call.as_ref().map(|c| c.id.to_string()))
-        .collect();
+    let mut ids: Vec<String> = events.iter().filter_map(|e| e.call.as_ref().map(|c| c.id.to_string())).collect();
     ids.dedup();
     assert_eq!(ids.len(), 1, "one call in the trace: {ids:?}");
     ids.remove(0)
 }
 
 fn last(events: &[Event]) -> &Event {
-    events
-        .iter()
-        .rev()
-        .find(|e| e.call.is_some())
-        .expect("a call event")
+    events.iter().rev().find(|e| e.call.is_some()).expect("a call event")
 }
 
 fn ended(events: &[Event]) -> (&Event, HungUpBy) {
@@ -61,42 +53,22 @@ fn ended(events: &[Event]) -> (&Event, HungUpBy) {
 fn a01_inbound_answered() {
     let ev = replay("a01-inbound-answered.ami");
     let id = only_call(&ev);
-    assert_eq!(
-        types_of(&ev, &id),
-        [
-            "call.started",
-            "call.queued",
-            "call.offered",
-            "call.answered",
-            "call.ended"
-        ]
-    );
+    assert_eq!(types_of(&ev, &id), ["call.started", "call.queued", "call.offered", "call.answered", "call.ended"]);
     assert!(
         matches!(&ev[1].kind, EventKind::Queued { group: Some(g), queue, .. } if g.as_str() == "support" && queue == "700")
     );
     assert!(
         matches!(&ev[2].kind, EventKind::Offered { agent, extension } if agent.as_str() == "joao" && extension == "2001")
     );
-    assert!(
-        matches!(&ev[3].kind, EventKind::Answered { agent: Some(a), wait_seconds: 3 } if a.as_str() == "joao")
-    );
+    assert!(matches!(&ev[3].kind, EventKind::Answered { agent: Some(a), wait_seconds: 3 } if a.as_str() == "joao"));
     let (end, by) = ended(&ev);
     assert_eq!(by, HungUpBy::Agent);
     let call = end.call.as_ref().expect("snapshot");
     assert_eq!(call.caller.number.as_deref(), Some("11987650001"));
     assert_eq!(call.caller.name.as_deref(), Some("Cliente 0001"));
     assert_eq!(call.callee.number.as_deref(), Some("1130001000"));
-    assert_eq!(
-        call.recording.as_deref(),
-        Some("https://pbx.example/recordings/20261123-1795471080.4.wav")
-    );
-    assert!(matches!(
-        end.kind,
-        EventKind::Ended {
-            talk_seconds: 8,
-            ..
-        }
-    ));
+    assert_eq!(call.recording.as_deref(), Some("https://pbx.example/recordings/20261123-1795471080.4.wav"));
+    assert!(matches!(end.kind, EventKind::Ended { talk_seconds: 8, .. }));
 }
 
 #[test]
@@ -104,9 +76,7 @@ fn a02_caller_hangs_up() {
     let ev = replay("a02-inbound-caller-hangs-up.ami");
     let id = only_call(&ev);
     assert!(types_of(&ev, &id).contains(&"call.answered"));
-    assert!(ev.iter().any(
-        |e| matches!(&e.kind, EventKind::Answered { agent: Some(a), .. } if a.as_str() == "maria")
-    ));
+    assert!(ev.iter().any(|e| matches!(&e.kind, EventKind::Answered { agent: Some(a), .. } if a.as_str() == "maria")));
     assert_eq!(ended(&ev).1, HungUpBy::Caller);
 }
 
@@ -116,24 +86,11 @@ fn a03_abandoned_while_ringing() {
     let id = only_call(&ev);
     assert_eq!(
         types_of(&ev, &id),
-        [
-            "call.started",
-            "call.queued",
-            "call.offered",
-            "call.offer_ended",
-            "call.missed",
-            "call.ended"
-        ]
+        ["call.started", "call.queued", "call.offered", "call.offer_ended", "call.missed", "call.ended"]
     );
     assert!(ev.iter().any(|e| matches!(&e.kind,
         EventKind::OfferEnded { agent, reason: OfferEndReason::CallerHungUp } if agent.as_str() == "joao")));
-    assert!(ev.iter().any(|e| matches!(
-        e.kind,
-        EventKind::Missed {
-            reason: MissedReason::Abandoned,
-            ..
-        }
-    )));
+    assert!(ev.iter().any(|e| matches!(e.kind, EventKind::Missed { reason: MissedReason::Abandoned, .. })));
     assert_eq!(ended(&ev).1, HungUpBy::Caller);
 }
 
@@ -158,51 +115,19 @@ fn a04_ring_no_answer_then_next_agent() {
         matches!(&ev[3].kind, EventKind::OfferEnded { agent, reason: OfferEndReason::NoAnswer } if agent.as_str() == "maria")
     );
     assert!(matches!(&ev[4].kind, EventKind::Offered { agent, .. } if agent.as_str() == "joao"));
-    assert!(
-        matches!(&ev[5].kind, EventKind::Answered { agent: Some(a), wait_seconds: 12 } if a.as_str() == "joao")
-    );
+    assert!(matches!(&ev[5].kind, EventKind::Answered { agent: Some(a), wait_seconds: 12 } if a.as_str() == "joao"));
 }
 
 #[test]
 fn a05_no_agents_available() {
     let ev = replay("a05-no-agents-available.ami");
     let kinds: Vec<&str> = ev.iter().map(|e| e.kind.type_name()).collect();
-    assert_eq!(
-        kinds,
-        [
-            "agent.availability",
-            "call.started",
-            "call.missed",
-            "call.ended",
-            "agent.availability"
-        ]
-    );
-    assert!(
-        matches!(&ev[0].kind, EventKind::AgentAvailability { agent, available: false, reason: Some(r), .. }
-        if agent.as_str() == "ana" && r == "almoco")
-    );
-    assert!(matches!(
-        ev[2].kind,
-        EventKind::Missed {
-            reason: MissedReason::NoAgents,
-            ..
-        }
-    ));
-    assert_eq!(
-        ev[2]
-            .call
-            .as_ref()
-            .and_then(|c| c.group.as_ref())
-            .map(|g| g.as_str()),
-        Some("sales")
-    );
-    assert!(matches!(
-        &ev[4].kind,
-        EventKind::AgentAvailability {
-            available: true,
-            ..
-        }
-    ));
+    assert_eq!(kinds, ["agent.availability", "call.started", "call.missed", "call.ended", "agent.availability"]);
+    assert!(matches!(&ev[0].kind, EventKind::AgentAvailability { agent, available: false, reason: Some(r), .. }
+        if agent.as_str() == "ana" && r == "almoco"));
+    assert!(matches!(ev[2].kind, EventKind::Missed { reason: MissedReason::NoAgents, .. }));
+    assert_eq!(ev[2].call.as_ref().and_then(|c| c.group.as_ref()).map(|g| g.as_str()), Some("sales"));
+    assert!(matches!(&ev[4].kind, EventKind::AgentAvailability { available: true, .. }));
 }
 
 #[test]
@@ -223,30 +148,15 @@ fn a06_blind_transfer() {
             "call.ended"
         ]
     );
-    let t = ev
-        .iter()
-        .find(|e| e.kind.type_name() == "call.transferred")
-        .expect("transferred");
+    let t = ev.iter().find(|e| e.kind.type_name() == "call.transferred").expect("transferred");
     assert!(
         matches!(&t.kind, EventKind::Transferred { from_agent: Some(f), to_agent: Some(to), kind: TransferKind::Blind, .. }
         if f.as_str() == "ana" && to.as_str() == "joao")
     );
-    assert_eq!(
-        t.call
-            .as_ref()
-            .and_then(|c| c.agent.as_ref())
-            .map(|a| a.as_str()),
-        Some("joao")
-    );
+    assert_eq!(t.call.as_ref().and_then(|c| c.agent.as_ref()).map(|a| a.as_str()), Some("joao"));
     let (end, by) = ended(&ev);
     assert_eq!(by, HungUpBy::Agent);
-    assert_eq!(
-        end.call
-            .as_ref()
-            .and_then(|c| c.agent.as_ref())
-            .map(|a| a.as_str()),
-        Some("joao")
-    );
+    assert_eq!(end.call.as_ref().and_then(|c| c.agent.as_ref()).map(|a| a.as_str()), Some("joao"));
 }
 
 fn outbound(name: &str, ticket: &str, number: &str) -> Vec<Event> {
@@ -254,27 +164,11 @@ fn outbound(name: &str, ticket: &str, number: &str) -> Vec<Event> {
     let _ = only_call(&ev);
     for e in &ev {
         let c = e.call.as_ref().expect("call event");
-        assert_eq!(
-            c.direction,
-            callbridge::event::Direction::Outbound,
-            "{name}: {}",
-            e.kind.type_name()
-        );
+        assert_eq!(c.direction, callbridge::event::Direction::Outbound, "{name}: {}", e.kind.type_name());
         assert_eq!(c.agent.as_ref().map(|a| a.as_str()), Some("maria"));
-        assert_eq!(
-            c.ticket_id.as_deref(),
-            Some(ticket),
-            "{name}: {}",
-            e.kind.type_name()
-        );
+        assert_eq!(c.ticket_id.as_deref(), Some(ticket), "{name}: {}", e.kind.type_name());
     }
-    assert_eq!(
-        last(&ev)
-            .call
-            .as_ref()
-            .and_then(|c| c.callee.number.as_deref()),
-        Some(number)
-    );
+    assert_eq!(last(&ev).call.as_ref().and_then(|c| c.callee.number.as_deref()), Some(number));
     ev
 }
 
@@ -285,17 +179,8 @@ fn a07_outbound_answered() {
         ev.iter().map(|e| e.kind.type_name()).collect::<Vec<_>>(),
         ["call.started", "call.answered", "call.ended"]
     );
-    assert!(matches!(
-        ev[2].kind,
-        EventKind::Ended {
-            talk_seconds: 4,
-            ..
-        }
-    ));
-    assert!(last(&ev)
-        .call
-        .as_ref()
-        .is_some_and(|c| c.recording.is_some()));
+    assert!(matches!(ev[2].kind, EventKind::Ended { talk_seconds: 4, .. }));
+    assert!(last(&ev).call.as_ref().is_some_and(|c| c.recording.is_some()));
 }
 
 fn missed_reason(ev: &[Event]) -> MissedReason {
@@ -329,14 +214,8 @@ fn a10_outbound_busy() {
 #[test]
 fn a11_concurrent_mix() {
     let ev = replay("a11-concurrent-mix.ami");
-    let started = ev
-        .iter()
-        .filter(|e| e.kind.type_name() == "call.started")
-        .count();
-    let ended = ev
-        .iter()
-        .filter(|e| e.kind.type_name() == "call.ended")
-        .count();
+    let started = ev.iter().filter(|e| e.kind.type_name() == "call.started").count();
+    let ended = ev.iter().filter(|e| e.kind.type_name() == "call.ended").count();
     let mut answered: Vec<&str> = ev
         .iter()
         .filter(|e| e.kind.type_name() == "call.answered")
@@ -367,11 +246,8 @@ fn frames_of(name: &str) -> Vec<Frame> {
 
 fn run(frames: &[&Frame]) -> Vec<Event> {
     let config = lab();
-    let mut n = Normalizer::new(
-        Arc::new(Directory::from_config(&config)),
-        Arc::new(AlwaysOpen),
-        Options::from_config(&config),
-    );
+    let mut n =
+        Normalizer::new(Arc::new(Directory::from_config(&config)), Arc::new(AlwaysOpen), Options::from_config(&config));
     let mut out = Vec::new();
     for f in frames {
         n.handle(f, 0, &mut out);
@@ -383,9 +259,7 @@ fn per_call(events: &[Event]) -> std::collections::BTreeMap<String, Vec<String>>
     let mut m = std::collections::BTreeMap::<String, Vec<String>>::new();
     for e in events {
         if let Some(c) = &e.call {
-            m.entry(c.id.to_string())
-                .or_default()
-                .push(e.to_cloudevent_json("lab"));
+            m.entry(c.id.to_string()).or_default().push(e.to_cloudevent_json("lab"));
         }
     }
     m

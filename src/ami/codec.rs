@@ -82,10 +82,7 @@ impl Default for CodecLimits {
         // Asterisk's largest ordinary events (`QueueStatus` members with many
         // variables, `Status` with all channel variables) stay below 16 KiB;
         // 1 MiB leaves room for `Command` output without inviting abuse.
-        CodecLimits {
-            max_frame_bytes: 1 << 20,
-            max_headers: 1024,
-        }
+        CodecLimits { max_frame_bytes: 1 << 20, max_headers: 1024 }
     }
 }
 
@@ -130,13 +127,7 @@ enum Scan {
 
 impl AmiCodec {
     pub fn new(limits: CodecLimits) -> Self {
-        AmiCodec {
-            limits,
-            scan_from: 0,
-            pending: SmallVec::new(),
-            pending_first_ok: false,
-            discarding: None,
-        }
+        AmiCodec { limits, scan_from: 0, pending: SmallVec::new(), pending_first_ok: false, discarding: None }
     }
 
     pub fn limits(&self) -> CodecLimits {
@@ -163,19 +154,11 @@ impl AmiCodec {
             match src.get(pos) {
                 None => break,
                 Some(b'\n') if pos > 0 => {
-                    return Scan::Complete {
-                        content_end: pos,
-                        consumed: pos + 1,
-                    };
+                    return Scan::Complete { content_end: pos, consumed: pos + 1 };
                 }
                 Some(b'\r') if pos > 0 => match src.get(pos + 1) {
                     None => break,
-                    Some(b'\n') => {
-                        return Scan::Complete {
-                            content_end: pos,
-                            consumed: pos + 2,
-                        }
-                    }
+                    Some(b'\n') => return Scan::Complete { content_end: pos, consumed: pos + 2 },
                     Some(_) => {}
                 },
                 Some(_) => {}
@@ -214,8 +197,8 @@ impl AmiCodec {
                 },
             };
             if self.pending.is_empty() {
-                self.pending_first_ok = is_header_key(&src[pos..header.key_end as usize])
-                    && header.key_end > header.key_start;
+                self.pending_first_ok =
+                    is_header_key(&src[pos..header.key_end as usize]) && header.key_end > header.key_start;
             }
             self.pending.push(header);
             pos = line_end_nl + 1;
@@ -249,10 +232,7 @@ impl AmiCodec {
         src.advance(upto);
         self.discarding = None;
         self.reset_pending();
-        AmiMessage::Malformed(Malformed {
-            reason: d.reason,
-            bytes: d.dropped + upto as u64,
-        })
+        AmiMessage::Malformed(Malformed { reason: d.reason, bytes: d.dropped + upto as u64 })
     }
 }
 
@@ -282,10 +262,8 @@ fn find_empty_line_end(bytes: &[u8]) -> Option<usize> {
 fn is_header_key(k: &[u8]) -> bool {
     !k.is_empty()
         && k.len() <= 128
-        && k.iter().all(|&c| {
-            c.is_ascii_alphanumeric()
-                || matches!(c, b'-' | b'_' | b'(' | b')' | b'/' | b'.' | b'@' | b';')
-        })
+        && k.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'(' | b')' | b'/' | b'.' | b'@' | b';'))
 }
 
 impl Decoder for AmiCodec {
@@ -301,16 +279,9 @@ impl Decoder for AmiCodec {
         }
         if self.scan_from == 0 {
             // Stray empty lines between frames carry nothing.
-            let skip = src
-                .iter()
-                .take_while(|&&c| c == b'\r' || c == b'\n')
-                .count();
+            let skip = src.iter().take_while(|&&c| c == b'\r' || c == b'\n').count();
             // Keep a lone trailing '\r': it may be the start of "\r\n".
-            let skip = if skip == src.len() && src.last() == Some(&b'\r') {
-                skip - 1
-            } else {
-                skip
-            };
+            let skip = if skip == src.len() && src.last() == Some(&b'\r') { skip - 1 } else { skip };
             src.advance(skip);
             if src.is_empty() {
                 return Ok(None);
@@ -323,10 +294,7 @@ impl Decoder for AmiCodec {
                         Ok(Some(AmiMessage::Banner(text.trim_end().to_string())))
                     }
                     None if src.len() > self.limits.max_frame_bytes => {
-                        let d = Discard {
-                            reason: MalformedReason::TooLarge,
-                            dropped: 0,
-                        };
+                        let d = Discard { reason: MalformedReason::TooLarge, dropped: 0 };
                         Ok(self.discard(src, d))
                     }
                     None => Ok(None),
@@ -344,10 +312,7 @@ impl Decoder for AmiCodec {
                 self.reset_pending();
                 Ok(self.discard(src, d))
             }
-            Scan::Complete {
-                content_end,
-                consumed,
-            } => {
+            Scan::Complete { content_end, consumed } => {
                 let first_ok = self.pending_first_ok;
                 let mut headers = std::mem::take(&mut self.pending);
                 self.reset_pending();
@@ -366,18 +331,13 @@ impl Decoder for AmiCodec {
                     // Latin-1 names from old phones: replace invalid bytes and
                     // re-index, so every value is valid UTF-8.
                     let fixed = String::from_utf8_lossy(&chunk).into_owned();
-                    let mut again = AmiCodec::new(CodecLimits {
-                        max_frame_bytes: usize::MAX,
-                        max_headers: usize::MAX,
-                    });
+                    let mut again = AmiCodec::new(CodecLimits { max_frame_bytes: usize::MAX, max_headers: usize::MAX });
                     let mut b = BytesMut::from(fixed.as_bytes());
                     b.extend_from_slice(b"\n\n");
-                    return Ok(again
-                        .decode(&mut b)?
-                        .or(Some(AmiMessage::Malformed(Malformed {
-                            reason: MalformedReason::Garbage,
-                            bytes: consumed as u64,
-                        }))));
+                    return Ok(again.decode(&mut b)?.or(Some(AmiMessage::Malformed(Malformed {
+                        reason: MalformedReason::Garbage,
+                        bytes: consumed as u64,
+                    }))));
                 };
                 headers.shrink_to_fit();
                 Ok(Some(AmiMessage::Frame(Frame::from_parts(buf, headers))))
@@ -390,10 +350,7 @@ impl Decoder for AmiCodec {
             Some(m) => Ok(Some(m)),
             None => {
                 // A trace may end without the final empty line: close it.
-                if self.discarding.is_none()
-                    && !buf.is_empty()
-                    && buf.iter().any(|&c| c != b'\r' && c != b'\n')
-                {
+                if self.discarding.is_none() && !buf.is_empty() && buf.iter().any(|&c| c != b'\r' && c != b'\n') {
                     buf.extend_from_slice(b"\r\n\r\n");
                     let m = self.decode(buf)?;
                     buf.clear();
@@ -403,10 +360,7 @@ impl Decoder for AmiCodec {
                 if let Some(d) = self.discarding.take() {
                     let dropped = d.dropped + buf.len() as u64;
                     buf.clear();
-                    return Ok(Some(AmiMessage::Malformed(Malformed {
-                        reason: d.reason,
-                        bytes: dropped,
-                    })));
+                    return Ok(Some(AmiMessage::Malformed(Malformed { reason: d.reason, bytes: dropped })));
                 }
                 buf.clear();
                 Ok(None)
@@ -472,68 +426,36 @@ mod tests {
     fn command_output_lines_are_kept() {
         let msgs = all(b"Response: Follows\r\nPrivilege: Command\r\nline without colon\r\n--END COMMAND--\r\n\r\n");
         let f = frame(&msgs[0]);
-        let lines: Vec<_> = f
-            .headers()
-            .filter(|(k, _)| k.is_empty())
-            .map(|(_, v)| v)
-            .collect();
+        let lines: Vec<_> = f.headers().filter(|(k, _)| k.is_empty()).map(|(_, v)| v).collect();
         assert_eq!(lines, vec!["line without colon", "--END COMMAND--"]);
     }
 
     #[test]
     fn oversized_frame_is_skipped_and_stream_resyncs() {
-        let mut codec = AmiCodec::new(CodecLimits {
-            max_frame_bytes: 64,
-            max_headers: 10,
-        });
+        let mut codec = AmiCodec::new(CodecLimits { max_frame_bytes: 64, max_headers: 10 });
         let mut data = Vec::new();
         data.extend_from_slice(b"Event: Big\r\nValue: ");
         data.extend(std::iter::repeat_n(b'x', 1000));
         data.extend_from_slice(b"\r\n\r\nEvent: Small\r\n\r\n");
         let mut out = Vec::new();
         decode_all(&mut codec, &data, |m| out.push(m));
-        assert!(matches!(
-            out[0],
-            AmiMessage::Malformed(Malformed {
-                reason: MalformedReason::TooLarge,
-                ..
-            })
-        ));
+        assert!(matches!(out[0], AmiMessage::Malformed(Malformed { reason: MalformedReason::TooLarge, .. })));
         assert_eq!(frame(&out[1]).event(), Some("Small"));
     }
 
     #[test]
     fn too_many_headers_is_skipped() {
-        let mut codec = AmiCodec::new(CodecLimits {
-            max_frame_bytes: 1 << 20,
-            max_headers: 3,
-        });
+        let mut codec = AmiCodec::new(CodecLimits { max_frame_bytes: 1 << 20, max_headers: 3 });
         let mut out = Vec::new();
-        decode_all(
-            &mut codec,
-            b"A: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\nEvent: Ok\r\n\r\n",
-            |m| out.push(m),
-        );
-        assert!(matches!(
-            out[0],
-            AmiMessage::Malformed(Malformed {
-                reason: MalformedReason::TooManyHeaders,
-                ..
-            })
-        ));
+        decode_all(&mut codec, b"A: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\nEvent: Ok\r\n\r\n", |m| out.push(m));
+        assert!(matches!(out[0], AmiMessage::Malformed(Malformed { reason: MalformedReason::TooManyHeaders, .. })));
         assert_eq!(frame(&out[1]).event(), Some("Ok"));
     }
 
     #[test]
     fn garbage_frame_is_reported() {
         let out = all(b"\x00\x01\x02 nonsense\r\n\r\nEvent: Ok\r\n\r\n");
-        assert!(matches!(
-            out[0],
-            AmiMessage::Malformed(Malformed {
-                reason: MalformedReason::Garbage,
-                ..
-            })
-        ));
+        assert!(matches!(out[0], AmiMessage::Malformed(Malformed { reason: MalformedReason::Garbage, .. })));
         assert_eq!(frame(&out[1]).event(), Some("Ok"));
     }
 
@@ -545,7 +467,8 @@ mod tests {
 
     #[test]
     fn byte_by_byte_equals_whole() {
-        let data = b"Asterisk Call Manager/9.0.0\r\nResponse: Success\r\n\r\nEvent: A\r\nX: 1\r\n\r\n\r\nEvent: B\nY: 2\n\n";
+        let data =
+            b"Asterisk Call Manager/9.0.0\r\nResponse: Success\r\n\r\nEvent: A\r\nX: 1\r\n\r\n\r\nEvent: B\nY: 2\n\n";
         let whole = all(data);
         let mut codec = AmiCodec::default();
         let mut buf = BytesMut::new();

@@ -56,17 +56,9 @@ impl Frame {
             raw.push_str(v.as_ref());
             let value_end = raw.len() as u32;
             raw.push_str("\r\n");
-            headers.push(HeaderPos {
-                key_start,
-                key_end,
-                value_start,
-                value_end,
-            });
+            headers.push(HeaderPos { key_start, key_end, value_start, value_end });
         }
-        Frame {
-            buf: Bytes::from(raw),
-            headers,
-        }
+        Frame { buf: Bytes::from(raw), headers }
     }
 
     #[inline]
@@ -93,19 +85,12 @@ impl Frame {
 
     /// Every value of the headers named `key`, in order.
     pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers()
-            .filter(move |(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
+        self.headers().filter(move |(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v)
     }
 
     /// All headers in order; a line without a colon has an empty key.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        self.headers.iter().map(|h| {
-            (
-                self.slice(h.key_start, h.key_end),
-                self.slice(h.value_start, h.value_end),
-            )
-        })
+        self.headers.iter().map(|h| (self.slice(h.key_start, h.key_end), self.slice(h.value_start, h.value_end)))
     }
 
     /// Number of header lines.
@@ -189,12 +174,7 @@ mod tests {
 
     #[test]
     fn lookup_is_case_insensitive_and_keeps_duplicates() {
-        let f = Frame::from_pairs(&[
-            ("Event", "VarSet"),
-            ("Variable", "A"),
-            ("Variable", "B"),
-            ("Value", "x: y"),
-        ]);
+        let f = Frame::from_pairs(&[("Event", "VarSet"), ("Variable", "A"), ("Variable", "B"), ("Value", "x: y")]);
         assert_eq!(f.event(), Some("VarSet"));
         assert_eq!(f.get("variable"), Some("A"));
         assert_eq!(f.get_all("Variable").collect::<Vec<_>>(), vec!["A", "B"]);
@@ -204,18 +184,9 @@ mod tests {
 
     #[test]
     fn timestamps_parse_to_micros() {
-        assert_eq!(
-            parse_timestamp_micros("1795471080.044838"),
-            Some(1_795_471_080_044_838)
-        );
-        assert_eq!(
-            parse_timestamp_micros("1795471080.5"),
-            Some(1_795_471_080_500_000)
-        );
-        assert_eq!(
-            parse_timestamp_micros("1795471080"),
-            Some(1_795_471_080_000_000)
-        );
+        assert_eq!(parse_timestamp_micros("1795471080.044838"), Some(1_795_471_080_044_838));
+        assert_eq!(parse_timestamp_micros("1795471080.5"), Some(1_795_471_080_500_000));
+        assert_eq!(parse_timestamp_micros("1795471080"), Some(1_795_471_080_000_000));
         assert_eq!(parse_timestamp_micros("17x"), None);
         assert_eq!(parse_timestamp_micros("1.2x"), None);
     }

@@ -7,8 +7,8 @@ use super::{Options, Rules};
 use crate::ami::Frame;
 use crate::directory::{is_local_channel, Agent, Directory};
 use crate::event::{
-    seconds_between, CallId, CallSnapshot, CallState, Direction, EndReason, Event, EventKind,
-    HungUpBy, Micros, MissedReason, OfferEndReason, Party, TransferKind,
+    seconds_between, CallId, CallSnapshot, CallState, Direction, EndReason, Event, EventKind, HungUpBy, Micros,
+    MissedReason, OfferEndReason, Party, TransferKind,
 };
 use crate::ids::AgentId;
 use smallvec::SmallVec;
@@ -88,15 +88,11 @@ pub(super) struct Call {
 }
 
 fn is_dialable(exten: &str) -> bool {
-    !exten.is_empty()
-        && exten
-            .bytes()
-            .all(|c| c.is_ascii_digit() || matches!(c, b'+' | b'*' | b'#'))
+    !exten.is_empty() && exten.bytes().all(|c| c.is_ascii_digit() || matches!(c, b'+' | b'*' | b'#'))
 }
 
 fn known(s: Option<&str>) -> Option<String> {
-    s.filter(|v| !v.is_empty() && *v != "<unknown>")
-        .map(str::to_string)
+    s.filter(|v| !v.is_empty() && *v != "<unknown>").map(str::to_string)
 }
 
 fn status_is(s: Option<&str>, v: &str) -> bool {
@@ -120,41 +116,26 @@ impl Call {
         let exten = frame.get("Exten").unwrap_or("");
         let (direction, caller, callee, snap_agent) = match agent {
             Some(a) => {
-                let caller = Party {
-                    number: Some(a.extension.clone()),
-                    name: a.name.clone(),
-                };
+                let caller = Party { number: Some(a.extension.clone()), name: a.name.clone() };
                 match dir.agent_for_extension(exten) {
                     Some(b) => (
                         Direction::Internal,
                         caller,
-                        Party {
-                            number: Some(b.extension.clone()),
-                            name: b.name.clone(),
-                        },
+                        Party { number: Some(b.extension.clone()), name: b.name.clone() },
                         Some(a.id.clone()),
                     ),
                     None => (
                         Direction::Outbound,
                         caller,
-                        Party {
-                            number: is_dialable(exten).then(|| strip_prefix(exten, opts)),
-                            name: None,
-                        },
+                        Party { number: is_dialable(exten).then(|| strip_prefix(exten, opts)), name: None },
                         Some(a.id.clone()),
                     ),
                 }
             }
             None => (
                 Direction::Inbound,
-                Party {
-                    number: known(frame.get("CallerIDNum")),
-                    name: known(frame.get("CallerIDName")),
-                },
-                Party {
-                    number: is_dialable(exten).then(|| exten.to_string()),
-                    name: None,
-                },
+                Party { number: known(frame.get("CallerIDNum")), name: known(frame.get("CallerIDName")) },
+                Party { number: is_dialable(exten).then(|| exten.to_string()), name: None },
                 None,
             ),
         };
@@ -224,12 +205,7 @@ impl Call {
     fn emit(&mut self, kind: EventKind, time: Micros, out: &mut Vec<Event>) {
         self.seq += 1;
         self.snap.state = self.state();
-        out.push(Event {
-            seq: self.seq,
-            time,
-            kind,
-            call: Some(self.snap.clone()),
-        });
+        out.push(Event { seq: self.seq, time, kind, call: Some(self.snap.clone()) });
     }
 
     fn state(&self) -> CallState {
@@ -275,13 +251,7 @@ impl Call {
         } else {
             ChannelRole::External
         };
-        self.channels.push(Channel {
-            uniqueid: uid.into(),
-            role,
-            agent,
-            up: state == Some("Up"),
-            hung_up: false,
-        });
+        self.channels.push(Channel { uniqueid: uid.into(), role, agent, up: state == Some("Up"), hung_up: false });
         ctx.new_channels.push(uid.into());
     }
 
@@ -292,11 +262,7 @@ impl Call {
 
     pub fn adopt_channel(&mut self, mut ch: Channel) {
         if ch.role == ChannelRole::Origin {
-            ch.role = if ch.agent.is_some() {
-                ChannelRole::AgentPhone
-            } else {
-                ChannelRole::External
-            };
+            ch.role = if ch.agent.is_some() { ChannelRole::AgentPhone } else { ChannelRole::External };
         }
         if self.channel(&ch.uniqueid).is_none() {
             self.channels.push(ch);
@@ -313,17 +279,8 @@ impl Call {
 
     /// Handles one event of this call. Returns true when its last channel
     /// hung up.
-    pub fn handle(
-        &mut self,
-        event: &str,
-        f: &Frame,
-        time: Micros,
-        mut ctx: Ctx<'_>,
-        out: &mut Vec<Event>,
-    ) -> bool {
-        if !self.started_emitted
-            && !matches!(event, "Newchannel" | "VarSet" | "Newexten" | "Rename")
-        {
+    pub fn handle(&mut self, event: &str, f: &Frame, time: Micros, mut ctx: Ctx<'_>, out: &mut Vec<Event>) -> bool {
+        if !self.started_emitted && !matches!(event, "Newchannel" | "VarSet" | "Newexten" | "Rename") {
             self.emit_started(out);
         }
         let uid = f.get("Uniqueid").unwrap_or("");
@@ -337,6 +294,11 @@ impl Call {
             }
         }
         match event {
+            "BridgeEnter" => {
+                if let Some(c) = self.channel_mut(uid) {
+                    c.up = true;
+                }
+            }
             "Newstate" => {
                 let up = f.get("ChannelStateDesc") == Some("Up");
                 if let Some(c) = self.channel_mut(uid) {
@@ -362,15 +324,7 @@ impl Call {
                 }
                 self.in_queue = true;
                 self.queue_outcome = None;
-                self.emit(
-                    EventKind::Queued {
-                        group,
-                        queue,
-                        position,
-                    },
-                    time,
-                    out,
-                );
+                self.emit(EventKind::Queued { group, queue, position }, time, out);
             }
             "QueueCallerLeave" => self.in_queue = false,
             "QueueCallerAbandon" => {
@@ -380,15 +334,8 @@ impl Call {
             "AgentCalled" => {
                 let agent = ctx
                     .dir
-                    .agent_for_member(
-                        f.get("Interface"),
-                        f.get("StateInterface"),
-                        f.get("MemberName"),
-                    )
-                    .or_else(|| {
-                        f.get("DestChannel")
-                            .and_then(|d| ctx.dir.agent_for_channel(d))
-                    });
+                    .agent_for_member(f.get("Interface"), f.get("StateInterface"), f.get("MemberName"))
+                    .or_else(|| f.get("DestChannel").and_then(|d| ctx.dir.agent_for_channel(d)));
                 if let Some(agent) = agent {
                     self.open_offer(agent, dest_uid, true, time, out);
                 }
@@ -417,17 +364,9 @@ impl Call {
     }
 
     fn member_agent(&self, f: &Frame, dir: &Directory) -> Option<AgentId> {
-        dir.agent_for_member(
-            f.get("Interface"),
-            f.get("StateInterface"),
-            f.get("MemberName"),
-        )
-        .map(|a| a.id.clone())
-        .or_else(|| {
-            f.get("DestUniqueid")
-                .and_then(|u| self.channel(u))
-                .and_then(|c| c.agent.clone())
-        })
+        dir.agent_for_member(f.get("Interface"), f.get("StateInterface"), f.get("MemberName"))
+            .map(|a| a.id.clone())
+            .or_else(|| f.get("DestUniqueid").and_then(|u| self.channel(u)).and_then(|c| c.agent.clone()))
     }
 
     fn on_varset(&mut self, f: &Frame, uid: &str, dir: &Directory, opts: &Options) {
@@ -441,9 +380,7 @@ impl Call {
         } else if var == "QUEUESTATUS" && uid == &*self.origin {
             let outcome = match value {
                 "TIMEOUT" => Some(QueueOutcome::Timeout),
-                "JOINEMPTY" | "LEAVEEMPTY" | "JOINUNAVAIL" | "LEAVEUNAVAIL" | "FULL" => {
-                    Some(QueueOutcome::NoAgents)
-                }
+                "JOINEMPTY" | "LEAVEEMPTY" | "JOINUNAVAIL" | "LEAVEUNAVAIL" | "FULL" => Some(QueueOutcome::NoAgents),
                 _ => None,
             };
             if let Some(o) = outcome {
@@ -492,11 +429,7 @@ impl Call {
                     .get("Exten")
                     .filter(|e| is_dialable(e))
                     .map(|e| strip_prefix(e, opts))
-                    .or_else(|| {
-                        f.get("DialString")
-                            .and_then(|d| d.rsplit('/').next())
-                            .map(str::to_string)
-                    });
+                    .or_else(|| f.get("DialString").and_then(|d| d.rsplit('/').next()).map(str::to_string));
                 if number.is_some() {
                     self.snap.callee.number = number;
                 }
@@ -504,14 +437,7 @@ impl Call {
         }
     }
 
-    fn on_dial_end(
-        &mut self,
-        f: &Frame,
-        src: &str,
-        dest: &str,
-        time: Micros,
-        out: &mut Vec<Event>,
-    ) {
+    fn on_dial_end(&mut self, f: &Frame, src: &str, dest: &str, time: Micros, out: &mut Vec<Event>) {
         let status = f.get("DialStatus");
         if dest == &*self.origin {
             if !status_is(status, "ANSWER") {
@@ -562,11 +488,13 @@ impl Call {
         let Some(ch) = self.channel(uid) else { return };
         let party = match ch.role {
             ChannelRole::LocalHalf => None,
-            ChannelRole::Origin if self.snap.direction == Direction::Inbound => {
-                Some(HungUpBy::Caller)
-            }
+            ChannelRole::Origin if self.snap.direction == Direction::Inbound => Some(HungUpBy::Caller),
             ChannelRole::Origin => Some(HungUpBy::Agent),
-            ChannelRole::AgentPhone if ch.up => Some(HungUpBy::Agent),
+            ChannelRole::AgentPhone
+                if ch.up || self.talking.as_ref().is_some_and(|t| t.is_some() && *t == ch.agent) =>
+            {
+                Some(HungUpBy::Agent)
+            }
             ChannelRole::External if ch.up => Some(HungUpBy::Customer),
             _ => None,
         };
@@ -619,77 +547,33 @@ impl Call {
     /// Opens an offer for `agent`, or attaches `uid` to the one already
     /// ringing. `new_attempt` is true for `AgentCalled` (the queue starts a
     /// new attempt even if a previous one of the same agent is closed).
-    fn open_offer(
-        &mut self,
-        agent: &Agent,
-        uid: &str,
-        new_attempt: bool,
-        time: Micros,
-        out: &mut Vec<Event>,
-    ) {
-        if let Some(o) = self
-            .offers
-            .iter_mut()
-            .find(|o| o.open && o.agent == agent.id)
-        {
+    fn open_offer(&mut self, agent: &Agent, uid: &str, new_attempt: bool, time: Micros, out: &mut Vec<Event>) {
+        if let Some(o) = self.offers.iter_mut().find(|o| o.open && o.agent == agent.id) {
             if !uid.is_empty() && !o.channels.iter().any(|c| &**c == uid) {
                 o.channels.push(uid.into());
             }
             return;
         }
-        if !new_attempt
-            && self
-                .offers
-                .iter()
-                .any(|o| o.channels.iter().any(|c| &**c == uid))
-        {
+        if !new_attempt && self.offers.iter().any(|o| o.channels.iter().any(|c| &**c == uid)) {
             return;
         }
-        if self
-            .talking
-            .as_ref()
-            .is_some_and(|t| t.as_ref() == Some(&agent.id))
-        {
+        if self.talking.as_ref().is_some_and(|t| t.as_ref() == Some(&agent.id)) {
             return;
         }
         let mut channels = SmallVec::new();
         if !uid.is_empty() {
             channels.push(uid.into());
         }
-        self.offers.push(Offer {
-            agent: agent.id.clone(),
-            open: true,
-            channels,
-        });
-        self.emit(
-            EventKind::Offered {
-                agent: agent.id.clone(),
-                extension: agent.extension.clone(),
-            },
-            time,
-            out,
-        );
+        self.offers.push(Offer { agent: agent.id.clone(), open: true, channels });
+        self.emit(EventKind::Offered { agent: agent.id.clone(), extension: agent.extension.clone() }, time, out);
     }
 
-    fn close_offer(
-        &mut self,
-        agent: &AgentId,
-        reason: OfferEndReason,
-        time: Micros,
-        out: &mut Vec<Event>,
-    ) {
+    fn close_offer(&mut self, agent: &AgentId, reason: OfferEndReason, time: Micros, out: &mut Vec<Event>) {
         let Some(o) = self.offers.iter_mut().find(|o| o.open && &o.agent == agent) else {
             return;
         };
         o.open = false;
-        self.emit(
-            EventKind::OfferEnded {
-                agent: agent.clone(),
-                reason,
-            },
-            time,
-            out,
-        );
+        self.emit(EventKind::OfferEnded { agent: agent.clone(), reason }, time, out);
     }
 
     fn answer(&mut self, agent: Option<AgentId>, time: Micros, out: &mut Vec<Event>) {
@@ -706,15 +590,6 @@ impl Call {
             }
         }
         self.talking = Some(agent.clone());
-        let others: Vec<AgentId> = self
-            .offers
-            .iter()
-            .filter(|o| o.open)
-            .map(|o| o.agent.clone())
-            .collect();
-        for other in others {
-            self.close_offer(&other, OfferEndReason::AnsweredElsewhere, time, out);
-        }
         self.dialing = false;
         self.in_queue = false;
         self.snap.answered_at.get_or_insert(time);
@@ -723,57 +598,26 @@ impl Call {
         }
         self.hung_up_by = None;
         let wait_seconds = seconds_between(self.wait_base, time);
-        self.emit(
-            EventKind::Answered {
-                agent,
-                wait_seconds,
-            },
-            time,
-            out,
-        );
+        self.emit(EventKind::Answered { agent, wait_seconds }, time, out);
+        let others: Vec<AgentId> = self.offers.iter().filter(|o| o.open).map(|o| o.agent.clone()).collect();
+        for other in others {
+            self.close_offer(&other, OfferEndReason::AnsweredElsewhere, time, out);
+        }
     }
 
-    pub fn on_transfer(
-        &mut self,
-        event: &str,
-        f: &Frame,
-        time: Micros,
-        dir: &Directory,
-        out: &mut Vec<Event>,
-    ) {
+    pub fn on_transfer(&mut self, event: &str, f: &Frame, time: Micros, dir: &Directory, out: &mut Vec<Event>) {
         self.emit_started(out);
-        let agent_of = |key: &str| {
-            f.get(key)
-                .and_then(|c| dir.agent_for_channel(c))
-                .map(|a| a.id.clone())
-        };
+        let agent_of = |key: &str| f.get(key).and_then(|c| dir.agent_for_channel(c)).map(|a| a.id.clone());
         let (kind, from_agent, to_agent, to_extension) = if event == "BlindTransfer" {
             let ext = f.get("Extension").filter(|e| !e.is_empty());
-            let to = ext
-                .and_then(|e| dir.agent_for_extension(e))
-                .map(|a| a.id.clone());
-            (
-                TransferKind::Blind,
-                agent_of("TransfererChannel"),
-                to,
-                ext.map(str::to_string),
-            )
+            let to = ext.and_then(|e| dir.agent_for_extension(e)).map(|a| a.id.clone());
+            (TransferKind::Blind, agent_of("TransfererChannel"), to, ext.map(str::to_string))
         } else {
             let to = agent_of("TransferTargetChannel").or_else(|| {
-                f.get("SecondTransfererConnectedLineNum")
-                    .and_then(|n| dir.agent_for_extension(n))
-                    .map(|a| a.id.clone())
+                f.get("SecondTransfererConnectedLineNum").and_then(|n| dir.agent_for_extension(n)).map(|a| a.id.clone())
             });
-            let ext = to
-                .as_ref()
-                .and_then(|a| dir.agent(a.as_str()))
-                .map(|a| a.extension.clone());
-            (
-                TransferKind::Attended,
-                agent_of("OrigTransfererChannel"),
-                to,
-                ext,
-            )
+            let ext = to.as_ref().and_then(|a| dir.agent(a.as_str())).map(|a| a.extension.clone());
+            (TransferKind::Attended, agent_of("OrigTransfererChannel"), to, ext)
         };
         let from_agent = from_agent.or_else(|| self.snap.agent.clone());
         match kind {
@@ -786,16 +630,7 @@ impl Call {
         }
         self.snap.agent = to_agent.clone();
         self.hung_up_by = None;
-        self.emit(
-            EventKind::Transferred {
-                from_agent,
-                to_agent,
-                to_extension,
-                kind,
-            },
-            time,
-            out,
-        );
+        self.emit(EventKind::Transferred { from_agent, to_agent, to_extension, kind }, time, out);
     }
 
     pub fn originate_failed(&mut self) {
@@ -810,15 +645,7 @@ impl Call {
         self.stuck_reported = true;
         let state = self.state();
         let silent_seconds = seconds_between(self.last_event_at, now);
-        self.emit(
-            EventKind::Stuck {
-                state,
-                silent_seconds,
-                detected_by: detected_by.to_string(),
-            },
-            now,
-            out,
-        );
+        self.emit(EventKind::Stuck { state, silent_seconds, detected_by: detected_by.to_string() }, now, out);
         true
     }
 
@@ -835,11 +662,7 @@ impl Call {
         self.emit_started(out);
         let mut added = Vec::new();
         let opts = Options::default();
-        let mut ctx = Ctx {
-            dir,
-            opts: &opts,
-            new_channels: &mut added,
-        };
+        let mut ctx = Ctx { dir, opts: &opts, new_channels: &mut added };
         self.ensure_channel(uid, name, f.get("ChannelStateDesc"), &mut ctx);
         let Some(ch) = self.channel(uid).cloned() else {
             return;
@@ -847,27 +670,13 @@ impl Call {
         let up = f.get("ChannelStateDesc") == Some("Up");
         let app = f.get("Application").unwrap_or("");
         if uid == &*self.origin && app == "Queue" && !self.in_queue {
-            let queue = f
-                .get("ApplicationData")
-                .unwrap_or("")
-                .split(',')
-                .next()
-                .unwrap_or("")
-                .to_string();
+            let queue = f.get("ApplicationData").unwrap_or("").split(',').next().unwrap_or("").to_string();
             let group = dir.group_for_queue(&queue).map(|g| g.id.clone());
             self.snap.group = group.clone();
             self.snap.queue = Some(queue.clone());
             self.queued_at.get_or_insert(now);
             self.in_queue = true;
-            self.emit(
-                EventKind::Queued {
-                    group,
-                    queue,
-                    position: None,
-                },
-                now,
-                out,
-            );
+            self.emit(EventKind::Queued { group, queue, position: None }, now, out);
         }
         let bridged = f.get("BridgeId").is_some_and(|b| !b.is_empty());
         if let (ChannelRole::AgentPhone, Some(agent)) = (ch.role, ch.agent.as_ref()) {
@@ -925,40 +734,18 @@ impl Call {
 
     /// Closes the call: open offers end, `call.missed` if never answered,
     /// then `call.ended`.
-    pub fn finish(
-        &mut self,
-        time: Micros,
-        reason: EndReason,
-        closed: Option<MissedReason>,
-        out: &mut Vec<Event>,
-    ) {
+    pub fn finish(&mut self, time: Micros, reason: EndReason, closed: Option<MissedReason>, out: &mut Vec<Event>) {
         self.emit_started(out);
-        let open: Vec<AgentId> = self
-            .offers
-            .iter()
-            .filter(|o| o.open)
-            .map(|o| o.agent.clone())
-            .collect();
+        let open: Vec<AgentId> = self.offers.iter().filter(|o| o.open).map(|o| o.agent.clone()).collect();
         for agent in open {
-            let r = if reason == EndReason::Normal {
-                self.default_offer_end()
-            } else {
-                OfferEndReason::Other
-            };
+            let r = if reason == EndReason::Normal { self.default_offer_end() } else { OfferEndReason::Other };
             self.close_offer(&agent, r, time, out);
         }
         self.talking_end();
         let wait_from = self.queued_at.unwrap_or(self.snap.started_at);
         if self.snap.answered_at.is_none() {
             let missed = self.missed_reason(closed);
-            self.emit(
-                EventKind::Missed {
-                    reason: missed,
-                    wait_seconds: seconds_between(wait_from, time),
-                },
-                time,
-                out,
-            );
+            self.emit(EventKind::Missed { reason: missed, wait_seconds: seconds_between(wait_from, time) }, time, out);
         }
         self.snap.ended_at = Some(time);
         let started = self.snap.started_at;

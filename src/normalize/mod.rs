@@ -176,13 +176,10 @@ impl Normalizer {
                     return;
                 }
             }
-            "Newchannel" | "Newstate" | "Newexten" | "QueueCallerJoin" | "QueueCallerLeave"
-            | "QueueCallerAbandon" | "AgentCalled" | "AgentRingNoAnswer" | "AgentConnect"
-            | "AgentDump" | "DialBegin" | "DialEnd" | "BridgeEnter" | "HangupRequest"
-            | "SoftHangupRequest" | "Hangup" | "Rename" => {}
-            "BlindTransfer" | "AttendedTransfer" => {
-                return self.on_transfer(event, frame, now, out)
-            }
+            "Newchannel" | "Newstate" | "Newexten" | "QueueCallerJoin" | "QueueCallerLeave" | "QueueCallerAbandon"
+            | "AgentCalled" | "AgentRingNoAnswer" | "AgentConnect" | "AgentDump" | "DialBegin" | "DialEnd"
+            | "BridgeEnter" | "HangupRequest" | "SoftHangupRequest" | "Hangup" | "Rename" => {}
+            "BlindTransfer" | "AttendedTransfer" => return self.on_transfer(event, frame, now, out),
             "QueueMemberPause" | "QueueMemberStatus" | "QueueMember" | "QueueMemberPaused" => {
                 return self.on_member(frame, now, out)
             }
@@ -209,31 +206,15 @@ impl Normalizer {
         }
 
         if !self.calls.contains_key(linkedid) {
-            if self.ended.contains(linkedid)
-                || uniqueid.is_some_and(|u| self.gone_channels.contains(u))
-            {
+            if self.ended.contains(linkedid) || uniqueid.is_some_and(|u| self.gone_channels.contains(u)) {
                 return;
             }
             if !starts_or_continues_call(event) {
                 return;
             }
-            let channel = frame
-                .get("Channel")
-                .or_else(|| frame.get("DestChannel"))
-                .unwrap_or("");
-            let uid = uniqueid
-                .or_else(|| frame.get("DestUniqueid"))
-                .unwrap_or(linkedid);
-            let call = Call::start(
-                CallId::new(linkedid),
-                frame,
-                channel,
-                uid,
-                time,
-                &self.dir,
-                &self.opts,
-                out,
-            );
+            let channel = frame.get("Channel").or_else(|| frame.get("DestChannel")).unwrap_or("");
+            let uid = uniqueid.or_else(|| frame.get("DestUniqueid")).unwrap_or(linkedid);
+            let call = Call::start(CallId::new(linkedid), frame, channel, uid, time, &self.dir, &self.opts, out);
             self.channel_call.insert(uid.into(), call.id.clone());
             self.calls.insert(call.id.clone(), call);
         }
@@ -243,11 +224,7 @@ impl Normalizer {
         };
         call.last_event_at = time;
         let mut new_channels: Vec<Box<str>> = Vec::new();
-        let ctx = call::Ctx {
-            dir: &self.dir,
-            opts: &self.opts,
-            new_channels: &mut new_channels,
-        };
+        let ctx = call::Ctx { dir: &self.dir, opts: &self.opts, new_channels: &mut new_channels };
         let finished = call.handle(event, frame, time, ctx, out);
         for uid in new_channels {
             self.channel_call.insert(uid, call.id.clone());
@@ -263,14 +240,7 @@ impl Normalizer {
         }
     }
 
-    fn migrate_channel(
-        &mut self,
-        uid: &str,
-        from: &CallId,
-        to: &str,
-        time: Micros,
-        out: &mut Vec<Event>,
-    ) {
+    fn migrate_channel(&mut self, uid: &str, from: &CallId, to: &str, time: Micros, out: &mut Vec<Event>) {
         let Some(old) = self.calls.get_mut(from.as_str()) else {
             return;
         };
@@ -308,13 +278,7 @@ impl Normalizer {
     /// Ends a live call from outside the event stream: an administrator
     /// removed it (`EndReason::Removed`) or the PBX no longer has it
     /// (`EndReason::Lost`). Returns false if the call is not live.
-    pub fn end_call(
-        &mut self,
-        id: &str,
-        reason: EndReason,
-        now: Micros,
-        out: &mut Vec<Event>,
-    ) -> bool {
+    pub fn end_call(&mut self, id: &str, reason: EndReason, now: Micros, out: &mut Vec<Event>) -> bool {
         if !self.calls.contains_key(id) {
             return false;
         }
@@ -323,13 +287,7 @@ impl Normalizer {
     }
 
     /// Emits `call.stuck` for a live call (once per call).
-    pub fn mark_stuck(
-        &mut self,
-        id: &str,
-        detected_by: &str,
-        now: Micros,
-        out: &mut Vec<Event>,
-    ) -> bool {
+    pub fn mark_stuck(&mut self, id: &str, detected_by: &str, now: Micros, out: &mut Vec<Event>) -> bool {
         match self.calls.get_mut(id) {
             Some(call) => call.mark_stuck(detected_by, now, out),
             None => false,
@@ -341,11 +299,7 @@ impl Normalizer {
     /// of unknown calls are adopted (the call starts now, with what the
     /// listing tells).
     pub fn resync(&mut self, pbx: &PbxChannels, now: Micros, out: &mut Vec<Event>) {
-        let alive: HashSet<&str> = pbx
-            .channels
-            .iter()
-            .filter_map(|f| f.get("Uniqueid"))
-            .collect();
+        let alive: HashSet<&str> = pbx.channels.iter().filter_map(|f| f.get("Uniqueid")).collect();
         let mut vanished: Vec<CallId> = Vec::new();
         for (id, call) in self.calls.iter_mut() {
             call.forget_channels_not_in(&alive);
@@ -369,23 +323,11 @@ impl Normalizer {
                 continue;
             }
             let channel = f.get("Channel").unwrap_or("");
-            let started = f
-                .get("Duration")
-                .and_then(parse_duration)
-                .map_or(now, |secs| now - secs * 1_000_000);
+            let started = f.get("Duration").and_then(parse_duration).map_or(now, |secs| now - secs * 1_000_000);
             let call = match self.calls.get_mut(linkedid) {
                 Some(call) => call,
                 None => {
-                    let call = Call::start(
-                        CallId::new(linkedid),
-                        f,
-                        channel,
-                        uid,
-                        started,
-                        &self.dir,
-                        &self.opts,
-                        out,
-                    );
+                    let call = Call::start(CallId::new(linkedid), f, channel, uid, started, &self.dir, &self.opts, out);
                     self.calls.entry(call.id.clone()).or_insert(call)
                 }
             };
@@ -416,11 +358,7 @@ impl Normalizer {
             return;
         }
         let time = frame.timestamp_micros().unwrap_or(now);
-        if let Some(call) = frame
-            .get("Uniqueid")
-            .and_then(|u| self.channel_call.get(u))
-            .cloned()
-        {
+        if let Some(call) = frame.get("Uniqueid").and_then(|u| self.channel_call.get(u)).cloned() {
             if let Some(c) = self.calls.get_mut(call.as_str()) {
                 c.originate_failed();
                 let _ = time;
@@ -453,15 +391,9 @@ impl Normalizer {
         queues.insert(queue.to_string(), paused);
         // Available while unpaused in at least one queue.
         let now_available = queues.values().any(|p| !p);
-        let before = self
-            .available
-            .insert(agent.clone(), now_available)
-            .unwrap_or(true);
+        let before = self.available.insert(agent.clone(), now_available).unwrap_or(true);
         if before != now_available {
-            let reason = frame
-                .get("PausedReason")
-                .or_else(|| frame.get("Reason"))
-                .filter(|r| !r.is_empty());
+            let reason = frame.get("PausedReason").or_else(|| frame.get("Reason")).filter(|r| !r.is_empty());
             out.push(Event {
                 seq: 0,
                 time,
@@ -484,9 +416,7 @@ impl Normalizer {
 
     /// Whether at least one agent of the group is available.
     pub fn group_has_available_agent(&self, group: &str) -> bool {
-        self.dir
-            .group(group)
-            .is_some_and(|g| g.agents.iter().any(|a| self.agent_available(a.as_str())))
+        self.dir.group(group).is_some_and(|g| g.agents.iter().any(|a| self.agent_available(a.as_str())))
     }
 }
 
@@ -496,12 +426,7 @@ impl Normalizer {
 fn starts_or_continues_call(event: &str) -> bool {
     !matches!(
         event,
-        "Hangup"
-            | "HangupRequest"
-            | "SoftHangupRequest"
-            | "DialEnd"
-            | "QueueCallerLeave"
-            | "QueueCallerAbandon"
+        "Hangup" | "HangupRequest" | "SoftHangupRequest" | "DialEnd" | "QueueCallerLeave" | "QueueCallerAbandon"
     )
 }
 
@@ -509,9 +434,7 @@ fn starts_or_continues_call(event: &str) -> bool {
 fn parse_duration(s: &str) -> Option<i64> {
     let mut total: i64 = 0;
     for part in s.split(':') {
-        total = total
-            .checked_mul(60)?
-            .checked_add(part.trim().parse::<i64>().ok()?)?;
+        total = total.checked_mul(60)?.checked_add(part.trim().parse::<i64>().ok()?)?;
     }
     Some(total)
 }
@@ -525,11 +448,7 @@ struct BoundedSet {
 
 impl BoundedSet {
     fn new(cap: usize) -> Self {
-        BoundedSet {
-            order: VecDeque::new(),
-            set: HashSet::new(),
-            cap,
-        }
+        BoundedSet { order: VecDeque::new(), set: HashSet::new(), cap }
     }
     fn insert(&mut self, s: &str) {
         if self.set.contains(s) {

@@ -1,2 +1,469 @@
-//! Unit tests of the normalizer on hand-written event sequences; the real
-//! traces are covered by the golden tests in `tests/golden.rs`.
+//! Unit tests of the normalizer on hand-written event sequences shaped like
+//! Asterisk 18–20's, for situations the recorded traces do not show (queue
+//! timeout, overflow, attended transfer with Linkedid propagation, Local
+//! member transfers, resync); the real traces are covered by
+//! `tests/golden.rs` and `tests/lifecycle.rs`.
+
+use super::*;
+use crate::config::Config;
+use crate::event::{EventKind, HungUpBy, MissedReason, OfferEndReason, TransferKind};
+
+const CONFIG: &str = r#"
+[pbx]
+name = "t"
+[[groups]]
+id = "support"
+queue = "700"
+agents = ["maria", "joao"]
+[[groups]]
+id = "sales"
+queue = "701"
+agents = ["ana"]
+[[agents]]
+id = "maria"
+name = "Maria Silva"
+extension = "2000"
+[[agents]]
+id = "joao"
+name = "Joao Souza"
+extension = "2001"
+[[agents]]
+id = "ana"
+name = "Ana Costa"
+extension = "2002"
+"#;
+
+struct T {
+    n: Normalizer,
+    t: i64,
+    out: Vec<Event>,
+}
+
+impl T {
+    fn new() -> T {
+        let c = Config::parse(CONFIG, "test").expect("valid");
+        T {
+            n: Normalizer::new(Arc::new(Directory::from_config(&c)), Arc::new(AlwaysOpen), Options::from_config(&c)),
+            t: 1_800_000_000,
+            out: Vec::new(),
+        }
+    }
+
+    /// Feeds one event; `secs` advances the PBX clock first.
+    fn ev(&mut self, secs: i64, event: &str, fields: &[(&str, &str)]) {
+        self.t += secs;
+        let ts = format!("{}.000000", self.t);
+        let mut pairs: Vec<(&str, &str)> = vec![("Event", event), ("Timestamp", &ts)];
+        pairs.extend_from_slice(fields);
+        let f = Frame::from_pairs(&pairs);
+        self.n.handle(&f, 0, &mut self.out);
+    }
+
+    fn types(&self, call: &str) -> Vec<&'static str> {
+        self.out
+            .iter()
+            .filter(|e| e.call.as_ref().is_some_and(|c| c.id.as_str() == call))
+            .map(|e| e.kind.type_name())
+            .collect()
+    }
+
+    fn kind(&self, call: &str, ty: &str) -> Vec<&EventKind> {
+        self.out
+            .iter()
+            .filter(|e| e.call.as_ref().is_some_and(|c| c.id.as_str() == call) && e.kind.type_name() == ty)
+            .map(|e| &e.kind)
+            .collect()
+    }
+
+    fn last_of(&self, call: &str) -> &Event {
+        self.out.iter().rev().find(|e| e.call.as_ref().is_some_and(|c| c.id.as_str() == call)).expect("events")
+    }
+
+    /// Caller `SIP/carrier-<n>` with Uniqueid = Linkedid = `id`.
+    fn inbound(&mut self, id: &str, chan: &str) {
+        self.ev(
+            0,
+            "Newchannel",
+            &[
+                ("Channel", chan),
+                ("ChannelStateDesc", "Ring"),
+                ("CallerIDNum", "11999990000"),
+                ("CallerIDName", "Cliente"),
+                ("Exten", "1130001000"),
+                ("Uniqueid", id),
+                ("Linkedid", id),
+            ],
+        );
+    }
+
+    fn chan(&mut self, secs: i64, event: &str, chan: &str, uid: &str, linked: &str, extra: &[(&str, &str)]) {
+        let mut f = vec![("Channel", chan), ("Uniqueid", uid), ("Linkedid", linked)];
+        f.extend_from_slice(extra);
+        self.ev(secs, event, &f);
+    }
+
+    fn two(&mut self, secs: i64, event: &str, a: (&str, &str), b: (&str, &str), linked: &str, extra: &[(&str, &str)]) {
+        let mut f = vec![
+            ("Channel", a.0),
+            ("Uniqueid", a.1),
+            ("Linkedid", linked),
+            ("DestChannel", b.0),
+            ("DestUniqueid", b.1),
+            ("DestLinkedid", linked),
+        ];
+        f.extend_from_slice(extra);
+        self.ev(secs, event, &f);
+    }
+}
+
+#[test]
+fn queue_timeout_is_not_an_abandon() {
+    let mut t = T::new();
+    let c = ("SIP/carrier-01", "1.1");
+    let m = ("Local/2000@agents-01;1", "1.2");
+    t.inbound("1.1", c.0);
+    t.chan(0, "QueueCallerJoin", c.0, c.1, "1.1", &[("Queue", "700"), ("Position", "1")]);
+    t.two(
+        0,
+        "AgentCalled",
+        c,
+        m,
+        "1.1",
+        &[("Queue", "700"), ("Interface", "Local/2000@agents/n"), ("MemberName", "Maria Silva")],
+    );
+    t.two(0, "DialBegin", c, m, "1.1", &[]);
+    // The queue's own timeout: app_queue stops ringing, then reports an
+    // "abandon" and only afterwards sets QUEUESTATUS=TIMEOUT.
+    t.two(30, "DialEnd", c, m, "1.1", &[("DialStatus", "CANCEL")]);
+    t.chan(0, "Hangup", m.0, m.1, "1.1", &[("Cause", "0")]);
+    t.chan(0, "QueueCallerAbandon", c.0, c.1, "1.1", &[("Queue", "700")]);
+    t.chan(0, "QueueCallerLeave", c.0, c.1, "1.1", &[("Queue", "700")]);
+    t.chan(0, "VarSet", c.0, c.1, "1.1", &[("Variable", "QUEUESTATUS"), ("Value", "TIMEOUT")]);
+    t.chan(0, "SoftHangupRequest", c.0, c.1, "1.1", &[("Cause", "16")]);
+    t.chan(0, "Hangup", c.0, c.1, "1.1", &[("Cause", "16"), ("Cause-txt", "Normal Clearing")]);
+    assert_eq!(
+        t.types("1.1"),
+        ["call.started", "call.queued", "call.offered", "call.offer_ended", "call.missed", "call.ended"]
+    );
+    assert!(matches!(
+        t.kind("1.1", "call.offer_ended")[0],
+        EventKind::OfferEnded { reason: OfferEndReason::NoAnswer, .. }
+    ));
+    assert!(matches!(
+        t.kind("1.1", "call.missed")[0],
+        EventKind::Missed { reason: MissedReason::QueueTimeout, wait_seconds: 30 }
+    ));
+    assert!(matches!(t.kind("1.1", "call.ended")[0], EventKind::Ended { hung_up_by: HungUpBy::System, .. }));
+}
+
+#[test]
+fn timeout_then_overflow_queue_answers_is_not_missed() {
+    let mut t = T::new();
+    let c = ("SIP/carrier-01", "1.1");
+    let a = ("SIP/2002-02", "1.2");
+    t.inbound("1.1", c.0);
+    t.chan(0, "QueueCallerJoin", c.0, c.1, "1.1", &[("Queue", "700")]);
+    t.chan(20, "QueueCallerAbandon", c.0, c.1, "1.1", &[("Queue", "700")]);
+    t.chan(0, "VarSet", c.0, c.1, "1.1", &[("Variable", "QUEUESTATUS"), ("Value", "TIMEOUT")]);
+    t.chan(0, "QueueCallerJoin", c.0, c.1, "1.1", &[("Queue", "701")]);
+    t.two(0, "AgentCalled", c, a, "1.1", &[("Queue", "701"), ("Interface", "SIP/2002"), ("MemberName", "Ana Costa")]);
+    t.two(2, "AgentConnect", c, a, "1.1", &[("Queue", "701"), ("Interface", "SIP/2002"), ("MemberName", "Ana Costa")]);
+    t.chan(5, "HangupRequest", c.0, c.1, "1.1", &[]);
+    t.chan(0, "Hangup", a.0, a.1, "1.1", &[("Cause", "16")]);
+    t.chan(0, "Hangup", c.0, c.1, "1.1", &[("Cause", "16")]);
+    assert_eq!(
+        t.types("1.1"),
+        ["call.started", "call.queued", "call.queued", "call.offered", "call.answered", "call.ended"]
+    );
+    let end = t.last_of("1.1");
+    assert_eq!(end.call.as_ref().and_then(|c| c.group.as_ref()).map(|g| g.as_str()), Some("sales"));
+    // Waiting counts from the first queue the caller entered.
+    assert!(matches!(t.kind("1.1", "call.answered")[0], EventKind::Answered { wait_seconds: 22, .. }));
+    assert!(matches!(end.kind, EventKind::Ended { hung_up_by: HungUpBy::Caller, .. }));
+}
+
+#[test]
+fn ringall_answered_elsewhere_closes_other_offers() {
+    let mut t = T::new();
+    let c = ("SIP/carrier-01", "1.1");
+    let m = ("SIP/2000-02", "1.2");
+    let j = ("SIP/2001-03", "1.3");
+    t.inbound("1.1", c.0);
+    t.chan(0, "QueueCallerJoin", c.0, c.1, "1.1", &[("Queue", "700")]);
+    t.two(0, "AgentCalled", c, m, "1.1", &[("Interface", "SIP/2000")]);
+    t.two(0, "AgentCalled", c, j, "1.1", &[("Interface", "SIP/2001")]);
+    t.two(3, "DialEnd", c, j, "1.1", &[("DialStatus", "ANSWER")]);
+    t.two(0, "DialEnd", c, m, "1.1", &[("DialStatus", "CANCEL")]);
+    t.two(0, "AgentConnect", c, j, "1.1", &[("Interface", "SIP/2001")]);
+    t.chan(0, "Hangup", m.0, m.1, "1.1", &[("Cause", "26")]);
+    t.chan(4, "Hangup", j.0, j.1, "1.1", &[("Cause", "16")]);
+    t.chan(0, "Hangup", c.0, c.1, "1.1", &[("Cause", "16")]);
+    assert_eq!(
+        t.types("1.1"),
+        [
+            "call.started",
+            "call.queued",
+            "call.offered",
+            "call.offered",
+            "call.answered",
+            "call.offer_ended",
+            "call.ended"
+        ]
+    );
+    assert!(matches!(t.kind("1.1", "call.offer_ended")[0],
+        EventKind::OfferEnded { agent, reason: OfferEndReason::AnsweredElsewhere } if agent.as_str() == "maria"));
+}
+
+#[test]
+fn attended_transfer_moves_the_target_into_the_customers_call() {
+    let mut t = T::new();
+    let cust = ("SIP/carrier-01", "1.1");
+    let maria = ("SIP/2000-02", "1.2");
+    t.inbound("1.1", cust.0);
+    t.chan(0, "QueueCallerJoin", cust.0, cust.1, "1.1", &[("Queue", "700")]);
+    t.two(0, "AgentCalled", cust, maria, "1.1", &[("Interface", "SIP/2000")]);
+    t.two(2, "DialEnd", cust, maria, "1.1", &[("DialStatus", "ANSWER")]);
+    t.chan(0, "Newstate", maria.0, maria.1, "1.1", &[("ChannelStateDesc", "Up")]);
+    // Maria consults Joao: a call of its own (internal), Linkedid 2.1.
+    t.ev(
+        5,
+        "Newchannel",
+        &[
+            ("Channel", "SIP/2000-03"),
+            ("ChannelStateDesc", "Ring"),
+            ("CallerIDNum", "2000"),
+            ("Exten", "2001"),
+            ("Uniqueid", "2.1"),
+            ("Linkedid", "2.1"),
+        ],
+    );
+    t.two(0, "DialBegin", ("SIP/2000-03", "2.1"), ("SIP/2001-04", "2.2"), "2.1", &[("DialString", "2001")]);
+    t.two(2, "DialEnd", ("SIP/2000-03", "2.1"), ("SIP/2001-04", "2.2"), "2.1", &[("DialStatus", "ANSWER")]);
+    t.ev(
+        3,
+        "AttendedTransfer",
+        &[
+            ("Result", "Success"),
+            ("OrigTransfererChannel", "SIP/2000-02"),
+            ("OrigTransfererUniqueid", "1.2"),
+            ("OrigTransfererLinkedid", "1.1"),
+            ("SecondTransfererChannel", "SIP/2000-03"),
+            ("SecondTransfererUniqueid", "2.1"),
+            ("SecondTransfererLinkedid", "2.1"),
+            ("TransfereeChannel", "SIP/carrier-01"),
+            ("TransfereeUniqueid", "1.1"),
+            ("TransfereeLinkedid", "1.1"),
+            ("TransferTargetChannel", "SIP/2001-04"),
+            ("TransferTargetUniqueid", "2.2"),
+            ("TransferTargetLinkedid", "2.1"),
+            ("DestType", "Bridge"),
+        ],
+    );
+    t.chan(0, "Hangup", maria.0, maria.1, "1.1", &[("Cause", "16")]);
+    t.chan(0, "Hangup", "SIP/2000-03", "2.1", "2.1", &[("Cause", "16")]);
+    // Bridging propagates the oldest Linkedid to Joao's channel.
+    t.chan(0, "BridgeEnter", "SIP/2001-04", "2.2", "1.1", &[("ChannelStateDesc", "Up")]);
+    t.chan(10, "HangupRequest", "SIP/2001-04", "2.2", "1.1", &[]);
+    t.chan(0, "Hangup", "SIP/2001-04", "2.2", "1.1", &[("Cause", "16")]);
+    t.chan(0, "Hangup", cust.0, cust.1, "1.1", &[("Cause", "16")]);
+
+    assert_eq!(
+        t.types("1.1"),
+        ["call.started", "call.queued", "call.offered", "call.answered", "call.transferred", "call.ended"]
+    );
+    assert!(matches!(t.kind("1.1", "call.transferred")[0],
+        EventKind::Transferred { from_agent: Some(f), to_agent: Some(to), kind: TransferKind::Attended, .. }
+        if f.as_str() == "maria" && to.as_str() == "joao"));
+    let end = t.last_of("1.1");
+    assert_eq!(end.call.as_ref().and_then(|c| c.agent.as_ref()).map(|a| a.as_str()), Some("joao"));
+    assert!(matches!(end.kind, EventKind::Ended { hung_up_by: HungUpBy::Agent, .. }));
+    // The consultation call ended by itself when its last channel left.
+    assert_eq!(t.types("2.1"), ["call.started", "call.offered", "call.answered", "call.ended"]);
+    assert_eq!(t.last_of("2.1").call.as_ref().map(|c| c.direction), Some(crate::event::Direction::Internal));
+    assert_eq!(t.n.live_calls(), 0);
+}
+
+#[test]
+fn blind_transfer_from_a_local_channel_member() {
+    let mut t = T::new();
+    let c = ("SIP/carrier-01", "1.1");
+    let l1 = ("Local/2000@agents-01;1", "1.2");
+    let l2 = ("Local/2000@agents-01;2", "1.3");
+    let phone = ("SIP/2000-02", "1.4");
+    t.inbound("1.1", c.0);
+    t.chan(0, "QueueCallerJoin", c.0, c.1, "1.1", &[("Queue", "700")]);
+    t.chan(0, "Newchannel", l1.0, l1.1, "1.1", &[]);
+    t.chan(0, "Newchannel", l2.0, l2.1, "1.1", &[]);
+    t.two(0, "AgentCalled", c, l1, "1.1", &[("Interface", "Local/2000@agents/n"), ("MemberName", "Maria Silva")]);
+    t.two(0, "DialBegin", c, l1, "1.1", &[]);
+    t.two(0, "DialBegin", l2, phone, "1.1", &[]);
+    t.two(2, "DialEnd", l2, phone, "1.1", &[("DialStatus", "ANSWER")]);
+    t.chan(0, "Newstate", phone.0, phone.1, "1.1", &[("ChannelStateDesc", "Up")]);
+    t.two(0, "DialEnd", c, l1, "1.1", &[("DialStatus", "ANSWER")]);
+    t.two(0, "AgentConnect", c, l1, "1.1", &[("Interface", "Local/2000@agents/n"), ("MemberName", "Maria Silva")]);
+    // Maria's phone blind-transfers the Local half it talks to, to 2001.
+    t.ev(
+        4,
+        "BlindTransfer",
+        &[
+            ("Result", "Success"),
+            ("TransfererChannel", "SIP/2000-02"),
+            ("TransfererUniqueid", "1.4"),
+            ("TransfererLinkedid", "1.1"),
+            ("TransfereeChannel", l2.0),
+            ("TransfereeUniqueid", l2.1),
+            ("TransfereeLinkedid", "1.1"),
+            ("Extension", "2001"),
+            ("Context", "from-internal"),
+        ],
+    );
+    t.chan(0, "Hangup", phone.0, phone.1, "1.1", &[("Cause", "16")]);
+    t.two(0, "DialBegin", l2, ("SIP/2001-03", "1.5"), "1.1", &[]);
+    t.two(3, "DialEnd", l2, ("SIP/2001-03", "1.5"), "1.1", &[("DialStatus", "ANSWER")]);
+    t.chan(0, "Newstate", "SIP/2001-03", "1.5", "1.1", &[("ChannelStateDesc", "Up")]);
+    t.chan(6, "HangupRequest", c.0, c.1, "1.1", &[]);
+    for (ch, uid) in [("SIP/2001-03", "1.5"), l2, l1, c] {
+        t.chan(0, "Hangup", ch, uid, "1.1", &[("Cause", "16")]);
+    }
+    assert_eq!(
+        t.types("1.1"),
+        [
+            "call.started",
+            "call.queued",
+            "call.offered",
+            "call.answered",
+            "call.transferred",
+            "call.offered",
+            "call.answered",
+            "call.ended"
+        ]
+    );
+    assert!(matches!(t.kind("1.1", "call.transferred")[0],
+        EventKind::Transferred { from_agent: Some(f), to_agent: Some(to), kind: TransferKind::Blind, .. }
+        if f.as_str() == "maria" && to.as_str() == "joao"));
+    assert!(matches!(t.last_of("1.1").kind, EventKind::Ended { hung_up_by: HungUpBy::Caller, .. }));
+}
+
+#[test]
+fn late_events_of_an_ended_call_do_not_resurrect_it() {
+    let mut t = T::new();
+    t.inbound("1.1", "SIP/carrier-01");
+    t.chan(1, "Hangup", "SIP/carrier-01", "1.1", "1.1", &[("Cause", "16")]);
+    let n = t.out.len();
+    t.chan(0, "VarSet", "SIP/carrier-01", "1.1", "1.1", &[("Variable", "MIXMONITOR_FILENAME"), ("Value", "/x.wav")]);
+    t.chan(0, "Newstate", "SIP/carrier-01", "1.1", "1.1", &[("ChannelStateDesc", "Up")]);
+    assert_eq!(t.out.len(), n);
+    assert_eq!(t.n.live_calls(), 0);
+}
+
+#[test]
+fn a_call_seen_mid_way_is_adopted_and_ends_once() {
+    let mut t = T::new();
+    // No Newchannel: callbridge started while the call was queued.
+    t.chan(0, "QueueCallerJoin", "SIP/carrier-01", "1.1", "1.1", &[("Queue", "700"), ("CallerIDNum", "119")]);
+    t.chan(5, "Hangup", "SIP/carrier-01", "1.1", "1.1", &[("Cause", "16")]);
+    assert_eq!(t.types("1.1"), ["call.started", "call.queued", "call.missed", "call.ended"]);
+}
+
+#[test]
+fn resync_ends_vanished_calls_as_lost_and_adopts_unknown_ones() {
+    let mut t = T::new();
+    t.inbound("1.1", "SIP/carrier-01");
+    t.chan(0, "QueueCallerJoin", "SIP/carrier-01", "1.1", "1.1", &[("Queue", "700")]);
+    let listing = PbxChannels {
+        channels: vec![
+            Frame::from_pairs(&[
+                ("Event", "CoreShowChannel"),
+                ("Channel", "SIP/carrier-09"),
+                ("Uniqueid", "9.1"),
+                ("Linkedid", "9.1"),
+                ("ChannelStateDesc", "Up"),
+                ("CallerIDNum", "11988887777"),
+                ("Exten", "1130001000"),
+                ("Application", "Queue"),
+                ("ApplicationData", "700,r,,,45"),
+                ("Duration", "00:00:42"),
+            ]),
+            Frame::from_pairs(&[
+                ("Event", "CoreShowChannel"),
+                ("Channel", "SIP/2001-0a"),
+                ("Uniqueid", "9.2"),
+                ("Linkedid", "9.1"),
+                ("ChannelStateDesc", "Ringing"),
+            ]),
+        ],
+    };
+    let mut out = Vec::new();
+    t.n.resync(&listing, (t.t + 10) * 1_000_000, &mut out);
+    let types: Vec<(&str, &str)> =
+        out.iter().map(|e| (e.call.as_ref().map_or("", |c| c.id.as_str()), e.kind.type_name())).collect();
+    assert_eq!(
+        types,
+        [
+            ("1.1", "call.missed"),
+            ("1.1", "call.ended"),
+            ("9.1", "call.started"),
+            ("9.1", "call.queued"),
+            ("9.1", "call.offered"),
+        ]
+    );
+    assert!(matches!(out[1].kind, EventKind::Ended { end_reason: EndReason::Lost, .. }));
+    assert_eq!(out[2].call.as_ref().map(|c| c.started_at), Some((t.t + 10 - 42) * 1_000_000));
+    // The adopted call then ends normally.
+    t.out.clear();
+    t.chan(1, "Hangup", "SIP/2001-0a", "9.2", "9.1", &[("Cause", "16")]);
+    t.chan(0, "Hangup", "SIP/carrier-09", "9.1", "9.1", &[("Cause", "16")]);
+    assert_eq!(t.types("9.1"), ["call.offer_ended", "call.missed", "call.ended"]);
+}
+
+#[test]
+fn removed_and_stuck_calls() {
+    let mut t = T::new();
+    t.inbound("1.1", "SIP/carrier-01");
+    let mut out = Vec::new();
+    assert!(t.n.mark_stuck("1.1", "silence", 5, &mut out));
+    assert!(!t.n.mark_stuck("1.1", "silence", 6, &mut out), "call.stuck only once");
+    assert!(t.n.end_call("1.1", EndReason::Removed, 7, &mut out));
+    assert!(!t.n.end_call("1.1", EndReason::Removed, 8, &mut out));
+    let types: Vec<&str> = out.iter().map(|e| e.kind.type_name()).collect();
+    assert_eq!(types, ["call.stuck", "call.missed", "call.ended"]);
+    assert!(matches!(
+        out[2].kind,
+        EventKind::Ended { end_reason: EndReason::Removed, hung_up_by: HungUpBy::System, .. }
+    ));
+    // Its channel's late hangup is ignored.
+    t.chan(0, "Hangup", "SIP/carrier-01", "1.1", "1.1", &[]);
+    assert_eq!(t.types("1.1").len(), 1);
+}
+
+#[test]
+fn agent_paused_in_every_queue_is_unavailable_once() {
+    let mut t = T::new();
+    let pause = |t: &mut T, queue: &str, paused: &str| {
+        t.ev(
+            1,
+            "QueueMemberPause",
+            &[
+                ("Queue", queue),
+                ("Interface", "SIP/2000"),
+                ("MemberName", "Maria Silva"),
+                ("Paused", paused),
+                ("PausedReason", "lunch"),
+            ],
+        );
+    };
+    pause(&mut t, "700", "1");
+    pause(&mut t, "701", "1");
+    pause(&mut t, "700", "0");
+    pause(&mut t, "701", "0");
+    let avail: Vec<bool> = t
+        .out
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::AgentAvailability { available, .. } => Some(available),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(avail, [false, true]);
+    assert!(t.n.agent_available("maria"));
+}

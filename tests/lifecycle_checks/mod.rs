@@ -22,12 +22,7 @@ pub fn check_invariants(events: &[Event], pbx: &str) -> Result<(), String> {
     for (call, evs) in &per_call {
         for (i, e) in evs.iter().enumerate() {
             if e.seq != i as u64 + 1 {
-                return Err(format!(
-                    "call {call}: event {} has seq {}, expected {}",
-                    e.kind.type_name(),
-                    e.seq,
-                    i + 1
-                ));
+                return Err(format!("call {call}: event {} has seq {}, expected {}", e.kind.type_name(), e.seq, i + 1));
             }
         }
         let types: Vec<&str> = evs.iter().map(|e| e.kind.type_name()).collect();
@@ -36,20 +31,14 @@ pub fn check_invariants(events: &[Event], pbx: &str) -> Result<(), String> {
         }
         let ended = types.iter().filter(|t| **t == "call.ended").count();
         if ended != 1 || types.last() != Some(&"call.ended") {
-            return Err(format!(
-                "call {call}: {ended} call.ended, sequence {types:?}"
-            ));
+            return Err(format!("call {call}: {ended} call.ended, sequence {types:?}"));
         }
         let answered = types.contains(&"call.answered");
         let missed = types.iter().filter(|t| **t == "call.missed").count();
         match (answered, missed) {
             (true, 0) => {}
             (false, 1) if types[types.len() - 2] == "call.missed" => {}
-            _ => {
-                return Err(format!(
-                    "call {call}: answered={answered}, {missed} call.missed, sequence {types:?}"
-                ))
-            }
+            _ => return Err(format!("call {call}: answered={answered}, {missed} call.missed, sequence {types:?}")),
         }
         // Every offer is closed by an offer_ended or by that agent answering.
         let mut open: Vec<String> = Vec::new();
@@ -57,9 +46,7 @@ pub fn check_invariants(events: &[Event], pbx: &str) -> Result<(), String> {
             match &e.kind {
                 EventKind::Offered { agent, .. } => open.push(agent.to_string()),
                 EventKind::OfferEnded { agent, .. } => open.retain(|a| a != agent.as_str()),
-                EventKind::Answered {
-                    agent: Some(agent), ..
-                } => open.retain(|a| a != agent.as_str()),
+                EventKind::Answered { agent: Some(agent), .. } => open.retain(|a| a != agent.as_str()),
                 _ => {}
             }
         }

@@ -296,3 +296,32 @@ proptest! {
         prop_assert_eq!(per_call(&alone), per_call(&together));
     }
 }
+
+#[test]
+fn no_stuck_suspects_while_replaying_the_fixture_traces() {
+    // The sweeper's question asked after every frame, on the trace's clock
+    // (what a paced replay at any speed sees): real calls are never suspects.
+    let limits = callbridge::normalize::StuckLimits::default();
+    let config = lab();
+    let mut n =
+        Normalizer::new(Arc::new(Directory::from_config(&config)), Arc::new(AlwaysOpen), Options::from_config(&config));
+    let mut out = Vec::new();
+    let mut checked = 0;
+    for name in [
+        "a01-inbound-answered.ami",
+        "a04-ring-noanswer-next-agent.ami",
+        "a06-blind-transfer.ami",
+        "a09-outbound-no-answer.ami",
+        "a11-concurrent-mix.ami",
+    ] {
+        for f in frames_of(name) {
+            n.handle(&f, 0, &mut out);
+            if let Some(ts) = f.timestamp_micros() {
+                let s = n.suspects(ts, &limits);
+                assert!(s.is_empty(), "{name}: false positive {s:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 1000);
+}

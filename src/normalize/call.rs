@@ -85,6 +85,9 @@ pub(super) struct Call {
     stuck_reported: bool,
     /// `call.started` waits for the ticket variable on originated calls.
     started_emitted: bool,
+    /// The state as of the last event, and since when.
+    state_seen: CallState,
+    pub state_since: Micros,
 }
 
 fn is_dialable(exten: &str) -> bool {
@@ -175,6 +178,8 @@ impl Call {
             cause: None,
             stuck_reported: false,
             started_emitted: false,
+            state_seen: CallState::Started,
+            state_since: time,
         };
         call.channels.push(Channel {
             uniqueid: uniqueid.into(),
@@ -208,7 +213,20 @@ impl Call {
         out.push(Event { seq: self.seq, time, kind, call: Some(self.snap.clone()) });
     }
 
-    fn state(&self) -> CallState {
+    /// Notes a state change at `time` (for the stuck-call limits).
+    pub fn track_state(&mut self, time: Micros) {
+        let now = self.state();
+        if now != self.state_seen {
+            self.state_seen = now;
+            self.state_since = time;
+        }
+    }
+
+    pub fn stuck_reported(&self) -> bool {
+        self.stuck_reported
+    }
+
+    pub(super) fn state(&self) -> CallState {
         if self.snap.ended_at.is_some() {
             CallState::Ended
         } else if self.talking.is_some() {

@@ -36,7 +36,9 @@ mod call;
 
 use crate::ami::Frame;
 use crate::directory::Directory;
-use crate::event::{AvailabilitySource, CallId, EndReason, Event, EventKind, Micros, MissedReason};
+use crate::event::{
+    seconds_between, AvailabilitySource, CallId, CallState, EndReason, Event, EventKind, Micros, MissedReason,
+};
 use crate::ids::{AgentId, GroupId};
 use call::Call;
 pub use call::ChannelRole;
@@ -109,6 +111,74 @@ pub struct Normalizer {
     paused: HashMap<AgentId, HashMap<String, bool>>,
     /// Last availability reported per agent.
     available: HashMap<AgentId, bool>,
+}
+
+/// Per-state limits of the stuck-call sweeper (SPEC §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StuckLimits {
+    /// Not yet queued nor ringing (IVR, dialling).
+    pub started_seconds: u64,
+    pub queued_seconds: u64,
+    pub ringing_seconds: u64,
+    pub talking_seconds: u64,
+    /// No event at all for this long.
+    pub silence_seconds: u64,
+}
+
+impl Default for StuckLimits {
+    fn default() -> Self {
+        // Generous: a false "stuck" costs a PBX query, a missed one costs a
+        // ghost call on an administrator's screen for hours.
+        StuckLimits {
+            started_seconds: 600,
+            queued_seconds: 3600,
+            ringing_seconds: 300,
+            talking_seconds: 4 * 3600,
+            silence_seconds: 2 * 3600,
+        }
+    }
+}
+
+impl StuckLimits {
+    pub fn for_state(&self, s: CallState) -> u64 {
+        match s {
+            CallState::Started => self.started_seconds,
+            CallState::Queued => self.queued_seconds,
+            CallState::Ringing => self.ringing_seconds,
+            CallState::Talking => self.talking_seconds,
+            CallState::Ended => u64::MAX,
+        }
+    }
+}
+
+/// Why a call is suspect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StuckCause {
+    /// Longer in its state than the state's limit.
+    State,
+    /// No event for longer than the silence limit.
+    Silence,
+}
+
+impl StuckCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StuckCause::State => "state_limit",
+            StuckCause::Silence => "silence",
+        }
+    }
+}
+
+/// A call the sweeper should check with the PBX.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspect {
+    pub call: CallId,
+    pub state: CallState,
+    pub seconds_in_state: u64,
+    pub silent_seconds: u64,
+    pub cause: StuckCause,
+    pub already_reported: bool,
 }
 
 /// What a PBX resync says exists (from `CoreShowChannels`).
@@ -226,6 +296,7 @@ impl Normalizer {
         let mut new_channels: Vec<Box<str>> = Vec::new();
         let ctx = call::Ctx { dir: &self.dir, opts: &self.opts, new_channels: &mut new_channels };
         let finished = call.handle(event, frame, time, ctx, out);
+        call.track_state(time);
         for uid in new_channels {
             self.channel_call.insert(uid, call.id.clone());
         }
@@ -292,6 +363,40 @@ impl Normalizer {
             Some(call) => call.mark_stuck(detected_by, now, out),
             None => false,
         }
+    }
+
+    /// Live calls that overstayed a state limit or went silent: the
+    /// sweeper checks each with the PBX, then calls [`Normalizer::mark_stuck`]
+    /// (still there) or [`Normalizer::end_call`] with `Lost` (gone).
+    /// Sorted by call id, so the result is deterministic.
+    pub fn suspects(&self, now: Micros, limits: &StuckLimits) -> Vec<Suspect> {
+        let mut v: Vec<Suspect> = self
+            .calls
+            .values()
+            .filter_map(|c| {
+                let state = c.state();
+                let in_state = seconds_between(c.state_since, now);
+                let silent = seconds_between(c.last_event_at, now);
+                let limit = limits.for_state(state);
+                let by = if in_state >= limit {
+                    Some(StuckCause::State)
+                } else if silent >= limits.silence_seconds {
+                    Some(StuckCause::Silence)
+                } else {
+                    None
+                };
+                by.map(|cause| Suspect {
+                    call: c.id.clone(),
+                    state,
+                    seconds_in_state: in_state,
+                    silent_seconds: silent,
+                    cause,
+                    already_reported: c.stuck_reported(),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.call.cmp(&b.call));
+        v
     }
 
     /// Reconciles with what the PBX reports after a (re)connection: live

@@ -6,7 +6,7 @@
 
 use super::*;
 use crate::config::Config;
-use crate::event::{EventKind, HungUpBy, MissedReason, OfferEndReason, TransferKind};
+use crate::event::{CallState, EventKind, HungUpBy, MissedReason, OfferEndReason, TransferKind};
 
 const CONFIG: &str = r#"
 [pbx]
@@ -466,4 +466,28 @@ fn agent_paused_in_every_queue_is_unavailable_once() {
         .collect();
     assert_eq!(avail, [false, true]);
     assert!(t.n.agent_available("maria"));
+}
+
+#[test]
+fn suspects_follow_per_state_limits_and_silence() {
+    let mut t = T::new();
+    let limits = StuckLimits {
+        started_seconds: 100,
+        queued_seconds: 50,
+        ringing_seconds: 30,
+        talking_seconds: 1000,
+        silence_seconds: 500,
+    };
+    t.inbound("1.1", "SIP/carrier-01");
+    t.chan(0, "QueueCallerJoin", "SIP/carrier-01", "1.1", "1.1", &[("Queue", "700")]);
+    let us = |s: i64| s * 1_000_000;
+    assert!(t.n.suspects(us(t.t + 49), &limits).is_empty());
+    let s = t.n.suspects(us(t.t + 50), &limits);
+    assert_eq!(s.len(), 1);
+    assert_eq!((s[0].state, s[0].cause), (CallState::Queued, StuckCause::State));
+    // An agent answers: talking has a longer limit, but silence still counts.
+    t.two(10, "AgentConnect", ("SIP/carrier-01", "1.1"), ("SIP/2000-02", "1.2"), "1.1", &[("Interface", "SIP/2000")]);
+    assert!(t.n.suspects(us(t.t + 499), &limits).is_empty());
+    let s = t.n.suspects(us(t.t + 500), &limits);
+    assert_eq!((s[0].state, s[0].cause), (CallState::Talking, StuckCause::Silence));
 }

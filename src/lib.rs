@@ -28,4 +28,5 @@ pub mod event;
 pub mod ids;
 pub mod normalize;
 pub mod replay;
+pub mod systemd;
 pub mod tracegen;

@@ -29,4 +29,5 @@ pub mod ids;
 pub mod normalize;
 pub mod replay;
 pub mod systemd;
+pub mod telemetry;
 pub mod tracegen;

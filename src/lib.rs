@@ -23,6 +23,7 @@
 
 pub mod ami;
 pub mod config;
+pub mod control;
 pub mod directory;
 pub mod event;
 pub mod ids;

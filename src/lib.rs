@@ -22,6 +22,7 @@
 //! full channel means *wait* for call events (backpressure), never *drop*.
 
 pub mod ami;
+pub mod api;
 pub mod config;
 pub mod control;
 pub mod directory;

@@ -1153,8 +1153,7 @@ impl Client {
     }
 
     async fn on_message(&mut self, s: &mut Session, m: AmiMessage) -> Result<(), End> {
-        s.last_rx = Instant::now();
-        match m {
+        let r = match m {
             AmiMessage::Frame(f) => {
                 self.frames_received.increment(1);
                 self.route(s, f).await
@@ -1167,7 +1166,11 @@ impl Client {
                 debug!(banner = %b, "unexpected AMI banner mid-stream ignored");
                 Ok(())
             }
-        }
+        };
+        // Taken after delivering: time spent waiting on a full events
+        // channel is ours, not the PBX's silence (see `on_timer`).
+        s.last_rx = Instant::now();
+        r
     }
 
     /// Sends a frame to the action it belongs to, or into the pipeline.
@@ -1357,6 +1360,12 @@ impl Client {
     /// Expires overdue actions and runs the keepalive.
     async fn on_timer(&mut self, s: &mut Session) -> Result<(), End> {
         let now = Instant::now();
+        // The keepalive judges the PBX only on time we spent listening: after
+        // a stall on a full events channel its reply may still be queued
+        // behind unread events, so it gets a full timeout from the last frame.
+        if let Some(p) = s.ping.as_ref().and_then(|id| s.pending.get_mut(id)) {
+            p.deadline = p.deadline.max(s.last_rx + self.settings.action_timeout);
+        }
         let overdue: Vec<String> = s
             .pending
             .iter()

@@ -26,6 +26,9 @@ use smallvec::SmallVec;
 use tokio_util::codec::Decoder;
 
 /// What the decoder yields.
+// `Frame` is the hot variant and keeps its header index inline; boxing it
+// would cost an allocation per frame.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AmiMessage {
     /// The `Asterisk Call Manager/x.y.z` greeting line (text after the slash).

@@ -70,6 +70,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// What the client sends into the pipeline, in stream order.
+// `Frame` is the hot variant and keeps its header index inline; boxing it
+// would cost an allocation per event to save room in the rare variants.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceItem {
     /// Logged in to the PBX. `banner` is the version after
@@ -207,7 +210,8 @@ pub enum ActionError {
     Rejected {
         action: String,
         message: String,
-        response: Frame,
+        /// The PBX's error reply (boxed: frames are large and errors rare).
+        response: Box<Frame>,
     },
     #[error("too many AMI actions in flight (limit {0})")]
     Busy(usize),
@@ -724,7 +728,8 @@ enum Waiter {
     Single(oneshot::Sender<Result<Frame, ActionError>>),
     List {
         to: ListTo,
-        response: Option<Frame>,
+        /// Boxed: most waiters are single actions and pings.
+        response: Option<Box<Frame>>,
         items: Vec<Frame>,
     },
     Keepalive,
@@ -1209,7 +1214,7 @@ impl Client {
                                 Err(ActionError::Rejected {
                                     action: p.name,
                                     message: message_of(&f),
-                                    response: f,
+                                    response: Box::new(f),
                                 })
                             } else {
                                 Ok(f)
@@ -1236,7 +1241,7 @@ impl Client {
                         || !f
                             .get("EventList")
                             .is_some_and(|v| v.eq_ignore_ascii_case("start"));
-                    *response = Some(f);
+                    *response = Some(Box::new(f));
                     if done {
                         Step::Done
                     } else {
@@ -1296,12 +1301,15 @@ impl Client {
                 message: message_of(&r),
                 response: r,
             }),
-            Some(r) => Ok(ListResponse { response: r, items }),
+            Some(r) => Ok(ListResponse {
+                response: *r,
+                items,
+            }),
             // The list completed without an opening reply (broken peer).
             None => Err(ActionError::Rejected {
                 action: p.name.clone(),
                 message: "list without a reply".into(),
-                response: Frame::from_pairs::<&str, &str>(&[]),
+                response: Box::new(Frame::from_pairs::<&str, &str>(&[])),
             }),
         });
         match to {

@@ -12,5 +12,7 @@ pub mod frame;
 
 pub use action::Action;
 pub use codec::{AmiCodec, AmiMessage, CodecLimits, Malformed, MalformedReason};
-pub use connection::{ActionError, AmiError, AmiHandle, ConnectionState, ListResponse, Resync, SourceItem};
+pub use connection::{
+    ActionError, AmiError, AmiHandle, ConnectionState, ListResponse, Resync, SourceItem,
+};
 pub use frame::Frame;

@@ -47,24 +47,19 @@ use super::action::{Action, InvalidAction};
 use super::backoff::{Backoff, InvalidBackoff};
 use super::codec::{AmiCodec, AmiMessage, CodecLimits, Malformed};
 use super::frame::Frame;
+use super::transport::{CountingIo, Transport, TransportError};
 use crate::config::{AmiAuth, AmiConfig};
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use md5::{Digest, Md5};
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::path::PathBuf;
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
-use tokio_rustls::rustls;
-use tokio_rustls::TlsConnector;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -132,30 +127,14 @@ pub enum AmiError {
     InvalidBackoff(#[source] InvalidBackoff),
     #[error("cannot resolve the AMI secret: {0}")]
     Secret(String),
-    #[error("TLS setup for the AMI connection failed: {reason}")]
-    TlsSetup {
-        reason: String,
-        #[source]
-        source: Option<Box<dyn std::error::Error + Send + Sync>>,
-    },
     #[error(
         "AMI authentication failed for user {username:?} (PBX said {message:?}); not retrying"
     )]
     AuthenticationFailed { username: String, message: String },
     #[error("connecting to {address} timed out after {timeout:?}")]
     ConnectTimeout { address: String, timeout: Duration },
-    #[error("cannot connect to {address}")]
-    Connect {
-        address: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("TLS handshake with {address} failed")]
-    TlsHandshake {
-        address: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     #[error("I/O error on the AMI connection")]
     Io(#[source] io::Error),
     #[error("the PBX closed the AMI connection")]
@@ -183,12 +162,14 @@ pub enum AmiError {
 impl AmiError {
     /// Errors that reconnecting cannot fix: the task ends with them.
     pub fn is_fatal(&self) -> bool {
+        if let AmiError::Transport(t) = self {
+            return t.is_fatal();
+        }
         matches!(
             self,
             AmiError::InvalidSetting { .. }
                 | AmiError::InvalidBackoff(_)
                 | AmiError::Secret(_)
-                | AmiError::TlsSetup { .. }
                 | AmiError::AuthenticationFailed { .. }
                 | AmiError::EventsClosed
         )
@@ -347,12 +328,19 @@ pub fn spawn(
 
 /// Checks an AMI configuration without connecting (for `check-config`).
 pub fn check_config(config: &AmiConfig) -> Result<(), AmiError> {
-    let settings = Settings::from_config(config)?;
-    if settings.tls.is_some() {
-        tls_connector(config.tls_ca_file.as_deref().map(PathBuf::from))?;
-    }
+    Settings::from_config(config)?;
+    transport_of(config)?;
     config.secret.resolve().map_err(AmiError::Secret)?;
     Ok(())
+}
+
+fn transport_of(c: &AmiConfig) -> Result<Transport, TransportError> {
+    Transport::new(
+        &c.address,
+        c.tls,
+        c.tls_server_name.as_deref(),
+        c.tls_ca_file.as_deref().map(Path::new),
+    )
 }
 
 async fn run(
@@ -382,10 +370,8 @@ async fn run(
 /// Validated settings with durations.
 #[derive(Debug, Clone)]
 struct Settings {
-    address: String,
     username: String,
     auth: AmiAuth,
-    tls: Option<rustls::pki_types::ServerName<'static>>,
     connect_timeout: Duration,
     action_timeout: Duration,
     ping_interval: Duration,
@@ -421,26 +407,9 @@ impl Settings {
             });
         }
         positive("event_queue_capacity", c.event_queue_capacity)?;
-        let tls = if c.tls {
-            let name = match &c.tls_server_name {
-                Some(n) => n.clone(),
-                None => host_of(&c.address).to_string(),
-            };
-            let name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
-                AmiError::InvalidSetting {
-                    field: "tls_server_name",
-                    reason: format!("{name:?}: {e}"),
-                }
-            })?;
-            Some(name)
-        } else {
-            None
-        };
         Ok(Settings {
-            address: c.address.clone(),
             username: c.username.clone(),
             auth: c.auth,
-            tls,
             connect_timeout: seconds("connect_timeout_seconds", c.connect_timeout_seconds)?,
             action_timeout: seconds("action_timeout_seconds", c.action_timeout_seconds)?,
             ping_interval: seconds("ping_interval_seconds", c.ping_interval_seconds)?,
@@ -450,104 +419,6 @@ impl Settings {
                 max_headers: positive("max_headers", c.max_headers)?,
             },
         })
-    }
-}
-
-/// The host part of `host:port` / `[v6]:port`.
-fn host_of(address: &str) -> &str {
-    let host = match address.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|c| c.is_ascii_digit()) => h,
-        _ => address,
-    };
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
-fn tls_connector(ca_file: Option<PathBuf>) -> Result<TlsConnector, AmiError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let setup = |reason: String, source: Option<Box<dyn std::error::Error + Send + Sync>>| {
-        AmiError::TlsSetup { reason, source }
-    };
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(path) = ca_file {
-        let shown = path.display().to_string();
-        let certs = CertificateDer::pem_file_iter(&path).map_err(|e| {
-            setup(
-                format!("cannot read tls_ca_file {shown}"),
-                Some(Box::new(e)),
-            )
-        })?;
-        let mut added = 0;
-        for cert in certs {
-            let cert = cert
-                .map_err(|e| setup(format!("bad PEM in tls_ca_file {shown}"), Some(Box::new(e))))?;
-            roots.add(cert).map_err(|e| {
-                setup(
-                    format!("bad certificate in tls_ca_file {shown}"),
-                    Some(Box::new(e)),
-                )
-            })?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(setup(
-                format!("tls_ca_file {shown} holds no certificate"),
-                None,
-            ));
-        }
-    }
-    // An explicit provider: never depends on a process-wide default.
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| setup("no usable TLS protocol version".into(), Some(Box::new(e))))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
-}
-
-/// Byte stream to the PBX: TCP or TLS over TCP.
-trait AmiIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> AmiIo for T {}
-
-/// Counts received bytes into `callbridge_ami_bytes_received_total`.
-struct CountingIo {
-    inner: Box<dyn AmiIo>,
-    received: metrics::Counter,
-}
-
-impl AsyncRead for CountingIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.received.increment(n as u64);
-        }
-        poll
-    }
-}
-
-impl AsyncWrite for CountingIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -692,7 +563,7 @@ impl From<AmiError> for End {
 struct Client {
     settings: Settings,
     secret: crate::config::SecretSource,
-    tls: Option<TlsConnector>,
+    transport: Transport,
     events: mpsc::Sender<SourceItem>,
     shutdown: CancellationToken,
     next_id: u64,
@@ -760,17 +631,10 @@ impl Client {
         events: mpsc::Sender<SourceItem>,
         shutdown: CancellationToken,
     ) -> Result<Client, AmiError> {
-        let settings = Settings::from_config(config)?;
-        let tls = match settings.tls {
-            Some(_) => Some(tls_connector(
-                config.tls_ca_file.as_deref().map(PathBuf::from),
-            )?),
-            None => None,
-        };
         Ok(Client {
-            settings,
+            settings: Settings::from_config(config)?,
             secret: config.secret.clone(),
-            tls,
+            transport: transport_of(config)?,
             events,
             shutdown,
             next_id: 0,
@@ -803,7 +667,7 @@ impl Client {
             let failure = match attempt {
                 Ok((conn, banner)) => {
                     let up_since = Instant::now();
-                    info!(address = %self.settings.address, version = %banner, "logged in to AMI");
+                    info!(address = %self.transport.address(), version = %banner, "logged in to AMI");
                     state.send_replace(ConnectionState::Connected);
                     metrics::gauge!("callbridge_ami_connected").set(1.0);
                     let end = self.serve(conn, banner, requests).await;
@@ -814,7 +678,7 @@ impl Client {
                         End::Failed(e) if e.is_fatal() => return Err(e),
                         End::Failed(e) => e,
                     };
-                    warn!(error = %e, address = %self.settings.address, "AMI connection lost; reconnecting");
+                    warn!(error = %e, address = %self.transport.address(), "AMI connection lost; reconnecting");
                     if up_since.elapsed() >= STABLE_CONNECTION {
                         backoff.reset();
                     }
@@ -830,7 +694,7 @@ impl Client {
                 }
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
-                    warn!(error = %e, address = %self.settings.address, "cannot open the AMI session; retrying");
+                    warn!(error = %e, address = %self.transport.address(), "cannot open the AMI session; retrying");
                     e
                 }
             };
@@ -873,7 +737,7 @@ impl Client {
     /// Connects, reads the banner and logs in.
     async fn establish(&mut self) -> Result<(Conn, String), AmiError> {
         let timeout = self.settings.connect_timeout;
-        let address = self.settings.address.clone();
+        let address = self.transport.address().to_string();
         let (mut conn, banner) = tokio::time::timeout(timeout, self.connect())
             .await
             .map_err(|_| AmiError::ConnectTimeout { address, timeout })??;
@@ -882,31 +746,7 @@ impl Client {
     }
 
     async fn connect(&mut self) -> Result<(Conn, String), AmiError> {
-        let address = &self.settings.address;
-        let tcp = TcpStream::connect(address)
-            .await
-            .map_err(|source| AmiError::Connect {
-                address: address.clone(),
-                source,
-            })?;
-        // Actions are small and latency-sensitive (click-to-call).
-        tcp.set_nodelay(true).map_err(AmiError::Io)?;
-        let io: Box<dyn AmiIo> = match (&self.tls, &self.settings.tls) {
-            (Some(connector), Some(name)) => Box::new(
-                connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|source| AmiError::TlsHandshake {
-                        address: address.clone(),
-                        source,
-                    })?,
-            ),
-            _ => Box::new(tcp),
-        };
-        let io = CountingIo {
-            inner: io,
-            received: self.bytes_received.clone(),
-        };
+        let io = self.transport.connect(self.bytes_received.clone()).await?;
         let mut conn = Framed::with_capacity(
             io,
             LiveCodec(AmiCodec::new(self.settings.limits)),
@@ -1477,13 +1317,6 @@ mod tests {
     }
 
     #[test]
-    fn host_of_strips_port_and_brackets() {
-        assert_eq!(host_of("pbx.example:5039"), "pbx.example");
-        assert_eq!(host_of("[::1]:5039"), "::1");
-        assert_eq!(host_of("pbx.example"), "pbx.example");
-    }
-
-    #[test]
     fn action_labels_are_a_fixed_set() {
         assert_eq!(action_label("coreshowchannels"), "CoreShowChannels");
         assert_eq!(action_label("Ping"), "Ping");
@@ -1520,13 +1353,7 @@ mod tests {
         let mut c = config();
         c.tls = true;
         c.tls_server_name = Some("not a host name!".into());
-        assert!(matches!(
-            Settings::from_config(&c),
-            Err(AmiError::InvalidSetting {
-                field: "tls_server_name",
-                ..
-            })
-        ));
+        assert!(matches!(check_config(&c), Err(ref e @ AmiError::Transport(_)) if e.is_fatal()));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Asterisk Manager Interface: framing (`frame`, `codec`), and the live
-//! conversation with the PBX (`connection`, `action`, `backoff`).
+//! conversation with the PBX (`connection`, `action`, `backoff`, `transport`).
 //!
 //! Bytes in, frames out: the codec never sees a socket and the connection
 //! never parses a header by hand.
@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod codec;
 pub mod connection;
 pub mod frame;
+pub mod transport;
 
 pub use action::Action;
 pub use codec::{AmiCodec, AmiMessage, CodecLimits, Malformed, MalformedReason};

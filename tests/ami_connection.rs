@@ -417,7 +417,7 @@ async fn reconnect_delays_stay_under_the_cap() {
     let times = times.lock().expect("not poisoned").clone();
     for gap in times.windows(2).map(|w| w[1] - w[0]) {
         assert!(
-            gap <= Duration::from_millis(200 + 150),
+            gap <= Duration::from_millis(200 + 250),
             "gap {gap:?} exceeds the cap"
         );
     }
@@ -466,7 +466,7 @@ async fn slow_consumer_makes_the_reader_wait_and_nothing_is_dropped() {
             .flat_map(event)
             .collect();
         server.send_bytes(&burst);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         for i in chunk * N / 4..(chunk + 1) * N / 4 {
             match client.next().await {
                 SourceItem::Frame(f) => assert_eq!(f.get("Seq"), Some(i.to_string().as_str())),

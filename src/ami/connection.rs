@@ -32,8 +32,13 @@
 //!
 //! - **No event is dropped by the client.** The events channel is bounded;
 //!   when it is full the reader waits (backpressure up to the PBX's socket).
-//!   While it waits no keepalive deadline can fire: timers are judged only
-//!   when the socket has nothing more to read.
+//!   The keepalive counts only time spent listening: after a wait, a `Ping`
+//!   whose reply is still queued behind unread events gets a full
+//!   `action_timeout_seconds` from the last frame read, so a slow pipeline
+//!   is never mistaken for a dead PBX.
+//! - Actions fail fast with [`ActionError::NotConnected`] while logged out;
+//!   they are never queued for a later connection (a click-to-call placed
+//!   30 s late is worse than an error).
 //! - A frame cut by a connection loss is discarded, never delivered truncated;
 //!   frames fully received before the loss were delivered exactly once.
 //! - Bad credentials end the task with [`AmiError::AuthenticationFailed`]
@@ -71,8 +76,9 @@ use tracing::{debug, info, warn};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceItem {
     /// Logged in to the PBX. `banner` is the version after
-    /// `Asterisk Call Manager/`. Always followed, on the same connection, by
-    /// the PBX's events and, once both lists are in, one [`SourceItem::Resync`].
+    /// `Asterisk Call Manager/`. Followed, on the same connection, by the
+    /// PBX's events and, once both lists are in, one [`SourceItem::Resync`]
+    /// (none if the PBX refused `CoreShowChannels`: logged).
     Connected { banner: String },
     /// An unsolicited event (not a reply to, or list item of, our actions).
     Frame(Frame),

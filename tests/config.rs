@@ -52,9 +52,7 @@ fn problems(text: &str) -> Vec<String> {
 #[track_caller]
 fn assert_problem(problems: &[String], fragments: &[&str]) {
     assert!(
-        problems
-            .iter()
-            .any(|p| fragments.iter().all(|f| p.contains(f))),
+        problems.iter().any(|p| fragments.iter().all(|f| p.contains(f))),
         "no problem contains all of {fragments:?}; problems:\n{}",
         problems.join("\n")
     );
@@ -119,25 +117,10 @@ retention = 14400
 "#,
     );
     let p = problems(&format!("colour = \"blue\"\n{text}"));
-    assert_problem(
-        &p,
-        &["colour: unknown key", "keys of the top level: pbx, groups"],
-    );
-    assert_problem(
-        &p,
-        &["groups[0].agnets: unknown key", "did you mean \"agents\"?"],
-    );
-    assert_problem(
-        &p,
-        &[
-            "groups[0].time_zone: unknown key",
-            "did you mean \"timezone\"?",
-        ],
-    );
-    assert_problem(
-        &p,
-        &["registry.retention: unknown key", "retention_seconds"],
-    );
+    assert_problem(&p, &["colour: unknown key", "keys of the top level: pbx, groups"]);
+    assert_problem(&p, &["groups[0].agnets: unknown key", "did you mean \"agents\"?"]);
+    assert_problem(&p, &["groups[0].time_zone: unknown key", "did you mean \"timezone\"?"]);
+    assert_problem(&p, &["registry.retention: unknown key", "retention_seconds"]);
     assert_eq!(p.len(), 4, "{p:#?}");
 }
 
@@ -155,14 +138,8 @@ allow_transfer = "yes"
 retention_seconds = "4h"
 "#,
     ));
-    assert_problem(
-        &p,
-        &["groups[0].queue: expected a string, found an integer"],
-    );
-    assert_problem(
-        &p,
-        &["groups[0].agents: expected an array of strings, found a string"],
-    );
+    assert_problem(&p, &["groups[0].queue: expected a string, found an integer"]);
+    assert_problem(&p, &["groups[0].agents: expected an array of strings, found a string"]);
     assert_problem(&p, &["groups[0].allow_transfer: expected a boolean"]);
     assert_problem(&p, &["registry.retention_seconds: expected an integer"]);
     // A wrong type is one problem, not also "group has no agents".
@@ -219,30 +196,9 @@ queue = "701"
 agents = ["joao"]
 "#,
     ));
-    assert_problem(
-        &p,
-        &[
-            "groups[0].agents[1]",
-            "unknown agent \"mario\"",
-            "did you mean \"maria\"?",
-        ],
-    );
-    assert_problem(
-        &p,
-        &[
-            "groups[0].admins[0]",
-            "unknown agent \"boss\"",
-            "\"maria\", \"joao\"",
-        ],
-    );
-    assert_problem(
-        &p,
-        &[
-            "groups[0].overflow[0]",
-            "unknown group \"salse\"",
-            "did you mean \"sales\"?",
-        ],
-    );
+    assert_problem(&p, &["groups[0].agents[1]", "unknown agent \"mario\"", "did you mean \"maria\"?"]);
+    assert_problem(&p, &["groups[0].admins[0]", "unknown agent \"boss\"", "\"maria\", \"joao\""]);
+    assert_problem(&p, &["groups[0].overflow[0]", "unknown group \"salse\"", "did you mean \"sales\"?"]);
     assert_eq!(p.len(), 3, "{p:#?}");
 }
 
@@ -276,33 +232,10 @@ extension = "2001"
 id = "joao"
 extension = "2000"
 "#));
-    assert_problem(
-        &p,
-        &["agents[1].id", "duplicate agent id \"maria\"", "agents[0]"],
-    );
-    assert_problem(
-        &p,
-        &[
-            "agents[2].extension",
-            "\"2000\"",
-            "also the extension of agent \"maria\"",
-        ],
-    );
-    assert_problem(
-        &p,
-        &[
-            "groups[1].id",
-            "duplicate group id \"support\"",
-            "groups[0]",
-        ],
-    );
-    assert_problem(
-        &p,
-        &[
-            "groups[2].queue",
-            "queue \"700\" already serves group \"support\"",
-        ],
-    );
+    assert_problem(&p, &["agents[1].id", "duplicate agent id \"maria\"", "agents[0]"]);
+    assert_problem(&p, &["agents[2].extension", "\"2000\"", "also the extension of agent \"maria\""]);
+    assert_problem(&p, &["groups[1].id", "duplicate group id \"support\"", "groups[0]"]);
+    assert_problem(&p, &["groups[2].queue", "queue \"700\" already serves group \"support\""]);
     assert_problem(&p, &["groups[0].agents[1]", "\"maria\" is listed twice"]);
 }
 
@@ -329,17 +262,8 @@ agents = ["joao"]
 overflow = ["vip"]
 "#,
     ));
-    assert_problem(
-        &p,
-        &[
-            "groups[0].overflow[0]",
-            "overflow cycle support → sales → support",
-        ],
-    );
-    assert_problem(
-        &p,
-        &["groups[2].overflow[0]", "\"vip\" overflows to itself"],
-    );
+    assert_problem(&p, &["groups[0].overflow[0]", "overflow cycle support → sales → support"]);
+    assert_problem(&p, &["groups[2].overflow[0]", "\"vip\" overflows to itself"]);
     assert_eq!(p.len(), 2, "{p:#?}");
 
     let p = problems(&with_agents(
@@ -386,22 +310,13 @@ hours = [
     ));
     assert_problem(&p, &["groups[0].hours[0].days", "unknown day \"fry\""]);
     assert_problem(&p, &["groups[0].hours[1].days", "empty day list"]);
-    assert_problem(
-        &p,
-        &["groups[0].hours[2].from", "\"8h\" is not a time of day"],
-    );
+    assert_problem(&p, &["groups[0].hours[2].from", "\"8h\" is not a time of day"]);
     assert_problem(&p, &["groups[0].hours[2].to", "\"24:01\""]);
-    assert_problem(
-        &p,
-        &["groups[0].hours[3].from", "24:00 is only valid as the end"],
-    );
+    assert_problem(&p, &["groups[0].hours[3].from", "24:00 is only valid as the end"]);
     assert_problem(&p, &["groups[0].hours[3].to", "\"12:60\""]);
     assert_problem(&p, &["groups[0].hours[4]", "empty range"]);
     assert_problem(&p, &["groups[0].hours[5].to", "missing"]);
-    assert_problem(
-        &p,
-        &["groups[0].hours[6].until", "unknown key", "days, from, to"],
-    );
+    assert_problem(&p, &["groups[0].hours[6].until", "unknown key", "days, from, to"]);
 }
 
 #[test]
@@ -418,17 +333,8 @@ holidays = ["2026-02-30", "25/12/2026", 2026-12-25]
 dates = ["2026-12-25", "2027-1-1"]
 "#,
     ));
-    assert_problem(
-        &p,
-        &[
-            "groups[0].holidays[0]",
-            "\"2026-02-30\" is not a calendar date",
-        ],
-    );
-    assert_problem(
-        &p,
-        &["groups[0].holidays[1]", "\"25/12/2026\"", "YYYY-MM-DD"],
-    );
+    assert_problem(&p, &["groups[0].holidays[0]", "\"2026-02-30\" is not a calendar date"]);
+    assert_problem(&p, &["groups[0].holidays[1]", "\"25/12/2026\"", "YYYY-MM-DD"]);
     assert_problem(&p, &["groups[0].holidays[2]", "TOML date", "quotes"]);
     assert_problem(&p, &["holidays.dates[1]", "\"2027-1-1\""]);
     assert_eq!(p.len(), 4, "{p:#?}");
@@ -445,34 +351,17 @@ agents = ["maria"]
 timezone = "America/Sao_Paolo"
 "#,
     ));
-    assert_problem(
-        &p,
-        &[
-            "groups[0].timezone",
-            "unknown time zone \"America/Sao_Paolo\"",
-        ],
-    );
+    assert_problem(&p, &["groups[0].timezone", "unknown time zone \"America/Sao_Paolo\""]);
 }
 
 #[test]
 fn secret_sources_exactly_one() {
     let base = |secret_lines: &str| {
-        format!(
-            "[pbx]\nname = \"lab\"\n[pbx.ami]\naddress = \"127.0.0.1:5038\"\nusername = \"u\"\n{secret_lines}\n"
-        )
+        format!("[pbx]\nname = \"lab\"\n[pbx.ami]\naddress = \"127.0.0.1:5038\"\nusername = \"u\"\n{secret_lines}\n")
     };
     let p = problems(&base(""));
-    assert_problem(
-        &p,
-        &[
-            "pbx.ami",
-            "no secret",
-            "exactly one of secret, secret_file, secret_env",
-        ],
-    );
-    let p = problems(&base(&format!(
-        "secret = \"{SECRET}\"\nsecret_env = \"AMI_SECRET\""
-    )));
+    assert_problem(&p, &["pbx.ami", "no secret", "exactly one of secret, secret_file, secret_env"]);
+    let p = problems(&base(&format!("secret = \"{SECRET}\"\nsecret_env = \"AMI_SECRET\"")));
     assert_problem(&p, &["pbx.ami", "secret and secret_env are both set"]);
     let p = problems(&base("secret = \"\""));
     assert_problem(&p, &["pbx.ami.secret: must not be empty"]);
@@ -482,9 +371,7 @@ fn secret_sources_exactly_one() {
     assert!(problems(&base("secret_env = \"CALLBRIDGE_TEST_UNSET_VARIABLE\"")).is_empty());
     assert!(problems(&base("secret_file = \"/nonexistent/secret\"")).is_empty());
     // Sinks with secrets follow the same rule.
-    let p = problems(&doc(
-        "[[sinks]]\ntype = \"webhook\"\nurl = \"https://helpdesk.example/hooks\"\n",
-    ));
+    let p = problems(&doc("[[sinks]]\ntype = \"webhook\"\nurl = \"https://helpdesk.example/hooks\"\n"));
     assert_problem(&p, &["sinks[0]", "no secret"]);
 }
 
@@ -493,18 +380,8 @@ fn secrets_are_resolved_only_when_asked() {
     let text = "[pbx]\nname = \"lab\"\n[pbx.ami]\naddress = \"127.0.0.1:5038\"\nusername = \"u\"\nsecret_env = \"CALLBRIDGE_TEST_UNSET_VARIABLE\"\n[[sinks]]\ntype = \"zammad\"\nurl = \"https://zammad.example/api/v1/cti\"\nsecret_file = \"/nonexistent/token\"\n";
     let config = Config::parse(text, "t").unwrap_or_else(|e| panic!("{e}"));
     let p = config.check_secrets();
-    assert_problem(
-        &p,
-        &[
-            "pbx.ami",
-            "\"CALLBRIDGE_TEST_UNSET_VARIABLE\"",
-            "is not set",
-        ],
-    );
-    assert_problem(
-        &p,
-        &["sinks[0]", "cannot read secret_file \"/nonexistent/token\""],
-    );
+    assert_problem(&p, &["pbx.ami", "\"CALLBRIDGE_TEST_UNSET_VARIABLE\"", "is not set"]);
+    assert_problem(&p, &["sinks[0]", "cannot read secret_file \"/nonexistent/token\""]);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let secret_file = dir.path().join("ami.secret");
@@ -529,9 +406,8 @@ fn bad_ami_address() {
         ("tcp://pbx:5038", "URL scheme"),
         ("pbx example:5038", "not a host name"),
     ] {
-        let text = format!(
-            "[pbx]\nname = \"lab\"\n[pbx.ami]\naddress = {address:?}\nusername = \"u\"\nsecret = \"x\"\n"
-        );
+        let text =
+            format!("[pbx]\nname = \"lab\"\n[pbx.ami]\naddress = {address:?}\nusername = \"u\"\nsecret = \"x\"\n");
         assert_problem(&problems(&text), &["pbx.ami.address", why]);
     }
 }
@@ -627,33 +503,19 @@ dates = ["2026-13-01"]
     // Display: one problem per line, each naming the file.
     let shown = err.to_string();
     assert_eq!(shown.lines().count(), 11, "{shown}");
-    assert!(
-        shown.lines().all(|l| l.starts_with("many.toml: ")),
-        "{shown}"
-    );
+    assert!(shown.lines().all(|l| l.starts_with("many.toml: ")), "{shown}");
 }
 
 #[test]
 fn secrets_never_appear_in_debug_output_or_errors() {
     let config = Config::load(&lab_path()).unwrap_or_else(|e| panic!("{e}"));
-    let lab_secret = config
-        .pbx
-        .ami
-        .as_ref()
-        .and_then(|a| a.secret.secret.clone());
+    let lab_secret = config.pbx.ami.as_ref().and_then(|a| a.secret.secret.clone());
     let lab_secret = lab_secret.expect("lab.toml has an inline secret");
-    for shown in [
-        format!("{config:?}"),
-        format!("{config:#?}"),
-        config.summary(),
-    ] {
+    for shown in [format!("{config:?}"), format!("{config:#?}"), config.summary()] {
         assert!(!shown.contains(&lab_secret), "secret leaked:\n{shown}");
     }
     let serialized = toml::to_string(&config).expect("serializes");
-    assert!(
-        !serialized.contains(&lab_secret),
-        "secret leaked:\n{serialized}"
-    );
+    assert!(!serialized.contains(&lab_secret), "secret leaked:\n{serialized}");
 
     // Errors about the secret, or anywhere near it, never quote it.
     for text in [
@@ -703,21 +565,15 @@ fn check_config_prints_problems_or_a_summary() {
         "2026-12-25, 2027-01-01",
         "jsonl     stdout",
     ] {
-        assert!(
-            out_s.contains(expected),
-            "summary lacks {expected:?}:\n{out_s}"
-        );
+        assert!(out_s.contains(expected), "summary lacks {expected:?}:\n{out_s}");
     }
     assert!(!out_s.contains("s3cret-lab"), "secret leaked:\n{out_s}");
     assert!(out_s.lines().count() < 50, "more than a screen:\n{out_s}");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        with_agents("[[groups]]\nid = \"g\"\nqueue = \"1\"\nagents = [\"x\"]\ncolour = 1\n"),
-    )
-    .expect("write");
+    std::fs::write(&bad, with_agents("[[groups]]\nid = \"g\"\nqueue = \"1\"\nagents = [\"x\"]\ncolour = 1\n"))
+        .expect("write");
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = check_config(&bad, CheckOptions::default(), &mut out, &mut err);
     let err_s = String::from_utf8_lossy(&err);
@@ -729,12 +585,7 @@ fn check_config_prints_problems_or_a_summary() {
     assert!(!err_s.contains(SECRET));
 
     let missing = dir.path().join("missing.toml");
-    let code = check_config(
-        &missing,
-        CheckOptions::default(),
-        &mut Vec::new(),
-        &mut Vec::new(),
-    );
+    let code = check_config(&missing, CheckOptions::default(), &mut Vec::new(), &mut Vec::new());
     assert_eq!(code, EX_CONFIG);
 
     // Unresolvable secrets fail only when resolving is asked for.
@@ -744,17 +595,10 @@ fn check_config_prints_problems_or_a_summary() {
         "[pbx]\nname = \"lab\"\n[pbx.ami]\naddress = \"127.0.0.1:5038\"\nusername = \"u\"\nsecret_env = \"CALLBRIDGE_TEST_UNSET_VARIABLE\"\n",
     )
     .expect("write");
-    let code = check_config(
-        &env_only,
-        CheckOptions::default(),
-        &mut Vec::new(),
-        &mut Vec::new(),
-    );
+    let code = check_config(&env_only, CheckOptions::default(), &mut Vec::new(), &mut Vec::new());
     assert_eq!(code, 0);
     let mut err = Vec::new();
-    let asked = CheckOptions {
-        resolve_secrets: true,
-    };
+    let asked = CheckOptions { resolve_secrets: true };
     let code = check_config(&env_only, asked, &mut Vec::new(), &mut err);
     assert_eq!(code, EX_CONFIG);
     assert!(String::from_utf8_lossy(&err).contains("CALLBRIDGE_TEST_UNSET_VARIABLE"));

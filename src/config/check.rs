@@ -27,37 +27,23 @@ struct GroupEntry<'a> {
 fn entries<'a>(root: &'a Table, key: &str) -> Vec<(usize, &'a Table)> {
     root.get(key)
         .and_then(Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .enumerate()
-                .filter_map(|(i, v)| v.as_table().map(|t| (i, t)))
-                .collect()
-        })
+        .map(|items| items.iter().enumerate().filter_map(|(i, v)| v.as_table().map(|t| (i, t))).collect())
         .unwrap_or_default()
 }
 
 /// The string items of a string list, with their index; `None` when the key
 /// is absent or not an array.
 fn strings<'a>(table: &'a Table, key: &str) -> Option<Vec<(usize, &'a str)>> {
-    table.get(key).and_then(Value::as_array).map(|items| {
-        items
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| v.as_str().map(|s| (i, s)))
-            .collect()
-    })
+    table
+        .get(key)
+        .and_then(Value::as_array)
+        .map(|items| items.iter().enumerate().filter_map(|(i, v)| v.as_str().map(|s| (i, s))).collect())
 }
 
 /// `"maria", "joao", "ana"` (at most a screenful).
 fn listing(ids: &[&str]) -> String {
     const MAX: usize = 12;
-    let mut s = ids
-        .iter()
-        .take(MAX)
-        .map(|i| format!("{i:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = ids.iter().take(MAX).map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", ");
     if ids.len() > MAX {
         s.push_str(&format!(", … ({} in all)", ids.len()));
     }
@@ -65,16 +51,11 @@ fn listing(ids: &[&str]) -> String {
 }
 
 fn unknown(what: &str, name: &str, known: &[&str]) -> String {
-    let hint = suggest(name, known)
-        .map(|s| format!("; did you mean {s:?}?"))
-        .unwrap_or_default();
+    let hint = suggest(name, known).map(|s| format!("; did you mean {s:?}?")).unwrap_or_default();
     if known.is_empty() {
         format!("unknown {what} {name:?} (no {what}s are configured)")
     } else {
-        format!(
-            "unknown {what} {name:?}{hint} (known {what}s: {})",
-            listing(known)
-        )
+        format!("unknown {what} {name:?}{hint} (known {what}s: {})", listing(known))
     }
 }
 
@@ -85,10 +66,7 @@ pub(crate) fn cross_check(root: &Table, out: &mut Vec<String>) {
         .map(|(index, table)| AgentEntry {
             index,
             table,
-            id: table
-                .get("id")
-                .and_then(Value::as_str)
-                .filter(|id| !id.is_empty()),
+            id: table.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()),
         })
         .collect();
     let groups: Vec<GroupEntry> = entries(root, "groups")
@@ -96,10 +74,7 @@ pub(crate) fn cross_check(root: &Table, out: &mut Vec<String>) {
         .map(|(index, table)| GroupEntry {
             index,
             table,
-            id: table
-                .get("id")
-                .and_then(Value::as_str)
-                .filter(|id| !id.is_empty()),
+            id: table.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()),
         })
         .collect();
 
@@ -119,18 +94,16 @@ fn check_agents(agents: &[AgentEntry], out: &mut Vec<String>) {
         };
         if let Some(id) = a.id {
             match ids.get(id) {
-                Some(first) => out.push(format!(
-                    "agents[{i}].id: duplicate agent id {id:?} (first defined at agents[{first}])"
-                )),
+                Some(first) => {
+                    out.push(format!("agents[{i}].id: duplicate agent id {id:?} (first defined at agents[{first}])"))
+                }
                 None => {
                     ids.insert(id, i);
                 }
             }
         }
         match a.table.get("extension") {
-            None => out.push(format!(
-                "agents[{i}].extension: {who} has no extension; every agent needs one"
-            )),
+            None => out.push(format!("agents[{i}].extension: {who} has no extension; every agent needs one")),
             Some(ext) => {
                 if let Some(ext) = ext.as_str().filter(|e| !e.is_empty()) {
                     match extensions.get(ext) {
@@ -154,19 +127,11 @@ fn check_agents(agents: &[AgentEntry], out: &mut Vec<String>) {
 fn check_groups(groups: &[GroupEntry], agents: &[AgentEntry], out: &mut Vec<String>) {
     let agent_ids: Vec<&str> = {
         let mut seen = HashSet::new();
-        agents
-            .iter()
-            .filter_map(|a| a.id)
-            .filter(|id| seen.insert(*id))
-            .collect()
+        agents.iter().filter_map(|a| a.id).filter(|id| seen.insert(*id)).collect()
     };
     let group_ids: Vec<&str> = {
         let mut seen = HashSet::new();
-        groups
-            .iter()
-            .filter_map(|g| g.id)
-            .filter(|id| seen.insert(*id))
-            .collect()
+        groups.iter().filter_map(|g| g.id).filter(|id| seen.insert(*id)).collect()
     };
     let agent_set: HashSet<&str> = agent_ids.iter().copied().collect();
     let group_set: HashSet<&str> = group_ids.iter().copied().collect();
@@ -175,27 +140,20 @@ fn check_groups(groups: &[GroupEntry], agents: &[AgentEntry], out: &mut Vec<Stri
     let mut queues: HashMap<&str, &GroupEntry> = HashMap::new();
     for g in groups {
         let i = g.index;
-        let name =
-            g.id.map(|id| format!("group {id:?}"))
-                .unwrap_or_else(|| "this group".into());
+        let name = g.id.map(|id| format!("group {id:?}")).unwrap_or_else(|| "this group".into());
 
         if let Some(id) = g.id {
             match ids.get(id) {
-                Some(first) => out.push(format!(
-                    "groups[{i}].id: duplicate group id {id:?} (first defined at groups[{first}])"
-                )),
+                Some(first) => {
+                    out.push(format!("groups[{i}].id: duplicate group id {id:?} (first defined at groups[{first}])"))
+                }
                 None => {
                     ids.insert(id, i);
                 }
             }
         }
 
-        if let Some(queue) = g
-            .table
-            .get("queue")
-            .and_then(Value::as_str)
-            .filter(|q| !q.is_empty())
-        {
+        if let Some(queue) = g.table.get("queue").and_then(Value::as_str).filter(|q| !q.is_empty()) {
             match queues.get(queue) {
                 Some(first) => out.push(format!(
                     "groups[{i}].queue: queue {queue:?} already serves {} (groups[{}]); a queue serves one group",
@@ -209,12 +167,10 @@ fn check_groups(groups: &[GroupEntry], agents: &[AgentEntry], out: &mut Vec<Stri
         }
 
         match g.table.get("agents") {
-            None => out.push(format!(
-                "groups[{i}].agents: missing: {name} has no agents; a group needs at least one"
-            )),
-            Some(Value::Array(a)) if a.is_empty() => out.push(format!(
-                "groups[{i}].agents: {name} has no agents; a group needs at least one"
-            )),
+            None => out.push(format!("groups[{i}].agents: missing: {name} has no agents; a group needs at least one")),
+            Some(Value::Array(a)) if a.is_empty() => {
+                out.push(format!("groups[{i}].agents: {name} has no agents; a group needs at least one"))
+            }
             _ => {}
         }
 
@@ -222,14 +178,9 @@ fn check_groups(groups: &[GroupEntry], agents: &[AgentEntry], out: &mut Vec<Stri
             let mut seen = HashSet::new();
             for (j, a) in strings(g.table, list).unwrap_or_default() {
                 if !agent_set.contains(a) {
-                    out.push(format!(
-                        "groups[{i}].{list}[{j}]: {}",
-                        unknown(what, a, &agent_ids)
-                    ));
+                    out.push(format!("groups[{i}].{list}[{j}]: {}", unknown(what, a, &agent_ids)));
                 } else if !seen.insert(a) {
-                    out.push(format!(
-                        "groups[{i}].{list}[{j}]: agent {a:?} is listed twice"
-                    ));
+                    out.push(format!("groups[{i}].{list}[{j}]: agent {a:?} is listed twice"));
                 }
             }
         }
@@ -237,18 +188,11 @@ fn check_groups(groups: &[GroupEntry], agents: &[AgentEntry], out: &mut Vec<Stri
         let mut seen = HashSet::new();
         for (j, o) in strings(g.table, "overflow").unwrap_or_default() {
             if Some(o) == g.id {
-                out.push(format!(
-                    "groups[{i}].overflow[{j}]: {name} overflows to itself"
-                ));
+                out.push(format!("groups[{i}].overflow[{j}]: {name} overflows to itself"));
             } else if !group_set.contains(o) {
-                out.push(format!(
-                    "groups[{i}].overflow[{j}]: {}",
-                    unknown("group", o, &group_ids)
-                ));
+                out.push(format!("groups[{i}].overflow[{j}]: {}", unknown("group", o, &group_ids)));
             } else if !seen.insert(o) {
-                out.push(format!(
-                    "groups[{i}].overflow[{j}]: group {o:?} is listed twice"
-                ));
+                out.push(format!("groups[{i}].overflow[{j}]: group {o:?} is listed twice"));
             }
         }
     }
@@ -294,10 +238,7 @@ fn check_overflow_cycles(groups: &[GroupEntry], out: &mut Vec<String>) {
         };
         let names: Vec<&str> = cycle.iter().map(|&n| nodes[n].id.unwrap_or("?")).collect();
         let first_hop = cycle.get(1).copied().unwrap_or(start);
-        let j = edges[start]
-            .iter()
-            .find(|&&(_, m)| m == first_hop)
-            .map_or(0, |&(j, _)| j);
+        let j = edges[start].iter().find(|&&(_, m)| m == first_hop).map_or(0, |&(j, _)| j);
         out.push(format!(
             "groups[{}].overflow[{j}]: overflow cycle {} (a diverted call would come back to where it started)",
             nodes[start].index,
@@ -362,11 +303,7 @@ fn strongly_connected(edges: &[Vec<(usize, usize)>]) -> Vec<Vec<usize>> {
 }
 
 /// The shortest path `start → … → start` inside `members` (breadth first).
-fn shortest_cycle(
-    start: usize,
-    edges: &[Vec<(usize, usize)>],
-    members: &HashSet<usize>,
-) -> Option<Vec<usize>> {
+fn shortest_cycle(start: usize, edges: &[Vec<(usize, usize)>], members: &HashSet<usize>) -> Option<Vec<usize>> {
     let mut parent: HashMap<usize, usize> = HashMap::new();
     let mut queue = VecDeque::from([start]);
     while let Some(node) = queue.pop_front() {

@@ -27,21 +27,11 @@ pub struct CheckOptions {
 pub fn check_config_main(path: &Path) -> i32 {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
-    check_config(
-        path,
-        CheckOptions::default(),
-        &mut stdout.lock(),
-        &mut stderr.lock(),
-    )
+    check_config(path, CheckOptions::default(), &mut stdout.lock(), &mut stderr.lock())
 }
 
 /// `check-config` writing to the given streams. Returns the exit code.
-pub fn check_config(
-    path: &Path,
-    options: CheckOptions,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> i32 {
+pub fn check_config(path: &Path, options: CheckOptions, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -52,10 +42,7 @@ pub fn check_config(
     if options.resolve_secrets {
         let problems = config.check_secrets();
         if !problems.is_empty() {
-            let e = ConfigError {
-                source_name: path.display().to_string(),
-                problems,
-            };
+            let e = ConfigError { source_name: path.display().to_string(), problems };
             let _ = writeln!(err, "{e}");
             return EX_CONFIG;
         }
@@ -95,70 +82,40 @@ impl Config {
 
         writeln!(s, "\ngroups ({})", self.groups.len())?;
         for g in &self.groups {
-            let name = g
-                .name
-                .as_deref()
-                .map(|n| format!("{n:?}, "))
-                .unwrap_or_default();
-            writeln!(
-                s,
-                "  {:<10}{name}queue {}, time zone {}",
-                g.id, g.queue, g.timezone
-            )?;
+            let name = g.name.as_deref().map(|n| format!("{n:?}, ")).unwrap_or_default();
+            writeln!(s, "  {:<10}{name}queue {}, time zone {}", g.id, g.queue, g.timezone)?;
             let agents: Vec<String> = g
                 .agents
                 .iter()
                 .enumerate()
-                .map(
-                    |(i, a)| match self.agent(a).and_then(|a| a.extension.as_deref()) {
-                        Some(ext) => format!("{}. {a} ({ext})", i + 1),
-                        None => format!("{}. {a}", i + 1),
-                    },
-                )
+                .map(|(i, a)| match self.agent(a).and_then(|a| a.extension.as_deref()) {
+                    Some(ext) => format!("{}. {a} ({ext})", i + 1),
+                    None => format!("{}. {a}", i + 1),
+                })
                 .collect();
             writeln!(s, "    agents    {}", agents.join("  "))?;
             if !g.admins.is_empty() {
                 writeln!(s, "    admins    {}", g.admins.join(", "))?;
             }
             writeln!(s, "    hours     {}", hours_text(g))?;
-            writeln!(
-                s,
-                "    holidays  {}",
-                holidays_text(g, self.holidays.dates.len())
-            )?;
+            writeln!(s, "    holidays  {}", holidays_text(g, self.holidays.dates.len()))?;
             if !g.overflow.is_empty() {
                 writeln!(s, "    overflow  {}", g.overflow.join(" → "))?;
             }
-            writeln!(
-                s,
-                "    transfer  {}",
-                if g.allow_transfer {
-                    "allowed"
-                } else {
-                    "not allowed"
-                }
-            )?;
+            writeln!(s, "    transfer  {}", if g.allow_transfer { "allowed" } else { "not allowed" })?;
         }
 
         writeln!(s, "\nagents ({})", self.agents.len())?;
         for a in &self.agents {
-            let groups: Vec<&str> = self
-                .groups
-                .iter()
-                .filter(|g| g.agents.contains(&a.id))
-                .map(|g| g.id.as_str())
-                .collect();
+            let groups: Vec<&str> =
+                self.groups.iter().filter(|g| g.agents.contains(&a.id)).map(|g| g.id.as_str()).collect();
             writeln!(
                 s,
                 "  {:<10}{:<8}{:<22}{}",
                 a.id,
                 a.extension.as_deref().unwrap_or("-"),
                 a.name.as_deref().unwrap_or(""),
-                if groups.is_empty() {
-                    "in no group".to_string()
-                } else {
-                    format!("groups: {}", groups.join(", "))
-                }
+                if groups.is_empty() { "in no group".to_string() } else { format!("groups: {}", groups.join(", ")) }
             )?;
         }
 
@@ -173,11 +130,7 @@ impl Config {
             None => writeln!(s, "recordings  the PBX's file path, as is")?,
         }
         match &self.outbound.context {
-            Some(ctx) => writeln!(
-                s,
-                "outbound    context {ctx}, prefix {:?}",
-                self.outbound.prefix
-            )?,
+            Some(ctx) => writeln!(s, "outbound    context {ctx}, prefix {:?}", self.outbound.prefix)?,
             None => writeln!(s, "outbound    click-to-call not configured")?,
         }
         writeln!(
@@ -191,20 +144,11 @@ impl Config {
         writeln!(s, "\nsinks ({})", self.sinks.len())?;
         for sink in &self.sinks {
             match sink {
-                SinkConfig::Jsonl { path } => writeln!(
-                    s,
-                    "  jsonl     {}",
-                    if path == "-" { "stdout" } else { path.as_str() }
-                )?,
-                SinkConfig::Webhook(w) => writeln!(
-                    s,
-                    "  webhook   {}, signing secret {}",
-                    w.url,
-                    w.secret.describe()
-                )?,
-                SinkConfig::Zammad(z) => {
-                    writeln!(s, "  zammad    {}, token {}", z.url, z.secret.describe())?
+                SinkConfig::Jsonl { path } => {
+                    writeln!(s, "  jsonl     {}", if path == "-" { "stdout" } else { path.as_str() })?
                 }
+                SinkConfig::Webhook(w) => writeln!(s, "  webhook   {}, signing secret {}", w.url, w.secret.describe())?,
+                SinkConfig::Zammad(z) => writeln!(s, "  zammad    {}, token {}", z.url, z.secret.describe())?,
             }
         }
         Ok(())
@@ -245,12 +189,7 @@ fn holidays_text(g: &super::GroupConfig, global: usize) -> String {
 }
 
 fn short_list(items: &[String], max: usize) -> String {
-    let mut s = items
-        .iter()
-        .take(max)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = items.iter().take(max).cloned().collect::<Vec<_>>().join(", ");
     if items.len() > max {
         let _ = write!(s, ", … ({} in all)", items.len());
     }

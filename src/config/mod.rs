@@ -245,10 +245,7 @@ impl SecretSource {
             (Some(s), None, None) => s.clone(),
             (None, Some(path), None) => std::fs::read_to_string(path)
                 .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-                .map_err(|source| SecretError::File {
-                    path: path.clone(),
-                    source,
-                })?,
+                .map_err(|source| SecretError::File { path: path.clone(), source })?,
             (None, None, Some(var)) => std::env::var(var).map_err(|e| match e {
                 std::env::VarError::NotPresent => SecretError::EnvNotSet(var.clone()),
                 std::env::VarError::NotUnicode(_) => SecretError::EnvNotUnicode(var.clone()),
@@ -418,10 +415,7 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig {
-            retention_seconds: default_retention(),
-            max_ended_calls: default_max_ended_calls(),
-        }
+        RegistryConfig { retention_seconds: default_retention(), max_ended_calls: default_max_ended_calls() }
     }
 }
 
@@ -526,22 +520,15 @@ impl Config {
 
     /// Parses and validates configuration text; `source_name` names it in errors.
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
-        let err = |problems| ConfigError {
-            source_name: source_name.to_string(),
-            problems,
-        };
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| err(vec![syntax_problem(text, &e)]))?;
+        let err = |problems| ConfigError { source_name: source_name.to_string(), problems };
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(vec![syntax_problem(text, &e)]))?;
         let problems = check_table(&table);
         if !problems.is_empty() {
             return Err(err(problems));
         }
         // The walk accepts only what the structs accept; an error here is a
         // schema/struct mismatch, still reported rather than panicking.
-        table
-            .try_into()
-            .map_err(|e: toml::de::Error| err(vec![e.message().to_string()]))
+        table.try_into().map_err(|e: toml::de::Error| err(vec![e.message().to_string()]))
     }
 
     /// Every problem of an already built configuration (e.g. one assembled
@@ -573,10 +560,7 @@ impl Config {
     /// variables) and lists those that cannot be obtained. Never returns or
     /// prints a value.
     pub fn check_secrets(&self) -> Vec<String> {
-        self.secrets()
-            .into_iter()
-            .filter_map(|(path, s)| s.read().err().map(|e| format!("{path}: {e}")))
-            .collect()
+        self.secrets().into_iter().filter_map(|(path, s)| s.read().err().map(|e| format!("{path}: {e}"))).collect()
     }
 
     pub fn agent(&self, id: &str) -> Option<&AgentConfig> {
@@ -601,13 +585,7 @@ fn check_table(table: &toml::Table) -> Vec<String> {
 fn syntax_problem(text: &str, e: &toml::de::Error) -> String {
     // toml's messages may span lines ("invalid string\nexpected `\"`");
     // a problem is one line.
-    let message = e
-        .message()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
+    let message = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
     match e.span() {
         Some(span) => {
             let (line, column) = line_column(text, span.start);

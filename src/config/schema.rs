@@ -60,19 +60,11 @@ pub(crate) struct TableSchema {
 }
 
 const fn req(key: &'static str, kind: Kind) -> Field {
-    Field {
-        key,
-        kind,
-        required: true,
-    }
+    Field { key, kind, required: true }
 }
 
 const fn opt(key: &'static str, kind: Kind) -> Field {
-    Field {
-        key,
-        kind,
-        required: false,
-    }
+    Field { key, kind, required: false }
 }
 
 const STR: Kind = Kind::Str(None);
@@ -82,12 +74,8 @@ fn check_id(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("must not be empty".into());
     }
-    if s.chars()
-        .any(|c| c.is_whitespace() || c.is_control() || c == '/')
-    {
-        return Err(format!(
-            "{s:?} contains whitespace or '/' (ids appear in event data and API paths)"
-        ));
+    if s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
+        return Err(format!("{s:?} contains whitespace or '/' (ids appear in event data and API paths)"));
     }
     Ok(())
 }
@@ -95,9 +83,7 @@ fn check_id(s: &str) -> Result<(), String> {
 fn check_pbx_name(s: &str) -> Result<(), String> {
     check_id(s)?;
     if s.contains(':') {
-        return Err(format!(
-            "{s:?} contains ':', which separates the parts of event ids (<pbx>:<call>:<seq>)"
-        ));
+        return Err(format!("{s:?} contains ':', which separates the parts of event ids (<pbx>:<call>:<seq>)"));
     }
     Ok(())
 }
@@ -122,16 +108,12 @@ fn check_variable_name(s: &str) -> Result<(), String> {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         Ok(())
     } else {
-        Err(format!(
-            "{s:?} is not a channel variable name (letters, digits, '_')"
-        ))
+        Err(format!("{s:?} is not a channel variable name (letters, digits, '_')"))
     }
 }
 
 fn check_http_url(s: &str) -> Result<(), String> {
-    let rest = s
-        .strip_prefix("https://")
-        .or_else(|| s.strip_prefix("http://"));
+    let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://"));
     match rest {
         Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
         _ => Err(format!("{s:?} is not an http:// or https:// URL")),
@@ -166,34 +148,22 @@ pub(crate) const SECRET_KEYS: [&str; 3] = ["secret", "secret_file", "secret_env"
 
 /// Exactly one of `secret`, `secret_file`, `secret_env`.
 fn check_secret_source(path: &str, table: &Table, out: &mut Vec<String>) {
-    let present: Vec<&str> = SECRET_KEYS
-        .iter()
-        .copied()
-        .filter(|k| table.contains_key(*k))
-        .collect();
+    let present: Vec<&str> = SECRET_KEYS.iter().copied().filter(|k| table.contains_key(*k)).collect();
     match present.len() {
         1 => {}
-        0 => out.push(format!(
-            "{path}: no secret: set exactly one of secret, secret_file, secret_env"
-        )),
+        0 => out.push(format!("{path}: no secret: set exactly one of secret, secret_file, secret_env")),
         2 => out.push(format!(
             "{path}: {} and {} are both set: set exactly one of secret, secret_file, secret_env",
             present[0], present[1]
         )),
-        _ => out.push(format!(
-            "{path}: secret, secret_file and secret_env are all set: set exactly one of them"
-        )),
+        _ => out.push(format!("{path}: secret, secret_file and secret_env are all set: set exactly one of them")),
     }
 }
 
 /// `from` and `to` must not be equal (an empty range).
 fn check_hours_range(path: &str, table: &Table, out: &mut Vec<String>) {
-    let clock = |k: &str, end: bool| {
-        table
-            .get(k)
-            .and_then(Value::as_str)
-            .and_then(|s| values::parse_clock(s, end).ok())
-    };
+    let clock =
+        |k: &str, end: bool| table.get(k).and_then(Value::as_str).and_then(|s| values::parse_clock(s, end).ok());
     if let (Some(from), Some(to)) = (clock("from", false), clock("to", true)) {
         if from == to {
             out.push(format!(
@@ -225,27 +195,9 @@ static AMI: TableSchema = TableSchema {
         opt("action_timeout_seconds", SECONDS),
         opt("ping_interval_seconds", SECONDS),
         opt("reconnect_max_seconds", SECONDS),
-        opt(
-            "max_frame_bytes",
-            Kind::Count {
-                min: 4096,
-                why: "real AMI events need a few KiB",
-            },
-        ),
-        opt(
-            "max_headers",
-            Kind::Count {
-                min: 16,
-                why: "real AMI events carry dozens of headers",
-            },
-        ),
-        opt(
-            "event_queue_capacity",
-            Kind::Count {
-                min: 1,
-                why: "a queue needs room for one event",
-            },
-        ),
+        opt("max_frame_bytes", Kind::Count { min: 4096, why: "real AMI events need a few KiB" }),
+        opt("max_headers", Kind::Count { min: 16, why: "real AMI events carry dozens of headers" }),
+        opt("event_queue_capacity", Kind::Count { min: 1, why: "a queue needs room for one event" }),
     ],
     check: Some(check_secret_source),
 };
@@ -299,24 +251,15 @@ static AGENT: TableSchema = TableSchema {
     check: None,
 };
 
-static HOLIDAYS: TableSchema = TableSchema {
-    name: "holidays",
-    fields: &[opt("dates", Kind::Strings(Some(check_date)))],
-    check: None,
-};
+static HOLIDAYS: TableSchema =
+    TableSchema { name: "holidays", fields: &[opt("dates", Kind::Strings(Some(check_date)))], check: None };
 
-static RECORDINGS: TableSchema = TableSchema {
-    name: "recordings",
-    fields: &[opt("url_base", Kind::Str(Some(check_http_url)))],
-    check: None,
-};
+static RECORDINGS: TableSchema =
+    TableSchema { name: "recordings", fields: &[opt("url_base", Kind::Str(Some(check_http_url)))], check: None };
 
 static OUTBOUND: TableSchema = TableSchema {
     name: "outbound",
-    fields: &[
-        opt("context", Kind::Str(Some(check_non_empty))),
-        opt("prefix", STR),
-    ],
+    fields: &[opt("context", Kind::Str(Some(check_non_empty))), opt("prefix", STR)],
     check: None,
 };
 
@@ -330,23 +273,14 @@ static REGISTRY: TableSchema = TableSchema {
                 why: "the helpdesk recovers unsaved call tickets up to 4 hours after the call",
             },
         ),
-        opt(
-            "max_ended_calls",
-            Kind::Count {
-                min: 1,
-                why: "ended calls must stay queryable",
-            },
-        ),
+        opt("max_ended_calls", Kind::Count { min: 1, why: "ended calls must stay queryable" }),
     ],
     check: None,
 };
 
 static SINK_JSONL: TableSchema = TableSchema {
     name: "sinks[] (type = \"jsonl\")",
-    fields: &[
-        req("type", STR),
-        opt("path", Kind::Str(Some(check_non_empty))),
-    ],
+    fields: &[req("type", STR), opt("path", Kind::Str(Some(check_non_empty)))],
     check: None,
 };
 
@@ -393,11 +327,7 @@ pub(crate) static ROOT: TableSchema = TableSchema {
             "sinks",
             Kind::TaggedTables {
                 tag: "type",
-                variants: &[
-                    ("jsonl", &SINK_JSONL),
-                    ("webhook", &SINK_WEBHOOK),
-                    ("zammad", &SINK_ZAMMAD),
-                ],
+                variants: &[("jsonl", &SINK_JSONL), ("webhook", &SINK_WEBHOOK), ("zammad", &SINK_ZAMMAD)],
             },
         ),
     ],
@@ -444,32 +374,20 @@ pub(crate) fn walk(path: &str, table: &Table, schema: &TableSchema, out: &mut Ve
         }
     }
     if let Some(check) = schema.check {
-        check(
-            if path.is_empty() { "(top level)" } else { path },
-            table,
-            out,
-        );
+        check(if path.is_empty() { "(top level)" } else { path }, table, out);
     }
 }
 
 fn unknown_key(here: &str, key: &str, schema: &TableSchema) -> String {
     let known: Vec<&str> = schema.fields.iter().map(|f| f.key).collect();
-    let hint = suggest(key, &known)
-        .map(|s| format!("; did you mean {s:?}?"))
-        .unwrap_or_default();
-    format!(
-        "{here}: unknown key{hint} (keys of {}: {})",
-        schema.name,
-        known.join(", ")
-    )
+    let hint = suggest(key, &known).map(|s| format!("; did you mean {s:?}?")).unwrap_or_default();
+    format!("{here}: unknown key{hint} (keys of {}: {})", schema.name, known.join(", "))
 }
 
 fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
     let wrong = |expected: &str, out: &mut Vec<String>| {
         let found = match value {
-            Value::Datetime(_) if expected.contains("string") => {
-                "a TOML date; write it in quotes (\"YYYY-MM-DD\")"
-            }
+            Value::Datetime(_) if expected.contains("string") => "a TOML date; write it in quotes (\"YYYY-MM-DD\")",
             v => type_name(v),
         };
         out.push(format!("{here}: expected {expected}, found {found}"));
@@ -495,9 +413,7 @@ fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
         }
         Kind::Count { min, why } => match value.as_integer() {
             Some(n) if n < 0 => out.push(format!("{here}: must not be negative")),
-            Some(n) if (n as u64) < min => {
-                out.push(format!("{here}: must be at least {min} ({why})"))
-            }
+            Some(n) if (n as u64) < min => out.push(format!("{here}: must be at least {min} ({why})")),
             Some(_) => {}
             None => wrong("an integer", out),
         },
@@ -523,10 +439,7 @@ fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
         },
         Kind::OneOf(choices) => match value.as_str() {
             Some(s) if choices.contains(&s) => {}
-            Some(s) => out.push(format!(
-                "{here}: {s:?} is not one of {}",
-                choices.join(", ")
-            )),
+            Some(s) => out.push(format!("{here}: {s:?} is not one of {}", choices.join(", "))),
             None => wrong(&format!("a string ({})", choices.join(", ")), out),
         },
         Kind::Table(schema) => match value.as_table() {
@@ -539,9 +452,7 @@ fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
                     let at = format!("{here}[{i}]");
                     match item.as_table() {
                         Some(t) => walk(&at, t, schema, out),
-                        None => {
-                            out.push(format!("{at}: expected a table, found {}", type_name(item)))
-                        }
+                        None => out.push(format!("{at}: expected a table, found {}", type_name(item))),
                     }
                 }
             }
@@ -557,20 +468,13 @@ fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
                         continue;
                     };
                     match t.get(tag).map(|v| v.as_str()) {
-                        None => out.push(format!(
-                            "{at}.{tag}: missing (required; one of {})",
-                            names.join(", ")
-                        )),
-                        Some(None) => out.push(format!(
-                            "{at}.{tag}: expected a string (one of {})",
-                            names.join(", ")
-                        )),
+                        None => out.push(format!("{at}.{tag}: missing (required; one of {})", names.join(", "))),
+                        Some(None) => out.push(format!("{at}.{tag}: expected a string (one of {})", names.join(", "))),
                         Some(Some(name)) => match variants.iter().find(|(n, _)| *n == name) {
                             Some((_, schema)) => walk(&at, t, schema, out),
-                            None => out.push(format!(
-                                "{at}.{tag}: unknown {tag} {name:?} (one of {})",
-                                names.join(", ")
-                            )),
+                            None => {
+                                out.push(format!("{at}.{tag}: unknown {tag} {name:?} (one of {})", names.join(", ")))
+                            }
                         },
                     }
                 }
@@ -608,9 +512,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut v = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
+            let mut v = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 v = v.min(d[i - 2][j - 2] + 1);
             }
@@ -644,22 +546,14 @@ mod tests {
             Kind::Count { min, .. } => Value::Integer(min as i64),
             Kind::Seconds => Value::Float(1.5),
             Kind::Strings(_) => Value::Array(vec![Value::String(
-                if key == "holidays" || key == "dates" {
-                    "2026-12-25"
-                } else {
-                    "x"
-                }
-                .into(),
+                if key == "holidays" || key == "dates" { "2026-12-25" } else { "x" }.into(),
             )]),
             Kind::OneOf(c) => Value::String(c[0].into()),
             Kind::Table(s) => Value::Table(full_table(s, None)),
             Kind::Tables(s) => Value::Array(vec![Value::Table(full_table(s, None))]),
-            Kind::TaggedTables { tag, variants } => Value::Array(
-                variants
-                    .iter()
-                    .map(|(name, s)| Value::Table(full_table(s, Some((tag, name)))))
-                    .collect(),
-            ),
+            Kind::TaggedTables { tag, variants } => {
+                Value::Array(variants.iter().map(|(name, s)| Value::Table(full_table(s, Some((tag, name))))).collect())
+            }
         }
     }
 
@@ -702,14 +596,8 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(
-            suggest("agnets", &["id", "agents", "admins"]),
-            Some("agents")
-        );
-        assert_eq!(
-            suggest("time_zone", &["timezone", "hours"]),
-            Some("timezone")
-        );
+        assert_eq!(suggest("agnets", &["id", "agents", "admins"]), Some("agents"));
+        assert_eq!(suggest("time_zone", &["timezone", "hours"]), Some("timezone"));
         assert_eq!(suggest("colour", &["id", "name"]), None);
     }
 }

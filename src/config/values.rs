@@ -91,12 +91,7 @@ fn day_index(name: &str) -> Result<usize, InvalidValue> {
     DAY_NAMES
         .iter()
         .position(|(short, long)| lower == *short || lower == *long)
-        .ok_or_else(|| {
-            invalid(format!(
-                "unknown day {:?} (use mon, tue, wed, thu, fri, sat, sun)",
-                name.trim()
-            ))
-        })
+        .ok_or_else(|| invalid(format!("unknown day {:?} (use mon, tue, wed, thu, fri, sat, sun)", name.trim())))
 }
 
 /// Parses a day list: comma-separated days or `first-last` ranges, e.g.
@@ -104,9 +99,7 @@ fn day_index(name: &str) -> Result<usize, InvalidValue> {
 /// (`fri-mon` is Friday to Monday). Full names (`monday`) are accepted too.
 pub fn parse_days(text: &str) -> Result<Days, InvalidValue> {
     if text.trim().is_empty() {
-        return Err(invalid(
-            "empty day list (e.g. \"mon-fri\", \"sat,sun\", \"mon-wed,fri\")",
-        ));
+        return Err(invalid("empty day list (e.g. \"mon-fri\", \"sat,sun\", \"mon-wed,fri\")"));
     }
     let mut days = Days::default();
     for token in text.split(',') {
@@ -134,11 +127,7 @@ pub fn parse_days(text: &str) -> Result<Days, InvalidValue> {
 /// Parses a clock time `HH:MM` (or `H:MM`) into minutes after midnight.
 /// `24:00` (end of day, 1440) is accepted only when `end_of_day_ok`.
 pub fn parse_clock(text: &str, end_of_day_ok: bool) -> Result<u16, InvalidValue> {
-    let bad = || {
-        invalid(format!(
-            "{text:?} is not a time of day (expected HH:MM, 00:00 to 24:00)"
-        ))
-    };
+    let bad = || invalid(format!("{text:?} is not a time of day (expected HH:MM, 00:00 to 24:00)"));
     let (h, m) = text.split_once(':').ok_or_else(bad)?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if !digits(h) || h.len() > 2 || !digits(m) || m.len() != 2 {
@@ -149,9 +138,7 @@ pub fn parse_clock(text: &str, end_of_day_ok: bool) -> Result<u16, InvalidValue>
         return Err(bad());
     }
     if h == 24 && !end_of_day_ok {
-        return Err(invalid(
-            "24:00 is only valid as the end of a range (`to`); use 00:00 to start at midnight",
-        ));
+        return Err(invalid("24:00 is only valid as the end of a range (`to`); use 00:00 to start at midnight"));
     }
     Ok(h * 60 + m)
 }
@@ -162,13 +149,9 @@ pub fn parse_date(text: &str) -> Result<Date, InvalidValue> {
     let shape = b.len() == 10
         && b[4] == b'-'
         && b[7] == b'-'
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
     if !shape {
-        return Err(invalid(format!(
-            "{text:?} is not a date (expected YYYY-MM-DD)"
-        )));
+        return Err(invalid(format!("{text:?} is not a date (expected YYYY-MM-DD)")));
     }
     let num = |r: std::ops::Range<usize>| text[r].parse::<i16>().unwrap_or(0);
     let (y, m, d) = (num(0..4), num(5..7), num(8..10));
@@ -192,14 +175,9 @@ pub fn time_zone(name: &str) -> Result<TimeZone, InvalidValue> {
     if name.trim().is_empty() {
         return Err(invalid("empty time zone name (e.g. \"America/Sao_Paulo\")"));
     }
-    jiff::tz::db()
-        .get(name)
-        .or_else(|_| bundled_tzdb().get(name))
-        .map_err(|_| {
-            invalid(format!(
-                "unknown time zone {name:?} (expected an IANA name such as \"America/Sao_Paulo\" or \"UTC\")"
-            ))
-        })
+    jiff::tz::db().get(name).or_else(|_| bundled_tzdb().get(name)).map_err(|_| {
+        invalid(format!("unknown time zone {name:?} (expected an IANA name such as \"America/Sao_Paulo\" or \"UTC\")"))
+    })
 }
 
 /// Checks a `host:port` address: an IPv4 address, a bracketed IPv6 address
@@ -220,30 +198,21 @@ pub fn parse_host_port(text: &str) -> Result<(&str, u16), InvalidValue> {
         return Err(invalid(format!("{text:?} has no port; {expected}")));
     };
     if host.contains(':') {
-        return Err(invalid(format!(
-            "{text:?}: an IPv6 address needs brackets, e.g. \"[::1]:5038\""
-        )));
+        return Err(invalid(format!("{text:?}: an IPv6 address needs brackets, e.g. \"[::1]:5038\"")));
     }
     let port = match port.parse::<u16>() {
         Ok(p) if p != 0 => p,
-        _ => {
-            return Err(invalid(format!(
-                "{text:?}: {port:?} is not a port (1-65535)"
-            )))
-        }
+        _ => return Err(invalid(format!("{text:?}: {port:?} is not a port (1-65535)"))),
     };
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
     if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
-        return Err(invalid(format!(
-            "{text:?}: {host:?} is not a host name or IP address; {expected}"
-        )));
+        return Err(invalid(format!("{text:?}: {host:?} is not a host name or IP address; {expected}")));
     }
     Ok((host, port))
 }
@@ -258,14 +227,8 @@ mod tests {
         assert!(d.contains(Weekday::Monday) && d.contains(Weekday::Friday));
         assert!(!d.contains(Weekday::Saturday));
         assert_eq!(parse_days("sat,sun").unwrap().to_string(), "sat,sun");
-        assert_eq!(
-            parse_days("mon-wed,fri").unwrap().to_string(),
-            "mon-wed,fri"
-        );
-        assert_eq!(
-            parse_days("Monday - Tuesday").unwrap().to_string(),
-            "mon,tue"
-        );
+        assert_eq!(parse_days("mon-wed,fri").unwrap().to_string(), "mon-wed,fri");
+        assert_eq!(parse_days("Monday - Tuesday").unwrap().to_string(), "mon,tue");
         assert_eq!(parse_days("fri-mon").unwrap().to_string(), "mon,fri-sun");
         assert_eq!(parse_days("mon-sun").unwrap(), Days::ALL);
         assert!(parse_days("").is_err());
@@ -280,27 +243,15 @@ mod tests {
         assert_eq!(parse_clock("00:00", false), Ok(0));
         assert_eq!(parse_clock("24:00", true), Ok(1440));
         assert!(parse_clock("24:00", false).is_err());
-        for bad in [
-            "24:01", "25:00", "12:60", "12", "12:5", "ab:cd", "-1:00", "123:00", "",
-        ] {
+        for bad in ["24:01", "25:00", "12:60", "12", "12:5", "ab:cd", "-1:00", "123:00", ""] {
             assert!(parse_clock(bad, true).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn dates() {
-        assert_eq!(
-            parse_date("2026-12-25").unwrap(),
-            jiff::civil::date(2026, 12, 25)
-        );
-        for bad in [
-            "2026-02-30",
-            "2026-13-01",
-            "2026-1-01",
-            "20261225",
-            "25/12/2026",
-            "",
-        ] {
+        assert_eq!(parse_date("2026-12-25").unwrap(), jiff::civil::date(2026, 12, 25));
+        for bad in ["2026-02-30", "2026-13-01", "2026-1-01", "20261225", "25/12/2026", ""] {
             assert!(parse_date(bad).is_err(), "{bad}");
         }
     }
@@ -317,24 +268,10 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(
-            parse_host_port("127.0.0.1:5038").unwrap(),
-            ("127.0.0.1", 5038)
-        );
+        assert_eq!(parse_host_port("127.0.0.1:5038").unwrap(), ("127.0.0.1", 5038));
         assert_eq!(parse_host_port("[::1]:5038").unwrap(), ("[::1]", 5038));
-        assert_eq!(
-            parse_host_port("pbx.example:5039").unwrap(),
-            ("pbx.example", 5039)
-        );
-        for bad in [
-            "127.0.0.1",
-            "pbx:0",
-            "pbx:99999",
-            "::1:5038",
-            "tcp://pbx:5038",
-            ":5038",
-            "pbx host:5038",
-        ] {
+        assert_eq!(parse_host_port("pbx.example:5039").unwrap(), ("pbx.example", 5039));
+        for bad in ["127.0.0.1", "pbx:0", "pbx:99999", "::1:5038", "tcp://pbx:5038", ":5038", "pbx host:5038"] {
             assert!(parse_host_port(bad).is_err(), "{bad}");
         }
     }

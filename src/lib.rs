@@ -26,3 +26,4 @@ pub mod config;
 pub mod directory;
 pub mod event;
 pub mod ids;
+pub mod registry;

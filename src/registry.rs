@@ -30,11 +30,11 @@
 //!
 //! Only snapshots: no per-channel bookkeeping (that lives in the
 //! normalizer), no event history. `benches/registry.rs` measures about
-//! 550 bytes of resident memory per live call with realistic snapshots
-//! (numbers, caller name, group, agent, ticket, recording URL): 100,000 live
-//! calls take about 55 MB. An ended call costs about the same plus ~60 bytes
-//! of index; the default cap of 200,000 ended calls bounds that part at
-//! about 120 MB.
+//! 690 bytes of resident memory per live call with realistic snapshots
+//! (numbers, caller name, group, queue, agent, ticket, recording URL), map
+//! overhead included: 100,000 live calls take about 66 MB. An ended call
+//! costs about the same plus ~60 bytes of end-time index; the default cap of
+//! 200,000 ended calls bounds that part at about 150 MB.
 //!
 //! # Concurrency
 //!

@@ -147,8 +147,12 @@ impl Config {
                 SinkConfig::Jsonl { path } => {
                     writeln!(s, "  jsonl     {}", if path == "-" { "stdout" } else { path.as_str() })?
                 }
-                SinkConfig::Webhook(w) => writeln!(s, "  webhook   {}, signing secret {}", w.url, w.secret.describe())?,
-                SinkConfig::Zammad(z) => writeln!(s, "  zammad    {}, token {}", z.url, z.secret.describe())?,
+                SinkConfig::Webhook(w) => {
+                    writeln!(s, "  webhook   {}, signing secret {}", without_userinfo(&w.url), w.secret.describe())?
+                }
+                SinkConfig::Zammad(z) => {
+                    writeln!(s, "  zammad    {}, token {}", without_userinfo(&z.url), z.secret.describe())?
+                }
             }
         }
         Ok(())
@@ -201,5 +205,24 @@ fn human_duration(seconds: u64) -> String {
         s if s % 3600 == 0 => format!("{} h", s / 3600),
         s if s % 60 == 0 => format!("{} min", s / 60),
         s => format!("{s} s"),
+    }
+}
+
+/// A URL with any `user:password@` part masked.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn userinfo_is_masked() {
+        assert_eq!(super::without_userinfo("https://u:p@h.example/x@y"), "https://***@h.example/x@y");
+        assert_eq!(super::without_userinfo("https://h.example/x@y"), "https://h.example/x@y");
     }
 }

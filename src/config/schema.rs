@@ -112,6 +112,19 @@ fn check_variable_name(s: &str) -> Result<(), String> {
     }
 }
 
+/// Never echoes the value: a secret pasted here by mistake must not be
+/// printed.
+fn check_env_name(s: &str) -> Result<(), String> {
+    let first_ok = s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    if first_ok && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        Ok(())
+    } else {
+        Err("is not an environment variable name (letters, digits, '_'; not starting with a digit); \
+             it names the variable that holds the secret, not the secret itself"
+            .into())
+    }
+}
+
 fn check_http_url(s: &str) -> Result<(), String> {
     let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://"));
     match rest {
@@ -176,7 +189,7 @@ fn check_hours_range(path: &str, table: &Table, out: &mut Vec<String>) {
 const SECRET_FIELDS: [Field; 3] = [
     opt("secret", Kind::Secret),
     opt("secret_file", Kind::Str(Some(check_non_empty))),
-    opt("secret_env", Kind::Str(Some(check_variable_name))),
+    opt("secret_env", Kind::Str(Some(check_env_name))),
 ];
 
 static AMI: TableSchema = TableSchema {

@@ -33,8 +33,9 @@
 //! 690 bytes of resident memory per live call with realistic snapshots
 //! (numbers, caller name, group, queue, agent, ticket, recording URL), map
 //! overhead included: 100,000 live calls take about 66 MB. An ended call
-//! costs about the same plus ~60 bytes of end-time index; the default cap of
-//! 200,000 ended calls bounds that part at about 150 MB.
+//! costs about the same plus the end-time index entry (estimated ~60 bytes),
+//! so the default cap of 200,000 ended calls bounds that part at roughly
+//! 150 MB.
 //!
 //! # Concurrency
 //!

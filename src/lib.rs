@@ -29,6 +29,7 @@ pub mod directory;
 pub mod event;
 pub mod ids;
 pub mod normalize;
+pub mod registry;
 pub mod replay;
 pub mod systemd;
 pub mod telemetry;

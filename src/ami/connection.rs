@@ -490,7 +490,7 @@ impl MalformedLog {
     fn record(&mut self, m: Malformed) {
         metrics::counter!("callbridge_ami_malformed_frames_total", "reason" => m.reason.as_str()).increment(1);
         let now = Instant::now();
-        if self.next_warn.map_or(true, |t| now >= t) {
+        if self.next_warn.is_none_or(|t| now >= t) {
             warn!(
                 reason = m.reason.as_str(),
                 bytes = m.bytes,

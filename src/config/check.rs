@@ -1,0 +1,332 @@
+//! Checks across entries of the configuration: agents without extension,
+//! duplicate ids, extensions and queues, groups without agents, references
+//! to unknown agents or groups, and overflow loops.
+//!
+//! These run on the raw [`toml::Table`] after the key/type walk
+//! (`schema.rs`), reading leniently: a value of the wrong type was already
+//! reported there and is simply skipped here, so one mistake yields one
+//! message, and a broken entry never hides the problems of the others.
+
+use super::schema::suggest;
+use std::collections::{HashMap, HashSet, VecDeque};
+use toml::{Table, Value};
+
+struct AgentEntry<'a> {
+    index: usize,
+    table: &'a Table,
+    id: Option<&'a str>,
+}
+
+struct GroupEntry<'a> {
+    index: usize,
+    table: &'a Table,
+    id: Option<&'a str>,
+}
+
+/// The tables of an array of tables (`[[groups]]`), with their index.
+fn entries<'a>(root: &'a Table, key: &str) -> Vec<(usize, &'a Table)> {
+    root.get(key)
+        .and_then(Value::as_array)
+        .map(|items| items.iter().enumerate().filter_map(|(i, v)| v.as_table().map(|t| (i, t))).collect())
+        .unwrap_or_default()
+}
+
+/// The string items of a string list, with their index; `None` when the key
+/// is absent or not an array.
+fn strings<'a>(table: &'a Table, key: &str) -> Option<Vec<(usize, &'a str)>> {
+    table
+        .get(key)
+        .and_then(Value::as_array)
+        .map(|items| items.iter().enumerate().filter_map(|(i, v)| v.as_str().map(|s| (i, s))).collect())
+}
+
+/// `"maria", "joao", "ana"` (at most a screenful).
+fn listing(ids: &[&str]) -> String {
+    const MAX: usize = 12;
+    let mut s = ids.iter().take(MAX).map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", ");
+    if ids.len() > MAX {
+        s.push_str(&format!(", … ({} in all)", ids.len()));
+    }
+    s
+}
+
+fn unknown(what: &str, name: &str, known: &[&str]) -> String {
+    let hint = suggest(name, known).map(|s| format!("; did you mean {s:?}?")).unwrap_or_default();
+    if known.is_empty() {
+        format!("unknown {what} {name:?} (no {what}s are configured)")
+    } else {
+        format!("unknown {what} {name:?}{hint} (known {what}s: {})", listing(known))
+    }
+}
+
+/// Appends every cross-entry problem of `root` to `out`.
+pub(crate) fn cross_check(root: &Table, out: &mut Vec<String>) {
+    let agents: Vec<AgentEntry> = entries(root, "agents")
+        .into_iter()
+        .map(|(index, table)| AgentEntry {
+            index,
+            table,
+            id: table.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()),
+        })
+        .collect();
+    let groups: Vec<GroupEntry> = entries(root, "groups")
+        .into_iter()
+        .map(|(index, table)| GroupEntry {
+            index,
+            table,
+            id: table.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()),
+        })
+        .collect();
+
+    check_agents(&agents, out);
+    check_groups(&groups, &agents, out);
+    check_overflow_cycles(&groups, out);
+}
+
+fn check_agents(agents: &[AgentEntry], out: &mut Vec<String>) {
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut extensions: HashMap<&str, &AgentEntry> = HashMap::new();
+    for a in agents {
+        let i = a.index;
+        let who = match a.id {
+            Some(id) => format!("agent {id:?} (agents[{i}])"),
+            None => format!("agents[{i}]"),
+        };
+        if let Some(id) = a.id {
+            match ids.get(id) {
+                Some(first) => {
+                    out.push(format!("agents[{i}].id: duplicate agent id {id:?} (first defined at agents[{first}])"))
+                }
+                None => {
+                    ids.insert(id, i);
+                }
+            }
+        }
+        match a.table.get("extension") {
+            None => out.push(format!("agents[{i}].extension: {who} has no extension; every agent needs one")),
+            Some(ext) => {
+                if let Some(ext) = ext.as_str().filter(|e| !e.is_empty()) {
+                    match extensions.get(ext) {
+                        Some(first) => out.push(format!(
+                            "agents[{i}].extension: extension {ext:?} of {who} is also the extension of {}",
+                            match first.id {
+                                Some(id) => format!("agent {id:?} (agents[{}])", first.index),
+                                None => format!("agents[{}]", first.index),
+                            }
+                        )),
+                        None => {
+                            extensions.insert(ext, a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_groups(groups: &[GroupEntry], agents: &[AgentEntry], out: &mut Vec<String>) {
+    let agent_ids: Vec<&str> = {
+        let mut seen = HashSet::new();
+        agents.iter().filter_map(|a| a.id).filter(|id| seen.insert(*id)).collect()
+    };
+    let group_ids: Vec<&str> = {
+        let mut seen = HashSet::new();
+        groups.iter().filter_map(|g| g.id).filter(|id| seen.insert(*id)).collect()
+    };
+    let agent_set: HashSet<&str> = agent_ids.iter().copied().collect();
+    let group_set: HashSet<&str> = group_ids.iter().copied().collect();
+
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut queues: HashMap<&str, &GroupEntry> = HashMap::new();
+    for g in groups {
+        let i = g.index;
+        let name = g.id.map(|id| format!("group {id:?}")).unwrap_or_else(|| "this group".into());
+
+        if let Some(id) = g.id {
+            match ids.get(id) {
+                Some(first) => {
+                    out.push(format!("groups[{i}].id: duplicate group id {id:?} (first defined at groups[{first}])"))
+                }
+                None => {
+                    ids.insert(id, i);
+                }
+            }
+        }
+
+        if let Some(queue) = g.table.get("queue").and_then(Value::as_str).filter(|q| !q.is_empty()) {
+            match queues.get(queue) {
+                Some(first) => out.push(format!(
+                    "groups[{i}].queue: queue {queue:?} already serves {} (groups[{}]); a queue serves one group",
+                    first.id.map(|id| format!("group {id:?}")).unwrap_or_else(|| "another group".into()),
+                    first.index
+                )),
+                None => {
+                    queues.insert(queue, g);
+                }
+            }
+        }
+
+        match g.table.get("agents") {
+            None => out.push(format!("groups[{i}].agents: missing: {name} has no agents; a group needs at least one")),
+            Some(Value::Array(a)) if a.is_empty() => {
+                out.push(format!("groups[{i}].agents: {name} has no agents; a group needs at least one"))
+            }
+            _ => {}
+        }
+
+        for (list, what) in [("agents", "agent"), ("admins", "agent")] {
+            let mut seen = HashSet::new();
+            for (j, a) in strings(g.table, list).unwrap_or_default() {
+                if !agent_set.contains(a) {
+                    out.push(format!("groups[{i}].{list}[{j}]: {}", unknown(what, a, &agent_ids)));
+                } else if !seen.insert(a) {
+                    out.push(format!("groups[{i}].{list}[{j}]: agent {a:?} is listed twice"));
+                }
+            }
+        }
+
+        let mut seen = HashSet::new();
+        for (j, o) in strings(g.table, "overflow").unwrap_or_default() {
+            if Some(o) == g.id {
+                out.push(format!("groups[{i}].overflow[{j}]: {name} overflows to itself"));
+            } else if !group_set.contains(o) {
+                out.push(format!("groups[{i}].overflow[{j}]: {}", unknown("group", o, &group_ids)));
+            } else if !seen.insert(o) {
+                out.push(format!("groups[{i}].overflow[{j}]: group {o:?} is listed twice"));
+            }
+        }
+    }
+}
+
+/// Reports one cycle per strongly connected component of the overflow graph
+/// (self-loops are reported on their own by `check_groups`).
+fn check_overflow_cycles(groups: &[GroupEntry], out: &mut Vec<String>) {
+    // Nodes: the first group with each id, in configuration order.
+    let mut node_of: HashMap<&str, usize> = HashMap::new();
+    let mut nodes: Vec<&GroupEntry> = Vec::new();
+    for g in groups {
+        if let Some(id) = g.id {
+            if !node_of.contains_key(id) {
+                node_of.insert(id, nodes.len());
+                nodes.push(g);
+            }
+        }
+    }
+    // Edges, keeping the overflow index of each hop for the message.
+    let edges: Vec<Vec<(usize, usize)>> = nodes
+        .iter()
+        .enumerate()
+        .map(|(n, g)| {
+            let mut seen = HashSet::new();
+            strings(g.table, "overflow")
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(j, o)| node_of.get(o).map(|&m| (j, m)))
+                .filter(|&(_, m)| m != n && seen.insert(m))
+                .collect()
+        })
+        .collect();
+
+    for component in strongly_connected(&edges) {
+        if component.len() < 2 {
+            continue;
+        }
+        let start = component.iter().copied().min().unwrap_or(0);
+        let members: HashSet<usize> = component.iter().copied().collect();
+        let Some(cycle) = shortest_cycle(start, &edges, &members) else {
+            continue;
+        };
+        let names: Vec<&str> = cycle.iter().map(|&n| nodes[n].id.unwrap_or("?")).collect();
+        let first_hop = cycle.get(1).copied().unwrap_or(start);
+        let j = edges[start].iter().find(|&&(_, m)| m == first_hop).map_or(0, |&(j, _)| j);
+        out.push(format!(
+            "groups[{}].overflow[{j}]: overflow cycle {} (a diverted call would come back to where it started)",
+            nodes[start].index,
+            names.join(" → ")
+        ));
+    }
+}
+
+/// Kosaraju's algorithm, iterative (no recursion depth tied to the input).
+fn strongly_connected(edges: &[Vec<(usize, usize)>]) -> Vec<Vec<usize>> {
+    let n = edges.len();
+    let mut order = Vec::with_capacity(n);
+    let mut visited = vec![false; n];
+    for root in 0..n {
+        if visited[root] {
+            continue;
+        }
+        visited[root] = true;
+        let mut stack = vec![(root, 0usize)];
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            if let Some(&(_, m)) = edges[node].get(*next) {
+                *next += 1;
+                if !visited[m] {
+                    visited[m] = true;
+                    stack.push((m, 0));
+                }
+            } else {
+                order.push(node);
+                stack.pop();
+            }
+        }
+    }
+    let mut reverse = vec![Vec::new(); n];
+    for (from, out) in edges.iter().enumerate() {
+        for &(_, to) in out {
+            reverse[to].push(from);
+        }
+    }
+    let mut component_of = vec![usize::MAX; n];
+    let mut components = Vec::new();
+    for &root in order.iter().rev() {
+        if component_of[root] != usize::MAX {
+            continue;
+        }
+        let c = components.len();
+        let mut members = vec![root];
+        component_of[root] = c;
+        let mut stack = vec![root];
+        while let Some(node) = stack.pop() {
+            for &m in &reverse[node] {
+                if component_of[m] == usize::MAX {
+                    component_of[m] = c;
+                    members.push(m);
+                    stack.push(m);
+                }
+            }
+        }
+        members.sort_unstable();
+        components.push(members);
+    }
+    components
+}
+
+/// The shortest path `start → … → start` inside `members` (breadth first).
+fn shortest_cycle(start: usize, edges: &[Vec<(usize, usize)>], members: &HashSet<usize>) -> Option<Vec<usize>> {
+    let mut parent: HashMap<usize, usize> = HashMap::new();
+    let mut queue = VecDeque::from([start]);
+    while let Some(node) = queue.pop_front() {
+        for &(_, m) in &edges[node] {
+            if !members.contains(&m) {
+                continue;
+            }
+            if m == start {
+                let mut cycle = vec![node];
+                let mut at = node;
+                while at != start {
+                    at = *parent.get(&at)?;
+                    cycle.push(at);
+                }
+                cycle.reverse();
+                cycle.push(start);
+                return Some(cycle);
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = parent.entry(m) {
+                e.insert(node);
+                queue.push_back(m);
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,228 @@
+//! `callbridge check-config FILE`: validates a configuration and prints
+//! either every problem (stderr, exit 64) or a one-screen summary of what
+//! callbridge will do with it (stdout, exit 0).
+//!
+//! Meant for people and for `ExecStartPre=`/`ExecReload=` in systemd. It
+//! never prints a secret's value, and reads secret files and environment
+//! variables only when asked (`CheckOptions::resolve_secrets`).
+
+use super::{Config, ConfigError, SinkConfig};
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::Path;
+
+/// Exit code for a bad configuration (sysexits `EX_USAGE`).
+pub const EX_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Also read `secret_file`s and `secret_env` variables and report those
+    /// that cannot be obtained (useful where the daemon's environment is
+    /// available, e.g. `ExecStartPre=` under systemd).
+    pub resolve_secrets: bool,
+}
+
+/// `check-config` with the default options, printing to stdout/stderr.
+/// Returns the process exit code: 0 valid, 64 invalid.
+pub fn check_config_main(path: &Path) -> i32 {
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    check_config(path, CheckOptions::default(), &mut stdout.lock(), &mut stderr.lock())
+}
+
+/// `check-config` writing to the given streams. Returns the exit code.
+pub fn check_config(path: &Path, options: CheckOptions, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(err, "{e}");
+            return EX_CONFIG;
+        }
+    };
+    if options.resolve_secrets {
+        let problems = config.check_secrets();
+        if !problems.is_empty() {
+            let e = ConfigError { source_name: path.display().to_string(), problems };
+            let _ = writeln!(err, "{e}");
+            return EX_CONFIG;
+        }
+    }
+    let _ = writeln!(out, "{}: configuration OK\n", path.display());
+    let _ = out.write_all(config.summary().as_bytes());
+    0
+}
+
+impl Config {
+    /// A one-screen description of the configuration, for people. Secret
+    /// values are never included (only where a secret comes from).
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = self.write_summary(&mut s);
+        s
+    }
+
+    fn write_summary(&self, s: &mut String) -> std::fmt::Result {
+        writeln!(
+            s,
+            "pbx         {} (event ids {}:<call id>:<seq>, ticket variable {})",
+            self.pbx.name, self.pbx.name, self.pbx.ticket_variable
+        )?;
+        match &self.pbx.ami {
+            Some(ami) => writeln!(
+                s,
+                "ami         {}{}, user {:?}, {} login, secret {}",
+                ami.address,
+                if ami.tls { " (TLS)" } else { "" },
+                ami.username,
+                ami.auth.as_str(),
+                ami.secret.describe()
+            )?,
+            None => writeln!(s, "ami         not configured (replay only)")?,
+        }
+
+        writeln!(s, "\ngroups ({})", self.groups.len())?;
+        for g in &self.groups {
+            let name = g.name.as_deref().map(|n| format!("{n:?}, ")).unwrap_or_default();
+            writeln!(s, "  {:<10}{name}queue {}, time zone {}", g.id, g.queue, g.timezone)?;
+            let agents: Vec<String> = g
+                .agents
+                .iter()
+                .enumerate()
+                .map(|(i, a)| match self.agent(a).and_then(|a| a.extension.as_deref()) {
+                    Some(ext) => format!("{}. {a} ({ext})", i + 1),
+                    None => format!("{}. {a}", i + 1),
+                })
+                .collect();
+            writeln!(s, "    agents    {}", agents.join("  "))?;
+            if !g.admins.is_empty() {
+                writeln!(s, "    admins    {}", g.admins.join(", "))?;
+            }
+            writeln!(s, "    hours     {}", hours_text(g))?;
+            writeln!(s, "    holidays  {}", holidays_text(g, self.holidays.dates.len()))?;
+            if !g.overflow.is_empty() {
+                writeln!(s, "    overflow  {}", g.overflow.join(" → "))?;
+            }
+            writeln!(s, "    transfer  {}", if g.allow_transfer { "allowed" } else { "not allowed" })?;
+        }
+
+        writeln!(s, "\nagents ({})", self.agents.len())?;
+        for a in &self.agents {
+            let groups: Vec<&str> =
+                self.groups.iter().filter(|g| g.agents.contains(&a.id)).map(|g| g.id.as_str()).collect();
+            writeln!(
+                s,
+                "  {:<10}{:<8}{:<22}{}",
+                a.id,
+                a.extension.as_deref().unwrap_or("-"),
+                a.name.as_deref().unwrap_or(""),
+                if groups.is_empty() { "in no group".to_string() } else { format!("groups: {}", groups.join(", ")) }
+            )?;
+        }
+
+        writeln!(s)?;
+        if self.holidays.dates.is_empty() {
+            writeln!(s, "holidays    none")?;
+        } else {
+            writeln!(s, "holidays    {}", short_list(&self.holidays.dates, 8))?;
+        }
+        match &self.recordings.url_base {
+            Some(base) => writeln!(s, "recordings  {base}<file name>")?,
+            None => writeln!(s, "recordings  the PBX's file path, as is")?,
+        }
+        match &self.outbound.context {
+            Some(ctx) => writeln!(s, "outbound    context {ctx}, prefix {:?}", self.outbound.prefix)?,
+            None => writeln!(s, "outbound    click-to-call not configured")?,
+        }
+        writeln!(
+            s,
+            "registry    ended calls kept {} ({} s), at most {}",
+            human_duration(self.registry.retention_seconds),
+            self.registry.retention_seconds,
+            self.registry.max_ended_calls
+        )?;
+
+        writeln!(s, "\nsinks ({})", self.sinks.len())?;
+        for sink in &self.sinks {
+            match sink {
+                SinkConfig::Jsonl { path } => {
+                    writeln!(s, "  jsonl     {}", if path == "-" { "stdout" } else { path.as_str() })?
+                }
+                SinkConfig::Webhook(w) => {
+                    writeln!(s, "  webhook   {}, signing secret {}", without_userinfo(&w.url), w.secret.describe())?
+                }
+                SinkConfig::Zammad(z) => {
+                    writeln!(s, "  zammad    {}, token {}", without_userinfo(&z.url), z.secret.describe())?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hours_text(g: &super::GroupConfig) -> String {
+    if g.hours.is_empty() {
+        return "always open".to_string();
+    }
+    g.hours
+        .iter()
+        .map(|h| match h.parse() {
+            Ok(p) => format!("{} {}–{}", p.days, clock(p.from_minute), clock(p.to_minute)),
+            Err(_) => format!("{} {}–{}", h.days, h.from, h.to),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn clock(minute: u16) -> String {
+    format!("{:02}:{:02}", minute / 60, minute % 60)
+}
+
+fn holidays_text(g: &super::GroupConfig, global: usize) -> String {
+    let mut parts = Vec::new();
+    if !g.holidays.is_empty() {
+        parts.push(short_list(&g.holidays, 6));
+    }
+    if g.use_global_holidays {
+        parts.push(format!("the global calendar ({global} dates)"));
+    }
+    if parts.is_empty() {
+        "none".to_string()
+    } else {
+        parts.join(" + ")
+    }
+}
+
+fn short_list(items: &[String], max: usize) -> String {
+    let mut s = items.iter().take(max).cloned().collect::<Vec<_>>().join(", ");
+    if items.len() > max {
+        let _ = write!(s, ", … ({} in all)", items.len());
+    }
+    s
+}
+
+fn human_duration(seconds: u64) -> String {
+    match seconds {
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// A URL with any `user:password@` part masked.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn userinfo_is_masked() {
+        assert_eq!(super::without_userinfo("https://u:p@h.example/x@y"), "https://***@h.example/x@y");
+        assert_eq!(super::without_userinfo("https://h.example/x@y"), "https://h.example/x@y");
+    }
+}

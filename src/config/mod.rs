@@ -1,0 +1,608 @@
+//! The TOML configuration (SPEC §9): types, loading and validation.
+//!
+//! Loading never stops at the first problem. It goes in three steps, each
+//! of which lists everything it finds:
+//!
+//! 1. TOML syntax (`toml` stops at the first syntax error; it is reported
+//!    with its line and column).
+//! 2. The key/type walk (`schema.rs`): unknown keys with the known keys
+//!    suggested, wrong types, missing keys, malformed values (day lists,
+//!    times, dates, time zones, addresses, ids), secret sources.
+//! 3. Cross-entry checks (`check.rs`): agents without extension, duplicates,
+//!    unknown agents or groups referenced, groups without agents, overflow
+//!    loops.
+//!
+//! Only a document without problems is deserialized into [`Config`]. Every
+//! problem is one line naming the field path (`groups[1].agents[0]`) and why.
+//!
+//! Secrets may be given inline (`secret`), in a file (`secret_file`) or in an
+//! environment variable (`secret_env`). Validation checks that exactly one
+//! is given but reads files and the environment only when asked
+//! ([`Config::check_secrets`]). A secret's value is never printed: not in
+//! `Debug`, not in problems, not in the `check-config` summary.
+//!
+//! This module must never open sockets or touch the PBX.
+//!
+//! The doc comments on the fields below are the user documentation of the
+//! configuration keys.
+
+mod check;
+mod command;
+mod schema;
+pub mod values;
+
+pub use command::{check_config, check_config_main, CheckOptions, EX_CONFIG};
+
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use std::fmt;
+use std::path::Path;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub pbx: PbxConfig,
+    /// Telephony groups (SPEC §2), one per PBX queue.
+    #[serde(default)]
+    pub groups: Vec<GroupConfig>,
+    /// Agents and their extensions.
+    #[serde(default)]
+    pub agents: Vec<AgentConfig>,
+    /// The global holiday calendar.
+    #[serde(default)]
+    pub holidays: HolidaysConfig,
+    #[serde(default)]
+    pub recordings: RecordingsConfig,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// Where lifecycle events are delivered.
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// `[pbx]`: the PBX callbridge runs beside.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PbxConfig {
+    /// Used in event ids (`<name>:<call id>:<seq>`), the CloudEvents source
+    /// (`callbridge/<name>`) and metric labels. Must not contain `:`.
+    pub name: String,
+    /// Channel variable that carries the helpdesk ticket id.
+    #[serde(default = "default_ticket_variable")]
+    pub ticket_variable: String,
+    /// The Asterisk Manager Interface. Needed by `run`; `replay` works
+    /// without it.
+    pub ami: Option<AmiConfig>,
+}
+
+fn default_ticket_variable() -> String {
+    "CALLBRIDGE_TICKET".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AmiAuth {
+    /// `Action: Challenge` + `AuthType: MD5`: the secret never crosses the wire.
+    #[default]
+    Md5,
+    /// `Action: Login` with `Secret:` in clear text.
+    Plain,
+}
+
+impl AmiAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AmiAuth::Md5 => "md5",
+            AmiAuth::Plain => "plain",
+        }
+    }
+}
+
+/// `[pbx.ami]`: how to reach and log in to the Asterisk Manager Interface.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmiConfig {
+    /// `host:port` of the Manager Interface (5038, or 5039 with TLS).
+    pub address: String,
+    /// The `manager.conf` user.
+    pub username: String,
+    /// Its secret: exactly one of `secret`, `secret_file`, `secret_env`.
+    #[serde(flatten)]
+    pub secret: SecretSource,
+    /// `md5` (default) or `plain`.
+    #[serde(default)]
+    pub auth: AmiAuth,
+    /// Connect with TLS (AMI over TLS, usually port 5039).
+    #[serde(default)]
+    pub tls: bool,
+    /// Server name checked against the PBX's certificate (default: the host
+    /// part of `address`).
+    pub tls_server_name: Option<String>,
+    /// Extra PEM CA file to trust (self-signed PBX certificates).
+    pub tls_ca_file: Option<String>,
+    /// Give up a connection attempt after this long.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_seconds: f64,
+    /// Give up waiting for an action's response after this long.
+    #[serde(default = "default_action_timeout")]
+    pub action_timeout_seconds: f64,
+    /// Send `Ping` after this long without traffic.
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval_seconds: f64,
+    /// Cap of the reconnect backoff.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_seconds: f64,
+    /// Largest AMI frame accepted; a larger one is counted and skipped.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// Most headers accepted in one AMI frame.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Capacity of the reader → pipeline channel (full = the reader waits).
+    #[serde(default = "default_event_queue")]
+    pub event_queue_capacity: usize,
+}
+
+fn default_connect_timeout() -> f64 {
+    5.0
+}
+fn default_action_timeout() -> f64 {
+    10.0
+}
+fn default_ping_interval() -> f64 {
+    20.0
+}
+fn default_reconnect_max() -> f64 {
+    30.0
+}
+fn default_max_frame_bytes() -> usize {
+    1 << 20
+}
+fn default_max_headers() -> usize {
+    1024
+}
+fn default_event_queue() -> usize {
+    8192
+}
+
+/// A secret given inline (`secret`), in a file (`secret_file`, trailing
+/// newline removed) or in an environment variable (`secret_env`). Exactly
+/// one must be set.
+///
+/// `Debug` and `Serialize` never show an inline secret's value.
+#[derive(Clone, Deserialize, Default)]
+pub struct SecretSource {
+    pub secret: Option<String>,
+    pub secret_file: Option<String>,
+    pub secret_env: Option<String>,
+}
+
+const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretSource")
+            .field("secret", &self.secret.as_ref().map(|_| REDACTED))
+            .field("secret_file", &self.secret_file)
+            .field("secret_env", &self.secret_env)
+            .finish()
+    }
+}
+
+/// Serializes the inline secret as `"<redacted>"` (empty stays empty, so
+/// that validation of a serialized config still sees it).
+impl Serialize for SecretSource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        if let Some(secret) = &self.secret {
+            m.serialize_entry("secret", if secret.is_empty() { "" } else { REDACTED })?;
+        }
+        if let Some(file) = &self.secret_file {
+            m.serialize_entry("secret_file", file)?;
+        }
+        if let Some(env) = &self.secret_env {
+            m.serialize_entry("secret_env", env)?;
+        }
+        m.end()
+    }
+}
+
+/// Why a secret could not be obtained. Names the source, never the value.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("no secret: set one of secret, secret_file, secret_env")]
+    Missing,
+    #[error("set only one of secret, secret_file, secret_env")]
+    Ambiguous,
+    #[error("cannot read secret_file {path:?}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("environment variable {0:?} (secret_env) is not set")]
+    EnvNotSet(String),
+    #[error("environment variable {0:?} (secret_env) is not valid UTF-8")]
+    EnvNotUnicode(String),
+    #[error("the secret is empty")]
+    Empty,
+}
+
+impl SecretSource {
+    /// Resolves the secret (reads the file or the environment variable);
+    /// the error is [`SecretError`]'s message. Prefer [`SecretSource::read`]
+    /// for a typed error.
+    pub fn resolve(&self) -> Result<String, String> {
+        self.read().map_err(|e| e.to_string())
+    }
+
+    /// Resolves the secret (reads the file or the environment variable).
+    pub fn read(&self) -> Result<String, SecretError> {
+        let value = match (&self.secret, &self.secret_file, &self.secret_env) {
+            (Some(s), None, None) => s.clone(),
+            (None, Some(path), None) => std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|source| SecretError::File { path: path.clone(), source })?,
+            (None, None, Some(var)) => std::env::var(var).map_err(|e| match e {
+                std::env::VarError::NotPresent => SecretError::EnvNotSet(var.clone()),
+                std::env::VarError::NotUnicode(_) => SecretError::EnvNotUnicode(var.clone()),
+            })?,
+            (None, None, None) => return Err(SecretError::Missing),
+            _ => return Err(SecretError::Ambiguous),
+        };
+        if value.is_empty() {
+            return Err(SecretError::Empty);
+        }
+        Ok(value)
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.secret.is_some() || self.secret_file.is_some() || self.secret_env.is_some()
+    }
+
+    /// Where the secret comes from, for humans: `inline`, `file "/run/…"`,
+    /// `environment variable "AMI_SECRET"`. Never the value.
+    pub fn describe(&self) -> String {
+        match (&self.secret, &self.secret_file, &self.secret_env) {
+            (Some(_), None, None) => "inline (not shown)".to_string(),
+            (None, Some(path), None) => format!("from file {path:?}"),
+            (None, None, Some(var)) => format!("from environment variable {var:?}"),
+            (None, None, None) => "none".to_string(),
+            _ => "ambiguous".to_string(),
+        }
+    }
+}
+
+/// `[[groups]]`: a telephony group and the PBX queue that serves it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// The helpdesk's id of the group (in events as `group`).
+    pub id: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The PBX queue that serves this group. One queue serves one group.
+    pub queue: String,
+    /// Agent ids in distribution order (round-robin). At least one.
+    #[serde(default)]
+    pub agents: Vec<String>,
+    /// Agent ids of the group's administrators (they monitor live calls and
+    /// indicators; they take calls only if also listed in `agents`).
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// IANA time zone of `hours` and `holidays` (default `UTC`).
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// Business hours. Omitted or empty: always open.
+    #[serde(default)]
+    pub hours: Vec<HoursRange>,
+    /// The group's own holidays, `YYYY-MM-DD`.
+    #[serde(default)]
+    pub holidays: Vec<String>,
+    /// Also observe the global calendar (`[holidays] dates`).
+    #[serde(default)]
+    pub use_global_holidays: bool,
+    /// Group ids to divert to, in order, when this group has no available
+    /// agent, is outside hours or on a holiday. No cycles.
+    #[serde(default)]
+    pub overflow: Vec<String>,
+    /// Agents may transfer a call to another agent of the group.
+    #[serde(default)]
+    pub allow_transfer: bool,
+}
+
+fn default_timezone() -> String {
+    "UTC".to_string()
+}
+
+/// One business-hours range, e.g. `{ days = "mon-fri", from = "08:00", to = "18:00" }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoursRange {
+    /// `mon-fri`, `sat`, `sat,sun`, `mon-wed,fri`.
+    pub days: String,
+    /// `HH:MM` (00:00–23:59), local time of the group.
+    pub from: String,
+    /// `HH:MM` (00:00–24:00); earlier than `from` means the range crosses
+    /// midnight (and ends the next day).
+    pub to: String,
+}
+
+/// A business-hours range, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParsedHours {
+    pub days: values::Days,
+    /// Minutes after midnight, 0..=1439.
+    pub from_minute: u16,
+    /// Minutes after midnight, 0..=1440; `< from_minute` crosses midnight.
+    pub to_minute: u16,
+}
+
+impl HoursRange {
+    /// Parses the range (always succeeds on a validated configuration).
+    pub fn parse(&self) -> Result<ParsedHours, values::InvalidValue> {
+        Ok(ParsedHours {
+            days: values::parse_days(&self.days)?,
+            from_minute: values::parse_clock(&self.from, false)?,
+            to_minute: values::parse_clock(&self.to, true)?,
+        })
+    }
+}
+
+/// `[[agents]]`: a helpdesk agent and the extension of their phone.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The helpdesk's id of the agent (in events as `agent`).
+    pub id: String,
+    /// Display name; also matched against a queue member's `MemberName`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The agent's extension. Required: an agent without one is a
+    /// configuration error (optional in the type so validation can name
+    /// the agent).
+    pub extension: Option<String>,
+}
+
+/// `[holidays]`: the global holiday calendar, used by groups with
+/// `use_global_holidays = true`.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HolidaysConfig {
+    /// `YYYY-MM-DD` dates with no telephone service.
+    #[serde(default)]
+    pub dates: Vec<String>,
+}
+
+/// `[recordings]`: how a call's recording is linked.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingsConfig {
+    /// `MIXMONITOR_FILENAME`'s file name is appended; without it the PBX's
+    /// path is passed as is.
+    pub url_base: Option<String>,
+}
+
+/// `[outbound]`: click-to-call.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Dialplan context that dials external numbers (click-to-call).
+    pub context: Option<String>,
+    /// Prefix the dialplan expects before an external number (e.g. "0");
+    /// stripped from the dialled extension to get the customer's number.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// `[registry]`: the live call registry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// How long an ended call stays queryable, on the PBX clock. At least
+    /// 14400 (4 h): the helpdesk recovers unsaved tickets that long after.
+    #[serde(default = "default_retention")]
+    pub retention_seconds: u64,
+    /// Most ended calls kept; beyond it the oldest are dropped before their
+    /// retention is over (a memory bound for extreme call rates).
+    #[serde(default = "default_max_ended_calls")]
+    pub max_ended_calls: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig { retention_seconds: default_retention(), max_ended_calls: default_max_ended_calls() }
+    }
+}
+
+fn default_retention() -> u64 {
+    4 * 3600
+}
+
+fn default_max_ended_calls() -> usize {
+    200_000
+}
+
+/// `[[sinks]]`: where events are delivered; `type` selects the kind.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON lines to stdout (`path = "-"`) or a file.
+    Jsonl {
+        #[serde(default = "default_jsonl_path")]
+        path: String,
+    },
+    /// CloudEvents over HTTPS, signed per Standard Webhooks.
+    Webhook(WebhookSinkConfig),
+    /// Zammad's Generic CTI API.
+    Zammad(ZammadSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SinkConfig::Jsonl { .. } => "jsonl",
+            SinkConfig::Webhook(_) => "webhook",
+            SinkConfig::Zammad(_) => "zammad",
+        }
+    }
+}
+
+fn default_jsonl_path() -> String {
+    "-".to_string()
+}
+
+/// `type = "webhook"`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WebhookSinkConfig {
+    /// The helpdesk's endpoint (`https://…`).
+    pub url: String,
+    /// The signing secret (`whsec_…`): exactly one of `secret`,
+    /// `secret_file`, `secret_env`.
+    #[serde(flatten)]
+    pub secret: SecretSource,
+    /// Give up one request after this long (then retry).
+    #[serde(default = "default_sink_timeout")]
+    pub timeout_seconds: f64,
+    /// Cap of the retry backoff.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_seconds: f64,
+}
+
+/// `type = "zammad"`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ZammadSinkConfig {
+    /// Zammad's CTI endpoint without the token, e.g.
+    /// `https://zammad.example/api/v1/cti`.
+    pub url: String,
+    /// The CTI token (appended to `url`): exactly one of `secret`,
+    /// `secret_file`, `secret_env`.
+    #[serde(flatten)]
+    pub secret: SecretSource,
+    /// Give up one request after this long (then retry).
+    #[serde(default = "default_sink_timeout")]
+    pub timeout_seconds: f64,
+    /// Cap of the retry backoff.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_seconds: f64,
+}
+
+fn default_sink_timeout() -> f64 {
+    10.0
+}
+
+fn default_retry_max() -> f64 {
+    300.0
+}
+
+/// Every problem found in a configuration, one line each in `Display`:
+/// `<source>: <field path>: <why>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .problems.iter().map(|p| format!("{}: {p}", .source_name)).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: path.display().to_string(),
+            problems: vec![format!("cannot read the file: {e}")],
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration text; `source_name` names it in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let err = |problems| ConfigError { source_name: source_name.to_string(), problems };
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(vec![syntax_problem(text, &e)]))?;
+        let problems = check_table(&table);
+        if !problems.is_empty() {
+            return Err(err(problems));
+        }
+        // The walk accepts only what the structs accept; an error here is a
+        // schema/struct mismatch, still reported rather than panicking.
+        table.try_into().map_err(|e: toml::de::Error| err(vec![e.message().to_string()]))
+    }
+
+    /// Every problem of an already built configuration (e.g. one assembled
+    /// in code); empty when it is valid. Secrets are not resolved.
+    pub fn validate(&self) -> Vec<String> {
+        match toml::Table::try_from(self) {
+            Ok(table) => check_table(&table),
+            Err(e) => vec![format!("cannot check the configuration: {e}")],
+        }
+    }
+
+    /// Every secret source with its field path.
+    pub fn secrets(&self) -> Vec<(String, &SecretSource)> {
+        let mut all = Vec::new();
+        if let Some(ami) = &self.pbx.ami {
+            all.push(("pbx.ami".to_string(), &ami.secret));
+        }
+        for (i, sink) in self.sinks.iter().enumerate() {
+            match sink {
+                SinkConfig::Webhook(w) => all.push((format!("sinks[{i}]"), &w.secret)),
+                SinkConfig::Zammad(z) => all.push((format!("sinks[{i}]"), &z.secret)),
+                SinkConfig::Jsonl { .. } => {}
+            }
+        }
+        all
+    }
+
+    /// Resolves every secret (reads `secret_file`s and `secret_env`
+    /// variables) and lists those that cannot be obtained. Never returns or
+    /// prints a value.
+    pub fn check_secrets(&self) -> Vec<String> {
+        self.secrets().into_iter().filter_map(|(path, s)| s.read().err().map(|e| format!("{path}: {e}"))).collect()
+    }
+
+    pub fn agent(&self, id: &str) -> Option<&AgentConfig> {
+        self.agents.iter().find(|a| a.id == id)
+    }
+
+    pub fn group(&self, id: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.id == id)
+    }
+}
+
+/// Steps 2 and 3 of loading: the key/type walk, then the cross-entry checks.
+fn check_table(table: &toml::Table) -> Vec<String> {
+    let mut problems = Vec::new();
+    schema::walk("", table, &schema::ROOT, &mut problems);
+    check::cross_check(table, &mut problems);
+    problems
+}
+
+/// `syntax error at line L, column C: <message>`, without echoing the
+/// source line (it could hold a secret).
+fn syntax_problem(text: &str, e: &toml::de::Error) -> String {
+    // toml's messages may span lines ("invalid string\nexpected `\"`");
+    // a problem is one line.
+    let message = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("syntax error at line {line}, column {column}: {message}")
+        }
+        None => format!("syntax error: {message}"),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}

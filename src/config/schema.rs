@@ -1,0 +1,616 @@
+//! The shape of the configuration file, and a walk of a parsed
+//! [`toml::Table`] against it that reports every unknown key (with the known
+//! keys suggested), every value of the wrong type, every missing required
+//! key and every malformed value, each with its field path
+//! (`groups[1].hours[0].from`).
+//!
+//! The walk runs before serde deserialization because serde stops at the
+//! first error; here nothing stops the walk. Whatever passes the walk
+//! deserializes into the structs in `config/mod.rs`, which keep the field
+//! documentation. **Keep [`ROOT`] in step with those structs**: the test
+//! `schema_accepts_every_key` deserializes a document built from the schema.
+//!
+//! The walk must never print the value of a secret (`Kind::Secret`): type
+//! errors name the type found, never the value.
+
+use super::values;
+use toml::{Table, Value};
+
+/// A check of a string value; the error says why it is wrong.
+pub(crate) type Check = fn(&str) -> Result<(), String>;
+
+/// What a key's value must be.
+#[derive(Clone, Copy)]
+pub(crate) enum Kind {
+    Str(Option<Check>),
+    /// An inline secret: a non-empty string, never echoed.
+    Secret,
+    Bool,
+    /// A non-negative integer, at least `min`.
+    Count {
+        min: u64,
+        why: &'static str,
+    },
+    /// A duration in seconds (integer or float), finite and > 0.
+    Seconds,
+    Strings(Option<Check>),
+    OneOf(&'static [&'static str]),
+    Table(&'static TableSchema),
+    Tables(&'static TableSchema),
+    /// An array of tables told apart by their `tag` key.
+    TaggedTables {
+        tag: &'static str,
+        variants: &'static [(&'static str, &'static TableSchema)],
+    },
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Field {
+    pub key: &'static str,
+    pub kind: Kind,
+    pub required: bool,
+}
+
+pub(crate) struct TableSchema {
+    /// How the table is named in "known keys" hints (`groups[]`).
+    pub name: &'static str,
+    pub fields: &'static [Field],
+    /// Checks across the table's keys (e.g. exactly one secret source).
+    pub check: Option<fn(&str, &Table, &mut Vec<String>)>,
+}
+
+const fn req(key: &'static str, kind: Kind) -> Field {
+    Field { key, kind, required: true }
+}
+
+const fn opt(key: &'static str, kind: Kind) -> Field {
+    Field { key, kind, required: false }
+}
+
+const STR: Kind = Kind::Str(None);
+const SECONDS: Kind = Kind::Seconds;
+
+fn check_id(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
+        return Err(format!("{s:?} contains whitespace or '/' (ids appear in event data and API paths)"));
+    }
+    Ok(())
+}
+
+fn check_pbx_name(s: &str) -> Result<(), String> {
+    check_id(s)?;
+    if s.contains(':') {
+        return Err(format!("{s:?} contains ':', which separates the parts of event ids (<pbx>:<call>:<seq>)"));
+    }
+    Ok(())
+}
+
+fn check_non_empty(s: &str) -> Result<(), String> {
+    if s.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn check_extension(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err(format!("{s:?} is not an extension"))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_variable_name(s: &str) -> Result<(), String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not a channel variable name (letters, digits, '_')"))
+    }
+}
+
+/// Never echoes the value: a secret pasted here by mistake must not be
+/// printed.
+fn check_env_name(s: &str) -> Result<(), String> {
+    let first_ok = s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    if first_ok && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        Ok(())
+    } else {
+        Err("is not an environment variable name (letters, digits, '_'; not starting with a digit); \
+             it names the variable that holds the secret, not the secret itself"
+            .into())
+    }
+}
+
+fn check_http_url(s: &str) -> Result<(), String> {
+    let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
+        _ => Err(format!("{s:?} is not an http:// or https:// URL")),
+    }
+}
+
+fn check_address(s: &str) -> Result<(), String> {
+    values::parse_host_port(s).map(|_| ()).map_err(|e| e.0)
+}
+
+fn check_timezone(s: &str) -> Result<(), String> {
+    values::time_zone(s).map(|_| ()).map_err(|e| e.0)
+}
+
+fn check_days(s: &str) -> Result<(), String> {
+    values::parse_days(s).map(|_| ()).map_err(|e| e.0)
+}
+
+fn check_from(s: &str) -> Result<(), String> {
+    values::parse_clock(s, false).map(|_| ()).map_err(|e| e.0)
+}
+
+fn check_to(s: &str) -> Result<(), String> {
+    values::parse_clock(s, true).map(|_| ()).map_err(|e| e.0)
+}
+
+fn check_date(s: &str) -> Result<(), String> {
+    values::parse_date(s).map(|_| ()).map_err(|e| e.0)
+}
+
+pub(crate) const SECRET_KEYS: [&str; 3] = ["secret", "secret_file", "secret_env"];
+
+/// Exactly one of `secret`, `secret_file`, `secret_env`.
+fn check_secret_source(path: &str, table: &Table, out: &mut Vec<String>) {
+    let present: Vec<&str> = SECRET_KEYS.iter().copied().filter(|k| table.contains_key(*k)).collect();
+    match present.len() {
+        1 => {}
+        0 => out.push(format!("{path}: no secret: set exactly one of secret, secret_file, secret_env")),
+        2 => out.push(format!(
+            "{path}: {} and {} are both set: set exactly one of secret, secret_file, secret_env",
+            present[0], present[1]
+        )),
+        _ => out.push(format!("{path}: secret, secret_file and secret_env are all set: set exactly one of them")),
+    }
+}
+
+/// `from` and `to` must not be equal (an empty range).
+fn check_hours_range(path: &str, table: &Table, out: &mut Vec<String>) {
+    let clock =
+        |k: &str, end: bool| table.get(k).and_then(Value::as_str).and_then(|s| values::parse_clock(s, end).ok());
+    if let (Some(from), Some(to)) = (clock("from", false), clock("to", true)) {
+        if from == to {
+            out.push(format!(
+                "{path}: empty range (from equals to); for a whole day use from = \"00:00\", to = \"24:00\""
+            ));
+        }
+    }
+}
+
+const SECRET_FIELDS: [Field; 3] = [
+    opt("secret", Kind::Secret),
+    opt("secret_file", Kind::Str(Some(check_non_empty))),
+    opt("secret_env", Kind::Str(Some(check_env_name))),
+];
+
+static AMI: TableSchema = TableSchema {
+    name: "pbx.ami",
+    fields: &[
+        req("address", Kind::Str(Some(check_address))),
+        req("username", Kind::Str(Some(check_non_empty))),
+        SECRET_FIELDS[0],
+        SECRET_FIELDS[1],
+        SECRET_FIELDS[2],
+        opt("auth", Kind::OneOf(&["md5", "plain"])),
+        opt("tls", Kind::Bool),
+        opt("tls_server_name", Kind::Str(Some(check_non_empty))),
+        opt("tls_ca_file", Kind::Str(Some(check_non_empty))),
+        opt("connect_timeout_seconds", SECONDS),
+        opt("action_timeout_seconds", SECONDS),
+        opt("ping_interval_seconds", SECONDS),
+        opt("reconnect_max_seconds", SECONDS),
+        opt("max_frame_bytes", Kind::Count { min: 4096, why: "real AMI events need a few KiB" }),
+        opt("max_headers", Kind::Count { min: 16, why: "real AMI events carry dozens of headers" }),
+        opt("event_queue_capacity", Kind::Count { min: 1, why: "a queue needs room for one event" }),
+    ],
+    check: Some(check_secret_source),
+};
+
+static PBX: TableSchema = TableSchema {
+    name: "pbx",
+    fields: &[
+        req("name", Kind::Str(Some(check_pbx_name))),
+        opt("ticket_variable", Kind::Str(Some(check_variable_name))),
+        opt("ami", Kind::Table(&AMI)),
+    ],
+    check: None,
+};
+
+static HOURS: TableSchema = TableSchema {
+    name: "groups[].hours[]",
+    fields: &[
+        req("days", Kind::Str(Some(check_days))),
+        req("from", Kind::Str(Some(check_from))),
+        req("to", Kind::Str(Some(check_to))),
+    ],
+    check: Some(check_hours_range),
+};
+
+static GROUP: TableSchema = TableSchema {
+    name: "groups[]",
+    fields: &[
+        req("id", Kind::Str(Some(check_id))),
+        opt("name", STR),
+        req("queue", Kind::Str(Some(check_non_empty))),
+        opt("agents", Kind::Strings(None)),
+        opt("admins", Kind::Strings(None)),
+        opt("timezone", Kind::Str(Some(check_timezone))),
+        opt("hours", Kind::Tables(&HOURS)),
+        opt("holidays", Kind::Strings(Some(check_date))),
+        opt("use_global_holidays", Kind::Bool),
+        opt("overflow", Kind::Strings(None)),
+        opt("allow_transfer", Kind::Bool),
+    ],
+    check: None,
+};
+
+static AGENT: TableSchema = TableSchema {
+    name: "agents[]",
+    fields: &[
+        req("id", Kind::Str(Some(check_id))),
+        opt("name", STR),
+        // Required, but checked with the agent named (see check.rs).
+        opt("extension", Kind::Str(Some(check_extension))),
+    ],
+    check: None,
+};
+
+static HOLIDAYS: TableSchema =
+    TableSchema { name: "holidays", fields: &[opt("dates", Kind::Strings(Some(check_date)))], check: None };
+
+static RECORDINGS: TableSchema =
+    TableSchema { name: "recordings", fields: &[opt("url_base", Kind::Str(Some(check_http_url)))], check: None };
+
+static OUTBOUND: TableSchema = TableSchema {
+    name: "outbound",
+    fields: &[opt("context", Kind::Str(Some(check_non_empty))), opt("prefix", STR)],
+    check: None,
+};
+
+static REGISTRY: TableSchema = TableSchema {
+    name: "registry",
+    fields: &[
+        opt(
+            "retention_seconds",
+            Kind::Count {
+                min: 4 * 3600,
+                why: "the helpdesk recovers unsaved call tickets up to 4 hours after the call",
+            },
+        ),
+        opt("max_ended_calls", Kind::Count { min: 1, why: "ended calls must stay queryable" }),
+    ],
+    check: None,
+};
+
+static SINK_JSONL: TableSchema = TableSchema {
+    name: "sinks[] (type = \"jsonl\")",
+    fields: &[req("type", STR), opt("path", Kind::Str(Some(check_non_empty)))],
+    check: None,
+};
+
+static SINK_WEBHOOK: TableSchema = TableSchema {
+    name: "sinks[] (type = \"webhook\")",
+    fields: &[
+        req("type", STR),
+        req("url", Kind::Str(Some(check_http_url))),
+        SECRET_FIELDS[0],
+        SECRET_FIELDS[1],
+        SECRET_FIELDS[2],
+        opt("timeout_seconds", SECONDS),
+        opt("retry_max_seconds", SECONDS),
+    ],
+    check: Some(check_secret_source),
+};
+
+static SINK_ZAMMAD: TableSchema = TableSchema {
+    name: "sinks[] (type = \"zammad\")",
+    fields: &[
+        req("type", STR),
+        req("url", Kind::Str(Some(check_http_url))),
+        SECRET_FIELDS[0],
+        SECRET_FIELDS[1],
+        SECRET_FIELDS[2],
+        opt("timeout_seconds", SECONDS),
+        opt("retry_max_seconds", SECONDS),
+    ],
+    check: Some(check_secret_source),
+};
+
+/// The whole file.
+pub(crate) static ROOT: TableSchema = TableSchema {
+    name: "the top level",
+    fields: &[
+        req("pbx", Kind::Table(&PBX)),
+        opt("groups", Kind::Tables(&GROUP)),
+        opt("agents", Kind::Tables(&AGENT)),
+        opt("holidays", Kind::Table(&HOLIDAYS)),
+        opt("recordings", Kind::Table(&RECORDINGS)),
+        opt("outbound", Kind::Table(&OUTBOUND)),
+        opt("registry", Kind::Table(&REGISTRY)),
+        opt(
+            "sinks",
+            Kind::TaggedTables {
+                tag: "type",
+                variants: &[("jsonl", &SINK_JSONL), ("webhook", &SINK_WEBHOOK), ("zammad", &SINK_ZAMMAD)],
+            },
+        ),
+    ],
+    check: None,
+};
+
+/// "a string", "an integer", … (never the value itself).
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a date/time",
+        Value::Array(_) => "an array",
+        Value::Table(_) => "a table",
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Walks `table` against `schema`, appending one message per problem.
+pub(crate) fn walk(path: &str, table: &Table, schema: &TableSchema, out: &mut Vec<String>) {
+    for (key, value) in table {
+        let here = join(path, key);
+        match schema.fields.iter().find(|f| f.key == key) {
+            Some(field) => check_value(&here, value, field.kind, out),
+            None => out.push(unknown_key(&here, key, schema)),
+        }
+    }
+    for field in schema.fields.iter().filter(|f| f.required) {
+        if !table.contains_key(field.key) {
+            let what = match field.kind {
+                Kind::Table(_) => format!("missing table [{}]", join(path, field.key)),
+                _ => "missing (required)".to_string(),
+            };
+            out.push(format!("{}: {what}", join(path, field.key)));
+        }
+    }
+    if let Some(check) = schema.check {
+        check(if path.is_empty() { "(top level)" } else { path }, table, out);
+    }
+}
+
+fn unknown_key(here: &str, key: &str, schema: &TableSchema) -> String {
+    let known: Vec<&str> = schema.fields.iter().map(|f| f.key).collect();
+    let hint = suggest(key, &known).map(|s| format!("; did you mean {s:?}?")).unwrap_or_default();
+    format!("{here}: unknown key{hint} (keys of {}: {})", schema.name, known.join(", "))
+}
+
+fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
+    let wrong = |expected: &str, out: &mut Vec<String>| {
+        let found = match value {
+            Value::Datetime(_) if expected.contains("string") => "a TOML date; write it in quotes (\"YYYY-MM-DD\")",
+            v => type_name(v),
+        };
+        out.push(format!("{here}: expected {expected}, found {found}"));
+    };
+    match kind {
+        Kind::Str(check) => match value.as_str() {
+            Some(s) => {
+                if let Some(Err(why)) = check.map(|c| c(s)) {
+                    out.push(format!("{here}: {why}"));
+                }
+            }
+            None => wrong("a string", out),
+        },
+        Kind::Secret => match value.as_str() {
+            Some("") => out.push(format!("{here}: must not be empty")),
+            Some(_) => {}
+            None => wrong("a string", out),
+        },
+        Kind::Bool => {
+            if !value.is_bool() {
+                wrong("a boolean (true or false)", out)
+            }
+        }
+        Kind::Count { min, why } => match value.as_integer() {
+            Some(n) if n < 0 => out.push(format!("{here}: must not be negative")),
+            Some(n) if (n as u64) < min => out.push(format!("{here}: must be at least {min} ({why})")),
+            Some(_) => {}
+            None => wrong("an integer", out),
+        },
+        Kind::Seconds => {
+            let secs = match value {
+                Value::Integer(n) => Some(*n as f64),
+                Value::Float(f) => Some(*f),
+                _ => None,
+            };
+            match secs {
+                Some(s) if s.is_finite() && s > 0.0 => {}
+                Some(_) => out.push(format!("{here}: must be a number of seconds > 0")),
+                None => wrong("a number of seconds", out),
+            }
+        }
+        Kind::Strings(check) => match value.as_array() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    check_value(&format!("{here}[{i}]"), item, Kind::Str(check), out);
+                }
+            }
+            None => wrong("an array of strings", out),
+        },
+        Kind::OneOf(choices) => match value.as_str() {
+            Some(s) if choices.contains(&s) => {}
+            Some(s) => out.push(format!("{here}: {s:?} is not one of {}", choices.join(", "))),
+            None => wrong(&format!("a string ({})", choices.join(", ")), out),
+        },
+        Kind::Table(schema) => match value.as_table() {
+            Some(t) => walk(here, t, schema, out),
+            None => wrong("a table", out),
+        },
+        Kind::Tables(schema) => match value.as_array() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let at = format!("{here}[{i}]");
+                    match item.as_table() {
+                        Some(t) => walk(&at, t, schema, out),
+                        None => out.push(format!("{at}: expected a table, found {}", type_name(item))),
+                    }
+                }
+            }
+            None => wrong(&format!("an array of tables ([[{here}]])"), out),
+        },
+        Kind::TaggedTables { tag, variants } => match value.as_array() {
+            Some(items) => {
+                let names: Vec<&str> = variants.iter().map(|(n, _)| *n).collect();
+                for (i, item) in items.iter().enumerate() {
+                    let at = format!("{here}[{i}]");
+                    let Some(t) = item.as_table() else {
+                        out.push(format!("{at}: expected a table, found {}", type_name(item)));
+                        continue;
+                    };
+                    match t.get(tag).map(|v| v.as_str()) {
+                        None => out.push(format!("{at}.{tag}: missing (required; one of {})", names.join(", "))),
+                        Some(None) => out.push(format!("{at}.{tag}: expected a string (one of {})", names.join(", "))),
+                        Some(Some(name)) => match variants.iter().find(|(n, _)| *n == name) {
+                            Some((_, schema)) => walk(&at, t, schema, out),
+                            None => {
+                                out.push(format!("{at}.{tag}: unknown {tag} {name:?} (one of {})", names.join(", ")))
+                            }
+                        },
+                    }
+                }
+            }
+            None => wrong(&format!("an array of tables ([[{here}]])"), out),
+        },
+    }
+}
+
+/// The known word closest to `word`, if it is close enough to be a typo.
+pub(crate) fn suggest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
+    let limit = match word.chars().count() {
+        0..=4 => 1,
+        5..=8 => 2,
+        _ => 3,
+    };
+    known
+        .iter()
+        .map(|k| (edit_distance(&word.to_lowercase(), &k.to_lowercase()), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Optimal-string-alignment distance (Levenshtein plus transpositions).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample value of the right type for every key.
+    fn sample(kind: Kind, key: &str) -> Value {
+        match kind {
+            Kind::Str(_) | Kind::Secret => Value::String(
+                match key {
+                    "address" => "127.0.0.1:5038",
+                    "timezone" => "UTC",
+                    "days" => "mon-fri",
+                    "from" => "08:00",
+                    "to" => "18:00",
+                    "url" | "url_base" => "https://example.test/",
+                    "secret_env" => "SECRET_VAR",
+                    _ => "x",
+                }
+                .to_string(),
+            ),
+            Kind::Bool => Value::Boolean(true),
+            Kind::Count { min, .. } => Value::Integer(min as i64),
+            Kind::Seconds => Value::Float(1.5),
+            Kind::Strings(_) => Value::Array(vec![Value::String(
+                if key == "holidays" || key == "dates" { "2026-12-25" } else { "x" }.into(),
+            )]),
+            Kind::OneOf(c) => Value::String(c[0].into()),
+            Kind::Table(s) => Value::Table(full_table(s, None)),
+            Kind::Tables(s) => Value::Array(vec![Value::Table(full_table(s, None))]),
+            Kind::TaggedTables { tag, variants } => {
+                Value::Array(variants.iter().map(|(name, s)| Value::Table(full_table(s, Some((tag, name))))).collect())
+            }
+        }
+    }
+
+    /// A table with every key of `schema` (one secret source only).
+    fn full_table(schema: &TableSchema, tag: Option<(&str, &str)>) -> Table {
+        let mut t = Table::new();
+        for f in schema.fields {
+            if f.key == "secret_file" || f.key == "secret_env" {
+                continue;
+            }
+            t.insert(f.key.to_string(), sample(f.kind, f.key));
+        }
+        if let Some((k, v)) = tag {
+            t.insert(k.to_string(), Value::String(v.to_string()));
+        }
+        t
+    }
+
+    #[test]
+    fn schema_accepts_every_key() {
+        let doc = full_table(&ROOT, None);
+        let mut problems = Vec::new();
+        walk("", &doc, &ROOT, &mut problems);
+        assert!(problems.is_empty(), "{problems:#?}");
+        // Every key the schema knows is a field serde knows, with a
+        // compatible type (the structs deny unknown fields).
+        let parsed: Result<super::super::Config, _> = doc.clone().try_into();
+        assert!(parsed.is_ok(), "{parsed:?}");
+        // And the secret file/env variants too.
+        let mut ami = doc["pbx"]["ami"].as_table().cloned().unwrap_or_default();
+        ami.remove("secret");
+        ami.insert("secret_file".into(), Value::String("/run/secret".into()));
+        let mut doc2 = doc.clone();
+        if let Some(pbx) = doc2.get_mut("pbx").and_then(Value::as_table_mut) {
+            pbx.insert("ami".into(), Value::Table(ami));
+        }
+        let parsed: Result<super::super::Config, _> = doc2.try_into();
+        assert!(parsed.is_ok(), "{parsed:?}");
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(suggest("agnets", &["id", "agents", "admins"]), Some("agents"));
+        assert_eq!(suggest("time_zone", &["timezone", "hours"]), Some("timezone"));
+        assert_eq!(suggest("colour", &["id", "name"]), None);
+    }
+}

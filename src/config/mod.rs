@@ -58,9 +58,91 @@ pub struct Config {
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub registry: RegistryConfig,
+    /// The HTTP API (health, metrics, calls, control). Omitted: no API.
+    #[serde(default)]
+    pub api: Option<ApiConfig>,
+    /// Limits of the stuck-call sweeper.
+    #[serde(default)]
+    pub stuck: StuckConfig,
+    /// Group indicators (`GET /v1/groups/{id}/indicators`).
+    #[serde(default)]
+    pub indicators: IndicatorsConfig,
     /// Where lifecycle events are delivered.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
+}
+
+/// `[api]`: the HTTP API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `host:port` the API listens on (e.g. `127.0.0.1:8080`).
+    pub listen: String,
+    /// The bearer token clients must send: `secret`, `secret_file` or
+    /// `secret_env`, exactly one.
+    #[serde(flatten)]
+    pub secret: SecretSource,
+    /// Serve `/metrics` on its own listener as well (e.g. `0.0.0.0:9464`).
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+}
+
+/// `[stuck]`: when a call is suspect (SPEC §7).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StuckConfig {
+    /// Longest time a call may stay started (IVR, dialling) before it is checked.
+    pub started_seconds: u64,
+    /// Longest time in a queue without ringing anyone.
+    pub queued_seconds: u64,
+    /// Longest ringing time.
+    pub ringing_seconds: u64,
+    /// Longest conversation.
+    pub talking_seconds: u64,
+    /// Longest time without any event for the call.
+    pub silence_seconds: u64,
+    /// How often the sweeper looks.
+    pub check_interval_seconds: u64,
+}
+
+impl Default for StuckConfig {
+    fn default() -> Self {
+        let l = crate::normalize::StuckLimits::default();
+        StuckConfig {
+            started_seconds: l.started_seconds,
+            queued_seconds: l.queued_seconds,
+            ringing_seconds: l.ringing_seconds,
+            talking_seconds: l.talking_seconds,
+            silence_seconds: l.silence_seconds,
+            check_interval_seconds: 30,
+        }
+    }
+}
+
+impl StuckConfig {
+    pub fn limits(&self) -> crate::normalize::StuckLimits {
+        crate::normalize::StuckLimits {
+            started_seconds: self.started_seconds,
+            queued_seconds: self.queued_seconds,
+            ringing_seconds: self.ringing_seconds,
+            talking_seconds: self.talking_seconds,
+            silence_seconds: self.silence_seconds,
+        }
+    }
+}
+
+/// `[indicators]`: how group indicators are computed.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndicatorsConfig {
+    /// Service level = share of calls answered within this many seconds.
+    pub service_level_seconds: u64,
+}
+
+impl Default for IndicatorsConfig {
+    fn default() -> Self {
+        IndicatorsConfig { service_level_seconds: 20 }
+    }
 }
 
 /// `[pbx]`: the PBX callbridge runs beside.

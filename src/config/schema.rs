@@ -325,6 +325,39 @@ static SINK_ZAMMAD: TableSchema = TableSchema {
     check: Some(check_secret_source),
 };
 
+static API: TableSchema = TableSchema {
+    name: "api",
+    fields: &[
+        req("listen", Kind::Str(Some(check_address))),
+        SECRET_FIELDS[0],
+        SECRET_FIELDS[1],
+        SECRET_FIELDS[2],
+        opt("metrics_listen", Kind::Str(Some(check_address))),
+    ],
+    check: Some(check_secret_source),
+};
+
+const LIMIT: Kind = Kind::Count { min: 1, why: "a limit of zero would flag every call" };
+
+static STUCK: TableSchema = TableSchema {
+    name: "stuck",
+    fields: &[
+        opt("started_seconds", LIMIT),
+        opt("queued_seconds", LIMIT),
+        opt("ringing_seconds", LIMIT),
+        opt("talking_seconds", LIMIT),
+        opt("silence_seconds", LIMIT),
+        opt("check_interval_seconds", Kind::Count { min: 1, why: "the sweeper needs a period" }),
+    ],
+    check: None,
+};
+
+static INDICATORS: TableSchema = TableSchema {
+    name: "indicators",
+    fields: &[opt("service_level_seconds", Kind::Count { min: 1, why: "a service level needs a threshold" })],
+    check: None,
+};
+
 /// The whole file.
 pub(crate) static ROOT: TableSchema = TableSchema {
     name: "the top level",
@@ -336,6 +369,9 @@ pub(crate) static ROOT: TableSchema = TableSchema {
         opt("recordings", Kind::Table(&RECORDINGS)),
         opt("outbound", Kind::Table(&OUTBOUND)),
         opt("registry", Kind::Table(&REGISTRY)),
+        opt("api", Kind::Table(&API)),
+        opt("stuck", Kind::Table(&STUCK)),
+        opt("indicators", Kind::Table(&INDICATORS)),
         opt(
             "sinks",
             Kind::TaggedTables {
@@ -544,7 +580,7 @@ mod tests {
         match kind {
             Kind::Str(_) | Kind::Secret => Value::String(
                 match key {
-                    "address" => "127.0.0.1:5038",
+                    "address" | "listen" | "metrics_listen" => "127.0.0.1:5038",
                     "timezone" => "UTC",
                     "days" => "mon-fri",
                     "from" => "08:00",

@@ -66,6 +66,8 @@ pub(super) struct Call {
     channels: SmallVec<[Channel; 6]>,
     origin: Box<str>,
     pub last_event_at: Micros,
+    /// The normalizer's resync epoch at this call's last event.
+    pub epoch: u64,
     queued_at: Option<Micros>,
     queue_app: Option<String>,
     in_queue: bool,
@@ -163,6 +165,7 @@ impl Call {
             channels: SmallVec::new(),
             origin: uniqueid.into(),
             last_event_at: time,
+            epoch: 0,
             queued_at: None,
             queue_app: None,
             in_queue: false,

@@ -111,6 +111,9 @@ pub struct Normalizer {
     paused: HashMap<AgentId, HashMap<String, bool>>,
     /// Last availability reported per agent.
     available: HashMap<AgentId, bool>,
+    /// Bumped when a (re)connection starts; calls touched since then are
+    /// newer than the resync listing and are left alone by [`Normalizer::resync`].
+    epoch: u64,
 }
 
 /// Per-state limits of the stuck-call sweeper (SPEC §7).
@@ -199,6 +202,7 @@ impl Normalizer {
             gone_channels: BoundedSet::new(ENDED_MEMORY * 4),
             paused: HashMap::new(),
             available: HashMap::new(),
+            epoch: 0,
         }
     }
 
@@ -293,6 +297,7 @@ impl Normalizer {
             return;
         };
         call.last_event_at = time;
+        call.epoch = self.epoch;
         let mut new_channels: Vec<Box<str>> = Vec::new();
         let ctx = call::Ctx { dir: &self.dir, opts: &self.opts, new_channels: &mut new_channels };
         let finished = call.handle(event, frame, time, ctx, out);
@@ -399,14 +404,26 @@ impl Normalizer {
         v
     }
 
+    /// A (re)connection to the PBX starts: the resync listing that follows
+    /// describes the PBX as of now, so calls with events after this point
+    /// are newer than the listing.
+    pub fn begin_resync(&mut self) {
+        self.epoch += 1;
+    }
+
     /// Reconciles with what the PBX reports after a (re)connection: live
     /// calls none of whose channels exist any more end as `lost`; channels
     /// of unknown calls are adopted (the call starts now, with what the
-    /// listing tells).
+    /// listing tells). Calls with events since [`Normalizer::begin_resync`]
+    /// are newer than the listing and are left alone.
     pub fn resync(&mut self, pbx: &PbxChannels, now: Micros, out: &mut Vec<Event>) {
         let alive: HashSet<&str> = pbx.channels.iter().filter_map(|f| f.get("Uniqueid")).collect();
         let mut vanished: Vec<CallId> = Vec::new();
+        let epoch = self.epoch;
         for (id, call) in self.calls.iter_mut() {
+            if call.epoch == epoch && epoch > 0 {
+                continue;
+            }
             call.forget_channels_not_in(&alive);
             if call.live_channel_count() == 0 {
                 vanished.push(id.clone());
@@ -424,7 +441,8 @@ impl Normalizer {
             let (Some(uid), Some(linkedid)) = (f.get("Uniqueid"), f.get("Linkedid")) else {
                 continue;
             };
-            if self.channel_call.contains_key(uid) {
+            if self.channel_call.contains_key(uid) || self.gone_channels.contains(uid) || self.ended.contains(linkedid)
+            {
                 continue;
             }
             let channel = f.get("Channel").unwrap_or("");
@@ -455,6 +473,7 @@ impl Normalizer {
             return;
         };
         call.last_event_at = time;
+        call.epoch = self.epoch;
         call.on_transfer(event, frame, time, &self.dir, out);
     }
 

@@ -491,3 +491,22 @@ fn suspects_follow_per_state_limits_and_silence() {
     let s = t.n.suspects(us(t.t + 500), &limits);
     assert_eq!((s[0].state, s[0].cause), (CallState::Talking, StuckCause::Silence));
 }
+
+#[test]
+fn resync_leaves_calls_newer_than_the_listing_alone() {
+    let mut t = T::new();
+    t.inbound("1.1", "SIP/carrier-01");
+    // Reconnected: this call has events after the connection, the listing
+    // (taken earlier) does not know it yet.
+    t.n.begin_resync();
+    t.inbound("2.1", "SIP/carrier-02");
+    let mut out = Vec::new();
+    t.n.resync(&PbxChannels::default(), (t.t + 1) * 1_000_000, &mut out);
+    let ended: Vec<&str> = out
+        .iter()
+        .filter(|e| e.kind.type_name() == "call.ended")
+        .filter_map(|e| e.call.as_ref().map(|c| c.id.as_str()))
+        .collect();
+    assert_eq!(ended, ["1.1"]);
+    assert_eq!(t.n.live_calls(), 1);
+}

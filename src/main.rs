@@ -3,25 +3,42 @@
 
 use anyhow::Context;
 use callbridge::ami::CodecLimits;
+use callbridge::app::{self, RunOptions, SourceSpec};
 use callbridge::config::Config;
 use callbridge::directory::Directory;
-use callbridge::normalize::{AlwaysOpen, Normalizer, Options};
+use callbridge::normalize::{Normalizer, Options};
 use callbridge::replay::{replay_files, Speed};
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "callbridge", version, about = "PBX call events in, helpdesk call lifecycle out")]
 struct Cli {
+    /// Log one JSON object per line instead of human-readable lines.
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon against the PBX of the configuration.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override `[api] listen` (e.g. 127.0.0.1:0).
+        #[arg(long)]
+        api_listen: Option<String>,
+        /// Seconds shutdown may take.
+        #[arg(long, default_value_t = 10)]
+        shutdown_seconds: u64,
+    },
     /// Replay recorded AMI traces through the pipeline; events go to stdout as JSON lines.
     Replay {
         /// Configuration file (TOML).
@@ -33,9 +50,21 @@ enum Command {
         /// Print a one-line summary to stderr at the end.
         #[arg(long)]
         summary: bool,
+        /// Run the whole daemon (API, registry, sinks, sweeper) fed by the
+        /// traces, and keep serving after them until SIGTERM.
+        #[arg(long)]
+        serve: bool,
+        /// Override `[api] listen` (with --serve).
+        #[arg(long)]
+        api_listen: Option<String>,
         /// Trace files, replayed in order.
         #[arg(required = true)]
         traces: Vec<PathBuf>,
+    },
+    /// Validate a configuration file: every problem (exit 64), or a summary.
+    CheckConfig {
+        /// Configuration file (TOML).
+        config: PathBuf,
     },
 }
 
@@ -52,7 +81,29 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Replay { config, speed, summary, traces } => {
+        Command::CheckConfig { config } => {
+            ExitCode::from(u8::try_from(callbridge::config::check_config_main(&config)).unwrap_or(1))
+        }
+        Command::Run { config, api_listen, shutdown_seconds } => {
+            callbridge::telemetry::init_logging(cli.log_json);
+            daemon(RunOptions {
+                config_path: config,
+                source: SourceSpec::Ami,
+                api_listen,
+                shutdown_deadline: Duration::from_secs(shutdown_seconds),
+            })
+        }
+        Command::Replay { config, speed, summary, serve: true, api_listen, traces } => {
+            callbridge::telemetry::init_logging(cli.log_json);
+            let _ = summary;
+            daemon(RunOptions {
+                config_path: config,
+                source: SourceSpec::Traces { paths: traces, speed },
+                api_listen,
+                shutdown_deadline: Duration::from_secs(10),
+            })
+        }
+        Command::Replay { config, speed, summary, serve: false, traces, .. } => {
             let config = match load_config(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -68,9 +119,38 @@ fn main() -> ExitCode {
     }
 }
 
+fn daemon(opts: RunOptions) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("callbridge: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        match app::start(opts).await {
+            Ok(running) => match running.wait().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("callbridge stopped: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                if let Some(c) = e.downcast_ref::<callbridge::config::ConfigError>() {
+                    eprintln!("{c}");
+                    return ExitCode::from(EX_CONFIG);
+                }
+                eprintln!("callbridge: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> anyhow::Result<()> {
     let dir = Arc::new(Directory::from_config(config));
-    let mut normalizer = Normalizer::new(dir, Arc::new(AlwaysOpen), Options::from_config(config));
+    let mut normalizer = Normalizer::new(dir, callbridge::routing_rules(config), Options::from_config(config));
     let limits = config
         .pbx
         .ami

@@ -8,6 +8,8 @@
 //! The API never changes call state itself: reads come from the registry,
 //! changes go to the pipeline task or the PBX as commands.
 
+pub mod routes;
+
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;

@@ -1,0 +1,118 @@
+//! The routes of the HTTP API and their handlers.
+
+use super::{healthz, metrics, readyz, require_bearer, ApiError, Auth};
+use crate::event::{CallSnapshot, CallState};
+use crate::pipeline::{Command, Shared};
+use crate::registry::LiveFilter;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{middleware, Json, Router};
+use serde::Deserialize;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// The whole API: open health routes, everything else behind the token.
+pub fn router(shared: Arc<Shared>, auth: Auth) -> Router {
+    let protected = Router::new()
+        .route("/v1/calls", get(list_calls))
+        .route("/v1/calls/{id}", get(get_call).delete(remove_call))
+        .route("/v1/groups/{id}/indicators", get(indicators))
+        .layer(middleware::from_fn_with_state(auth, require_bearer))
+        .with_state(shared.clone());
+    let open = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(shared.readiness.clone())
+        .route("/metrics", get(metrics));
+    open.merge(protected).fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+}
+
+/// `/metrics` alone, for a separate listener.
+pub fn metrics_router() -> Router {
+    Router::new().route("/metrics", get(metrics))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallsQuery {
+    group: Option<String>,
+    agent: Option<String>,
+    state: Option<String>,
+}
+
+fn parse_state(s: &str) -> Result<CallState, ApiError> {
+    Ok(match s {
+        "started" => CallState::Started,
+        "queued" => CallState::Queued,
+        "ringing" => CallState::Ringing,
+        "talking" => CallState::Talking,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_state",
+                format!("unknown state {other:?}: use started, queued, ringing or talking"),
+            ))
+        }
+    })
+}
+
+async fn list_calls(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<CallsQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut filter = LiveFilter::all();
+    if let Some(g) = q.group.as_deref() {
+        filter = filter.group(g);
+    }
+    if let Some(a) = q.agent.as_deref() {
+        filter = filter.agent(a);
+    }
+    if let Some(s) = q.state.as_deref() {
+        filter = filter.state(parse_state(s)?);
+    }
+    let calls = shared.registry.live_calls(&filter);
+    Ok(Json(serde_json::json!({ "count": calls.len(), "calls": calls })))
+}
+
+async fn get_call(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<CallSnapshot>, ApiError> {
+    shared.registry.get(&id).map(Json).ok_or_else(|| {
+        ApiError::not_found("call_not_found", format!("no live call and no call ended within retention with id {id:?}"))
+    })
+}
+
+async fn remove_call(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<CallSnapshot>, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    shared
+        .commands
+        .send(Command::RemoveCall { id: id.clone(), reply: tx })
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "callbridge is stopping"))?;
+    match rx.await {
+        Ok(Some(snapshot)) => Ok(Json(snapshot)),
+        Ok(None) => Err(ApiError::not_found("call_not_live", format!("no live call with id {id:?}"))),
+        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "callbridge is stopping")),
+    }
+}
+
+async fn indicators(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::indicators::GroupIndicators>, ApiError> {
+    let now = shared.pbx_now();
+    let (mut waiting, mut talking) = (0u64, 0u64);
+    shared.registry.for_each_live(|c| {
+        if c.snapshot.group.as_ref().is_some_and(|g| g.as_str() == id) {
+            match c.snapshot.state {
+                CallState::Queued | CallState::Ringing => waiting += 1,
+                CallState::Talking => talking += 1,
+                _ => {}
+            }
+        }
+    });
+    let report = shared.indicators.lock().unwrap_or_else(|p| p.into_inner()).report(&id, now, waiting, talking);
+    report.map(Json).ok_or_else(|| ApiError::not_found("group_not_found", format!("no group {id:?}")))
+}

@@ -1,0 +1,308 @@
+//! The wiring: the only module that knows all the others.
+//!
+//! ```text
+//! AMI client ─┐                                  ┌─► delivery (outbox → sinks)
+//!             ├─► source channel ─► pipeline ────┼─► registry ─► HTTP API
+//! trace file ─┘   (bounded: full    (normalizer) └─► indicators
+//!                  = reader waits)       ▲
+//!        HTTP API, sweeper, SIGHUP ──────┘ commands (bounded: full = caller waits)
+//! ```
+//!
+//! Shutdown (SIGTERM/SIGINT): the sources stop reading, the pipeline
+//! flushes what it has to delivery, the API stops accepting; all within a
+//! deadline. Reload (SIGHUP): the new file is validated first; a bad one is
+//! refused (logged, counted) and the old configuration stays.
+
+use crate::ami::codec::{decode_all, AmiCodec, AmiMessage, CodecLimits};
+use crate::ami::connection::{self, AmiHandle, SourceItem};
+use crate::api::{routes, Auth, Readiness};
+use crate::config::Config;
+use crate::delivery::Delivery;
+use crate::pipeline::{Command, Pipeline, Shared};
+use crate::registry::Registry;
+use crate::replay::Speed;
+use anyhow::{bail, Context};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Where the daemon's AMI frames come from.
+#[derive(Debug, Clone)]
+pub enum SourceSpec {
+    /// The live PBX of `[pbx.ami]`.
+    Ami,
+    /// Recorded traces, replayed in order at `speed`.
+    Traces { paths: Vec<PathBuf>, speed: Speed },
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    pub source: SourceSpec,
+    /// Overrides `[api] listen` (e.g. `127.0.0.1:0` in tests).
+    pub api_listen: Option<String>,
+    /// How long shutdown may take.
+    pub shutdown_deadline: Duration,
+}
+
+/// A started daemon.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    /// Where the API listens, when configured.
+    pub api_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    pipeline: JoinHandle<anyhow::Result<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    ami_task: Option<JoinHandle<Result<(), crate::ami::AmiError>>>,
+    config_path: PathBuf,
+    deadline: Duration,
+}
+
+/// Starts every component; returns once the API listens (if any).
+pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
+    let config = Arc::new(Config::load(&opts.config_path)?);
+    crate::telemetry::metrics();
+    let shutdown = CancellationToken::new();
+    let readiness = Arc::new(Readiness::default());
+    let registry = Arc::new(Registry::new(&config.registry));
+    let capacity = config.pbx.ami.as_ref().map_or(8192, |a| a.event_queue_capacity.max(1));
+    // Full source channel: the reader (socket or trace) waits; nothing is dropped.
+    let (source_tx, source_rx) = mpsc::channel::<SourceItem>(capacity);
+    // Full command channel: the API request waits.
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(256);
+
+    let mut tasks = Vec::new();
+    let (ami, ami_task) = match &opts.source {
+        SourceSpec::Ami => {
+            let Some(ami_config) = config.pbx.ami.clone() else {
+                bail!("{}: no [pbx.ami] section: callbridge run needs the PBX's AMI", opts.config_path.display());
+            };
+            let (handle, task) = connection::spawn(ami_config, source_tx, shutdown.clone());
+            (Some(handle), Some(task))
+        }
+        SourceSpec::Traces { paths, speed } => {
+            readiness.set_pbx(true);
+            let limits = config
+                .pbx
+                .ami
+                .as_ref()
+                .map(|a| CodecLimits { max_frame_bytes: a.max_frame_bytes, max_headers: a.max_headers })
+                .unwrap_or_default();
+            tasks.push(tokio::spawn(feed_traces(paths.clone(), *speed, limits, source_tx, shutdown.clone())));
+            (None, None)
+        }
+    };
+
+    let delivery = delivery_for(&config)?;
+    readiness.set_outbox(true);
+    let shared = Arc::new(Shared::new(config.clone(), registry, readiness.clone(), ami.clone(), cmd_tx));
+    let pipeline = Pipeline::new(&config, shared.clone(), delivery);
+    let pipeline = tokio::spawn(pipeline.run(source_rx, cmd_rx, shutdown.clone()));
+
+    let mut api_addr = None;
+    if let Some(api) = &config.api {
+        let token = api.secret.resolve().map_err(|e| anyhow::anyhow!("[api]: {e}"))?;
+        let listen = opts.api_listen.clone().unwrap_or_else(|| api.listen.clone());
+        let listener =
+            tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        api_addr = Some(listener.local_addr()?);
+        info!(addr = %listener.local_addr()?, "HTTP API listening");
+        let app = routes::router(shared.clone(), Auth::new(&token));
+        tasks.push(serve(listener, app, shutdown.clone()));
+        if let Some(m) = &api.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(m).await.with_context(|| format!("cannot listen on {m}"))?;
+            info!(addr = %listener.local_addr()?, "metrics listening");
+            tasks.push(serve(listener, routes::metrics_router(), shutdown.clone()));
+        }
+    }
+
+    // READY=1 once the PBX is logged in (or the trace is being read) and
+    // delivery is open.
+    let notify_ami = ami.clone();
+    let name = config.pbx.name.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Some(a) = notify_ami {
+            if a.wait_connected().await.is_err() {
+                return; // stopped before the first login
+            }
+        }
+        crate::systemd::ready(&format!("running for {name}"));
+    }));
+
+    Ok(Running {
+        shared,
+        api_addr,
+        shutdown,
+        pipeline,
+        tasks,
+        ami_task,
+        config_path: opts.config_path,
+        deadline: opts.shutdown_deadline,
+    })
+}
+
+fn serve(listener: tokio::net::TcpListener, app: axum::Router, shutdown: CancellationToken) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let r = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+        if let Err(e) = r {
+            error!(error = %e, "HTTP server failed");
+        }
+    })
+}
+
+fn delivery_for(config: &Config) -> anyhow::Result<Delivery> {
+    use crate::config::SinkConfig;
+    let mut delivery = None;
+    for (i, s) in config.sinks.iter().enumerate() {
+        match s {
+            SinkConfig::Jsonl { path } if delivery.is_none() => {
+                delivery = Some(Delivery::jsonl(path).with_context(|| format!("sinks[{i}]: cannot open {path}"))?);
+            }
+            SinkConfig::Jsonl { .. } => bail!("sinks[{i}]: only one jsonl sink is supported"),
+            other => bail!("sinks[{i}]: sink type {:?} is not available in this build", other.type_name()),
+        }
+    }
+    match delivery {
+        Some(d) => Ok(d),
+        None => Ok(Delivery::jsonl("-")?),
+    }
+}
+
+/// Reads trace files into the source channel, paced by their timestamps.
+async fn feed_traces(
+    paths: Vec<PathBuf>,
+    speed: Speed,
+    limits: CodecLimits,
+    tx: mpsc::Sender<SourceItem>,
+    shutdown: CancellationToken,
+) {
+    for path in paths {
+        let data = match tokio::fs::read(&path).await {
+            Ok(d) => d,
+            Err(e) => {
+                error!(trace = %path.display(), error = %e, "cannot read trace");
+                continue;
+            }
+        };
+        let mut frames = Vec::new();
+        decode_all(&mut AmiCodec::new(limits), &data, |m| {
+            if let AmiMessage::Frame(f) = m {
+                frames.push(f);
+            }
+        });
+        let start = tokio::time::Instant::now();
+        let mut first: Option<i64> = None;
+        for f in frames {
+            if let (Speed::Factor(k), Some(ts)) = (speed, f.timestamp_micros()) {
+                let base = *first.get_or_insert(ts);
+                let due = start + Duration::from_secs_f64(((ts - base).max(0) as f64 / 1e6) / k);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(due) => {}
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tx.send(SourceItem::Frame(f)) => if r.is_err() { return },
+            }
+        }
+        info!(trace = %path.display(), "trace replayed");
+    }
+}
+
+impl Running {
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub fn ami(&self) -> Option<&AmiHandle> {
+        self.shared.ami.as_ref()
+    }
+
+    /// Validates the configuration file again and applies it; a bad file is
+    /// refused and the running configuration kept. Returns the problems.
+    pub async fn reload(&self) -> Result<(), crate::config::ConfigError> {
+        crate::systemd::reloading();
+        let result = Config::load(&self.config_path);
+        let r = match result {
+            Ok(new) => {
+                let new = Arc::new(new);
+                *self.shared.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+                self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner()).reconfigure(&new);
+                let _ = self.shared.commands.send(Command::Reload { config: new }).await;
+                metrics::counter!("callbridge_config_reloads_total", "result" => "ok").increment(1);
+                info!(config = %self.config_path.display(), "configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!("callbridge_config_reloads_total", "result" => "rejected").increment(1);
+                error!(problems = %e, "new configuration refused; keeping the running one");
+                Err(e)
+            }
+        };
+        crate::systemd::ready("running");
+        r
+    }
+
+    /// Runs until SIGTERM/SIGINT (or the AMI client gives up for good),
+    /// reloading on SIGHUP; then shuts down within the deadline.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut fatal: Option<anyhow::Error> = None;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: shutting down"); break }
+                _ = int.recv() => { info!("SIGINT: shutting down"); break }
+                _ = hup.recv() => { let _ = self.reload().await; }
+                r = async { match self.ami_task.as_mut() { Some(t) => t.await, None => std::future::pending().await } } => {
+                    self.ami_task = None;
+                    match r {
+                        Ok(Err(e)) => { error!(error = %e, "AMI client stopped"); fatal = Some(e.into()); }
+                        Ok(Ok(())) => {}
+                        Err(e) => { fatal = Some(anyhow::anyhow!("AMI client task failed: {e}")); }
+                    }
+                    break;
+                }
+            }
+        }
+        self.stop().await?;
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops everything: sources first, then the pipeline flushes, then
+    /// the servers; gives up after the deadline.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        crate::systemd::stopping();
+        self.shutdown.cancel();
+        let deadline = self.deadline;
+        let all = async move {
+            let r = self.pipeline.await;
+            for t in self.tasks {
+                let _ = t.await;
+            }
+            if let Some(t) = self.ami_task {
+                let _ = t.await;
+            }
+            r
+        };
+        match tokio::time::timeout(deadline, all).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(anyhow::anyhow!("pipeline task failed: {e}")),
+            Err(_) => {
+                warn!(?deadline, "shutdown deadline passed; exiting anyway");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The pipeline task: the one owner of the normalizer.
+//!
+//! It reads source items (AMI frames, connection changes, resync listings,
+//! or a trace's frames) in order, runs them through the normalizer, hands
+//! the resulting events to delivery (durable before anything else sees
+//! them), then to the registry and the indicators. Everything that changes
+//! call state from outside — an administrator removing a call, the
+//! stuck-call sweeper's verdicts, a configuration reload — arrives here as a
+//! [`Command`], so call state has exactly one writer and needs no lock.
+//!
+//! It must never block on the network: PBX checks run in their own tasks and
+//! come back as commands.
+
+use crate::ami::connection::{AmiHandle, SourceItem};
+use crate::ami::Action;
+use crate::api::Readiness;
+use crate::config::Config;
+use crate::delivery::Delivery;
+use crate::directory::Directory;
+use crate::event::{CallSnapshot, EndReason, Event, EventKind, Micros};
+use crate::indicators::Indicators;
+use crate::normalize::{Normalizer, Options, PbxChannels, StuckLimits, Suspect};
+use crate::registry::Registry;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// State shared with the API (read-mostly).
+pub struct Shared {
+    pub registry: Arc<Registry>,
+    pub readiness: Arc<Readiness>,
+    pub indicators: Mutex<Indicators>,
+    pub config: RwLock<Arc<Config>>,
+    pub ami: Option<AmiHandle>,
+    pub commands: mpsc::Sender<Command>,
+    /// The PBX's clock as last seen (µs), and when; `None` before the
+    /// first timestamp (the wall clock stands in).
+    clock: Mutex<Option<(Micros, Instant)>>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Arc<Config>,
+        registry: Arc<Registry>,
+        readiness: Arc<Readiness>,
+        ami: Option<AmiHandle>,
+        commands: mpsc::Sender<Command>,
+    ) -> Shared {
+        Shared {
+            indicators: Mutex::new(Indicators::new(&config)),
+            config: RwLock::new(config),
+            registry,
+            readiness,
+            ami,
+            commands,
+            clock: Mutex::new(None),
+        }
+    }
+
+    /// The PBX's current time: its last timestamp plus the time since.
+    /// A replayed trace brings its own time, a live PBX its own clock.
+    pub fn pbx_now(&self) -> Micros {
+        match *self.clock.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((t, at)) => t + at.elapsed().as_micros() as i64,
+            None => wall_micros(),
+        }
+    }
+
+    fn saw_pbx_time(&self, t: Micros) {
+        let mut c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        // Frames of one PBX are in time order; never move the clock back.
+        match *c {
+            Some((last, at)) if t <= last + at.elapsed().as_micros() as i64 => {}
+            _ => *c = Some((t, Instant::now())),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn wall_micros() -> Micros {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// Requests to the pipeline from outside the event stream.
+pub enum Command {
+    /// An administrator removes a live call (`call.ended`, `end_reason: removed`).
+    RemoveCall { id: String, reply: oneshot::Sender<Option<CallSnapshot>> },
+    /// A validated new configuration (SIGHUP).
+    Reload { config: Arc<Config> },
+    /// The PBX's answer about suspect calls: ids of calls (Linkedids) it
+    /// still has, or `None` when it could not be asked.
+    SweepVerdict { suspects: Vec<Suspect>, alive: Option<HashSet<String>> },
+}
+
+pub struct Pipeline {
+    normalizer: Normalizer,
+    shared: Arc<Shared>,
+    delivery: Delivery,
+    limits: StuckLimits,
+    sweep_every: Duration,
+    sweep_running: bool,
+    pbx: String,
+    out: Vec<Event>,
+}
+
+impl Pipeline {
+    pub fn new(config: &Config, shared: Arc<Shared>, delivery: Delivery) -> Pipeline {
+        let normalizer = Normalizer::new(
+            Arc::new(Directory::from_config(config)),
+            crate::routing_rules(config),
+            Options::from_config(config),
+        );
+        Pipeline {
+            normalizer,
+            shared,
+            delivery,
+            limits: config.stuck.limits(),
+            sweep_every: Duration::from_secs(config.stuck.check_interval_seconds.max(1)),
+            sweep_running: false,
+            pbx: config.pbx.name.clone(),
+            out: Vec::with_capacity(64),
+        }
+    }
+
+    /// Runs until the source ends (a trace was fully replayed) or shutdown.
+    /// On return every event handed to delivery has been flushed.
+    pub async fn run(
+        mut self,
+        mut source: mpsc::Receiver<SourceItem>,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut sweep = tokio::time::interval(self.sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watchdog_every = crate::systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600));
+        let mut watchdog = tokio::time::interval(watchdog_every);
+        let mut source_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(cmd) = commands.recv() => self.on_command(cmd),
+                item = source.recv(), if source_open => match item {
+                    Some(item) => self.on_source(item),
+                    None => {
+                        source_open = false;
+                        info!("source ended; {} live calls remain", self.normalizer.live_calls());
+                    }
+                },
+                _ = sweep.tick() => self.start_sweep(),
+                _ = watchdog.tick() => crate::systemd::watchdog(),
+            }
+            if !self.out.is_empty() {
+                self.flush().await?;
+            }
+        }
+        self.delivery.close().await?;
+        Ok(())
+    }
+
+    /// Delivers the pending events (durably), then publishes them.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        let events = std::mem::take(&mut self.out);
+        self.delivery.deliver(&events, &self.pbx).await?;
+        let mut ind = self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner());
+        for e in &events {
+            self.shared.registry.apply(e);
+            ind.apply(e);
+            count(e);
+        }
+        drop(ind);
+        self.out = events;
+        self.out.clear();
+        Ok(())
+    }
+
+    fn on_source(&mut self, item: SourceItem) {
+        match item {
+            SourceItem::Frame(f) => {
+                let now = self.shared.pbx_now();
+                if let Some(ts) = f.timestamp_micros() {
+                    self.shared.saw_pbx_time(ts);
+                }
+                self.normalizer.handle(&f, now, &mut self.out);
+            }
+            SourceItem::Connected { banner } => {
+                info!(%banner, "connected to the PBX");
+                self.normalizer.begin_resync();
+                self.shared.readiness.set_pbx(true);
+                crate::systemd::status(&format!("connected to {}", self.pbx));
+            }
+            SourceItem::Resync(r) => {
+                let now = self.shared.pbx_now();
+                let before = self.normalizer.live_calls();
+                self.normalizer.resync(&PbxChannels { channels: r.channels }, now, &mut self.out);
+                for f in &r.queue_items {
+                    self.normalizer.handle(f, now, &mut self.out);
+                }
+                info!(before, after = self.normalizer.live_calls(), "resync with the PBX done");
+            }
+            SourceItem::Disconnected { reason } => {
+                warn!(%reason, "disconnected from the PBX");
+                self.shared.readiness.set_pbx(false);
+                crate::systemd::status(&format!("disconnected from {}: {reason}", self.pbx));
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let now = self.shared.pbx_now();
+        match cmd {
+            Command::RemoveCall { id, reply } => {
+                let ok = self.normalizer.end_call(&id, EndReason::Removed, now, &mut self.out);
+                let last = ok.then(|| self.out.last().and_then(|e| e.call.clone())).flatten();
+                let _ = reply.send(last);
+            }
+            Command::Reload { config } => {
+                self.normalizer.reconfigure(
+                    Arc::new(Directory::from_config(&config)),
+                    crate::routing_rules(&config),
+                    Options::from_config(&config),
+                );
+                self.limits = config.stuck.limits();
+                info!("configuration reloaded; {} live calls kept", self.normalizer.live_calls());
+            }
+            Command::SweepVerdict { suspects, alive } => {
+                self.sweep_running = false;
+                // Only calls that are still suspect now (they may have moved on).
+                let still: HashSet<_> =
+                    self.normalizer.suspects(now, &self.limits).into_iter().map(|s| s.call).collect();
+                for s in suspects.into_iter().filter(|s| still.contains(&s.call)) {
+                    match &alive {
+                        Some(alive) if !alive.contains(s.call.as_str()) => {
+                            if self.normalizer.end_call(s.call.as_str(), EndReason::Lost, now, &mut self.out) {
+                                metrics::counter!("callbridge_calls_lost_total").increment(1);
+                                warn!(call = %s.call, state = s.state.as_str(), "call vanished from the PBX; ended as lost");
+                            }
+                        }
+                        _ => {
+                            if self.normalizer.mark_stuck(s.call.as_str(), s.cause.as_str(), now, &mut self.out) {
+                                metrics::counter!("callbridge_calls_stuck_total").increment(1);
+                                warn!(call = %s.call, state = s.state.as_str(), cause = s.cause.as_str(), "call looks stuck");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_sweep(&mut self) {
+        let now = self.shared.pbx_now();
+        self.shared.registry.purge_expired(now);
+        self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner()).prune(now);
+        publish_active(&self.shared.registry, &self.shared.config());
+        if self.sweep_running {
+            return;
+        }
+        let suspects = self.normalizer.suspects(now, &self.limits);
+        if suspects.is_empty() {
+            return;
+        }
+        self.sweep_running = true;
+        let ami = self.shared.ami.clone();
+        let commands = self.shared.commands.clone();
+        tokio::spawn(async move {
+            let alive = match ami {
+                Some(ami) => match ami.send_list(Action::new("CoreShowChannels")).await {
+                    Ok(list) => Some(list.items.iter().filter_map(|f| f.get("Linkedid").map(str::to_string)).collect()),
+                    Err(e) => {
+                        warn!(error = %e, "cannot check suspect calls with the PBX");
+                        None
+                    }
+                },
+                None => None,
+            };
+            // The pipeline may be gone (shutdown): nothing to report then.
+            let _ = commands.send(Command::SweepVerdict { suspects, alive }).await;
+        });
+    }
+}
+
+fn count(e: &Event) {
+    metrics::counter!("callbridge_lifecycle_events_total", "type" => e.kind.type_name()).increment(1);
+    if let EventKind::Missed { reason, .. } = e.kind {
+        metrics::counter!("callbridge_calls_missed_total", "reason" => reason.as_str()).increment(1);
+    }
+}
+
+/// `callbridge_calls_active{group, state}` from the registry; the group
+/// label takes the configured ids and `none` only.
+fn publish_active(registry: &Registry, config: &Config) {
+    use std::collections::HashMap;
+    let mut by: HashMap<(&str, &'static str), u64> = HashMap::new();
+    registry.for_each_live(|c| {
+        let group = c
+            .snapshot
+            .group
+            .as_ref()
+            .and_then(|g| config.groups.iter().find(|x| x.id == g.as_str()))
+            .map_or("none", |g| g.id.as_str());
+        *by.entry((group, c.snapshot.state.as_str())).or_default() += 1;
+    });
+    let groups = config.groups.iter().map(|g| g.id.as_str()).chain(std::iter::once("none"));
+    for g in groups {
+        for state in ["started", "queued", "ringing", "talking"] {
+            let n = by.get(&(g, state)).copied().unwrap_or(0);
+            metrics::gauge!("callbridge_calls_active", "group" => g.to_string(), "state" => state).set(n as f64);
+        }
+    }
+}

@@ -30,6 +30,8 @@ pub struct Config {
     pub registry: RegistryConfig,
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
+    #[serde(default)]
+    pub sip: Option<crate::sip::SipConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

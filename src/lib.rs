@@ -28,5 +28,6 @@ pub mod event;
 pub mod ids;
 pub mod normalize;
 pub mod replay;
+pub mod sip;
 pub mod systemd;
 pub mod tracegen;

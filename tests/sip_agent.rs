@@ -73,7 +73,9 @@ impl Msg {
         }
         r.push_str(&format!("From: {}\r\n", self.h("From")));
         match to_tag {
-            Some(tag) if self.param("To", "tag").is_none() => r.push_str(&format!("To: {};tag={tag}\r\n", self.h("To"))),
+            Some(tag) if self.param("To", "tag").is_none() => {
+                r.push_str(&format!("To: {};tag={tag}\r\n", self.h("To")))
+            }
             _ => r.push_str(&format!("To: {}\r\n", self.h("To"))),
         }
         r.push_str(&format!("Call-ID: {}\r\nCSeq: {}\r\n", self.h("Call-ID"), self.h("CSeq")));
@@ -273,9 +275,8 @@ async fn start(config: &Config) -> (SipAgent, mpsc::Receiver<Event>, Cancellatio
     let shutdown = CancellationToken::new();
     let directory = Arc::new(Directory::from_config(config));
     let sip_config = config.sip.clone().unwrap();
-    let agent = sip::spawn(sip_config, Mode::for_config(config), directory, "lab".into(), tx, shutdown.clone())
-        .await
-        .unwrap();
+    let agent =
+        sip::spawn(sip_config, Mode::for_config(config), directory, "lab".into(), tx, shutdown.clone()).await.unwrap();
     (agent, rx, shutdown)
 }
 
@@ -335,7 +336,8 @@ async fn udp_ring_answer_hangup_terminate_and_resubscribe() {
     assert!(r.start.starts_with("SIP/2.0 400"), "{r:?}");
     let r = pbx.notify_raw(&sub, sub.h("Call-ID"), "active", "{}", "application/json").await;
     assert!(r.start.starts_with("SIP/2.0 415"), "{r:?}");
-    let r = pbx.notify_raw(&sub, "stale-subscription@pbx", "active", &doc(9, EARLY), "application/dialog-info+xml").await;
+    let r =
+        pbx.notify_raw(&sub, "stale-subscription@pbx", "active", &doc(9, EARLY), "application/dialog-info+xml").await;
     assert!(r.start.starts_with("SIP/2.0 481"), "{r:?}");
     let broken = format!(
         "NOTIFY sip:callbridge@{} SIP/2.0\r\nVia: SIP/2.0/UDP {addr};branch=z9hG4bKbroken\r\n\
@@ -455,7 +457,8 @@ async fn tcp_transport_subscribes_and_reconnects() {
     let config = config(addr, "tcp", false, 2.0);
     let (agent, mut rx, shutdown) = start(&config).await;
     let (stream, peer_addr) = timeout(WAIT, listener.accept()).await.unwrap().unwrap();
-    let mut pbx = Pbx { wire: TcpPeer { stream, buf: Vec::new(), addr: peer_addr }, addr, options_seen: 0, notify_cseq: 1 };
+    let mut pbx =
+        Pbx { wire: TcpPeer { stream, buf: Vec::new(), addr: peer_addr }, addr, options_seen: 0, notify_cseq: 1 };
     let sub = pbx.accept_subscription("t-1", 600).await;
     assert!(sub.h("Via").starts_with("SIP/2.0/TCP "), "{}", sub.h("Via"));
     assert!(sub.h("Contact").contains(";transport=tcp"));
@@ -464,7 +467,8 @@ async fn tcp_transport_subscribes_and_reconnects() {
     // The PBX drops the connection: callbridge reconnects and subscribes anew.
     drop(pbx);
     let (stream, peer_addr) = timeout(WAIT, listener.accept()).await.unwrap().unwrap();
-    let mut pbx = Pbx { wire: TcpPeer { stream, buf: Vec::new(), addr: peer_addr }, addr, options_seen: 0, notify_cseq: 1 };
+    let mut pbx =
+        Pbx { wire: TcpPeer { stream, buf: Vec::new(), addr: peer_addr }, addr, options_seen: 0, notify_cseq: 1 };
     let again = pbx.accept_subscription("t-2", 600).await;
     assert_ne!(again.h("Call-ID"), sub.h("Call-ID"));
     pbx.notify(&again, "active", &doc(0, "")).await;

@@ -63,7 +63,9 @@ pub struct SipConfig {
     /// what the PBX grants.
     #[serde(default = "default_expires")]
     pub expires_seconds: u32,
-    /// `OPTIONS` keepalive period (reachability and round-trip time).
+    /// `OPTIONS` keepalive period (reachability and round-trip time); 0
+    /// turns the keepalive off, and reachability then means "at least one
+    /// subscription is active" (for PBXs that refuse OPTIONS).
     #[serde(default = "default_options_interval")]
     pub options_interval_seconds: f64,
     /// A request without a final response after this long has failed
@@ -128,8 +130,11 @@ impl SipConfig {
         if self.expires_seconds < 60 {
             problems.push(format!("sip.expires_seconds: {} is below 60", self.expires_seconds));
         }
+        let options = self.options_interval_seconds;
+        if !options.is_finite() || (options != 0.0 && !(1.0..=86_400.0).contains(&options)) {
+            problems.push(format!("sip.options_interval_seconds: {options} is neither 0 (off) nor within 1..86400"));
+        }
         for (key, value, min) in [
-            ("options_interval_seconds", self.options_interval_seconds, 1.0),
             ("request_timeout_seconds", self.request_timeout_seconds, 0.5),
             ("retry_max_seconds", self.retry_max_seconds, 1.0),
             ("offer_identity_wait_seconds", self.offer_identity_wait_seconds, 0.0),
@@ -152,8 +157,9 @@ impl SipConfig {
         }
     }
 
-    pub fn options_interval(&self) -> Duration {
-        seconds(self.options_interval_seconds)
+    /// `None` when the keepalive is off.
+    pub fn options_interval(&self) -> Option<Duration> {
+        (self.options_interval_seconds > 0.0).then(|| seconds(self.options_interval_seconds))
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -198,7 +204,7 @@ mod tests {
     fn every_problem_is_named() {
         let c = parse(
             "pbx = \"nohost\"\nbind = \"x\"\nusername = \"\"\ntransport = \"tcp\"\nexpires_seconds = 5\n\
-             options_interval_seconds = 0\nmax_message_bytes = 10\n",
+             options_interval_seconds = 0.5\nmax_message_bytes = 10\n",
         )
         .unwrap();
         let p = c.validate().join("\n");

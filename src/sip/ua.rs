@@ -215,7 +215,7 @@ impl Ua {
         let mut wake = now + Duration::from_secs(3600);
         let can_send = self.can_send();
         let mut consider = |t: Instant| wake = wake.min(t);
-        if can_send {
+        if can_send && self.config.options_interval().is_some() {
             consider(self.options_at);
         }
         for t in self.txns.values() {
@@ -258,8 +258,8 @@ impl Ua {
             }
         }
         if self.can_send() {
-            if self.options_at <= now {
-                self.options_at = now + self.config.options_interval();
+            if let Some(interval) = self.config.options_interval().filter(|_| self.options_at <= now) {
+                self.options_at = now + interval;
                 self.send_options(now).await;
             }
             for i in 0..self.lines.len() {
@@ -323,6 +323,11 @@ impl Ua {
         let active = self.lines.iter().filter(|l| l.sub.is_active()).count();
         self.status.set_active(active);
         metrics::gauge!("callbridge_sip_subscriptions_active").set(active as f64);
+        if self.config.options_interval().is_none() {
+            // No keepalive: an active subscription is the sign of life.
+            self.status.set_reachable(active > 0, None);
+            metrics::gauge!("callbridge_sip_pbx_reachable").set(if active > 0 { 1.0 } else { 0.0 });
+        }
     }
 
     async fn flush_events(&mut self) -> Result<(), SipError> {

@@ -643,6 +643,9 @@ impl Ua {
         };
         self.reply(&reply, msg.response(200, "OK", "", &[])).await;
         let state = msg.subscription_state();
+        if state.as_ref().is_some_and(|s| s.state == super::message::SubStateValue::Terminated) {
+            metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => "terminated").increment(1);
+        }
         let line = &mut self.lines[i];
         let next = line.sub.on_notify(now, state.as_ref(), msg.from_tag(), jitter());
         match line.dialogs.apply(doc) {

@@ -405,7 +405,8 @@ async fn refresh_before_expiry_and_restart_after_481() {
     assert_eq!(line_state(&e[0]).0, LineState::Busy);
     let refresh = pbx.request("SUBSCRIBE").await;
     let waited = granted_at.elapsed();
-    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(2), "refresh after {waited:?}");
+    // Scheduled at 85 % of the 2 s granted (1.7 s); the slack is for loaded CI machines.
+    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_millis(2300), "refresh after {waited:?}");
     assert_eq!(refresh.h("Call-ID"), sub.h("Call-ID"));
     assert_eq!(refresh.param("To", "tag").as_deref(), Some("pbx-tag-1"));
     assert_eq!(refresh.uri(), "sip:2000@127.0.0.1", "in-dialog requests go to the PBX's Contact");

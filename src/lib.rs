@@ -34,6 +34,7 @@ pub mod normalize;
 pub mod pipeline;
 pub mod registry;
 pub mod replay;
+pub mod sip;
 pub mod systemd;
 pub mod telemetry;
 pub mod tracegen;

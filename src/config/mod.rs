@@ -67,6 +67,10 @@ pub struct Config {
     /// Group indicators (`GET /v1/groups/{id}/indicators`).
     #[serde(default)]
     pub indicators: IndicatorsConfig,
+    /// SIP dialog-event subscriptions (agent line state; SIP-only mode
+    /// without `[pbx.ami]`).
+    #[serde(default)]
+    pub sip: Option<crate::sip::SipConfig>,
     /// Where lifecycle events are delivered.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,

@@ -33,6 +33,8 @@ pub(crate) enum Kind {
     },
     /// A duration in seconds (integer or float), finite and > 0.
     Seconds,
+    /// A duration in seconds, finite and >= 0 (0 turns something off).
+    SecondsOrOff,
     Strings(Option<Check>),
     OneOf(&'static [&'static str]),
     Table(&'static TableSchema),
@@ -135,6 +137,17 @@ fn check_http_url(s: &str) -> Result<(), String> {
 
 fn check_address(s: &str) -> Result<(), String> {
     values::parse_host_port(s).map(|_| ()).map_err(|e| e.0)
+}
+
+/// A local address to listen on: like [`check_address`], but port 0 (any
+/// free port) is allowed.
+fn check_bind_address(s: &str) -> Result<(), String> {
+    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+        if addr.port() == 0 {
+            return Ok(());
+        }
+    }
+    check_address(s)
 }
 
 fn check_timezone(s: &str) -> Result<(), String> {
@@ -328,11 +341,11 @@ static SINK_ZAMMAD: TableSchema = TableSchema {
 static API: TableSchema = TableSchema {
     name: "api",
     fields: &[
-        req("listen", Kind::Str(Some(check_address))),
+        req("listen", Kind::Str(Some(check_bind_address))),
         SECRET_FIELDS[0],
         SECRET_FIELDS[1],
         SECRET_FIELDS[2],
-        opt("metrics_listen", Kind::Str(Some(check_address))),
+        opt("metrics_listen", Kind::Str(Some(check_bind_address))),
     ],
     check: Some(check_secret_source),
 };
@@ -358,6 +371,28 @@ static INDICATORS: TableSchema = TableSchema {
     check: None,
 };
 
+static SIP: TableSchema = TableSchema {
+    name: "sip",
+    fields: &[
+        opt("bind", Kind::Str(Some(check_bind_address))),
+        req("pbx", Kind::Str(Some(check_address))),
+        opt("transport", Kind::OneOf(&["udp", "tcp"])),
+        opt("domain", Kind::Str(Some(check_non_empty))),
+        opt("contact_host", Kind::Str(Some(check_non_empty))),
+        req("username", Kind::Str(Some(check_non_empty))),
+        SECRET_FIELDS[0],
+        SECRET_FIELDS[1],
+        SECRET_FIELDS[2],
+        opt("expires_seconds", Kind::Count { min: 60, why: "PBXs refuse subscriptions shorter than a minute" }),
+        opt("options_interval_seconds", Kind::SecondsOrOff),
+        opt("request_timeout_seconds", SECONDS),
+        opt("retry_max_seconds", SECONDS),
+        opt("max_message_bytes", Kind::Count { min: 1500, why: "a SIP message needs at least one datagram" }),
+        opt("offer_identity_wait_seconds", Kind::SecondsOrOff),
+    ],
+    check: Some(check_secret_source),
+};
+
 /// The whole file.
 pub(crate) static ROOT: TableSchema = TableSchema {
     name: "the top level",
@@ -372,6 +407,7 @@ pub(crate) static ROOT: TableSchema = TableSchema {
         opt("api", Kind::Table(&API)),
         opt("stuck", Kind::Table(&STUCK)),
         opt("indicators", Kind::Table(&INDICATORS)),
+        opt("sip", Kind::Table(&SIP)),
         opt(
             "sinks",
             Kind::TaggedTables {
@@ -478,6 +514,18 @@ fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
                 None => wrong("a number of seconds", out),
             }
         }
+        Kind::SecondsOrOff => {
+            let secs = match value {
+                Value::Integer(n) => Some(*n as f64),
+                Value::Float(f) => Some(*f),
+                _ => None,
+            };
+            match secs {
+                Some(s) if s.is_finite() && s >= 0.0 => {}
+                Some(_) => out.push(format!("{here}: must be a number of seconds >= 0 (0 turns it off)")),
+                None => wrong("a number of seconds", out),
+            }
+        }
         Kind::Strings(check) => match value.as_array() {
             Some(items) => {
                 for (i, item) in items.iter().enumerate() {
@@ -580,7 +628,7 @@ mod tests {
         match kind {
             Kind::Str(_) | Kind::Secret => Value::String(
                 match key {
-                    "address" | "listen" | "metrics_listen" => "127.0.0.1:5038",
+                    "address" | "listen" | "metrics_listen" | "bind" | "pbx" => "127.0.0.1:5038",
                     "timezone" => "UTC",
                     "days" => "mon-fri",
                     "from" => "08:00",
@@ -593,7 +641,7 @@ mod tests {
             ),
             Kind::Bool => Value::Boolean(true),
             Kind::Count { min, .. } => Value::Integer(min as i64),
-            Kind::Seconds => Value::Float(1.5),
+            Kind::Seconds | Kind::SecondsOrOff => Value::Float(1.5),
             Kind::Strings(_) => Value::Array(vec![Value::String(
                 if key == "holidays" || key == "dates" { "2026-12-25" } else { "x" }.into(),
             )]),

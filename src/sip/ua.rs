@@ -1,0 +1,816 @@
+//! The SIP user agent task: owns the transport (a UDP socket, or TCP
+//! connections), sends SUBSCRIBE and OPTIONS requests and retransmits them
+//! (UDP), matches responses to requests by the top Via `branch`, answers
+//! every request the PBX sends (NOTIFY `200`, `400` when malformed, `481`
+//! for an unknown subscription, `489` for another event package, OPTIONS
+//! `200`, `405` otherwise), and feeds NOTIFY bodies through
+//! [`DialogSet`] and [`LineTracker`] into the event channel.
+//!
+//! One task, one loop (`tokio::select!` over shutdown, the inbound channel
+//! and the earliest timer), no locks: subscriptions, transactions and line
+//! trackers are plain fields. Timers are found by scanning (O(agents) per
+//! wake-up, fine for the hundreds of extensions of a helpdesk).
+//!
+//! Invariant: every parse failure is counted and survived; only a closed
+//! event channel ends the task with an error. This module never decides
+//! what a SIP response means for a subscription (that is
+//! `subscription.rs`) nor what a dialog means for a call (`line.rs`).
+
+use super::config::{SipConfig, Transport};
+use super::dialog_info::{Applied, DialogInfo, DialogSet};
+use super::line::{LineTracker, Mode};
+use super::message::{new_branch, token, Framed, Lenient, Message, Name, Outgoing, SipCodec};
+use super::subscription::{self, Params, SubscribeRequest, Subscription};
+use super::{SipError, SipStatus};
+use crate::event::{Event, Micros};
+use crate::ids::AgentId;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// RFC 3261 timer T1 (first retransmission of a UDP request).
+const T1: Duration = Duration::from_millis(500);
+/// RFC 3261 timer T2 (cap of the retransmission interval).
+const T2: Duration = Duration::from_secs(4);
+/// Capacity of the transport → user agent channel. Full means the readers
+/// wait: UDP datagrams then queue in the kernel (and the PBX retransmits
+/// what gets dropped there), TCP stops reading (TCP flow control).
+pub(crate) const INBOUND_CAPACITY: usize = 256;
+/// Capacity of each TCP connection's outgoing queue; full means the user
+/// agent waits for the connection to drain.
+const TCP_OUT_CAPACITY: usize = 64;
+/// Inbound TCP connections served at once (PBXs open one, maybe two).
+const MAX_INBOUND_TCP: usize = 16;
+/// Delay between the first SUBSCRIBEs of successive extensions, so that a
+/// start with hundreds of agents does not burst at the PBX.
+const STAGGER: Duration = Duration::from_millis(10);
+
+/// Where a response to an inbound request goes.
+#[derive(Debug, Clone)]
+pub(crate) enum Reply {
+    Udp(SocketAddr),
+    Tcp(mpsc::Sender<Vec<u8>>),
+}
+
+/// What the transport tasks hand to the user agent.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    Bytes(Vec<u8>, Reply),
+    /// A message larger than `max_message_bytes`, dropped unread.
+    Oversize,
+    /// The outgoing TCP connection is up (its writer).
+    Connected(mpsc::Sender<Vec<u8>>),
+    /// The outgoing TCP connection is gone.
+    Disconnected,
+}
+
+/// Everything the user agent needs, resolved by `spawn`.
+pub(crate) struct Setup {
+    pub config: SipConfig,
+    pub password: String,
+    pub pbx_addr: SocketAddr,
+    /// `host:port` written in Via and Contact.
+    pub advertised: String,
+    pub mode: Mode,
+    /// (agent, extension), sorted by extension.
+    pub agents: Vec<(AgentId, String)>,
+    pub events: mpsc::Sender<Event>,
+    pub status: SipStatus,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Purpose {
+    Subscribe { agent: usize, cseq: u32 },
+    Options,
+    Unsubscribe,
+}
+
+#[derive(Debug)]
+struct Txn {
+    purpose: Purpose,
+    bytes: Vec<u8>,
+    sent_at: Instant,
+    /// UDP only.
+    retransmit_at: Option<Instant>,
+    interval: Duration,
+    deadline: Instant,
+}
+
+struct Line {
+    extension: String,
+    sub: Subscription,
+    dialogs: DialogSet,
+    tracker: LineTracker,
+}
+
+pub(crate) struct Ua {
+    config: SipConfig,
+    domain: String,
+    advertised: String,
+    pbx_addr: SocketAddr,
+    udp: Option<Arc<UdpSocket>>,
+    tcp: Option<mpsc::Sender<Vec<u8>>>,
+    connected_before: bool,
+    lines: Vec<Line>,
+    txns: HashMap<String, Txn>,
+    options_at: Instant,
+    /// `None` until the first OPTIONS answered or timed out.
+    reachable: Option<bool>,
+    events: mpsc::Sender<Event>,
+    status: SipStatus,
+    out: Vec<Event>,
+}
+
+fn wall_micros() -> Micros {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX))
+}
+
+fn jitter() -> f64 {
+    rand::random::<f64>()
+}
+
+impl Ua {
+    pub(crate) fn new(setup: Setup, udp: Option<Arc<UdpSocket>>) -> Result<Ua, SipError> {
+        let now = Instant::now();
+        let domain = setup.config.domain().to_string();
+        let offer_wait = Micros::try_from(setup.config.offer_identity_wait().as_micros()).unwrap_or(0);
+        let mut lines = Vec::with_capacity(setup.agents.len());
+        for (i, (agent, extension)) in setup.agents.into_iter().enumerate() {
+            let raw = format!("sip:{extension}@{domain}");
+            let uri = super::message::sip_uri(&raw)
+                .map_err(|e| SipError::Config(vec![format!("sip.domain: agent {agent}'s URI: {e}")]))?
+                .to_string();
+            let params = Params {
+                uri,
+                username: setup.config.username.clone(),
+                password: setup.password.clone(),
+                expires: setup.config.expires_seconds,
+                retry_max: setup.config.retry_max(),
+            };
+            let start = now + STAGGER.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX));
+            lines.push(Line {
+                tracker: LineTracker::new(agent, extension.clone(), setup.mode, offer_wait),
+                extension,
+                sub: Subscription::new(params, start),
+                dialogs: DialogSet::default(),
+            });
+        }
+        setup.status.set_total(lines.len());
+        Ok(Ua {
+            domain,
+            advertised: setup.advertised,
+            pbx_addr: setup.pbx_addr,
+            udp,
+            tcp: None,
+            connected_before: false,
+            lines,
+            txns: HashMap::new(),
+            options_at: now,
+            reachable: None,
+            events: setup.events,
+            status: setup.status,
+            out: Vec::new(),
+            config: setup.config,
+        })
+    }
+
+    /// The loop. Returns on shutdown (after unsubscribing) or when the
+    /// event channel is closed.
+    pub(crate) async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<Inbound>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SipError> {
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.unsubscribe_all().await;
+                    return Ok(());
+                }
+                item = inbound.recv() => match item {
+                    Some(item) => self.on_inbound(item).await?,
+                    None => return Err(SipError::TransportClosed),
+                },
+                _ = tokio::time::sleep_until(wake) => self.on_timers().await?,
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let now = Instant::now();
+        let wall = wall_micros();
+        let mut wake = now + Duration::from_secs(3600);
+        let can_send = self.can_send();
+        let mut consider = |t: Instant| wake = wake.min(t);
+        if can_send && self.config.options_interval().is_some() {
+            consider(self.options_at);
+        }
+        for t in self.txns.values() {
+            consider(t.deadline);
+            if let Some(r) = t.retransmit_at {
+                consider(r);
+            }
+        }
+        for l in &self.lines {
+            if let Some(d) = l.sub.deadline().filter(|_| can_send) {
+                consider(d);
+            }
+            if let Some(d) = l.tracker.next_deadline() {
+                consider(now + Duration::from_micros(u64::try_from(d.saturating_sub(wall)).unwrap_or(0)));
+            }
+        }
+        wake
+    }
+
+    async fn on_timers(&mut self) -> Result<(), SipError> {
+        let now = Instant::now();
+        // Transactions: retransmit (UDP) or give up.
+        let mut expired = Vec::new();
+        let mut resend = Vec::new();
+        for (branch, t) in &mut self.txns {
+            if t.deadline <= now {
+                expired.push(branch.clone());
+            } else if let Some(at) = t.retransmit_at.filter(|at| *at <= now) {
+                t.interval = (t.interval * 2).min(T2);
+                t.retransmit_at = Some(at.max(now) + t.interval);
+                resend.push(t.bytes.clone());
+            }
+        }
+        for bytes in resend {
+            self.send_to_pbx(&bytes).await;
+        }
+        for branch in expired {
+            if let Some(t) = self.txns.remove(&branch) {
+                self.on_txn_timeout(now, t.purpose).await;
+            }
+        }
+        if self.can_send() {
+            if let Some(interval) = self.config.options_interval().filter(|_| self.options_at <= now) {
+                self.options_at = now + interval;
+                self.send_options(now).await;
+            }
+            for i in 0..self.lines.len() {
+                if let Some(req) = self.lines[i].sub.poll(now) {
+                    self.send_subscribe(i, req, now).await;
+                }
+            }
+        }
+        let wall = wall_micros();
+        for l in &mut self.lines {
+            if l.tracker.next_deadline().is_some_and(|d| d <= wall) {
+                l.tracker.poll(wall, &mut self.out);
+            }
+        }
+        self.flush_events().await
+    }
+
+    async fn on_txn_timeout(&mut self, now: Instant, purpose: Purpose) {
+        match purpose {
+            Purpose::Subscribe { agent, cseq } => {
+                if let Some(l) = self.lines.get_mut(agent) {
+                    warn!(extension = %l.extension, "SUBSCRIBE timed out; retrying with backoff");
+                    l.sub.on_timeout(now, cseq, jitter());
+                    metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => "timeout").increment(1);
+                }
+                self.update_active();
+            }
+            Purpose::Options => self.set_reachable(false, None, now),
+            Purpose::Unsubscribe => {}
+        }
+    }
+
+    /// UDP can always send; TCP only over a live connection (requests are
+    /// held, not lost, while it is down).
+    fn can_send(&self) -> bool {
+        self.udp.is_some() || self.tcp.is_some()
+    }
+
+    fn set_reachable(&mut self, reachable: bool, rtt: Option<Duration>, now: Instant) {
+        let before = self.reachable.replace(reachable);
+        self.status.set_reachable(reachable, rtt);
+        metrics::gauge!("callbridge_sip_pbx_reachable").set(if reachable { 1.0 } else { 0.0 });
+        if let Some(rtt) = rtt {
+            metrics::histogram!("callbridge_sip_options_rtt_seconds").record(rtt.as_secs_f64());
+        }
+        match (before, reachable) {
+            (Some(false), true) => {
+                // The PBX may have restarted and forgotten every subscription.
+                info!(pbx = %self.pbx_addr, "PBX reachable again; re-subscribing every extension");
+                for (i, l) in self.lines.iter_mut().enumerate() {
+                    l.sub.restart(now + STAGGER.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX)));
+                }
+                self.update_active();
+            }
+            (Some(true) | None, false) => warn!(pbx = %self.pbx_addr, "PBX does not answer OPTIONS"),
+            _ => {}
+        }
+    }
+
+    fn update_active(&self) {
+        let active = self.lines.iter().filter(|l| l.sub.is_active()).count();
+        self.status.set_active(active);
+        metrics::gauge!("callbridge_sip_subscriptions_active").set(active as f64);
+        if self.config.options_interval().is_none() {
+            // No keepalive: an active subscription is the sign of life.
+            self.status.set_reachable(active > 0, None);
+            metrics::gauge!("callbridge_sip_pbx_reachable").set(if active > 0 { 1.0 } else { 0.0 });
+        }
+    }
+
+    async fn flush_events(&mut self) -> Result<(), SipError> {
+        // Full channel: wait (backpressure); call events are never dropped.
+        for e in self.out.drain(..) {
+            self.events.send(e).await.map_err(|_| SipError::EventsClosed)?;
+        }
+        Ok(())
+    }
+
+    async fn send_to_pbx(&mut self, bytes: &[u8]) {
+        if let Some(udp) = &self.udp {
+            if let Err(e) = udp.send_to(bytes, self.pbx_addr).await {
+                debug!(error = %e, "UDP send failed");
+            }
+        } else if let Some(tcp) = &self.tcp {
+            if tcp.send(bytes.to_vec()).await.is_err() {
+                self.tcp = None;
+            }
+        }
+    }
+
+    async fn reply(&mut self, to: &Reply, bytes: Vec<u8>) {
+        match to {
+            Reply::Udp(addr) => {
+                if let Some(udp) = &self.udp {
+                    if let Err(e) = udp.send_to(&bytes, addr).await {
+                        debug!(error = %e, "UDP reply failed");
+                    }
+                }
+            }
+            Reply::Tcp(tx) => {
+                let _ = tx.send(bytes).await;
+            }
+        }
+    }
+
+    fn via(&self, branch: &str) -> String {
+        format!("SIP/2.0/{} {};branch={branch};rport", self.config.transport.token(), self.advertised)
+    }
+
+    fn contact(&self) -> String {
+        match self.config.transport {
+            Transport::Udp => format!("<sip:{}@{}>", self.config.username, self.advertised),
+            Transport::Tcp => format!("<sip:{}@{};transport=tcp>", self.config.username, self.advertised),
+        }
+    }
+
+    async fn start_txn(&mut self, purpose: Purpose, out: Outgoing, branch: String, now: Instant) {
+        let bytes = match out.render() {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot render a SIP request");
+                return;
+            }
+        };
+        self.send_to_pbx(&bytes).await;
+        let udp = self.udp.is_some();
+        self.txns.insert(
+            branch,
+            Txn {
+                purpose,
+                bytes,
+                sent_at: now,
+                retransmit_at: udp.then_some(now + T1),
+                interval: T1,
+                deadline: now + self.config.request_timeout(),
+            },
+        );
+    }
+
+    async fn send_subscribe(&mut self, i: usize, req: SubscribeRequest, now: Instant) {
+        let Some(line) = self.lines.get_mut(i) else { return };
+        if req.fresh {
+            line.dialogs.reset_version();
+        }
+        let extension = line.extension.clone();
+        // A request superseded by this one (auth retry, refresh) is over.
+        self.txns.retain(|_, t| !matches!(t.purpose, Purpose::Subscribe { agent, .. } if agent == i));
+        let purpose =
+            if req.expires == 0 { Purpose::Unsubscribe } else { Purpose::Subscribe { agent: i, cseq: req.cseq } };
+        let out = self.subscribe_request(&extension, &req);
+        let branch = header_branch(&out);
+        self.start_txn(purpose, out, branch, now).await;
+        self.update_active();
+    }
+
+    fn subscribe_request(&self, extension: &str, req: &SubscribeRequest) -> Outgoing {
+        let branch = new_branch();
+        let to = match &req.remote_tag {
+            Some(tag) => format!("<sip:{extension}@{}>;tag={tag}", self.domain),
+            None => format!("<sip:{extension}@{}>", self.domain),
+        };
+        let mut other = vec![
+            ("Max-Forwards", "70".to_string()),
+            ("Accept", "application/dialog-info+xml".to_string()),
+            ("User-Agent", concat!("callbridge/", env!("CARGO_PKG_VERSION")).to_string()),
+        ];
+        if let Some((name, value)) = &req.authorization {
+            other.push((name, value.clone()));
+        }
+        Outgoing {
+            method: rsip::Method::Subscribe,
+            uri: req.uri.clone(),
+            headers: vec![
+                (Name::Via, self.via(&branch)),
+                (Name::From, format!("<sip:{}@{}>;tag={}", self.config.username, self.domain, req.local_tag)),
+                (Name::To, to),
+                (Name::CallId, req.call_id.clone()),
+                (Name::CSeq, format!("{} SUBSCRIBE", req.cseq)),
+                (Name::Contact, self.contact()),
+                (Name::Event, "dialog".to_string()),
+                (Name::Expires, req.expires.to_string()),
+            ],
+            other,
+        }
+    }
+
+    async fn send_options(&mut self, now: Instant) {
+        let branch = new_branch();
+        let out = Outgoing {
+            method: rsip::Method::Options,
+            uri: format!("sip:{}", self.config.pbx),
+            headers: vec![
+                (Name::Via, self.via(&branch)),
+                (Name::From, format!("<sip:{}@{}>;tag={}", self.config.username, self.domain, token(12))),
+                (Name::To, format!("<sip:{}>", self.config.pbx)),
+                (Name::CallId, format!("{}@callbridge", token(24))),
+                (Name::CSeq, "1 OPTIONS".to_string()),
+                (Name::Contact, self.contact()),
+            ],
+            other: vec![("Max-Forwards", "70".to_string()), ("Accept", "application/sdp".to_string())],
+        };
+        // Only one keepalive at a time: a new one supersedes a lost one.
+        let stale: Vec<String> =
+            self.txns.iter().filter(|(_, t)| matches!(t.purpose, Purpose::Options)).map(|(b, _)| b.clone()).collect();
+        for b in stale {
+            self.txns.remove(&b);
+            self.set_reachable(false, None, now);
+        }
+        self.start_txn(Purpose::Options, out, branch, now).await;
+    }
+
+    async fn unsubscribe_all(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.lines.len() {
+            if let Some(req) = self.lines[i].sub.close() {
+                self.send_subscribe(i, req, now).await;
+            }
+        }
+        self.status.set_active(0);
+        metrics::gauge!("callbridge_sip_subscriptions_active").set(0.0);
+    }
+
+    async fn on_inbound(&mut self, item: Inbound) -> Result<(), SipError> {
+        match item {
+            Inbound::Oversize => {
+                metrics::counter!("callbridge_sip_malformed_total", "what" => "oversize").increment(1);
+                warn!(max = self.config.max_message_bytes, "oversized SIP message dropped");
+            }
+            Inbound::Connected(tx) => {
+                info!(pbx = %self.pbx_addr, "TCP connection to the PBX up");
+                let now = Instant::now();
+                if self.connected_before {
+                    // NOTIFYs of the old connection are lost; start over.
+                    for (i, l) in self.lines.iter_mut().enumerate() {
+                        l.sub.restart(now + STAGGER.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX)));
+                    }
+                }
+                self.connected_before = true;
+                self.tcp = Some(tx);
+                self.options_at = now;
+            }
+            Inbound::Disconnected => {
+                warn!(pbx = %self.pbx_addr, "TCP connection to the PBX lost");
+                self.tcp = None;
+            }
+            Inbound::Bytes(bytes, reply) => self.on_bytes(&bytes, reply).await?,
+        }
+        Ok(())
+    }
+
+    async fn on_bytes(&mut self, bytes: &[u8], reply: Reply) -> Result<(), SipError> {
+        let msg = match Message::parse(bytes, self.config.max_message_bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                metrics::counter!("callbridge_sip_malformed_total", "what" => "sip").increment(1);
+                warn!(error = %e, "malformed SIP message");
+                if let Some(l) = Lenient::scan(bytes) {
+                    if !l.method.eq_ignore_ascii_case("ACK") {
+                        self.reply(&reply, l.bad_request()).await;
+                    }
+                }
+                return Ok(());
+            }
+        };
+        let kind = match msg.method().as_deref() {
+            None => "response",
+            Some("NOTIFY") => "notify",
+            Some("OPTIONS") => "options",
+            Some(_) => "other",
+        };
+        metrics::counter!("callbridge_sip_messages_received_total", "kind" => kind).increment(1);
+        if msg.is_request() {
+            self.on_request(&msg, reply).await
+        } else {
+            self.on_response(&msg).await;
+            Ok(())
+        }
+    }
+
+    async fn on_response(&mut self, msg: &Message) {
+        let now = Instant::now();
+        let (Some(branch), Some(status), Some(cseq)) = (msg.branch(), msg.status(), msg.cseq()) else { return };
+        let Some(txn) = self.txns.get_mut(branch) else {
+            debug!(status, "response to no pending request");
+            return;
+        };
+        if status < 200 {
+            // Proceeding: keep retransmitting, at T2 (RFC 3261 §17.1.2.2).
+            txn.interval = T2;
+            if let Some(r) = txn.retransmit_at.as_mut() {
+                *r = now + T2;
+            }
+            return;
+        }
+        let Some(txn) = self.txns.remove(branch) else { return };
+        match txn.purpose {
+            Purpose::Options => self.set_reachable(true, Some(now.saturating_duration_since(txn.sent_at)), now),
+            Purpose::Unsubscribe => {}
+            Purpose::Subscribe { agent, .. } => {
+                let r = subscription::Response {
+                    status,
+                    cseq: cseq.seq,
+                    to_tag: msg.to_tag(),
+                    expires: msg.expires(),
+                    contact: msg.contact_uri(),
+                    www_authenticate: msg.header(Name::WwwAuthenticate),
+                    proxy_authenticate: msg.header(Name::ProxyAuthenticate),
+                    min_expires: msg.header(Name::MinExpires).and_then(|v| v.trim().parse().ok()),
+                    retry_after: msg
+                        .header(Name::RetryAfter)
+                        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()),
+                };
+                let Some(line) = self.lines.get_mut(agent) else { return };
+                let next = line.sub.on_response(now, &r, jitter());
+                if let Some(why) = line.sub.last_failure().filter(|_| next.is_none() && !line.sub.is_active()) {
+                    warn!(extension = %line.extension, status, reason = why.as_str(), "SUBSCRIBE failed; retrying with backoff");
+                    metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => why.as_str())
+                        .increment(1);
+                } else if line.sub.is_active() && (200..300).contains(&status) {
+                    debug!(extension = %line.extension, "subscription active");
+                }
+                if let Some(req) = next {
+                    self.send_subscribe(agent, req, now).await;
+                }
+                self.update_active();
+            }
+        }
+    }
+
+    async fn on_request(&mut self, msg: &Message, reply: Reply) -> Result<(), SipError> {
+        let method = msg.method().unwrap_or_default();
+        let allow = [("Allow", "NOTIFY, OPTIONS")];
+        let bytes = match method.as_str() {
+            "NOTIFY" => return self.on_notify(msg, reply).await,
+            "ACK" => return Ok(()),
+            "OPTIONS" => msg.response(
+                200,
+                "OK",
+                &token(12),
+                &[("Allow", "NOTIFY, OPTIONS"), ("Accept", "application/dialog-info+xml"), ("Allow-Events", "dialog")],
+            ),
+            "BYE" | "CANCEL" => msg.response(481, "Call/Transaction Does Not Exist", &token(12), &[]),
+            _ => msg.response(405, "Method Not Allowed", &token(12), &allow),
+        };
+        self.reply(&reply, bytes).await;
+        Ok(())
+    }
+
+    async fn on_notify(&mut self, msg: &Message, reply: Reply) -> Result<(), SipError> {
+        let now = Instant::now();
+        let Some(i) = self.lines.iter().position(|l| l.sub.owns(msg.call_id(), msg.to_tag())) else {
+            // Not ours (any more): 481 makes the PBX drop that subscription.
+            debug!(call_id = msg.call_id(), "NOTIFY for an unknown subscription");
+            self.reply(&reply, msg.response(481, "Subscription Does Not Exist", "", &[])).await;
+            return Ok(());
+        };
+        if !msg.event().is_some_and(|e| e.eq_ignore_ascii_case("dialog")) {
+            self.reply(&reply, msg.response(489, "Bad Event", "", &[("Allow-Events", "dialog")])).await;
+            return Ok(());
+        }
+        let body = msg.body();
+        let doc = if body.iter().all(u8::is_ascii_whitespace) {
+            Ok(DialogInfo::parse(b""))
+        } else if msg.content_type().as_deref() != Some("application/dialog-info+xml") {
+            Err(msg.response(415, "Unsupported Media Type", "", &[("Accept", "application/dialog-info+xml")]))
+        } else {
+            Ok(DialogInfo::parse(body))
+        };
+        let doc = match doc {
+            Err(bytes) => {
+                self.reply(&reply, bytes).await;
+                return Ok(());
+            }
+            Ok(Err(e)) => {
+                metrics::counter!("callbridge_sip_malformed_total", "what" => "xml").increment(1);
+                warn!(extension = %self.lines[i].extension, error = %e, "malformed dialog-info body");
+                self.reply(&reply, msg.response(400, "Bad Request", "", &[])).await;
+                return Ok(());
+            }
+            Ok(Ok(doc)) => doc,
+        };
+        self.reply(&reply, msg.response(200, "OK", "", &[])).await;
+        let state = msg.subscription_state();
+        if state.as_ref().is_some_and(|s| s.state == super::message::SubStateValue::Terminated) {
+            metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => "terminated").increment(1);
+        }
+        let line = &mut self.lines[i];
+        let next = line.sub.on_notify(now, state.as_ref(), msg.from_tag(), jitter());
+        match line.dialogs.apply(doc) {
+            Applied::Stale => {}
+            applied => {
+                if applied == Applied::Gap {
+                    debug!(extension = %line.extension, "dialog-info version gap; refreshing for full state");
+                    line.sub.refresh_now(now);
+                }
+                line.tracker.update(wall_micros(), &line.dialogs, &mut self.out);
+            }
+        }
+        if let Some(req) = next {
+            info!(extension = %self.lines[i].extension, "subscription terminated by the PBX; re-subscribing");
+            self.send_subscribe(i, req, now).await;
+        }
+        self.update_active();
+        self.flush_events().await
+    }
+}
+
+fn header_branch(out: &Outgoing) -> String {
+    out.headers
+        .iter()
+        .find(|(n, _)| *n == Name::Via)
+        .and_then(|(_, v)| super::message::header_param(v, "branch"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// UDP: one reader task feeding the user agent.
+pub(crate) fn spawn_udp_reader(
+    socket: Arc<UdpSocket>,
+    tx: mpsc::Sender<Inbound>,
+    max: usize,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; max + 1];
+        loop {
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = socket.recv_from(&mut buf) => r,
+            };
+            let item = match received {
+                Ok((n, _)) if n > max => Inbound::Oversize,
+                Ok((n, from)) => Inbound::Bytes(buf[..n].to_vec(), Reply::Udp(from)),
+                Err(e) => {
+                    // ICMP errors of earlier sends surface here on some systems.
+                    debug!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Reads one TCP connection into the user agent and writes what the user
+/// agent queues for it. Ends when either side closes.
+async fn serve_connection(
+    stream: TcpStream,
+    tx: mpsc::Sender<Inbound>,
+    max: usize,
+    out_tx: mpsc::Sender<Vec<u8>>,
+    mut out_rx: mpsc::Receiver<Vec<u8>>,
+) {
+    let (read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        while let Some(bytes) = out_rx.recv().await {
+            if write.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut frames = FramedRead::new(read, SipCodec::new(max));
+    while let Some(item) = frames.next().await {
+        let item = match item {
+            Ok(Framed::Message(bytes)) => Inbound::Bytes(bytes.to_vec(), Reply::Tcp(out_tx.clone())),
+            Ok(Framed::Skipped(_)) => Inbound::Oversize,
+            Err(e) => {
+                metrics::counter!("callbridge_sip_malformed_total", "what" => "sip").increment(1);
+                warn!(error = %e, "SIP stream unusable; closing the connection");
+                break;
+            }
+        };
+        if tx.send(item).await.is_err() {
+            break;
+        }
+    }
+    writer.abort();
+}
+
+/// TCP: keeps one connection to the PBX (reconnecting with backoff) and
+/// serves connections the PBX opens to `listener`.
+pub(crate) fn spawn_tcp(
+    pbx: SocketAddr,
+    listener: TcpListener,
+    tx: mpsc::Sender<Inbound>,
+    config: &SipConfig,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let max = config.max_message_bytes;
+    let connect_timeout = config.request_timeout();
+    let retry_max = config.retry_max();
+    let accept_tx = tx.clone();
+    let accept_shutdown = shutdown.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_TCP));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = accept_shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let Ok((stream, peer)) = accepted else { continue };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                warn!(%peer, "too many inbound SIP/TCP connections; refusing one");
+                continue;
+            };
+            let tx = accept_tx.clone();
+            let shutdown = accept_shutdown.clone();
+            tokio::spawn(async move {
+                let (out_tx, out_rx) = mpsc::channel(TCP_OUT_CAPACITY);
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = serve_connection(stream, tx, max, out_tx, out_rx) => {}
+                }
+                drop(permit);
+            });
+        }
+    });
+    tokio::spawn(async move {
+        let mut failures = 0u32;
+        loop {
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = tokio::time::timeout(connect_timeout, TcpStream::connect(pbx)) => c,
+            };
+            match connected {
+                Ok(Ok(stream)) => {
+                    failures = 0;
+                    let _ = stream.set_nodelay(true);
+                    let (out_tx, out_rx) = mpsc::channel(TCP_OUT_CAPACITY);
+                    if tx.send(Inbound::Connected(out_tx.clone())).await.is_err() {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = serve_connection(stream, tx.clone(), max, out_tx, out_rx) => {}
+                    }
+                    if tx.send(Inbound::Disconnected).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Err(e)) => debug!(error = %e, %pbx, "TCP connect failed"),
+                Err(_) => debug!(%pbx, "TCP connect timed out"),
+            }
+            failures = failures.saturating_add(1);
+            let delay = subscription::backoff(failures, retry_max, jitter());
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    })
+}

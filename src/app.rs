@@ -78,13 +78,21 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
 
     let mut tasks = Vec::new();
     let (ami, ami_task) = match &opts.source {
-        SourceSpec::Ami => {
-            let Some(ami_config) = config.pbx.ami.clone() else {
-                bail!("{}: no [pbx.ami] section: callbridge run needs the PBX's AMI", opts.config_path.display());
-            };
-            let (handle, task) = connection::spawn(ami_config, source_tx, shutdown.clone());
-            (Some(handle), Some(task))
-        }
+        SourceSpec::Ami => match config.pbx.ami.clone() {
+            Some(ami_config) => {
+                let (handle, task) = connection::spawn(ami_config, source_tx, shutdown.clone());
+                (Some(handle), Some(task))
+            }
+            None if config.sip.is_some() => {
+                // SIP-only mode: calls come from the agents' dialogs.
+                drop(source_tx);
+                (None, None)
+            }
+            None => bail!(
+                "{}: neither [pbx.ami] nor [sip] is configured: callbridge run needs a source",
+                opts.config_path.display()
+            ),
+        },
         SourceSpec::Traces { paths, speed } => {
             readiness.set_pbx(true);
             let limits = config
@@ -98,11 +106,59 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         }
     };
 
+    // SIP dialog events arrive as ready-made lifecycle events. Full channel:
+    // the SIP agent waits.
+    let (sip_tx, sip_rx) = mpsc::channel::<crate::event::Event>(1024);
+    let mut sip_status = None;
+    // A replayed trace is the only source of a reproduced incident: SIP
+    // subscriptions belong to live runs.
+    let live_sip = config.sip.clone().filter(|_| matches!(opts.source, SourceSpec::Ami));
+    if let Some(sip) = live_sip {
+        let mode = crate::sip::Mode::for_config(&config);
+        let agent = crate::sip::spawn(
+            sip,
+            mode,
+            Arc::new(crate::directory::Directory::from_config(&config)),
+            config.pbx.name.clone(),
+            sip_tx,
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("[sip]: {e}"))?;
+        info!(addr = %agent.local_addr, "SIP dialog subscriptions started");
+        sip_status = Some(agent.status.clone());
+        tasks.push(tokio::spawn(async move {
+            match agent.task.await {
+                Ok(Err(e)) => error!(error = %e, "SIP connector stopped"),
+                Err(e) => error!(error = %e, "SIP connector task failed"),
+                Ok(Ok(())) => {}
+            }
+        }));
+    } else {
+        drop(sip_tx);
+    }
+    if config.pbx.ami.is_none() && matches!(opts.source, SourceSpec::Ami) {
+        // Readiness follows the SIP side when it is the only source.
+        if let Some(status) = sip_status.clone() {
+            let r = readiness.clone();
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => r.set_pbx(status.ready()),
+                    }
+                }
+            }));
+        }
+    }
+
     let delivery = delivery_for(&config)?;
     readiness.set_outbox(true);
     let shared = Arc::new(Shared::new(config.clone(), registry, readiness.clone(), ami.clone(), cmd_tx));
     let pipeline = Pipeline::new(&config, shared.clone(), delivery);
-    let pipeline = tokio::spawn(pipeline.run(source_rx, cmd_rx, shutdown.clone()));
+    let pipeline = tokio::spawn(pipeline.run(source_rx, sip_rx, cmd_rx, shutdown.clone()));
 
     let mut api_addr = None;
     if let Some(api) = &config.api {

@@ -128,11 +128,14 @@ impl Pipeline {
         }
     }
 
-    /// Runs until the source ends (a trace was fully replayed) or shutdown.
+    /// Runs until shutdown; a source that ends (a trace fully replayed) is
+    /// noted and the pipeline keeps serving commands. `ready_events` carries
+    /// events made elsewhere (SIP dialog events) into the same delivery.
     /// On return every event handed to delivery has been flushed.
     pub async fn run(
         mut self,
         mut source: mpsc::Receiver<SourceItem>,
+        mut ready_events: mpsc::Receiver<Event>,
         mut commands: mpsc::Receiver<Command>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
@@ -141,6 +144,7 @@ impl Pipeline {
         let watchdog_every = crate::systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600));
         let mut watchdog = tokio::time::interval(watchdog_every);
         let mut source_open = true;
+        let mut ready_open = true;
         loop {
             tokio::select! {
                 biased;
@@ -152,6 +156,10 @@ impl Pipeline {
                         source_open = false;
                         info!("source ended; {} live calls remain", self.normalizer.live_calls());
                     }
+                },
+                e = ready_events.recv(), if ready_open => match e {
+                    Some(e) => self.out.push(e),
+                    None => ready_open = false,
                 },
                 _ = sweep.tick() => self.start_sweep(),
                 _ = watchdog.tick() => crate::systemd::watchdog(),

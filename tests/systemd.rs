@@ -66,3 +66,49 @@ fn notify_protocol_reaches_the_socket() {
     assert_eq!(got[1], "WATCHDOG=1\n");
     assert_eq!(got[2], "STOPPING=1\nSTATUS=stopping\n");
 }
+
+#[test]
+fn the_daemon_speaks_the_notify_protocol() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    let config = std::fs::read_to_string(root().join("config/lab.toml")).expect("lab config");
+    let config = config
+        .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
+        .replace("path = \"-\"", &format!("path = {:?}", dir.path().join("events.jsonl")));
+    let config_path = dir.path().join("callbridge.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_callbridge"))
+        .args(["replay", "--serve", "--config"])
+        .arg(&config_path)
+        .arg(root().join("fixtures/ami/a01-inbound-answered.ami"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .env("WATCHDOG_PID", "")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start callbridge");
+    let mut buf = [0u8; 512];
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(seen.iter().any(|m: &String| m.contains("READY=1")) && seen.iter().any(|m| m.contains("WATCHDOG=1"))) {
+        assert!(std::time::Instant::now() < deadline, "no READY/WATCHDOG: {seen:?}");
+        let n = sock.recv(&mut buf).expect("a notify datagram");
+        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING after SIGTERM");
+        let m = String::from_utf8_lossy(&buf[..n]).to_string();
+        if m.contains("STOPPING=1") {
+            break;
+        }
+    }
+    let exit = child.wait().expect("exit");
+    assert!(exit.success(), "callbridge exited with {exit:?}");
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).expect("events");
+    assert_eq!(events.lines().count(), 5, "a01 gives five events: {events}");
+}

@@ -1,0 +1,384 @@
+//! The daemon end to end, in process: a scripted AMI server on loopback as
+//! the PBX, the real HTTP API on loopback, JSON lines to a file.
+//!
+//! Covers the resync after a reconnect (calls the PBX forgot end `lost`,
+//! exactly once; calls already up when callbridge starts are adopted and end
+//! normally), stuck-call detection checked against the PBX, the API with its
+//! authentication and error paths, indicators of a replayed trace against
+//! hand-computed values, and the Prometheus exposition.
+
+mod support;
+
+use callbridge::app::{self, RunOptions, SourceSpec};
+use callbridge::replay::Speed;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::server::{headers, AmiServer, Headers, Reply, ServerOptions};
+
+const TOKEN: &str = "test-token";
+
+fn now_ts() -> String {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970");
+    format!("{}.{:06}", d.as_secs(), d.subsec_micros())
+}
+
+/// A configuration for the lab directory, with `extra` appended.
+fn write_config(dir: &Path, ami: Option<&AmiServer>, extra: &str) -> PathBuf {
+    let ami = match ami {
+        Some(s) => format!(
+            "[pbx.ami]\naddress = \"{}\"\nusername = \"callbridge\"\nsecret = \"s3cret-lab\"\n\
+             connect_timeout_seconds = 2.0\naction_timeout_seconds = 2.0\nreconnect_max_seconds = 0.2\n",
+            s.addr()
+        ),
+        None => String::new(),
+    };
+    let events = dir.join("events.jsonl");
+    let text = format!(
+        r#"[pbx]
+name = "lab"
+{ami}
+[[groups]]
+id = "support"
+queue = "700"
+agents = ["maria", "joao"]
+timezone = "America/Sao_Paulo"
+[[groups]]
+id = "sales"
+queue = "701"
+agents = ["ana"]
+timezone = "America/Sao_Paulo"
+[[agents]]
+id = "maria"
+name = "Maria Silva"
+extension = "2000"
+[[agents]]
+id = "joao"
+name = "Joao Souza"
+extension = "2001"
+[[agents]]
+id = "ana"
+name = "Ana Costa"
+extension = "2002"
+[api]
+listen = "127.0.0.1:0"
+secret = "{TOKEN}"
+[[sinks]]
+type = "jsonl"
+path = {events:?}
+{extra}
+"#
+    );
+    let path = dir.join("callbridge.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn events_of(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+fn of_call<'a>(events: &'a [Value], call: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["data"]["call"]["id"] == call).collect()
+}
+
+fn types(events: &[&Value]) -> Vec<String> {
+    events.iter().map(|e| e["type"].as_str().unwrap_or("").to_string()).collect()
+}
+
+async fn wait_for(what: &str, dir: &Path, cond: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ev = events_of(dir);
+        if cond(&ev) {
+            return ev;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; events: {ev:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn channel(uid: &str, linkedid: &str, chan: &str, state: &str, extra: &[(&str, &str)]) -> Headers {
+    let mut h = headers(&[
+        ("Event", "CoreShowChannel"),
+        ("Channel", chan),
+        ("Uniqueid", uid),
+        ("Linkedid", linkedid),
+        ("ChannelStateDesc", state),
+        ("CallerIDNum", "11999990000"),
+        ("Exten", "1130001000"),
+        ("Duration", "00:00:30"),
+    ]);
+    h.extend(headers(extra));
+    h
+}
+
+/// A scripted PBX whose `CoreShowChannels` answer the test can change.
+async fn pbx(channels: Arc<Mutex<Vec<Headers>>>) -> AmiServer {
+    AmiServer::start(ServerOptions::default().on("CoreShowChannels", move |_| {
+        Reply::list(channels.lock().expect("lock").clone(), "CoreShowChannelsComplete")
+    }))
+    .await
+}
+
+async fn start(config: PathBuf, source: SourceSpec) -> app::Running {
+    app::start(RunOptions { config_path: config, source, api_listen: None, shutdown_deadline: Duration::from_secs(5) })
+        .await
+        .expect("daemon starts")
+}
+
+fn newchannel(server: &AmiServer, uid: &str, chan: &str) {
+    let ts = now_ts();
+    server.send_frame(&[
+        ("Event", "Newchannel"),
+        ("Timestamp", &ts),
+        ("Channel", chan),
+        ("ChannelStateDesc", "Ring"),
+        ("CallerIDNum", "11987650001"),
+        ("Exten", "1130001000"),
+        ("Uniqueid", uid),
+        ("Linkedid", uid),
+    ]);
+}
+
+fn hangup(server: &AmiServer, uid: &str, linkedid: &str, chan: &str) {
+    let ts = now_ts();
+    server.send_frame(&[
+        ("Event", "Hangup"),
+        ("Timestamp", &ts),
+        ("Channel", chan),
+        ("Uniqueid", uid),
+        ("Linkedid", linkedid),
+        ("Cause", "16"),
+        ("Cause-txt", "Normal Clearing"),
+    ]);
+}
+
+#[tokio::test]
+async fn resync_ends_forgotten_calls_once_and_adopts_calls_already_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Before callbridge starts, the PBX already has a call queued in 700.
+    let listed = Arc::new(Mutex::new(vec![channel(
+        "9.1",
+        "9.1",
+        "SIP/carrier00-00000009",
+        "Up",
+        &[("Application", "Queue"), ("ApplicationData", "700,r,,,45")],
+    )]));
+    let server = pbx(listed.clone()).await;
+    let running = start(write_config(dir.path(), Some(&server), ""), SourceSpec::Ami).await;
+    wait_for("the adopted call", dir.path(), |ev| types(&of_call(ev, "9.1")) == ["call.started", "call.queued"]).await;
+
+    // A new call starts while connected…
+    newchannel(&server, "1.1", "SIP/carrier00-00000010");
+    wait_for("call 1.1", dir.path(), |ev| !of_call(ev, "1.1").is_empty()).await;
+    // …then the connection drops and the PBX forgets it meanwhile.
+    server.cut();
+    server.wait_logins(2).await;
+    let ev = wait_for("call 1.1 ended as lost", dir.path(), |ev| {
+        of_call(ev, "1.1").iter().any(|e| e["type"] == "call.ended")
+    })
+    .await;
+    let ended: Vec<&Value> = of_call(&ev, "1.1").into_iter().filter(|e| e["type"] == "call.ended").collect();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0]["data"]["end_reason"], "lost");
+    assert_eq!(types(&of_call(&ev, "1.1")), ["call.started", "call.missed", "call.ended"]);
+
+    // A second reconnect does not end it again; the adopted call goes on.
+    server.cut();
+    server.wait_logins(3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hangup(&server, "9.1", "9.1", "SIP/carrier00-00000009");
+    let ev = wait_for("the adopted call's end", dir.path(), |ev| {
+        of_call(ev, "9.1").iter().any(|e| e["type"] == "call.ended")
+    })
+    .await;
+    assert_eq!(of_call(&ev, "1.1").iter().filter(|e| e["type"] == "call.ended").count(), 1);
+    let adopted = of_call(&ev, "9.1");
+    assert_eq!(adopted.last().map(|e| &e["data"]["end_reason"]), Some(&Value::from("normal")));
+    assert_eq!(adopted[1]["data"]["call"]["group"], "support");
+    running.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn stuck_calls_are_checked_with_the_pbx() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listed = Arc::new(Mutex::new(Vec::new()));
+    let server = pbx(listed.clone()).await;
+    let config = write_config(
+        dir.path(),
+        Some(&server),
+        "[stuck]\nstarted_seconds = 1\nqueued_seconds = 1\nsilence_seconds = 1\ncheck_interval_seconds = 1\n",
+    );
+    let running = start(config, SourceSpec::Ami).await;
+    server.wait_logins(1).await;
+    // Two calls whose hangup never comes: the PBX still has the first…
+    *listed.lock().expect("lock") = vec![channel("2.1", "2.1", "SIP/carrier00-00000021", "Up", &[])];
+    newchannel(&server, "2.1", "SIP/carrier00-00000021");
+    // …and has forgotten the second.
+    newchannel(&server, "3.1", "SIP/carrier00-00000031");
+    let ev = wait_for("the sweeper's verdicts", dir.path(), |ev| {
+        of_call(ev, "2.1").iter().any(|e| e["type"] == "call.stuck")
+            && of_call(ev, "3.1").iter().any(|e| e["type"] == "call.ended")
+    })
+    .await;
+    let stuck: Vec<&Value> = of_call(&ev, "2.1").into_iter().filter(|e| e["type"] == "call.stuck").collect();
+    assert_eq!(stuck[0]["data"]["state"], "started");
+    assert_eq!(of_call(&ev, "3.1").last().map(|e| &e["data"]["end_reason"]), Some(&Value::from("lost")));
+    assert!(server.actions_named("CoreShowChannels").len() >= 2, "the suspects were checked with the PBX");
+    // Flagged once only, however many sweeps pass; the call stays live.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let ev = events_of(dir.path());
+    assert_eq!(of_call(&ev, "2.1").iter().filter(|e| e["type"] == "call.stuck").count(), 1);
+    assert!(running.shared.registry.is_live("2.1"));
+    let metrics = callbridge::telemetry::render();
+    assert!(metrics.contains("callbridge_calls_stuck_total"), "{metrics}");
+    running.stop().await.expect("clean stop");
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(running: &app::Running) -> Api {
+        let addr = running.api_addr.expect("API configured");
+        Api { base: format!("http://{addr}"), http: reqwest::Client::new() }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("HTTP request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, Some(TOKEN)).await
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/ami").join(name)
+}
+
+#[tokio::test]
+async fn api_over_http_with_a_replayed_trace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), None, "");
+    let running =
+        start(config, SourceSpec::Traces { paths: vec![fixture("a11-concurrent-mix.ami")], speed: Speed::Max }).await;
+    let api = Api::new(&running);
+    wait_for("the whole trace", dir.path(), |ev| ev.iter().filter(|e| e["type"] == "call.ended").count() == 12).await;
+
+    // Health is open, everything else needs the token.
+    assert_eq!(api.call(reqwest::Method::GET, "/healthz", None).await.0, 200);
+    assert_eq!(api.call(reqwest::Method::GET, "/readyz", None).await.0, 200);
+    let (status, body) = api.call(reqwest::Method::GET, "/v1/calls", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
+    let (status, _) = api.call(reqwest::Method::GET, "/v1/calls", Some("wrong")).await;
+    assert_eq!(status, 401);
+
+    // Calls: none live after the trace; ended ones within retention.
+    let (status, body) = api.get("/v1/calls").await;
+    assert_eq!((status, body["count"].as_u64()), (200, Some(0)));
+    let (status, _) = api.get("/v1/calls?state=talking&group=support&agent=maria").await;
+    assert_eq!(status, 200);
+    let (status, body) = api.get("/v1/calls?state=flying").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_state")));
+    let (status, body) = api.get("/v1/calls/1795471952.37").await;
+    assert_eq!(status, 200);
+    assert_eq!((body["state"].as_str(), body["agent"].as_str()), (Some("ended"), Some("maria")));
+    let (status, body) = api.get("/v1/calls/no.such").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("call_not_found")));
+    let (status, body) = api.call(reqwest::Method::DELETE, "/v1/calls/1795471952.37", Some(TOKEN)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("call_not_live")));
+
+    // Indicators, computed by hand from the trace (QueueCallerJoin →
+    // answer, rounded to seconds): support answered 6 with waits
+    // 2, 5, 8, 13, 14, 16 and 2 abandoned; sales 3 (2, 7, 9) and 1.
+    let (status, s) = api.get("/v1/groups/support/indicators").await;
+    assert_eq!(status, 200);
+    assert_eq!(s["date"], "2026-11-23");
+    assert_eq!((s["offered"].as_u64(), s["answered"].as_u64(), s["missed"].as_u64()), (Some(8), Some(6), Some(2)));
+    assert_eq!(s["missed_by_reason"]["abandoned"], 2);
+    assert!((s["average_wait_seconds"].as_f64().unwrap_or(0.0) - 58.0 / 6.0).abs() < 1e-9);
+    assert_eq!(s["max_wait_seconds"], 16);
+    assert_eq!(s["service_level"], 1.0);
+    let (_, s) = api.get("/v1/groups/sales/indicators").await;
+    assert_eq!((s["offered"].as_u64(), s["answered"].as_u64(), s["missed"].as_u64()), (Some(4), Some(3), Some(1)));
+    assert_eq!((s["average_wait_seconds"].as_f64(), s["max_wait_seconds"].as_u64()), (Some(6.0), Some(9)));
+    let (status, body) = api.get("/v1/groups/nope/indicators").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("group_not_found")));
+    let (status, body) = api.get("/v1/nothing").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+
+    // Prometheus exposition: every sample line is `name{labels} value`.
+    let resp = reqwest::get(format!("{}/metrics", api.base)).await.expect("metrics");
+    let text = resp.text().await.expect("text");
+    check_exposition(&text);
+    for name in [
+        "callbridge_lifecycle_events_total{type=\"call.ended\"}",
+        "callbridge_calls_missed_total{reason=\"abandoned\"}",
+        "callbridge_calls_active{",
+        "callbridge_build_info{",
+        "process_",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    running.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn an_administrator_removes_a_live_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = pbx(Arc::new(Mutex::new(Vec::new()))).await;
+    let running = start(write_config(dir.path(), Some(&server), ""), SourceSpec::Ami).await;
+    server.wait_logins(1).await;
+    newchannel(&server, "5.1", "SIP/carrier00-00000051");
+    wait_for("call 5.1", dir.path(), |ev| !of_call(ev, "5.1").is_empty()).await;
+    let api = Api::new(&running);
+    let (status, body) = api.get("/v1/calls?group=").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api.call(reqwest::Method::DELETE, "/v1/calls/5.1", None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = api.call(reqwest::Method::DELETE, "/v1/calls/5.1", Some(TOKEN)).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("ended")));
+    let ev =
+        wait_for("the removal", dir.path(), |ev| of_call(ev, "5.1").iter().any(|e| e["type"] == "call.ended")).await;
+    assert_eq!(of_call(&ev, "5.1").last().map(|e| &e["data"]["end_reason"]), Some(&Value::from("removed")));
+    // Its late hangup changes nothing.
+    hangup(&server, "5.1", "5.1", "SIP/carrier00-00000051");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(of_call(&events_of(dir.path()), "5.1").len(), 3);
+    running.stop().await.expect("clean stop");
+}
+
+/// A minimal check of the Prometheus text format (0.0.4).
+fn check_exposition(text: &str) {
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        assert!(value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value), "bad value: {line}");
+        let name = series.split('{').next().unwrap_or("");
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad name: {line}"
+        );
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "bad labels: {line}");
+        }
+    }
+}

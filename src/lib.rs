@@ -45,3 +45,4 @@ pub fn routing_rules(_config: &config::Config) -> std::sync::Arc<dyn normalize::
     std::sync::Arc::new(normalize::AlwaysOpen)
 }
 pub mod app;
+pub mod record;

@@ -61,6 +61,19 @@ enum Command {
         #[arg(required = true)]
         traces: Vec<PathBuf>,
     },
+    /// Capture the live PBX's AMI stream into traces that `replay` reads
+    /// (no credentials are written). Stops on SIGINT/SIGTERM.
+    Record {
+        /// Configuration file (TOML); `[pbx.ami]` says where the PBX is.
+        #[arg(long)]
+        config: PathBuf,
+        /// The trace file to write (rotated files get .1, .2, … before the extension).
+        #[arg(long)]
+        out: PathBuf,
+        /// Start a new file once one exceeds this many MB.
+        #[arg(long)]
+        rotate_mb: Option<u64>,
+    },
     /// Validate a configuration file: every problem (exit 64), or a summary.
     CheckConfig {
         /// Configuration file (TOML).
@@ -93,6 +106,14 @@ fn main() -> ExitCode {
                 shutdown_deadline: Duration::from_secs(shutdown_seconds),
             })
         }
+        Command::Record { config, out, rotate_mb } => {
+            callbridge::telemetry::init_logging(cli.log_json);
+            let config = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            record(config, out, rotate_mb)
+        }
         Command::Replay { config, speed, summary, serve: true, api_listen, traces } => {
             callbridge::telemetry::init_logging(cli.log_json);
             let _ = summary;
@@ -117,6 +138,41 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn record(config: Config, out: PathBuf, rotate_mb: Option<u64>) -> ExitCode {
+    let Some(ami) = config.pbx.ami.clone() else {
+        eprintln!("callbridge: no [pbx.ami] in the configuration: nothing to record from");
+        return ExitCode::from(EX_CONFIG);
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("callbridge: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            }
+            stop.cancel();
+        });
+        match callbridge::record::record(ami, &out, rotate_mb.map(|m| m * 1_000_000), shutdown).await {
+            Ok(r) => {
+                eprintln!("recorded {} frames, {} bytes into {:?}", r.frames, r.bytes, r.files);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("callbridge: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn daemon(opts: RunOptions) -> ExitCode {

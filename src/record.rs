@@ -1,0 +1,144 @@
+//! `callbridge record`: captures a live PBX's AMI event stream into trace
+//! files that `callbridge replay` reads, so a support engineer can ship an
+//! incident.
+//!
+//! A trace written here looks exactly like one captured on the wire: the
+//! banner, a login reply, then every event frame byte for byte as Asterisk
+//! sent it (the codec keeps each frame's raw bytes). What is never written:
+//! the login exchange itself (challenge, key or secret — the reply line is a
+//! fixed `Authentication accepted`), and the replies to callbridge's own
+//! actions (pings, resync listings). A reconnection starts with a new banner,
+//! which replay handles like the live codec does.
+//!
+//! With `rotate_bytes`, a file that grew past the limit is closed at the next
+//! frame boundary and the next one starts (`trace.ami`, `trace.1.ami`, …),
+//! each a complete trace with its own banner.
+
+use crate::ami::connection::{spawn, SourceItem};
+use crate::config::AmiConfig;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// What a recording wrote.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub files: Vec<PathBuf>,
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+struct Writer {
+    base: PathBuf,
+    rotate_bytes: Option<u64>,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    written: u64,
+    banner: String,
+    stats: Recorded,
+}
+
+impl Writer {
+    fn path_for(&self, n: usize) -> PathBuf {
+        if n == 0 {
+            return self.base.clone();
+        }
+        let stem = self.base.file_stem().and_then(|s| s.to_str()).unwrap_or("trace");
+        let ext = self.base.extension().and_then(|s| s.to_str()).unwrap_or("ami");
+        self.base.with_file_name(format!("{stem}.{n}.{ext}"))
+    }
+
+    fn open_next(&mut self) -> std::io::Result<()> {
+        if let Some(mut f) = self.file.take() {
+            f.flush()?;
+        }
+        let path = self.path_for(self.stats.files.len());
+        let f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
+        info!(trace = %path.display(), "recording");
+        self.stats.files.push(path);
+        self.file = Some(std::io::BufWriter::new(f));
+        self.written = 0;
+        self.greet()
+    }
+
+    /// The banner and a login reply without any credential.
+    fn greet(&mut self) -> std::io::Result<()> {
+        let head = format!(
+            "Asterisk Call Manager/{}\r\nResponse: Success\r\nActionID: rec-1\r\nMessage: Authentication accepted\r\n\r\n",
+            self.banner
+        );
+        self.write(head.as_bytes())
+    }
+
+    fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
+        if self.file.is_none() {
+            self.open_next()?;
+        }
+        if let Some(f) = self.file.as_mut() {
+            f.write_all(b)?;
+        }
+        self.written += b.len() as u64;
+        self.stats.bytes += b.len() as u64;
+        Ok(())
+    }
+
+    fn frame(&mut self, raw: &[u8]) -> std::io::Result<()> {
+        if self.rotate_bytes.is_some_and(|max| self.written >= max) {
+            self.open_next()?;
+        }
+        self.write(raw)?;
+        self.write(b"\r\n")?;
+        self.stats.frames += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Records until `shutdown` (or the AMI client gives up, e.g. bad
+/// credentials). `rotate_bytes`: start a new file past this size.
+pub async fn record(
+    ami: AmiConfig,
+    out: &Path,
+    rotate_bytes: Option<u64>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Recorded> {
+    let capacity = ami.event_queue_capacity.max(1);
+    // Full channel: the AMI reader waits for the disk.
+    let (tx, mut rx) = mpsc::channel(capacity);
+    let (_handle, task) = spawn(ami, tx, shutdown.clone());
+    let mut w = Writer {
+        base: out.to_path_buf(),
+        rotate_bytes,
+        file: None,
+        written: 0,
+        banner: String::new(),
+        stats: Recorded::default(),
+    };
+    let mut flush = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            item = rx.recv() => match item {
+                Some(SourceItem::Connected { banner }) => {
+                    w.banner = banner;
+                    if w.file.is_none() { w.open_next()?; } else { w.greet()?; }
+                }
+                Some(SourceItem::Frame(f)) => w.frame(f.as_bytes())?,
+                Some(SourceItem::Resync(_)) | Some(SourceItem::Disconnected { .. }) => {}
+                None => break,
+            },
+            _ = flush.tick() => w.flush()?,
+        }
+    }
+    w.flush()?;
+    match task.await {
+        Ok(Err(e)) if e.is_fatal() => Err(e.into()),
+        _ => Ok(w.stats),
+    }
+}

@@ -382,3 +382,67 @@ fn check_exposition(text: &str) {
         }
     }
 }
+
+fn dial_begin(server: &AmiServer, caller: (&str, &str), dest: (&str, &str)) {
+    let ts = now_ts();
+    server.send_frame(&[
+        ("Event", "DialBegin"),
+        ("Timestamp", &ts),
+        ("Channel", caller.0),
+        ("Uniqueid", caller.1),
+        ("Linkedid", caller.1),
+        ("DestChannel", dest.0),
+        ("DestUniqueid", dest.1),
+        ("DestLinkedid", caller.1),
+    ]);
+}
+
+#[tokio::test]
+async fn reload_applies_a_good_configuration_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = pbx(Arc::new(Mutex::new(Vec::new()))).await;
+    let config = write_config(dir.path(), Some(&server), "");
+    let running = start(config.clone(), SourceSpec::Ami).await;
+    server.wait_logins(1).await;
+    // A call rings extension 2003, which is nobody's yet.
+    newchannel(&server, "6.1", "SIP/carrier00-00000061");
+    dial_begin(&server, ("SIP/carrier00-00000061", "6.1"), ("SIP/2003-00000062", "6.2"));
+    wait_for("call 6.1", dir.path(), |ev| !of_call(ev, "6.1").is_empty()).await;
+
+    // Pedro joins support with extension 2003.
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replace("agents = [\"maria\", \"joao\"]", "agents = [\"maria\", \"joao\", \"pedro\"]")
+        + "\n[[agents]]\nid = \"pedro\"\nname = \"Pedro Lima\"\nextension = \"2003\"\n";
+    std::fs::write(&config, &text).expect("rewrite");
+    running.reload().await.expect("a valid configuration is applied");
+
+    // The call in progress goes on and ends once.
+    hangup(&server, "6.2", "6.1", "SIP/2003-00000062");
+    hangup(&server, "6.1", "6.1", "SIP/carrier00-00000061");
+    // The next call uses the new directory: Pedro is offered the call.
+    newchannel(&server, "7.1", "SIP/carrier00-00000071");
+    dial_begin(&server, ("SIP/carrier00-00000071", "7.1"), ("SIP/2003-00000072", "7.2"));
+    let ev = wait_for("pedro's offer", dir.path(), |ev| {
+        of_call(ev, "7.1").iter().any(|e| e["type"] == "call.offered" && e["data"]["agent"] == "pedro")
+    })
+    .await;
+    assert_eq!(of_call(&ev, "6.1").iter().filter(|e| e["type"] == "call.ended").count(), 1);
+    assert!(!of_call(&ev, "6.1").iter().any(|e| e["type"] == "call.offered"), "6.1 rang before pedro existed");
+
+    // A broken file is refused with its problems; the running one stays.
+    std::fs::write(&config, text.replace("[[agents]]\nid = \"pedro\"", "[[agents]]\nidd = \"pedro\"")).expect("break");
+    let err = running.reload().await.expect_err("a broken configuration is refused");
+    assert!(err.problems.iter().any(|p| p.contains("idd")), "{err}");
+    dial_begin(&server, ("SIP/carrier00-00000071", "7.1"), ("SIP/2003-00000073", "7.3"));
+    hangup(&server, "7.2", "7.1", "SIP/2003-00000072");
+    hangup(&server, "7.3", "7.1", "SIP/2003-00000073");
+    hangup(&server, "7.1", "7.1", "SIP/carrier00-00000071");
+    let ev =
+        wait_for("call 7.1 ended", dir.path(), |ev| of_call(ev, "7.1").iter().any(|e| e["type"] == "call.ended")).await;
+    assert!(of_call(&ev, "7.1")
+        .iter()
+        .all(|e| e["data"]["call"]["agent"].is_null() || e["data"]["call"]["agent"] == "pedro"));
+    let metrics = callbridge::telemetry::render();
+    assert!(metrics.contains("callbridge_config_reloads_total{result=\"rejected\"}"), "{metrics}");
+    running.stop().await.expect("clean stop");
+}

@@ -31,6 +31,7 @@ pub mod ids;
 pub mod normalize;
 pub mod registry;
 pub mod replay;
+pub mod routing;
 pub mod systemd;
 pub mod telemetry;
 pub mod tracegen;

@@ -5,7 +5,7 @@ use anyhow::Context;
 use callbridge::ami::CodecLimits;
 use callbridge::config::Config;
 use callbridge::directory::Directory;
-use callbridge::normalize::{AlwaysOpen, Normalizer, Options};
+use callbridge::normalize::{Normalizer, Options};
 use callbridge::replay::{replay_files, Speed};
 use clap::{Parser, Subcommand};
 use std::io::Write;
@@ -70,7 +70,8 @@ fn main() -> ExitCode {
 
 fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> anyhow::Result<()> {
     let dir = Arc::new(Directory::from_config(config));
-    let mut normalizer = Normalizer::new(dir, Arc::new(AlwaysOpen), Options::from_config(config));
+    let rules = callbridge::routing::Routing::with_directory(config, dir.clone()).context("routing rules")?;
+    let mut normalizer = Normalizer::new(dir, Arc::new(rules), Options::from_config(config));
     let limits = config
         .pbx
         .ami

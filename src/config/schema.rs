@@ -137,6 +137,17 @@ fn check_address(s: &str) -> Result<(), String> {
     values::parse_host_port(s).map(|_| ()).map_err(|e| e.0)
 }
 
+/// A listening socket: an IP address (no host name) and a port.
+fn check_listen(s: &str) -> Result<(), String> {
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.port() != 0 => Ok(()),
+        Ok(_) => Err(format!("{s:?}: port 0 is not a port to listen on")),
+        Err(_) => Err(format!(
+            "{s:?} is not an ip:port to listen on (e.g. \"127.0.0.1:4573\", \"[::1]:4573\"; no host names)"
+        )),
+    }
+}
+
 fn check_timezone(s: &str) -> Result<(), String> {
     values::time_zone(s).map(|_| ()).map_err(|e| e.0)
 }
@@ -291,6 +302,16 @@ static REGISTRY: TableSchema = TableSchema {
     check: None,
 };
 
+static AGI: TableSchema = TableSchema {
+    name: "agi",
+    fields: &[
+        req("listen", Kind::Str(Some(check_listen))),
+        opt("max_sessions", Kind::Count { min: 1, why: "the endpoint must serve at least one session" }),
+        opt("session_timeout_seconds", SECONDS),
+    ],
+    check: None,
+};
+
 static SINK_JSONL: TableSchema = TableSchema {
     name: "sinks[] (type = \"jsonl\")",
     fields: &[req("type", STR), opt("path", Kind::Str(Some(check_non_empty)))],
@@ -336,6 +357,7 @@ pub(crate) static ROOT: TableSchema = TableSchema {
         opt("recordings", Kind::Table(&RECORDINGS)),
         opt("outbound", Kind::Table(&OUTBOUND)),
         opt("registry", Kind::Table(&REGISTRY)),
+        opt("agi", Kind::Table(&AGI)),
         opt(
             "sinks",
             Kind::TaggedTables {
@@ -545,6 +567,7 @@ mod tests {
             Kind::Str(_) | Kind::Secret => Value::String(
                 match key {
                     "address" => "127.0.0.1:5038",
+                    "listen" => "127.0.0.1:4573",
                     "timezone" => "UTC",
                     "days" => "mon-fri",
                     "from" => "08:00",

@@ -560,7 +560,8 @@ fn missed_reason_precedence() {
         t.pause("700", "2000", true);
         t.pause("700", "2001", true);
     };
-    let cases: &[(&str, Option<MissedReason>, Setup, Setup, QueueEnd, MissedReason)] = &[
+    type Case = (&'static str, Option<MissedReason>, Setup, Setup, QueueEnd, MissedReason);
+    let cases: &[Case] = &[
         // (case, calendar says, before the call, after it joined, queue end, expected)
         ("agents available, abandoned", None, none, none, QueueEnd::Abandon, Abandoned),
         ("agents available, timeout", None, none, none, QueueEnd::Timeout, QueueTimeout),

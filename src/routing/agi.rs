@@ -380,8 +380,18 @@ async fn await_success(lines: &mut Lines) -> Result<bool, Stop> {
     for _ in 0..MAX_REPLY_LINES {
         let line = lines.next().await.ok_or(Stop::Closed)??;
         let line = line.trim_end();
-        if line == "HANGUP" || line.starts_with("520-") {
+        if line == "HANGUP" {
             continue;
+        }
+        if line.starts_with("520-") {
+            // A usage text: skip to its last line, `520 End of proper usage.`
+            for _ in 0..MAX_REPLY_LINES {
+                let line = lines.next().await.ok_or(Stop::Closed)??;
+                if line.starts_with("520 ") {
+                    break;
+                }
+            }
+            return Err(Stop::Malformed("SET VARIABLE refused (520)".into()));
         }
         if let Some(rest) = line.strip_prefix("200 ") {
             return if rest.split_whitespace().any(|w| w == "result=1") {

@@ -19,6 +19,11 @@
 //!   external leg (the customer, outbound).
 //! - **Offers** are per agent, not per channel: `AgentCalled`, then the
 //!   `DialBegin`s of both Local halves, open one offer for that agent.
+//! - **Presence**: per agent, paused or not in each group's queue, device
+//!   usable or not, switched on or off in the helpdesk ([`AgentPresence`]).
+//!   A call remembers whether anybody of its group was available when it
+//!   arrived: if not, an unanswered end is `no_agents` (SPEC §4 precedence:
+//!   `holiday` > `outside_hours` > `no_agents` > `abandoned`/`queue_timeout`).
 //! - **Missed or answered** is decided when the call ends, not when the queue
 //!   says so: `QueueCallerAbandon` is also sent when the queue times out (the
 //!   `QUEUESTATUS=TIMEOUT` that tells them apart comes after it), and a call
@@ -516,15 +521,28 @@ impl Normalizer {
             time,
             AvailabilitySource::Pbx,
             |p| {
+                let mut changed = false;
                 if let Some(paused) = paused {
-                    p.paused.insert(queue.to_string(), paused);
+                    match p.paused.get_mut(queue) {
+                        Some(was) if *was == paused => {}
+                        Some(was) => {
+                            *was = paused;
+                            changed = true;
+                        }
+                        None => {
+                            p.paused.insert(queue.to_string(), paused);
+                            changed = true;
+                        }
+                    }
                 }
-                if let Some(unavailable) = device_unavailable {
+                if let Some(unavailable) = device_unavailable.filter(|u| *u != p.device_unavailable) {
                     p.device_unavailable = unavailable;
+                    changed = true;
                 }
+                changed
             },
-            |before, after| {
-                if !after.available() && after.device_unavailable && !before.device_unavailable {
+            |device_was_unavailable, after| {
+                if !after.available() && after.device_unavailable && !device_was_unavailable {
                     Some(DEVICE_UNAVAILABLE.to_string())
                 } else {
                     pause_reason.map(str::to_string)
@@ -544,27 +562,28 @@ impl Normalizer {
             .map(|a| a.id.clone())
     }
 
-    /// Applies `change` to an agent's presence; notes it for
+    /// Applies `change` to an agent's presence (it returns whether anything
+    /// changed: member events repeat the same state all day long, and this
+    /// path must not allocate for them); notes a change for
     /// [`Normalizer::take_presence_changes`] and emits `agent.availability`
-    /// when the agent's overall availability flips (`reason(before, after)`
-    /// says why).
+    /// when the agent's overall availability flips (`reason(device was
+    /// unavailable before, presence after)` says why).
     fn change_presence(
         &mut self,
         agent: &AgentId,
         time: Micros,
         source: AvailabilitySource,
-        change: impl FnOnce(&mut AgentPresence),
-        reason: impl FnOnce(&AgentPresence, &AgentPresence) -> Option<String>,
+        change: impl FnOnce(&mut AgentPresence) -> bool,
+        reason: impl FnOnce(bool, &AgentPresence) -> Option<String>,
         out: &mut Vec<Event>,
     ) {
         let presence = self.presence.entry(agent);
-        let before = presence.clone();
-        change(presence);
-        if *presence == before {
+        let device_was_unavailable = presence.device_unavailable;
+        if !change(presence) {
             return;
         }
         let now_available = presence.available();
-        let reason = reason(&before, presence);
+        let reason = reason(device_was_unavailable, presence);
         self.presence_changed.insert(agent.clone());
         let was_available = self.available.insert(agent.clone(), now_available).unwrap_or(true);
         if was_available != now_available {
@@ -586,7 +605,18 @@ impl Normalizer {
         let Some(agent) = self.dir.agent(agent).map(|a| a.id.clone()) else {
             return false;
         };
-        self.change_presence(&agent, now, AvailabilitySource::Api, |p| p.helpdesk_off = !available, |_, _| None, out);
+        self.change_presence(
+            &agent,
+            now,
+            AvailabilitySource::Api,
+            |p| {
+                let changed = p.helpdesk_off == available;
+                p.helpdesk_off = !available;
+                changed
+            },
+            |_, _| None,
+            out,
+        );
         true
     }
 
@@ -639,11 +669,13 @@ impl Normalizer {
                 now,
                 AvailabilitySource::Pbx,
                 |p| {
+                    let changed = p.paused != fresh.paused || p.device_unavailable != fresh.device_unavailable;
                     p.paused = fresh.paused;
                     p.device_unavailable = fresh.device_unavailable;
+                    changed
                 },
-                |before, after| {
-                    if !after.available() && after.device_unavailable && !before.device_unavailable {
+                |device_was_unavailable, after| {
+                    if !after.available() && after.device_unavailable && !device_was_unavailable {
                         Some(DEVICE_UNAVAILABLE.to_string())
                     } else if !after.available() {
                         reason

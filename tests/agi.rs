@@ -413,3 +413,38 @@ async fn shutdown_stops_accepting_and_returns() {
     tokio::time::timeout(WAIT, s.task).await.expect("serve returns").expect("no panic");
     assert!(TcpStream::connect(s.addr).await.is_err(), "the listener is closed");
 }
+
+#[tokio::test]
+async fn agi_settings_are_checked_and_bound() {
+    let with_agi = |agi: &str| format!("{CONFIG}\n[agi]\n{agi}\n");
+    // (settings, field expected in a problem, why expected in it)
+    for (agi, field, why) in [
+        (r#"listen = "localhost:4573""#, "agi.listen", "no host names"),
+        (r#"listen = "127.0.0.1:0""#, "agi.listen", "port 0"),
+        (r#"listen = "127.0.0.1""#, "agi.listen", "not an ip:port"),
+        ("max_sessions = 8", "agi.listen", "missing"),
+        ("listen = \"127.0.0.1:4573\"\nmax_sessions = 0", "agi.max_sessions", "at least 1"),
+        ("listen = \"127.0.0.1:4573\"\nsession_timeout_seconds = 0", "agi.session_timeout_seconds", "> 0"),
+        ("listen = \"127.0.0.1:4573\"\nport = 4573", "agi.port", "unknown key"),
+    ] {
+        let problems = Config::parse(&with_agi(agi), "agi.toml").expect_err(agi).problems;
+        assert!(
+            problems.iter().any(|p| p.starts_with(&format!("{field}:")) && p.contains(why)),
+            "{agi}: no problem at {field} saying {why:?}:\n{}",
+            problems.join("\n")
+        );
+    }
+
+    let text = with_agi("listen = \"127.0.0.1:4573\"\nmax_sessions = 8\nsession_timeout_seconds = 1.5");
+    let config = Config::parse(&text, "agi.toml").expect("valid");
+    let agi = config.agi.as_ref().expect("[agi]");
+    let limits = AgiLimits::from_config(agi).expect("limits");
+    assert_eq!((limits.max_sessions, limits.session_timeout), (8, Duration::from_millis(1500)));
+
+    // Binding an address already in use names it.
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut busy = agi.clone();
+    busy.listen = taken.local_addr().expect("addr").to_string();
+    let e = callbridge::routing::agi::bind(&busy).await.expect_err("in use");
+    assert!(e.to_string().contains(&busy.listen), "{e}");
+}

@@ -185,6 +185,10 @@ pub async fn serve_with(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_sessions.max(1)));
+    // Refused connections are closed by short tasks (a FIN and a drain of at
+    // most DRAIN_TIME); as many of those as sessions at most, beyond which a
+    // refused connection is simply dropped.
+    let closers = Arc::new(Semaphore::new(limits.max_sessions.max(1)));
     let sessions = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
         info!(address = %addr, max_sessions = limits.max_sessions, "FastAGI routing endpoint listening");
@@ -208,7 +212,13 @@ pub async fn serve_with(
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             warn!(peer = %peer, max_sessions = limits.max_sessions, "FastAGI busy: session refused, the dialplan falls back");
             count(Outcome::Refused, Duration::ZERO);
-            tokio::spawn(close_quietly(stream));
+            if let Ok(closer) = Arc::clone(&closers).try_acquire_owned() {
+                sessions.spawn(async move {
+                    let _closer = closer;
+                    let (read, write) = stream.into_split();
+                    close(read, write).await;
+                });
+            }
             continue;
         };
         let oracle = Arc::clone(&oracle);
@@ -423,11 +433,6 @@ async fn close(mut read: OwnedReadHalf, mut write: OwnedWriteHalf) {
         }
     };
     let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
-}
-
-async fn close_quietly(stream: TcpStream) {
-    let (read, write) = stream.into_split();
-    close(read, write).await;
 }
 
 /// What the environment block asks.

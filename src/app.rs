@@ -53,6 +53,8 @@ pub struct RunOptions {
 /// A started daemon.
 pub struct Running {
     pub shared: Arc<Shared>,
+    /// FastAGI routing, when `[agi]` is configured.
+    pub oracle: Option<Arc<crate::routing::RouteOracle>>,
     /// Where the API listens, when configured.
     pub api_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
@@ -160,6 +162,21 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     let pipeline = Pipeline::new(&config, shared.clone(), delivery);
     let pipeline = tokio::spawn(pipeline.run(source_rx, sip_rx, cmd_rx, shutdown.clone()));
 
+    let mut oracle = None;
+    if let Some(agi) = &config.agi {
+        let routing = crate::routing::rules_for(&config)?;
+        let o = Arc::new(crate::routing::RouteOracle::new(routing, shared.presence.clone()));
+        let limits = crate::routing::agi::AgiLimits::from_config(agi)?;
+        let listener = crate::routing::agi::bind(agi).await?;
+        info!(addr = %listener.local_addr()?, "FastAGI routing listening");
+        let stop = shutdown.clone();
+        let serve_oracle = o.clone();
+        tasks.push(tokio::spawn(
+            async move { crate::routing::agi::serve_with(listener, serve_oracle, limits, stop).await },
+        ));
+        oracle = Some(o);
+    }
+
     let mut api_addr = None;
     if let Some(api) = &config.api {
         let token = api.secret.resolve().map_err(|e| anyhow::anyhow!("[api]: {e}"))?;
@@ -192,6 +209,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
 
     Ok(Running {
         shared,
+        oracle,
         api_addr,
         shutdown,
         pipeline,
@@ -290,6 +308,12 @@ impl Running {
                 let new = Arc::new(new);
                 *self.shared.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
                 self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner()).reconfigure(&new);
+                if let Some(o) = &self.oracle {
+                    match crate::routing::rules_for(&new) {
+                        Ok(r) => o.reconfigure(r),
+                        Err(e) => error!(problems = %e, "routing rules not reloaded"),
+                    }
+                }
                 let _ = self.shared.commands.send(Command::Reload { config: new }).await;
                 metrics::counter!("callbridge_config_reloads_total", "result" => "ok").increment(1);
                 info!(config = %self.config_path.display(), "configuration reloaded");

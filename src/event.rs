@@ -140,6 +140,18 @@ impl MissedReason {
             MissedReason::Failed => "failed",
         }
     }
+
+    /// Rank in SPEC §4's precedence, strongest first: `holiday` (0) >
+    /// `outside_hours` (1) > `no_agents` (2) > everything else (3), which
+    /// describes what happened to a call that was deliverable.
+    pub fn precedence(self) -> u8 {
+        match self {
+            MissedReason::Holiday => 0,
+            MissedReason::OutsideHours => 1,
+            MissedReason::NoAgents => 2,
+            _ => 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -34,6 +34,7 @@ pub mod normalize;
 pub mod pipeline;
 pub mod registry;
 pub mod replay;
+pub mod routing;
 pub mod sip;
 pub mod systemd;
 pub mod telemetry;
@@ -41,8 +42,18 @@ pub mod tracegen;
 
 /// The business rules (hours, holidays) the normalizer consults for
 /// `config`.
-pub fn routing_rules(_config: &config::Config) -> std::sync::Arc<dyn normalize::Rules> {
-    std::sync::Arc::new(normalize::AlwaysOpen)
+///
+/// The configuration was validated when it was loaded, so building the
+/// rules cannot fail; if it ever did, every group is treated as open and
+/// the problem is logged.
+pub fn routing_rules(config: &config::Config) -> std::sync::Arc<dyn normalize::Rules> {
+    match routing::Routing::from_config(config) {
+        Ok(r) => std::sync::Arc::new(r),
+        Err(e) => {
+            tracing::error!(problems = %e, "cannot build the routing rules; treating every group as open");
+            std::sync::Arc::new(normalize::AlwaysOpen)
+        }
+    }
 }
 pub mod app;
 pub mod record;

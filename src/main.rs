@@ -206,7 +206,8 @@ fn daemon(opts: RunOptions) -> ExitCode {
 
 fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> anyhow::Result<()> {
     let dir = Arc::new(Directory::from_config(config));
-    let mut normalizer = Normalizer::new(dir, callbridge::routing_rules(config), Options::from_config(config));
+    let rules = callbridge::routing::Routing::with_directory(config, dir.clone()).context("routing rules")?;
+    let mut normalizer = Normalizer::new(dir, Arc::new(rules), Options::from_config(config));
     let limits = config
         .pbx
         .ami

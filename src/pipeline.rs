@@ -36,6 +36,9 @@ pub struct Shared {
     pub config: RwLock<Arc<Config>>,
     pub ami: Option<AmiHandle>,
     pub commands: mpsc::Sender<Command>,
+    /// Agents' presence as the normalizer knows it, for concurrent readers
+    /// (FastAGI routing). Only the pipeline task writes it.
+    pub presence: Arc<crate::routing::PresenceBoard>,
     /// The PBX's clock as last seen (µs), and when; `None` before the
     /// first timestamp (the wall clock stands in).
     clock: Mutex<Option<(Micros, Instant)>>,
@@ -56,6 +59,7 @@ impl Shared {
             readiness,
             ami,
             commands,
+            presence: Arc::new(crate::routing::PresenceBoard::new()),
             clock: Mutex::new(None),
         }
     }
@@ -164,6 +168,7 @@ impl Pipeline {
                 _ = sweep.tick() => self.start_sweep(),
                 _ = watchdog.tick() => crate::systemd::watchdog(),
             }
+            self.shared.presence.sync_from(&mut self.normalizer);
             if !self.out.is_empty() {
                 self.flush().await?;
             }
@@ -207,9 +212,7 @@ impl Pipeline {
                 let now = self.shared.pbx_now();
                 let before = self.normalizer.live_calls();
                 self.normalizer.resync(&PbxChannels { channels: r.channels }, now, &mut self.out);
-                for f in &r.queue_items {
-                    self.normalizer.handle(f, now, &mut self.out);
-                }
+                self.normalizer.resync_members(&r.queue_items, now, &mut self.out);
                 info!(before, after = self.normalizer.live_calls(), "resync with the PBX done");
             }
             SourceItem::Disconnected { reason } => {

@@ -83,6 +83,17 @@ fn describe() {
     describe_counter!("callbridge_dead_letters_total", "Events parked in the dead-letter store, by sink");
 
     describe_counter!("callbridge_config_reloads_total", "Configuration reloads, by result (ok/rejected)");
+
+    describe_counter!(
+        "callbridge_agi_sessions_total",
+        "FastAGI routing sessions, by outcome (queue/missed/error/malformed/timeout/closed/refused)"
+    );
+    describe_gauge!("callbridge_agi_sessions_active", "FastAGI routing sessions in progress");
+    describe_histogram!(
+        "callbridge_agi_session_duration_seconds",
+        Unit::Seconds,
+        "FastAGI routing session duration, accept to close"
+    );
 }
 
 #[cfg(test)]

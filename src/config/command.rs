@@ -133,6 +133,14 @@ impl Config {
             Some(ctx) => writeln!(s, "outbound    context {ctx}, prefix {:?}", self.outbound.prefix)?,
             None => writeln!(s, "outbound    click-to-call not configured")?,
         }
+        match &self.agi {
+            Some(agi) => writeln!(
+                s,
+                "agi         FastAGI routing on {}, at most {} sessions of {} s",
+                agi.listen, agi.max_sessions, agi.session_timeout_seconds
+            )?,
+            None => writeln!(s, "agi         FastAGI routing not configured")?,
+        }
         writeln!(
             s,
             "registry    ended calls kept {} ({} s), at most {}",

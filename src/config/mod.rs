@@ -71,6 +71,8 @@ pub struct Config {
     /// without `[pbx.ami]`).
     #[serde(default)]
     pub sip: Option<crate::sip::SipConfig>,
+    /// The FastAGI routing endpoint (SPEC §8). Absent: no listener.
+    pub agi: Option<AgiConfig>,
     /// Where lifecycle events are delivered.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
@@ -511,6 +513,33 @@ fn default_retention() -> u64 {
 
 fn default_max_ended_calls() -> usize {
     200_000
+}
+
+/// `[agi]`: the FastAGI endpoint the dialplan asks where to route a call
+/// (`AGI(agi://127.0.0.1:4573/route?queue=700)`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgiConfig {
+    /// `ip:port` to listen on, e.g. `127.0.0.1:4573` (4573 is FastAGI's
+    /// usual port). Keep it on loopback or a trusted network: FastAGI has
+    /// no authentication.
+    pub listen: String,
+    /// Most AGI sessions served at once; a connection beyond it is closed
+    /// at once (the dialplan falls back) rather than left waiting.
+    #[serde(default = "default_agi_max_sessions")]
+    pub max_sessions: usize,
+    /// Longest an AGI session may last, from connection to close. The
+    /// channel waits in `AGI()` meanwhile, so keep it short.
+    #[serde(default = "default_agi_session_timeout")]
+    pub session_timeout_seconds: f64,
+}
+
+fn default_agi_max_sessions() -> usize {
+    64
+}
+
+fn default_agi_session_timeout() -> f64 {
+    5.0
 }
 
 /// `[[sinks]]`: where events are delivered; `type` selects the kind.

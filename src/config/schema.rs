@@ -150,6 +150,17 @@ fn check_bind_address(s: &str) -> Result<(), String> {
     check_address(s)
 }
 
+/// A listening socket: an IP address (no host name) and a port.
+fn check_listen(s: &str) -> Result<(), String> {
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.port() != 0 => Ok(()),
+        Ok(_) => Err(format!("{s:?}: port 0 is not a port to listen on")),
+        Err(_) => Err(format!(
+            "{s:?} is not an ip:port to listen on (e.g. \"127.0.0.1:4573\", \"[::1]:4573\"; no host names)"
+        )),
+    }
+}
+
 fn check_timezone(s: &str) -> Result<(), String> {
     values::time_zone(s).map(|_| ()).map_err(|e| e.0)
 }
@@ -304,6 +315,16 @@ static REGISTRY: TableSchema = TableSchema {
     check: None,
 };
 
+static AGI: TableSchema = TableSchema {
+    name: "agi",
+    fields: &[
+        req("listen", Kind::Str(Some(check_listen))),
+        opt("max_sessions", Kind::Count { min: 1, why: "the endpoint must serve at least one session" }),
+        opt("session_timeout_seconds", SECONDS),
+    ],
+    check: None,
+};
+
 static SINK_JSONL: TableSchema = TableSchema {
     name: "sinks[] (type = \"jsonl\")",
     fields: &[req("type", STR), opt("path", Kind::Str(Some(check_non_empty)))],
@@ -408,6 +429,7 @@ pub(crate) static ROOT: TableSchema = TableSchema {
         opt("stuck", Kind::Table(&STUCK)),
         opt("indicators", Kind::Table(&INDICATORS)),
         opt("sip", Kind::Table(&SIP)),
+        opt("agi", Kind::Table(&AGI)),
         opt(
             "sinks",
             Kind::TaggedTables {
@@ -628,7 +650,8 @@ mod tests {
         match kind {
             Kind::Str(_) | Kind::Secret => Value::String(
                 match key {
-                    "address" | "listen" | "metrics_listen" | "bind" | "pbx" => "127.0.0.1:5038",
+                    "address" | "metrics_listen" | "bind" | "pbx" => "127.0.0.1:5038",
+                    "listen" => "127.0.0.1:4573",
                     "timezone" => "UTC",
                     "days" => "mon-fri",
                     "from" => "08:00",

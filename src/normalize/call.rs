@@ -3,7 +3,7 @@
 //! Only `Normalizer` drives a `Call`; this file knows how each AMI event
 //! changes one call and which lifecycle events that emits.
 
-use super::{Options, Rules};
+use super::{Options, PresenceMap, Rules, ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE};
 use crate::ami::Frame;
 use crate::directory::{is_local_channel, Agent, Directory};
 use crate::event::{
@@ -55,6 +55,8 @@ enum QueueOutcome {
 pub(super) struct Ctx<'a> {
     pub dir: &'a Directory,
     pub opts: &'a Options,
+    /// Agent presence now (for "was anybody available when the call arrived").
+    pub presence: &'a PresenceMap,
     /// Channels this event added to the call (the normalizer indexes them).
     pub new_channels: &'a mut Vec<Box<str>>,
 }
@@ -72,6 +74,12 @@ pub(super) struct Call {
     queue_app: Option<String>,
     in_queue: bool,
     queue_outcome: Option<QueueOutcome>,
+    /// No agent of the call's group was available when the call arrived in
+    /// it: an unanswered end is `no_agents`, whatever the queue said.
+    nobody_available: bool,
+    /// The FastAGI router's missed reason (`CALLBRIDGE_REASON`), until the
+    /// call joins a queue after all.
+    routed_reason: Option<MissedReason>,
     offers: SmallVec<[Offer; 4]>,
     /// The agent in conversation now (`None` after a blind transfer until
     /// the target answers).
@@ -170,6 +178,8 @@ impl Call {
             queue_app: None,
             in_queue: false,
             queue_outcome: None,
+            nobody_available: false,
+            routed_reason: None,
             offers: SmallVec::new(),
             talking: None,
             wait_base: time,
@@ -332,10 +342,13 @@ impl Call {
                     self.queue_app = Some(queue.to_string());
                 }
             }
-            "VarSet" => self.on_varset(f, uid, ctx.dir, ctx.opts),
+            "VarSet" => self.on_varset(f, uid, &ctx),
             "QueueCallerJoin" => {
                 let queue = f.get("Queue").unwrap_or("").to_string();
-                let group = ctx.dir.group_for_queue(&queue).map(|g| g.id.clone());
+                let dir_group = ctx.dir.group_for_queue(&queue);
+                self.nobody_available = dir_group.is_some_and(|g| !ctx.presence.group_has_available_agent(g));
+                self.routed_reason = None;
+                let group = dir_group.map(|g| g.id.clone());
                 let position = f.get("Position").and_then(|p| p.parse().ok());
                 self.snap.group = group.clone();
                 self.snap.queue = Some(queue.clone());
@@ -390,7 +403,8 @@ impl Call {
             .or_else(|| f.get("DestUniqueid").and_then(|u| self.channel(u)).and_then(|c| c.agent.clone()))
     }
 
-    fn on_varset(&mut self, f: &Frame, uid: &str, dir: &Directory, opts: &Options) {
+    fn on_varset(&mut self, f: &Frame, uid: &str, ctx: &Ctx<'_>) {
+        let (dir, opts) = (ctx.dir, ctx.opts);
         let (Some(var), Some(value)) = (f.get("Variable"), f.get("Value")) else {
             return;
         };
@@ -410,11 +424,28 @@ impl Call {
                 if self.queued_at.is_none() {
                     // Never joined: the queue is the one the dialplan asked for.
                     if let Some(q) = self.queue_app.clone() {
-                        self.snap.group = dir.group_for_queue(&q).map(|g| g.id.clone());
+                        let group = dir.group_for_queue(&q);
+                        self.nobody_available = group.is_some_and(|g| !ctx.presence.group_has_available_agent(g));
+                        self.snap.group = group.map(|g| g.id.clone());
                         self.snap.queue = Some(q);
                     }
                 }
             }
+        } else if var == ROUTE_GROUP_VARIABLE && uid == &*self.origin {
+            // The FastAGI router's answer, seen through the PBX: a call sent
+            // to "missed" never joins a queue but belongs to this group.
+            if self.queued_at.is_none() {
+                if let Some(g) = dir.group(value) {
+                    self.snap.group = Some(g.id.clone());
+                }
+            }
+        } else if var == ROUTE_REASON_VARIABLE && uid == &*self.origin {
+            self.routed_reason = match value {
+                "holiday" => Some(MissedReason::Holiday),
+                "outside_hours" => Some(MissedReason::OutsideHours),
+                "no_agents" => Some(MissedReason::NoAgents),
+                _ => None,
+            };
         }
     }
 
@@ -683,7 +714,10 @@ impl Call {
         self.emit_started(out);
         let mut added = Vec::new();
         let opts = Options::default();
-        let mut ctx = Ctx { dir, opts: &opts, new_channels: &mut added };
+        // A call adopted at resync arrived while callbridge was not looking:
+        // nobody knows who was available then.
+        let presence = PresenceMap::default();
+        let mut ctx = Ctx { dir, opts: &opts, presence: &presence, new_channels: &mut added };
         self.ensure_channel(uid, name, f.get("ChannelStateDesc"), &mut ctx);
         let Some(ch) = self.channel(uid).cloned() else {
             return;
@@ -723,23 +757,36 @@ impl Call {
         rules.closed_reason(group, self.queued_at.unwrap_or(self.snap.started_at))
     }
 
+    /// Why an unanswered call was missed. Inbound, the strongest of what is
+    /// known wins (SPEC §4: `holiday` > `outside_hours` > `no_agents` >
+    /// `abandoned`/`queue_timeout`): the group's calendar when the call
+    /// arrived (`closed`), the FastAGI router's verdict, nobody available
+    /// when the call arrived, and what the queue said.
     fn missed_reason(&self, closed: Option<MissedReason>) -> MissedReason {
-        if let Some(r) = closed {
-            return r;
-        }
         let dial = self.last_dial_status.as_deref();
         match self.snap.direction {
-            Direction::Inbound => match self.queue_outcome {
-                Some(QueueOutcome::NoAgents) => MissedReason::NoAgents,
-                Some(QueueOutcome::Timeout) => MissedReason::QueueTimeout,
-                Some(QueueOutcome::Abandoned) => MissedReason::Abandoned,
-                None => match dial {
-                    Some("NOANSWER") => MissedReason::NoAnswer,
-                    Some("BUSY") => MissedReason::Busy,
-                    _ => MissedReason::Abandoned,
-                },
-            },
+            Direction::Inbound => {
+                let observed = match self.queue_outcome {
+                    Some(QueueOutcome::NoAgents) => MissedReason::NoAgents,
+                    Some(QueueOutcome::Timeout) => MissedReason::QueueTimeout,
+                    Some(QueueOutcome::Abandoned) => MissedReason::Abandoned,
+                    None => match dial {
+                        Some("NOANSWER") => MissedReason::NoAnswer,
+                        Some("BUSY") => MissedReason::Busy,
+                        _ => MissedReason::Abandoned,
+                    },
+                };
+                let nobody = self.nobody_available.then_some(MissedReason::NoAgents);
+                [closed, self.routed_reason, nobody, Some(observed)]
+                    .into_iter()
+                    .flatten()
+                    .min_by_key(|r| r.precedence())
+                    .unwrap_or(observed)
+            }
             Direction::Outbound | Direction::Internal => {
+                if let Some(r) = closed {
+                    return r;
+                }
                 if self.originate_failed {
                     return MissedReason::Failed;
                 }

@@ -19,6 +19,11 @@
 //!   external leg (the customer, outbound).
 //! - **Offers** are per agent, not per channel: `AgentCalled`, then the
 //!   `DialBegin`s of both Local halves, open one offer for that agent.
+//! - **Presence**: per agent, paused or not in each group's queue, device
+//!   usable or not, switched on or off in the helpdesk ([`AgentPresence`]).
+//!   A call remembers whether anybody of its group was available when it
+//!   arrived: if not, an unanswered end is `no_agents` (SPEC §4 precedence:
+//!   `holiday` > `outside_hours` > `no_agents` > `abandoned`/`queue_timeout`).
 //! - **Missed or answered** is decided when the call ends, not when the queue
 //!   says so: `QueueCallerAbandon` is also sent when the queue times out (the
 //!   `QUEUESTATUS=TIMEOUT` that tells them apart comes after it), and a call
@@ -33,6 +38,7 @@
 //! bounded ring only, so late events of an ended call do not resurrect it.
 
 mod call;
+mod presence;
 
 use crate::ami::Frame;
 use crate::directory::Directory;
@@ -42,15 +48,26 @@ use crate::event::{
 use crate::ids::{AgentId, GroupId};
 use call::Call;
 pub use call::ChannelRole;
-use std::collections::{HashMap, HashSet, VecDeque};
+pub use presence::{device_state_unavailable, AgentPresence, PresenceMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// Business rules the normalizer consults when a call ends unanswered
-/// (hours and holidays, SPEC §2). Pure functions of the configuration.
+/// (hours and holidays, SPEC §2). Pure functions of the configuration;
+/// `routing::Routing` is the real one.
 pub trait Rules: Send + Sync {
     /// `Some(Holiday | OutsideHours)` when `group` was closed at `at`.
     fn closed_reason(&self, group: &GroupId, at: Micros) -> Option<MissedReason>;
 }
+
+/// Channel variable the FastAGI router sets to the group a call was routed
+/// to (or missed for). The normalizer reads it from `VarSet` so that a call
+/// the dialplan never queues still reaches the helpdesk with its group.
+pub const ROUTE_GROUP_VARIABLE: &str = "CALLBRIDGE_GROUP";
+/// Channel variable the FastAGI router sets to the missed-call reason
+/// (`holiday`, `outside_hours`, `no_agents`) when it routes a call to
+/// "missed"; empty otherwise.
+pub const ROUTE_REASON_VARIABLE: &str = "CALLBRIDGE_REASON";
 
 /// No business hours: every group is always open.
 #[derive(Debug, Default, Clone, Copy)]
@@ -107,13 +124,16 @@ pub struct Normalizer {
     channel_call: HashMap<Box<str>, CallId>,
     ended: BoundedSet,
     gone_channels: BoundedSet,
-    /// Per agent, per queue: paused on the PBX.
-    paused: HashMap<AgentId, HashMap<String, bool>>,
-    /// Last availability reported per agent.
+    /// What the PBX and the helpdesk say about each agent.
+    presence: PresenceMap,
+    /// Last availability reported per agent (`agent.availability`).
     available: HashMap<AgentId, bool>,
     /// Bumped when a (re)connection starts; calls touched since then are
     /// newer than the resync listing and are left alone by [`Normalizer::resync`].
     epoch: u64,
+    /// Agents whose presence changed since the last
+    /// [`Normalizer::take_presence_changes`] (bounded by the agents).
+    presence_changed: BTreeSet<AgentId>,
 }
 
 /// Per-state limits of the stuck-call sweeper (SPEC §7).
@@ -200,9 +220,10 @@ impl Normalizer {
             channel_call: HashMap::new(),
             ended: BoundedSet::new(ENDED_MEMORY),
             gone_channels: BoundedSet::new(ENDED_MEMORY * 4),
-            paused: HashMap::new(),
+            presence: PresenceMap::default(),
             available: HashMap::new(),
             epoch: 0,
+            presence_changed: BTreeSet::new(),
         }
     }
 
@@ -245,6 +266,8 @@ impl Normalizer {
                 if !(var == "QUEUESTATUS"
                     || var == "DIALSTATUS"
                     || var == "MIXMONITOR_FILENAME"
+                    || var == ROUTE_GROUP_VARIABLE
+                    || var == ROUTE_REASON_VARIABLE
                     || var == self.opts.ticket_variable)
                 {
                     return;
@@ -299,7 +322,8 @@ impl Normalizer {
         call.last_event_at = time;
         call.epoch = self.epoch;
         let mut new_channels: Vec<Box<str>> = Vec::new();
-        let ctx = call::Ctx { dir: &self.dir, opts: &self.opts, new_channels: &mut new_channels };
+        let ctx =
+            call::Ctx { dir: &self.dir, opts: &self.opts, presence: &self.presence, new_channels: &mut new_channels };
         let finished = call.handle(event, frame, time, ctx, out);
         call.track_state(time);
         for uid in new_channels {
@@ -491,58 +515,231 @@ impl Normalizer {
         let _ = out;
     }
 
+    /// `QueueMemberPause`, `QueueMemberStatus`, `QueueMember` (and the older
+    /// `QueueMemberPaused`): pause state per queue and device state.
     fn on_member(&mut self, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
-        let Some(paused) = frame.get("Paused") else {
+        let paused = frame.get("Paused").map(|p| p == "1" || p.eq_ignore_ascii_case("true"));
+        let device_unavailable =
+            frame.get("Status").and_then(|s| s.trim().parse::<u8>().ok()).map(device_state_unavailable);
+        if paused.is_none() && device_unavailable.is_none() {
             return;
-        };
-        let paused = paused == "1" || paused.eq_ignore_ascii_case("true");
+        }
         let Some(queue) = frame.get("Queue") else {
             return;
         };
-        let Some(agent) = self
-            .dir
+        let Some(agent) = self.member_agent(frame) else {
+            return;
+        };
+        // Pauses in queues no group uses do not make anyone unavailable for
+        // the helpdesk (and keep the map bounded by the configuration).
+        let paused = paused.filter(|_| self.dir.group_for_queue(queue).is_some());
+        let time = frame.timestamp_micros().unwrap_or(now);
+        let pause_reason = frame.get("PausedReason").or_else(|| frame.get("Reason")).filter(|r| !r.is_empty());
+        self.change_presence(
+            &agent,
+            time,
+            AvailabilitySource::Pbx,
+            |p| {
+                let mut changed = false;
+                if let Some(paused) = paused {
+                    match p.paused.get_mut(queue) {
+                        Some(was) if *was == paused => {}
+                        Some(was) => {
+                            *was = paused;
+                            changed = true;
+                        }
+                        None => {
+                            p.paused.insert(queue.to_string(), paused);
+                            changed = true;
+                        }
+                    }
+                }
+                if let Some(unavailable) = device_unavailable.filter(|u| *u != p.device_unavailable) {
+                    p.device_unavailable = unavailable;
+                    changed = true;
+                }
+                changed
+            },
+            |device_was_unavailable, after| {
+                if !after.available() && after.device_unavailable && !device_was_unavailable {
+                    Some(DEVICE_UNAVAILABLE.to_string())
+                } else {
+                    pause_reason.map(str::to_string)
+                }
+            },
+            out,
+        );
+    }
+
+    fn member_agent(&self, frame: &Frame) -> Option<AgentId> {
+        self.dir
             .agent_for_member(
                 frame.get("Interface").or_else(|| frame.get("Location")),
                 frame.get("StateInterface"),
                 frame.get("MemberName").or_else(|| frame.get("Name")),
             )
             .map(|a| a.id.clone())
-        else {
+    }
+
+    /// Applies `change` to an agent's presence (it returns whether anything
+    /// changed: member events repeat the same state all day long, and this
+    /// path must not allocate for them); notes a change for
+    /// [`Normalizer::take_presence_changes`] and emits `agent.availability`
+    /// when the agent's overall availability flips (`reason(device was
+    /// unavailable before, presence after)` says why).
+    fn change_presence(
+        &mut self,
+        agent: &AgentId,
+        time: Micros,
+        source: AvailabilitySource,
+        change: impl FnOnce(&mut AgentPresence) -> bool,
+        reason: impl FnOnce(bool, &AgentPresence) -> Option<String>,
+        out: &mut Vec<Event>,
+    ) {
+        let presence = self.presence.entry(agent);
+        let device_was_unavailable = presence.device_unavailable;
+        if !change(presence) {
             return;
-        };
-        let time = frame.timestamp_micros().unwrap_or(now);
-        let queues = self.paused.entry(agent.clone()).or_default();
-        queues.insert(queue.to_string(), paused);
-        // Available while unpaused in at least one queue.
-        let now_available = queues.values().any(|p| !p);
-        let before = self.available.insert(agent.clone(), now_available).unwrap_or(true);
-        if before != now_available {
-            let reason = frame.get("PausedReason").or_else(|| frame.get("Reason")).filter(|r| !r.is_empty());
+        }
+        let now_available = presence.available();
+        let reason = reason(device_was_unavailable, presence);
+        self.presence_changed.insert(agent.clone());
+        let was_available = self.available.insert(agent.clone(), now_available).unwrap_or(true);
+        if was_available != now_available {
             out.push(Event {
                 seq: 0,
                 time,
-                kind: EventKind::AgentAvailability {
-                    agent,
-                    available: now_available,
-                    reason: reason.map(str::to_string),
-                    source: AvailabilitySource::Pbx,
-                },
+                kind: EventKind::AgentAvailability { agent: agent.clone(), available: now_available, reason, source },
                 call: None,
             });
         }
     }
 
-    /// Whether an agent is available for calls as far as the PBX told us
-    /// (unknown counts as available).
-    pub fn agent_available(&self, agent: &str) -> bool {
-        self.available.get(agent).copied().unwrap_or(true)
+    /// The agent switched "available for calls" on or off in the helpdesk
+    /// (the control plane calls this; it also pauses the agent on the PBX,
+    /// whose confirming event then changes nothing more). Emits
+    /// `agent.availability` with `source: api` when the agent's overall
+    /// availability flips. Returns false for an unknown agent.
+    pub fn set_helpdesk_available(&mut self, agent: &str, available: bool, now: Micros, out: &mut Vec<Event>) -> bool {
+        let Some(agent) = self.dir.agent(agent).map(|a| a.id.clone()) else {
+            return false;
+        };
+        self.change_presence(
+            &agent,
+            now,
+            AvailabilitySource::Api,
+            |p| {
+                let changed = p.helpdesk_off == available;
+                p.helpdesk_off = !available;
+                changed
+            },
+            |_, _| None,
+            out,
+        );
+        true
     }
 
-    /// Whether at least one agent of the group is available.
+    /// Reconciles presence with a `QueueStatus` listing taken after a
+    /// (re)connection (its `QueueMember` items; `QueueParams` and
+    /// `QueueEntry` items are ignored). The listing replaces what the PBX
+    /// said before: pauses and device states missed while disconnected are
+    /// applied, an agent listed in no queue has no pause left. The helpdesk
+    /// switch is kept. A listing without any member (the PBX refused
+    /// `QueueStatus`) changes nothing.
+    pub fn resync_members(&mut self, items: &[Frame], now: Micros, out: &mut Vec<Event>) {
+        #[derive(Default)]
+        struct Listed {
+            paused: std::collections::BTreeMap<String, bool>,
+            device_unavailable: bool,
+            reason: Option<String>,
+        }
+        let mut listed: HashMap<AgentId, Listed> = HashMap::new();
+        let mut any_member = false;
+        for f in items.iter().filter(|f| f.event() == Some("QueueMember")) {
+            any_member = true;
+            let (Some(agent), Some(queue)) = (self.member_agent(f), f.get("Queue")) else {
+                continue;
+            };
+            let entry = listed.entry(agent).or_default();
+            if let Some(paused) = f.get("Paused").map(|p| p == "1" || p.eq_ignore_ascii_case("true")) {
+                if self.dir.group_for_queue(queue).is_some() {
+                    entry.paused.insert(queue.to_string(), paused);
+                }
+                if paused && entry.reason.is_none() {
+                    entry.reason = f.get("PausedReason").filter(|r| !r.is_empty()).map(str::to_string);
+                }
+            }
+            if f.get("Status").and_then(|s| s.trim().parse::<u8>().ok()).is_some_and(device_state_unavailable) {
+                entry.device_unavailable = true;
+            }
+        }
+        if !any_member {
+            return;
+        }
+        // Every configured agent, in id order so that the events are
+        // deterministic.
+        let mut agents: Vec<AgentId> = self.dir.agents().map(|a| a.id.clone()).collect();
+        agents.sort();
+        for agent in agents {
+            let fresh = listed.remove(&agent).unwrap_or_default();
+            let reason = fresh.reason.clone();
+            self.change_presence(
+                &agent,
+                now,
+                AvailabilitySource::Pbx,
+                |p| {
+                    let changed = p.paused != fresh.paused || p.device_unavailable != fresh.device_unavailable;
+                    p.paused = fresh.paused;
+                    p.device_unavailable = fresh.device_unavailable;
+                    changed
+                },
+                |device_was_unavailable, after| {
+                    if !after.available() && after.device_unavailable && !device_was_unavailable {
+                        Some(DEVICE_UNAVAILABLE.to_string())
+                    } else if !after.available() {
+                        reason
+                    } else {
+                        None
+                    }
+                },
+                out,
+            );
+        }
+    }
+
+    /// Agents whose presence changed since the last call, with their
+    /// presence now, in agent id order. The pipeline hands them to
+    /// `routing::PresenceBoard::apply` after each batch of frames so that
+    /// the FastAGI router sees what the normalizer sees.
+    pub fn take_presence_changes(&mut self) -> Vec<(AgentId, AgentPresence)> {
+        std::mem::take(&mut self.presence_changed)
+            .into_iter()
+            .map(|a| {
+                let p = self.presence.get(a.as_str()).cloned().unwrap_or_default();
+                (a, p)
+            })
+            .collect()
+    }
+
+    /// What the PBX and the helpdesk said about an agent so far.
+    pub fn presence(&self) -> &PresenceMap {
+        &self.presence
+    }
+
+    /// Whether an agent is available for calls as far as the PBX and the
+    /// helpdesk told us (unknown counts as available).
+    pub fn agent_available(&self, agent: &str) -> bool {
+        self.presence.get(agent).is_none_or(AgentPresence::available)
+    }
+
+    /// Whether at least one agent of the group takes calls from its queue.
     pub fn group_has_available_agent(&self, group: &str) -> bool {
-        self.dir.group(group).is_some_and(|g| g.agents.iter().any(|a| self.agent_available(a.as_str())))
+        self.dir.group(group).is_some_and(|g| self.presence.group_has_available_agent(g))
     }
 }
+
+/// `agent.availability` reason when the agent's device became unusable.
+const DEVICE_UNAVAILABLE: &str = "device_unavailable";
 
 /// Events that may introduce a call we do not know yet (a trace that starts
 /// mid-call, a call already up when callbridge started). Events that only

@@ -510,3 +510,318 @@ fn resync_leaves_calls_newer_than_the_listing_alone() {
     assert_eq!(ended, ["1.1"]);
     assert_eq!(t.n.live_calls(), 1);
 }
+
+/// A calendar that always gives the same answer.
+struct Fixed(Option<MissedReason>);
+
+impl Rules for Fixed {
+    fn closed_reason(&self, _: &GroupId, _: Micros) -> Option<MissedReason> {
+        self.0
+    }
+}
+
+impl T {
+    fn with_rules(rules: Option<MissedReason>) -> T {
+        let mut t = T::new();
+        let dir = t.n.directory().clone();
+        t.n.reconfigure(dir, Arc::new(Fixed(rules)), Options::default());
+        t
+    }
+
+    fn member(&mut self, event: &str, queue: &str, ext: &str, fields: &[(&str, &str)]) {
+        let interface = format!("SIP/{ext}");
+        let mut f = vec![("Queue", queue), ("Interface", interface.as_str())];
+        f.extend_from_slice(fields);
+        self.ev(0, event, &f);
+    }
+
+    fn pause(&mut self, queue: &str, ext: &str, paused: bool) {
+        self.member("QueueMemberPause", queue, ext, &[("Paused", if paused { "1" } else { "0" })]);
+    }
+
+    fn device(&mut self, queue: &str, ext: &str, status: &str) {
+        self.member("QueueMemberStatus", queue, ext, &[("Status", status), ("Paused", "0")]);
+    }
+
+    fn availability(&self) -> Vec<(String, bool, Option<String>, AvailabilitySource)> {
+        self.out
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::AgentAvailability { agent, available, reason, source } => {
+                    Some((agent.to_string(), *available, reason.clone(), *source))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn missed(&self, call: &str) -> MissedReason {
+        match self.kind(call, "call.missed").first() {
+            Some(EventKind::Missed { reason, .. }) => *reason,
+            other => panic!("no call.missed for {call}: {other:?}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum QueueEnd {
+    Abandon,
+    Timeout,
+    LeaveEmpty,
+}
+
+#[test]
+fn missed_reason_precedence() {
+    use MissedReason::*;
+    type Setup = fn(&mut T);
+    let none: Setup = |_| {};
+    let both_paused: Setup = |t| {
+        t.pause("700", "2000", true);
+        t.pause("700", "2001", true);
+    };
+    type Case = (&'static str, Option<MissedReason>, Setup, Setup, QueueEnd, MissedReason);
+    let cases: &[Case] = &[
+        // (case, calendar says, before the call, after it joined, queue end, expected)
+        ("agents available, abandoned", None, none, none, QueueEnd::Abandon, Abandoned),
+        ("agents available, timeout", None, none, none, QueueEnd::Timeout, QueueTimeout),
+        ("agents available, queue emptied", None, none, none, QueueEnd::LeaveEmpty, NoAgents),
+        ("everyone paused, abandoned", None, both_paused, none, QueueEnd::Abandon, NoAgents),
+        ("everyone paused, timeout", None, both_paused, none, QueueEnd::Timeout, NoAgents),
+        ("one agent left", None, |t| t.pause("700", "2000", true), none, QueueEnd::Abandon, Abandoned),
+        (
+            "paused only in another group's queue",
+            None,
+            |t| {
+                t.pause("701", "2000", true);
+                t.pause("701", "2001", true);
+            },
+            none,
+            QueueEnd::Abandon,
+            Abandoned,
+        ),
+        (
+            "paused in a queue no group uses",
+            None,
+            |t| {
+                t.pause("999", "2000", true);
+                t.pause("999", "2001", true);
+            },
+            none,
+            QueueEnd::Abandon,
+            Abandoned,
+        ),
+        (
+            "devices unavailable",
+            None,
+            |t| {
+                t.device("700", "2000", "5");
+                t.device("700", "2001", "4");
+            },
+            none,
+            QueueEnd::Abandon,
+            NoAgents,
+        ),
+        (
+            "switched off in the helpdesk",
+            None,
+            |t| {
+                let mut out = Vec::new();
+                t.n.set_helpdesk_available("maria", false, 0, &mut out);
+                t.n.set_helpdesk_available("joao", false, 0, &mut out);
+            },
+            none,
+            QueueEnd::Timeout,
+            NoAgents,
+        ),
+        ("everyone paused after the call arrived", None, none, both_paused, QueueEnd::Abandon, Abandoned),
+        (
+            "back from pause after the call arrived",
+            None,
+            both_paused,
+            |t| t.pause("700", "2000", false),
+            QueueEnd::Abandon,
+            NoAgents,
+        ),
+        ("outside hours, abandoned", Some(OutsideHours), none, none, QueueEnd::Abandon, OutsideHours),
+        ("outside hours beats no agents", Some(OutsideHours), both_paused, none, QueueEnd::Timeout, OutsideHours),
+        ("holiday beats an emptied queue", Some(Holiday), none, none, QueueEnd::LeaveEmpty, Holiday),
+    ];
+    for (case, closed, before, after, end, want) in cases {
+        let mut t = T::with_rules(*closed);
+        before(&mut t);
+        let c = ("SIP/carrier-01", "1.1");
+        t.inbound("1.1", c.0);
+        t.chan(0, "QueueCallerJoin", c.0, c.1, "1.1", &[("Queue", "700"), ("Position", "1")]);
+        after(&mut t);
+        match end {
+            QueueEnd::Abandon => t.chan(5, "QueueCallerAbandon", c.0, c.1, "1.1", &[("Queue", "700")]),
+            QueueEnd::Timeout => {
+                t.chan(30, "QueueCallerAbandon", c.0, c.1, "1.1", &[("Queue", "700")]);
+                t.chan(0, "VarSet", c.0, c.1, "1.1", &[("Variable", "QUEUESTATUS"), ("Value", "TIMEOUT")]);
+            }
+            QueueEnd::LeaveEmpty => {
+                t.chan(1, "QueueCallerLeave", c.0, c.1, "1.1", &[("Queue", "700")]);
+                t.chan(0, "VarSet", c.0, c.1, "1.1", &[("Variable", "QUEUESTATUS"), ("Value", "LEAVEEMPTY")]);
+            }
+        }
+        t.chan(0, "Hangup", c.0, c.1, "1.1", &[("Cause", "16")]);
+        assert_eq!(t.missed("1.1"), *want, "{case}");
+    }
+}
+
+#[test]
+fn answered_calls_are_never_missed_whoever_was_available() {
+    let mut t = T::with_rules(Some(MissedReason::OutsideHours));
+    t.pause("700", "2000", true);
+    t.pause("700", "2001", true);
+    let c = ("SIP/carrier-01", "1.1");
+    let m = ("SIP/2000-02", "1.2");
+    t.inbound("1.1", c.0);
+    t.chan(0, "QueueCallerJoin", c.0, c.1, "1.1", &[("Queue", "700")]);
+    t.pause("700", "2000", false);
+    t.two(1, "AgentCalled", c, m, "1.1", &[("Interface", "SIP/2000")]);
+    t.two(2, "AgentConnect", c, m, "1.1", &[("Interface", "SIP/2000")]);
+    t.chan(5, "Hangup", m.0, m.1, "1.1", &[("Cause", "16")]);
+    t.chan(0, "Hangup", c.0, c.1, "1.1", &[("Cause", "16")]);
+    assert!(t.kind("1.1", "call.missed").is_empty());
+    assert_eq!(t.kind("1.1", "call.answered").len(), 1);
+}
+
+#[test]
+fn device_state_and_helpdesk_switch_drive_availability() {
+    let mut t = T::new();
+    // In use, ringing, on hold: still available (no event).
+    for status in ["2", "6", "8", "1"] {
+        t.device("700", "2000", status);
+    }
+    t.device("700", "2000", "5");
+    t.device("701", "2000", "5");
+    t.device("700", "2000", "1");
+    // Switched off in the helpdesk, then paused on the PBX by callbridge:
+    // one event, from the API.
+    let mut out = Vec::new();
+    assert!(t.n.set_helpdesk_available("maria", false, 1_000, &mut out));
+    t.out.append(&mut out);
+    t.pause("700", "2000", true);
+    assert!(!t.n.set_helpdesk_available("nobody", false, 2_000, &mut out), "unknown agent");
+    assert!(out.is_empty());
+    // Unpaused on the PBX but still off in the helpdesk: nothing.
+    t.pause("700", "2000", false);
+    assert!(!t.n.agent_available("maria"));
+    assert!(t.n.set_helpdesk_available("maria", true, 3_000, &mut out));
+    t.out.append(&mut out);
+    let ev: Vec<(String, bool, Option<String>, AvailabilitySource)> = t.availability();
+    let want = [
+        ("maria", false, Some("device_unavailable"), AvailabilitySource::Pbx),
+        ("maria", true, None, AvailabilitySource::Pbx),
+        ("maria", false, None, AvailabilitySource::Api),
+        ("maria", true, None, AvailabilitySource::Api),
+    ];
+    assert_eq!(ev.len(), want.len(), "{ev:#?}");
+    for (got, want) in ev.iter().zip(want) {
+        assert_eq!((got.0.as_str(), got.1, got.2.as_deref(), got.3), want);
+    }
+    assert!(t.n.agent_available("maria"));
+    assert!(t.n.group_has_available_agent("support"));
+}
+
+#[test]
+fn presence_changes_are_handed_over_once() {
+    let mut t = T::new();
+    assert!(t.n.take_presence_changes().is_empty());
+    t.pause("700", "2000", true);
+    t.pause("701", "2002", true);
+    // In use (and still paused): no presence change.
+    t.member("QueueMemberStatus", "700", "2000", &[("Status", "2"), ("Paused", "1")]);
+    let changes = t.n.take_presence_changes();
+    let agents: Vec<&str> = changes.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(agents, ["ana", "maria"]);
+    assert!(!changes[1].1.available_in("700"));
+    assert!(changes[1].1.available_in("701"));
+    assert!(t.n.take_presence_changes().is_empty(), "handed over once");
+    // Members the directory does not know change nothing.
+    t.pause("700", "2999", true);
+    assert!(t.n.take_presence_changes().is_empty());
+}
+
+#[test]
+fn resync_members_replaces_what_the_pbx_said() {
+    let mut t = T::new();
+    t.pause("700", "2000", true); // maria paused, then the connection drops
+    let mut out = Vec::new();
+    assert!(t.n.set_helpdesk_available("ana", false, 0, &mut out));
+    t.n.take_presence_changes();
+    out.clear();
+    let item = |queue: &str, name: &str, paused: &str, status: &str| {
+        Frame::from_pairs(&[
+            ("Event", "QueueMember"),
+            ("Queue", queue),
+            ("Name", name),
+            ("Location", &format!("SIP/{}", if name == "Maria Silva" { "2000" } else { "2001" })),
+            ("Paused", paused),
+            ("PausedReason", if paused == "1" { "break" } else { "" }),
+            ("Status", status),
+        ])
+    };
+    // While away: maria was unpaused, joao paused, and his phone went away.
+    let listing = vec![
+        Frame::from_pairs(&[("Event", "QueueParams"), ("Queue", "700")]),
+        item("700", "Maria Silva", "0", "1"),
+        item("700", "Joao Souza", "1", "5"),
+    ];
+    t.n.resync_members(&listing, 9_000_000, &mut out);
+    let got: Vec<(String, bool)> = out
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::AgentAvailability { agent, available, .. } => Some((agent.to_string(), *available)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, [("joao".to_string(), false), ("maria".to_string(), true)]);
+    assert!(!t.n.agent_available("ana"), "the helpdesk switch survives a resync");
+    assert!(!t.n.group_has_available_agent("sales"));
+    assert!(t.n.group_has_available_agent("support"));
+    // A listing without members (QueueStatus refused) changes nothing.
+    out.clear();
+    t.n.resync_members(&[Frame::from_pairs(&[("Event", "QueueParams"), ("Queue", "700")])], 10_000_000, &mut out);
+    assert!(out.is_empty());
+    assert!(!t.n.agent_available("joao"));
+}
+
+#[test]
+fn fastagi_verdict_reaches_a_call_that_never_queues() {
+    let mut t = T::new();
+    let c = ("SIP/carrier-01", "1.1");
+    t.inbound("1.1", c.0);
+    for (var, value) in [
+        ("CALLBRIDGE_ROUTE", "missed"),
+        ("CALLBRIDGE_QUEUE", ""),
+        ("CALLBRIDGE_GROUP", "support"),
+        ("CALLBRIDGE_REASON", "outside_hours"),
+    ] {
+        t.chan(0, "VarSet", c.0, c.1, "1.1", &[("Variable", var), ("Value", value)]);
+    }
+    t.chan(8, "Hangup", c.0, c.1, "1.1", &[("Cause", "16")]);
+    assert_eq!(t.missed("1.1"), MissedReason::OutsideHours);
+    let group = t.last_of("1.1").call.as_ref().and_then(|c| c.group.clone());
+    assert_eq!(group.as_ref().map(|g| g.as_str()), Some("support"));
+
+    // Routed to a queue after all (diverted to sales): the queue decides.
+    let c = ("SIP/carrier-02", "2.1");
+    t.inbound("2.1", c.0);
+    t.chan(0, "VarSet", c.0, c.1, "2.1", &[("Variable", "CALLBRIDGE_GROUP"), ("Value", "sales")]);
+    t.chan(0, "VarSet", c.0, c.1, "2.1", &[("Variable", "CALLBRIDGE_REASON"), ("Value", "no_agents")]);
+    t.chan(0, "QueueCallerJoin", c.0, c.1, "2.1", &[("Queue", "701")]);
+    t.chan(4, "QueueCallerAbandon", c.0, c.1, "2.1", &[("Queue", "701")]);
+    t.chan(0, "Hangup", c.0, c.1, "2.1", &[("Cause", "16")]);
+    assert_eq!(t.missed("2.1"), MissedReason::Abandoned);
+
+    // Unknown groups and reasons are ignored.
+    let c = ("SIP/carrier-03", "3.1");
+    t.inbound("3.1", c.0);
+    t.chan(0, "VarSet", c.0, c.1, "3.1", &[("Variable", "CALLBRIDGE_GROUP"), ("Value", "nope")]);
+    t.chan(0, "VarSet", c.0, c.1, "3.1", &[("Variable", "CALLBRIDGE_REASON"), ("Value", "busy")]);
+    t.chan(1, "Hangup", c.0, c.1, "3.1", &[("Cause", "16")]);
+    assert_eq!(t.missed("3.1"), MissedReason::Abandoned);
+    assert_eq!(t.last_of("3.1").call.as_ref().and_then(|c| c.group.clone()), None);
+}

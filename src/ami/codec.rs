@@ -313,16 +313,17 @@ impl Decoder for AmiCodec {
                 Ok(self.discard(src, d))
             }
             Scan::Complete { content_end, consumed } => {
-                let first_ok = self.pending_first_ok;
-                let mut headers = std::mem::take(&mut self.pending);
-                self.reset_pending();
-                if !first_ok {
+                if !self.pending_first_ok {
+                    self.reset_pending();
                     src.advance(consumed);
                     return Ok(Some(AmiMessage::Malformed(Malformed {
                         reason: MalformedReason::Garbage,
                         bytes: consumed as u64,
                     })));
                 }
+                // The scratch index keeps its inline storage for the next frame.
+                let headers = self.pending.to_vec();
+                self.reset_pending();
                 let mut chunk = src.split_to(consumed);
                 chunk.truncate(content_end);
                 let buf = if std::str::from_utf8(&chunk).is_ok() {
@@ -339,7 +340,6 @@ impl Decoder for AmiCodec {
                         bytes: consumed as u64,
                     }))));
                 };
-                headers.shrink_to_fit();
                 Ok(Some(AmiMessage::Frame(Frame::from_parts(buf, headers))))
             }
         }

@@ -11,7 +11,6 @@
 //! the codec already cut out of the stream.
 
 use bytes::Bytes;
-use smallvec::SmallVec;
 use std::fmt;
 
 /// Position of one header inside the frame's buffer. `key` is empty for a
@@ -24,21 +23,21 @@ pub(crate) struct HeaderPos {
     pub(crate) value_end: u32,
 }
 
-/// Inline capacity of the header index: most Asterisk events fit without a
-/// heap allocation (two-channel events such as `DialBegin` have ~35 headers).
-const INLINE_HEADERS: usize = 40;
 
 /// A decoded AMI frame.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Frame {
     buf: Bytes,
-    headers: SmallVec<[HeaderPos; INLINE_HEADERS]>,
+    /// One exact-size allocation per frame: keeping the index inline would
+    /// make `Frame` ~700 bytes, and every move of it through the codec, the
+    /// connection and the pipeline channel would copy that much.
+    headers: Vec<HeaderPos>,
 }
 
 impl Frame {
     /// Builds a frame from an already validated UTF-8 buffer and its header
     /// index. Only the codec and [`Frame::from_pairs`] construct frames.
-    pub(crate) fn from_parts(buf: Bytes, headers: SmallVec<[HeaderPos; INLINE_HEADERS]>) -> Self {
+    pub(crate) fn from_parts(buf: Bytes, headers: Vec<HeaderPos>) -> Self {
         Frame { buf, headers }
     }
 
@@ -46,7 +45,7 @@ impl Frame {
     /// Used by tests, by synthetic events and by the action encoder.
     pub fn from_pairs<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]) -> Self {
         let mut raw = String::new();
-        let mut headers = SmallVec::new();
+        let mut headers = Vec::with_capacity(pairs.len());
         for (k, v) in pairs {
             let key_start = raw.len() as u32;
             raw.push_str(k.as_ref());

@@ -27,5 +27,7 @@ pub mod directory;
 pub mod event;
 pub mod ids;
 pub mod normalize;
+pub mod outbox;
 pub mod replay;
+pub mod sink;
 pub mod tracegen;

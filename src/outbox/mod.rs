@@ -578,8 +578,11 @@ impl Outbox {
     /// call this once a second).
     pub async fn refresh_gauges(&self) {
         publish_counters(&self.shared);
-        if let Ok(age) = self.oldest_undelivered_age().await {
-            metrics::gauge!("callbridge_outbox_oldest_age_seconds").set(age.map_or(0.0, |a| a.as_secs_f64()));
+        match self.oldest_undelivered_age().await {
+            Ok(age) => {
+                metrics::gauge!("callbridge_outbox_oldest_age_seconds").set(age.map_or(0.0, |a| a.as_secs_f64()))
+            }
+            Err(e) => tracing::warn!(error = %e, "outbox: cannot read the oldest undelivered event"),
         }
     }
 

@@ -221,23 +221,51 @@ pub fn check_delivery(requests: &[Received], expected: &[Event], pbx: &str) -> u
     copies
 }
 
-/// Value of a gauge in a metrics snapshot (no labels).
-pub fn gauge(snapshot: &metrics_util::debugging::Snapshotter, name: &str) -> Option<f64> {
-    snapshot.snapshot().into_vec().into_iter().find_map(|(k, _, _, v)| match v {
-        metrics_util::debugging::DebugValue::Gauge(g) if k.key().name() == name => Some(g.into_inner()),
-        _ => None,
-    })
-}
+/// One metrics snapshot. Taking it resets the debugging recorder's values
+/// (gauges to 0, counters to 0), so read everything from one snapshot.
+pub struct Metrics(Vec<(String, metrics_util::debugging::DebugValue)>);
 
-/// Sum of a counter over all label sets.
-pub fn counter(snapshot: &metrics_util::debugging::Snapshotter, name: &str) -> u64 {
-    snapshot
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter_map(|(k, _, _, v)| match v {
-            metrics_util::debugging::DebugValue::Counter(c) if k.key().name() == name => Some(c),
+impl Metrics {
+    pub fn take(snapshotter: &metrics_util::debugging::Snapshotter) -> Metrics {
+        Metrics(
+            snapshotter.snapshot().into_vec().into_iter().map(|(k, _, _, v)| (k.key().name().to_string(), v)).collect(),
+        )
+    }
+
+    /// A gauge's value (no labels).
+    pub fn gauge(&self, name: &str) -> Option<f64> {
+        self.0.iter().find_map(|(n, v)| match v {
+            metrics_util::debugging::DebugValue::Gauge(g) if n == name => Some(g.into_inner()),
             _ => None,
         })
-        .sum()
+    }
+
+    /// A counter summed over its label sets (since the previous snapshot).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.0
+            .iter()
+            .filter_map(|(n, v)| match v {
+                metrics_util::debugging::DebugValue::Counter(c) if n == name => Some(*c),
+                _ => None,
+            })
+            .sum()
+    }
+}
+
+/// `copies` renamed copies of the a11 events (distinct call ids and agent
+/// event times), in an order that keeps every call's events in sequence.
+pub fn many_events(copies: usize) -> Vec<Event> {
+    let base = a11_events();
+    let mut out = Vec::with_capacity(base.len() * copies);
+    for i in 0..copies {
+        for e in &base {
+            let mut e = e.clone();
+            match e.call.as_mut() {
+                Some(c) => c.id = callbridge::event::CallId::new(&format!("{}-{i}", c.id)),
+                None => e.time += i as i64 * 1_000_000_000,
+            }
+            out.push(e);
+        }
+    }
+    out
 }

@@ -99,7 +99,7 @@
 //! which the daemon reports as "not ready"; (2) refuses further appends with
 //! [`OutboxError::DiskFull`] (the caller keeps its events and retries:
 //! backpressure up to the AMI reader, never loss); (3) deletes the ballast
-//! file `reserve` (`reserve_bytes`, 1 MiB by default, written at open), so
+//! file `reserve` (`reserve_bytes`, 2 MiB by default, written at open), so
 //! that acknowledgements, which must write to free space, can still commit
 //! while the disk is otherwise full. Delivering and compacting then frees
 //! space; once the ballast can be written again (and the store is under 90 %
@@ -188,7 +188,7 @@ impl OutboxOptions {
             queue_capacity: 1024,
             max_bytes: 0,
             dedup_retention: Duration::from_secs(24 * 3600),
-            reserve_bytes: 1 << 20,
+            reserve_bytes: 2 << 20,
             compact_interval: Duration::from_secs(5),
         }
     }
@@ -511,7 +511,7 @@ impl Outbox {
                     id: r.get(2)?,
                     key: r.get(3)?,
                     kind: r.get(4)?,
-                    body: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                    body: r.get(5)?,
                     appended_at: r.get(6)?,
                 })
             })?;
@@ -563,7 +563,11 @@ impl Outbox {
     pub async fn contains(&self, event_id: &str) -> Result<bool, OutboxError> {
         let id = event_id.to_string();
         self.read(move |c| {
-            c.query_row("SELECT 1 FROM events WHERE id = ?1", [id], |_| Ok(())).optional().map(|o| o.is_some())
+            c.query_row(
+                "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1) OR EXISTS(SELECT 1 FROM delivered WHERE id = ?1)",
+                [id],
+                |r| r.get(0),
+            )
         })
         .await
     }

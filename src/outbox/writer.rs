@@ -23,6 +23,10 @@ const FORMAT_VERSION: &str = "1";
 const COMPACT_DELETE_LIMIT: i64 = 20_000;
 /// Free pages returned to the filesystem per compaction at most.
 const VACUUM_PAGES: i64 = 4096;
+/// The WAL is checkpointed into the main file every this many pages…
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 256;
+/// …and truncated back to this size afterwards.
+const WAL_LIMIT_BYTES: i64 = 1 << 20;
 /// How often a full or failing store checks whether it can write again.
 const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -68,7 +72,17 @@ pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<(StoreState
         warn!(mode = %mode, "outbox: WAL journal unavailable; commits are slower");
     }
     // FULL in WAL mode: the WAL is fsync'd at every commit (power-loss safe).
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;").map_err(storage)?;
+    // A small WAL, checkpointed often and truncated back to WAL_LIMIT_BYTES,
+    // keeps the data in the main file: on a full disk the ballast then covers
+    // what a checkpoint and the acknowledgements need.
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;
+         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
+    ))
+    .map_err(storage)?;
+    let _: i64 = conn
+        .query_row(&format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}"), [], |r| r.get(0))
+        .map_err(storage)?;
     if opts.max_bytes > 0 {
         let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(storage)?;
         let pages = (opts.max_bytes as i64 / page.max(512)).max(16);
@@ -82,10 +96,11 @@ pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<(StoreState
              id TEXT NOT NULL UNIQUE,
              key TEXT NOT NULL,
              type TEXT NOT NULL,
-             body TEXT,
-             appended_at INTEGER NOT NULL,
-             done_at INTEGER);
-         CREATE INDEX IF NOT EXISTS events_done ON events(done_at) WHERE done_at IS NOT NULL;
+             body TEXT NOT NULL,
+             appended_at INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS delivered(
+             id TEXT PRIMARY KEY, done_at INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS delivered_done ON delivered(done_at);
          CREATE TABLE IF NOT EXISTS pending(
              sink TEXT NOT NULL, pos INTEGER NOT NULL, seq INTEGER NOT NULL,
              PRIMARY KEY(sink, pos)) WITHOUT ROWID;
@@ -120,12 +135,16 @@ pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<(StoreState
         dropped += n;
     }
     if dropped > 0 {
-        conn.execute(
-            "UPDATE events SET done_at = ?1,
-                    body = CASE WHEN EXISTS(SELECT 1 FROM dead_letters d WHERE d.seq = events.seq) THEN body ELSE NULL END
-              WHERE done_at IS NULL AND NOT EXISTS(SELECT 1 FROM pending p WHERE p.seq = events.seq)",
-            [now_micros()],
-        )
+        conn.execute_batch(&format!(
+            "BEGIN;
+             INSERT OR IGNORE INTO delivered(id, done_at) SELECT id, {now} FROM events e
+              WHERE NOT EXISTS(SELECT 1 FROM pending p WHERE p.seq = e.seq)
+                AND NOT EXISTS(SELECT 1 FROM dead_letters d WHERE d.seq = e.seq);
+             DELETE FROM events WHERE NOT EXISTS(SELECT 1 FROM pending p WHERE p.seq = events.seq)
+                AND NOT EXISTS(SELECT 1 FROM dead_letters d WHERE d.seq = events.seq);
+             COMMIT;",
+            now = now_micros()
+        ))
         .map_err(storage)?;
     }
     let depth: i64 = conn.query_row("SELECT COUNT(DISTINCT seq) FROM pending", [], |r| r.get(0)).map_err(storage)?;
@@ -312,6 +331,7 @@ impl Writer {
         let sinks = self.shared.sinks.clone();
         let full = self.full;
         let mut errors: Vec<(rusqlite::Error, &'static str)> = Vec::new();
+        let mut failed: Vec<(oneshot::Sender<Result<AppendOutcome, OutboxError>>, OutboxError)> = Vec::new();
 
         let begun = self.conn.execute_batch("BEGIN IMMEDIATE");
         if let Err(e) = begun {
@@ -320,7 +340,25 @@ impl Writer {
         }
         // Owns the transaction begun above: commits, or rolls back on drop.
         let tx = Tx(&self.conn);
+        // Some errors (SQLITE_FULL among them) roll the whole transaction
+        // back, not only the savepoint: then nothing of it can commit.
+        let mut aborted = false;
         for op in all {
+            if !aborted && !errors.is_empty() && tx.is_autocommit() {
+                aborted = true;
+            }
+            if aborted {
+                let e = error_copy(&errors[0].0);
+                match op {
+                    Op::Append { reply, .. } => failed.push((reply, e)),
+                    Op::Retry { reply, .. } => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Op::Flush { reply } => after.push(After::Flush(reply)),
+                    op @ (Op::Ack { .. } | Op::Park { .. }) => self.deferred.push(op),
+                }
+                continue;
+            }
             match op {
                 Op::Append { records, reply } => {
                     if full {
@@ -333,7 +371,9 @@ impl Writer {
                             after.push(After::Append(reply, outcome));
                         }
                         Err(e) => {
-                            let _ = reply.send(Err(error_copy(&e)));
+                            // Replied after the error is recorded, so a caller
+                            // that sees DiskFull also sees is_writable() false.
+                            failed.push((reply, error_copy(&e)));
                             errors.push((e, "appending events"));
                         }
                     }
@@ -379,9 +419,24 @@ impl Writer {
                 Op::Flush { reply } => after.push(After::Flush(reply)),
             }
         }
-        let committed = tx.commit();
+        if !aborted && !errors.is_empty() && tx.is_autocommit() {
+            aborted = true;
+        }
+        let committed = if aborted {
+            drop(tx);
+            Err(error_copy(&errors[0].0)).map_err(|e| match e {
+                OutboxError::Storage(e) => e,
+                _ => rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None),
+            })
+        } else {
+            tx.commit()
+        };
+        let rolled_back = aborted;
         for (e, what) in &errors {
             self.write_error(e, what);
+        }
+        for (reply, e) in failed {
+            let _ = reply.send(Err(e));
         }
         match committed {
             Ok(()) => {
@@ -415,7 +470,9 @@ impl Writer {
                 publish_counters(&self.shared);
             }
             Err(e) => {
-                self.write_error(&e, "committing");
+                if !rolled_back {
+                    self.write_error(&e, "committing");
+                }
                 self.failing = true;
                 self.shared.writable.store(false, Ordering::Release);
                 for a in after {
@@ -494,10 +551,14 @@ impl Writer {
 
     fn compact(&mut self) -> Result<(), rusqlite::Error> {
         self.last_compact = Instant::now();
+        // Checkpoint first: on a full disk this moves the WAL into the main
+        // file (using the ballast's space) so later writes reuse the WAL.
+        let mode = if self.full { "TRUNCATE" } else { "PASSIVE" };
+        let _: (i64, i64, i64) =
+            self.conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let cutoff = now_micros() - self.opts.dedup_retention.as_micros() as i64;
         let deleted = self.conn.execute(
-            "DELETE FROM events WHERE seq IN (
-                 SELECT seq FROM events WHERE done_at IS NOT NULL AND done_at < ?1 AND body IS NULL LIMIT ?2)",
+            "DELETE FROM delivered WHERE id IN (SELECT id FROM delivered WHERE done_at < ?1 LIMIT ?2)",
             params![cutoff, COMPACT_DELETE_LIMIT],
         )?;
         self.dirty = deleted as i64 == COMPACT_DELETE_LIMIT;
@@ -506,9 +567,6 @@ impl Writer {
             let mut rows = st.query([])?;
             while rows.next()?.is_some() {}
         }
-        let mode = if self.full { "TRUNCATE" } else { "PASSIVE" };
-        let _: (i64, i64, i64) =
-            self.conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(())
     }
 }
@@ -565,18 +623,27 @@ fn append(
     next_pos: &mut i64,
     now: i64,
 ) -> Result<(AppendOutcome, i64), rusqlite::Error> {
+    let mut seen = c.prepare_cached("SELECT EXISTS(SELECT 1 FROM delivered WHERE id = ?1)")?;
     let mut ins = c.prepare_cached(
-        "INSERT INTO events(seq, id, key, type, body, appended_at, done_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO events(seq, id, key, type, body, appended_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(id) DO NOTHING",
     )?;
+    let mut done = c.prepare_cached("INSERT OR IGNORE INTO delivered(id, done_at) VALUES (?1, ?2)")?;
     let mut pend = c.prepare_cached("INSERT INTO pending(sink, pos, seq) VALUES (?1, ?2, ?2)")?;
     let mut out = AppendOutcome::default();
     let mut pos = *next_pos;
     let no_sinks = sinks.is_empty();
     for r in records {
-        let body = if no_sinks { None } else { Some(r.body.as_str()) };
-        let done = if no_sinks { Some(now) } else { None };
-        if ins.execute(params![pos, r.id, r.key, r.kind, body, now, done])? == 1 {
+        if seen.query_row([&r.id], |row| row.get::<_, bool>(0))? {
+            out.duplicates += 1;
+            continue;
+        }
+        if no_sinks {
+            // Nobody to deliver to: remembered as delivered.
+            out.appended += done.execute(params![r.id, now])?;
+            continue;
+        }
+        if ins.execute(params![pos, r.id, r.key, r.kind, r.body, now])? == 1 {
             for s in sinks {
                 pend.execute(params![&**s, pos])?;
             }
@@ -595,13 +662,17 @@ fn still_pending(c: &Connection, seq: i64) -> Result<bool, rusqlite::Error> {
     c.prepare_cached("SELECT EXISTS(SELECT 1 FROM pending WHERE seq = ?1)")?.query_row([seq], |r| r.get(0))
 }
 
+/// The event has no pending row left: unless a dead letter still needs it,
+/// it leaves, and only its id stays (for de-duplication).
 fn mark_done(c: &Connection, seq: i64, now: i64) -> Result<(), rusqlite::Error> {
-    c.prepare_cached(
-        "UPDATE events SET done_at = ?2,
-                body = CASE WHEN EXISTS(SELECT 1 FROM dead_letters d WHERE d.seq = ?1) THEN body ELSE NULL END
-          WHERE seq = ?1",
-    )?
-    .execute(params![seq, now])?;
+    let parked: bool =
+        c.prepare_cached("SELECT EXISTS(SELECT 1 FROM dead_letters WHERE seq = ?1)")?.query_row([seq], |r| r.get(0))?;
+    if parked {
+        return Ok(());
+    }
+    c.prepare_cached("INSERT OR IGNORE INTO delivered(id, done_at) SELECT id, ?2 FROM events WHERE seq = ?1")?
+        .execute(params![seq, now])?;
+    c.prepare_cached("DELETE FROM events WHERE seq = ?1")?.execute([seq])?;
     Ok(())
 }
 
@@ -638,7 +709,6 @@ fn park(
         .execute(params![seq, sink, now, status, reason])?;
     d.dead_letters += n as i64;
     if !still_pending(c, seq)? {
-        c.prepare_cached("UPDATE events SET done_at = ?2 WHERE seq = ?1")?.execute(params![seq, now])?;
         d.depth -= 1;
     }
     Ok(d)
@@ -675,7 +745,6 @@ fn retry(
         ])?;
         *next_pos += 1;
         if !had {
-            c.prepare_cached("UPDATE events SET done_at = NULL WHERE seq = ?1")?.execute([seq])?;
             d.depth += 1;
         }
         d.dead_letters -= 1;

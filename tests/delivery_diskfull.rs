@@ -22,7 +22,7 @@ use std::time::Duration;
 
 /// Fills the outbox until it refuses, delivers, and checks nothing accepted
 /// was lost and that it accepts again afterwards.
-async fn fill_deliver_recover(dir: &Path, opts: OutboxOptions, snap: &metrics_util::debugging::Snapshotter) {
+async fn fill_deliver_recover(dir: &Path, opts: OutboxOptions, strict: bool, snap: &metrics_util::debugging::Snapshotter) {
     let outbox = Outbox::open(dir, opts).unwrap();
     let events = many_events(400);
     let mut accepted: HashSet<String> = HashSet::new();
@@ -46,8 +46,17 @@ async fn fill_deliver_recover(dir: &Path, opts: OutboxOptions, snap: &metrics_ut
     let m = Metrics::take(snap);
     assert_eq!(m.gauge("callbridge_outbox_disk_full"), Some(1.0));
     assert!(m.counter("callbridge_outbox_write_errors_total") >= 1);
-    // Still refused, and nothing accepted is touched.
-    assert!(matches!(outbox.append(&events[refused_at * 50..refused_at * 50 + 1]).await, Err(OutboxError::DiskFull)));
+    // Still refused right after (with a size cap; a real filesystem may
+    // already have recovered the space a failed commit took), and nothing
+    // accepted is touched.
+    let one = &events[refused_at * 50..refused_at * 50 + 1];
+    match outbox.append(one).await {
+        Err(OutboxError::DiskFull) => {}
+        Ok(_) if !strict => {
+            accepted.insert(one[0].id("lab"));
+        }
+        other => panic!("expected DiskFull, got {other:?}"),
+    }
     assert_eq!(outbox.depth(), accepted.len() as u64);
 
     // The helpdesk takes everything that was accepted.
@@ -93,7 +102,7 @@ async fn disk_full_is_loud_and_loses_nothing() {
     let mut opts = OutboxOptions::new("lab", vec!["webhook".into()]);
     opts.max_bytes = 512 * 1024;
     opts.reserve_bytes = 0;
-    fill_deliver_recover(tmp.path(), opts, &snap).await;
+    fill_deliver_recover(tmp.path(), opts, true, &snap).await;
     eprintln!("disk full via max_bytes: ran");
 
     // Path 2: a real, tiny filesystem.
@@ -111,7 +120,7 @@ async fn disk_full_is_loud_and_loses_nothing() {
     opts.reserve_bytes = 2 << 20;
     let result = tokio::spawn({
         let dir = mnt.path().join("outbox");
-        async move { fill_deliver_recover(&dir, opts, &snap).await }
+        async move { fill_deliver_recover(&dir, opts, false, &snap).await }
     })
     .await;
     let _ = std::process::Command::new("umount").arg(mnt.path()).status();

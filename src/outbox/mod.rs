@@ -34,14 +34,16 @@
 //!        id TEXT UNIQUE,              -- CloudEvents id <pbx>:<call>:<seq>
 //!        key TEXT,                    -- ordering key (call id / agent:<id>)
 //!        type TEXT,                   -- CloudEvents type
-//!        body TEXT NULL,              -- CloudEvents JSON; NULL once done
-//!        appended_at INTEGER,         -- wall clock, µs since the epoch
-//!        done_at INTEGER NULL)        -- when no sink had it pending any more
+//!        body TEXT,                   -- the CloudEvents JSON
+//!        appended_at INTEGER)         -- wall clock, µs since the epoch
+//!        -- only events some sink still has pending, or parked
 //! pending(sink TEXT, pos INTEGER, seq INTEGER, PRIMARY KEY(sink, pos))
 //!        -- one row per (sink, event) not yet acknowledged; a sink reads its
 //!        -- rows in `pos` order. pos = seq at append; a dead letter that is
 //!        -- retried gets a fresh pos after everything else.
 //! dead_letters(seq, sink, parked_at, status, reason, PRIMARY KEY(seq, sink))
+//! delivered(id TEXT PRIMARY KEY, done_at INTEGER)
+//!        -- ids of events that left, kept for de-duplication
 //! meta(k, v)                          -- format version
 //! ```
 //!
@@ -74,20 +76,21 @@
 //!
 //! Ids are deterministic, so a replay restarted after a crash re-emits the
 //! same ids. Appending an id the outbox has — pending, parked or delivered —
-//! is a no-op (`ON CONFLICT(id) DO NOTHING`), counted as a duplicate. Delivered
-//! events keep their row, without body, for `dedup_retention` (default 24 h)
-//! for this purpose.
+//! is a no-op, counted as a duplicate: `events.id` is unique, and the ids of
+//! delivered events stay in `delivered` for `dedup_retention` (default 24 h).
 //!
 //! # Compaction
 //!
-//! When the last sink acknowledges an event, the same transaction sets
-//! `done_at` and drops its body (unless a dead letter still needs it), so
-//! the live data is only what is undelivered. At most every
-//! `compact_interval`, after a commit, the writer deletes tombstones older
-//! than `dedup_retention`, gives free pages back to the filesystem
-//! (`auto_vacuum=INCREMENTAL`, `incremental_vacuum`) and checkpoints the WAL.
+//! When the last sink acknowledges an event, the same transaction deletes
+//! its row (unless a dead letter still needs it) and records its id in
+//! `delivered`: deleting, rather than blanking the body, lets SQLite merge
+//! and free the pages, so the live data is only what is undelivered. At most
+//! every `compact_interval`, after a commit, the writer checkpoints the WAL,
+//! deletes `delivered` ids older than `dedup_retention` and gives free pages
+//! back to the filesystem (`auto_vacuum=INCREMENTAL`, `incremental_vacuum`).
 //! SQLite reuses freed pages before growing the file, so a steady state
-//! keeps a steady size.
+//! keeps a steady size. The WAL is checkpointed every 256 pages and truncated
+//! back to 1 MiB, so the data lives in the main file.
 //!
 //! # When the disk is full
 //!
@@ -102,8 +105,13 @@
 //! file `reserve` (`reserve_bytes`, 2 MiB by default, written at open), so
 //! that acknowledgements, which must write to free space, can still commit
 //! while the disk is otherwise full. Delivering and compacting then frees
-//! space; once the ballast can be written again (and the store is under 90 %
-//! of `max_bytes`), appends are accepted again and the flag clears.
+//! space; while full, the writer checkpoints with `TRUNCATE` (moving the WAL
+//! into the main file with the ballast's room) every 500 ms, and once the
+//! ballast can be written again (and the store is under 90 % of
+//! `max_bytes`), appends are accepted again and the flag clears. An error
+//! that rolls a whole transaction back fails every append in it (their
+//! callers keep the events) and keeps its acknowledgements for the next
+//! commit.
 //!
 //! # Sinks and cursors
 //!
@@ -610,4 +618,112 @@ pub(crate) fn publish_counters(shared: &Shared) {
     metrics::gauge!("callbridge_outbox_depth").set(shared.depth.load(Ordering::Acquire) as f64);
     metrics::gauge!("callbridge_dead_letters").set(shared.dead_letters.load(Ordering::Acquire) as f64);
     metrics::gauge!("callbridge_outbox_disk_full").set(if shared.writable.load(Ordering::Acquire) { 0.0 } else { 1.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a11() -> Vec<Event> {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let config = crate::config::Config::load(Path::new(&format!("{root}/config/lab.toml"))).unwrap();
+        crate::replay::events_of(&config, &[format!("{root}/fixtures/ami/a11-concurrent-mix.ami")]).unwrap()
+    }
+
+    fn open(dir: &Path, sinks: &[&str]) -> Outbox {
+        Outbox::open(dir, OutboxOptions::new("lab", sinks.iter().map(|s| s.to_string()).collect())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn appends_survive_reopen_and_are_idempotent_by_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        let ob = open(tmp.path(), &["a"]);
+        let o = ob.append(&events).await.unwrap();
+        assert_eq!((o.appended, o.duplicates), (events.len(), 0));
+        let o = ob.append(&events[..5]).await.unwrap();
+        assert_eq!((o.appended, o.duplicates), (0, 5));
+        ob.close().await.unwrap();
+
+        let ob = open(tmp.path(), &["a"]);
+        assert_eq!(ob.depth(), events.len() as u64);
+        let recs = ob.pending("a", 0, 1000).await.unwrap();
+        let ids: Vec<String> = events.iter().map(|e| e.id("lab")).collect();
+        assert_eq!(recs.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
+        assert_eq!(recs[3].body, events[3].to_cloudevent_json("lab"));
+        assert_eq!(recs[3].key, events[3].ordering_key());
+        let name: Arc<str> = Arc::from("a");
+        ob.ack(&name, recs.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+        ob.flush().await.unwrap();
+        assert_eq!(ob.depth(), 0);
+        assert!(ob.pending("a", 0, 1000).await.unwrap().is_empty());
+        // Delivered ids are remembered: the same trace again is a no-op.
+        let o = ob.append(&events).await.unwrap();
+        assert_eq!(o.duplicates, events.len());
+        assert!(ob.contains(&ids[0]).await.unwrap());
+        assert_eq!(ob.oldest_undelivered_age().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_event_leaves_only_when_every_sink_acknowledged_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        let ob = open(tmp.path(), &["a", "b"]);
+        ob.append(&events[..3]).await.unwrap();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let ra = ob.pending("a", 0, 10).await.unwrap();
+        ob.ack(&a, ra.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+        ob.flush().await.unwrap();
+        assert_eq!(ob.depth(), 3);
+        assert!(ob.pending("a", 0, 10).await.unwrap().is_empty());
+        assert_eq!(ob.pending("b", 0, 10).await.unwrap().len(), 3);
+        assert!(ob.oldest_undelivered_age().await.unwrap().is_some());
+        ob.close().await.unwrap();
+        // Sink b removed from the configuration: its queue goes.
+        let ob = open(tmp.path(), &["a"]);
+        assert_eq!(ob.depth(), 0);
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_and_requeued_after_everything_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        let ob = open(tmp.path(), &["a"]);
+        ob.append(&events[..4]).await.unwrap();
+        let a: Arc<str> = Arc::from("a");
+        let recs = ob.pending("a", 0, 10).await.unwrap();
+        ob.park(&a, &recs[1], Some(400), "HTTP 400: bad".into()).await.unwrap();
+        ob.flush().await.unwrap();
+        assert_eq!((ob.depth(), ob.dead_letter_count()), (3, 1));
+        let dl = ob.dead_letters().await.unwrap();
+        assert_eq!(dl.len(), 1);
+        assert_eq!((dl[0].event_id.as_str(), dl[0].status), (recs[1].id.as_str(), Some(400)));
+        assert!(matches!(ob.retry_dead_letters(Some("zz"), None).await, Err(OutboxError::UnknownSink(_))));
+        assert_eq!(ob.retry_dead_letters(None, Some(&recs[1].id)).await.unwrap(), 1);
+        assert_eq!((ob.depth(), ob.dead_letter_count()), (4, 0));
+        let again = ob.pending("a", recs[3].pos, 10).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].id, recs[1].id);
+        assert!(again[0].pos > recs[3].pos);
+        // A parked id is still known: re-appending it is a no-op.
+        assert_eq!(ob.append(&events[1..2]).await.unwrap().duplicates, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_share_commits_and_all_land() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = Arc::new(a11());
+        let ob = open(tmp.path(), &["a"]);
+        let mut tasks = Vec::new();
+        for e in events.iter().cloned() {
+            let ob = ob.clone();
+            tasks.push(tokio::spawn(async move { ob.append(&[e]).await.unwrap() }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().appended, 1);
+        }
+        assert_eq!(ob.depth(), events.len() as u64);
+        assert_eq!(*ob.subscribe().borrow(), events.len() as i64);
+    }
 }

@@ -10,8 +10,10 @@
 //!
 //! - acknowledged (2xx, or written for JSON lines): acked in the outbox;
 //! - 408, 429, 5xx, network errors, timeouts: retried with capped exponential
-//!   backoff and full jitter, waiting at least what `Retry-After` asks (up to
-//!   one hour), for as long as it takes;
+//!   backoff and jitter ([`RetryPolicy`]: uniform between half the initial
+//!   delay and the current cap, so retries of many calls spread out),
+//!   waiting at least what `Retry-After` asks (up to one hour), for as long
+//!   as it takes;
 //! - any other 4xx: the event is parked as a dead letter (listed and retried
 //!   through [`crate::outbox::Outbox`]); the key's later events go on. A
 //!   rejected batch is retried event by event so that only the refused
@@ -140,7 +142,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     Some(Duration::from_secs(secs.max(0) as u64))
 }
 
-/// Capped exponential backoff with full jitter.
+/// Capped exponential backoff with jitter.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
     pub initial: Duration,
@@ -572,6 +574,60 @@ mod tests {
         assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    fn config(sinks: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::parse(&format!("[pbx]\nname = \"lab\"\n{sinks}"), "test")
+    }
+
+    #[test]
+    fn sinks_and_outbox_parse_and_build() {
+        let c = config(
+            r#"
+[[sinks]]
+type = "webhook"
+url = "https://helpdesk.example/hooks"
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+batch_size = 50
+
+[[sinks]]
+type = "zammad"
+url = "https://zammad.example"
+token = "abc123"
+
+[[sinks]]
+type = "jsonl"
+name = "audit"
+path = "/dev/null"
+
+[outbox]
+path = "/tmp/x"
+max_bytes = 1000000
+"#,
+        )
+        .unwrap();
+        assert_eq!(sink_names(&c).unwrap(), vec!["webhook", "zammad", "audit"]);
+        assert!(!only_stdout(&c));
+        assert_eq!(c.outbox.max_bytes, 1_000_000);
+        assert_eq!(c.outbox.dedup_retention_seconds, 86400);
+        let built = build_sinks(&c).unwrap();
+        assert_eq!(built.len(), 3);
+        assert!(matches!(&built[0], ConfiguredSink::Webhook(w) if w.batch_size() == 50));
+    }
+
+    #[test]
+    fn bad_sink_configurations_are_refused() {
+        assert!(config("[[sinks]]\ntype = \"webhook\"\nurl = \"https://x\"\nsecret = \"s\"\nbogus = 1\n").is_err());
+        let c = config("[[sinks]]\ntype = \"webhook\"\nurl = \"https://x\"\n").unwrap();
+        let e = build_sinks(&c).err().unwrap().to_string();
+        assert!(e.contains("no secret"), "{e}");
+        let c = config("[[sinks]]\ntype = \"jsonl\"\n[[sinks]]\ntype = \"jsonl\"\npath = \"/dev/null\"\n").unwrap();
+        assert!(matches!(sink_names(&c), Err(SinkError::DuplicateName { index: 1, .. })));
+        let c = config("[[sinks]]\ntype = \"webhook\"\nurl = \"https://x\"\nsecret = \"hunter2\"\ntimeout_seconds = -1\n").unwrap();
+        let e = build_sinks(&c).err().unwrap().to_string();
+        assert!(e.contains("timeout_seconds") && !e.contains("hunter2"), "{e}");
+        let c = config("").unwrap();
+        assert!(only_stdout(&c));
     }
 
     fn rec(pos: i64, key: &str) -> Record {

@@ -1,0 +1,179 @@
+//! Delivery throughput and latency: events → outbox (durable, group commit)
+//! → webhook sink → a receiver on loopback (axum, same process).
+//!
+//! `cargo bench --bench delivery` (env `EVENTS`, default 20000; `RATE`,
+//! default 5000 events/s for the latency run; `SECONDS`, default 4).
+//!
+//! - sustained events/s, one event per request (concurrency 64);
+//! - sustained events/s, batches of 100 (`application/cloudevents-batch+json`);
+//! - latency from "event in" (the moment the event was due, before the
+//!   append and its fsync) to "request out" (the receiver has the request),
+//!   at a paced rate, p50/p99/max.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use callbridge::config::Config;
+use callbridge::event::{CallId, Event};
+use callbridge::outbox::{Outbox, OutboxOptions};
+use callbridge::sink::webhook::{WebhookSettings, WebhookSink};
+use callbridge::sink::{Delivery, DeliveryOptions};
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone)]
+struct Rx {
+    t0: Instant,
+    /// Arrival (µs since t0) by event id, first arrival kept.
+    arrivals: Arc<DashMap<String, u64>>,
+    events: Arc<AtomicU64>,
+}
+
+async fn handle(State(rx): State<Rx>, headers: HeaderMap, body: Bytes) -> &'static str {
+    let at = rx.t0.elapsed().as_micros() as u64;
+    let batch = headers.get("content-type").is_some_and(|v| v.as_bytes().ends_with(b"batch+json"));
+    if batch {
+        let n = serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body).map(|v| v.len()).unwrap_or(0);
+        rx.events.fetch_add(n as u64, Ordering::Relaxed);
+    } else if let Some(id) = headers.get("webhook-id").and_then(|v| v.to_str().ok()) {
+        rx.arrivals.entry(id.to_string()).or_insert(at);
+        rx.events.fetch_add(1, Ordering::Relaxed);
+    }
+    "ok"
+}
+
+async fn receiver(t0: Instant) -> (String, Rx) {
+    let rx = Rx { t0, arrivals: Arc::new(DashMap::new()), events: Arc::new(AtomicU64::new(0)) };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(handle).with_state(rx.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, rx)
+}
+
+fn events(n: usize) -> Vec<Event> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let config = Config::load(std::path::Path::new(&format!("{root}/config/lab.toml"))).unwrap();
+    let base = callbridge::replay::events_of(&config, &[format!("{root}/fixtures/ami/a11-concurrent-mix.ami")]).unwrap();
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0;
+    while out.len() < n {
+        for e in &base {
+            let mut e = e.clone();
+            match e.call.as_mut() {
+                Some(c) => c.id = CallId::new(&format!("{}-{i}", c.id)),
+                None => e.time += i as i64 * 1_000_000_000,
+            }
+            out.push(e);
+        }
+        i += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+async fn setup(url: String, batch_size: usize, dir: &std::path::Path) -> (Outbox, Delivery) {
+    let mut opts = OutboxOptions::new("lab", vec!["webhook".into()]);
+    opts.dedup_retention = Duration::from_secs(60);
+    let outbox = Outbox::open(dir, opts).unwrap();
+    let settings = WebhookSettings {
+        url,
+        batch_size,
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(1),
+        concurrency: 64,
+    };
+    let mut d = Delivery::new(&outbox, DeliveryOptions::default());
+    d.spawn(Arc::new(WebhookSink::new("webhook", settings, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap()));
+    (outbox, d)
+}
+
+async fn throughput(n: usize, batch_size: usize) {
+    let evs = events(n);
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let (url, rx) = receiver(t0).await;
+    let (outbox, d) = setup(url, batch_size, dir.path()).await;
+    let start = Instant::now();
+    // Appenders as the pipeline does them: chunks, each awaited (durable).
+    for chunk in evs.chunks(500) {
+        outbox.append(chunk).await.unwrap();
+    }
+    let appended = start.elapsed();
+    assert!(outbox.wait_drained(Duration::from_secs(300)).await);
+    let secs = start.elapsed().as_secs_f64();
+    d.shutdown().await.unwrap();
+    println!(
+        "throughput batch_size={batch_size:<4} {n} events: appended (durable) in {:.3} s ({:.0}/s); delivered in {secs:.3} s = {:.0} events/s ({} received)",
+        appended.as_secs_f64(),
+        n as f64 / appended.as_secs_f64(),
+        n as f64 / secs,
+        rx.events.load(Ordering::Relaxed)
+    );
+}
+
+async fn latency(rate: f64, seconds: f64) {
+    let n = (rate * seconds) as usize;
+    let evs = events(n);
+    let ids: Vec<String> = evs.iter().map(|e| e.id("lab")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let (url, rx) = receiver(t0).await;
+    let (outbox, d) = setup(url, 1, dir.path()).await;
+    // Warm up the connection pool.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = t0.elapsed().as_micros() as u64 + 1000;
+    let due = |i: usize| start + (i as f64 * 1e6 / rate) as u64;
+    let mut next = 0usize;
+    while next < n {
+        let now = t0.elapsed().as_micros() as u64;
+        let mut end = next;
+        while end < n && due(end) <= now {
+            end += 1;
+        }
+        if end > next {
+            outbox.append(&evs[next..end]).await.unwrap();
+            next = end;
+        } else {
+            let wait = due(next).saturating_sub(now);
+            if wait > 200 {
+                tokio::time::sleep(Duration::from_micros(wait - 100)).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    assert!(outbox.wait_drained(Duration::from_secs(60)).await);
+    d.shutdown().await.unwrap();
+    let mut lat: Vec<u64> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| rx.arrivals.get(id).map(|a| a.saturating_sub(due(i))).expect("every event arrived"))
+        .collect();
+    lat.sort_unstable();
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+    println!(
+        "latency at {rate:.0} events/s for {seconds} s ({n} events, one per request): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        p(0.5),
+        p(0.99),
+        p(0.999),
+        p(1.0)
+    );
+}
+
+fn main() {
+    let n: usize = std::env::var("EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let rate: f64 = std::env::var("RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(5000.0);
+    let seconds: f64 = std::env::var("SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4.0);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        throughput(n, 1).await;
+        throughput(n, 100).await;
+        latency(rate, seconds).await;
+    });
+}

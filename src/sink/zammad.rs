@@ -31,6 +31,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Settings of a [`ZammadSink`] (from `[[sinks]] type = "zammad"`).
+#[derive(Debug, Clone)]
+pub struct ZammadSettings {
+    /// Base URL of the Zammad instance.
+    pub url: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_backoff: Duration,
+    pub concurrency: usize,
+    /// Agent id → display name (Zammad's `user`).
+    pub agent_names: HashMap<String, String>,
+}
+
 /// Posts CTI events to one Zammad instance.
 pub struct ZammadSink {
     name: Arc<str>,
@@ -97,16 +110,9 @@ pub fn hangup_cause(answered: bool, q850: Option<u32>, hung_up_by: Option<&str>,
 }
 
 impl ZammadSink {
-    pub fn new(
-        name: &str,
-        base_url: &str,
-        token: &str,
-        timeout: Duration,
-        connect_timeout: Duration,
-        max_backoff: Duration,
-        concurrency: usize,
-        agent_names: HashMap<String, String>,
-    ) -> Result<ZammadSink, String> {
+    pub fn new(name: &str, settings: ZammadSettings, token: &str) -> Result<ZammadSink, String> {
+        let ZammadSettings { url: base_url, timeout, connect_timeout, max_backoff, concurrency, agent_names } = settings;
+        let base_url = base_url.as_str();
         let base = reqwest::Url::parse(base_url).map_err(|e| format!("url: {e}"))?;
         if token.is_empty() || token.contains('/') {
             return Err("token must be non-empty and contain no '/'".into());
@@ -151,17 +157,15 @@ impl ZammadSink {
             .iter()
             .map(|a| (a.id.clone(), a.name.clone().unwrap_or_else(|| a.id.clone())))
             .collect();
-        ZammadSink::new(
-            name,
-            url,
-            &token,
-            secs(index, name, "timeout_seconds", *timeout_seconds)?,
-            secs(index, name, "connect_timeout_seconds", *connect_timeout_seconds)?,
-            secs(index, name, "max_backoff_seconds", *max_backoff_seconds)?,
-            *concurrency,
+        let settings = ZammadSettings {
+            url: url.clone(),
+            timeout: secs(index, name, "timeout_seconds", *timeout_seconds)?,
+            connect_timeout: secs(index, name, "connect_timeout_seconds", *connect_timeout_seconds)?,
+            max_backoff: secs(index, name, "max_backoff_seconds", *max_backoff_seconds)?,
+            concurrency: *concurrency,
             agent_names,
-        )
-        .map_err(err)
+        };
+        ZammadSink::new(name, settings, &token).map_err(err)
     }
 
     fn user(&self, agent: &str) -> String {
@@ -256,7 +260,15 @@ mod tests {
     fn sink() -> ZammadSink {
         let names = [("maria".to_string(), "Maria Silva".to_string())].into_iter().collect();
         let d = Duration::from_secs(1);
-        ZammadSink::new("zammad", "http://127.0.0.1:9/zammad/", "tok", d, d, d, 1, names).unwrap()
+        let settings = ZammadSettings {
+            url: "http://127.0.0.1:9/zammad/".into(),
+            timeout: d,
+            connect_timeout: d,
+            max_backoff: d,
+            concurrency: 1,
+            agent_names: names,
+        };
+        ZammadSink::new("zammad", settings, "tok").unwrap()
     }
 
     fn ce(kind: &str, data: serde_json::Value) -> String {

@@ -58,7 +58,8 @@ async fn receiver(t0: Instant) -> (String, Rx) {
 fn events(n: usize) -> Vec<Event> {
     let root = env!("CARGO_MANIFEST_DIR");
     let config = Config::load(std::path::Path::new(&format!("{root}/config/lab.toml"))).unwrap();
-    let base = callbridge::replay::events_of(&config, &[format!("{root}/fixtures/ami/a11-concurrent-mix.ami")]).unwrap();
+    let base =
+        callbridge::replay::events_of(&config, &[format!("{root}/fixtures/ami/a11-concurrent-mix.ami")]).unwrap();
     let mut out = Vec::with_capacity(n);
     let mut i = 0;
     while out.len() < n {

@@ -22,7 +22,12 @@ use std::time::Duration;
 
 /// Fills the outbox until it refuses, delivers, and checks nothing accepted
 /// was lost and that it accepts again afterwards.
-async fn fill_deliver_recover(dir: &Path, opts: OutboxOptions, strict: bool, snap: &metrics_util::debugging::Snapshotter) {
+async fn fill_deliver_recover(
+    dir: &Path,
+    opts: OutboxOptions,
+    strict: bool,
+    snap: &metrics_util::debugging::Snapshotter,
+) {
     let outbox = Outbox::open(dir, opts).unwrap();
     let events = many_events(400);
     let mut accepted: HashSet<String> = HashSet::new();

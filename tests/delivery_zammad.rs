@@ -42,7 +42,8 @@ async fn lifecycle_maps_to_generic_cti() {
         if ev == "hangup" {
             let cause = v["cause"].as_str().unwrap();
             assert!(
-                ["normalClearing", "busy", "cancel", "noAnswer", "congestion", "notFound", "forwarded"].contains(&cause),
+                ["normalClearing", "busy", "cancel", "noAnswer", "congestion", "notFound", "forwarded"]
+                    .contains(&cause),
                 "{cause}"
             );
         }

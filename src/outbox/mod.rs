@@ -269,29 +269,11 @@ pub(crate) struct NewRecord {
 }
 
 pub(crate) enum Op {
-    Append {
-        records: Vec<NewRecord>,
-        reply: oneshot::Sender<Result<AppendOutcome, OutboxError>>,
-    },
-    Ack {
-        sink: Arc<str>,
-        acks: Vec<(i64, i64)>,
-    },
-    Park {
-        sink: Arc<str>,
-        pos: i64,
-        seq: i64,
-        status: Option<u16>,
-        reason: String,
-    },
-    Retry {
-        sink: Option<String>,
-        event_id: Option<String>,
-        reply: oneshot::Sender<Result<usize, OutboxError>>,
-    },
-    Flush {
-        reply: oneshot::Sender<()>,
-    },
+    Append { records: Vec<NewRecord>, reply: oneshot::Sender<Result<AppendOutcome, OutboxError>> },
+    Ack { sink: Arc<str>, acks: Vec<(i64, i64)> },
+    Park { sink: Arc<str>, pos: i64, seq: i64, status: Option<u16>, reason: String },
+    Retry { sink: Option<String>, event_id: Option<String>, reply: oneshot::Sender<Result<usize, OutboxError>> },
+    Flush { reply: oneshot::Sender<()> },
 }
 
 /// State shared by the handles and the writer thread.
@@ -404,7 +386,13 @@ impl Outbox {
     }
 
     /// Moves one event of `sink`'s queue to the dead letters.
-    pub async fn park(&self, sink: &Arc<str>, rec: &Record, status: Option<u16>, reason: String) -> Result<(), OutboxError> {
+    pub async fn park(
+        &self,
+        sink: &Arc<str>,
+        rec: &Record,
+        status: Option<u16>,
+        reason: String,
+    ) -> Result<(), OutboxError> {
         let op = Op::Park { sink: sink.clone(), pos: rec.pos, seq: rec.seq, status, reason };
         self.tx.send(op).await.map_err(|_| OutboxError::Closed)
     }

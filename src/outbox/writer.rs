@@ -80,14 +80,12 @@ pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<(StoreState
          PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
     ))
     .map_err(storage)?;
-    let _: i64 = conn
-        .query_row(&format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}"), [], |r| r.get(0))
-        .map_err(storage)?;
+    let _: i64 =
+        conn.query_row(&format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}"), [], |r| r.get(0)).map_err(storage)?;
     if opts.max_bytes > 0 {
         let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(storage)?;
         let pages = (opts.max_bytes as i64 / page.max(512)).max(16);
-        let _: i64 =
-            conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0)).map_err(storage)?;
+        let _: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0)).map_err(storage)?;
     }
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
@@ -149,8 +147,7 @@ pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<(StoreState
     }
     let depth: i64 = conn.query_row("SELECT COUNT(DISTINCT seq) FROM pending", [], |r| r.get(0)).map_err(storage)?;
     let dead_letters: i64 = conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0)).map_err(storage)?;
-    let max_seq: i64 =
-        conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0)).map_err(storage)?;
+    let max_seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0)).map_err(storage)?;
     let max_pos: i64 =
         conn.query_row("SELECT COALESCE(MAX(pos), 0) FROM pending", [], |r| r.get(0)).map_err(storage)?;
     if depth > 0 {
@@ -402,9 +399,7 @@ impl Writer {
                     }
                 }
                 Op::Retry { sink, event_id, reply } => {
-                    match in_savepoint(&tx, |t| {
-                        retry(t, &sinks, sink.as_deref(), event_id.as_deref(), &mut next_pos)
-                    }) {
+                    match in_savepoint(&tx, |t| retry(t, &sinks, sink.as_deref(), event_id.as_deref(), &mut next_pos)) {
                         Ok((n, d)) => {
                             delta.depth += d.depth;
                             delta.dead_letters += d.dead_letters;
@@ -554,8 +549,9 @@ impl Writer {
         // Checkpoint first: on a full disk this moves the WAL into the main
         // file (using the ballast's space) so later writes reuse the WAL.
         let mode = if self.full { "TRUNCATE" } else { "PASSIVE" };
-        let _: (i64, i64, i64) =
-            self.conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let _: (i64, i64, i64) = self
+            .conn
+            .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         let cutoff = now_micros() - self.opts.dedup_retention.as_micros() as i64;
         let deleted = self.conn.execute(
             "DELETE FROM delivered WHERE id IN (SELECT id FROM delivered WHERE done_at < ?1 LIMIT ?2)",
@@ -738,11 +734,8 @@ fn retry(
         }
         let had = still_pending(c, seq)?;
         c.prepare_cached("DELETE FROM dead_letters WHERE seq = ?1 AND sink = ?2")?.execute(params![seq, s])?;
-        c.prepare_cached("INSERT INTO pending(sink, pos, seq) VALUES (?1, ?2, ?3)")?.execute(params![
-            s,
-            *next_pos,
-            seq
-        ])?;
+        c.prepare_cached("INSERT INTO pending(sink, pos, seq) VALUES (?1, ?2, ?3)")?
+            .execute(params![s, *next_pos, seq])?;
         *next_pos += 1;
         if !had {
             d.depth += 1;

@@ -125,7 +125,9 @@ pub enum Attempt {
 pub fn classify_status(status: u16, retry_after: Option<Duration>, detail: impl FnOnce() -> String) -> Attempt {
     match status {
         200..=299 => Attempt::Delivered,
-        408 | 429 | 500..=599 => Attempt::Retry { class: StatusClass::of_status(status), retry_after, detail: detail() },
+        408 | 429 | 500..=599 => {
+            Attempt::Retry { class: StatusClass::of_status(status), retry_after, detail: detail() }
+        }
         _ => Attempt::Reject { status: Some(status), detail: detail() },
     }
 }
@@ -310,8 +312,12 @@ pub fn build_sinks(config: &Config) -> Result<Vec<ConfiguredSink>, SinkError> {
     for (index, (s, name)) in config.sinks.iter().zip(names).enumerate() {
         out.push(match s {
             SinkConfig::Jsonl { path, .. } => ConfiguredSink::Jsonl(Arc::new(
-                jsonl::JsonlSink::open(&name, path)
-                    .map_err(|source| SinkError::Open { index, name, path: path.clone(), source })?,
+                jsonl::JsonlSink::open(&name, path).map_err(|source| SinkError::Open {
+                    index,
+                    name,
+                    path: path.clone(),
+                    source,
+                })?,
             )),
             SinkConfig::Webhook { .. } => {
                 ConfiguredSink::Webhook(Arc::new(webhook::WebhookSink::from_config(index, &name, s)?))
@@ -454,7 +460,13 @@ enum Final {
     Cancelled,
 }
 
-async fn deliver_batch<S: Sink>(outbox: &Outbox, sink: &S, name: &Arc<str>, batch: Vec<Record>, cancel: &CancellationToken) {
+async fn deliver_batch<S: Sink>(
+    outbox: &Outbox,
+    sink: &S,
+    name: &Arc<str>,
+    batch: Vec<Record>,
+    cancel: &CancellationToken,
+) {
     match deliver_with_retry(sink, name, &batch, cancel).await {
         Final::Delivered => ack(outbox, name, &batch).await,
         Final::Cancelled => {}
@@ -623,7 +635,9 @@ max_bytes = 1000000
         assert!(e.contains("no secret"), "{e}");
         let c = config("[[sinks]]\ntype = \"jsonl\"\n[[sinks]]\ntype = \"jsonl\"\npath = \"/dev/null\"\n").unwrap();
         assert!(matches!(sink_names(&c), Err(SinkError::DuplicateName { index: 1, .. })));
-        let c = config("[[sinks]]\ntype = \"webhook\"\nurl = \"https://x\"\nsecret = \"hunter2\"\ntimeout_seconds = -1\n").unwrap();
+        let c =
+            config("[[sinks]]\ntype = \"webhook\"\nurl = \"https://x\"\nsecret = \"hunter2\"\ntimeout_seconds = -1\n")
+                .unwrap();
         let e = build_sinks(&c).err().unwrap().to_string();
         assert!(e.contains("timeout_seconds") && !e.contains("hunter2"), "{e}");
         let c = config("").unwrap();

@@ -95,8 +95,11 @@ pub(crate) async fn send(req: reqwest::RequestBuilder) -> Attempt {
     match req.send().await {
         Ok(resp) => {
             let status = resp.status().as_u16();
-            let retry_after =
-                resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
             if (200..300).contains(&status) {
                 // Drain the (usually empty) body so the connection is reused.
                 let _ = body_excerpt(resp).await;

@@ -95,7 +95,12 @@ struct Party {
 }
 
 /// Zammad's hangup `cause` for an ended call.
-pub fn hangup_cause(answered: bool, q850: Option<u32>, hung_up_by: Option<&str>, end_reason: Option<&str>) -> &'static str {
+pub fn hangup_cause(
+    answered: bool,
+    q850: Option<u32>,
+    hung_up_by: Option<&str>,
+    end_reason: Option<&str>,
+) -> &'static str {
     if answered {
         return "normalClearing";
     }
@@ -111,7 +116,8 @@ pub fn hangup_cause(answered: bool, q850: Option<u32>, hung_up_by: Option<&str>,
 
 impl ZammadSink {
     pub fn new(name: &str, settings: ZammadSettings, token: &str) -> Result<ZammadSink, String> {
-        let ZammadSettings { url: base_url, timeout, connect_timeout, max_backoff, concurrency, agent_names } = settings;
+        let ZammadSettings { url: base_url, timeout, connect_timeout, max_backoff, concurrency, agent_names } =
+            settings;
         let base_url = base_url.as_str();
         let base = reqwest::Url::parse(base_url).map_err(|e| format!("url: {e}"))?;
         if token.is_empty() || token.contains('/') {
@@ -149,14 +155,11 @@ impl ZammadSink {
         let err = |message: String| SinkError::Config { index, name: name.to_string(), message };
         let source =
             SecretSource { secret: token.clone(), secret_file: token_file.clone(), secret_env: token_env.clone() };
-        let token = source
-            .resolve()
-            .map_err(|m| err(m.replace("secret_file", "token_file").replace("secret_env", "token_env").replace("secret", "token")))?;
-        let agent_names = config
-            .agents
-            .iter()
-            .map(|a| (a.id.clone(), a.name.clone().unwrap_or_else(|| a.id.clone())))
-            .collect();
+        let token = source.resolve().map_err(|m| {
+            err(m.replace("secret_file", "token_file").replace("secret_env", "token_env").replace("secret", "token"))
+        })?;
+        let agent_names =
+            config.agents.iter().map(|a| (a.id.clone(), a.name.clone().unwrap_or_else(|| a.id.clone()))).collect();
         let settings = ZammadSettings {
             url: url.clone(),
             timeout: secs(index, name, "timeout_seconds", *timeout_seconds)?,
@@ -295,7 +298,10 @@ mod tests {
             json!({"event": "newCall", "from": "1198765", "to": "1130001000", "direction": "in", "callId": "1.0", "queue": "support"})
         );
         let b = s
-            .cti_body(&ce("call.answered", json!({"seq": 3, "call": call("inbound", true), "agent": "maria", "wait_seconds": 2})))
+            .cti_body(&ce(
+                "call.answered",
+                json!({"seq": 3, "call": call("inbound", true), "agent": "maria", "wait_seconds": 2}),
+            ))
             .unwrap()
             .unwrap();
         assert_eq!(b["event"], "answer");

@@ -136,9 +136,8 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(Script::default()));
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(AppState { log: log.clone(), script: script.clone() });
+        let app =
+            axum::Router::new().fallback(handle).with_state(AppState { log: log.clone(), script: script.clone() });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

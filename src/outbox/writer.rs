@@ -599,10 +599,10 @@ fn in_savepoint<T>(
     tx: &Tx<'_>,
     f: impl FnOnce(&rusqlite::Connection) -> Result<T, rusqlite::Error>,
 ) -> Result<T, rusqlite::Error> {
-    tx.execute_batch("SAVEPOINT op")?;
+    tx.prepare_cached("SAVEPOINT op")?.execute([])?;
     match f(tx) {
         Ok(v) => {
-            tx.execute_batch("RELEASE op")?;
+            tx.prepare_cached("RELEASE op")?.execute([])?;
             Ok(v)
         }
         Err(e) => {

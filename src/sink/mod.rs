@@ -19,6 +19,12 @@
 //!   rejected batch is retried event by event so that only the refused
 //!   events are parked.
 //!
+//! A runner holds at most `max_buffered` events of its sink in memory; the
+//! rest waits on disk. (So one key with that many undelivered events would
+//! hold back reading the others: far beyond any call's event count.)
+//! Shutdown cancels requests in flight; their events stay pending and go
+//! first on the next start.
+//!
 //! This module must never acknowledge an event the destination did not
 //! accept, never drop one, and never hold a lock across an `.await`.
 //!
@@ -40,8 +46,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -330,7 +335,7 @@ pub fn build_sinks(config: &Config) -> Result<Vec<ConfiguredSink>, SinkError> {
     Ok(out)
 }
 
-/// Reported by a worker when its batch is finished (delivered, parked or
+/// Returned by a worker when its batch is finished (delivered, parked or
 /// abandoned at shutdown).
 struct Done {
     keys: Vec<String>,
@@ -341,9 +346,9 @@ async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationTok
     let name = sink.name().clone();
     let concurrency = sink.concurrency().max(1);
     let batch_size = sink.batch_size().max(1);
-    // Every worker sends exactly one `Done` and at most `concurrency` run at
-    // once, so this channel is never full: a send never waits.
-    let (done_tx, mut done_rx) = mpsc::channel::<Done>(concurrency);
+    // At most `concurrency` workers; each returns its `Done`. Kept in a set
+    // so that shutdown waits for them (their acks reach the writer first).
+    let mut workers: JoinSet<Done> = JoinSet::new();
     let mut committed = outbox.subscribe();
     // Per key, the events read but not yet handed to a worker, in order.
     let mut lanes: HashMap<String, VecDeque<Record>> = HashMap::new();
@@ -352,7 +357,6 @@ async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationTok
     // Keys not busy with events waiting, oldest first.
     let mut ready: VecDeque<String> = VecDeque::new();
     let mut buffered = 0usize;
-    let mut in_flight = 0usize;
     let mut read_pos = 0i64;
     let mut caught_up = false;
     info!(sink = %name, "delivery started");
@@ -382,25 +386,32 @@ async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationTok
                 }
             }
         }
-        while in_flight < concurrency {
+        while workers.len() < concurrency {
             let Some(first) = ready.pop_front() else { break };
             let (batch, keys) = take_batch(first, batch_size, &mut lanes, &mut ready);
             for k in &keys {
                 busy.insert(k.clone());
             }
-            in_flight += 1;
-            let (outbox, sink, name, cancel, done_tx) =
-                (outbox.clone(), sink.clone(), name.clone(), cancel.clone(), done_tx.clone());
-            tokio::spawn(async move {
+            let (outbox, sink, name, cancel) = (outbox.clone(), sink.clone(), name.clone(), cancel.clone());
+            workers.spawn(async move {
                 let count = batch.len();
                 deliver_batch(&outbox, &*sink, &name, batch, &cancel).await;
-                let _ = done_tx.send(Done { keys, count }).await;
+                Done { keys, count }
             });
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
-            Some(done) = done_rx.recv(), if in_flight > 0 => {
-                in_flight -= 1;
+            Some(joined) = workers.join_next(), if !workers.is_empty() => {
+                let done = match joined {
+                    Ok(done) => done,
+                    Err(e) => {
+                        // A worker panicked: its events were neither acked nor
+                        // parked, so they are delivered again after a restart;
+                        // its keys stay blocked until then (order is kept).
+                        warn!(sink = %name, error = %e, "delivery worker failed");
+                        continue;
+                    }
+                };
                 buffered -= done.count;
                 for key in done.keys {
                     busy.remove(&key);
@@ -419,6 +430,9 @@ async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationTok
             }
         }
     }
+    // Workers see the same cancellation; wait until they have handed their
+    // acks to the outbox.
+    while workers.join_next().await.is_some() {}
     info!(sink = %name, "delivery stopped");
 }
 

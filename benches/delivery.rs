@@ -19,6 +19,7 @@ use callbridge::outbox::{Outbox, OutboxOptions};
 use callbridge::sink::webhook::{WebhookSettings, WebhookSink};
 use callbridge::sink::{Delivery, DeliveryOptions};
 use dashmap::DashMap;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,12 +95,25 @@ async fn setup(url: String, batch_size: usize, dir: &std::path::Path) -> (Outbox
     (outbox, d)
 }
 
-async fn throughput(n: usize, batch_size: usize) {
+/// Commits since the previous call (the snapshot resets the counters).
+fn commits(snap: &Snapshotter) -> u64 {
+    snap.snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(k, _, _, v)| match v {
+            DebugValue::Counter(c) if k.key().name() == "callbridge_outbox_commits_total" => Some(c),
+            _ => None,
+        })
+        .sum()
+}
+
+async fn throughput(n: usize, batch_size: usize, snap: &Snapshotter) {
     let evs = events(n);
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let (url, rx) = receiver(t0).await;
     let (outbox, d) = setup(url, batch_size, dir.path()).await;
+    commits(snap);
     let start = Instant::now();
     // Appenders as the pipeline does them: chunks, each awaited (durable).
     for chunk in evs.chunks(500) {
@@ -109,16 +123,18 @@ async fn throughput(n: usize, batch_size: usize) {
     assert!(outbox.wait_drained(Duration::from_secs(300)).await);
     let secs = start.elapsed().as_secs_f64();
     d.shutdown().await.unwrap();
+    let c = commits(snap);
     println!(
-        "throughput batch_size={batch_size:<4} {n} events: appended (durable) in {:.3} s ({:.0}/s); delivered in {secs:.3} s = {:.0} events/s ({} received)",
+        "throughput batch_size={batch_size:<4} {n} events: appended (durable) in {:.3} s ({:.0}/s); delivered in {secs:.3} s = {:.0} events/s ({} received); {c} commits (appends + acks) = {:.1} events per fsync",
         appended.as_secs_f64(),
         n as f64 / appended.as_secs_f64(),
         n as f64 / secs,
-        rx.events.load(Ordering::Relaxed)
+        rx.events.load(Ordering::Relaxed),
+        n as f64 / c.max(1) as f64,
     );
 }
 
-async fn latency(rate: f64, seconds: f64) {
+async fn latency(rate: f64, seconds: f64, snap: &Snapshotter) {
     let n = (rate * seconds) as usize;
     let evs = events(n);
     let ids: Vec<String> = evs.iter().map(|e| e.id("lab")).collect();
@@ -128,6 +144,7 @@ async fn latency(rate: f64, seconds: f64) {
     let (outbox, d) = setup(url, 1, dir.path()).await;
     // Warm up the connection pool.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    commits(snap);
     let start = t0.elapsed().as_micros() as u64 + 1000;
     let due = |i: usize| start + (i as f64 * 1e6 / rate) as u64;
     let mut next = 0usize;
@@ -155,14 +172,16 @@ async fn latency(rate: f64, seconds: f64) {
         .enumerate()
         .map(|(i, id)| rx.arrivals.get(id).map(|a| a.saturating_sub(due(i))).expect("every event arrived"))
         .collect();
+    let c = commits(snap);
     lat.sort_unstable();
     let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)] as f64 / 1000.0;
     println!(
-        "latency at {rate:.0} events/s for {seconds} s ({n} events, one per request): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        "latency at {rate:.0} events/s for {seconds} s ({n} events, one per request): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; {c} commits ({:.0}/s)",
         p(0.5),
         p(0.99),
         p(0.999),
-        p(1.0)
+        p(1.0),
+        c as f64 / seconds,
     );
 }
 
@@ -170,10 +189,13 @@ fn main() {
     let n: usize = std::env::var("EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let rate: f64 = std::env::var("RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(5000.0);
     let seconds: f64 = std::env::var("SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4.0);
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    recorder.install().expect("metrics recorder");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        throughput(n, 1).await;
-        throughput(n, 100).await;
-        latency(rate, seconds).await;
+        throughput(n, 1, &snap).await;
+        throughput(n, 100, &snap).await;
+        latency(rate, seconds, &snap).await;
     });
 }

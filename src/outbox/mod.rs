@@ -113,6 +113,15 @@
 //! callers keep the events) and keeps its acknowledgements for the next
 //! commit.
 //!
+//! # Metrics
+//!
+//! `callbridge_outbox_depth` (events some sink has not acknowledged),
+//! `callbridge_outbox_oldest_age_seconds`, `callbridge_dead_letters`,
+//! `callbridge_outbox_disk_full` (0/1), `callbridge_outbox_write_errors_total`,
+//! `callbridge_outbox_commits_total`, `callbridge_outbox_commit_duration_seconds`
+//! (SQL and fsync of one group commit) and
+//! `callbridge_outbox_appends_total{result="stored"|"duplicate"}`.
+//!
 //! # Sinks and cursors
 //!
 //! The set of sink names is given at open. Each append creates one pending

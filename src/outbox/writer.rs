@@ -321,6 +321,7 @@ impl Writer {
             return;
         }
         let now = now_micros();
+        let started = Instant::now();
         let mut after: Vec<After> = Vec::new();
         let mut applied: Vec<Op> = Vec::new();
         let mut delta = Delta::default();
@@ -435,6 +436,9 @@ impl Writer {
         }
         match committed {
             Ok(()) => {
+                metrics::counter!("callbridge_outbox_commits_total").increment(1);
+                metrics::histogram!("callbridge_outbox_commit_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 if self.failing && errors.is_empty() {
                     info!("outbox: writes succeed again");
                 }
@@ -452,6 +456,10 @@ impl Writer {
                 for a in after {
                     match a {
                         After::Append(r, o) => {
+                            metrics::counter!("callbridge_outbox_appends_total", "result" => "stored")
+                                .increment(o.appended as u64);
+                            metrics::counter!("callbridge_outbox_appends_total", "result" => "duplicate")
+                                .increment(o.duplicates as u64);
                             let _ = r.send(Ok(o));
                         }
                         After::Retry(r, n) => {

@@ -186,6 +186,10 @@ fn replay_durable(
         let stats = replay.await.context("replay task")??;
         let drained = outbox.wait_drained(drain_timeout).await;
         let left = outbox.depth();
+        let parked = outbox.dead_letter_count();
+        if parked > 0 {
+            tracing::warn!(dead_letters = parked, "some events were refused by a sink and wait as dead letters");
+        }
         delivery.shutdown().await?;
         outbox.close().await?;
         if summary {

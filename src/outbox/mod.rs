@@ -12,8 +12,8 @@
 //!
 //! The store is one SQLite database (bundled through `rusqlite`, so there is
 //! no server and no system library to match) in WAL mode. The alternatives
-//! weighed were redb (pure Rust, but after an I/O error such as `ENOSPC` the
-//! handle is poisoned until it is reopened and repaired), fjall (an LSM tree,
+//! weighed were redb (pure Rust, but after an I/O error such as `ENOSPC` it
+//! refuses further writes until the database is reopened), fjall (an LSM tree,
 //! younger and with a moving on-disk format) and a hand-written segment log
 //! (the most code to get right for the least gain: per-sink cursors that
 //! advance out of order, dead letters and idempotency by id all want an
@@ -293,6 +293,27 @@ pub(crate) struct Shared {
     /// Highest position committed so far (sinks wait on it for new work).
     committed: watch::Sender<i64>,
     sinks: Vec<Arc<str>>,
+    gauges: Gauges,
+}
+
+/// Gauge handles, registered once at open (install the metrics recorder
+/// before opening the outbox).
+struct Gauges {
+    depth: metrics::Gauge,
+    dead_letters: metrics::Gauge,
+    disk_full: metrics::Gauge,
+    oldest_age: metrics::Gauge,
+}
+
+impl Gauges {
+    fn new() -> Gauges {
+        Gauges {
+            depth: metrics::gauge!("callbridge_outbox_depth"),
+            dead_letters: metrics::gauge!("callbridge_dead_letters"),
+            disk_full: metrics::gauge!("callbridge_outbox_disk_full"),
+            oldest_age: metrics::gauge!("callbridge_outbox_oldest_age_seconds"),
+        }
+    }
 }
 
 /// Handle to the outbox; cheap to clone. The writer thread stops when the
@@ -335,6 +356,7 @@ impl Outbox {
             dead_letters: AtomicI64::new(state.dead_letters),
             committed,
             sinks,
+            gauges: Gauges::new(),
         });
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let db_path = dir.join(DB_FILE);
@@ -588,9 +610,7 @@ impl Outbox {
     pub async fn refresh_gauges(&self) {
         publish_counters(&self.shared);
         match self.oldest_undelivered_age().await {
-            Ok(age) => {
-                metrics::gauge!("callbridge_outbox_oldest_age_seconds").set(age.map_or(0.0, |a| a.as_secs_f64()))
-            }
+            Ok(age) => self.shared.gauges.oldest_age.set(age.map_or(0.0, |a| a.as_secs_f64())),
             Err(e) => tracing::warn!(error = %e, "outbox: cannot read the oldest undelivered event"),
         }
     }
@@ -612,9 +632,10 @@ impl Outbox {
 }
 
 pub(crate) fn publish_counters(shared: &Shared) {
-    metrics::gauge!("callbridge_outbox_depth").set(shared.depth.load(Ordering::Acquire) as f64);
-    metrics::gauge!("callbridge_dead_letters").set(shared.dead_letters.load(Ordering::Acquire) as f64);
-    metrics::gauge!("callbridge_outbox_disk_full").set(if shared.writable.load(Ordering::Acquire) { 0.0 } else { 1.0 });
+    let g = &shared.gauges;
+    g.depth.set(shared.depth.load(Ordering::Acquire) as f64);
+    g.dead_letters.set(shared.dead_letters.load(Ordering::Acquire) as f64);
+    g.disk_full.set(if shared.writable.load(Ordering::Acquire) { 0.0 } else { 1.0 });
 }
 
 #[cfg(test)]

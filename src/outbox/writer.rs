@@ -208,6 +208,7 @@ pub(crate) fn spawn(
         last_compact: Instant::now(),
         last_recovery: Instant::now(),
         dirty: false,
+        metrics: WriterMetrics::new(),
     };
     std::thread::Builder::new()
         .name("outbox-writer".into())
@@ -232,6 +233,28 @@ struct Writer {
     last_recovery: Instant,
     /// Something was deleted since the last compaction.
     dirty: bool,
+    metrics: WriterMetrics,
+}
+
+/// Counter handles, registered once.
+struct WriterMetrics {
+    write_errors: metrics::Counter,
+    commits: metrics::Counter,
+    commit_duration: metrics::Histogram,
+    stored: metrics::Counter,
+    duplicates: metrics::Counter,
+}
+
+impl WriterMetrics {
+    fn new() -> WriterMetrics {
+        WriterMetrics {
+            write_errors: metrics::counter!("callbridge_outbox_write_errors_total"),
+            commits: metrics::counter!("callbridge_outbox_commits_total"),
+            commit_duration: metrics::histogram!("callbridge_outbox_commit_duration_seconds"),
+            stored: metrics::counter!("callbridge_outbox_appends_total", "result" => "stored"),
+            duplicates: metrics::counter!("callbridge_outbox_appends_total", "result" => "duplicate"),
+        }
+    }
 }
 
 /// What an applied request does once its transaction committed.
@@ -299,7 +322,7 @@ impl Writer {
     }
 
     fn write_error(&mut self, e: &rusqlite::Error, what: &str) {
-        metrics::counter!("callbridge_outbox_write_errors_total").increment(1);
+        self.metrics.write_errors.increment(1);
         if is_full(e) {
             if !self.full {
                 error!(error = %e, "outbox: DISK FULL while {what}; new events are refused (kept by the caller) until space is freed; accepted events are safe");
@@ -436,9 +459,8 @@ impl Writer {
         }
         match committed {
             Ok(()) => {
-                metrics::counter!("callbridge_outbox_commits_total").increment(1);
-                metrics::histogram!("callbridge_outbox_commit_duration_seconds")
-                    .record(started.elapsed().as_secs_f64());
+                self.metrics.commits.increment(1);
+                self.metrics.commit_duration.record(started.elapsed().as_secs_f64());
                 if self.failing && errors.is_empty() {
                     info!("outbox: writes succeed again");
                 }
@@ -456,10 +478,8 @@ impl Writer {
                 for a in after {
                     match a {
                         After::Append(r, o) => {
-                            metrics::counter!("callbridge_outbox_appends_total", "result" => "stored")
-                                .increment(o.appended as u64);
-                            metrics::counter!("callbridge_outbox_appends_total", "result" => "duplicate")
-                                .increment(o.duplicates as u64);
+                            self.metrics.stored.increment(o.appended as u64);
+                            self.metrics.duplicates.increment(o.duplicates as u64);
                             let _ = r.send(Ok(o));
                         }
                         After::Retry(r, n) => {

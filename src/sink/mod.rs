@@ -90,6 +90,17 @@ pub enum StatusClass {
 }
 
 impl StatusClass {
+    /// Every class, in label order.
+    pub const ALL: [StatusClass; 7] = [
+        StatusClass::S2xx,
+        StatusClass::S3xx,
+        StatusClass::S4xx,
+        StatusClass::S5xx,
+        StatusClass::Network,
+        StatusClass::Timeout,
+        StatusClass::Io,
+    ];
+
     pub fn of_status(status: u16) -> StatusClass {
         match status {
             200..=299 => StatusClass::S2xx,
@@ -335,6 +346,34 @@ pub fn build_sinks(config: &Config) -> Result<Vec<ConfiguredSink>, SinkError> {
     Ok(out)
 }
 
+/// Metric handles of one sink, registered once (the hot path only
+/// increments). Created when the runner starts: install the metrics
+/// recorder before starting sinks.
+struct SinkMetrics {
+    requests: [metrics::Counter; 7],
+    duration: metrics::Histogram,
+    retries: metrics::Counter,
+    dead_letters: metrics::Counter,
+}
+
+impl SinkMetrics {
+    fn new(sink: &str) -> SinkMetrics {
+        let s = sink.to_string();
+        SinkMetrics {
+            requests: StatusClass::ALL.map(|c| {
+                metrics::counter!("callbridge_sink_requests_total", "sink" => s.clone(), "status_class" => c.as_str())
+            }),
+            duration: metrics::histogram!("callbridge_sink_request_duration_seconds", "sink" => s.clone()),
+            retries: metrics::counter!("callbridge_sink_retries_total", "sink" => s.clone()),
+            dead_letters: metrics::counter!("callbridge_dead_letters_total", "sink" => s),
+        }
+    }
+
+    fn request(&self, class: StatusClass) -> &metrics::Counter {
+        &self.requests[StatusClass::ALL.iter().position(|c| *c == class).unwrap_or(0)]
+    }
+}
+
 /// Returned by a worker when its batch is finished (delivered, parked or
 /// abandoned at shutdown).
 struct Done {
@@ -344,6 +383,7 @@ struct Done {
 
 async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationToken, opts: DeliveryOptions) {
     let name = sink.name().clone();
+    let metrics = Arc::new(SinkMetrics::new(&name));
     let concurrency = sink.concurrency().max(1);
     let batch_size = sink.batch_size().max(1);
     // At most `concurrency` workers; each returns its `Done`. Kept in a set
@@ -392,10 +432,11 @@ async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationTok
             for k in &keys {
                 busy.insert(k.clone());
             }
-            let (outbox, sink, name, cancel) = (outbox.clone(), sink.clone(), name.clone(), cancel.clone());
+            let (outbox, sink, name, cancel, m) =
+                (outbox.clone(), sink.clone(), name.clone(), cancel.clone(), metrics.clone());
             workers.spawn(async move {
                 let count = batch.len();
-                deliver_batch(&outbox, &*sink, &name, batch, &cancel).await;
+                deliver_batch(&outbox, &*sink, &name, &m, batch, &cancel).await;
                 Done { keys, count }
             });
         }
@@ -478,19 +519,22 @@ async fn deliver_batch<S: Sink>(
     outbox: &Outbox,
     sink: &S,
     name: &Arc<str>,
+    m: &SinkMetrics,
     batch: Vec<Record>,
     cancel: &CancellationToken,
 ) {
-    match deliver_with_retry(sink, name, &batch, cancel).await {
+    match deliver_with_retry(sink, name, m, &batch, cancel).await {
         Final::Delivered => ack(outbox, name, &batch).await,
         Final::Cancelled => {}
-        Final::Rejected { status, detail } if batch.len() == 1 => park(outbox, name, &batch[0], status, detail).await,
+        Final::Rejected { status, detail } if batch.len() == 1 => {
+            park(outbox, name, m, &batch[0], status, detail).await
+        }
         Final::Rejected { .. } => {
             // Find the refused events: one by one, in order.
             for r in &batch {
-                match deliver_with_retry(sink, name, std::slice::from_ref(r), cancel).await {
+                match deliver_with_retry(sink, name, m, std::slice::from_ref(r), cancel).await {
                     Final::Delivered => ack(outbox, name, std::slice::from_ref(r)).await,
-                    Final::Rejected { status, detail } => park(outbox, name, r, status, detail).await,
+                    Final::Rejected { status, detail } => park(outbox, name, m, r, status, detail).await,
                     Final::Cancelled => return,
                 }
             }
@@ -504,15 +548,21 @@ async fn ack(outbox: &Outbox, name: &Arc<str>, batch: &[Record]) {
     }
 }
 
-async fn park(outbox: &Outbox, name: &Arc<str>, r: &Record, status: Option<u16>, detail: String) {
+async fn park(outbox: &Outbox, name: &Arc<str>, m: &SinkMetrics, r: &Record, status: Option<u16>, detail: String) {
     warn!(sink = %name, event = %r.id, status = ?status, reason = %detail, "event refused; parked as dead letter");
-    metrics::counter!("callbridge_dead_letters_total", "sink" => name.to_string()).increment(1);
+    m.dead_letters.increment(1);
     if let Err(e) = outbox.park(name, r, status, detail).await {
         warn!(sink = %name, error = %e, "cannot park a dead letter; it stays pending");
     }
 }
 
-async fn deliver_with_retry<S: Sink>(sink: &S, name: &Arc<str>, batch: &[Record], cancel: &CancellationToken) -> Final {
+async fn deliver_with_retry<S: Sink>(
+    sink: &S,
+    name: &Arc<str>,
+    m: &SinkMetrics,
+    batch: &[Record],
+    cancel: &CancellationToken,
+) -> Final {
     let policy = sink.retry_policy();
     let mut attempt: u32 = 0;
     loop {
@@ -528,10 +578,8 @@ async fn deliver_with_retry<S: Sink>(sink: &S, name: &Arc<str>, batch: &[Record]
             Attempt::Reject { status, .. } => Some(status.map_or(StatusClass::S4xx, StatusClass::of_status)),
         };
         if let Some(class) = class {
-            metrics::counter!("callbridge_sink_requests_total", "sink" => name.to_string(), "status_class" => class.as_str())
-                .increment(1);
-            metrics::histogram!("callbridge_sink_request_duration_seconds", "sink" => name.to_string())
-                .record(t0.elapsed().as_secs_f64());
+            m.request(class).increment(1);
+            m.duration.record(t0.elapsed().as_secs_f64());
         }
         match result {
             Attempt::Delivered | Attempt::Skipped => {
@@ -543,7 +591,7 @@ async fn deliver_with_retry<S: Sink>(sink: &S, name: &Arc<str>, batch: &[Record]
             Attempt::Reject { status, detail } => return Final::Rejected { status, detail },
             Attempt::Retry { class, retry_after, detail } => {
                 let delay = policy.delay(attempt, retry_after, &mut rand::rng());
-                metrics::counter!("callbridge_sink_retries_total", "sink" => name.to_string()).increment(1);
+                m.retries.increment(1);
                 if attempt == 0 || attempt % 10 == 0 {
                     warn!(sink = %name, event = %batch[0].id, events = batch.len(), class = class.as_str(),
                           error = %detail, retry_in_ms = delay.as_millis() as u64, attempt = attempt + 1,

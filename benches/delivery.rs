@@ -143,7 +143,7 @@ async fn throughput(n: usize, batch_size: usize, snap: &Snapshotter) {
     d.shutdown().await.unwrap();
     let c = commits(snap);
     println!(
-        "throughput batch_size={batch_size:<4} {n} events: appended (durable) in {:.3} s ({:.0}/s); delivered in {secs:.3} s = {:.0} events/s ({} received); {c} commits (appends + acks) = {:.1} events per fsync",
+        "throughput batch_size={batch_size:<4} {n} events: appended (durable) in {:.3} s ({:.0}/s); delivered in {secs:.3} s = {:.0} events/s ({} received); {c} commits (appends + acks) = {:.1} events per commit",
         appended.as_secs_f64(),
         n as f64 / appended.as_secs_f64(),
         n as f64 / secs,

@@ -69,8 +69,12 @@
 //! most one fsync. Each append is its own savepoint: a failing append fails
 //! alone, the others in the commit go through. Acknowledgements are not
 //! waited for by the runners (an ack lost in a crash only means a
-//! redelivery with the same id, which at-least-once allows); an ack that fails
-//! to commit is kept by the writer and applied again with the next commit.
+//! redelivery with the same id, which at-least-once allows), and a commit
+//! that holds only acknowledgements is not fsync'd (`synchronous=NORMAL` for
+//! that commit: it survives `kill -9`, and after a power loss costs at most
+//! redeliveries); the next fsync'd commit covers it, as the WAL is
+//! sequential. An ack that fails to commit is kept by the writer and applied
+//! again with the next commit.
 //!
 //! # Idempotency
 //!

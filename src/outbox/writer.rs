@@ -209,6 +209,7 @@ pub(crate) fn spawn(
         last_recovery: Instant::now(),
         dirty: false,
         metrics: WriterMetrics::new(),
+        sync_full: true,
     };
     std::thread::Builder::new()
         .name("outbox-writer".into())
@@ -234,6 +235,8 @@ struct Writer {
     /// Something was deleted since the last compaction.
     dirty: bool,
     metrics: WriterMetrics,
+    /// `synchronous = FULL` (fsync at commit) is in force.
+    sync_full: bool,
 }
 
 /// Counter handles, registered once.
@@ -354,6 +357,18 @@ impl Writer {
         let mut errors: Vec<(rusqlite::Error, &'static str)> = Vec::new();
         let mut failed: Vec<(oneshot::Sender<Result<AppendOutcome, OutboxError>>, OutboxError)> = Vec::new();
 
+        // Only appends and dead-letter retries must survive a power loss; a
+        // commit of acknowledgements alone is written to the WAL without an
+        // fsync (it survives a process crash; after a power loss it may be
+        // lost, which means a redelivery, never a loss). The next fsync'd
+        // commit makes it durable too: the WAL is sequential.
+        let must_sync = all.iter().any(|op| matches!(op, Op::Append { .. } | Op::Retry { .. }));
+        if must_sync != self.sync_full {
+            let mode = if must_sync { "FULL" } else { "NORMAL" };
+            if self.conn.execute_batch(&format!("PRAGMA synchronous = {mode}")).is_ok() {
+                self.sync_full = must_sync;
+            }
+        }
         let begun = self.conn.execute_batch("BEGIN IMMEDIATE");
         if let Err(e) = begun {
             self.fail_all(all, &e);

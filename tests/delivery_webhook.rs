@@ -57,7 +57,10 @@ async fn failures_then_success_deliver_everything_in_order_per_call() {
     let dups = check_delivery(&requests, &events, "lab");
     eprintln!("{} requests, {} duplicate deliveries", requests.len(), dups);
     for r in &requests {
+        assert_eq!(r.path, "/hooks");
         assert_eq!(r.headers["content-type"], "application/cloudevents+json");
+        let id = r.headers["webhook-id"].to_str().unwrap();
+        assert_eq!(ids_in(&r.body)[0].0, id, "webhook-id is the event id");
     }
     assert_eq!(outbox.depth(), 0);
     assert!(outbox.dead_letters().await.unwrap().is_empty());

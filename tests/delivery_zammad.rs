@@ -35,6 +35,7 @@ async fn lifecycle_maps_to_generic_cti() {
 
     let mut per_call: HashMap<String, Vec<String>> = HashMap::new();
     for r in rx.requests().iter().filter(|r| r.status == 200) {
+        assert_eq!(r.path, "/api/v1/cti/s3cr3t-token");
         assert_eq!(r.headers["content-type"], "application/json");
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         let ev = v["event"].as_str().unwrap().to_string();

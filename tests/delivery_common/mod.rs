@@ -54,6 +54,7 @@ pub enum Reply {
 #[derive(Debug, Clone)]
 pub struct Received {
     pub at: Instant,
+    pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub status: u16,
@@ -91,7 +92,7 @@ pub fn ids_in(body: &[u8]) -> Vec<(String, serde_json::Value)> {
     items.into_iter().map(|e| (e["id"].as_str().expect("id").to_string(), e)).collect()
 }
 
-async fn handle(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(State(st): State<AppState>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
     let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&body)
         .map(|v| match v {
             serde_json::Value::Array(a) => a.iter().filter_map(|e| e["id"].as_str().map(String::from)).collect(),
@@ -109,7 +110,7 @@ async fn handle(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> 
         Reply::Status(s) | Reply::RetryAfter(s, _) => *s,
         Reply::Hang(_) => 0,
     };
-    st.log.lock().unwrap().push(Received { at: Instant::now(), headers, body, status });
+    st.log.lock().unwrap().push(Received { at: Instant::now(), path: uri.path().to_string(), headers, body, status });
     match reply {
         Reply::Status(s) => StatusCode::from_u16(s).unwrap().into_response(),
         Reply::RetryAfter(s, secs) => {

@@ -138,6 +138,58 @@ async fn refused_event_is_parked_and_does_not_block_other_calls() {
     assert_eq!(outbox.dead_letter_count(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_being_retried_does_not_block_other_calls() {
+    let rx = Receiver::start().await;
+    let events = a11_events();
+    // One call's second event fails with 503 until the helpdesk recovers.
+    let stuck = events.iter().filter(|e| e.call.is_some()).nth(1).unwrap().clone();
+    let stuck_key = stuck.ordering_key();
+    rx.refuse(&stuck.id("lab"), 503);
+    let tmp = tempfile::tempdir().unwrap();
+    let (outbox, delivery) = start(tmp.path(), rx.url(), 1).await;
+    outbox.append(&events).await.unwrap();
+    // Everything of the other calls arrives while that call is held back.
+    let held: Vec<String> =
+        events.iter().filter(|e| e.ordering_key() == stuck_key && e.seq >= stuck.seq).map(|e| e.id("lab")).collect();
+    let others: Vec<String> = events.iter().map(|e| e.id("lab")).filter(|id| !held.contains(id)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = rx.accepted_ids();
+        if others.iter().all(|id| got.contains(id)) {
+            assert!(
+                held.iter().all(|id| !got.contains(id)),
+                "a held call's later events must wait for its earlier one"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "other calls were blocked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(outbox.depth(), held.len() as u64);
+    assert!(outbox.dead_letters().await.unwrap().is_empty(), "503 is retried, never parked");
+    // The helpdesk recovers: the held call goes, in order.
+    rx.accept(&stuck.id("lab"));
+    assert!(outbox.wait_drained(Duration::from_secs(10)).await);
+    delivery.shutdown().await.unwrap();
+    check_delivery(&rx.requests(), &events, "lab");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed() {
+    let rx = Receiver::start().await;
+    let events = a11_events();
+    rx.refuse(&events[0].id("lab"), 308);
+    let tmp = tempfile::tempdir().unwrap();
+    let (outbox, delivery) = start(tmp.path(), rx.url(), 1).await;
+    outbox.append(&events[..1]).await.unwrap();
+    assert!(outbox.wait_drained(Duration::from_secs(10)).await);
+    delivery.shutdown().await.unwrap();
+    let dl = outbox.dead_letters().await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].status, Some(308));
+}
+
 /// Verifies every request's signature with Python's `hmac`, written from the
 /// Standard Webhooks text, not from our code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,9 @@ pub(crate) fn http_client(
 ) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .use_rustls_tls()
+        // A redirected POST may be replayed as a GET whose 2xx would count as
+        // delivered: a 3xx is refused (dead letter) for ops to fix the URL.
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(Duration::from_secs(90))

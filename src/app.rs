@@ -156,8 +156,8 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         }
     }
 
-    let delivery = delivery_for(&config)?;
     readiness.set_outbox(true);
+    let delivery = Delivery::for_config(&config, readiness.clone())?;
     let shared = Arc::new(Shared::new(config.clone(), registry, readiness.clone(), ami.clone(), cmd_tx));
     let pipeline = Pipeline::new(&config, shared.clone(), delivery);
     let pipeline = tokio::spawn(pipeline.run(source_rx, sip_rx, cmd_rx, shutdown.clone()));
@@ -227,24 +227,6 @@ fn serve(listener: tokio::net::TcpListener, app: axum::Router, shutdown: Cancell
             error!(error = %e, "HTTP server failed");
         }
     })
-}
-
-fn delivery_for(config: &Config) -> anyhow::Result<Delivery> {
-    use crate::config::SinkConfig;
-    let mut delivery = None;
-    for (i, s) in config.sinks.iter().enumerate() {
-        match s {
-            SinkConfig::Jsonl { path } if delivery.is_none() => {
-                delivery = Some(Delivery::jsonl(path).with_context(|| format!("sinks[{i}]: cannot open {path}"))?);
-            }
-            SinkConfig::Jsonl { .. } => bail!("sinks[{i}]: only one jsonl sink is supported"),
-            other => bail!("sinks[{i}]: sink type {:?} is not available in this build", other.type_name()),
-        }
-    }
-    match delivery {
-        Some(d) => Ok(d),
-        None => Ok(Delivery::jsonl("-")?),
-    }
 }
 
 /// Reads trace files into the source channel, paced by their timestamps.

@@ -6,7 +6,9 @@ use callbridge::ami::CodecLimits;
 use callbridge::app::{self, RunOptions, SourceSpec};
 use callbridge::config::Config;
 use callbridge::directory::Directory;
+use callbridge::event::Event;
 use callbridge::normalize::{Normalizer, Options};
+use callbridge::outbox::{Outbox, OutboxOptions};
 use callbridge::replay::{replay_files, Speed};
 use clap::{Parser, Subcommand};
 use std::io::Write;
@@ -39,7 +41,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         shutdown_seconds: u64,
     },
-    /// Replay recorded AMI traces through the pipeline; events go to stdout as JSON lines.
+    /// Replay recorded AMI traces through the pipeline; events go to stdout as JSON lines,
+    /// or, when other sinks are configured, through the durable outbox to them.
     Replay {
         /// Configuration file (TOML).
         #[arg(long)]
@@ -57,6 +60,11 @@ enum Command {
         /// Override `[api] listen` (with --serve).
         #[arg(long)]
         api_listen: Option<String>,
+        /// With sinks other than stdout: how long to wait, after the trace
+        /// ends, for every event to be delivered. Undelivered events stay in
+        /// the outbox and go first on the next start.
+        #[arg(long, default_value_t = 60.0)]
+        drain_timeout_seconds: f64,
         /// Trace files, replayed in order.
         #[arg(required = true)]
         traces: Vec<PathBuf>,
@@ -83,6 +91,13 @@ enum Command {
 
 /// Exit code for a bad configuration (sysexits EX_USAGE).
 const EX_CONFIG: u8 = 64;
+/// Exit code when events are still undelivered at the drain deadline
+/// (sysexits EX_TEMPFAIL: they are kept and delivered on the next start).
+const EX_TEMPFAIL: u8 = 75;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0} events still undelivered after the drain timeout; they stay in the outbox and go first next time")]
+struct DrainTimeout(u64);
 
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
@@ -114,7 +129,7 @@ fn main() -> ExitCode {
             };
             record(config, out, rotate_mb)
         }
-        Command::Replay { config, speed, summary, serve: true, api_listen, traces } => {
+        Command::Replay { config, speed, summary, serve: true, api_listen, traces, .. } => {
             callbridge::telemetry::init_logging(cli.log_json);
             let _ = summary;
             daemon(RunOptions {
@@ -124,13 +139,22 @@ fn main() -> ExitCode {
                 shutdown_deadline: Duration::from_secs(10),
             })
         }
-        Command::Replay { config, speed, summary, serve: false, traces, .. } => {
+        Command::Replay { config, speed, summary, serve: false, drain_timeout_seconds, traces, .. } => {
             let config = match load_config(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match replay(&config, speed, summary, &traces) {
+            let result = if callbridge::sink::only_stdout(&config) {
+                replay(&config, speed, summary, &traces)
+            } else {
+                replay_durable(&config, speed, summary, drain_timeout_seconds, &traces)
+            };
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.downcast_ref::<DrainTimeout>().is_some() => {
+                    eprintln!("callbridge: {e:#}");
+                    ExitCode::from(EX_TEMPFAIL)
+                }
                 Err(e) => {
                     eprintln!("callbridge: {e:#}");
                     ExitCode::FAILURE
@@ -204,16 +228,20 @@ fn daemon(opts: RunOptions) -> ExitCode {
     })
 }
 
-fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> anyhow::Result<()> {
-    let dir = Arc::new(Directory::from_config(config));
-    let rules = callbridge::routing::Routing::with_directory(config, dir.clone()).context("routing rules")?;
-    let mut normalizer = Normalizer::new(dir, Arc::new(rules), Options::from_config(config));
-    let limits = config
+fn codec_limits(config: &Config) -> CodecLimits {
+    config
         .pbx
         .ami
         .as_ref()
         .map(|a| CodecLimits { max_frame_bytes: a.max_frame_bytes, max_headers: a.max_headers })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> anyhow::Result<()> {
+    let dir = Arc::new(Directory::from_config(config));
+    let rules = callbridge::routing::Routing::with_directory(config, dir.clone()).context("routing rules")?;
+    let mut normalizer = Normalizer::new(dir, Arc::new(rules), Options::from_config(config));
+    let limits = codec_limits(config);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut write_error: Option<std::io::Error> = None;
@@ -239,4 +267,92 @@ fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> a
         eprintln!("{}", stats.summary());
     }
     Ok(())
+}
+
+/// Replay through the durable path: normalizer → outbox (fsync'd) → sinks.
+/// Events left undelivered by an earlier run are delivered first; event ids
+/// are deterministic and the outbox ignores ids it already has, so replaying
+/// the same trace after a crash does not deliver anything twice beyond
+/// at-least-once.
+fn replay_durable(
+    config: &Config,
+    speed: Speed,
+    summary: bool,
+    drain_timeout_seconds: f64,
+    traces: &[PathBuf],
+) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init()
+        .ok();
+    let drain_timeout = std::time::Duration::try_from_secs_f64(drain_timeout_seconds)
+        .context("--drain-timeout-seconds must be a non-negative number")?;
+    let sinks = callbridge::sink::build_sinks(config)?;
+    let names = callbridge::sink::sink_names(config)?;
+    let outbox = Outbox::open(&config.outbox.path, OutboxOptions::from_config(config, names))
+        .with_context(|| format!("opening the outbox at {}", config.outbox.path))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let dir = Arc::new(Directory::from_config(config));
+    let normalizer = Normalizer::new(dir, callbridge::routing_rules(config), Options::from_config(config));
+    let limits = codec_limits(config);
+    let traces = traces.to_vec();
+    runtime.block_on(async move {
+        let mut delivery = callbridge::sink::Delivery::new(&outbox, callbridge::sink::DeliveryOptions::default());
+        delivery.spawn_configured(sinks);
+
+        // Normalizer → appender. Full means the replay waits (never drop).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(4096);
+        let replay = tokio::task::spawn_blocking(move || {
+            let mut normalizer = normalizer;
+            replay_files(&traces, &mut normalizer, speed, limits, |e| {
+                // The receiver only goes away when the appender failed for good.
+                let _ = tx.blocking_send(e.clone());
+            })
+        });
+        let mut batch = Vec::with_capacity(1024);
+        while rx.recv_many(&mut batch, 1024).await > 0 {
+            append_until_stored(&outbox, &batch).await?;
+            batch.clear();
+        }
+        let stats = replay.await.context("replay task")??;
+        let drained = outbox.wait_drained(drain_timeout).await;
+        let left = outbox.depth();
+        let parked = outbox.dead_letter_count();
+        if parked > 0 {
+            tracing::warn!(dead_letters = parked, "some events were refused by a sink and wait as dead letters");
+        }
+        delivery.shutdown().await?;
+        outbox.close().await?;
+        if summary {
+            eprintln!("{}", stats.summary());
+        }
+        if drained {
+            Ok(())
+        } else {
+            Err(DrainTimeout(left).into())
+        }
+    })
+}
+
+/// Appends `events`, waiting out a full disk (the events stay here in
+/// memory and the replay waits behind the bounded channel: never dropped).
+async fn append_until_stored(outbox: &Outbox, events: &[Event]) -> anyhow::Result<()> {
+    let mut delay = std::time::Duration::from_millis(100);
+    loop {
+        match outbox.append(events).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                tracing::error!(error = %e, events = events.len(), retry_in_ms = delay.as_millis() as u64,
+                                "cannot store events in the outbox; holding them and retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).context("appending to the outbox"),
+        }
+    }
 }

@@ -173,7 +173,9 @@ impl Pipeline {
                 self.flush().await?;
             }
         }
-        self.delivery.close().await?;
+        // What the sinks have not taken by then stays in the outbox.
+        let delivery = std::mem::replace(&mut self.delivery, Delivery::Discard);
+        delivery.close(Duration::from_secs(3)).await?;
         Ok(())
     }
 

@@ -65,7 +65,7 @@ fn lab_config_is_valid() {
     assert_eq!(config.groups.len(), 2);
     assert_eq!(config.groups[0].agents, ["maria", "joao"]);
     assert_eq!(config.agents[2].extension.as_deref(), Some("2002"));
-    assert!(matches!(&config.sinks[..], [SinkConfig::Jsonl { path }] if path == "-"));
+    assert!(matches!(&config.sinks[..], [SinkConfig::Jsonl { path, .. }] if path == "-"));
     assert!(config.validate().is_empty(), "{:?}", config.validate());
 }
 

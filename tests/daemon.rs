@@ -35,6 +35,7 @@ fn write_config(dir: &Path, ami: Option<&AmiServer>, extra: &str) -> PathBuf {
         None => String::new(),
     };
     let events = dir.join("events.jsonl");
+    let outbox = dir.join("outbox");
     let text = format!(
         r#"[pbx]
 name = "lab"
@@ -64,6 +65,8 @@ extension = "2002"
 [api]
 listen = "127.0.0.1:0"
 secret = "{TOKEN}"
+[outbox]
+path = {outbox:?}
 [[sinks]]
 type = "jsonl"
 path = {events:?}

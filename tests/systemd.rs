@@ -76,7 +76,8 @@ fn the_daemon_speaks_the_notify_protocol() {
     let config = std::fs::read_to_string(root().join("config/lab.toml")).expect("lab config");
     let config = config
         .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
-        .replace("path = \"-\"", &format!("path = {:?}", dir.path().join("events.jsonl")));
+        .replace("path = \"-\"", &format!("path = {:?}", dir.path().join("events.jsonl")))
+        + &format!("\n[outbox]\npath = {:?}\n", dir.path().join("outbox"));
     let config_path = dir.path().join("callbridge.toml");
     std::fs::write(&config_path, config).expect("write config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_callbridge"))

@@ -23,7 +23,6 @@ pub(crate) struct HeaderPos {
     pub(crate) value_end: u32,
 }
 
-
 /// A decoded AMI frame.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Frame {

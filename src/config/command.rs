@@ -152,14 +152,18 @@ impl Config {
         writeln!(s, "\nsinks ({})", self.sinks.len())?;
         for sink in &self.sinks {
             match sink {
-                SinkConfig::Jsonl { path } => {
+                SinkConfig::Jsonl { path, .. } => {
                     writeln!(s, "  jsonl     {}", if path == "-" { "stdout" } else { path.as_str() })?
                 }
-                SinkConfig::Webhook(w) => {
-                    writeln!(s, "  webhook   {}, signing secret {}", without_userinfo(&w.url), w.secret.describe())?
-                }
-                SinkConfig::Zammad(z) => {
-                    writeln!(s, "  zammad    {}, token {}", without_userinfo(&z.url), z.secret.describe())?
+                SinkConfig::Webhook { url, secret, batch_size, .. } => writeln!(
+                    s,
+                    "  webhook   {}, signing secret {}, {} event(s) per request",
+                    without_userinfo(url),
+                    secret.describe(),
+                    batch_size
+                )?,
+                SinkConfig::Zammad { url, secret, .. } => {
+                    writeln!(s, "  zammad    {}, token {}", without_userinfo(url), secret.describe())?
                 }
             }
         }

@@ -73,6 +73,9 @@ pub struct Config {
     pub sip: Option<crate::sip::SipConfig>,
     /// The FastAGI routing endpoint (SPEC §8). Absent: no listener.
     pub agi: Option<AgiConfig>,
+    /// The durable outbox between the normalizer and the sinks.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
     /// Where lifecycle events are delivered.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
@@ -548,70 +551,132 @@ fn default_agi_session_timeout() -> f64 {
 pub enum SinkConfig {
     /// JSON lines to stdout (`path = "-"`) or a file.
     Jsonl {
+        /// Names the sink's cursor in the outbox and its metric label
+        /// (default: `jsonl`). Must be unique among the sinks.
+        name: Option<String>,
         #[serde(default = "default_jsonl_path")]
         path: String,
     },
-    /// CloudEvents over HTTPS, signed per Standard Webhooks.
-    Webhook(WebhookSinkConfig),
-    /// Zammad's Generic CTI API.
-    Zammad(ZammadSinkConfig),
+    /// CloudEvents over HTTP(S) POST, signed per Standard Webhooks.
+    Webhook {
+        /// Default: `webhook`. Must be unique among the sinks.
+        name: Option<String>,
+        url: String,
+        /// Signing secret (`whsec_<base64>` or raw text): `secret`,
+        /// `secret_file` or `secret_env`.
+        #[serde(flatten)]
+        secret: SecretSource,
+        /// Events per request; above 1, requests carry
+        /// `application/cloudevents-batch+json`.
+        #[serde(default = "default_batch_size")]
+        batch_size: usize,
+        #[serde(default = "default_sink_timeout")]
+        timeout_seconds: f64,
+        #[serde(default = "default_sink_connect_timeout")]
+        connect_timeout_seconds: f64,
+        /// Cap of the exponential retry backoff.
+        #[serde(default = "default_max_backoff")]
+        max_backoff_seconds: f64,
+        /// Requests in flight at once (different calls proceed in parallel).
+        #[serde(default = "default_sink_concurrency")]
+        concurrency: usize,
+    },
+    /// Zammad's Generic CTI (`POST {url}/api/v1/cti/{token}`).
+    Zammad {
+        /// Default: `zammad`. Must be unique among the sinks.
+        name: Option<String>,
+        /// Base URL of the Zammad instance (`https://helpdesk.example`).
+        url: String,
+        /// The CTI endpoint token: `secret`, `secret_file` or `secret_env`
+        /// (exactly one, like every secret).
+        #[serde(flatten)]
+        secret: SecretSource,
+        #[serde(default = "default_sink_timeout")]
+        timeout_seconds: f64,
+        #[serde(default = "default_sink_connect_timeout")]
+        connect_timeout_seconds: f64,
+        #[serde(default = "default_max_backoff")]
+        max_backoff_seconds: f64,
+        #[serde(default = "default_sink_concurrency")]
+        concurrency: usize,
+    },
+}
+
+fn default_batch_size() -> usize {
+    1
+}
+fn default_sink_timeout() -> f64 {
+    10.0
+}
+fn default_sink_connect_timeout() -> f64 {
+    5.0
+}
+fn default_max_backoff() -> f64 {
+    300.0
+}
+fn default_sink_concurrency() -> usize {
+    32
+}
+
+/// `[outbox]`: where events wait, durable, until every sink acknowledged
+/// them (see `crate::outbox` for the design).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Directory of the store (created if missing).
+    #[serde(default = "default_outbox_path")]
+    pub path: String,
+    /// Extra time the writer waits to gather more events into one commit
+    /// (0: commit as soon as the previous commit's fsync returns).
+    #[serde(default)]
+    pub commit_interval_ms: u64,
+    /// Most events (and acknowledgements) in one commit.
+    #[serde(default = "default_outbox_max_batch")]
+    pub max_batch_events: usize,
+    /// Cap of the store's size; appends beyond it fail as "disk full"
+    /// (0: only the filesystem limits it).
+    #[serde(default)]
+    pub max_bytes: u64,
+    /// How long the ids of delivered events are remembered, so that a
+    /// re-emitted event (replay after a crash) is not delivered again.
+    #[serde(default = "default_outbox_dedup")]
+    pub dedup_retention_seconds: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            path: default_outbox_path(),
+            commit_interval_ms: 0,
+            max_batch_events: default_outbox_max_batch(),
+            max_bytes: 0,
+            dedup_retention_seconds: default_outbox_dedup(),
+        }
+    }
+}
+
+fn default_outbox_path() -> String {
+    "/var/lib/callbridge/outbox".to_string()
+}
+fn default_outbox_max_batch() -> usize {
+    4096
+}
+fn default_outbox_dedup() -> u64 {
+    24 * 3600
 }
 
 impl SinkConfig {
     pub fn type_name(&self) -> &'static str {
         match self {
             SinkConfig::Jsonl { .. } => "jsonl",
-            SinkConfig::Webhook(_) => "webhook",
-            SinkConfig::Zammad(_) => "zammad",
+            SinkConfig::Webhook { .. } => "webhook",
+            SinkConfig::Zammad { .. } => "zammad",
         }
     }
 }
 
 fn default_jsonl_path() -> String {
     "-".to_string()
-}
-
-/// `type = "webhook"`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct WebhookSinkConfig {
-    /// The helpdesk's endpoint (`https://…`).
-    pub url: String,
-    /// The signing secret (`whsec_…`): exactly one of `secret`,
-    /// `secret_file`, `secret_env`.
-    #[serde(flatten)]
-    pub secret: SecretSource,
-    /// Give up one request after this long (then retry).
-    #[serde(default = "default_sink_timeout")]
-    pub timeout_seconds: f64,
-    /// Cap of the retry backoff.
-    #[serde(default = "default_retry_max")]
-    pub retry_max_seconds: f64,
-}
-
-/// `type = "zammad"`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ZammadSinkConfig {
-    /// Zammad's CTI endpoint without the token, e.g.
-    /// `https://zammad.example/api/v1/cti`.
-    pub url: String,
-    /// The CTI token (appended to `url`): exactly one of `secret`,
-    /// `secret_file`, `secret_env`.
-    #[serde(flatten)]
-    pub secret: SecretSource,
-    /// Give up one request after this long (then retry).
-    #[serde(default = "default_sink_timeout")]
-    pub timeout_seconds: f64,
-    /// Cap of the retry backoff.
-    #[serde(default = "default_retry_max")]
-    pub retry_max_seconds: f64,
-}
-
-fn default_sink_timeout() -> f64 {
-    10.0
-}
-
-fn default_retry_max() -> f64 {
-    300.0
 }
 
 /// Every problem found in a configuration, one line each in `Display`:
@@ -663,8 +728,9 @@ impl Config {
         }
         for (i, sink) in self.sinks.iter().enumerate() {
             match sink {
-                SinkConfig::Webhook(w) => all.push((format!("sinks[{i}]"), &w.secret)),
-                SinkConfig::Zammad(z) => all.push((format!("sinks[{i}]"), &z.secret)),
+                SinkConfig::Webhook { secret, .. } | SinkConfig::Zammad { secret, .. } => {
+                    all.push((format!("sinks[{i}]"), secret))
+                }
                 SinkConfig::Jsonl { .. } => {}
             }
         }

@@ -327,7 +327,7 @@ static AGI: TableSchema = TableSchema {
 
 static SINK_JSONL: TableSchema = TableSchema {
     name: "sinks[] (type = \"jsonl\")",
-    fields: &[req("type", STR), opt("path", Kind::Str(Some(check_non_empty)))],
+    fields: &[req("type", STR), opt("name", Kind::Str(Some(check_id))), opt("path", Kind::Str(Some(check_non_empty)))],
     check: None,
 };
 
@@ -335,12 +335,16 @@ static SINK_WEBHOOK: TableSchema = TableSchema {
     name: "sinks[] (type = \"webhook\")",
     fields: &[
         req("type", STR),
+        opt("name", Kind::Str(Some(check_id))),
         req("url", Kind::Str(Some(check_http_url))),
         SECRET_FIELDS[0],
         SECRET_FIELDS[1],
         SECRET_FIELDS[2],
+        opt("batch_size", Kind::Count { min: 1, why: "a request carries at least one event" }),
         opt("timeout_seconds", SECONDS),
-        opt("retry_max_seconds", SECONDS),
+        opt("connect_timeout_seconds", SECONDS),
+        opt("max_backoff_seconds", SECONDS),
+        opt("concurrency", Kind::Count { min: 1, why: "at least one request must be able to run" }),
     ],
     check: Some(check_secret_source),
 };
@@ -349,14 +353,29 @@ static SINK_ZAMMAD: TableSchema = TableSchema {
     name: "sinks[] (type = \"zammad\")",
     fields: &[
         req("type", STR),
+        opt("name", Kind::Str(Some(check_id))),
         req("url", Kind::Str(Some(check_http_url))),
         SECRET_FIELDS[0],
         SECRET_FIELDS[1],
         SECRET_FIELDS[2],
         opt("timeout_seconds", SECONDS),
-        opt("retry_max_seconds", SECONDS),
+        opt("connect_timeout_seconds", SECONDS),
+        opt("max_backoff_seconds", SECONDS),
+        opt("concurrency", Kind::Count { min: 1, why: "at least one request must be able to run" }),
     ],
     check: Some(check_secret_source),
+};
+
+static OUTBOX: TableSchema = TableSchema {
+    name: "outbox",
+    fields: &[
+        opt("path", Kind::Str(Some(check_non_empty))),
+        opt("commit_interval_ms", Kind::Count { min: 0, why: "0 commits as soon as possible" }),
+        opt("max_batch_events", Kind::Count { min: 1, why: "a commit holds at least one event" }),
+        opt("max_bytes", Kind::Count { min: 0, why: "0 means no cap" }),
+        opt("dedup_retention_seconds", Kind::Count { min: 0, why: "0 forgets delivered ids at once" }),
+    ],
+    check: None,
 };
 
 static API: TableSchema = TableSchema {
@@ -425,6 +444,7 @@ pub(crate) static ROOT: TableSchema = TableSchema {
         opt("recordings", Kind::Table(&RECORDINGS)),
         opt("outbound", Kind::Table(&OUTBOUND)),
         opt("registry", Kind::Table(&REGISTRY)),
+        opt("outbox", Kind::Table(&OUTBOX)),
         opt("api", Kind::Table(&API)),
         opt("stuck", Kind::Table(&STUCK)),
         opt("indicators", Kind::Table(&INDICATORS)),

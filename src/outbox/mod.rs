@@ -1,0 +1,751 @@
+//! The outbox: lifecycle events wait here, durable on local disk, until every
+//! configured sink acknowledged them (SPEC §6).
+//!
+//! An event counts as emitted only once [`Outbox::append`] has returned `Ok`:
+//! by then it is on disk (fsync'd). It leaves the outbox only when every sink
+//! has acknowledged it ([`Outbox::ack`]) or parked it as a dead letter
+//! ([`Outbox::park`]). This module must never drop an accepted event, never
+//! deliver anything itself (the sinks do, see `crate::sink`), and never hold a
+//! lock across an `.await`.
+//!
+//! # Why SQLite
+//!
+//! The store is one SQLite database (bundled through `rusqlite`, so there is
+//! no server and no system library to match) in WAL mode. The alternatives
+//! weighed were redb (pure Rust, but after an I/O error such as `ENOSPC` it
+//! refuses further writes until the database is reopened), fjall (an LSM tree,
+//! younger and with a moving on-disk format) and a hand-written segment log
+//! (the most code to get right for the least gain: per-sink cursors that
+//! advance out of order, dead letters and idempotency by id all want an
+//! index). SQLite gives, off the shelf: atomic multi-row commits, a crash
+//! story tested for decades (`kill -9` or power loss at any instant leaves
+//! either the old or the new state), indexes for the per-sink queues and the
+//! id set, a *recoverable* disk-full error (`SQLITE_FULL` rolls back the one
+//! transaction; the database stays open and consistent), and an engine-level
+//! size cap (`max_page_count`) that produces the very same error.
+//!
+//! # Layout
+//!
+//! `<path>/outbox.sqlite3` (+ `-wal`, `-shm`), and `<path>/reserve`, a ballast
+//! file (see "When the disk is full").
+//!
+//! ```text
+//! events(seq INTEGER PRIMARY KEY,     -- outbox order, assigned at append
+//!        id TEXT UNIQUE,              -- CloudEvents id <pbx>:<call>:<seq>
+//!        key TEXT,                    -- ordering key (call id / agent:<id>)
+//!        type TEXT,                   -- CloudEvents type
+//!        body TEXT,                   -- the CloudEvents JSON
+//!        appended_at INTEGER)         -- wall clock, µs since the epoch
+//!        -- only events some sink still has pending, or parked
+//! pending(sink TEXT, pos INTEGER, seq INTEGER, PRIMARY KEY(sink, pos))
+//!        -- one row per (sink, event) not yet acknowledged; a sink reads its
+//!        -- rows in `pos` order. pos = seq at append; a dead letter that is
+//!        -- retried gets a fresh pos after everything else.
+//! dead_letters(seq, sink, parked_at, status, reason, PRIMARY KEY(seq, sink))
+//! delivered(id TEXT PRIMARY KEY, done_at INTEGER)
+//!        -- ids of events that left, kept for de-duplication
+//! meta(k, v)                          -- format version
+//! ```
+//!
+//! The event is stored as its CloudEvents JSON, the contract with the
+//! helpdesk, plus the two fields the delivery runner needs without parsing
+//! (`id`, `key`) and `type`. The typed `Event` is not stored: sinks that need
+//! typed fields (Zammad) read them back from the JSON, whose field names are
+//! public API anyway, so there is one stored format and no second schema to
+//! migrate.
+//!
+//! # Writes and fsync policy (group commit)
+//!
+//! One writer thread owns the only write connection. Appends, acks, parks and
+//! dead-letter retries are requests on a bounded channel
+//! ([`OutboxOptions::queue_capacity`]; full means the caller *waits*: events
+//! are never dropped). The writer takes the first request, then everything
+//! already queued (up to `max_batch_events`, optionally waiting
+//! `commit_interval` for more), applies them in one transaction and commits
+//! once: `synchronous=FULL` in WAL mode means one `fdatasync` of the WAL per
+//! commit, shared by every request in it. While a commit's fsync runs, new
+//! requests queue up and share the next one, so at high rates the cost per
+//! event falls with the batch size, and at low rates an event waits for at
+//! most one fsync. Each append is its own savepoint: a failing append fails
+//! alone, the others in the commit go through. Acknowledgements are not
+//! waited for by the runners (an ack lost in a crash only means a
+//! redelivery with the same id, which at-least-once allows), and a commit
+//! that holds only acknowledgements is not fsync'd (`synchronous=NORMAL` for
+//! that commit: it survives `kill -9`, and after a power loss costs at most
+//! redeliveries); the next fsync'd commit covers it, as the WAL is
+//! sequential. An ack that fails to commit is kept by the writer and applied
+//! again with the next commit.
+//!
+//! # Idempotency
+//!
+//! Ids are deterministic, so a replay restarted after a crash re-emits the
+//! same ids. Appending an id the outbox has — pending, parked or delivered —
+//! is a no-op, counted as a duplicate: `events.id` is unique, and the ids of
+//! delivered events stay in `delivered` for `dedup_retention` (default 24 h).
+//!
+//! # Compaction
+//!
+//! When the last sink acknowledges an event, the same transaction deletes
+//! its row (unless a dead letter still needs it) and records its id in
+//! `delivered`: deleting, rather than blanking the body, lets SQLite merge
+//! and free the pages, so the live data is only what is undelivered. At most
+//! every `compact_interval`, after a commit, the writer checkpoints the WAL,
+//! deletes `delivered` ids older than `dedup_retention` and gives free pages
+//! back to the filesystem (`auto_vacuum=INCREMENTAL`, `incremental_vacuum`).
+//! SQLite reuses freed pages before growing the file, so a steady state
+//! keeps a steady size. The WAL is checkpointed every 256 pages and truncated
+//! back to 1 MiB, so the data lives in the main file.
+//!
+//! # When the disk is full
+//!
+//! A write that fails with `SQLITE_FULL`/`ENOSPC` (or hits `max_bytes`, which
+//! is enforced by SQLite's `max_page_count` and fails the same way) rolls back
+//! that transaction only: nothing already accepted is touched. The outbox
+//! then (1) logs an error, counts `callbridge_outbox_write_errors_total`, sets
+//! `callbridge_outbox_disk_full` to 1 and [`Outbox::is_writable`] to false,
+//! which the daemon reports as "not ready"; (2) refuses further appends with
+//! [`OutboxError::DiskFull`] (the caller keeps its events and retries:
+//! backpressure up to the AMI reader, never loss); (3) deletes the ballast
+//! file `reserve` (`reserve_bytes`, 2 MiB by default, written at open), so
+//! that acknowledgements, which must write to free space, can still commit
+//! while the disk is otherwise full. Delivering and compacting then frees
+//! space; while full, the writer checkpoints with `TRUNCATE` (moving the WAL
+//! into the main file with the ballast's room) every 500 ms, and once the
+//! ballast can be written again (and the store is under 90 % of
+//! `max_bytes`), appends are accepted again and the flag clears. An error
+//! that rolls a whole transaction back fails every append in it (their
+//! callers keep the events) and keeps its acknowledgements for the next
+//! commit.
+//!
+//! # Metrics
+//!
+//! `callbridge_outbox_depth` (events some sink has not acknowledged),
+//! `callbridge_outbox_oldest_age_seconds`, `callbridge_dead_letters`,
+//! `callbridge_outbox_disk_full` (0/1), `callbridge_outbox_write_errors_total`,
+//! `callbridge_outbox_commits_total`, `callbridge_outbox_commit_duration_seconds`
+//! (SQL and fsync of one group commit) and
+//! `callbridge_outbox_appends_total{result="stored"|"duplicate"}`.
+//!
+//! # Sinks and cursors
+//!
+//! The set of sink names is given at open. Each append creates one pending
+//! row per sink. A sink removed from the configuration has its pending rows
+//! dropped at open (logged); a sink added later receives events appended
+//! from then on.
+
+mod writer;
+
+use crate::event::Event;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use writer::DB_FILE;
+
+/// What the outbox can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox disk is full (or the store reached max_bytes); nothing accepted was lost, new events are refused until space is freed")]
+    DiskFull,
+    #[error("outbox storage error")]
+    Storage(#[source] rusqlite::Error),
+    #[error("cannot create outbox directory {path:?}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("outbox store {path:?} has format version {found}, this build understands {expected}")]
+    Format { path: PathBuf, found: String, expected: &'static str },
+    #[error("the outbox writer has stopped")]
+    Closed,
+    #[error("outbox read task failed")]
+    Join(#[source] tokio::task::JoinError),
+    #[error("unknown sink {0:?}")]
+    UnknownSink(String),
+}
+
+impl OutboxError {
+    /// True when retrying the same request later can succeed (the caller
+    /// keeps its events and waits).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OutboxError::DiskFull | OutboxError::Storage(_))
+    }
+}
+
+/// How the outbox is opened.
+#[derive(Debug, Clone)]
+pub struct OutboxOptions {
+    /// PBX name: the prefix of event ids and the CloudEvents source.
+    pub pbx: String,
+    /// Names of the sinks; each gets its own queue (cursor) of pending events.
+    pub sinks: Vec<String>,
+    /// Extra wait to gather a larger commit (0: none).
+    pub commit_interval: Duration,
+    /// Most requests (events, acks) applied in one commit.
+    pub max_batch_events: usize,
+    /// Capacity of the request channel to the writer (full = callers wait).
+    pub queue_capacity: usize,
+    /// Size cap of the database (0: none).
+    pub max_bytes: u64,
+    /// How long delivered ids are remembered for de-duplication.
+    pub dedup_retention: Duration,
+    /// Ballast released when the disk fills up, so acks can still commit.
+    pub reserve_bytes: u64,
+    /// Least time between two compactions.
+    pub compact_interval: Duration,
+}
+
+impl OutboxOptions {
+    pub fn new(pbx: &str, sinks: Vec<String>) -> Self {
+        OutboxOptions {
+            pbx: pbx.to_string(),
+            sinks,
+            commit_interval: Duration::ZERO,
+            max_batch_events: 4096,
+            queue_capacity: 1024,
+            max_bytes: 0,
+            dedup_retention: Duration::from_secs(24 * 3600),
+            reserve_bytes: 2 << 20,
+            compact_interval: Duration::from_secs(5),
+        }
+    }
+
+    /// Options from the `[outbox]` section.
+    pub fn from_config(config: &crate::config::Config, sinks: Vec<String>) -> Self {
+        let o = &config.outbox;
+        OutboxOptions {
+            commit_interval: Duration::from_millis(o.commit_interval_ms),
+            max_batch_events: o.max_batch_events.max(1),
+            max_bytes: o.max_bytes,
+            dedup_retention: Duration::from_secs(o.dedup_retention_seconds),
+            ..OutboxOptions::new(&config.pbx.name, sinks)
+        }
+    }
+}
+
+/// One event as a sink reads it from its queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Position in this sink's queue (what [`Outbox::ack`] takes).
+    pub pos: i64,
+    /// The event's place in the outbox.
+    pub seq: i64,
+    /// CloudEvents id.
+    pub id: String,
+    /// Ordering key: events with the same key are delivered in order.
+    pub key: String,
+    /// CloudEvents type (`call.answered`).
+    pub kind: String,
+    /// CloudEvents JSON.
+    pub body: String,
+    /// When it was appended (µs since the epoch, local wall clock).
+    pub appended_at: i64,
+}
+
+/// An event a sink refused for good (4xx other than 408/429).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeadLetter {
+    pub sink: String,
+    pub event_id: String,
+    pub key: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// µs since the epoch.
+    pub parked_at: i64,
+    /// HTTP status, when there was one.
+    pub status: Option<u16>,
+    pub reason: String,
+    /// The CloudEvents JSON.
+    pub body: Option<String>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Newly stored events.
+    pub appended: usize,
+    /// Events whose id the outbox already had (no-op).
+    pub duplicates: usize,
+}
+
+/// An event ready to be stored.
+#[derive(Debug, Clone)]
+pub(crate) struct NewRecord {
+    id: String,
+    key: String,
+    kind: &'static str,
+    body: String,
+}
+
+pub(crate) enum Op {
+    Append { records: Vec<NewRecord>, reply: oneshot::Sender<Result<AppendOutcome, OutboxError>> },
+    Ack { sink: Arc<str>, acks: Vec<(i64, i64)> },
+    Park { sink: Arc<str>, pos: i64, seq: i64, status: Option<u16>, reason: String },
+    Retry { sink: Option<String>, event_id: Option<String>, reply: oneshot::Sender<Result<usize, OutboxError>> },
+    Flush { reply: oneshot::Sender<()> },
+}
+
+/// State shared by the handles and the writer thread.
+pub(crate) struct Shared {
+    writable: AtomicBool,
+    depth: AtomicI64,
+    dead_letters: AtomicI64,
+    /// Highest position committed so far (sinks wait on it for new work).
+    committed: watch::Sender<i64>,
+    sinks: Vec<Arc<str>>,
+    gauges: Gauges,
+}
+
+/// Gauge handles, registered once at open (install the metrics recorder
+/// before opening the outbox).
+struct Gauges {
+    depth: metrics::Gauge,
+    dead_letters: metrics::Gauge,
+    disk_full: metrics::Gauge,
+    oldest_age: metrics::Gauge,
+}
+
+impl Gauges {
+    fn new() -> Gauges {
+        Gauges {
+            depth: metrics::gauge!("callbridge_outbox_depth"),
+            dead_letters: metrics::gauge!("callbridge_dead_letters"),
+            disk_full: metrics::gauge!("callbridge_outbox_disk_full"),
+            oldest_age: metrics::gauge!("callbridge_outbox_oldest_age_seconds"),
+        }
+    }
+}
+
+/// Handle to the outbox; cheap to clone. The writer thread stops when the
+/// last handle is dropped, after applying everything queued.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Op>,
+    shared: Arc<Shared>,
+    pbx: Arc<str>,
+    db_path: Arc<PathBuf>,
+    /// Read connections (WAL readers never block the writer). The mutex is
+    /// held only to take or return a connection, never across an `.await`.
+    readers: Arc<Mutex<Vec<Connection>>>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+pub(crate) fn now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in directory `path` and starts its
+    /// writer thread. Blocking: call it before the runtime gets busy or from
+    /// `spawn_blocking`.
+    pub fn open(path: impl AsRef<Path>, opts: OutboxOptions) -> Result<Outbox, OutboxError> {
+        let dir = path.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| OutboxError::CreateDir { path: dir.clone(), source })?;
+        let sinks: Vec<Arc<str>> = opts.sinks.iter().map(|s| Arc::from(s.as_str())).collect();
+        let (state, conn) = writer::open_store(&dir, &opts)?;
+        let (committed, _) = watch::channel(state.next_pos - 1);
+        let shared = Arc::new(Shared {
+            writable: AtomicBool::new(true),
+            depth: AtomicI64::new(state.depth),
+            dead_letters: AtomicI64::new(state.dead_letters),
+            committed,
+            sinks,
+            gauges: Gauges::new(),
+        });
+        let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
+        let db_path = dir.join(DB_FILE);
+        let handle = writer::spawn(conn, rx, shared.clone(), state, dir.clone(), opts.clone());
+        let outbox = Outbox {
+            tx,
+            shared,
+            pbx: Arc::from(opts.pbx.as_str()),
+            db_path: Arc::new(db_path),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            writer: Arc::new(Mutex::new(Some(handle))),
+        };
+        outbox.publish_gauges();
+        Ok(outbox)
+    }
+
+    fn records(&self, events: &[Event]) -> Vec<NewRecord> {
+        events
+            .iter()
+            .map(|e| NewRecord {
+                id: e.id(&self.pbx),
+                key: e.ordering_key(),
+                kind: e.kind.type_name(),
+                body: e.to_cloudevent_json(&self.pbx),
+            })
+            .collect()
+    }
+
+    /// Stores `events` durably, in order; returns once they are on disk
+    /// (one fsync shared with every other request in the same commit).
+    /// Events whose id is already known are skipped.
+    pub async fn append(&self, events: &[Event]) -> Result<AppendOutcome, OutboxError> {
+        if events.is_empty() {
+            return Ok(AppendOutcome::default());
+        }
+        let records = self.records(events);
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Op::Append { records, reply }).await.map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// [`Outbox::append`] for synchronous callers (not from async code).
+    pub fn append_blocking(&self, events: &[Event]) -> Result<AppendOutcome, OutboxError> {
+        if events.is_empty() {
+            return Ok(AppendOutcome::default());
+        }
+        let records = self.records(events);
+        let (reply, rx) = oneshot::channel();
+        self.tx.blocking_send(Op::Append { records, reply }).map_err(|_| OutboxError::Closed)?;
+        rx.blocking_recv().map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Marks `(pos, seq)` pairs of `sink`'s queue as delivered. Does not wait
+    /// for the commit (a lost ack means a redelivery, which at-least-once
+    /// allows); [`Outbox::flush`] waits.
+    pub async fn ack(&self, sink: &Arc<str>, acks: Vec<(i64, i64)>) -> Result<(), OutboxError> {
+        self.tx.send(Op::Ack { sink: sink.clone(), acks }).await.map_err(|_| OutboxError::Closed)
+    }
+
+    /// Moves one event of `sink`'s queue to the dead letters.
+    pub async fn park(
+        &self,
+        sink: &Arc<str>,
+        rec: &Record,
+        status: Option<u16>,
+        reason: String,
+    ) -> Result<(), OutboxError> {
+        let op = Op::Park { sink: sink.clone(), pos: rec.pos, seq: rec.seq, status, reason };
+        self.tx.send(op).await.map_err(|_| OutboxError::Closed)
+    }
+
+    /// Puts dead letters back in their sinks' queues (after everything
+    /// pending). `sink`/`event_id` narrow the selection; both `None` retries
+    /// all. Returns how many were requeued.
+    pub async fn retry_dead_letters(&self, sink: Option<&str>, event_id: Option<&str>) -> Result<usize, OutboxError> {
+        if let Some(s) = sink {
+            if !self.shared.sinks.iter().any(|x| &**x == s) {
+                return Err(OutboxError::UnknownSink(s.to_string()));
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Retry { sink: sink.map(str::to_string), event_id: event_id.map(str::to_string), reply };
+        self.tx.send(op).await.map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Waits until everything requested so far is committed.
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Op::Flush { reply }).await.map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)
+    }
+
+    /// Flushes; when this is the last handle, also stops the writer thread
+    /// and waits for it.
+    pub async fn close(self) -> Result<(), OutboxError> {
+        self.flush().await?;
+        // Only the last handle can wait for the thread: others still hold
+        // the channel open.
+        let last = Arc::strong_count(&self.writer) == 1;
+        let handle = if last { self.writer.lock().ok().and_then(|mut h| h.take()) } else { None };
+        drop(self.tx);
+        if let Some(h) = handle {
+            tokio::task::spawn_blocking(move || {
+                let _ = h.join();
+            })
+            .await
+            .map_err(OutboxError::Join)?;
+        }
+        Ok(())
+    }
+
+    /// False while the disk is full: readiness must report not ready.
+    pub fn is_writable(&self) -> bool {
+        self.shared.writable.load(Ordering::Acquire)
+    }
+
+    /// Events not yet acknowledged (or parked) by every sink.
+    pub fn depth(&self) -> u64 {
+        self.shared.depth.load(Ordering::Acquire).max(0) as u64
+    }
+
+    /// Dead letters over all sinks.
+    pub fn dead_letter_count(&self) -> u64 {
+        self.shared.dead_letters.load(Ordering::Acquire).max(0) as u64
+    }
+
+    /// The configured sink names.
+    pub fn sinks(&self) -> &[Arc<str>] {
+        &self.shared.sinks
+    }
+
+    /// PBX name given at open.
+    pub fn pbx(&self) -> &str {
+        &self.pbx
+    }
+
+    /// Receives the highest committed position whenever it grows.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.shared.committed.subscribe()
+    }
+
+    /// Runs `f` on a read connection in the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        let pool = self.readers.clone();
+        let path = self.db_path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.lock().ok().and_then(|mut p| p.pop());
+            let conn = match conn {
+                Some(c) => c,
+                None => open_reader(&path).map_err(OutboxError::Storage)?,
+            };
+            let r = f(&conn).map_err(OutboxError::Storage);
+            if let Ok(mut p) = pool.lock() {
+                p.push(conn);
+            }
+            r
+        })
+        .await
+        .map_err(OutboxError::Join)?
+    }
+
+    /// Up to `limit` events pending for `sink` after position `after`, in order.
+    pub async fn pending(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<Record>, OutboxError> {
+        let sink = sink.to_string();
+        self.read(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT p.pos, e.seq, e.id, e.key, e.type, e.body, e.appended_at
+                   FROM pending p JOIN events e ON e.seq = p.seq
+                  WHERE p.sink = ?1 AND p.pos > ?2 ORDER BY p.pos LIMIT ?3",
+            )?;
+            let rows = st.query_map(rusqlite::params![sink, after, limit as i64], |r| {
+                Ok(Record {
+                    pos: r.get(0)?,
+                    seq: r.get(1)?,
+                    id: r.get(2)?,
+                    key: r.get(3)?,
+                    kind: r.get(4)?,
+                    body: r.get(5)?,
+                    appended_at: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Age of the oldest event some sink has not acknowledged.
+    pub async fn oldest_undelivered_age(&self) -> Result<Option<Duration>, OutboxError> {
+        let at: Option<i64> = self
+            .read(|c| {
+                c.query_row(
+                    "SELECT e.appended_at FROM pending p JOIN events e ON e.seq = p.seq ORDER BY p.seq LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .await?;
+        Ok(at.map(|t| Duration::from_micros((now_micros() - t).max(0) as u64)))
+    }
+
+    /// Every dead letter, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, OutboxError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT d.sink, e.id, e.key, e.type, d.parked_at, d.status, d.reason, e.body
+                   FROM dead_letters d JOIN events e ON e.seq = d.seq ORDER BY d.parked_at, d.seq",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(DeadLetter {
+                    sink: r.get(0)?,
+                    event_id: r.get(1)?,
+                    key: r.get(2)?,
+                    kind: r.get(3)?,
+                    parked_at: r.get(4)?,
+                    status: r.get::<_, Option<i64>>(5)?.and_then(|s| u16::try_from(s).ok()),
+                    reason: r.get(6)?,
+                    body: r.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Whether the outbox has (or had, within `dedup_retention`) this id.
+    pub async fn contains(&self, event_id: &str) -> Result<bool, OutboxError> {
+        let id = event_id.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1) OR EXISTS(SELECT 1 FROM delivered WHERE id = ?1)",
+                [id],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    /// Sets the gauges that only need the counters; see
+    /// [`Outbox::refresh_gauges`] for the age.
+    pub(crate) fn publish_gauges(&self) {
+        publish_counters(&self.shared);
+    }
+
+    /// Updates every outbox gauge, the oldest age included (the sink runners
+    /// call this once a second).
+    pub async fn refresh_gauges(&self) {
+        publish_counters(&self.shared);
+        match self.oldest_undelivered_age().await {
+            Ok(age) => self.shared.gauges.oldest_age.set(age.map_or(0.0, |a| a.as_secs_f64())),
+            Err(e) => tracing::warn!(error = %e, "outbox: cannot read the oldest undelivered event"),
+        }
+    }
+
+    /// Waits until nothing is pending (or `timeout` passes); returns whether
+    /// the outbox drained.
+    pub async fn wait_drained(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.depth() == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+pub(crate) fn publish_counters(shared: &Shared) {
+    let g = &shared.gauges;
+    g.depth.set(shared.depth.load(Ordering::Acquire) as f64);
+    g.dead_letters.set(shared.dead_letters.load(Ordering::Acquire) as f64);
+    g.disk_full.set(if shared.writable.load(Ordering::Acquire) { 0.0 } else { 1.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a11() -> Vec<Event> {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let config = crate::config::Config::load(Path::new(&format!("{root}/config/lab.toml"))).unwrap();
+        crate::replay::events_of(&config, &[format!("{root}/fixtures/ami/a11-concurrent-mix.ami")]).unwrap()
+    }
+
+    fn open(dir: &Path, sinks: &[&str]) -> Outbox {
+        Outbox::open(dir, OutboxOptions::new("lab", sinks.iter().map(|s| s.to_string()).collect())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn appends_survive_reopen_and_are_idempotent_by_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        let ob = open(tmp.path(), &["a"]);
+        let o = ob.append(&events).await.unwrap();
+        assert_eq!((o.appended, o.duplicates), (events.len(), 0));
+        let o = ob.append(&events[..5]).await.unwrap();
+        assert_eq!((o.appended, o.duplicates), (0, 5));
+        ob.close().await.unwrap();
+
+        let ob = open(tmp.path(), &["a"]);
+        assert_eq!(ob.depth(), events.len() as u64);
+        let recs = ob.pending("a", 0, 1000).await.unwrap();
+        let ids: Vec<String> = events.iter().map(|e| e.id("lab")).collect();
+        assert_eq!(recs.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
+        assert_eq!(recs[3].body, events[3].to_cloudevent_json("lab"));
+        assert_eq!(recs[3].key, events[3].ordering_key());
+        let name: Arc<str> = Arc::from("a");
+        ob.ack(&name, recs.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+        ob.flush().await.unwrap();
+        assert_eq!(ob.depth(), 0);
+        assert!(ob.pending("a", 0, 1000).await.unwrap().is_empty());
+        // Delivered ids are remembered: the same trace again is a no-op.
+        let o = ob.append(&events).await.unwrap();
+        assert_eq!(o.duplicates, events.len());
+        assert!(ob.contains(&ids[0]).await.unwrap());
+        assert_eq!(ob.oldest_undelivered_age().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_event_leaves_only_when_every_sink_acknowledged_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        let ob = open(tmp.path(), &["a", "b"]);
+        ob.append(&events[..3]).await.unwrap();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let ra = ob.pending("a", 0, 10).await.unwrap();
+        ob.ack(&a, ra.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+        ob.flush().await.unwrap();
+        assert_eq!(ob.depth(), 3);
+        assert!(ob.pending("a", 0, 10).await.unwrap().is_empty());
+        assert_eq!(ob.pending("b", 0, 10).await.unwrap().len(), 3);
+        assert!(ob.oldest_undelivered_age().await.unwrap().is_some());
+        ob.close().await.unwrap();
+        // Sink b removed from the configuration: its queue goes.
+        let ob = open(tmp.path(), &["a"]);
+        assert_eq!(ob.depth(), 0);
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_and_requeued_after_everything_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        let ob = open(tmp.path(), &["a"]);
+        ob.append(&events[..4]).await.unwrap();
+        let a: Arc<str> = Arc::from("a");
+        let recs = ob.pending("a", 0, 10).await.unwrap();
+        ob.park(&a, &recs[1], Some(400), "HTTP 400: bad".into()).await.unwrap();
+        ob.flush().await.unwrap();
+        assert_eq!((ob.depth(), ob.dead_letter_count()), (3, 1));
+        let dl = ob.dead_letters().await.unwrap();
+        assert_eq!(dl.len(), 1);
+        assert_eq!((dl[0].event_id.as_str(), dl[0].status), (recs[1].id.as_str(), Some(400)));
+        assert!(matches!(ob.retry_dead_letters(Some("zz"), None).await, Err(OutboxError::UnknownSink(_))));
+        assert_eq!(ob.retry_dead_letters(None, Some(&recs[1].id)).await.unwrap(), 1);
+        assert_eq!((ob.depth(), ob.dead_letter_count()), (4, 0));
+        let again = ob.pending("a", recs[3].pos, 10).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].id, recs[1].id);
+        assert!(again[0].pos > recs[3].pos);
+        // A parked id is still known: re-appending it is a no-op.
+        assert_eq!(ob.append(&events[1..2]).await.unwrap().duplicates, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_share_commits_and_all_land() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = Arc::new(a11());
+        let ob = open(tmp.path(), &["a"]);
+        let mut tasks = Vec::new();
+        for e in events.iter().cloned() {
+            let ob = ob.clone();
+            tasks.push(tokio::spawn(async move { ob.append(&[e]).await.unwrap() }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().appended, 1);
+        }
+        assert_eq!(ob.depth(), events.len() as u64);
+        assert_eq!(*ob.subscribe().borrow(), events.len() as i64);
+    }
+}

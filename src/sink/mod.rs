@@ -1,0 +1,734 @@
+//! Sinks deliver the outbox's events to the helpdesk (SPEC §6): the delivery
+//! runner here, one module per destination (`webhook`, `zammad`, `jsonl`),
+//! and the Standard Webhooks signature (`signature`).
+//!
+//! One runner per configured sink reads that sink's queue in the outbox in
+//! order and keeps **per ordering key** order (a call's events, or one
+//! agent's) while different keys proceed in parallel, up to the sink's
+//! `concurrency`: a key whose request is being retried holds back only that
+//! key (and, with batching, the keys that share its batch). Outcomes:
+//!
+//! - acknowledged (2xx, or written for JSON lines): acked in the outbox;
+//! - 408, 429, 5xx, network errors, timeouts: retried with capped exponential
+//!   backoff and jitter ([`RetryPolicy`]: uniform between half the initial
+//!   delay and the current cap, so retries of many calls spread out),
+//!   waiting at least what `Retry-After` asks (up to one hour), for as long
+//!   as it takes;
+//! - any other 4xx: the event is parked as a dead letter (listed and retried
+//!   through [`crate::outbox::Outbox`]); the key's later events go on. A
+//!   rejected batch is retried event by event so that only the refused
+//!   events are parked.
+//!
+//! A runner holds at most `max_buffered` events of its sink in memory; the
+//! rest waits on disk. (So one key with that many undelivered events would
+//! hold back reading the others: far beyond any call's event count.)
+//! Shutdown cancels requests in flight; their events stay pending and go
+//! first on the next start.
+//!
+//! This module must never acknowledge an event the destination did not
+//! accept, never drop one, and never hold a lock across an `.await`.
+//!
+//! Metrics (labels from fixed sets: `sink` is a configured sink name,
+//! `status_class` one of `2xx`, `3xx`, `4xx`, `5xx`, `network`, `timeout`,
+//! `io`): `callbridge_sink_requests_total{sink,status_class}`,
+//! `callbridge_sink_request_duration_seconds{sink}`,
+//! `callbridge_sink_retries_total{sink}`, `callbridge_dead_letters_total{sink}`.
+
+pub mod jsonl;
+pub mod signature;
+pub mod webhook;
+pub mod zammad;
+
+use crate::config::{Config, SinkConfig};
+use crate::outbox::{Outbox, OutboxError, Record};
+use rand::Rng;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The longest `Retry-After` honoured; longer requests wait this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// What can go wrong building sinks from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sinks[{index}]: two sinks are named {name:?}; give each a distinct `name`")]
+    DuplicateName { index: usize, name: String },
+    #[error("sinks[{index}] ({name}): {message}")]
+    Config { index: usize, name: String, message: String },
+    #[error("sinks[{index}] ({name}): cannot build the HTTP client")]
+    Client {
+        index: usize,
+        name: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("sinks[{index}] ({name}): cannot open {path:?}")]
+    Open {
+        index: usize,
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Label value of `callbridge_sink_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    S2xx,
+    S3xx,
+    S4xx,
+    S5xx,
+    Network,
+    Timeout,
+    Io,
+}
+
+impl StatusClass {
+    /// Every class, in label order.
+    pub const ALL: [StatusClass; 7] = [
+        StatusClass::S2xx,
+        StatusClass::S3xx,
+        StatusClass::S4xx,
+        StatusClass::S5xx,
+        StatusClass::Network,
+        StatusClass::Timeout,
+        StatusClass::Io,
+    ];
+
+    pub fn of_status(status: u16) -> StatusClass {
+        match status {
+            200..=299 => StatusClass::S2xx,
+            300..=399 => StatusClass::S3xx,
+            400..=499 => StatusClass::S4xx,
+            _ => StatusClass::S5xx,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusClass::S2xx => "2xx",
+            StatusClass::S3xx => "3xx",
+            StatusClass::S4xx => "4xx",
+            StatusClass::S5xx => "5xx",
+            StatusClass::Network => "network",
+            StatusClass::Timeout => "timeout",
+            StatusClass::Io => "io",
+        }
+    }
+}
+
+/// The result of one delivery attempt of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attempt {
+    /// The destination accepted every event of the batch.
+    Delivered,
+    /// The sink has nothing to send for these events (e.g. Zammad has no CTI
+    /// event for `call.queued`): acknowledged without a request.
+    Skipped,
+    /// Try again later (408, 429, 5xx, network, timeout, I/O).
+    Retry { class: StatusClass, retry_after: Option<Duration>, detail: String },
+    /// Refused for good: park as dead letter.
+    Reject { status: Option<u16>, detail: String },
+}
+
+/// Classifies an HTTP status as the delivery rules say (SPEC §6).
+pub fn classify_status(status: u16, retry_after: Option<Duration>, detail: impl FnOnce() -> String) -> Attempt {
+    match status {
+        200..=299 => Attempt::Delivered,
+        408 | 429 | 500..=599 => {
+            Attempt::Retry { class: StatusClass::of_status(status), retry_after, detail: detail() }
+        }
+        _ => Attempt::Reject { status: Some(status), detail: detail() },
+    }
+}
+
+/// Parses `Retry-After`: delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = jiff::fmt::rfc2822::DateTimeParser::new().parse_timestamp(v).ok()?;
+    let now = jiff::Timestamp::now();
+    let secs = when.as_second() - now.as_second();
+    Some(Duration::from_secs(secs.max(0) as u64))
+}
+
+/// Capped exponential backoff with jitter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// Validated constructor: `initial` > 0 and `max` ≥ `initial`.
+    pub fn try_new(initial: Duration, max: Duration) -> Result<RetryPolicy, String> {
+        if initial.is_zero() {
+            return Err("the initial backoff must be positive".into());
+        }
+        if max < initial {
+            return Err(format!("max_backoff_seconds ({max:?}) is below the initial backoff ({initial:?})"));
+        }
+        Ok(RetryPolicy { initial, max })
+    }
+
+    /// Delay before retry number `attempt` (0 = first retry): uniform in
+    /// `[initial/2, min(max, initial·2^attempt)]`, and never less than
+    /// `retry_after` (itself capped at [`MAX_RETRY_AFTER`]).
+    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>, rng: &mut impl Rng) -> Duration {
+        let ceiling = self.initial.saturating_mul(1u32 << attempt.min(30)).min(self.max);
+        let floor = (self.initial / 2).min(ceiling);
+        let jittered = if ceiling > floor {
+            floor + Duration::from_secs_f64(rng.random::<f64>() * (ceiling - floor).as_secs_f64())
+        } else {
+            ceiling
+        };
+        match retry_after {
+            Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
+            None => jittered,
+        }
+    }
+}
+
+/// A destination of events.
+pub trait Sink: Send + Sync + 'static {
+    /// The configured name: the outbox queue and the `sink` metric label.
+    fn name(&self) -> &Arc<str>;
+    /// Most events in one attempt.
+    fn batch_size(&self) -> usize {
+        1
+    }
+    /// Attempts in flight at once (different ordering keys).
+    fn concurrency(&self) -> usize;
+    fn retry_policy(&self) -> RetryPolicy;
+    /// One attempt; the runner retries. Events of one key appear in order.
+    fn deliver(&self, batch: &[Record]) -> impl Future<Output = Attempt> + Send;
+}
+
+/// Tuning of the runners.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryOptions {
+    /// Events of one sink held in memory at most (read ahead of delivery);
+    /// beyond it the runner waits and the rest stays on disk.
+    pub max_buffered: usize,
+    /// Events read from the outbox per query at most.
+    pub fetch_limit: usize,
+    /// How often the outbox gauges (depth, oldest age) are refreshed.
+    pub gauge_interval: Duration,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        DeliveryOptions { max_buffered: 10_000, fetch_limit: 1_000, gauge_interval: Duration::from_secs(1) }
+    }
+}
+
+/// The running sinks. Dropping it does not stop them: call
+/// [`Delivery::shutdown`].
+pub struct Delivery {
+    outbox: Outbox,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    opts: DeliveryOptions,
+}
+
+impl Delivery {
+    /// Starts the gauge refresher; add sinks with [`Delivery::spawn`].
+    pub fn new(outbox: &Outbox, opts: DeliveryOptions) -> Delivery {
+        let cancel = CancellationToken::new();
+        let gauges = {
+            let outbox = outbox.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(opts.gauge_interval);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tick.tick() => outbox.refresh_gauges().await,
+                    }
+                }
+            })
+        };
+        Delivery { outbox: outbox.clone(), cancel, tasks: vec![gauges], opts }
+    }
+
+    /// Starts the runner of one sink: it delivers what its queue already
+    /// holds (undelivered events of earlier runs) first, in order.
+    pub fn spawn<S: Sink>(&mut self, sink: Arc<S>) {
+        let task = tokio::spawn(run_sink(self.outbox.clone(), sink, self.cancel.child_token(), self.opts));
+        self.tasks.push(task);
+    }
+
+    /// Starts every sink of the configuration.
+    pub fn spawn_configured(&mut self, sinks: Vec<ConfiguredSink>) {
+        for s in sinks {
+            match s {
+                ConfiguredSink::Webhook(s) => self.spawn(s),
+                ConfiguredSink::Zammad(s) => self.spawn(s),
+                ConfiguredSink::Jsonl(s) => self.spawn(s),
+            }
+        }
+    }
+
+    /// Stops the runners (requests in flight are abandoned: their events stay
+    /// pending and go first next time) and commits every acknowledgement.
+    pub async fn shutdown(self) -> Result<(), OutboxError> {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.outbox.flush().await?;
+        self.outbox.refresh_gauges().await;
+        Ok(())
+    }
+}
+
+/// A sink built from `[[sinks]]`.
+pub enum ConfiguredSink {
+    Webhook(Arc<webhook::WebhookSink>),
+    Zammad(Arc<zammad::ZammadSink>),
+    Jsonl(Arc<jsonl::JsonlSink>),
+}
+
+/// The name of each `[[sinks]]` entry (`name`, or the type); an error when
+/// two coincide.
+pub fn sink_names(config: &Config) -> Result<Vec<String>, SinkError> {
+    let mut names: Vec<String> = Vec::new();
+    for (index, s) in config.sinks.iter().enumerate() {
+        let name = match s {
+            SinkConfig::Jsonl { name, .. } => name.clone().unwrap_or_else(|| "jsonl".into()),
+            SinkConfig::Webhook { name, .. } => name.clone().unwrap_or_else(|| "webhook".into()),
+            SinkConfig::Zammad { name, .. } => name.clone().unwrap_or_else(|| "zammad".into()),
+        };
+        if names.contains(&name) {
+            return Err(SinkError::DuplicateName { index, name });
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// True when the configuration only asks for JSON lines on stdout (the
+/// replay default, which needs no outbox).
+pub fn only_stdout(config: &Config) -> bool {
+    config.sinks.iter().all(|s| matches!(s, SinkConfig::Jsonl { path, .. } if path == "-"))
+}
+
+/// Builds every configured sink (resolving secrets; never logging them).
+pub fn build_sinks(config: &Config) -> Result<Vec<ConfiguredSink>, SinkError> {
+    let names = sink_names(config)?;
+    let mut out = Vec::new();
+    for (index, (s, name)) in config.sinks.iter().zip(names).enumerate() {
+        out.push(match s {
+            SinkConfig::Jsonl { path, .. } => ConfiguredSink::Jsonl(Arc::new(
+                jsonl::JsonlSink::open(&name, path).map_err(|source| SinkError::Open {
+                    index,
+                    name,
+                    path: path.clone(),
+                    source,
+                })?,
+            )),
+            SinkConfig::Webhook { .. } => {
+                ConfiguredSink::Webhook(Arc::new(webhook::WebhookSink::from_config(index, &name, s)?))
+            }
+            SinkConfig::Zammad { .. } => {
+                ConfiguredSink::Zammad(Arc::new(zammad::ZammadSink::from_config(index, &name, s, config)?))
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Metric handles of one sink, registered once (the hot path only
+/// increments). Created when the runner starts: install the metrics
+/// recorder before starting sinks.
+struct SinkMetrics {
+    requests: [metrics::Counter; 7],
+    duration: metrics::Histogram,
+    retries: metrics::Counter,
+    dead_letters: metrics::Counter,
+}
+
+impl SinkMetrics {
+    fn new(sink: &str) -> SinkMetrics {
+        let s = sink.to_string();
+        SinkMetrics {
+            requests: StatusClass::ALL.map(|c| {
+                metrics::counter!("callbridge_sink_requests_total", "sink" => s.clone(), "status_class" => c.as_str())
+            }),
+            duration: metrics::histogram!("callbridge_sink_request_duration_seconds", "sink" => s.clone()),
+            retries: metrics::counter!("callbridge_sink_retries_total", "sink" => s.clone()),
+            dead_letters: metrics::counter!("callbridge_dead_letters_total", "sink" => s),
+        }
+    }
+
+    fn request(&self, class: StatusClass) -> &metrics::Counter {
+        &self.requests[StatusClass::ALL.iter().position(|c| *c == class).unwrap_or(0)]
+    }
+}
+
+/// Returned by a worker when its batch is finished (delivered, parked or
+/// abandoned at shutdown).
+struct Done {
+    keys: Vec<String>,
+    count: usize,
+}
+
+async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationToken, opts: DeliveryOptions) {
+    let name = sink.name().clone();
+    let metrics = Arc::new(SinkMetrics::new(&name));
+    let concurrency = sink.concurrency().max(1);
+    let batch_size = sink.batch_size().max(1);
+    // At most `concurrency` workers; each returns its `Done`. Kept in a set
+    // so that shutdown waits for them (their acks reach the writer first).
+    let mut workers: JoinSet<Done> = JoinSet::new();
+    let mut committed = outbox.subscribe();
+    // Per key, the events read but not yet handed to a worker, in order.
+    let mut lanes: HashMap<String, VecDeque<Record>> = HashMap::new();
+    // Keys with a batch in flight: their next events wait.
+    let mut busy: HashSet<String> = HashSet::new();
+    // Keys not busy with events waiting, oldest first.
+    let mut ready: VecDeque<String> = VecDeque::new();
+    let mut buffered = 0usize;
+    let mut read_pos = 0i64;
+    let mut caught_up = false;
+    info!(sink = %name, "delivery started");
+    loop {
+        if !caught_up && buffered < opts.max_buffered {
+            committed.borrow_and_update();
+            let limit = (opts.max_buffered - buffered).min(opts.fetch_limit).max(1);
+            match outbox.pending(&name, read_pos, limit).await {
+                Ok(records) => {
+                    caught_up = records.len() < limit;
+                    for r in records {
+                        read_pos = r.pos;
+                        buffered += 1;
+                        let lane = lanes.entry(r.key.clone()).or_default();
+                        if lane.is_empty() && !busy.contains(&r.key) {
+                            ready.push_back(r.key.clone());
+                        }
+                        lane.push_back(r);
+                    }
+                }
+                Err(e) => {
+                    warn!(sink = %name, error = %e, "cannot read the outbox; retrying in 1 s");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            }
+        }
+        while workers.len() < concurrency {
+            let Some(first) = ready.pop_front() else { break };
+            let (batch, keys) = take_batch(first, batch_size, &mut lanes, &mut ready);
+            for k in &keys {
+                busy.insert(k.clone());
+            }
+            let (outbox, sink, name, cancel, m) =
+                (outbox.clone(), sink.clone(), name.clone(), cancel.clone(), metrics.clone());
+            workers.spawn(async move {
+                let count = batch.len();
+                deliver_batch(&outbox, &*sink, &name, &m, batch, &cancel).await;
+                Done { keys, count }
+            });
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(joined) = workers.join_next(), if !workers.is_empty() => {
+                let done = match joined {
+                    Ok(done) => done,
+                    Err(e) => {
+                        // A worker panicked: its events were neither acked nor
+                        // parked, so they are delivered again after a restart;
+                        // its keys stay blocked until then (order is kept).
+                        warn!(sink = %name, error = %e, "delivery worker failed");
+                        continue;
+                    }
+                };
+                buffered -= done.count;
+                for key in done.keys {
+                    busy.remove(&key);
+                    if lanes.get(&key).is_some_and(|l| !l.is_empty()) {
+                        ready.push_back(key);
+                    } else {
+                        lanes.remove(&key);
+                    }
+                }
+            }
+            changed = committed.changed(), if caught_up => {
+                if changed.is_err() {
+                    break;
+                }
+                caught_up = false;
+            }
+        }
+    }
+    // Workers see the same cancellation; wait until they have handed their
+    // acks to the outbox.
+    while workers.join_next().await.is_some() {}
+    info!(sink = %name, "delivery stopped");
+}
+
+/// Takes up to `batch_size` events, starting with key `first` and going on
+/// with other ready keys; each key's events stay in order.
+fn take_batch(
+    first: String,
+    batch_size: usize,
+    lanes: &mut HashMap<String, VecDeque<Record>>,
+    ready: &mut VecDeque<String>,
+) -> (Vec<Record>, Vec<String>) {
+    let mut batch = Vec::with_capacity(batch_size.min(64));
+    let mut keys = Vec::new();
+    let mut key = first;
+    loop {
+        if let Some(lane) = lanes.get_mut(&key) {
+            while batch.len() < batch_size {
+                match lane.pop_front() {
+                    Some(r) => batch.push(r),
+                    None => break,
+                }
+            }
+        }
+        keys.push(key);
+        if batch.len() >= batch_size {
+            break;
+        }
+        match ready.pop_front() {
+            Some(k) => key = k,
+            None => break,
+        }
+    }
+    (batch, keys)
+}
+
+enum Final {
+    Delivered,
+    Rejected { status: Option<u16>, detail: String },
+    Cancelled,
+}
+
+async fn deliver_batch<S: Sink>(
+    outbox: &Outbox,
+    sink: &S,
+    name: &Arc<str>,
+    m: &SinkMetrics,
+    batch: Vec<Record>,
+    cancel: &CancellationToken,
+) {
+    match deliver_with_retry(sink, name, m, &batch, cancel).await {
+        Final::Delivered => ack(outbox, name, &batch).await,
+        Final::Cancelled => {}
+        Final::Rejected { status, detail } if batch.len() == 1 => {
+            park(outbox, name, m, &batch[0], status, detail).await
+        }
+        Final::Rejected { .. } => {
+            // Find the refused events: one by one, in order.
+            for r in &batch {
+                match deliver_with_retry(sink, name, m, std::slice::from_ref(r), cancel).await {
+                    Final::Delivered => ack(outbox, name, std::slice::from_ref(r)).await,
+                    Final::Rejected { status, detail } => park(outbox, name, m, r, status, detail).await,
+                    Final::Cancelled => return,
+                }
+            }
+        }
+    }
+}
+
+async fn ack(outbox: &Outbox, name: &Arc<str>, batch: &[Record]) {
+    if let Err(e) = outbox.ack(name, batch.iter().map(|r| (r.pos, r.seq)).collect()).await {
+        warn!(sink = %name, error = %e, "cannot record an acknowledgement; the events will be delivered again");
+    }
+}
+
+async fn park(outbox: &Outbox, name: &Arc<str>, m: &SinkMetrics, r: &Record, status: Option<u16>, detail: String) {
+    warn!(sink = %name, event = %r.id, status = ?status, reason = %detail, "event refused; parked as dead letter");
+    m.dead_letters.increment(1);
+    if let Err(e) = outbox.park(name, r, status, detail).await {
+        warn!(sink = %name, error = %e, "cannot park a dead letter; it stays pending");
+    }
+}
+
+async fn deliver_with_retry<S: Sink>(
+    sink: &S,
+    name: &Arc<str>,
+    m: &SinkMetrics,
+    batch: &[Record],
+    cancel: &CancellationToken,
+) -> Final {
+    let policy = sink.retry_policy();
+    let mut attempt: u32 = 0;
+    loop {
+        let t0 = Instant::now();
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return Final::Cancelled,
+            r = sink.deliver(batch) => r,
+        };
+        let class = match &result {
+            Attempt::Skipped => None,
+            Attempt::Delivered => Some(StatusClass::S2xx),
+            Attempt::Retry { class, .. } => Some(*class),
+            Attempt::Reject { status, .. } => Some(status.map_or(StatusClass::S4xx, StatusClass::of_status)),
+        };
+        if let Some(class) = class {
+            m.request(class).increment(1);
+            m.duration.record(t0.elapsed().as_secs_f64());
+        }
+        match result {
+            Attempt::Delivered | Attempt::Skipped => {
+                if attempt > 0 {
+                    info!(sink = %name, event = %batch[0].id, attempts = attempt + 1, "delivered after retries");
+                }
+                return Final::Delivered;
+            }
+            Attempt::Reject { status, detail } => return Final::Rejected { status, detail },
+            Attempt::Retry { class, retry_after, detail } => {
+                let delay = policy.delay(attempt, retry_after, &mut rand::rng());
+                m.retries.increment(1);
+                if attempt == 0 || attempt % 10 == 0 {
+                    warn!(sink = %name, event = %batch[0].id, events = batch.len(), class = class.as_str(),
+                          error = %detail, retry_in_ms = delay.as_millis() as u64, attempt = attempt + 1,
+                          "delivery failed; will retry");
+                }
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = cancel.cancelled() => return Final::Cancelled,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_stays_within_bounds_and_honours_retry_after() {
+        let p = RetryPolicy::try_new(Duration::from_millis(100), Duration::from_secs(5)).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for attempt in 0..40 {
+            for _ in 0..50 {
+                let d = p.delay(attempt, None, &mut rng);
+                assert!(d >= Duration::from_millis(50), "{d:?}");
+                assert!(d <= Duration::from_secs(5), "{d:?}");
+                let d = p.delay(attempt, Some(Duration::from_secs(7)), &mut rng);
+                assert!(d >= Duration::from_secs(7));
+                let d = p.delay(attempt, Some(Duration::from_secs(10 * 3600)), &mut rng);
+                assert_eq!(d, MAX_RETRY_AFTER);
+            }
+        }
+        assert!(RetryPolicy::try_new(Duration::ZERO, Duration::from_secs(1)).is_err());
+        assert!(RetryPolicy::try_new(Duration::from_secs(2), Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn statuses_are_classified_as_the_spec_says() {
+        let d = || String::new();
+        assert_eq!(classify_status(204, None, d), Attempt::Delivered);
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(matches!(classify_status(s, None, d), Attempt::Retry { .. }), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 410, 413, 422, 301] {
+            assert!(matches!(classify_status(s, None, d), Attempt::Reject { .. }), "{s}");
+        }
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_dates() {
+        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    fn config(sinks: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::parse(&format!("[pbx]\nname = \"lab\"\n{sinks}"), "test")
+    }
+
+    #[test]
+    fn sinks_and_outbox_parse_and_build() {
+        let c = config(
+            r#"
+[[sinks]]
+type = "webhook"
+url = "https://helpdesk.example/hooks"
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+batch_size = 50
+
+[[sinks]]
+type = "zammad"
+url = "https://zammad.example"
+secret = "abc123"
+
+[[sinks]]
+type = "jsonl"
+name = "audit"
+path = "/dev/null"
+
+[outbox]
+path = "/tmp/x"
+max_bytes = 1000000
+"#,
+        )
+        .unwrap();
+        assert_eq!(sink_names(&c).unwrap(), vec!["webhook", "zammad", "audit"]);
+        assert!(!only_stdout(&c));
+        assert_eq!(c.outbox.max_bytes, 1_000_000);
+        assert_eq!(c.outbox.dedup_retention_seconds, 86400);
+        let built = build_sinks(&c).unwrap();
+        assert_eq!(built.len(), 3);
+        assert!(matches!(&built[0], ConfiguredSink::Webhook(w) if w.batch_size() == 50));
+    }
+
+    #[test]
+    fn bad_sink_configurations_are_refused() {
+        assert!(config("[[sinks]]\ntype = \"webhook\"\nurl = \"https://x\"\nsecret = \"s\"\nbogus = 1\n").is_err());
+        // Refused when the configuration is loaded, naming the field.
+        let e = config("[[sinks]]\ntype = \"webhook\"\nurl = \"https://x\"\n").unwrap_err().to_string();
+        assert!(e.contains("no secret"), "{e}");
+        let c = config("[[sinks]]\ntype = \"jsonl\"\n[[sinks]]\ntype = \"jsonl\"\npath = \"/dev/null\"\n").unwrap();
+        assert!(matches!(sink_names(&c), Err(SinkError::DuplicateName { index: 1, .. })));
+        let e =
+            config("[[sinks]]\ntype = \"webhook\"\nurl = \"https://x\"\nsecret = \"hunter2\"\ntimeout_seconds = -1\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("timeout_seconds") && !e.contains("hunter2"), "{e}");
+        let c = config("").unwrap();
+        assert!(only_stdout(&c));
+    }
+
+    fn rec(pos: i64, key: &str) -> Record {
+        Record {
+            pos,
+            seq: pos,
+            id: format!("x:{key}:{pos}"),
+            key: key.into(),
+            kind: "call.started".into(),
+            body: "{}".into(),
+            appended_at: 0,
+        }
+    }
+
+    #[test]
+    fn batches_keep_each_key_in_order_and_mix_keys() {
+        let mut lanes: HashMap<String, VecDeque<Record>> = HashMap::new();
+        lanes.insert("a".into(), [rec(1, "a"), rec(3, "a"), rec(4, "a")].into());
+        lanes.insert("b".into(), [rec(2, "b")].into());
+        let mut ready: VecDeque<String> = ["b".to_string()].into();
+        let (batch, keys) = take_batch("a".into(), 3, &mut lanes, &mut ready);
+        assert_eq!(batch.iter().map(|r| r.pos).collect::<Vec<_>>(), vec![1, 3, 4]);
+        assert_eq!(keys, vec!["a".to_string()]);
+        let (batch, keys) = take_batch("b".into(), 1, &mut lanes, &mut ready);
+        assert_eq!(batch.iter().map(|r| r.pos).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(keys, vec!["b".to_string()]);
+    }
+}

@@ -1,0 +1,327 @@
+//! The Zammad sink: the call lifecycle mapped onto Zammad's Generic CTI API
+//! (`POST {url}/api/v1/cti/{token}`, JSON).
+//!
+//! | lifecycle | CTI event | fields |
+//! | --- | --- | --- |
+//! | `call.started` | `newCall` | `from`, `to`, `direction` (`in`/`out`), `callId`, `user` (outbound: the calling agent), `queue` |
+//! | `call.answered` | `answer` | + `user` (the agent's name), `answeringNumber` (the agent's id) |
+//! | `call.ended` | `hangup` | + `cause`, `answeringNumber` |
+//! | anything else | — | acknowledged without a request |
+//!
+//! `cause`: an answered call ends with `normalClearing`; an unanswered one
+//! with `busy` (Q.850 17, 21), `notFound` (1, 2, 3, 22, 28), `congestion`
+//! (34, 38, 41, 42, 44, 47, or `end_reason` lost), `cancel` (the caller hung
+//! up first) or `noAnswer` (every other case: queue timeout, nobody
+//! available, outside hours). `forwarded` is not produced: callbridge follows
+//! transfers and reports the final hangup of the call. Internal
+//! (agent-to-agent) calls are not sent: Zammad's caller log is about
+//! customers.
+//!
+//! Typed fields are read back from the stored CloudEvent (its field names are
+//! the public contract, SPEC §5). This module must never log the token (it
+//! is part of the URL).
+
+use super::webhook::{http_client, secs, send, INITIAL_BACKOFF};
+use super::{Attempt, RetryPolicy, Sink, SinkError};
+use crate::config::{Config, SinkConfig};
+use crate::outbox::Record;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings of a [`ZammadSink`] (from `[[sinks]] type = "zammad"`).
+#[derive(Debug, Clone)]
+pub struct ZammadSettings {
+    /// Base URL of the Zammad instance.
+    pub url: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_backoff: Duration,
+    pub concurrency: usize,
+    /// Agent id → display name (Zammad's `user`).
+    pub agent_names: HashMap<String, String>,
+}
+
+/// Posts CTI events to one Zammad instance.
+pub struct ZammadSink {
+    name: Arc<str>,
+    endpoint: reqwest::Url,
+    client: reqwest::Client,
+    concurrency: usize,
+    policy: RetryPolicy,
+    /// Agent id → display name (Zammad's `user`).
+    agent_names: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for ZammadSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZammadSink").field("name", &self.name).field("endpoint", &"<redacted>").finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct CloudEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    data: Data,
+}
+
+#[derive(Deserialize)]
+struct Data {
+    call: Option<Call>,
+    agent: Option<String>,
+    hangup_cause: Option<u32>,
+    hung_up_by: Option<String>,
+    end_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Call {
+    id: String,
+    direction: String,
+    caller: Party,
+    callee: Party,
+    group: Option<String>,
+    queue: Option<String>,
+    agent: Option<String>,
+    answered_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Party {
+    number: Option<String>,
+}
+
+/// Zammad's hangup `cause` for an ended call.
+pub fn hangup_cause(
+    answered: bool,
+    q850: Option<u32>,
+    hung_up_by: Option<&str>,
+    end_reason: Option<&str>,
+) -> &'static str {
+    if answered {
+        return "normalClearing";
+    }
+    match q850 {
+        Some(17 | 21) => "busy",
+        Some(1..=3 | 22 | 28) => "notFound",
+        Some(34 | 38 | 41 | 42 | 44 | 47) => "congestion",
+        _ if end_reason == Some("lost") => "congestion",
+        _ if hung_up_by == Some("caller") => "cancel",
+        _ => "noAnswer",
+    }
+}
+
+impl ZammadSink {
+    pub fn new(name: &str, settings: ZammadSettings, token: &str) -> Result<ZammadSink, String> {
+        let ZammadSettings { url: base_url, timeout, connect_timeout, max_backoff, concurrency, agent_names } =
+            settings;
+        let base_url = base_url.as_str();
+        let base = reqwest::Url::parse(base_url).map_err(|e| format!("url: {e}"))?;
+        if token.is_empty() || token.contains('/') {
+            return Err("token must be non-empty and contain no '/'".into());
+        }
+        let endpoint = base
+            .join(&format!("{}/api/v1/cti/{token}", base.path().trim_end_matches('/')))
+            .map_err(|e| format!("url: {e}"))?;
+        let client = http_client(timeout, connect_timeout, concurrency).map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(ZammadSink {
+            name: Arc::from(name),
+            endpoint,
+            client,
+            concurrency: concurrency.max(1),
+            policy: RetryPolicy::try_new(INITIAL_BACKOFF.min(max_backoff), max_backoff)?,
+            agent_names,
+        })
+    }
+
+    pub fn from_config(index: usize, name: &str, s: &SinkConfig, config: &Config) -> Result<ZammadSink, SinkError> {
+        let SinkConfig::Zammad {
+            url,
+            secret,
+            timeout_seconds,
+            connect_timeout_seconds,
+            max_backoff_seconds,
+            concurrency,
+            ..
+        } = s
+        else {
+            return Err(SinkError::Config { index, name: name.into(), message: "not a zammad sink".into() });
+        };
+        let err = |message: String| SinkError::Config { index, name: name.to_string(), message };
+        let token = secret.resolve().map_err(err)?;
+        let agent_names =
+            config.agents.iter().map(|a| (a.id.clone(), a.name.clone().unwrap_or_else(|| a.id.clone()))).collect();
+        let settings = ZammadSettings {
+            url: url.clone(),
+            timeout: secs(index, name, "timeout_seconds", *timeout_seconds)?,
+            connect_timeout: secs(index, name, "connect_timeout_seconds", *connect_timeout_seconds)?,
+            max_backoff: secs(index, name, "max_backoff_seconds", *max_backoff_seconds)?,
+            concurrency: *concurrency,
+            agent_names,
+        };
+        ZammadSink::new(name, settings, &token).map_err(err)
+    }
+
+    fn user(&self, agent: &str) -> String {
+        self.agent_names.get(agent).cloned().unwrap_or_else(|| agent.to_string())
+    }
+
+    /// The CTI request body for one event (`None`: nothing to send).
+    pub fn cti_body(&self, cloudevent_json: &str) -> Result<Option<serde_json::Value>, serde_json::Error> {
+        let ev: CloudEvent = serde_json::from_str(cloudevent_json)?;
+        let Some(call) = ev.data.call else { return Ok(None) };
+        let direction = match call.direction.as_str() {
+            "inbound" => "in",
+            "outbound" => "out",
+            _ => return Ok(None),
+        };
+        let from = call.caller.number.clone().unwrap_or_else(|| "anonymous".into());
+        let to = call.callee.number.clone().unwrap_or_default();
+        let mut body = json!({ "from": from, "to": to, "direction": direction, "callId": call.id });
+        let agent = ev.data.agent.as_deref().or(call.agent.as_deref());
+        match ev.kind.as_str() {
+            "call.started" => {
+                body["event"] = json!("newCall");
+                if direction == "out" {
+                    if let Some(a) = agent {
+                        body["user"] = json!([self.user(a)]);
+                    }
+                }
+                if let Some(q) = call.group.as_deref().or(call.queue.as_deref()) {
+                    body["queue"] = json!(q);
+                }
+            }
+            "call.answered" => {
+                body["event"] = json!("answer");
+                if let Some(a) = agent {
+                    body["user"] = json!([self.user(a)]);
+                    body["answeringNumber"] = json!(a);
+                }
+            }
+            "call.ended" => {
+                body["event"] = json!("hangup");
+                let cause = hangup_cause(
+                    call.answered_at.is_some(),
+                    ev.data.hangup_cause,
+                    ev.data.hung_up_by.as_deref(),
+                    ev.data.end_reason.as_deref(),
+                );
+                body["cause"] = json!(cause);
+                if let (Some(a), Some(_)) = (call.agent.as_deref(), call.answered_at.as_ref()) {
+                    body["answeringNumber"] = json!(a);
+                }
+            }
+            _ => return Ok(None),
+        }
+        Ok(Some(body))
+    }
+}
+
+impl Sink for ZammadSink {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        self.policy
+    }
+
+    async fn deliver(&self, batch: &[Record]) -> Attempt {
+        // batch_size is 1: one CTI event per request.
+        let Some(r) = batch.first() else { return Attempt::Skipped };
+        let body = match self.cti_body(&r.body) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Attempt::Skipped,
+            Err(e) => return Attempt::Reject { status: None, detail: format!("unreadable stored event: {e}") },
+        };
+        let req = self
+            .client
+            .post(self.endpoint.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        send(req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink() -> ZammadSink {
+        let names = [("maria".to_string(), "Maria Silva".to_string())].into_iter().collect();
+        let d = Duration::from_secs(1);
+        let settings = ZammadSettings {
+            url: "http://127.0.0.1:9/zammad/".into(),
+            timeout: d,
+            connect_timeout: d,
+            max_backoff: d,
+            concurrency: 1,
+            agent_names: names,
+        };
+        ZammadSink::new("zammad", settings, "tok").unwrap()
+    }
+
+    fn ce(kind: &str, data: serde_json::Value) -> String {
+        json!({"specversion": "1.0", "id": "lab:1.0:1", "type": kind, "data": data}).to_string()
+    }
+
+    fn call(direction: &str, answered: bool) -> serde_json::Value {
+        json!({"id": "1.0", "direction": direction, "caller": {"number": "1198765"}, "callee": {"number": "1130001000"},
+               "group": "support", "queue": "700", "agent": "maria",
+               "answered_at": if answered { json!("2026-11-23T21:57:06.478Z") } else { json!(null) }})
+    }
+
+    #[test]
+    fn endpoint_carries_the_token_under_the_base_path() {
+        assert_eq!(sink().endpoint.as_str(), "http://127.0.0.1:9/zammad/api/v1/cti/tok");
+    }
+
+    #[test]
+    fn maps_the_lifecycle_to_cti_events() {
+        let s = sink();
+        let b = s.cti_body(&ce("call.started", json!({"seq": 1, "call": call("inbound", false)}))).unwrap().unwrap();
+        assert_eq!(
+            b,
+            json!({"event": "newCall", "from": "1198765", "to": "1130001000", "direction": "in", "callId": "1.0", "queue": "support"})
+        );
+        let b = s
+            .cti_body(&ce(
+                "call.answered",
+                json!({"seq": 3, "call": call("inbound", true), "agent": "maria", "wait_seconds": 2}),
+            ))
+            .unwrap()
+            .unwrap();
+        assert_eq!(b["event"], "answer");
+        assert_eq!(b["user"], json!(["Maria Silva"]));
+        assert_eq!(b["answeringNumber"], "maria");
+        let b = s
+            .cti_body(&ce("call.ended", json!({"seq": 5, "call": call("inbound", true), "hangup_cause": 16, "hung_up_by": "caller", "end_reason": "normal"})))
+            .unwrap()
+            .unwrap();
+        assert_eq!((b["event"].as_str(), b["cause"].as_str()), (Some("hangup"), Some("normalClearing")));
+        let b = s
+            .cti_body(&ce("call.ended", json!({"seq": 4, "call": call("inbound", false), "hangup_cause": 16, "hung_up_by": "caller", "end_reason": "normal"})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(b["cause"], "cancel");
+        assert!(s.cti_body(&ce("call.queued", json!({"seq": 2, "call": call("inbound", false)}))).unwrap().is_none());
+        assert!(s.cti_body(&ce("call.started", json!({"seq": 1, "call": call("internal", false)}))).unwrap().is_none());
+        assert!(s.cti_body(&ce("agent.line", json!({"agent": "maria", "state": "idle"}))).unwrap().is_none());
+    }
+
+    #[test]
+    fn hangup_causes() {
+        assert_eq!(hangup_cause(false, Some(17), Some("system"), Some("normal")), "busy");
+        assert_eq!(hangup_cause(false, Some(1), None, None), "notFound");
+        assert_eq!(hangup_cause(false, Some(34), None, None), "congestion");
+        assert_eq!(hangup_cause(false, Some(16), Some("system"), Some("normal")), "noAnswer");
+        assert_eq!(hangup_cause(false, None, None, Some("lost")), "congestion");
+    }
+}

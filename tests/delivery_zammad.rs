@@ -1,0 +1,63 @@
+//! The Zammad sink against a loopback receiver: the a11 lifecycle becomes
+//! Generic CTI calls, per call `newCall` first and `hangup` last, through a
+//! failing first request.
+
+mod delivery_common;
+
+use callbridge::outbox::{Outbox, OutboxOptions};
+use callbridge::sink::zammad::{ZammadSettings, ZammadSink};
+use callbridge::sink::{Delivery, DeliveryOptions};
+use delivery_common::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_maps_to_generic_cti() {
+    let rx = Receiver::start().await;
+    rx.fail_first([Reply::Status(502)]);
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["zammad".into()])).unwrap();
+    let settings = ZammadSettings {
+        url: format!("http://{}/", rx.addr),
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(1),
+        max_backoff: Duration::from_millis(200),
+        concurrency: 8,
+        agent_names: lab().agents.iter().map(|a| (a.id.clone(), a.name.clone().unwrap_or_default())).collect(),
+    };
+    let mut d = Delivery::new(&outbox, DeliveryOptions::default());
+    d.spawn(Arc::new(ZammadSink::new("zammad", settings, "s3cr3t-token").unwrap()));
+    let events = a11_events();
+    outbox.append(&events).await.unwrap();
+    assert!(outbox.wait_drained(Duration::from_secs(10)).await);
+    d.shutdown().await.unwrap();
+
+    let mut per_call: HashMap<String, Vec<String>> = HashMap::new();
+    for r in rx.requests().iter().filter(|r| r.status == 200) {
+        assert_eq!(r.path, "/api/v1/cti/s3cr3t-token");
+        assert_eq!(r.headers["content-type"], "application/json");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let ev = v["event"].as_str().unwrap().to_string();
+        assert!(["newCall", "answer", "hangup"].contains(&ev.as_str()), "{ev}");
+        if ev == "hangup" {
+            let cause = v["cause"].as_str().unwrap();
+            assert!(
+                ["normalClearing", "busy", "cancel", "noAnswer", "congestion", "notFound", "forwarded"]
+                    .contains(&cause),
+                "{cause}"
+            );
+        }
+        if ev == "answer" {
+            assert!(v["user"][0].as_str().is_some_and(|u| !u.is_empty()));
+        }
+        per_call.entry(v["callId"].as_str().unwrap().to_string()).or_default().push(ev);
+    }
+    let calls = events.iter().filter(|e| e.kind.type_name() == "call.started").count();
+    assert_eq!(per_call.len(), calls, "one CTI call per (inbound/outbound) call");
+    for (call, evs) in &per_call {
+        assert_eq!(evs.first().map(String::as_str), Some("newCall"), "{call}: {evs:?}");
+        assert_eq!(evs.last().map(String::as_str), Some("hangup"), "{call}: {evs:?}");
+        assert_eq!(evs.iter().filter(|e| *e == "hangup").count(), 1, "{call}: {evs:?}");
+    }
+}

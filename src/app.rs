@@ -158,7 +158,14 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
 
     readiness.set_outbox(true);
     let delivery = Delivery::for_config(&config, readiness.clone())?;
-    let shared = Arc::new(Shared::new(config.clone(), registry, readiness.clone(), ami.clone(), cmd_tx));
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        registry,
+        readiness.clone(),
+        ami.clone(),
+        cmd_tx,
+        delivery.outbox().cloned(),
+    ));
     let pipeline = Pipeline::new(&config, shared.clone(), delivery);
     let pipeline = tokio::spawn(pipeline.run(source_rx, sip_rx, cmd_rx, shutdown.clone()));
 

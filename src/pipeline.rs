@@ -39,6 +39,9 @@ pub struct Shared {
     /// Agents' presence as the normalizer knows it, for concurrent readers
     /// (FastAGI routing). Only the pipeline task writes it.
     pub presence: Arc<crate::routing::PresenceBoard>,
+    /// The durable outbox, when sinks other than stdout are configured
+    /// (dead letters for the API).
+    pub outbox: Option<crate::outbox::Outbox>,
     /// The PBX's clock as last seen (µs), and when; `None` before the
     /// first timestamp (the wall clock stands in).
     clock: Mutex<Option<(Micros, Instant)>>,
@@ -51,6 +54,7 @@ impl Shared {
         readiness: Arc<Readiness>,
         ami: Option<AmiHandle>,
         commands: mpsc::Sender<Command>,
+        outbox: Option<crate::outbox::Outbox>,
     ) -> Shared {
         Shared {
             indicators: Mutex::new(Indicators::new(&config)),
@@ -60,6 +64,7 @@ impl Shared {
             ami,
             commands,
             presence: Arc::new(crate::routing::PresenceBoard::new()),
+            outbox,
             clock: Mutex::new(None),
         }
     }

@@ -449,3 +449,73 @@ async fn reload_applies_a_good_configuration_and_refuses_a_bad_one() {
     assert!(metrics.contains("callbridge_config_reloads_total{result=\"rejected\"}"), "{metrics}");
     running.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_retried_through_the_api() {
+    use axum::{extract::State as S, http::StatusCode, routing::post, Router};
+    #[derive(Clone, Default)]
+    struct Receiver {
+        refuse_queued: Arc<std::sync::atomic::AtomicBool>,
+        got: Arc<Mutex<Vec<Value>>>,
+    }
+    let recv = Receiver::default();
+    recv.refuse_queued.store(true, std::sync::atomic::Ordering::SeqCst);
+    let app = Router::new()
+        .route(
+            "/hook",
+            post(|S(r): S<Receiver>, body: String| async move {
+                let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                if v["type"] == "call.queued" && r.refuse_queued.load(std::sync::atomic::Ordering::SeqCst) {
+                    return StatusCode::UNPROCESSABLE_ENTITY;
+                }
+                r.got.lock().expect("lock").push(v);
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .with_state(recv.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), None, "").to_string_lossy().to_string();
+    // Replace the JSON-lines sink by the webhook.
+    let text = std::fs::read_to_string(&config).expect("config");
+    let start_sinks = text.find("[[sinks]]").expect("sinks");
+    let text = format!(
+        "{}[[sinks]]\ntype = \"webhook\"\nurl = \"{hook}\"\nsecret = \"whsec_dGVzdA==\"\n",
+        &text[..start_sinks]
+    );
+    std::fs::write(&config, text).expect("write");
+    let running = start(
+        PathBuf::from(&config),
+        SourceSpec::Traces { paths: vec![fixture("a01-inbound-answered.ami")], speed: Speed::Max },
+    )
+    .await;
+    let api = Api::new(&running);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let letters = loop {
+        let (status, body) = api.get("/v1/dead-letters").await;
+        assert_eq!(status, 200, "{body}");
+        if body["count"] == 1 && recv.got.lock().expect("lock").len() == 4 {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The refused event did not block the later events of its call.
+    let id = letters["dead_letters"][0]["event_id"].as_str().expect("event id").to_string();
+    assert_eq!(id, "lab:1795471080.4:2");
+    let (status, body) = api.call(reqwest::Method::POST, "/v1/dead-letters/nope/retry", Some(TOKEN)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("dead_letter_not_found")));
+    recv.refuse_queued.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = api.call(reqwest::Method::POST, &format!("/v1/dead-letters/{id}/retry"), Some(TOKEN)).await;
+    assert_eq!((status, body["requeued"].as_u64()), (200, Some(1)), "{body}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while recv.got.lock().expect("lock").len() < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "the retried event never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(api.get("/v1/dead-letters").await.1["count"], 0);
+    running.stop().await.expect("clean stop");
+}

@@ -18,6 +18,8 @@ pub fn router(shared: Arc<Shared>, auth: Auth) -> Router {
         .route("/v1/calls", get(list_calls))
         .route("/v1/calls/{id}", get(get_call).delete(remove_call))
         .route("/v1/groups/{id}/indicators", get(indicators))
+        .route("/v1/dead-letters", get(dead_letters))
+        .route("/v1/dead-letters/{id}/retry", axum::routing::post(retry_dead_letter))
         .layer(middleware::from_fn_with_state(auth, require_bearer))
         .with_state(shared.clone());
     let open = Router::new()
@@ -115,4 +117,50 @@ async fn indicators(
     });
     let report = shared.indicators.lock().unwrap_or_else(|p| p.into_inner()).report(&id, now, waiting, talking);
     report.map(Json).ok_or_else(|| ApiError::not_found("group_not_found", format!("no group {id:?}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinkQuery {
+    sink: Option<String>,
+}
+
+fn outbox_of(shared: &Shared) -> Result<&crate::outbox::Outbox, ApiError> {
+    shared.outbox.as_ref().ok_or_else(|| {
+        ApiError::not_found("no_outbox", "no durable outbox: only stdout is configured, nothing is ever parked")
+    })
+}
+
+fn outbox_error(e: crate::outbox::OutboxError) -> ApiError {
+    match e {
+        crate::outbox::OutboxError::UnknownSink(s) => {
+            ApiError::not_found("sink_not_found", format!("no sink named {s:?}"))
+        }
+        other => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "outbox_unavailable", other.to_string()),
+    }
+}
+
+/// `GET /v1/dead-letters[?sink=name]`: events a sink refused (4xx), oldest first.
+async fn dead_letters(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<SinkQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut all = outbox_of(&shared)?.dead_letters().await.map_err(outbox_error)?;
+    if let Some(s) = &q.sink {
+        all.retain(|d| &d.sink == s);
+    }
+    Ok(Json(serde_json::json!({ "count": all.len(), "dead_letters": all })))
+}
+
+/// `POST /v1/dead-letters/{event id}/retry[?sink=name]`: queue it again.
+async fn retry_dead_letter(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(q): Query<SinkQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let n = outbox_of(&shared)?.retry_dead_letters(q.sink.as_deref(), Some(&id)).await.map_err(outbox_error)?;
+    if n == 0 {
+        return Err(ApiError::not_found("dead_letter_not_found", format!("no dead letter for event {id:?}")));
+    }
+    Ok(Json(serde_json::json!({ "requeued": n, "event_id": id })))
 }

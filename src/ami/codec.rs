@@ -326,12 +326,14 @@ impl Decoder for AmiCodec {
                 self.reset_pending();
                 let mut chunk = src.split_to(consumed);
                 chunk.truncate(content_end);
-                let buf = if std::str::from_utf8(&chunk).is_ok() {
-                    chunk.freeze()
+                let bytes = chunk.freeze();
+                // The clone is a reference count, not a copy.
+                let buf = if let Ok(text) = bytestring::ByteString::try_from(bytes.clone()) {
+                    text
                 } else {
                     // Latin-1 names from old phones: replace invalid bytes and
                     // re-index, so every value is valid UTF-8.
-                    let fixed = String::from_utf8_lossy(&chunk).into_owned();
+                    let fixed = String::from_utf8_lossy(&bytes).into_owned();
                     let mut again = AmiCodec::new(CodecLimits { max_frame_bytes: usize::MAX, max_headers: usize::MAX });
                     let mut b = BytesMut::from(fixed.as_bytes());
                     b.extend_from_slice(b"\n\n");

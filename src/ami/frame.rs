@@ -10,7 +10,7 @@
 //! This module must never touch a socket or a file: it only indexes bytes that
 //! the codec already cut out of the stream.
 
-use bytes::Bytes;
+use bytestring::ByteString;
 use std::fmt;
 
 /// Position of one header inside the frame's buffer. `key` is empty for a
@@ -26,7 +26,8 @@ pub(crate) struct HeaderPos {
 /// A decoded AMI frame.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Frame {
-    buf: Bytes,
+    /// UTF-8 checked once, when the codec cut the frame.
+    buf: ByteString,
     /// One exact-size allocation per frame: keeping the index inline would
     /// make `Frame` ~700 bytes, and every move of it through the codec, the
     /// connection and the pipeline channel would copy that much.
@@ -36,7 +37,7 @@ pub struct Frame {
 impl Frame {
     /// Builds a frame from an already validated UTF-8 buffer and its header
     /// index. Only the codec and [`Frame::from_pairs`] construct frames.
-    pub(crate) fn from_parts(buf: Bytes, headers: Vec<HeaderPos>) -> Self {
+    pub(crate) fn from_parts(buf: ByteString, headers: Vec<HeaderPos>) -> Self {
         Frame { buf, headers }
     }
 
@@ -56,15 +57,20 @@ impl Frame {
             raw.push_str("\r\n");
             headers.push(HeaderPos { key_start, key_end, value_start, value_end });
         }
-        Frame { buf: Bytes::from(raw), headers }
+        Frame { buf: ByteString::from(raw), headers }
     }
 
     #[inline]
     fn slice(&self, start: u32, end: u32) -> &str {
-        // The codec validated the whole frame as UTF-8 and every boundary
-        // sits next to an ASCII byte (':', ' ', '\r', '\n'), so this cannot
-        // fail; an empty string is the defensive answer if it ever did.
-        std::str::from_utf8(&self.buf[start as usize..end as usize]).unwrap_or("")
+        // Every boundary sits next to an ASCII byte (':', ' ', '\r', '\n'),
+        // so this is always a char boundary; an empty string is the
+        // defensive answer if it ever were not.
+        self.buf.get(start as usize..end as usize).unwrap_or("")
+    }
+
+    #[inline]
+    fn key_bytes(&self, h: &HeaderPos) -> &[u8] {
+        self.buf.as_bytes().get(h.key_start as usize..h.key_end as usize).unwrap_or(b"")
     }
 
     /// The value of the first header named `key` (ASCII case-insensitive).
@@ -72,9 +78,7 @@ impl Frame {
     pub fn get(&self, key: &str) -> Option<&str> {
         let kb = key.as_bytes();
         for h in &self.headers {
-            if (h.key_end - h.key_start) as usize == kb.len()
-                && self.buf[h.key_start as usize..h.key_end as usize].eq_ignore_ascii_case(kb)
-            {
+            if (h.key_end - h.key_start) as usize == kb.len() && key_matches(self.key_bytes(h), kb) {
                 return Some(self.slice(h.value_start, h.value_end));
             }
         }
@@ -106,7 +110,7 @@ impl Frame {
     pub fn event(&self) -> Option<&str> {
         // `Event` is always the first header Asterisk writes; check it first.
         if let Some(h) = self.headers.first() {
-            if &self.buf[h.key_start as usize..h.key_end as usize] == b"Event" {
+            if self.key_bytes(h) == b"Event" {
                 return Some(self.slice(h.value_start, h.value_end));
             }
         }
@@ -131,7 +135,19 @@ impl Frame {
 
     /// The frame's raw bytes as received (without the closing blank line).
     pub fn as_bytes(&self) -> &[u8] {
-        &self.buf
+        self.buf.as_bytes()
+    }
+}
+
+/// `k == want`, ASCII case-insensitive, for keys of equal length. Checks the
+/// first byte before anything else: most headers of a frame differ there,
+/// and this is the hottest comparison of the pipeline.
+#[inline]
+fn key_matches(k: &[u8], want: &[u8]) -> bool {
+    match (k.first(), want.first()) {
+        (Some(a), Some(b)) if a.eq_ignore_ascii_case(b) => k == want || k.eq_ignore_ascii_case(want),
+        (None, None) => true,
+        _ => false,
     }
 }
 

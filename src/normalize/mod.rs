@@ -119,9 +119,9 @@ pub struct Normalizer {
     dir: Arc<Directory>,
     rules: Arc<dyn Rules>,
     opts: Options,
-    calls: HashMap<CallId, Call>,
+    calls: HashMap<CallId, Call, ahash::RandomState>,
     /// Uniqueid → call, for channels whose Linkedid changes.
-    channel_call: HashMap<Box<str>, CallId>,
+    channel_call: HashMap<Box<str>, CallId, ahash::RandomState>,
     ended: BoundedSet,
     gone_channels: BoundedSet,
     /// What the PBX and the helpdesk say about each agent.
@@ -216,8 +216,10 @@ impl Normalizer {
             dir,
             rules,
             opts,
-            calls: HashMap::new(),
-            channel_call: HashMap::new(),
+            // ahash: SipHash showed up in profiles; keys are randomly
+            // seeded all the same, so crafted ids cannot degrade the maps.
+            calls: HashMap::default(),
+            channel_call: HashMap::default(),
             ended: BoundedSet::new(ENDED_MEMORY),
             gone_channels: BoundedSet::new(ENDED_MEMORY * 4),
             presence: PresenceMap::default(),
@@ -763,13 +765,13 @@ fn parse_duration(s: &str) -> Option<i64> {
 /// A set that forgets its oldest members beyond a capacity.
 struct BoundedSet {
     order: VecDeque<Box<str>>,
-    set: HashSet<Box<str>>,
+    set: HashSet<Box<str>, ahash::RandomState>,
     cap: usize,
 }
 
 impl BoundedSet {
     fn new(cap: usize) -> Self {
-        BoundedSet { order: VecDeque::new(), set: HashSet::new(), cap }
+        BoundedSet { order: VecDeque::new(), set: HashSet::default(), cap }
     }
     fn insert(&mut self, s: &str) {
         if self.set.contains(s) {

@@ -6,7 +6,11 @@
 //! HTTP request is the API's job; the resulting call lifecycle comes back
 //! through the normal pipeline (the PBX's events), never from here.
 
+use crate::config::Config;
 use crate::directory::Directory;
+use crate::event::{CallSnapshot, CallState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How outbound numbers are dialled (`[outbound]`).
 #[derive(Debug, Clone)]
@@ -25,6 +29,41 @@ pub struct OutboundRules {
     pub agent_ring_seconds: u64,
     /// Channel variable carrying the ticket id.
     pub ticket_variable: String,
+    /// Dialplan context a transfer target's extension is dialled in.
+    pub transfer_context: String,
+}
+
+impl OutboundRules {
+    /// The rules of `[outbound]` (and `[pbx] ticket_variable`).
+    pub fn from_config(c: &Config) -> OutboundRules {
+        let o = &c.outbound;
+        let context = o.context.clone().unwrap_or_else(|| "from-internal".into());
+        OutboundRules {
+            transfer_context: o.transfer_context.clone().unwrap_or_else(|| context.clone()),
+            context,
+            prefix: o.prefix.clone(),
+            agent_channel: o.agent_channel.clone(),
+            country_code: o.country_code.clone(),
+            international_prefix: o.international_prefix.clone(),
+            agent_ring_seconds: o.agent_ring_seconds,
+            ticket_variable: c.pbx.ticket_variable.clone(),
+        }
+    }
+
+    /// The agent's device as `Originate` and `QueuePause` name it.
+    pub fn agent_device(&self, extension: &str) -> String {
+        self.agent_channel.replace("{extension}", extension)
+    }
+}
+
+/// A new call id for a click-to-call: `cb-<unix µs>-<n>`. It is given to
+/// `Originate` as `ChannelId`, so Asterisk uses it as the Uniqueid of the
+/// agent's channel and thereby as the call's Linkedid: the call id is
+/// known before the PBX sends a single event.
+pub fn new_call_id() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let micros = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0);
+    format!("cb-{micros}-{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
 impl Default for OutboundRules {
@@ -37,6 +76,7 @@ impl Default for OutboundRules {
             international_prefix: "00".into(),
             agent_ring_seconds: 30,
             ticket_variable: "CALLBRIDGE_TICKET".into(),
+            transfer_context: "from-internal".into(),
         }
     }
 }
@@ -113,13 +153,15 @@ pub struct PlannedAction {
 /// Validates a click-to-call and plans the `Originate` (async): the agent's
 /// phone rings first, then the dialplan dials `prefix + number` in
 /// `context`. `agent_busy` says whether the agent is on a call now;
-/// `correlation` is callbridge's id for the attempt (also a channel variable).
+/// `call_id` is callbridge's id for the attempt: the `ChannelId` of the
+/// agent's channel (so the call's Linkedid) and the channel variable
+/// `CALLBRIDGE_CORRELATION`.
 pub fn plan_click_to_call(
     req: &ClickToCall,
     dir: &Directory,
     rules: &OutboundRules,
     agent_busy: impl Fn(&str) -> bool,
-    correlation: &str,
+    call_id: &str,
 ) -> Result<PlannedAction, Refusal> {
     if !req.contact.as_ref().is_some_and(|c| c.consent) {
         return Err(refuse(403, "contact_not_consented", "the contact has not consented to be called"));
@@ -134,7 +176,7 @@ pub fn plan_click_to_call(
     if agent_busy(agent.id.as_str()) {
         return Err(refuse(409, "agent_busy", format!("agent {:?} is on a call", req.agent)));
     }
-    let channel = rules.agent_channel.replace("{extension}", &agent.extension);
+    let channel = rules.agent_device(&agent.extension);
     let mut caller_name = match &req.ticket_id {
         Some(t) => format!("Ticket {t}"),
         None => req.contact.as_ref().and_then(|c| c.name.clone()).unwrap_or_else(|| number.clone()),
@@ -148,6 +190,7 @@ pub fn plan_click_to_call(
         ("Timeout".to_string(), (rules.agent_ring_seconds * 1000).to_string()),
         ("CallerID".to_string(), format!("\"{caller_name}\" <{}>", agent.extension)),
         ("Async".to_string(), "true".to_string()),
+        ("ChannelId".to_string(), call_id.to_string()),
     ];
     if let Some(t) = &req.ticket_id {
         if t.chars().any(|c| c.is_control()) {
@@ -155,8 +198,89 @@ pub fn plan_click_to_call(
         }
         headers.push(("Variable".to_string(), format!("{}={t}", rules.ticket_variable)));
     }
-    headers.push(("Variable".to_string(), format!("CALLBRIDGE_CORRELATION={correlation}")));
+    headers.push(("Variable".to_string(), format!("{CORRELATION_VARIABLE}={call_id}")));
     Ok(PlannedAction { name: "Originate", headers })
+}
+
+/// Channel variable carrying callbridge's id of a click-to-call.
+pub const CORRELATION_VARIABLE: &str = "CALLBRIDGE_CORRELATION";
+
+/// A transfer request (`POST /v1/calls/{id}/transfer`): exactly one target.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequest {
+    pub to_agent: Option<String>,
+    pub to_extension: Option<String>,
+}
+
+/// A validated transfer: where the customer goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferTarget {
+    /// The agent now talking, who hands the call over.
+    pub from_agent: String,
+    pub to_agent: String,
+    pub to_extension: String,
+}
+
+/// Validates a transfer of `call` (its live snapshot) against the
+/// configuration: the call must be answered by an agent, its group must
+/// allow transfers, and the target must be another agent of that group.
+pub fn check_transfer(req: &TransferRequest, call: &CallSnapshot, config: &Config) -> Result<TransferTarget, Refusal> {
+    let dir_agent = |id: &str| config.agents.iter().find(|a| a.id == id);
+    let target = match (&req.to_agent, &req.to_extension) {
+        (Some(_), Some(_)) => {
+            return Err(refuse(422, "target_ambiguous", "give either to_agent or to_extension, not both"));
+        }
+        (None, None) => return Err(refuse(422, "target_missing", "give to_agent or to_extension")),
+        (Some(a), None) => {
+            dir_agent(a).ok_or_else(|| refuse(404, "agent_unknown", format!("no agent {a:?} in the configuration")))?
+        }
+        (None, Some(e)) => {
+            config.agents.iter().find(|a| a.extension.as_deref() == Some(e.as_str())).ok_or_else(|| {
+                refuse(409, "target_not_in_group", format!("extension {e:?} belongs to no agent of the call's group"))
+            })?
+        }
+    };
+    let (CallState::Talking, Some(from)) = (call.state, call.agent.as_ref()) else {
+        return Err(refuse(409, "call_not_answered", "only a call an agent is talking on can be transferred"));
+    };
+    let Some(group_id) = call.group.as_ref() else {
+        return Err(refuse(409, "call_has_no_group", "the call belongs to no group, so no group allows its transfer"));
+    };
+    let Some(group) = config.groups.iter().find(|g| g.id == group_id.as_str()) else {
+        return Err(refuse(409, "call_has_no_group", format!("group {group_id} is no longer configured")));
+    };
+    if !group.allow_transfer {
+        return Err(refuse(409, "transfer_not_allowed", format!("group {} does not allow transfers", group.id)));
+    }
+    if !group.agents.contains(&target.id) {
+        return Err(refuse(
+            409,
+            "target_not_in_group",
+            format!("agent {:?} is not an agent of group {}", target.id, group.id),
+        ));
+    }
+    if target.id == from.as_str() {
+        return Err(refuse(409, "target_is_current_agent", format!("agent {:?} already has the call", target.id)));
+    }
+    let Some(ext) = target.extension.clone().filter(|e| !e.trim().is_empty()) else {
+        return Err(refuse(409, "agent_has_no_extension", format!("agent {:?} has no extension", target.id)));
+    };
+    Ok(TransferTarget { from_agent: from.to_string(), to_agent: target.id.clone(), to_extension: ext })
+}
+
+/// Plans the blind transfer: `BlindTransfer` takes the transferer's
+/// channel (the agent's phone in the call) and sends the party bridged to
+/// it — the customer — to `to_extension` in the transfer context.
+pub fn plan_blind_transfer(agent_channel: &str, target: &TransferTarget, rules: &OutboundRules) -> PlannedAction {
+    PlannedAction {
+        name: "BlindTransfer",
+        headers: vec![
+            ("Channel".to_string(), agent_channel.to_string()),
+            ("Context".to_string(), rules.transfer_context.clone()),
+            ("Exten".to_string(), target.to_extension.clone()),
+        ],
+    }
 }
 
 #[cfg(test)]
@@ -230,6 +354,7 @@ mod tests {
                 ("Timeout", "30000"),
                 ("CallerID", "\"Ticket 4711\" <2000>"),
                 ("Async", "true"),
+                ("ChannelId", "c1"),
                 ("Variable", "CALLBRIDGE_TICKET=4711"),
                 ("Variable", "CALLBRIDGE_CORRELATION=c1"),
             ]

@@ -18,8 +18,9 @@ use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::directory::Directory;
 use crate::event::{CallSnapshot, EndReason, Event, EventKind, Micros};
+use crate::ids::AgentId;
 use crate::indicators::Indicators;
-use crate::normalize::{Normalizer, Options, PbxChannels, StuckLimits, Suspect};
+use crate::normalize::{ExpectedOriginate, Normalizer, Options, PbxChannels, StuckLimits, Suspect};
 use crate::registry::Registry;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
@@ -105,6 +106,22 @@ pub enum Command {
     /// The PBX's answer about suspect calls: ids of calls (Linkedids) it
     /// still has, or `None` when it could not be asked.
     SweepVerdict { suspects: Vec<Suspect>, alive: Option<HashSet<String>> },
+    /// A click-to-call is about to be sent to the PBX; the reply says it is
+    /// noted (so its `OriginateResponse` cannot overtake it).
+    ExpectOriginate { originate: ExpectedOriginate, reply: oneshot::Sender<()> },
+    /// Which agent talks in a live call, and on which channel (for a
+    /// transfer); `None` when nobody does.
+    TalkingChannel { call: String, reply: oneshot::Sender<Option<(AgentId, String)>> },
+    /// The agent switched "available for calls" in the helpdesk
+    /// (`agent.availability`, `source: api`); replies false for an unknown agent.
+    /// `queues` are the agent's queues about to be (un)paused on the PBX.
+    SetAvailable {
+        agent: String,
+        available: bool,
+        reason: Option<String>,
+        queues: Vec<String>,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 pub struct Pipeline {
@@ -246,6 +263,18 @@ impl Pipeline {
                 );
                 self.limits = config.stuck.limits();
                 info!("configuration reloaded; {} live calls kept", self.normalizer.live_calls());
+            }
+            Command::ExpectOriginate { originate, reply } => {
+                self.normalizer.expect_originate(originate);
+                let _ = reply.send(());
+            }
+            Command::TalkingChannel { call, reply } => {
+                let _ = reply.send(self.normalizer.talking_agent_channel(&call));
+            }
+            Command::SetAvailable { agent, available, reason, queues, reply } => {
+                let known =
+                    self.normalizer.apply_helpdesk_switch(&agent, available, reason, &queues, now, &mut self.out);
+                let _ = reply.send(known);
             }
             Command::SweepVerdict { suspects, alive } => {
                 self.sweep_running = false;

@@ -8,6 +8,7 @@
 //! The API never changes call state itself: reads come from the registry,
 //! changes go to the pipeline task or the PBX as commands.
 
+pub mod control;
 pub mod routes;
 
 use axum::extract::{Request, State};

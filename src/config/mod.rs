@@ -479,7 +479,7 @@ pub struct RecordingsConfig {
 }
 
 /// `[outbound]`: click-to-call.
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
     /// Dialplan context that dials external numbers (click-to-call).
@@ -488,6 +488,48 @@ pub struct OutboundConfig {
     /// stripped from the dialled extension to get the customer's number.
     #[serde(default)]
     pub prefix: String,
+    /// The agent's phone as `Originate` dials it, `{extension}` replaced
+    /// (`PJSIP/{extension}`, `SIP/{extension}`).
+    #[serde(default = "default_agent_channel")]
+    pub agent_channel: String,
+    /// The PBX's country code: `+55 11 …` is dialled as the national
+    /// `11 …`. Without it every `+` number is dialled as international.
+    pub country_code: Option<String>,
+    /// What replaces `+` in an international number (`+44 …` → `0044…`).
+    #[serde(default = "default_international_prefix")]
+    pub international_prefix: String,
+    /// How long the agent's phone rings before a click-to-call gives up.
+    #[serde(default = "default_agent_ring_seconds")]
+    pub agent_ring_seconds: u64,
+    /// Dialplan context a transfer target's extension is dialled in
+    /// (default: `context`, else `from-internal`).
+    pub transfer_context: Option<String>,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            context: None,
+            prefix: String::new(),
+            agent_channel: default_agent_channel(),
+            country_code: None,
+            international_prefix: default_international_prefix(),
+            agent_ring_seconds: default_agent_ring_seconds(),
+            transfer_context: None,
+        }
+    }
+}
+
+fn default_agent_channel() -> String {
+    "PJSIP/{extension}".to_string()
+}
+
+fn default_international_prefix() -> String {
+    "00".to_string()
+}
+
+fn default_agent_ring_seconds() -> u64 {
+    30
 }
 
 /// `[registry]`: the live call registry.

@@ -296,9 +296,43 @@ static RECORDINGS: TableSchema =
 
 static OUTBOUND: TableSchema = TableSchema {
     name: "outbound",
-    fields: &[opt("context", Kind::Str(Some(check_non_empty))), opt("prefix", STR)],
+    fields: &[
+        opt("context", Kind::Str(Some(check_non_empty))),
+        opt("prefix", Kind::Str(Some(check_digits_or_empty))),
+        opt("agent_channel", Kind::Str(Some(check_agent_channel))),
+        opt("country_code", Kind::Str(Some(check_country_code))),
+        opt("international_prefix", Kind::Str(Some(check_digits_or_empty))),
+        opt("agent_ring_seconds", Kind::Count { min: 5, why: "a phone needs a few seconds to be picked up" }),
+        opt("transfer_context", Kind::Str(Some(check_non_empty))),
+    ],
     check: None,
 };
+
+fn check_digits_or_empty(s: &str) -> Result<(), String> {
+    if s.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'*' | b'#')) {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not a dial prefix (digits, '*', '#')"))
+    }
+}
+
+fn check_agent_channel(s: &str) -> Result<(), String> {
+    if !s.contains("{extension}") {
+        return Err(format!("{s:?} does not contain {{extension}} (e.g. \"PJSIP/{{extension}}\")"));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{s:?} contains white space"));
+    }
+    Ok(())
+}
+
+fn check_country_code(s: &str) -> Result<(), String> {
+    if (1..=3).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not a country code (1 to 3 digits, without '+')"))
+    }
+}
 
 static REGISTRY: TableSchema = TableSchema {
     name: "registry",
@@ -678,6 +712,9 @@ mod tests {
                     "to" => "18:00",
                     "url" | "url_base" => "https://example.test/",
                     "secret_env" => "SECRET_VAR",
+                    "prefix" | "international_prefix" => "00",
+                    "country_code" => "55",
+                    "agent_channel" => "PJSIP/{extension}",
                     _ => "x",
                 }
                 .to_string(),

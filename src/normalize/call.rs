@@ -31,6 +31,8 @@ pub enum ChannelRole {
 #[derive(Debug, Clone)]
 pub(super) struct Channel {
     uniqueid: Box<str>,
+    /// Channel name (`SIP/2000-0000000f`), for actions on it (transfer).
+    name: Box<str>,
     role: ChannelRole,
     agent: Option<AgentId>,
     up: bool,
@@ -196,6 +198,7 @@ impl Call {
         };
         call.channels.push(Channel {
             uniqueid: uniqueid.into(),
+            name: channel.into(),
             role: ChannelRole::Origin,
             agent: agent.map(|a| a.id.clone()),
             up: frame.get("ChannelStateDesc") == Some("Up"),
@@ -282,7 +285,14 @@ impl Call {
         } else {
             ChannelRole::External
         };
-        self.channels.push(Channel { uniqueid: uid.into(), role, agent, up: state == Some("Up"), hung_up: false });
+        self.channels.push(Channel {
+            uniqueid: uid.into(),
+            name: name.into(),
+            role,
+            agent,
+            up: state == Some("Up"),
+            hung_up: false,
+        });
         ctx.new_channels.push(uid.into());
     }
 
@@ -686,6 +696,40 @@ impl Call {
     }
 
     pub fn originate_failed(&mut self) {
+        self.originate_failed = true;
+    }
+
+    /// The agent in conversation and the name of their channel in this
+    /// call: their own phone if it is up, else the call's first channel
+    /// when it is theirs (outbound), else a Local half of theirs.
+    pub fn talking_agent_channel(&self) -> Option<(AgentId, String)> {
+        let agent = self.talking.clone().flatten()?;
+        let live = |c: &&Channel| !c.hung_up && c.agent.as_ref() == Some(&agent);
+        let pick = self
+            .channels
+            .iter()
+            .filter(live)
+            .find(|c| c.role == ChannelRole::AgentPhone && c.up)
+            .or_else(|| self.channels.iter().filter(live).find(|c| c.role == ChannelRole::Origin))
+            .or_else(|| self.channels.iter().filter(live).find(|c| c.role == ChannelRole::AgentPhone))
+            .or_else(|| self.channels.iter().filter(live).find(|c| c.role == ChannelRole::LocalHalf))?;
+        Some((agent, pick.name.to_string()))
+    }
+
+    /// An originate whose first channel never came up: the call exists for
+    /// the helpdesk only as this failure. Gives the not yet started call
+    /// its ticket and number; `finish` then emits `call.started`,
+    /// `call.missed` (`failed`) and `call.ended`.
+    pub fn prepare_failed_originate(&mut self, agent: Option<&Agent>, ticket: Option<String>, number: Option<String>) {
+        if let Some(a) = agent {
+            self.snap.direction = Direction::Outbound;
+            self.snap.agent = Some(a.id.clone());
+            self.snap.caller = Party { number: Some(a.extension.clone()), name: a.name.clone() };
+        }
+        self.snap.ticket_id = ticket;
+        if number.is_some() {
+            self.snap.callee.number = number;
+        }
         self.originate_failed = true;
     }
 

@@ -48,6 +48,7 @@ use crate::event::{
 use crate::ids::{AgentId, GroupId};
 use call::Call;
 pub use call::ChannelRole;
+
 pub use presence::{device_state_unavailable, AgentPresence, PresenceMap};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -134,6 +135,33 @@ pub struct Normalizer {
     /// Agents whose presence changed since the last
     /// [`Normalizer::take_presence_changes`] (bounded by the agents).
     presence_changed: BTreeSet<AgentId>,
+    /// Click-to-calls sent to the PBX whose `OriginateResponse` has not
+    /// come yet, by call id (the `ChannelId`); oldest dropped beyond
+    /// [`EXPECTED_ORIGINATES`].
+    originates: HashMap<CallId, ExpectedOriginate>,
+    originate_order: VecDeque<CallId>,
+}
+
+/// How many click-to-calls may wait for their `OriginateResponse` at once
+/// (far more than agents; a PBX that never answers cannot grow the map).
+const EXPECTED_ORIGINATES: usize = 1024;
+
+/// A click-to-call callbridge asked the PBX for. If the PBX cannot even
+/// create the agent's channel (phone unreachable), no channel event ever
+/// names the call: only the failed `OriginateResponse` does, and this is
+/// what the call then looks like.
+#[derive(Debug, Clone)]
+pub struct ExpectedOriginate {
+    /// The `ChannelId` given to `Originate`: the call id.
+    pub call_id: String,
+    pub agent: AgentId,
+    /// The device `Originate` rings (`SIP/2000`).
+    pub device: String,
+    /// The customer's number as the helpdesk should see it.
+    pub number: String,
+    pub ticket: Option<String>,
+    /// When it was requested.
+    pub at: Micros,
 }
 
 /// Per-state limits of the stuck-call sweeper (SPEC §7).
@@ -226,7 +254,28 @@ impl Normalizer {
             available: HashMap::new(),
             epoch: 0,
             presence_changed: BTreeSet::new(),
+            originates: HashMap::new(),
+            originate_order: VecDeque::new(),
         }
+    }
+
+    /// Notes a click-to-call about to be sent (before the `Originate`
+    /// action goes out, so that its response always finds it).
+    pub fn expect_originate(&mut self, o: ExpectedOriginate) {
+        let id = CallId::new(&o.call_id);
+        if self.originate_order.len() >= EXPECTED_ORIGINATES {
+            if let Some(old) = self.originate_order.pop_front() {
+                self.originates.remove(&old);
+            }
+        }
+        self.originate_order.push_back(id.clone());
+        self.originates.insert(id, o);
+    }
+
+    /// The agent talking in a live call and their channel's name (the
+    /// transferer's channel of a blind transfer).
+    pub fn talking_agent_channel(&self, call: &str) -> Option<(AgentId, String)> {
+        self.calls.get(call)?.talking_agent_channel()
     }
 
     /// Replaces the directory, rules and options (configuration reload).
@@ -503,18 +552,46 @@ impl Normalizer {
         call.on_transfer(event, frame, time, &self.dir, out);
     }
 
+    /// `OriginateResponse`: success changes nothing (the channels' events
+    /// tell the story). A failure marks the call `failed`; a failed
+    /// click-to-call whose channel never existed becomes a whole call
+    /// here — `call.started`, `call.missed` (`failed`), `call.ended` — so
+    /// that the helpdesk never waits for a call that will not come.
     fn on_originate_response(&mut self, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
+        let uid = frame.get("Uniqueid").filter(|u| !u.is_empty() && *u != "<null>");
+        let expected = uid.and_then(|u| self.originates.remove(u));
+        if let Some(u) = uid.filter(|_| expected.is_some()) {
+            self.originate_order.retain(|c| c.as_str() != u);
+        }
         if frame.get("Response") == Some("Success") {
             return;
         }
+        let Some(uid) = uid else { return };
         let time = frame.timestamp_micros().unwrap_or(now);
-        if let Some(call) = frame.get("Uniqueid").and_then(|u| self.channel_call.get(u)).cloned() {
+        let live =
+            self.channel_call.get(uid).cloned().or_else(|| self.calls.contains_key(uid).then(|| CallId::new(uid)));
+        if let Some(call) = live {
             if let Some(c) = self.calls.get_mut(call.as_str()) {
                 c.originate_failed();
-                let _ = time;
             }
+            return;
         }
-        let _ = out;
+        let Some(exp) = expected else { return };
+        if self.ended.contains(uid) || self.gone_channels.contains(uid) {
+            return;
+        }
+        let started = exp.at.min(time);
+        let synthetic = Frame::from_pairs(&[
+            ("Channel", exp.device.as_str()),
+            ("Exten", "s"),
+            ("Uniqueid", uid),
+            ("Linkedid", uid),
+        ]);
+        let mut call = Call::start(CallId::new(uid), &synthetic, &exp.device, uid, started, &self.dir, &self.opts, out);
+        let agent = self.dir.agent(exp.agent.as_str());
+        call.prepare_failed_originate(agent, exp.ticket, Some(exp.number));
+        self.calls.insert(call.id.clone(), call);
+        self.finish(uid, time, EndReason::Normal, out);
     }
 
     /// `QueueMemberPause`, `QueueMemberStatus`, `QueueMember` (and the older
@@ -623,19 +700,43 @@ impl Normalizer {
     /// `agent.availability` with `source: api` when the agent's overall
     /// availability flips. Returns false for an unknown agent.
     pub fn set_helpdesk_available(&mut self, agent: &str, available: bool, now: Micros, out: &mut Vec<Event>) -> bool {
+        self.apply_helpdesk_switch(agent, available, None, &[], now, out)
+    }
+
+    /// The control plane's availability switch: like
+    /// [`Normalizer::set_helpdesk_available`], with the reason the agent
+    /// gave, and with `queues` (the agent's groups' queues it is about to
+    /// pause or unpause with `QueuePause`) taken as already done — so the
+    /// change is reported once, as `source: api`, and the PBX's confirming
+    /// `QueueMemberPause` changes nothing more.
+    pub fn apply_helpdesk_switch(
+        &mut self,
+        agent: &str,
+        available: bool,
+        reason: Option<String>,
+        queues: &[String],
+        now: Micros,
+        out: &mut Vec<Event>,
+    ) -> bool {
         let Some(agent) = self.dir.agent(agent).map(|a| a.id.clone()) else {
             return false;
         };
+        let dir = self.dir.clone();
         self.change_presence(
             &agent,
             now,
             AvailabilitySource::Api,
             |p| {
-                let changed = p.helpdesk_off == available;
+                let mut changed = p.helpdesk_off == available;
                 p.helpdesk_off = !available;
+                for q in queues.iter().filter(|q| dir.group_for_queue(q).is_some()) {
+                    if p.paused.insert(q.clone(), !available) != Some(!available) {
+                        changed = true;
+                    }
+                }
                 changed
             },
-            |_, _| None,
+            |_, _| reason,
             out,
         );
         true

@@ -66,20 +66,24 @@ fn main() {
         let (mut events, mut lifecycle) = (0u64, 0u64);
         let mut t0: Option<Instant> = None;
         let mut t_end = Instant::now();
-        while let Some(item) = rx.recv().await {
-            let SourceItem::Frame(f) = item else { continue };
-            if f.event() == Some("UserEvent") && f.get("UserEvent") == Some("BenchEnd") {
-                t_end = Instant::now();
-                break;
+        // The pipeline takes what the reader has queued in one go.
+        let mut items = Vec::with_capacity(256);
+        'read: while rx.recv_many(&mut items, 256).await > 0 {
+            for item in items.drain(..) {
+                let SourceItem::Frame(f) = item else { continue };
+                if f.event() == Some("UserEvent") && f.get("UserEvent") == Some("BenchEnd") {
+                    t_end = Instant::now();
+                    break 'read;
+                }
+                if f.event().is_none() {
+                    continue;
+                }
+                t0.get_or_insert_with(Instant::now);
+                events += 1;
+                normalizer.handle(&f, 0, &mut out);
+                lifecycle += out.len() as u64;
+                out.clear();
             }
-            if f.event().is_none() {
-                continue;
-            }
-            t0.get_or_insert_with(Instant::now);
-            events += 1;
-            normalizer.handle(&f, 0, &mut out);
-            lifecycle += out.len() as u64;
-            out.clear();
         }
         shutdown.cancel();
         let _ = task.await;

@@ -177,7 +177,17 @@ impl Pipeline {
                 _ = shutdown.cancelled() => break,
                 Some(cmd) = commands.recv() => self.on_command(cmd),
                 item = source.recv(), if source_open => match item {
-                    Some(item) => self.on_source(item),
+                    Some(item) => {
+                        self.on_source(item);
+                        // Whatever else is queued joins this batch: one
+                        // delivery (one outbox commit) for a burst.
+                        for _ in 0..255 {
+                            match source.try_recv() {
+                                Ok(item) => self.on_source(item),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => {
                         source_open = false;
                         info!("source ended; {} live calls remain", self.normalizer.live_calls());

@@ -15,6 +15,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::events::{events_of, of_call, types, wait_for};
 use support::server::{headers, AmiServer, Headers, Reply, ServerOptions};
 
 const TOKEN: &str = "test-token";
@@ -76,34 +77,6 @@ path = {events:?}
     let path = dir.join("callbridge.toml");
     std::fs::write(&path, text).expect("write config");
     path
-}
-
-fn events_of(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
-}
-
-fn of_call<'a>(events: &'a [Value], call: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["data"]["call"]["id"] == call).collect()
-}
-
-fn types(events: &[&Value]) -> Vec<String> {
-    events.iter().map(|e| e["type"].as_str().unwrap_or("").to_string()).collect()
-}
-
-async fn wait_for(what: &str, dir: &Path, cond: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let ev = events_of(dir);
-        if cond(&ev) {
-            return ev;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; events: {ev:#?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn channel(uid: &str, linkedid: &str, chan: &str, state: &str, extra: &[(&str, &str)]) -> Headers {

@@ -12,6 +12,8 @@
 //!   client and cut the connection at any byte offset.
 //! - [`client::TestClient`] spawns `callbridge::ami::connection::spawn`
 //!   against a server and reads what it sends into the pipeline.
+//! - [`events`] reads what a daemon under test delivered to its JSON-lines
+//!   sink and waits for it.
 //! - [`trace`] loads `fixtures/ami/*.ami` and strips a trace's own banner and
 //!   login reply so its events can be streamed after a live login.
 //!
@@ -24,6 +26,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 pub mod client;
+pub mod events;
 pub mod server;
 pub mod trace;
 

@@ -9,9 +9,7 @@
 
 use callbridge::ami::connection::{spawn, SourceItem};
 use callbridge::config::Config;
-use callbridge::directory::Directory;
-use callbridge::normalize::{Normalizer, Options};
-use std::sync::Arc;
+use callbridge::normalize::Normalizer;
 use std::time::Instant;
 
 const CONFIG: &str = r#"
@@ -54,11 +52,7 @@ fn main() {
              ping_interval_seconds = 600.0\nevent_queue_capacity = 8192\n"
         ))
         .expect("AMI config");
-        let mut normalizer = Normalizer::new(
-            Arc::new(Directory::from_config(&config)),
-            callbridge::routing_rules(&config),
-            Options::from_config(&config),
-        );
+        let mut normalizer = Normalizer::from_config(&config);
         let (tx, mut rx) = tokio::sync::mpsc::channel(8192);
         let shutdown = tokio_util::sync::CancellationToken::new();
         let (_handle, task) = spawn(ami, tx, shutdown.clone());

@@ -97,12 +97,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         },
         SourceSpec::Traces { paths, speed } => {
             readiness.set_pbx(true);
-            let limits = config
-                .pbx
-                .ami
-                .as_ref()
-                .map(|a| CodecLimits { max_frame_bytes: a.max_frame_bytes, max_headers: a.max_headers })
-                .unwrap_or_default();
+            let limits = config.codec_limits();
             tasks.push(tokio::spawn(feed_traces(paths.clone(), *speed, limits, source_tx, shutdown.clone())));
             (None, None)
         }

@@ -2,19 +2,16 @@
 //! and hands over to the library. Nothing here knows AMI or the lifecycle.
 
 use anyhow::Context;
-use callbridge::ami::CodecLimits;
 use callbridge::app::{self, RunOptions, SourceSpec};
 use callbridge::config::Config;
-use callbridge::directory::Directory;
 use callbridge::event::Event;
-use callbridge::normalize::{Normalizer, Options};
+use callbridge::normalize::Normalizer;
 use callbridge::outbox::{Outbox, OutboxOptions};
 use callbridge::replay::{replay_files, Speed};
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -228,20 +225,9 @@ fn daemon(opts: RunOptions) -> ExitCode {
     })
 }
 
-fn codec_limits(config: &Config) -> CodecLimits {
-    config
-        .pbx
-        .ami
-        .as_ref()
-        .map(|a| CodecLimits { max_frame_bytes: a.max_frame_bytes, max_headers: a.max_headers })
-        .unwrap_or_default()
-}
-
 fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> anyhow::Result<()> {
-    let dir = Arc::new(Directory::from_config(config));
-    let rules = callbridge::routing::Routing::with_directory(config, dir.clone()).context("routing rules")?;
-    let mut normalizer = Normalizer::new(dir, Arc::new(rules), Options::from_config(config));
-    let limits = codec_limits(config);
+    let mut normalizer = Normalizer::from_config(config);
+    let limits = config.codec_limits();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut write_error: Option<std::io::Error> = None;
@@ -297,9 +283,8 @@ fn replay_durable(
     let outbox = Outbox::open(&config.outbox.path, OutboxOptions::from_config(config, names))
         .with_context(|| format!("opening the outbox at {}", config.outbox.path))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let dir = Arc::new(Directory::from_config(config));
-    let normalizer = Normalizer::new(dir, callbridge::routing_rules(config), Options::from_config(config));
-    let limits = codec_limits(config);
+    let normalizer = Normalizer::from_config(config);
+    let limits = config.codec_limits();
     let traces = traces.to_vec();
     runtime.block_on(async move {
         let mut delivery = callbridge::sink::Delivery::new(&outbox, callbridge::sink::DeliveryOptions::default());

@@ -16,11 +16,10 @@ use crate::ami::Action;
 use crate::api::Readiness;
 use crate::config::Config;
 use crate::delivery::Delivery;
-use crate::directory::Directory;
 use crate::event::{CallSnapshot, EndReason, Event, EventKind, Micros};
 use crate::ids::AgentId;
 use crate::indicators::Indicators;
-use crate::normalize::{ExpectedOriginate, Normalizer, Options, PbxChannels, StuckLimits, Suspect};
+use crate::normalize::{ExpectedOriginate, Normalizer, PbxChannels, StuckLimits, Suspect};
 use crate::registry::Registry;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
@@ -137,11 +136,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(config: &Config, shared: Arc<Shared>, delivery: Delivery) -> Pipeline {
-        let normalizer = Normalizer::new(
-            Arc::new(Directory::from_config(config)),
-            crate::routing_rules(config),
-            Options::from_config(config),
-        );
+        let normalizer = Normalizer::from_config(config);
         Pipeline {
             normalizer,
             shared,
@@ -266,11 +261,7 @@ impl Pipeline {
                 let _ = reply.send(last);
             }
             Command::Reload { config } => {
-                self.normalizer.reconfigure(
-                    Arc::new(Directory::from_config(&config)),
-                    crate::routing_rules(&config),
-                    Options::from_config(&config),
-                );
+                self.normalizer.reconfigure_from(&config);
                 self.limits = config.stuck.limits();
                 info!("configuration reloaded; {} live calls kept", self.normalizer.live_calls());
             }

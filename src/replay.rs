@@ -159,10 +159,7 @@ pub fn replay_files(
 /// Every event of replaying `traces` at full speed with `config`: the
 /// helper behind the golden tests and the invariant checks.
 pub fn events_of(config: &crate::config::Config, traces: &[impl AsRef<Path>]) -> std::io::Result<Vec<Event>> {
-    let dir = std::sync::Arc::new(crate::directory::Directory::from_config(config));
-    let rules = crate::routing::Routing::with_directory(config, dir.clone())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    let mut n = Normalizer::new(dir, std::sync::Arc::new(rules), crate::normalize::Options::from_config(config));
+    let mut n = Normalizer::from_config(config);
     let mut events = Vec::new();
     replay_files(traces, &mut n, Speed::Max, CodecLimits::default(), |e| events.push(e.clone()))?;
     Ok(events)

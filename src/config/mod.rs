@@ -81,6 +81,18 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
 }
 
+impl Config {
+    /// The codec bounds of `[pbx.ami]` (the defaults without it): the same
+    /// for a live connection, a recorded trace and a replay.
+    pub fn codec_limits(&self) -> crate::ami::CodecLimits {
+        self.pbx
+            .ami
+            .as_ref()
+            .map(|a| crate::ami::CodecLimits { max_frame_bytes: a.max_frame_bytes, max_headers: a.max_headers })
+            .unwrap_or_default()
+    }
+}
+
 /// `[api]`: the HTTP API.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

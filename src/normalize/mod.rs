@@ -278,6 +278,19 @@ impl Normalizer {
         self.calls.get(call)?.talking_agent_channel()
     }
 
+    /// The normalizer a configuration describes: its directory, business
+    /// rules (hours, holidays) and options.
+    pub fn from_config(config: &crate::config::Config) -> Normalizer {
+        let (dir, rules, opts) = parts_of(config);
+        Normalizer::new(dir, rules, opts)
+    }
+
+    /// Applies a reloaded configuration; live calls keep their attribution.
+    pub fn reconfigure_from(&mut self, config: &crate::config::Config) {
+        let (dir, rules, opts) = parts_of(config);
+        self.reconfigure(dir, rules, opts);
+    }
+
     /// Replaces the directory, rules and options (configuration reload).
     /// Live calls keep the attribution they already have.
     pub fn reconfigure(&mut self, dir: Arc<Directory>, rules: Arc<dyn Rules>, opts: Options) {
@@ -843,6 +856,10 @@ impl Normalizer {
 
 /// `agent.availability` reason when the agent's device became unusable.
 const DEVICE_UNAVAILABLE: &str = "device_unavailable";
+
+fn parts_of(config: &crate::config::Config) -> (Arc<Directory>, Arc<dyn Rules>, Options) {
+    (Arc::new(Directory::from_config(config)), crate::routing_rules(config), Options::from_config(config))
+}
 
 /// Events that may introduce a call we do not know yet (a trace that starts
 /// mid-call, a call already up when callbridge started). Events that only

@@ -365,6 +365,14 @@ static SINK_JSONL: TableSchema = TableSchema {
     check: None,
 };
 
+/// Request settings shared by the HTTP sinks (webhook, Zammad).
+const HTTP_SINK_FIELDS: [Field; 4] = [
+    opt("timeout_seconds", SECONDS),
+    opt("connect_timeout_seconds", SECONDS),
+    opt("max_backoff_seconds", SECONDS),
+    opt("concurrency", Kind::Count { min: 1, why: "at least one request must be able to run" }),
+];
+
 static SINK_WEBHOOK: TableSchema = TableSchema {
     name: "sinks[] (type = \"webhook\")",
     fields: &[
@@ -375,10 +383,10 @@ static SINK_WEBHOOK: TableSchema = TableSchema {
         SECRET_FIELDS[1],
         SECRET_FIELDS[2],
         opt("batch_size", Kind::Count { min: 1, why: "a request carries at least one event" }),
-        opt("timeout_seconds", SECONDS),
-        opt("connect_timeout_seconds", SECONDS),
-        opt("max_backoff_seconds", SECONDS),
-        opt("concurrency", Kind::Count { min: 1, why: "at least one request must be able to run" }),
+        HTTP_SINK_FIELDS[0],
+        HTTP_SINK_FIELDS[1],
+        HTTP_SINK_FIELDS[2],
+        HTTP_SINK_FIELDS[3],
     ],
     check: Some(check_secret_source),
 };
@@ -392,10 +400,10 @@ static SINK_ZAMMAD: TableSchema = TableSchema {
         SECRET_FIELDS[0],
         SECRET_FIELDS[1],
         SECRET_FIELDS[2],
-        opt("timeout_seconds", SECONDS),
-        opt("connect_timeout_seconds", SECONDS),
-        opt("max_backoff_seconds", SECONDS),
-        opt("concurrency", Kind::Count { min: 1, why: "at least one request must be able to run" }),
+        HTTP_SINK_FIELDS[0],
+        HTTP_SINK_FIELDS[1],
+        HTTP_SINK_FIELDS[2],
+        HTTP_SINK_FIELDS[3],
     ],
     check: Some(check_secret_source),
 };

@@ -46,18 +46,7 @@ id = "sales"
 queue = "701"
 agents = ["ana", "joao"]
 allow_transfer = true
-[[agents]]
-id = "maria"
-name = "Maria Silva"
-extension = "2000"
-[[agents]]
-id = "joao"
-name = "Joao Souza"
-extension = "2001"
-[[agents]]
-id = "ana"
-name = "Ana Costa"
-extension = "2002"
+{agents}
 [[agents]]
 id = "pedro"
 extension = "2003"
@@ -79,6 +68,7 @@ path = {outbox:?}
 type = "jsonl"
 path = {events:?}
 "#,
+        agents = support::LAB_AGENTS,
         addr = ami.addr()
     );
     let path = dir.join("callbridge.toml");

@@ -51,18 +51,7 @@ id = "sales"
 queue = "701"
 agents = ["ana"]
 timezone = "America/Sao_Paulo"
-[[agents]]
-id = "maria"
-name = "Maria Silva"
-extension = "2000"
-[[agents]]
-id = "joao"
-name = "Joao Souza"
-extension = "2001"
-[[agents]]
-id = "ana"
-name = "Ana Costa"
-extension = "2002"
+{agents}
 [api]
 listen = "127.0.0.1:0"
 secret = "{TOKEN}"
@@ -72,7 +61,8 @@ path = {outbox:?}
 type = "jsonl"
 path = {events:?}
 {extra}
-"#
+"#,
+        agents = support::LAB_AGENTS
     );
     let path = dir.join("callbridge.toml");
     std::fs::write(&path, text).expect("write config");

@@ -32,6 +32,21 @@ pub mod trace;
 
 use std::time::Duration;
 
+/// The lab's three agents (`../shared/fixtures/README.md`) as configuration
+/// text, for tests that write their own configuration around them.
+pub const LAB_AGENTS: &str = r#"[[agents]]
+id = "maria"
+name = "Maria Silva"
+extension = "2000"
+[[agents]]
+id = "joao"
+name = "Joao Souza"
+extension = "2001"
+[[agents]]
+id = "ana"
+name = "Ana Costa"
+extension = "2002""#;
+
 /// Default deadline of the waiting helpers.
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -36,6 +36,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod replay;
 pub mod routing;
+pub mod secret;
 pub mod sink;
 pub mod sip;
 pub mod systemd;

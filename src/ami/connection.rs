@@ -525,7 +525,7 @@ impl From<AmiError> for End {
 /// Across connections: settings, channels and counters.
 struct Client {
     settings: Settings,
-    secret: crate::config::SecretSource,
+    secret: crate::secret::SecretSource,
     transport: Transport,
     events: mpsc::Sender<SourceItem>,
     shutdown: CancellationToken,

@@ -6,7 +6,7 @@
 //! are resolved only when the agent starts ([`SipConfig::validate`] checks
 //! that one is set).
 
-use crate::config::SecretSource;
+use crate::secret::SecretSource;
 use serde::Deserialize;
 use std::time::Duration;
 

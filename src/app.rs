@@ -15,10 +15,12 @@
 
 use crate::ami::codec::{decode_all, AmiCodec, AmiMessage, CodecLimits};
 use crate::ami::connection::{self, AmiHandle, SourceItem};
-use crate::api::{routes, Auth, Readiness};
+use crate::api::{routes, Auth};
+use crate::state::Readiness;
 use crate::config::Config;
 use crate::delivery::Delivery;
-use crate::pipeline::{Command, Pipeline, Shared};
+use crate::pipeline::Pipeline;
+use crate::state::{Command, Shared};
 use crate::registry::Registry;
 use crate::replay::Speed;
 use anyhow::{bail, Context};

@@ -8,7 +8,7 @@
 //!   while readiness reports false.
 //! - **stdout**: written and flushed (first runs, replays: not durable).
 
-use crate::api::Readiness;
+use crate::state::Readiness;
 use crate::config::Config;
 use crate::event::Event;
 use crate::outbox::{Outbox, OutboxOptions};

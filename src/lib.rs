@@ -39,6 +39,7 @@ pub mod routing;
 pub mod secret;
 pub mod sink;
 pub mod sip;
+pub mod state;
 pub mod systemd;
 pub mod telemetry;
 pub mod tracegen;

@@ -14,7 +14,7 @@ use crate::control::{self, ClickToCall, OutboundRules, PlannedAction, TransferRe
 use crate::directory::Directory;
 use crate::ids::AgentId;
 use crate::normalize::ExpectedOriginate;
-use crate::pipeline::{Command, Shared};
+use crate::state::{Command, Shared};
 use crate::registry::LiveFilter;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};

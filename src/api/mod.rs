@@ -16,7 +16,8 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::state::Readiness;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// An API error: HTTP status, stable code, human message.
@@ -51,27 +52,6 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
         (self.status, Json(body)).into_response()
-    }
-}
-
-/// What `/readyz` reports: each source of truth sets its own flag.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    /// AMI connected and logged in (or no AMI configured).
-    pub pbx: AtomicBool,
-    /// The outbox accepts writes (false when the disk is full).
-    pub outbox: AtomicBool,
-}
-
-impl Readiness {
-    pub fn set_pbx(&self, v: bool) {
-        self.pbx.store(v, Ordering::Relaxed);
-    }
-    pub fn set_outbox(&self, v: bool) {
-        self.outbox.store(v, Ordering::Relaxed);
-    }
-    pub fn is_ready(&self) -> bool {
-        self.pbx.load(Ordering::Relaxed) && self.outbox.load(Ordering::Relaxed)
     }
 }
 

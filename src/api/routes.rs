@@ -2,7 +2,7 @@
 
 use super::{healthz, metrics, readyz, require_bearer, ApiError, Auth};
 use crate::event::{CallSnapshot, CallState};
-use crate::pipeline::{Command, Shared};
+use crate::state::{Command, Shared};
 use crate::registry::LiveFilter;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;

@@ -1,0 +1,135 @@
+//! The runtime state the pipeline, the HTTP API and delivery share, and the
+//! commands that reach the pipeline from outside the event stream.
+//!
+//! It sits below all three (none of them imports another for these types),
+//! holds no logic beyond small accessors, and must never change call state
+//! itself: only the pipeline task does, when it handles a [`Command`].
+
+use crate::ami::connection::AmiHandle;
+use crate::config::Config;
+use crate::event::{CallSnapshot, Micros};
+use crate::ids::AgentId;
+use crate::indicators::Indicators;
+use crate::normalize::{ExpectedOriginate, Suspect};
+use crate::registry::Registry;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+/// What `/readyz` reports: each source of truth sets its own flag.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// AMI connected and logged in (or no AMI configured).
+    pub pbx: AtomicBool,
+    /// The outbox accepts writes (false when the disk is full).
+    pub outbox: AtomicBool,
+}
+
+impl Readiness {
+    pub fn set_pbx(&self, v: bool) {
+        self.pbx.store(v, Ordering::Relaxed);
+    }
+    pub fn set_outbox(&self, v: bool) {
+        self.outbox.store(v, Ordering::Relaxed);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.pbx.load(Ordering::Relaxed) && self.outbox.load(Ordering::Relaxed)
+    }
+}
+
+/// State shared with the API (read-mostly).
+pub struct Shared {
+    pub registry: Arc<Registry>,
+    pub readiness: Arc<Readiness>,
+    pub indicators: Mutex<Indicators>,
+    pub config: RwLock<Arc<Config>>,
+    pub ami: Option<AmiHandle>,
+    pub commands: mpsc::Sender<Command>,
+    /// Agents' presence as the normalizer knows it, for concurrent readers
+    /// (FastAGI routing). Only the pipeline task writes it.
+    pub presence: Arc<crate::routing::PresenceBoard>,
+    /// The durable outbox, when sinks other than stdout are configured
+    /// (dead letters for the API).
+    pub outbox: Option<crate::outbox::Outbox>,
+    /// The PBX's clock as last seen (µs), and when; `None` before the
+    /// first timestamp (the wall clock stands in).
+    clock: Mutex<Option<(Micros, Instant)>>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Arc<Config>,
+        registry: Arc<Registry>,
+        readiness: Arc<Readiness>,
+        ami: Option<AmiHandle>,
+        commands: mpsc::Sender<Command>,
+        outbox: Option<crate::outbox::Outbox>,
+    ) -> Shared {
+        Shared {
+            indicators: Mutex::new(Indicators::new(&config)),
+            config: RwLock::new(config),
+            registry,
+            readiness,
+            ami,
+            commands,
+            presence: Arc::new(crate::routing::PresenceBoard::new()),
+            outbox,
+            clock: Mutex::new(None),
+        }
+    }
+
+    /// The PBX's current time: its last timestamp plus the time since.
+    /// A replayed trace brings its own time, a live PBX its own clock.
+    pub fn pbx_now(&self) -> Micros {
+        match *self.clock.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((t, at)) => t + at.elapsed().as_micros() as i64,
+            None => wall_micros(),
+        }
+    }
+
+    pub(crate) fn saw_pbx_time(&self, t: Micros) {
+        let mut c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        // Frames of one PBX are in time order; never move the clock back.
+        match *c {
+            Some((last, at)) if t <= last + at.elapsed().as_micros() as i64 => {}
+            _ => *c = Some((t, Instant::now())),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn wall_micros() -> Micros {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// Requests to the pipeline from outside the event stream.
+pub enum Command {
+    /// An administrator removes a live call (`call.ended`, `end_reason: removed`).
+    RemoveCall { id: String, reply: oneshot::Sender<Option<CallSnapshot>> },
+    /// A validated new configuration (SIGHUP).
+    Reload { config: Arc<Config> },
+    /// The PBX's answer about suspect calls: ids of calls (Linkedids) it
+    /// still has, or `None` when it could not be asked.
+    SweepVerdict { suspects: Vec<Suspect>, alive: Option<HashSet<String>> },
+    /// A click-to-call is about to be sent to the PBX; the reply says it is
+    /// noted (so its `OriginateResponse` cannot overtake it).
+    ExpectOriginate { originate: ExpectedOriginate, reply: oneshot::Sender<()> },
+    /// Which agent talks in a live call, and on which channel (for a
+    /// transfer); `None` when nobody does.
+    TalkingChannel { call: String, reply: oneshot::Sender<Option<(AgentId, String)>> },
+    /// The agent switched "available for calls" in the helpdesk
+    /// (`agent.availability`, `source: api`); replies false for an unknown agent.
+    /// `queues` are the agent's queues about to be (un)paused on the PBX.
+    SetAvailable {
+        agent: String,
+        available: bool,
+        reason: Option<String>,
+        queues: Vec<String>,
+        reply: oneshot::Sender<bool>,
+    },
+}

@@ -99,7 +99,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         },
         SourceSpec::Traces { paths, speed } => {
             readiness.set_pbx(true);
-            let limits = crate::config::runtime::codec_limits(&config);
+            let limits = crate::settings::codec_limits(&config);
             tasks.push(tokio::spawn(feed_traces(paths.clone(), *speed, limits, source_tx, shutdown.clone())));
             (None, None)
         }

@@ -37,6 +37,7 @@ pub mod registry;
 pub mod replay;
 pub mod routing;
 pub mod secret;
+pub mod settings;
 pub mod sink;
 pub mod sip;
 pub mod state;

@@ -28,7 +28,6 @@
 
 mod check;
 mod command;
-pub mod runtime;
 mod schema;
 pub mod values;
 

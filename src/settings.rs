@@ -4,14 +4,16 @@
 //! Components (`ami`, `sip`, `normalize`, `directory`, `routing`, `outbox`,
 //! `sink`, …) never see the TOML file: each takes a settings value of its
 //! own, and this module is the only place that builds one from a
-//! [`Config`]. The dependency points one way, from here to the components;
-//! a component that imported `crate::config` would close a cycle (the
-//! module-graph test in `tests/architecture.rs` fails on it).
+//! [`Config`]. Dependencies point one way: from here to `config` and to the
+//! components; `config` imports no component, and a component that
+//! imported `crate::config` while this module builds its settings would
+//! close a cycle (the module-graph test in `tests/architecture.rs` fails on
+//! it).
 //!
 //! Everything here runs after [`Config::validate`] accepted the file, so
 //! the conversions do not fail on values validation already checked.
 
-use super::Config;
+use crate::config::Config;
 use crate::ami::CodecLimits;
 
 /// The codec bounds of `[pbx.ami]` (the defaults without it): the same for

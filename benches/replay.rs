@@ -5,8 +5,7 @@
 
 use callbridge::ami::codec::{decode_all, AmiCodec, AmiMessage};
 use callbridge::config::Config;
-use callbridge::directory::Directory;
-use callbridge::normalize::{AlwaysOpen, Normalizer, Options};
+use callbridge::normalize::{AlwaysOpen, Normalizer};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -57,8 +56,8 @@ fn main() {
     let mut events = 0usize;
     let (mut rss_min, mut rss_max) = (u64::MAX, 0u64);
     for _ in 0..3 {
-        let dir = Arc::new(Directory::from_config(&config));
-        let mut norm = Normalizer::new(dir, Arc::new(AlwaysOpen), Options::from_config(&config));
+        let dir = Arc::new(callbridge::settings::directory(&config));
+        let mut norm = Normalizer::new(dir, Arc::new(AlwaysOpen), callbridge::settings::normalizer_options(&config));
         let mut out = Vec::with_capacity(64);
         let mut n_events = 0usize;
         let mut n = 0u64;

@@ -9,7 +9,6 @@
 
 use callbridge::ami::connection::{spawn, SourceItem};
 use callbridge::config::Config;
-use callbridge::normalize::Normalizer;
 use std::time::Instant;
 
 const CONFIG: &str = r#"
@@ -52,7 +51,7 @@ fn main() {
              ping_interval_seconds = 600.0\nevent_queue_capacity = 8192\n"
         ))
         .expect("AMI config");
-        let mut normalizer = Normalizer::from_config(&config);
+        let mut normalizer = callbridge::settings::normalizer(&config);
         let (tx, mut rx) = tokio::sync::mpsc::channel(8192);
         let shutdown = tokio_util::sync::CancellationToken::new();
         let (_handle, task) = spawn(ami, tx, shutdown.clone());

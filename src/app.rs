@@ -16,13 +16,13 @@
 use crate::ami::codec::{decode_all, AmiCodec, AmiMessage, CodecLimits};
 use crate::ami::connection::{self, AmiHandle, SourceItem};
 use crate::api::{routes, Auth};
-use crate::state::Readiness;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::pipeline::Pipeline;
-use crate::state::{Command, Shared};
 use crate::registry::Registry;
 use crate::replay::Speed;
+use crate::state::Readiness;
+use crate::state::{Command, Shared};
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -117,7 +117,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         let agent = crate::sip::spawn(
             sip,
             mode,
-            Arc::new(crate::directory::Directory::from_config(&config)),
+            Arc::new(crate::settings::directory(&config)),
             config.pbx.name.clone(),
             sip_tx,
             shutdown.clone(),
@@ -168,7 +168,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
 
     let mut oracle = None;
     if let Some(agi) = &config.agi {
-        let routing = crate::routing::rules_for(&config)?;
+        let routing = Arc::new(crate::settings::routing(&config)?);
         let o = Arc::new(crate::routing::RouteOracle::new(routing, shared.presence.clone()));
         let limits = crate::routing::agi::AgiLimits::from_config(agi)?;
         let listener = crate::routing::agi::bind(agi).await?;
@@ -295,7 +295,7 @@ impl Running {
                 *self.shared.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
                 self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner()).reconfigure(&new);
                 if let Some(o) = &self.oracle {
-                    match crate::routing::rules_for(&new) {
+                    match crate::settings::routing(&new).map(Arc::new) {
                         Ok(r) => o.reconfigure(r),
                         Err(e) => error!(problems = %e, "routing rules not reloaded"),
                     }

@@ -303,7 +303,7 @@ mod tests {
             "t",
         )
         .expect("valid");
-        Directory::from_config(&c)
+        crate::settings::directory(&c)
     }
 
     #[test]

@@ -8,11 +8,11 @@
 //!   while readiness reports false.
 //! - **stdout**: written and flushed (first runs, replays: not durable).
 
-use crate::state::Readiness;
 use crate::config::Config;
 use crate::event::Event;
 use crate::outbox::{Outbox, OutboxOptions};
 use crate::sink;
+use crate::state::Readiness;
 use anyhow::Context;
 use std::io::Write;
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 //! Who is who on the PBX: queue → group, device/extension → agent.
 //!
-//! Built once from a validated [`Config`] and shared read-only (`Arc`); a
-//! reload builds a new one. Lookups are plain hash-map hits on borrowed
+//! Built once from plain agent and group lists (`settings::directory` makes
+//! them from the configuration) and shared read-only (`Arc`); a reload
+//! builds a new one. Lookups are plain hash-map hits on borrowed
 //! `&str` slices of channel names, so the normalizer never allocates to ask.
 //!
 //! Recognised forms of an agent's device (extension `2000`):
@@ -10,7 +11,6 @@
 //! `Local/2000@agents-00000001;1`/`;2`, an `Interface`/`StateInterface`
 //! (`SIP/2000`), and a queue `MemberName` equal to the agent's name.
 
-use crate::config::Config;
 pub use crate::ids::{AgentId, GroupId};
 use std::collections::HashMap;
 
@@ -42,30 +42,26 @@ pub struct Directory {
 }
 
 impl Directory {
-    pub fn from_config(config: &Config) -> Directory {
+    /// The directory of these agents and groups. Agents without an
+    /// extension are not on the PBX and are left out; each agent's
+    /// `groups` is filled in from the groups' member lists, in group order.
+    pub fn new(agents: impl IntoIterator<Item = Agent>, groups: impl IntoIterator<Item = Group>) -> Directory {
         let mut d = Directory::default();
-        for a in &config.agents {
-            let Some(ext) = a.extension.as_deref() else {
-                continue;
-            };
-            let id = AgentId::new(&a.id);
-            d.by_extension.insert(ext.to_string(), id.clone());
-            if let Some(name) = &a.name {
-                d.by_name.insert(name.clone(), id.clone());
+        for agent in agents {
+            d.by_extension.insert(agent.extension.clone(), agent.id.clone());
+            if let Some(name) = &agent.name {
+                d.by_name.insert(name.clone(), agent.id.clone());
             }
-            d.agents
-                .insert(id.clone(), Agent { id, name: a.name.clone(), extension: ext.to_string(), groups: Vec::new() });
+            d.agents.insert(agent.id.clone(), Agent { groups: Vec::new(), ..agent });
         }
-        for g in &config.groups {
-            let id = GroupId::new(&g.id);
-            d.by_queue.insert(g.queue.clone(), id.clone());
-            let agents: Vec<AgentId> = g.agents.iter().map(|a| AgentId::new(a)).collect();
-            for a in &agents {
+        for group in groups {
+            d.by_queue.insert(group.queue.clone(), group.id.clone());
+            for a in &group.agents {
                 if let Some(agent) = d.agents.get_mut(a) {
-                    agent.groups.push(id.clone());
+                    agent.groups.push(group.id.clone());
                 }
             }
-            d.groups.insert(id.clone(), Group { id, queue: g.queue.clone(), agents });
+            d.groups.insert(group.id.clone(), group);
         }
         d
     }

@@ -45,20 +45,5 @@ pub mod systemd;
 pub mod telemetry;
 pub mod tracegen;
 
-/// The business rules (hours, holidays) the normalizer consults for
-/// `config`.
-///
-/// The configuration was validated when it was loaded, so building the
-/// rules cannot fail; if it ever did, every group is treated as open and
-/// the problem is logged.
-pub fn routing_rules(config: &config::Config) -> std::sync::Arc<dyn normalize::Rules> {
-    match routing::Routing::from_config(config) {
-        Ok(r) => std::sync::Arc::new(r),
-        Err(e) => {
-            tracing::error!(problems = %e, "cannot build the routing rules; treating every group as open");
-            std::sync::Arc::new(normalize::AlwaysOpen)
-        }
-    }
-}
 pub mod app;
 pub mod record;

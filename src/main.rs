@@ -5,7 +5,6 @@ use anyhow::Context;
 use callbridge::app::{self, RunOptions, SourceSpec};
 use callbridge::config::Config;
 use callbridge::event::Event;
-use callbridge::normalize::Normalizer;
 use callbridge::outbox::{Outbox, OutboxOptions};
 use callbridge::replay::{replay_files, Speed};
 use clap::{Parser, Subcommand};
@@ -226,7 +225,7 @@ fn daemon(opts: RunOptions) -> ExitCode {
 }
 
 fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> anyhow::Result<()> {
-    let mut normalizer = Normalizer::from_config(config);
+    let mut normalizer = callbridge::settings::normalizer(config);
     let limits = callbridge::settings::codec_limits(&config);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
@@ -283,7 +282,7 @@ fn replay_durable(
     let outbox = Outbox::open(&config.outbox.path, OutboxOptions::from_config(config, names))
         .with_context(|| format!("opening the outbox at {}", config.outbox.path))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let normalizer = Normalizer::from_config(config);
+    let normalizer = callbridge::settings::normalizer(config);
     let limits = callbridge::settings::codec_limits(&config);
     let traces = traces.to_vec();
     runtime.block_on(async move {

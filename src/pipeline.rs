@@ -13,12 +13,12 @@
 
 use crate::ami::connection::SourceItem;
 use crate::ami::Action;
-use crate::state::{Command, Shared};
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::event::{EndReason, Event, EventKind};
 use crate::normalize::{Normalizer, PbxChannels, StuckLimits};
 use crate::registry::Registry;
+use crate::state::{Command, Shared};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,12 +39,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(config: &Config, shared: Arc<Shared>, delivery: Delivery) -> Pipeline {
-        let normalizer = Normalizer::from_config(config);
+        let normalizer = crate::settings::normalizer(config);
         Pipeline {
             normalizer,
             shared,
             delivery,
-            limits: config.stuck.limits(),
+            limits: crate::settings::stuck_limits(&config),
             sweep_every: Duration::from_secs(config.stuck.check_interval_seconds.max(1)),
             sweep_running: false,
             pbx: config.pbx.name.clone(),
@@ -164,8 +164,9 @@ impl Pipeline {
                 let _ = reply.send(last);
             }
             Command::Reload { config } => {
-                self.normalizer.reconfigure_from(&config);
-                self.limits = config.stuck.limits();
+                let (dir, rules, opts) = crate::settings::normalizer_parts(&config);
+                self.normalizer.reconfigure(dir, rules, opts);
+                self.limits = crate::settings::stuck_limits(&config);
                 info!("configuration reloaded; {} live calls kept", self.normalizer.live_calls());
             }
             Command::ExpectOriginate { originate, reply } => {

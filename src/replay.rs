@@ -159,7 +159,7 @@ pub fn replay_files(
 /// Every event of replaying `traces` at full speed with `config`: the
 /// helper behind the golden tests and the invariant checks.
 pub fn events_of(config: &crate::config::Config, traces: &[impl AsRef<Path>]) -> std::io::Result<Vec<Event>> {
-    let mut n = Normalizer::from_config(config);
+    let mut n = crate::settings::normalizer(config);
     let mut events = Vec::new();
     replay_files(traces, &mut n, Speed::Max, CodecLimits::default(), |e| events.push(e.clone()))?;
     Ok(events)

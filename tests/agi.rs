@@ -8,7 +8,7 @@ use callbridge::config::Config;
 use callbridge::ids::AgentId;
 use callbridge::normalize::AgentPresence;
 use callbridge::routing::agi::{serve_with, AgiLimits};
-use callbridge::routing::{PresenceBoard, RouteOracle, Routing};
+use callbridge::routing::{PresenceBoard, RouteOracle};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -68,7 +68,7 @@ struct Server {
 impl Server {
     async fn start(limits: AgiLimits) -> Server {
         let config = Config::parse(CONFIG, "agi.toml").expect("valid");
-        let routing = Arc::new(Routing::from_config(&config).expect("rules"));
+        let routing = Arc::new(callbridge::settings::routing(&config).expect("rules"));
         let board = Arc::new(PresenceBoard::new());
         let clock = Arc::new(AtomicI64::new(micros(NOON)));
         let c = clock.clone();

@@ -27,7 +27,10 @@ fn top_level_modules_form_no_cycle() {
         for from in cycle {
             for (to, files) in &graph[from] {
                 if cycle.contains(to) {
-                    report.push_str(&format!("  {from} → {to}: {}\n", files.iter().cloned().collect::<Vec<_>>().join(", ")));
+                    report.push_str(&format!(
+                        "  {from} → {to}: {}\n",
+                        files.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ));
                 }
             }
         }
@@ -193,7 +196,9 @@ fn product_code(text: &str) -> String {
 
 /// `r"…"`, `r#"…"#`, `br"…"` at `i`: how many `#` it uses.
 fn raw_string_start(chars: &[char], i: usize) -> Option<usize> {
-    if chars[i] != 'r' || i.checked_sub(1).and_then(|p| chars.get(p)).is_some_and(|c| c.is_alphanumeric() && *c != 'b' || *c == '_') {
+    if chars[i] != 'r'
+        || i.checked_sub(1).and_then(|p| chars.get(p)).is_some_and(|c| c.is_alphanumeric() && *c != 'b' || *c == '_')
+    {
         return None;
     }
     let hashes = chars[i + 1..].iter().take_while(|c| **c == '#').count();

@@ -7,9 +7,8 @@ mod lifecycle_checks;
 use callbridge::ami::codec::{decode_all, AmiCodec, AmiMessage};
 use callbridge::ami::Frame;
 use callbridge::config::Config;
-use callbridge::directory::Directory;
 use callbridge::event::{Event, EventKind, HungUpBy, MissedReason, OfferEndReason, TransferKind};
-use callbridge::normalize::{AlwaysOpen, Normalizer, Options};
+use callbridge::normalize::{AlwaysOpen, Normalizer};
 use callbridge::replay::events_of;
 use lifecycle_checks::{check_invariants, types_of};
 use proptest::prelude::*;
@@ -246,8 +245,11 @@ fn frames_of(name: &str) -> Vec<Frame> {
 
 fn run(frames: &[&Frame]) -> Vec<Event> {
     let config = lab();
-    let mut n =
-        Normalizer::new(Arc::new(Directory::from_config(&config)), Arc::new(AlwaysOpen), Options::from_config(&config));
+    let mut n = Normalizer::new(
+        Arc::new(callbridge::settings::directory(&config)),
+        Arc::new(AlwaysOpen),
+        callbridge::settings::normalizer_options(&config),
+    );
     let mut out = Vec::new();
     for f in frames {
         n.handle(f, 0, &mut out);
@@ -301,10 +303,13 @@ proptest! {
 fn no_stuck_suspects_while_replaying_the_fixture_traces() {
     // The sweeper's question asked after every frame, on the trace's clock
     // (what a paced replay at any speed sees): real calls are never suspects.
-    let limits = callbridge::normalize::StuckLimits::default();
+    let limits = callbridge::settings::stuck_limits(&lab());
     let config = lab();
-    let mut n =
-        Normalizer::new(Arc::new(Directory::from_config(&config)), Arc::new(AlwaysOpen), Options::from_config(&config));
+    let mut n = Normalizer::new(
+        Arc::new(callbridge::settings::directory(&config)),
+        Arc::new(AlwaysOpen),
+        callbridge::settings::normalizer_options(&config),
+    );
     let mut out = Vec::new();
     let mut checked = 0;
     for name in [

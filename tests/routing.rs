@@ -9,12 +9,11 @@ mod lifecycle_checks;
 
 use callbridge::ami::Frame;
 use callbridge::config::Config;
-use callbridge::directory::Directory;
 use callbridge::event::{Event, EventKind, MissedReason};
 use callbridge::ids::AgentId;
-use callbridge::normalize::{Normalizer, Options};
+use callbridge::normalize::Normalizer;
 use callbridge::replay::events_of;
-use callbridge::routing::{route, Calendar, PresenceBoard, Route, RouteError, RouteOracle, Routing, Target};
+use callbridge::routing::{route, Calendar, PresenceBoard, Route, RouteError, RouteOracle, Target};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -61,7 +60,7 @@ agents = ["maria"]
 
 fn calendar_of(calendar: &str) -> Calendar {
     let config = Config::parse(&one_group(calendar), "test.toml").unwrap_or_else(|e| panic!("{calendar}:\n{e}"));
-    let routing = Routing::from_config(&config).unwrap_or_else(|e| panic!("{calendar}:\n{e}"));
+    let routing = callbridge::settings::routing(&config).unwrap_or_else(|e| panic!("{calendar}:\n{e}"));
     routing.calendar("g").expect("group g").clone()
 }
 
@@ -299,7 +298,7 @@ fn calendars_built_in_code_are_checked_too() {
         to: "26:00".into(),
     });
     config.groups[0].holidays.push("2026-12-32".into());
-    let e = Routing::from_config(&config).expect_err("refused");
+    let e = callbridge::settings::routing(&config).expect_err("refused");
     let text = e.to_string();
     assert!(text.contains("groups[0].hours[0].to"), "{text}");
     assert!(text.contains("groups[0].holidays[0]"), "{text}");
@@ -400,7 +399,7 @@ fn overflow_chain_every_combination() {
             for c in STATES {
                 let states = [a, b, c];
                 let config = chain_config(states);
-                let routing = Routing::from_config(&config).expect("valid");
+                let routing = callbridge::settings::routing(&config).expect("valid");
                 let empty: Vec<&str> = CHAIN
                     .iter()
                     .zip(states)
@@ -447,7 +446,7 @@ queue = "703"
 agents = ["joao"]
 {AGENTS}"#
     );
-    let routing = Routing::from_config(&Config::parse(&text, "t.toml").expect("valid")).expect("rules");
+    let routing = callbridge::settings::routing(&Config::parse(&text, "t.toml").expect("valid")).expect("rules");
     let at = micros(NOON);
     let cases: &[(&[&str], &str)] = &[
         // (agents available, group the call goes to)
@@ -482,7 +481,7 @@ fn overflow_cycles_are_refused_at_load() {
     // A configuration assembled in code is checked the same way.
     let mut config = chain_config([State::Takes; 3]);
     config.groups[2].overflow = vec!["support".into()];
-    let e = Routing::from_config(&config).expect_err("cycle refused");
+    let e = callbridge::settings::routing(&config).expect_err("cycle refused");
     assert!(e.to_string().contains("overflow cycle"), "{e}");
 }
 
@@ -491,12 +490,12 @@ fn the_oracle_follows_the_normalizers_presence() {
     // support → sales; it is noon on a Monday; ana (sales) pauses, then the
     // support agents pause: the route moves from support to sales to missed.
     let config = chain_config([State::Takes, State::Takes, State::Takes]);
-    let routing = Arc::new(Routing::from_config(&config).expect("rules"));
+    let routing = Arc::new(callbridge::settings::routing(&config).expect("rules"));
     let board = Arc::new(PresenceBoard::new());
     let noon = micros(NOON);
     let oracle = RouteOracle::with_clock(routing.clone(), board.clone(), move || noon);
-    let dir = Arc::new(Directory::from_config(&config));
-    let mut n = Normalizer::new(dir, routing, Options::from_config(&config));
+    let dir = Arc::new(callbridge::settings::directory(&config));
+    let mut n = Normalizer::new(dir, routing, callbridge::settings::normalizer_options(&config));
     let mut out = Vec::new();
     let pause = |n: &mut Normalizer, out: &mut Vec<Event>, queue: &str, ext: &str| {
         let iface = format!("SIP/{ext}");

@@ -6,7 +6,6 @@
 mod lifecycle_checks;
 
 use callbridge::config::Config;
-use callbridge::directory::Directory;
 use callbridge::event::{Event, EventKind, LineState};
 use callbridge::sip::{self, Mode, SipAgent};
 use md5::{Digest, Md5};
@@ -273,7 +272,7 @@ fn config(pbx: SocketAddr, transport: &str, ami: bool, request_timeout: f64) -> 
 async fn start(config: &Config) -> (SipAgent, mpsc::Receiver<Event>, CancellationToken) {
     let (tx, rx) = mpsc::channel(64);
     let shutdown = CancellationToken::new();
-    let directory = Arc::new(Directory::from_config(config));
+    let directory = Arc::new(callbridge::settings::directory(config));
     let sip_config = config.sip.clone().unwrap();
     let agent =
         sip::spawn(sip_config, Mode::for_config(config), directory, "lab".into(), tx, shutdown.clone()).await.unwrap();

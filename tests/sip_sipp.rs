@@ -7,7 +7,6 @@
 mod lifecycle_checks;
 
 use callbridge::config::Config;
-use callbridge::directory::Directory;
 use callbridge::event::{Event, EventKind, LineState};
 use callbridge::sip::{self, Mode, SipAgent};
 use std::path::{Path, PathBuf};
@@ -103,7 +102,7 @@ async fn start_callbridge(
     let agent = sip::spawn(
         config.sip.clone().unwrap(),
         Mode::for_config(&config),
-        Arc::new(Directory::from_config(&config)),
+        Arc::new(callbridge::settings::directory(&config)),
         "lab".into(),
         tx,
         shutdown.clone(),

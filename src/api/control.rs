@@ -14,8 +14,8 @@ use crate::control::{self, ClickToCall, OutboundRules, PlannedAction, TransferRe
 use crate::directory::Directory;
 use crate::ids::AgentId;
 use crate::normalize::ExpectedOriginate;
-use crate::state::{Command, Shared};
 use crate::registry::LiveFilter;
+use crate::state::{Command, Shared};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -83,7 +83,7 @@ pub async fn click_to_call(
     let Json(req) = body.map_err(bad_body)?;
     let config = shared.config();
     let rules = OutboundRules::from_config(&config);
-    let dir = Directory::from_config(&config);
+    let dir = crate::settings::directory(&config);
     let call_id = control::new_call_id();
     let planned = control::plan_click_to_call(&req, &dir, &rules, |a| agent_on_call(&shared, a).is_some(), &call_id)?;
     if config.outbound.context.is_none() {
@@ -211,7 +211,7 @@ pub async fn set_availability(
         ));
     }
     let config = shared.config();
-    let dir = Directory::from_config(&config);
+    let dir = crate::settings::directory(&config);
     let Some(agent) = dir.agent(&id).cloned() else {
         return Err(ApiError::not_found("agent_unknown", format!("no agent {id:?} in the configuration")));
     };
@@ -267,7 +267,7 @@ pub async fn set_availability(
 /// availability (as the PBX and the helpdesk said) and current call.
 pub async fn list_agents(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let config = shared.config();
-    let dir = Directory::from_config(&config);
+    let dir = crate::settings::directory(&config);
     let agents: Vec<Value> = config
         .agents
         .iter()

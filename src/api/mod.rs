@@ -11,12 +11,12 @@
 pub mod control;
 pub mod routes;
 
+use crate::state::Readiness;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use crate::state::Readiness;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 

@@ -2,8 +2,8 @@
 
 use super::{healthz, metrics, readyz, require_bearer, ApiError, Auth};
 use crate::event::{CallSnapshot, CallState};
-use crate::state::{Command, Shared};
 use crate::registry::LiveFilter;
+use crate::state::{Command, Shared};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;

@@ -115,26 +115,15 @@ pub struct StuckConfig {
 
 impl Default for StuckConfig {
     fn default() -> Self {
-        let l = crate::normalize::StuckLimits::default();
+        // Generous: a false "stuck" costs a PBX query, a missed one costs a
+        // ghost call on an administrator's screen for hours.
         StuckConfig {
-            started_seconds: l.started_seconds,
-            queued_seconds: l.queued_seconds,
-            ringing_seconds: l.ringing_seconds,
-            talking_seconds: l.talking_seconds,
-            silence_seconds: l.silence_seconds,
+            started_seconds: 600,
+            queued_seconds: 3600,
+            ringing_seconds: 300,
+            talking_seconds: 4 * 3600,
+            silence_seconds: 2 * 3600,
             check_interval_seconds: 30,
-        }
-    }
-}
-
-impl StuckConfig {
-    pub fn limits(&self) -> crate::normalize::StuckLimits {
-        crate::normalize::StuckLimits {
-            started_seconds: self.started_seconds,
-            queued_seconds: self.queued_seconds,
-            ringing_seconds: self.ringing_seconds,
-            talking_seconds: self.talking_seconds,
-            silence_seconds: self.silence_seconds,
         }
     }
 }

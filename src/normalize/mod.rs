@@ -101,16 +101,6 @@ impl Default for Options {
     }
 }
 
-impl Options {
-    pub fn from_config(c: &crate::config::Config) -> Options {
-        Options {
-            ticket_variable: c.pbx.ticket_variable.clone(),
-            recording_url_base: c.recordings.url_base.clone(),
-            outbound_prefix: c.outbound.prefix.clone(),
-        }
-    }
-}
-
 /// How many ended call ids (and hung-up channel ids) are remembered so that
 /// late events for them are ignored instead of starting a ghost call.
 const ENDED_MEMORY: usize = 16_384;
@@ -165,8 +155,7 @@ pub struct ExpectedOriginate {
 }
 
 /// Per-state limits of the stuck-call sweeper (SPEC §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StuckLimits {
     /// Not yet queued nor ringing (IVR, dialling).
     pub started_seconds: u64,
@@ -175,20 +164,6 @@ pub struct StuckLimits {
     pub talking_seconds: u64,
     /// No event at all for this long.
     pub silence_seconds: u64,
-}
-
-impl Default for StuckLimits {
-    fn default() -> Self {
-        // Generous: a false "stuck" costs a PBX query, a missed one costs a
-        // ghost call on an administrator's screen for hours.
-        StuckLimits {
-            started_seconds: 600,
-            queued_seconds: 3600,
-            ringing_seconds: 300,
-            talking_seconds: 4 * 3600,
-            silence_seconds: 2 * 3600,
-        }
-    }
 }
 
 impl StuckLimits {
@@ -276,19 +251,6 @@ impl Normalizer {
     /// transferer's channel of a blind transfer).
     pub fn talking_agent_channel(&self, call: &str) -> Option<(AgentId, String)> {
         self.calls.get(call)?.talking_agent_channel()
-    }
-
-    /// The normalizer a configuration describes: its directory, business
-    /// rules (hours, holidays) and options.
-    pub fn from_config(config: &crate::config::Config) -> Normalizer {
-        let (dir, rules, opts) = parts_of(config);
-        Normalizer::new(dir, rules, opts)
-    }
-
-    /// Applies a reloaded configuration; live calls keep their attribution.
-    pub fn reconfigure_from(&mut self, config: &crate::config::Config) {
-        let (dir, rules, opts) = parts_of(config);
-        self.reconfigure(dir, rules, opts);
     }
 
     /// Replaces the directory, rules and options (configuration reload).
@@ -856,10 +818,6 @@ impl Normalizer {
 
 /// `agent.availability` reason when the agent's device became unusable.
 const DEVICE_UNAVAILABLE: &str = "device_unavailable";
-
-fn parts_of(config: &crate::config::Config) -> (Arc<Directory>, Arc<dyn Rules>, Options) {
-    (Arc::new(Directory::from_config(config)), crate::routing_rules(config), Options::from_config(config))
-}
 
 /// Events that may introduce a call we do not know yet (a trace that starts
 /// mid-call, a call already up when callbridge started). Events that only

@@ -43,7 +43,11 @@ impl T {
     fn new() -> T {
         let c = Config::parse(CONFIG, "test").expect("valid");
         T {
-            n: Normalizer::new(Arc::new(Directory::from_config(&c)), Arc::new(AlwaysOpen), Options::from_config(&c)),
+            n: Normalizer::new(
+                Arc::new(crate::settings::directory(&c)),
+                Arc::new(AlwaysOpen),
+                crate::settings::normalizer_options(&c),
+            ),
             t: 1_800_000_000,
             out: Vec::new(),
         }

@@ -3,8 +3,8 @@
 //! the PBX's dialplan.
 //!
 //! - [`calendar`]: when a group is open, in its own time zone.
-//! - [`Routing`]: every group's calendar and overflow list, built once from a
-//!   validated configuration. It is the normalizer's [`Rules`] (an unanswered
+//! - [`Routing`]: every group's calendar and overflow list, built once
+//!   (`settings::routing`) from a validated configuration. It is the normalizer's [`Rules`] (an unanswered
 //!   call to a closed group is `holiday`/`outside_hours`).
 //! - [`presence`]: [`PresenceBoard`], the normalizer's agent presence mirrored
 //!   for readers on other tasks.
@@ -29,7 +29,6 @@ pub use calendar::{Calendar, CalendarError};
 pub use overflow::{route, Availability, Route, RouteError, Target};
 pub use presence::PresenceBoard;
 
-use crate::config::Config;
 use crate::directory::Directory;
 use crate::event::{Micros, MissedReason};
 use crate::ids::GroupId;
@@ -61,35 +60,13 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Builds the rules from a configuration. The configuration is checked
-    /// in full first (`Config::validate`: the same checks as loading, so an
-    /// overflow cycle or an unknown group in `overflow` is refused here too,
-    /// even for a configuration assembled in code).
-    pub fn from_config(config: &Config) -> Result<Routing, RoutingError> {
-        Routing::with_directory(config, Arc::new(Directory::from_config(config)))
-    }
-
-    /// As [`Routing::from_config`], sharing an existing directory built
-    /// from the same configuration.
-    pub fn with_directory(config: &Config, dir: Arc<Directory>) -> Result<Routing, RoutingError> {
-        let mut problems = config.validate();
-        if !problems.is_empty() {
-            return Err(RoutingError { problems });
-        }
-        let mut groups = HashMap::with_capacity(config.groups.len());
-        for (i, g) in config.groups.iter().enumerate() {
-            match Calendar::from_group(i, g, &config.holidays) {
-                Ok(calendar) => {
-                    let overflow = g.overflow.iter().map(|o| GroupId::new(o)).collect();
-                    groups.insert(GroupId::new(&g.id), GroupRules { calendar, overflow });
-                }
-                Err(e) => problems.extend(e.into_iter().map(|e| e.to_string())),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(RoutingError { problems });
-        }
-        Ok(Routing { dir, groups })
+    /// The rules of these groups: each group's calendar and overflow
+    /// order, over `dir`. `settings::routing` builds them from a validated
+    /// configuration.
+    pub fn new(dir: Arc<Directory>, groups: impl IntoIterator<Item = (GroupId, Calendar, Vec<GroupId>)>) -> Routing {
+        let groups =
+            groups.into_iter().map(|(id, calendar, overflow)| (id, GroupRules { calendar, overflow })).collect();
+        Routing { dir, groups }
     }
 
     pub fn directory(&self) -> &Arc<Directory> {
@@ -111,12 +88,6 @@ impl Rules for Routing {
     fn closed_reason(&self, group: &GroupId, at: Micros) -> Option<MissedReason> {
         self.calendar(group.as_str())?.closed_reason(at)
     }
-}
-
-/// The normalizer's rules for a configuration: what `replay` and the daemon
-/// pass to `Normalizer::new`.
-pub fn rules_for(config: &Config) -> Result<Arc<Routing>, RoutingError> {
-    Routing::from_config(config).map(Arc::new)
 }
 
 /// The wall clock, µs since the epoch.

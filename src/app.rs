@@ -13,6 +13,8 @@
 //! deadline. Reload (SIGHUP): the new file is validated first; a bad one is
 //! refused (logged, counted) and the old configuration stays.
 
+pub mod commands;
+
 use crate::ami::codec::{decode_all, AmiCodec, AmiMessage, CodecLimits};
 use crate::ami::connection::{self, AmiHandle, SourceItem};
 use crate::api::{routes, Auth};
@@ -79,79 +81,13 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     let (source_tx, source_rx) = mpsc::channel::<SourceItem>(capacity);
     // Full command channel: the API request waits.
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(256);
-
-    let mut tasks = Vec::new();
-    let (ami, ami_task) = match &opts.source {
-        SourceSpec::Ami => match config.pbx.ami.clone() {
-            Some(ami_config) => {
-                let (handle, task) = connection::spawn(ami_config, source_tx, shutdown.clone());
-                (Some(handle), Some(task))
-            }
-            None if config.sip.is_some() => {
-                // SIP-only mode: calls come from the agents' dialogs.
-                drop(source_tx);
-                (None, None)
-            }
-            None => bail!(
-                "{}: neither [pbx.ami] nor [sip] is configured: callbridge run needs a source",
-                opts.config_path.display()
-            ),
-        },
-        SourceSpec::Traces { paths, speed } => {
-            readiness.set_pbx(true);
-            let limits = crate::settings::codec_limits(&config);
-            tasks.push(tokio::spawn(feed_traces(paths.clone(), *speed, limits, source_tx, shutdown.clone())));
-            (None, None)
-        }
-    };
-
     // SIP dialog events arrive as ready-made lifecycle events. Full channel:
     // the SIP agent waits.
     let (sip_tx, sip_rx) = mpsc::channel::<crate::event::Event>(1024);
-    let mut sip_status = None;
-    // A replayed trace is the only source of a reproduced incident: SIP
-    // subscriptions belong to live runs.
-    let live_sip = config.sip.clone().filter(|_| matches!(opts.source, SourceSpec::Ami));
-    if let Some(sip) = live_sip {
-        let mode = crate::sip::Mode::for_config(&config);
-        let agent = crate::sip::spawn(
-            sip,
-            mode,
-            Arc::new(crate::settings::directory(&config)),
-            config.pbx.name.clone(),
-            sip_tx,
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("[sip]: {e}"))?;
-        info!(addr = %agent.local_addr, "SIP dialog subscriptions started");
-        sip_status = Some(agent.status.clone());
-        tasks.push(tokio::spawn(async move {
-            match agent.task.await {
-                Ok(Err(e)) => error!(error = %e, "SIP connector stopped"),
-                Err(e) => error!(error = %e, "SIP connector task failed"),
-                Ok(Ok(())) => {}
-            }
-        }));
-    } else {
-        drop(sip_tx);
-    }
-    if config.pbx.ami.is_none() && matches!(opts.source, SourceSpec::Ami) {
-        // Readiness follows the SIP side when it is the only source.
-        if let Some(status) = sip_status.clone() {
-            let r = readiness.clone();
-            let stop = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => r.set_pbx(status.ready()),
-                    }
-                }
-            }));
-        }
-    }
+
+    let mut tasks = Vec::new();
+    let (ami, ami_task) = start_source(&opts, &config, &readiness, source_tx, &shutdown, &mut tasks)?;
+    start_sip(&opts, &config, &readiness, sip_tx, &shutdown, &mut tasks).await?;
 
     readiness.set_outbox(true);
     let delivery = Delivery::for_config(&config, readiness.clone())?;
@@ -166,37 +102,8 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     let pipeline = Pipeline::new(&config, shared.clone(), delivery);
     let pipeline = tokio::spawn(pipeline.run(source_rx, sip_rx, cmd_rx, shutdown.clone()));
 
-    let mut oracle = None;
-    if let Some(agi) = &config.agi {
-        let routing = Arc::new(crate::settings::routing(&config)?);
-        let o = Arc::new(crate::routing::RouteOracle::new(routing, shared.presence.clone()));
-        let limits = crate::routing::agi::AgiLimits::from_config(agi)?;
-        let listener = crate::routing::agi::bind(agi).await?;
-        info!(addr = %listener.local_addr()?, "FastAGI routing listening");
-        let stop = shutdown.clone();
-        let serve_oracle = o.clone();
-        tasks.push(tokio::spawn(
-            async move { crate::routing::agi::serve_with(listener, serve_oracle, limits, stop).await },
-        ));
-        oracle = Some(o);
-    }
-
-    let mut api_addr = None;
-    if let Some(api) = &config.api {
-        let token = api.secret.resolve().map_err(|e| anyhow::anyhow!("[api]: {e}"))?;
-        let listen = opts.api_listen.clone().unwrap_or_else(|| api.listen.clone());
-        let listener =
-            tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-        api_addr = Some(listener.local_addr()?);
-        info!(addr = %listener.local_addr()?, "HTTP API listening");
-        let app = routes::router(shared.clone(), Auth::new(&token));
-        tasks.push(serve(listener, app, shutdown.clone()));
-        if let Some(m) = &api.metrics_listen {
-            let listener = tokio::net::TcpListener::bind(m).await.with_context(|| format!("cannot listen on {m}"))?;
-            info!(addr = %listener.local_addr()?, "metrics listening");
-            tasks.push(serve(listener, routes::metrics_router(), shutdown.clone()));
-        }
-    }
+    let oracle = start_agi(&config, &shared, &shutdown, &mut tasks).await?;
+    let api_addr = start_api(&opts, &config, &shared, &shutdown, &mut tasks).await?;
 
     // READY=1 once the PBX is logged in (or the trace is being read) and
     // delivery is open.
@@ -222,6 +129,136 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         config_path: opts.config_path,
         deadline: opts.shutdown_deadline,
     })
+}
+
+type AmiTask = JoinHandle<Result<(), crate::ami::AmiError>>;
+
+/// The AMI client or the trace reader, feeding `source_tx`.
+fn start_source(
+    opts: &RunOptions,
+    config: &Config,
+    readiness: &Readiness,
+    source_tx: mpsc::Sender<SourceItem>,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<(Option<AmiHandle>, Option<AmiTask>)> {
+    match &opts.source {
+        SourceSpec::Ami => match config.pbx.ami.clone() {
+            Some(ami_config) => {
+                let (handle, task) = connection::spawn(ami_config, source_tx, shutdown.clone());
+                Ok((Some(handle), Some(task)))
+            }
+            // SIP-only mode: calls come from the agents' dialogs.
+            None if config.sip.is_some() => Ok((None, None)),
+            None => bail!(
+                "{}: neither [pbx.ami] nor [sip] is configured: callbridge run needs a source",
+                opts.config_path.display()
+            ),
+        },
+        SourceSpec::Traces { paths, speed } => {
+            readiness.set_pbx(true);
+            let limits = crate::settings::codec_limits(config);
+            tasks.push(tokio::spawn(feed_traces(paths.clone(), *speed, limits, source_tx, shutdown.clone())));
+            Ok((None, None))
+        }
+    }
+}
+
+/// The SIP dialog-event agent of a live run, if `[sip]` is configured; in
+/// SIP-only mode readiness follows it.
+async fn start_sip(
+    opts: &RunOptions,
+    config: &Config,
+    readiness: &Arc<Readiness>,
+    sip_tx: mpsc::Sender<crate::event::Event>,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    // A replayed trace is the only source of a reproduced incident: SIP
+    // subscriptions belong to live runs.
+    let Some(sip) = config.sip.clone().filter(|_| matches!(opts.source, SourceSpec::Ami)) else {
+        return Ok(());
+    };
+    let mode = crate::sip::Mode::for_config(config);
+    let agent = crate::sip::spawn(
+        sip,
+        mode,
+        Arc::new(crate::settings::directory(config)),
+        config.pbx.name.clone(),
+        sip_tx,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("[sip]: {e}"))?;
+    info!(addr = %agent.local_addr, "SIP dialog subscriptions started");
+    let status = agent.status.clone();
+    tasks.push(tokio::spawn(async move {
+        match agent.task.await {
+            Ok(Err(e)) => error!(error = %e, "SIP connector stopped"),
+            Err(e) => error!(error = %e, "SIP connector task failed"),
+            Ok(Ok(())) => {}
+        }
+    }));
+    if config.pbx.ami.is_none() {
+        // Readiness follows the SIP side when it is the only source.
+        let r = readiness.clone();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => r.set_pbx(status.ready()),
+                }
+            }
+        }));
+    }
+    Ok(())
+}
+
+/// The FastAGI routing endpoint, if `[agi]` is configured.
+async fn start_agi(
+    config: &Config,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Option<Arc<crate::routing::RouteOracle>>> {
+    let Some(agi) = &config.agi else { return Ok(None) };
+    let routing = Arc::new(crate::settings::routing(config)?);
+    let oracle = Arc::new(crate::routing::RouteOracle::new(routing, shared.presence.clone()));
+    let limits = crate::routing::agi::AgiLimits::from_config(agi)?;
+    let listener = crate::routing::agi::bind(agi).await?;
+    info!(addr = %listener.local_addr()?, "FastAGI routing listening");
+    let stop = shutdown.clone();
+    let serve_oracle = oracle.clone();
+    tasks
+        .push(tokio::spawn(async move { crate::routing::agi::serve_with(listener, serve_oracle, limits, stop).await }));
+    Ok(Some(oracle))
+}
+
+/// The HTTP API (and a separate metrics listener), if `[api]` is configured.
+async fn start_api(
+    opts: &RunOptions,
+    config: &Config,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(api) = &config.api else { return Ok(None) };
+    let token = api.secret.resolve().map_err(|e| anyhow::anyhow!("[api]: {e}"))?;
+    let listen = opts.api_listen.clone().unwrap_or_else(|| api.listen.clone());
+    let listener =
+        tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    info!(addr = %addr, "HTTP API listening");
+    let app = routes::router(shared.clone(), Auth::new(&token));
+    tasks.push(serve(listener, app, shutdown.clone()));
+    if let Some(m) = &api.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(m).await.with_context(|| format!("cannot listen on {m}"))?;
+        info!(addr = %listener.local_addr()?, "metrics listening");
+        tasks.push(serve(listener, routes::metrics_router(), shutdown.clone()));
+    }
+    Ok(Some(addr))
 }
 
 fn serve(listener: tokio::net::TcpListener, app: axum::Router, shutdown: CancellationToken) -> JoinHandle<()> {

@@ -89,16 +89,29 @@ impl Delivery {
 
     /// Flushes and stops: the sink runners get until `deadline` to deliver
     /// what is pending (the rest stays in the outbox for the next start).
-    pub async fn close(self, deadline: Duration) -> anyhow::Result<()> {
+    pub async fn close(self, deadline: Duration) -> anyhow::Result<Closed> {
         match self {
             Delivery::Outbox { outbox, runners, .. } => {
                 outbox.wait_drained(deadline).await;
+                let closed = Closed { undelivered: outbox.depth(), dead_letters: outbox.dead_letter_count() };
                 runners.shutdown().await?;
                 outbox.close().await?;
-                Ok(())
+                Ok(closed)
             }
-            Delivery::Jsonl(mut w) => Ok(w.flush()?),
-            Delivery::Discard => Ok(()),
+            Delivery::Jsonl(mut w) => {
+                w.flush()?;
+                Ok(Closed::default())
+            }
+            Delivery::Discard => Ok(Closed::default()),
         }
     }
+}
+
+/// What [`Delivery::close`] left behind in the outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Closed {
+    /// Events not yet acknowledged by every sink (delivered first next time).
+    pub undelivered: u64,
+    /// Events a sink refused, waiting as dead letters.
+    pub dead_letters: u64,
 }

@@ -28,6 +28,7 @@ pub mod control;
 pub mod delivery;
 pub mod directory;
 pub mod event;
+pub mod exit;
 pub mod ids;
 pub mod indicators;
 pub mod normalize;

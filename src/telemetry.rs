@@ -16,7 +16,9 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn init_logging(json: bool) {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: never in journald or files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     // A second initialisation (tests) is harmless: keep the first.
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }

@@ -1,7 +1,8 @@
 //! Configuration loading and validation (SPEC §9): every problem is listed
 //! at once, each naming its field path and why; secrets are never shown.
 
-use callbridge::config::{check_config, CheckOptions, Config, SinkConfig, EX_CONFIG};
+use callbridge::config::{check_config, CheckOptions, Config, SinkConfig};
+use callbridge::exit::EX_USAGE;
 use std::path::{Path, PathBuf};
 
 const SECRET: &str = "s3cret-do-not-print";
@@ -578,8 +579,8 @@ fn check_config_prints_problems_or_a_summary() {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = check_config(&bad, CheckOptions::default(), &mut out, &mut err);
     let err_s = String::from_utf8_lossy(&err);
-    assert_eq!(code, EX_CONFIG);
-    assert_eq!(EX_CONFIG, 64);
+    assert_eq!(code, i32::from(EX_USAGE));
+    assert_eq!(EX_USAGE, 64);
     assert!(out.is_empty());
     assert_eq!(err_s.lines().count(), 2, "{err_s}");
     assert!(err_s.contains("groups[0].agents[0]") && err_s.contains("groups[0].colour"));
@@ -587,7 +588,7 @@ fn check_config_prints_problems_or_a_summary() {
 
     let missing = dir.path().join("missing.toml");
     let code = check_config(&missing, CheckOptions::default(), &mut Vec::new(), &mut Vec::new());
-    assert_eq!(code, EX_CONFIG);
+    assert_eq!(code, i32::from(EX_USAGE));
 
     // Unresolvable secrets fail only when resolving is asked for.
     let env_only = dir.path().join("env.toml");
@@ -601,6 +602,6 @@ fn check_config_prints_problems_or_a_summary() {
     let mut err = Vec::new();
     let asked = CheckOptions { resolve_secrets: true };
     let code = check_config(&env_only, asked, &mut Vec::new(), &mut err);
-    assert_eq!(code, EX_CONFIG);
+    assert_eq!(code, i32::from(EX_USAGE));
     assert!(String::from_utf8_lossy(&err).contains("CALLBRIDGE_TEST_UNSET_VARIABLE"));
 }

@@ -7,12 +7,10 @@
 //! variables only when asked (`CheckOptions::resolve_secrets`).
 
 use super::{Config, ConfigError, SinkConfig};
+use crate::exit::EX_USAGE;
 use std::fmt::Write as _;
 use std::io::Write;
 use std::path::Path;
-
-/// Exit code for a bad configuration (sysexits `EX_USAGE`).
-pub const EX_CONFIG: i32 = 64;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CheckOptions {
@@ -36,7 +34,7 @@ pub fn check_config(path: &Path, options: CheckOptions, out: &mut dyn Write, err
         Ok(c) => c,
         Err(e) => {
             let _ = writeln!(err, "{e}");
-            return EX_CONFIG;
+            return i32::from(EX_USAGE);
         }
     };
     if options.resolve_secrets {
@@ -44,7 +42,7 @@ pub fn check_config(path: &Path, options: CheckOptions, out: &mut dyn Write, err
         if !problems.is_empty() {
             let e = ConfigError { source_name: path.display().to_string(), problems };
             let _ = writeln!(err, "{e}");
-            return EX_CONFIG;
+            return i32::from(EX_USAGE);
         }
     }
     let _ = writeln!(out, "{}: configuration OK\n", path.display());

@@ -32,7 +32,7 @@ mod schema;
 pub mod values;
 
 pub use crate::secret::{SecretError, SecretSource};
-pub use command::{check_config, check_config_main, CheckOptions, EX_CONFIG};
+pub use command::{check_config, check_config_main, CheckOptions};
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -1,0 +1,248 @@
+//! The commands of the `callbridge` binary, each a function from parsed
+//! arguments to an [`Outcome`]: `run`, `replay` (to stdout, through the
+//! durable outbox, or as a whole daemon), `record`. `main.rs` only parses
+//! the command line and maps outcomes to exit codes.
+
+use super::{RunOptions, SourceSpec};
+use crate::config::{Config, ConfigError};
+use crate::delivery::Delivery;
+use crate::exit;
+use crate::replay::{replay_files, Speed};
+use crate::state::Readiness;
+use anyhow::Context;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a command ended; [`Outcome::code`] is the process exit status.
+#[derive(Debug)]
+pub enum Outcome {
+    Done,
+    /// The configuration is unusable (already printed, every problem named).
+    BadConfig,
+    /// Events still undelivered at the drain deadline; they stay in the
+    /// outbox and go first next time.
+    Undelivered(u64),
+    Failed(anyhow::Error),
+}
+
+impl Outcome {
+    /// sysexits-style status: 0, 64 for configuration, 75 when the work is
+    /// kept for later, 1 otherwise.
+    pub fn code(&self) -> u8 {
+        match self {
+            Outcome::Done => 0,
+            Outcome::BadConfig => exit::EX_USAGE,
+            Outcome::Undelivered(_) => exit::EX_TEMPFAIL,
+            Outcome::Failed(_) => 1,
+        }
+    }
+
+    /// Prints what went wrong on stderr (nothing for success).
+    pub fn report(&self) {
+        match self {
+            Outcome::Done | Outcome::BadConfig => {}
+            Outcome::Undelivered(n) => eprintln!(
+                "callbridge: {n} events still undelivered after the drain timeout; \
+                 they stay in the outbox and go first next time"
+            ),
+            Outcome::Failed(e) => eprintln!("callbridge: {e:#}"),
+        }
+    }
+}
+
+impl From<anyhow::Result<()>> for Outcome {
+    fn from(r: anyhow::Result<()>) -> Self {
+        match r {
+            Ok(()) => Outcome::Done,
+            Err(e) => match e.downcast_ref::<ConfigError>() {
+                Some(c) => {
+                    eprintln!("{c}");
+                    Outcome::BadConfig
+                }
+                None => Outcome::Failed(e),
+            },
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, Outcome> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        Outcome::BadConfig
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Outcome> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Outcome::Failed(anyhow::Error::new(e).context("cannot start the runtime")))
+}
+
+/// `run` and `replay --serve`: the daemon until SIGTERM.
+pub fn daemon(opts: RunOptions) -> Outcome {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(o) => return o,
+    };
+    rt.block_on(async {
+        match super::start(opts).await {
+            Ok(running) => match running.wait().await {
+                Ok(()) => Outcome::Done,
+                Err(e) => {
+                    tracing::error!("callbridge stopped: {e:#}");
+                    Outcome::Failed(e)
+                }
+            },
+            Err(e) => Outcome::from(Err(e)),
+        }
+    })
+}
+
+/// `record`: the live AMI stream into trace files until SIGINT/SIGTERM.
+pub fn record(config_path: &Path, out: PathBuf, rotate_mb: Option<u64>) -> Outcome {
+    let config = match load(config_path) {
+        Ok(c) => c,
+        Err(o) => return o,
+    };
+    let Some(ami) = config.pbx.ami.clone() else {
+        eprintln!("callbridge: no [pbx.ami] in the configuration: nothing to record from");
+        return Outcome::BadConfig;
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(o) => return o,
+    };
+    rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+            }
+            stop.cancel();
+        });
+        match crate::record::record(ami, &out, rotate_mb.map(|m| m * 1_000_000), shutdown).await {
+            Ok(r) => {
+                eprintln!("recorded {} frames, {} bytes into {:?}", r.frames, r.bytes, r.files);
+                Outcome::Done
+            }
+            Err(e) => Outcome::Failed(e),
+        }
+    })
+}
+
+/// What `replay` without `--serve` does.
+pub struct ReplayOptions {
+    pub config_path: PathBuf,
+    pub speed: Speed,
+    /// One summary line on stderr at the end.
+    pub summary: bool,
+    /// With sinks other than stdout: how long to wait for delivery after
+    /// the traces end.
+    pub drain_timeout: Duration,
+    pub traces: Vec<PathBuf>,
+}
+
+/// `replay`: to stdout as JSON lines, or through the durable outbox when
+/// sinks other than stdout are configured.
+pub fn replay(opts: ReplayOptions) -> Outcome {
+    let config = match load(&opts.config_path) {
+        Ok(c) => c,
+        Err(o) => return o,
+    };
+    if crate::sink::only_stdout(&config) {
+        replay_to_stdout(&config, &opts).into()
+    } else {
+        replay_durable(&config, &opts)
+    }
+}
+
+fn replay_to_stdout(config: &Config, opts: &ReplayOptions) -> anyhow::Result<()> {
+    let mut normalizer = crate::settings::normalizer(config);
+    let limits = crate::settings::codec_limits(config);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut write_error: Option<std::io::Error> = None;
+    let pbx = config.pbx.name.clone();
+    let paced = matches!(opts.speed, Speed::Factor(_));
+    let stats = replay_files(&opts.traces, &mut normalizer, opts.speed, limits, |e| {
+        if write_error.is_none() {
+            let line = e.to_cloudevent_json(&pbx);
+            if let Err(err) = writeln!(out, "{line}") {
+                write_error = Some(err);
+            } else if paced {
+                // Paced replays are watched live: do not sit on events.
+                let _ = out.flush();
+            }
+        }
+    })?;
+    if let Some(e) = write_error {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("writing events to stdout");
+        }
+    }
+    out.flush().ok();
+    if opts.summary {
+        eprintln!("{}", stats.summary());
+    }
+    Ok(())
+}
+
+/// Replay through the durable path: normalizer → outbox (fsync'd) → sinks,
+/// with the daemon's own [`Delivery`] (the same wait-and-retry on a full
+/// disk). Events left undelivered by an earlier run are delivered first;
+/// event ids are deterministic and the outbox ignores ids it already has,
+/// so replaying the same trace again delivers nothing twice beyond
+/// at-least-once.
+fn replay_durable(config: &Config, opts: &ReplayOptions) -> Outcome {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return Outcome::Failed(anyhow::Error::new(e).context("cannot start the runtime")),
+    };
+    let run = rt.block_on(async move {
+        let mut delivery = Delivery::for_config(config, Arc::new(Readiness::default()))?;
+        let normalizer = crate::settings::normalizer(config);
+        let limits = crate::settings::codec_limits(config);
+        let (speed, traces, pbx) = (opts.speed, opts.traces.clone(), config.pbx.name.clone());
+        // Normalizer → delivery. Full means the replay waits (never drop).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::event::Event>(4096);
+        let replay = tokio::task::spawn_blocking(move || {
+            let mut normalizer = normalizer;
+            replay_files(&traces, &mut normalizer, speed, limits, |e| {
+                // The receiver only goes away when delivery failed for good.
+                let _ = tx.blocking_send(e.clone());
+            })
+        });
+        let mut batch = Vec::with_capacity(1024);
+        while rx.recv_many(&mut batch, 1024).await > 0 {
+            delivery.deliver(&batch, &pbx).await?;
+            batch.clear();
+        }
+        let stats = replay.await.context("replay task")??;
+        let closed = delivery.close(opts.drain_timeout).await?;
+        if closed.dead_letters > 0 {
+            tracing::warn!(
+                dead_letters = closed.dead_letters,
+                "some events were refused by a sink and wait as dead letters"
+            );
+        }
+        if opts.summary {
+            eprintln!("{}", stats.summary());
+        }
+        anyhow::Ok(closed.undelivered)
+    });
+    match run {
+        Ok(0) => Outcome::Done,
+        Ok(left) => Outcome::Undelivered(left),
+        Err(e) => Outcome::from(Err(e)),
+    }
+}
+
+/// `run`: the daemon against the live PBX.
+pub fn run(config_path: PathBuf, api_listen: Option<String>, shutdown_deadline: Duration) -> Outcome {
+    daemon(RunOptions { config_path, source: SourceSpec::Ami, api_listen, shutdown_deadline })
+}

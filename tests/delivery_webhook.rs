@@ -182,6 +182,91 @@ async fn a_call_being_retried_does_not_block_other_calls() {
     check_delivery(&rx.requests(), &events, "lab");
 }
 
+/// Waits until the receiver accepted every id of `ids`; the elapsed time.
+async fn until_accepted(rx: &Receiver, ids: &[String], limit: Duration, what: &str) -> Duration {
+    let t0 = std::time::Instant::now();
+    loop {
+        let got = rx.accepted_ids();
+        let missing = ids.iter().filter(|id| !got.contains(*id)).count();
+        if missing == 0 {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < limit, "{what}: {missing} of {} events still missing after {limit:?}", ids.len());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_backoff_do_not_hold_the_concurrency_slots() {
+    // The helpdesk answers 503 to every call.missed and 200 to the rest,
+    // with fewer slots than calls in backoff: the other calls still go.
+    let rx = Receiver::start().await;
+    rx.refuse_type("call.missed", 503);
+    let events = many_events(4);
+    let missed_keys: std::collections::HashSet<String> =
+        events.iter().filter(|e| e.kind.type_name() == "call.missed").map(|e| e.ordering_key()).collect();
+    assert!(missed_keys.len() > 2, "the trace must have more missed calls than slots");
+    let others: Vec<String> =
+        events.iter().filter(|e| !missed_keys.contains(&e.ordering_key())).map(|e| e.id("lab")).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["webhook".into()])).unwrap();
+    let sink =
+        WebhookSink::new("webhook", WebhookSettings { concurrency: 2, ..settings(rx.url(), 1) }, SECRET).unwrap();
+    let mut delivery = Delivery::new(&outbox, DeliveryOptions::default());
+    delivery.spawn(Arc::new(sink));
+    outbox.append(&events).await.unwrap();
+    until_accepted(&rx, &others, Duration::from_secs(20), "calls without a refused event").await;
+    // The missed calls' events before call.missed went too; the rest wait.
+    let got = rx.accepted_ids();
+    for e in events.iter().filter(|e| missed_keys.contains(&e.ordering_key())) {
+        let before_missed = events
+            .iter()
+            .any(|m| m.ordering_key() == e.ordering_key() && m.kind.type_name() == "call.missed" && e.seq < m.seq);
+        assert_eq!(got.contains(&e.id("lab")), before_missed, "{} ({})", e.id("lab"), e.kind.type_name());
+    }
+    delivery.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_back_from_an_outage_is_drained_promptly() {
+    // Backoff grows to 20 s while the helpdesk is down; once it answers
+    // again, a probe notices within about a second and wakes every retry.
+    let slow = |url| WebhookSettings { max_backoff: Duration::from_secs(20), ..settings(url, 1) };
+    let events = many_events(6);
+    let ids: Vec<String> = events.iter().map(|e| e.id("lab")).collect();
+
+    // Unblocked: the same events to a healthy helpdesk.
+    let rx = Receiver::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["webhook".into()])).unwrap();
+    let mut delivery = Delivery::new(&outbox, DeliveryOptions::default());
+    delivery.spawn(Arc::new(WebhookSink::new("webhook", slow(rx.url()), SECRET).unwrap()));
+    outbox.append(&events).await.unwrap();
+    let unblocked = until_accepted(&rx, &ids, Duration::from_secs(30), "healthy helpdesk").await;
+    delivery.shutdown().await.unwrap();
+
+    // Down for 6 s (backoffs reach several seconds), then back.
+    let rx = Receiver::start().await;
+    rx.set_down(Some(503));
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["webhook".into()])).unwrap();
+    let mut delivery = Delivery::new(&outbox, DeliveryOptions::default());
+    delivery.spawn(Arc::new(WebhookSink::new("webhook", slow(rx.url()), SECRET).unwrap()));
+    outbox.append(&events).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(rx.accepted_ids().is_empty());
+    let refused_while_down = rx.requests().len();
+    rx.set_down(None);
+    let recovery = until_accepted(&rx, &ids, Duration::from_secs(60), "after the outage").await;
+    delivery.shutdown().await.unwrap();
+    check_delivery(&rx.requests(), &events, "lab");
+    // Within twice the unblocked time, plus the probe period that notices
+    // the return.
+    let bound = unblocked * 2 + Duration::from_millis(1500);
+    assert!(recovery <= bound, "drained in {recovery:?} after the outage; unblocked {unblocked:?}; bound {bound:?}");
+    eprintln!("unblocked {unblocked:?}, after a 6 s outage {recovery:?}, {refused_while_down} requests while down");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_are_not_followed() {
     let rx = Receiver::start().await;

@@ -60,6 +60,14 @@ impl Config {
     }
 
     fn write_summary(&self, s: &mut String) -> std::fmt::Result {
+        self.write_pbx(s)?;
+        self.write_groups(s)?;
+        self.write_agents(s)?;
+        self.write_services(s)?;
+        self.write_sinks(s)
+    }
+
+    fn write_pbx(&self, s: &mut String) -> std::fmt::Result {
         writeln!(
             s,
             "pbx         {} (event ids {}:<call id>:<seq>, ticket variable {})",
@@ -77,7 +85,10 @@ impl Config {
             )?,
             None => writeln!(s, "ami         not configured (replay only)")?,
         }
+        Ok(())
+    }
 
+    fn write_groups(&self, s: &mut String) -> std::fmt::Result {
         writeln!(s, "\ngroups ({})", self.groups.len())?;
         for g in &self.groups {
             let name = g.name.as_deref().map(|n| format!("{n:?}, ")).unwrap_or_default();
@@ -102,7 +113,10 @@ impl Config {
             }
             writeln!(s, "    transfer  {}", if g.allow_transfer { "allowed" } else { "not allowed" })?;
         }
+        Ok(())
+    }
 
+    fn write_agents(&self, s: &mut String) -> std::fmt::Result {
         writeln!(s, "\nagents ({})", self.agents.len())?;
         for a in &self.agents {
             let groups: Vec<&str> =
@@ -116,7 +130,10 @@ impl Config {
                 if groups.is_empty() { "in no group".to_string() } else { format!("groups: {}", groups.join(", ")) }
             )?;
         }
+        Ok(())
+    }
 
+    fn write_services(&self, s: &mut String) -> std::fmt::Result {
         writeln!(s)?;
         if self.holidays.dates.is_empty() {
             writeln!(s, "holidays    none")?;
@@ -145,8 +162,10 @@ impl Config {
             human_duration(self.registry.retention_seconds),
             self.registry.retention_seconds,
             self.registry.max_ended_calls
-        )?;
+        )
+    }
 
+    fn write_sinks(&self, s: &mut String) -> std::fmt::Result {
         writeln!(s, "\nsinks ({})", self.sinks.len())?;
         for sink in &self.sinks {
             match sink {

@@ -554,13 +554,7 @@ fn unknown_key(here: &str, key: &str, schema: &TableSchema) -> String {
 }
 
 fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
-    let wrong = |expected: &str, out: &mut Vec<String>| {
-        let found = match value {
-            Value::Datetime(_) if expected.contains("string") => "a TOML date; write it in quotes (\"YYYY-MM-DD\")",
-            v => type_name(v),
-        };
-        out.push(format!("{here}: expected {expected}, found {found}"));
-    };
+    let wrong = |expected: &str, out: &mut Vec<String>| wrong_type(here, value, expected, out);
     match kind {
         Kind::Str(check) => match value.as_str() {
             Some(s) => {
@@ -586,30 +580,8 @@ fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
             Some(_) => {}
             None => wrong("an integer", out),
         },
-        Kind::Seconds => {
-            let secs = match value {
-                Value::Integer(n) => Some(*n as f64),
-                Value::Float(f) => Some(*f),
-                _ => None,
-            };
-            match secs {
-                Some(s) if s.is_finite() && s > 0.0 => {}
-                Some(_) => out.push(format!("{here}: must be a number of seconds > 0")),
-                None => wrong("a number of seconds", out),
-            }
-        }
-        Kind::SecondsOrOff => {
-            let secs = match value {
-                Value::Integer(n) => Some(*n as f64),
-                Value::Float(f) => Some(*f),
-                _ => None,
-            };
-            match secs {
-                Some(s) if s.is_finite() && s >= 0.0 => {}
-                Some(_) => out.push(format!("{here}: must be a number of seconds >= 0 (0 turns it off)")),
-                None => wrong("a number of seconds", out),
-            }
-        }
+        Kind::Seconds => check_seconds(here, value, false, out),
+        Kind::SecondsOrOff => check_seconds(here, value, true, out),
         Kind::Strings(check) => match value.as_array() {
             Some(items) => {
                 for (i, item) in items.iter().enumerate() {
@@ -627,40 +599,61 @@ fn check_value(here: &str, value: &Value, kind: Kind, out: &mut Vec<String>) {
             Some(t) => walk(here, t, schema, out),
             None => wrong("a table", out),
         },
-        Kind::Tables(schema) => match value.as_array() {
-            Some(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    let at = format!("{here}[{i}]");
-                    match item.as_table() {
-                        Some(t) => walk(&at, t, schema, out),
-                        None => out.push(format!("{at}: expected a table, found {}", type_name(item))),
-                    }
-                }
-            }
-            None => wrong(&format!("an array of tables ([[{here}]])"), out),
-        },
-        Kind::TaggedTables { tag, variants } => match value.as_array() {
-            Some(items) => {
-                let names: Vec<&str> = variants.iter().map(|(n, _)| *n).collect();
-                for (i, item) in items.iter().enumerate() {
-                    let at = format!("{here}[{i}]");
-                    let Some(t) = item.as_table() else {
-                        out.push(format!("{at}: expected a table, found {}", type_name(item)));
-                        continue;
-                    };
-                    match t.get(tag).map(|v| v.as_str()) {
-                        None => out.push(format!("{at}.{tag}: missing (required; one of {})", names.join(", "))),
-                        Some(None) => out.push(format!("{at}.{tag}: expected a string (one of {})", names.join(", "))),
-                        Some(Some(name)) => match variants.iter().find(|(n, _)| *n == name) {
-                            Some((_, schema)) => walk(&at, t, schema, out),
-                            None => {
-                                out.push(format!("{at}.{tag}: unknown {tag} {name:?} (one of {})", names.join(", ")))
-                            }
-                        },
-                    }
-                }
-            }
-            None => wrong(&format!("an array of tables ([[{here}]])"), out),
+        Kind::Tables(schema) => each_table(here, value, out, |at, t, out| walk(at, t, schema, out)),
+        Kind::TaggedTables { tag, variants } => {
+            each_table(here, value, out, |at, t, out| check_tagged(at, t, tag, variants, out))
+        }
+    }
+}
+
+/// `{here}: expected {expected}, found …`, with a hint for unquoted dates.
+fn wrong_type(here: &str, value: &Value, expected: &str, out: &mut Vec<String>) {
+    let found = match value {
+        Value::Datetime(_) if expected.contains("string") => "a TOML date; write it in quotes (\"YYYY-MM-DD\")",
+        v => type_name(v),
+    };
+    out.push(format!("{here}: expected {expected}, found {found}"));
+}
+
+/// A number of seconds (integer or float): > 0, or >= 0 when 0 means off.
+fn check_seconds(here: &str, value: &Value, zero_is_off: bool, out: &mut Vec<String>) {
+    let secs = match value {
+        Value::Integer(n) => Some(*n as f64),
+        Value::Float(f) => Some(*f),
+        _ => None,
+    };
+    match secs {
+        Some(s) if s.is_finite() && (s > 0.0 || zero_is_off && s == 0.0) => {}
+        Some(_) if zero_is_off => out.push(format!("{here}: must be a number of seconds >= 0 (0 turns it off)")),
+        Some(_) => out.push(format!("{here}: must be a number of seconds > 0")),
+        None => wrong_type(here, value, "a number of seconds", out),
+    }
+}
+
+/// An array of tables (`[[here]]`): each table checked by `check` at its
+/// own path, anything else named.
+fn each_table(here: &str, value: &Value, out: &mut Vec<String>, mut check: impl FnMut(&str, &Table, &mut Vec<String>)) {
+    let Some(items) = value.as_array() else {
+        return wrong_type(here, value, &format!("an array of tables ([[{here}]])"), out);
+    };
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{here}[{i}]");
+        match item.as_table() {
+            Some(t) => check(&at, t, out),
+            None => out.push(format!("{at}: expected a table, found {}", type_name(item))),
+        }
+    }
+}
+
+/// A table whose `tag` key picks its schema (`[[sinks]] type = …`).
+fn check_tagged(at: &str, t: &Table, tag: &str, variants: &[(&str, &TableSchema)], out: &mut Vec<String>) {
+    let names: Vec<&str> = variants.iter().map(|(n, _)| *n).collect();
+    match t.get(tag).map(|v| v.as_str()) {
+        None => out.push(format!("{at}.{tag}: missing (required; one of {})", names.join(", "))),
+        Some(None) => out.push(format!("{at}.{tag}: expected a string (one of {})", names.join(", "))),
+        Some(Some(name)) => match variants.iter().find(|(n, _)| *n == name) {
+            Some((_, schema)) => walk(at, t, schema, out),
+            None => out.push(format!("{at}.{tag}: unknown {tag} {name:?} (one of {})", names.join(", "))),
         },
     }
 }

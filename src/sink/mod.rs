@@ -44,8 +44,10 @@ use crate::outbox::{Outbox, OutboxError, Record};
 use rand::Rng;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -381,93 +383,200 @@ struct Done {
     count: usize,
 }
 
+/// After this long without a success, the destination counts as down:
+/// the next success wakes every sleeping retry, and meanwhile one sleeping
+/// retry is woken this often as a probe.
+const RECOVERY_GAP: Duration = Duration::from_secs(1);
+/// Retries woken together wait a random part of this, so that a recovered
+/// destination is not hit by all of them in the same instant.
+const WAKE_JITTER: Duration = Duration::from_millis(250);
+
+/// What a sink's runner and its workers share about sending.
+struct Flow {
+    /// Requests in flight at most (`concurrency`). A worker holds a slot
+    /// only while its request runs, never while it sleeps in backoff, so
+    /// calls being retried never hold back the others.
+    slots: Arc<Semaphore>,
+    /// Wakes sleeping retries: all of them when the destination answers
+    /// again after an outage, one of them per [`RECOVERY_GAP`] as a probe
+    /// while it is down.
+    wake: Notify,
+    sleeping: AtomicUsize,
+    last_success: std::sync::Mutex<Instant>,
+}
+
+impl Flow {
+    fn new(concurrency: usize) -> Flow {
+        Flow {
+            slots: Arc::new(Semaphore::new(concurrency)),
+            wake: Notify::new(),
+            sleeping: AtomicUsize::new(0),
+            last_success: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    async fn slot(&self, cancel: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            _ = cancel.cancelled() => None,
+            p = self.slots.clone().acquire_owned() => p.ok(),
+        }
+    }
+
+    /// A request succeeded: after an outage, wake every sleeping retry.
+    fn succeeded(&self) {
+        let now = Instant::now();
+        let gap = {
+            let mut last = self.last_success.lock().unwrap_or_else(|p| p.into_inner());
+            let gap = now.saturating_duration_since(*last);
+            *last = now;
+            gap
+        };
+        if gap > RECOVERY_GAP && self.sleeping.load(Ordering::Relaxed) > 0 {
+            self.wake.notify_waiters();
+        }
+    }
+
+    /// Whether a probe is due: retries are sleeping and nothing succeeded
+    /// for [`RECOVERY_GAP`].
+    fn probe_due(&self) -> bool {
+        self.sleeping.load(Ordering::Relaxed) > 0
+            && self.last_success.lock().unwrap_or_else(|p| p.into_inner()).elapsed() > RECOVERY_GAP
+    }
+
+    /// Sleeps out a backoff `delay`, or less when woken; false when cancelled.
+    async fn backoff(&self, delay: Duration, cancel: &CancellationToken) -> bool {
+        self.sleeping.fetch_add(1, Ordering::Relaxed);
+        let woken = tokio::select! {
+            _ = cancel.cancelled() => None,
+            _ = tokio::time::sleep(delay) => Some(false),
+            _ = self.wake.notified() => Some(true),
+        };
+        self.sleeping.fetch_sub(1, Ordering::Relaxed);
+        match woken {
+            None => false,
+            Some(false) => true,
+            Some(true) => {
+                let jitter = WAKE_JITTER.mul_f64(rand::rng().random::<f64>()).min(delay);
+                tokio::select! {
+                    _ = cancel.cancelled() => false,
+                    _ = tokio::time::sleep(jitter) => true,
+                }
+            }
+        }
+    }
+}
+
+/// A runner's events read from the outbox and not yet finished, by key.
+#[derive(Default)]
+struct Lanes {
+    /// Per key, the events read but not yet handed to a worker, in order.
+    lanes: HashMap<String, VecDeque<Record>>,
+    /// Keys with a batch in flight: their next events wait.
+    busy: HashSet<String>,
+    /// Keys not busy with events waiting, oldest first.
+    ready: VecDeque<String>,
+    buffered: usize,
+    read_pos: i64,
+    caught_up: bool,
+}
+
+impl Lanes {
+    /// Reads the next events of the sink's queue, if there is room.
+    async fn fill(&mut self, outbox: &Outbox, name: &str, opts: &DeliveryOptions) -> Result<(), OutboxError> {
+        if self.caught_up || self.buffered >= opts.max_buffered {
+            return Ok(());
+        }
+        let limit = (opts.max_buffered - self.buffered).min(opts.fetch_limit).max(1);
+        let records = outbox.pending(name, self.read_pos, limit).await?;
+        self.caught_up = records.len() < limit;
+        for r in records {
+            self.read_pos = r.pos;
+            self.buffered += 1;
+            let lane = self.lanes.entry(r.key.clone()).or_default();
+            if lane.is_empty() && !self.busy.contains(&r.key) {
+                self.ready.push_back(r.key.clone());
+            }
+            lane.push_back(r);
+        }
+        Ok(())
+    }
+
+    /// The next batch of ready keys, marked busy; `None` when none is ready.
+    fn next_batch(&mut self, batch_size: usize) -> Option<(Vec<Record>, Vec<String>)> {
+        let first = self.ready.pop_front()?;
+        let (batch, keys) = take_batch(first, batch_size, &mut self.lanes, &mut self.ready);
+        self.busy.extend(keys.iter().cloned());
+        Some((batch, keys))
+    }
+
+    /// A worker finished: its keys' next events become ready.
+    fn finish(&mut self, done: Done) {
+        self.buffered -= done.count;
+        for key in done.keys {
+            self.busy.remove(&key);
+            if self.lanes.get(&key).is_some_and(|l| !l.is_empty()) {
+                self.ready.push_back(key);
+            } else {
+                self.lanes.remove(&key);
+            }
+        }
+    }
+}
+
 async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationToken, opts: DeliveryOptions) {
     let name = sink.name().clone();
     let metrics = Arc::new(SinkMetrics::new(&name));
-    let concurrency = sink.concurrency().max(1);
     let batch_size = sink.batch_size().max(1);
-    // At most `concurrency` workers; each returns its `Done`. Kept in a set
-    // so that shutdown waits for them (their acks reach the writer first).
+    let flow = Arc::new(Flow::new(sink.concurrency().max(1)));
+    // Workers, each returning its `Done`; kept in a set so that shutdown
+    // waits for them (their acks reach the writer first). At most
+    // `concurrency` send at once; the others sleep in backoff, and there
+    // are never more than buffered events.
     let mut workers: JoinSet<Done> = JoinSet::new();
     let mut committed = outbox.subscribe();
-    // Per key, the events read but not yet handed to a worker, in order.
-    let mut lanes: HashMap<String, VecDeque<Record>> = HashMap::new();
-    // Keys with a batch in flight: their next events wait.
-    let mut busy: HashSet<String> = HashSet::new();
-    // Keys not busy with events waiting, oldest first.
-    let mut ready: VecDeque<String> = VecDeque::new();
-    let mut buffered = 0usize;
-    let mut read_pos = 0i64;
-    let mut caught_up = false;
+    let mut lanes = Lanes::default();
+    let mut probe = tokio::time::interval(RECOVERY_GAP);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(sink = %name, "delivery started");
     loop {
-        if !caught_up && buffered < opts.max_buffered {
-            committed.borrow_and_update();
-            let limit = (opts.max_buffered - buffered).min(opts.fetch_limit).max(1);
-            match outbox.pending(&name, read_pos, limit).await {
-                Ok(records) => {
-                    caught_up = records.len() < limit;
-                    for r in records {
-                        read_pos = r.pos;
-                        buffered += 1;
-                        let lane = lanes.entry(r.key.clone()).or_default();
-                        if lane.is_empty() && !busy.contains(&r.key) {
-                            ready.push_back(r.key.clone());
-                        }
-                        lane.push_back(r);
-                    }
-                }
-                Err(e) => {
-                    warn!(sink = %name, error = %e, "cannot read the outbox; retrying in 1 s");
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
+        committed.borrow_and_update();
+        if let Err(e) = lanes.fill(&outbox, &name, &opts).await {
+            warn!(sink = %name, error = %e, "cannot read the outbox; retrying in 1 s");
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
             }
-        }
-        while workers.len() < concurrency {
-            let Some(first) = ready.pop_front() else { break };
-            let (batch, keys) = take_batch(first, batch_size, &mut lanes, &mut ready);
-            for k in &keys {
-                busy.insert(k.clone());
-            }
-            let (outbox, sink, name, cancel, m) =
-                (outbox.clone(), sink.clone(), name.clone(), cancel.clone(), metrics.clone());
-            workers.spawn(async move {
-                let count = batch.len();
-                deliver_batch(&outbox, &*sink, &name, &m, batch, &cancel).await;
-                Done { keys, count }
-            });
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
-            Some(joined) = workers.join_next(), if !workers.is_empty() => {
-                let done = match joined {
-                    Ok(done) => done,
-                    Err(e) => {
-                        // A worker panicked: its events were neither acked nor
-                        // parked, so they are delivered again after a restart;
-                        // its keys stay blocked until then (order is kept).
-                        warn!(sink = %name, error = %e, "delivery worker failed");
-                        continue;
-                    }
-                };
-                buffered -= done.count;
-                for key in done.keys {
-                    busy.remove(&key);
-                    if lanes.get(&key).is_some_and(|l| !l.is_empty()) {
-                        ready.push_back(key);
-                    } else {
-                        lanes.remove(&key);
-                    }
-                }
+            Ok(slot) = flow.slots.clone().acquire_owned(), if !lanes.ready.is_empty() => {
+                let Some((batch, keys)) = lanes.next_batch(batch_size) else { continue };
+                let (outbox, sink, name, cancel, m, flow) =
+                    (outbox.clone(), sink.clone(), name.clone(), cancel.clone(), metrics.clone(), flow.clone());
+                workers.spawn(async move {
+                    let count = batch.len();
+                    let worker = Worker { outbox: &outbox, sink: &*sink, name: &name, m: &m, flow: &flow, cancel: &cancel };
+                    worker.deliver_batch(batch, slot).await;
+                    Done { keys, count }
+                });
             }
-            changed = committed.changed(), if caught_up => {
+            Some(joined) = workers.join_next(), if !workers.is_empty() => match joined {
+                Ok(done) => lanes.finish(done),
+                // A worker panicked: its events were neither acked nor
+                // parked, so they are delivered again after a restart; its
+                // keys stay blocked until then (order is kept).
+                Err(e) => warn!(sink = %name, error = %e, "delivery worker failed"),
+            },
+            changed = committed.changed(), if lanes.caught_up => {
                 if changed.is_err() {
                     break;
                 }
-                caught_up = false;
+                lanes.caught_up = false;
+            }
+            _ = probe.tick() => {
+                if flow.probe_due() {
+                    flow.wake.notify_one();
+                }
             }
         }
     }
@@ -515,30 +624,108 @@ enum Final {
     Cancelled,
 }
 
-async fn deliver_batch<S: Sink>(
-    outbox: &Outbox,
-    sink: &S,
-    name: &Arc<str>,
-    m: &SinkMetrics,
-    batch: Vec<Record>,
-    cancel: &CancellationToken,
-) {
-    match deliver_with_retry(sink, name, m, &batch, cancel).await {
-        Final::Delivered => ack(outbox, name, &batch).await,
-        Final::Cancelled => {}
-        Final::Rejected { status, detail } if batch.len() == 1 => {
-            park(outbox, name, m, &batch[0], status, detail).await
-        }
-        Final::Rejected { .. } => {
-            // Find the refused events: one by one, in order.
-            for r in &batch {
-                match deliver_with_retry(sink, name, m, std::slice::from_ref(r), cancel).await {
-                    Final::Delivered => ack(outbox, name, std::slice::from_ref(r)).await,
-                    Final::Rejected { status, detail } => park(outbox, name, m, r, status, detail).await,
-                    Final::Cancelled => return,
+/// One batch's delivery: the sink, where acknowledgements go, and the
+/// runner's shared flow control.
+struct Worker<'a, S> {
+    outbox: &'a Outbox,
+    sink: &'a S,
+    name: &'a Arc<str>,
+    m: &'a SinkMetrics,
+    flow: &'a Flow,
+    cancel: &'a CancellationToken,
+}
+
+impl<S: Sink> Worker<'_, S> {
+    async fn deliver_batch(&self, batch: Vec<Record>, slot: OwnedSemaphorePermit) {
+        match self.deliver_with_retry(&batch, Some(slot)).await {
+            Final::Delivered => ack(self.outbox, self.name, &batch).await,
+            Final::Cancelled => {}
+            Final::Rejected { status, detail } if batch.len() == 1 => {
+                park(self.outbox, self.name, self.m, &batch[0], status, detail).await
+            }
+            Final::Rejected { .. } => {
+                // Find the refused events: one by one, in order.
+                for r in &batch {
+                    match self.deliver_with_retry(std::slice::from_ref(r), None).await {
+                        Final::Delivered => ack(self.outbox, self.name, std::slice::from_ref(r)).await,
+                        Final::Rejected { status, detail } => {
+                            park(self.outbox, self.name, self.m, r, status, detail).await
+                        }
+                        Final::Cancelled => return,
+                    }
                 }
             }
         }
+    }
+
+    /// Attempts until delivered or refused. A slot is held for each attempt
+    /// and given back while sleeping in backoff.
+    async fn deliver_with_retry(&self, batch: &[Record], mut slot: Option<OwnedSemaphorePermit>) -> Final {
+        let policy = self.sink.retry_policy();
+        let mut attempt: u32 = 0;
+        loop {
+            let held = match slot.take() {
+                Some(s) => s,
+                None => match self.flow.slot(self.cancel).await {
+                    Some(s) => s,
+                    None => return Final::Cancelled,
+                },
+            };
+            let result = self.attempt(batch).await;
+            drop(held);
+            let Some(result) = result else { return Final::Cancelled };
+            match result {
+                Attempt::Delivered | Attempt::Skipped => {
+                    self.flow.succeeded();
+                    if attempt > 0 {
+                        info!(sink = %self.name, event = %batch[0].id, attempts = attempt + 1, "delivered after retries");
+                    }
+                    return Final::Delivered;
+                }
+                Attempt::Reject { status, detail } => return Final::Rejected { status, detail },
+                Attempt::Retry { class, retry_after, detail } => {
+                    let delay = policy.delay(attempt, retry_after, &mut rand::rng());
+                    self.m.retries.increment(1);
+                    if attempt == 0 || attempt % 10 == 0 {
+                        warn!(sink = %self.name, event = %batch[0].id, events = batch.len(), class = class.as_str(),
+                              error = %detail, retry_in_ms = delay.as_millis() as u64, attempt = attempt + 1,
+                              "delivery failed; will retry");
+                    }
+                    attempt = attempt.saturating_add(1);
+                    // A destination that asked for a pause gets it in full.
+                    let slept = match retry_after {
+                        Some(_) => tokio::select! {
+                            _ = self.cancel.cancelled() => false,
+                            _ = tokio::time::sleep(delay) => true,
+                        },
+                        None => self.flow.backoff(delay, self.cancel).await,
+                    };
+                    if !slept {
+                        return Final::Cancelled;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One request, counted by status class; `None` when cancelled.
+    async fn attempt(&self, batch: &[Record]) -> Option<Attempt> {
+        let t0 = Instant::now();
+        let result = tokio::select! {
+            _ = self.cancel.cancelled() => return None,
+            r = self.sink.deliver(batch) => r,
+        };
+        let class = match &result {
+            Attempt::Skipped => None,
+            Attempt::Delivered => Some(StatusClass::S2xx),
+            Attempt::Retry { class, .. } => Some(*class),
+            Attempt::Reject { status, .. } => Some(status.map_or(StatusClass::S4xx, StatusClass::of_status)),
+        };
+        if let Some(class) = class {
+            self.m.request(class).increment(1);
+            self.m.duration.record(t0.elapsed().as_secs_f64());
+        }
+        Some(result)
     }
 }
 
@@ -553,57 +740,6 @@ async fn park(outbox: &Outbox, name: &Arc<str>, m: &SinkMetrics, r: &Record, sta
     m.dead_letters.increment(1);
     if let Err(e) = outbox.park(name, r, status, detail).await {
         warn!(sink = %name, error = %e, "cannot park a dead letter; it stays pending");
-    }
-}
-
-async fn deliver_with_retry<S: Sink>(
-    sink: &S,
-    name: &Arc<str>,
-    m: &SinkMetrics,
-    batch: &[Record],
-    cancel: &CancellationToken,
-) -> Final {
-    let policy = sink.retry_policy();
-    let mut attempt: u32 = 0;
-    loop {
-        let t0 = Instant::now();
-        let result = tokio::select! {
-            _ = cancel.cancelled() => return Final::Cancelled,
-            r = sink.deliver(batch) => r,
-        };
-        let class = match &result {
-            Attempt::Skipped => None,
-            Attempt::Delivered => Some(StatusClass::S2xx),
-            Attempt::Retry { class, .. } => Some(*class),
-            Attempt::Reject { status, .. } => Some(status.map_or(StatusClass::S4xx, StatusClass::of_status)),
-        };
-        if let Some(class) = class {
-            m.request(class).increment(1);
-            m.duration.record(t0.elapsed().as_secs_f64());
-        }
-        match result {
-            Attempt::Delivered | Attempt::Skipped => {
-                if attempt > 0 {
-                    info!(sink = %name, event = %batch[0].id, attempts = attempt + 1, "delivered after retries");
-                }
-                return Final::Delivered;
-            }
-            Attempt::Reject { status, detail } => return Final::Rejected { status, detail },
-            Attempt::Retry { class, retry_after, detail } => {
-                let delay = policy.delay(attempt, retry_after, &mut rand::rng());
-                m.retries.increment(1);
-                if attempt == 0 || attempt % 10 == 0 {
-                    warn!(sink = %name, event = %batch[0].id, events = batch.len(), class = class.as_str(),
-                          error = %detail, retry_in_ms = delay.as_millis() as u64, attempt = attempt + 1,
-                          "delivery failed; will retry");
-                }
-                attempt = attempt.saturating_add(1);
-                tokio::select! {
-                    _ = cancel.cancelled() => return Final::Cancelled,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
     }
 }
 

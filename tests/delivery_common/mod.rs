@@ -66,6 +66,10 @@ struct Script {
     first: VecDeque<Reply>,
     /// Events (by CloudEvents id) always refused with this status.
     refuse: HashMap<String, u16>,
+    /// Event types (`call.missed`) always refused with this status.
+    refuse_type: HashMap<String, u16>,
+    /// Every request answered with this status (the helpdesk is down).
+    down: Option<u16>,
 }
 
 #[derive(Clone)]
@@ -93,15 +97,20 @@ pub fn ids_in(body: &[u8]) -> Vec<(String, serde_json::Value)> {
 }
 
 async fn handle(State(st): State<AppState>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
-    let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&body)
+    let events: Vec<(String, String)> = serde_json::from_slice::<serde_json::Value>(&body)
         .map(|v| match v {
-            serde_json::Value::Array(a) => a.iter().filter_map(|e| e["id"].as_str().map(String::from)).collect(),
-            one => one["id"].as_str().map(String::from).into_iter().collect(),
+            serde_json::Value::Array(a) => a,
+            one => vec![one],
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| Some((e["id"].as_str()?.to_string(), e["type"].as_str().unwrap_or("").to_string())))
+        .collect();
     let reply = {
         let mut s = st.script.lock().unwrap();
-        match ids.iter().find_map(|id| s.refuse.get(id).copied()) {
+        let refused =
+            events.iter().find_map(|(id, ty)| s.refuse.get(id).or_else(|| s.refuse_type.get(ty)).copied()).or(s.down);
+        match refused {
             Some(status) => Reply::Status(status),
             None => s.first.pop_front().unwrap_or(Reply::Status(200)),
         }
@@ -156,6 +165,17 @@ impl Receiver {
 
     pub fn refuse(&self, event_id: &str, status: u16) {
         self.script.lock().unwrap().refuse.insert(event_id.to_string(), status);
+    }
+
+    /// Refuses every event of this type (`call.missed`) with `status`.
+    pub fn refuse_type(&self, event_type: &str, status: u16) {
+        self.script.lock().unwrap().refuse_type.insert(event_type.to_string(), status);
+    }
+
+    /// Answers every request with `status` (the helpdesk is down), or
+    /// normally again with `None`.
+    pub fn set_down(&self, status: Option<u16>) {
+        self.script.lock().unwrap().down = status;
     }
 
     pub fn accept(&self, event_id: &str) {

@@ -44,7 +44,7 @@ impl Pipeline {
             normalizer,
             shared,
             delivery,
-            limits: crate::settings::stuck_limits(&config),
+            limits: crate::settings::stuck_limits(config),
             sweep_every: Duration::from_secs(config.stuck.check_interval_seconds.max(1)),
             sweep_running: false,
             pbx: config.pbx.name.clone(),

@@ -41,6 +41,7 @@ pub mod sink;
 pub mod sip;
 pub mod systemd;
 pub mod telemetry;
+pub mod text;
 pub mod tracegen;
 
 /// The business rules (hours, holidays) the normalizer consults for

@@ -478,3 +478,51 @@ async fn tcp_transport_subscribes_and_reconnects() {
     shutdown.cancel();
     timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
 }
+
+/// One datagram of non-ASCII garbage once panicked the user agent's task
+/// (its parse error was shortened inside a UTF-8 character): the process
+/// stayed up but SIP was dead. Every such datagram is now survived, and
+/// the next NOTIFY is answered and reported.
+#[tokio::test]
+async fn non_ascii_garbage_datagrams_do_not_stop_the_connector() {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
+    let config = config(addr, "udp", false, 2.0);
+    let (agent, mut rx, shutdown) = start(&config).await;
+    let sub = pbx.accept_subscription("n-1", 600).await;
+    let r = pbx.notify(&sub, "active;expires=600", &doc(0, TERMINATED)).await;
+    assert!(r.start.starts_with("SIP/2.0 200"), "{r:?}");
+    assert_eq!(line_state(&next_events(&mut rx, 1).await[0]), (LineState::Idle, None));
+
+    // Whatever the cut, one of these puts the 120-byte mark of the parse
+    // error inside a multi-byte character.
+    for pad in 0..4 {
+        for filler in ["é", "€", "📞"] {
+            let garbage = format!("{}{} SIP/2.0\r\n\r\n", "x".repeat(pad), filler.repeat(200));
+            pbx.wire.send(agent.local_addr, garbage.as_bytes()).await;
+        }
+    }
+    let broken = format!(
+        "NOTIFY sip:callbridge@{} SIP/2.0\r\nVia: SIP/2.0/UDP {addr};branch=z9hG4bKutf8\r\n\
+         From: <sip:2000@pbx>;tag=x\r\nTo: <sip:callbridge@h>;tag=y\r\nCall-ID: b1\r\nCSeq: 1 NOTIFY\r\n\
+         não é um cabeçalho {}\r\n\r\n",
+        agent.local_addr,
+        "📞".repeat(100)
+    );
+    pbx.wire.send(agent.local_addr, broken.as_bytes()).await;
+    let r = pbx.response().await;
+    assert!(r.start.starts_with("SIP/2.0 400") && r.h("CSeq") == "1 NOTIFY", "{r:?}");
+
+    // Still alive: the next NOTIFY is answered and becomes agent.line.
+    let r = pbx.notify(&sub, "active", &doc(1, EARLY)).await;
+    assert!(r.start.starts_with("SIP/2.0 200"), "{r:?}");
+    let e = next_events(&mut rx, 3).await;
+    assert_eq!(types(&e), ["agent.line", "call.started", "call.offered"]);
+    assert_eq!(line_state(&e[0]), (LineState::Ringing, Some("31955550003".into())));
+    assert!(!agent.task.is_finished());
+    shutdown.cancel();
+    let bye = pbx.request("SUBSCRIBE").await;
+    assert_eq!(bye.h("Expires"), "0");
+    timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
+}

@@ -109,9 +109,9 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     let mut sip_status = None;
     // A replayed trace is the only source of a reproduced incident: SIP
     // subscriptions belong to live runs.
-    let live_sip = config.sip.clone().filter(|_| matches!(opts.source, SourceSpec::Ami));
+    let live_sip = crate::config::runtime::sip_settings(&config).filter(|_| matches!(opts.source, SourceSpec::Ami));
     if let Some(sip) = live_sip {
-        let mode = crate::sip::Mode::for_config(&config);
+        let mode = crate::config::runtime::sip_mode(&config);
         let agent = crate::sip::spawn(
             sip,
             mode,

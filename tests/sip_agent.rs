@@ -5,10 +5,10 @@
 
 mod lifecycle_checks;
 
-use callbridge::config::Config;
+use callbridge::config::{runtime, Config};
 use callbridge::directory::Directory;
 use callbridge::event::{Event, EventKind, LineState};
-use callbridge::sip::{self, Mode, SipAgent};
+use callbridge::sip::{self, SipAgent};
 use md5::{Digest, Md5};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -274,9 +274,9 @@ async fn start(config: &Config) -> (SipAgent, mpsc::Receiver<Event>, Cancellatio
     let (tx, rx) = mpsc::channel(64);
     let shutdown = CancellationToken::new();
     let directory = Arc::new(Directory::from_config(config));
-    let sip_config = config.sip.clone().unwrap();
+    let settings = runtime::sip_settings(config).unwrap();
     let agent =
-        sip::spawn(sip_config, Mode::for_config(config), directory, "lab".into(), tx, shutdown.clone()).await.unwrap();
+        sip::spawn(settings, runtime::sip_mode(config), directory, "lab".into(), tx, shutdown.clone()).await.unwrap();
     (agent, rx, shutdown)
 }
 

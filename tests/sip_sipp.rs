@@ -6,10 +6,10 @@
 
 mod lifecycle_checks;
 
-use callbridge::config::Config;
+use callbridge::config::{runtime, Config};
 use callbridge::directory::Directory;
 use callbridge::event::{Event, EventKind, LineState};
-use callbridge::sip::{self, Mode, SipAgent};
+use callbridge::sip::{self, SipAgent};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -101,8 +101,8 @@ async fn start_callbridge(
     let (tx, rx) = mpsc::channel(256);
     let shutdown = CancellationToken::new();
     let agent = sip::spawn(
-        config.sip.clone().unwrap(),
-        Mode::for_config(&config),
+        runtime::sip_settings(&config).unwrap(),
+        runtime::sip_mode(&config),
         Arc::new(Directory::from_config(&config)),
         "lab".into(),
         tx,

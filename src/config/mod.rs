@@ -12,8 +12,10 @@
 //!    unknown agents or groups referenced, groups without agents, overflow
 //!    loops.
 //!
-//! Only a document without problems is deserialized into [`Config`]. Every
-//! problem is one line naming the field path (`groups[1].agents[0]`) and why.
+//! Only a document without problems is deserialized into [`Config`]; the
+//! deserialized sections then check the ranges the walk does not express
+//! (`[sip]`: [`SipConfig::validate`]). Every problem is one line naming the
+//! field path (`groups[1].agents[0]`) and why.
 //!
 //! Secrets may be given inline (`secret`), in a file (`secret_file`) or in an
 //! environment variable (`secret_env`). Validation checks that exactly one
@@ -30,10 +32,12 @@ mod check;
 mod command;
 pub mod runtime;
 mod schema;
+pub mod sip;
 pub mod values;
 
 pub use crate::secret::{SecretError, SecretSource};
 pub use command::{check_config, check_config_main, CheckOptions, EX_CONFIG};
+pub use sip::{SipConfig, SipTransport};
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -70,7 +74,7 @@ pub struct Config {
     /// SIP dialog-event subscriptions (agent line state; SIP-only mode
     /// without `[pbx.ami]`).
     #[serde(default)]
-    pub sip: Option<crate::sip::SipConfig>,
+    pub sip: Option<SipConfig>,
     /// The FastAGI routing endpoint (SPEC §8). Absent: no listener.
     pub agi: Option<AgiConfig>,
     /// The durable outbox between the normalizer and the sinks.
@@ -642,14 +646,28 @@ impl Config {
         }
         // The walk accepts only what the structs accept; an error here is a
         // schema/struct mismatch, still reported rather than panicking.
-        table.try_into().map_err(|e: toml::de::Error| err(vec![e.message().to_string()]))
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| err(vec![e.message().to_string()]))?;
+        let problems = config.check_sections();
+        if !problems.is_empty() {
+            return Err(err(problems));
+        }
+        Ok(config)
+    }
+
+    /// Step 4, on the deserialized sections: ranges the key walk does not
+    /// express.
+    fn check_sections(&self) -> Vec<String> {
+        self.sip.as_ref().map(SipConfig::validate).unwrap_or_default()
     }
 
     /// Every problem of an already built configuration (e.g. one assembled
     /// in code); empty when it is valid. Secrets are not resolved.
     pub fn validate(&self) -> Vec<String> {
         match toml::Table::try_from(self) {
-            Ok(table) => check_table(&table),
+            Ok(table) => match check_table(&table) {
+                problems if problems.is_empty() => self.check_sections(),
+                problems => problems,
+            },
             Err(e) => vec![format!("cannot check the configuration: {e}")],
         }
     }

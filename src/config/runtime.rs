@@ -24,3 +24,33 @@ pub fn codec_limits(config: &Config) -> CodecLimits {
         .map(|a| CodecLimits { max_frame_bytes: a.max_frame_bytes, max_headers: a.max_headers })
         .unwrap_or_default()
 }
+
+/// The SIP connector's settings, when `[sip]` is configured.
+pub fn sip_settings(config: &Config) -> Option<crate::sip::SipSettings> {
+    use crate::sip::Transport;
+    let sip = config.sip.as_ref()?;
+    Some(crate::sip::SipSettings {
+        bind: sip.bind.clone(),
+        pbx: sip.pbx.clone(),
+        transport: match sip.transport {
+            super::SipTransport::Udp => Transport::Udp,
+            super::SipTransport::Tcp => Transport::Tcp,
+        },
+        domain: sip.domain().to_string(),
+        contact_host: sip.contact_host.clone(),
+        username: sip.username.clone(),
+        secret: sip.secret.clone(),
+        expires_seconds: sip.expires_seconds,
+        options_interval: sip.options_interval(),
+        request_timeout: sip.request_timeout(),
+        retry_max: sip.retry_max(),
+        max_message_bytes: sip.max_message_bytes,
+        offer_identity_wait: sip.offer_identity_wait(),
+    })
+}
+
+/// What the SIP connector reports: the whole (reduced) call lifecycle
+/// without `[pbx.ami]`, line states only when AMI reports the calls.
+pub fn sip_mode(config: &Config) -> crate::sip::Mode {
+    crate::sip::Mode::with_ami(config.pbx.ami.is_some())
+}

@@ -16,10 +16,10 @@
 //! what a SIP response means for a subscription (that is
 //! `subscription.rs`) nor what a dialog means for a call (`line.rs`).
 
-use super::config::{SipConfig, Transport};
 use super::dialog_info::{Applied, DialogInfo, DialogSet};
 use super::line::{LineTracker, Mode};
 use super::message::{new_branch, token, Framed, Lenient, Message, Name, Outgoing, SipCodec};
+use super::settings::{SipSettings, Transport};
 use super::subscription::{self, Params, SubscribeRequest, Subscription};
 use super::{SipError, SipStatus};
 use crate::event::{Event, Micros};
@@ -75,7 +75,7 @@ pub(crate) enum Inbound {
 
 /// Everything the user agent needs, resolved by `spawn`.
 pub(crate) struct Setup {
-    pub config: SipConfig,
+    pub settings: SipSettings,
     pub password: String,
     pub pbx_addr: SocketAddr,
     /// `host:port` written in Via and Contact.
@@ -113,8 +113,7 @@ struct Line {
 }
 
 pub(crate) struct Ua {
-    config: SipConfig,
-    domain: String,
+    settings: SipSettings,
     advertised: String,
     pbx_addr: SocketAddr,
     udp: Option<Arc<UdpSocket>>,
@@ -143,8 +142,8 @@ fn jitter() -> f64 {
 impl Ua {
     pub(crate) fn new(setup: Setup, udp: Option<Arc<UdpSocket>>) -> Result<Ua, SipError> {
         let now = Instant::now();
-        let domain = setup.config.domain().to_string();
-        let offer_wait = Micros::try_from(setup.config.offer_identity_wait().as_micros()).unwrap_or(0);
+        let domain = setup.settings.domain.clone();
+        let offer_wait = Micros::try_from(setup.settings.offer_identity_wait.as_micros()).unwrap_or(0);
         let mut lines = Vec::with_capacity(setup.agents.len());
         for (i, (agent, extension)) in setup.agents.into_iter().enumerate() {
             let raw = format!("sip:{extension}@{domain}");
@@ -153,10 +152,10 @@ impl Ua {
                 .to_string();
             let params = Params {
                 uri,
-                username: setup.config.username.clone(),
+                username: setup.settings.username.clone(),
                 password: setup.password.clone(),
-                expires: setup.config.expires_seconds,
-                retry_max: setup.config.retry_max(),
+                expires: setup.settings.expires_seconds,
+                retry_max: setup.settings.retry_max,
             };
             let start = now + STAGGER.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX));
             lines.push(Line {
@@ -168,7 +167,6 @@ impl Ua {
         }
         setup.status.set_total(lines.len());
         Ok(Ua {
-            domain,
             advertised: setup.advertised,
             pbx_addr: setup.pbx_addr,
             udp,
@@ -181,7 +179,7 @@ impl Ua {
             events: setup.events,
             status: setup.status,
             out: Vec::new(),
-            config: setup.config,
+            settings: setup.settings,
         })
     }
 
@@ -215,7 +213,7 @@ impl Ua {
         let mut wake = now + Duration::from_secs(3600);
         let can_send = self.can_send();
         let mut consider = |t: Instant| wake = wake.min(t);
-        if can_send && self.config.options_interval().is_some() {
+        if can_send && self.settings.options_interval.is_some() {
             consider(self.options_at);
         }
         for t in self.txns.values() {
@@ -258,7 +256,7 @@ impl Ua {
             }
         }
         if self.can_send() {
-            if let Some(interval) = self.config.options_interval().filter(|_| self.options_at <= now) {
+            if let Some(interval) = self.settings.options_interval.filter(|_| self.options_at <= now) {
                 self.options_at = now + interval;
                 self.send_options(now).await;
             }
@@ -323,7 +321,7 @@ impl Ua {
         let active = self.lines.iter().filter(|l| l.sub.is_active()).count();
         self.status.set_active(active);
         metrics::gauge!("callbridge_sip_subscriptions_active").set(active as f64);
-        if self.config.options_interval().is_none() {
+        if self.settings.options_interval.is_none() {
             // No keepalive: an active subscription is the sign of life.
             self.status.set_reachable(active > 0, None);
             metrics::gauge!("callbridge_sip_pbx_reachable").set(if active > 0 { 1.0 } else { 0.0 });
@@ -366,13 +364,13 @@ impl Ua {
     }
 
     fn via(&self, branch: &str) -> String {
-        format!("SIP/2.0/{} {};branch={branch};rport", self.config.transport.token(), self.advertised)
+        format!("SIP/2.0/{} {};branch={branch};rport", self.settings.transport.token(), self.advertised)
     }
 
     fn contact(&self) -> String {
-        match self.config.transport {
-            Transport::Udp => format!("<sip:{}@{}>", self.config.username, self.advertised),
-            Transport::Tcp => format!("<sip:{}@{};transport=tcp>", self.config.username, self.advertised),
+        match self.settings.transport {
+            Transport::Udp => format!("<sip:{}@{}>", self.settings.username, self.advertised),
+            Transport::Tcp => format!("<sip:{}@{};transport=tcp>", self.settings.username, self.advertised),
         }
     }
 
@@ -394,7 +392,7 @@ impl Ua {
                 sent_at: now,
                 retransmit_at: udp.then_some(now + T1),
                 interval: T1,
-                deadline: now + self.config.request_timeout(),
+                deadline: now + self.settings.request_timeout,
             },
         );
     }
@@ -418,8 +416,8 @@ impl Ua {
     fn subscribe_request(&self, extension: &str, req: &SubscribeRequest) -> Outgoing {
         let branch = new_branch();
         let to = match &req.remote_tag {
-            Some(tag) => format!("<sip:{extension}@{}>;tag={tag}", self.domain),
-            None => format!("<sip:{extension}@{}>", self.domain),
+            Some(tag) => format!("<sip:{extension}@{}>;tag={tag}", self.settings.domain),
+            None => format!("<sip:{extension}@{}>", self.settings.domain),
         };
         let mut other = vec![
             ("Max-Forwards", "70".to_string()),
@@ -434,7 +432,10 @@ impl Ua {
             uri: req.uri.clone(),
             headers: vec![
                 (Name::Via, self.via(&branch)),
-                (Name::From, format!("<sip:{}@{}>;tag={}", self.config.username, self.domain, req.local_tag)),
+                (
+                    Name::From,
+                    format!("<sip:{}@{}>;tag={}", self.settings.username, self.settings.domain, req.local_tag),
+                ),
                 (Name::To, to),
                 (Name::CallId, req.call_id.clone()),
                 (Name::CSeq, format!("{} SUBSCRIBE", req.cseq)),
@@ -450,11 +451,11 @@ impl Ua {
         let branch = new_branch();
         let out = Outgoing {
             method: rsip::Method::Options,
-            uri: format!("sip:{}", self.config.pbx),
+            uri: format!("sip:{}", self.settings.pbx),
             headers: vec![
                 (Name::Via, self.via(&branch)),
-                (Name::From, format!("<sip:{}@{}>;tag={}", self.config.username, self.domain, token(12))),
-                (Name::To, format!("<sip:{}>", self.config.pbx)),
+                (Name::From, format!("<sip:{}@{}>;tag={}", self.settings.username, self.settings.domain, token(12))),
+                (Name::To, format!("<sip:{}>", self.settings.pbx)),
                 (Name::CallId, format!("{}@callbridge", token(24))),
                 (Name::CSeq, "1 OPTIONS".to_string()),
                 (Name::Contact, self.contact()),
@@ -486,7 +487,7 @@ impl Ua {
         match item {
             Inbound::Oversize => {
                 metrics::counter!("callbridge_sip_malformed_total", "what" => "oversize").increment(1);
-                warn!(max = self.config.max_message_bytes, "oversized SIP message dropped");
+                warn!(max = self.settings.max_message_bytes, "oversized SIP message dropped");
             }
             Inbound::Connected(tx) => {
                 info!(pbx = %self.pbx_addr, "TCP connection to the PBX up");
@@ -511,7 +512,7 @@ impl Ua {
     }
 
     async fn on_bytes(&mut self, bytes: &[u8], reply: Reply) -> Result<(), SipError> {
-        let msg = match Message::parse(bytes, self.config.max_message_bytes) {
+        let msg = match Message::parse(bytes, self.settings.max_message_bytes) {
             Ok(m) => m,
             Err(e) => {
                 metrics::counter!("callbridge_sip_malformed_total", "what" => "sip").increment(1);
@@ -747,12 +748,12 @@ pub(crate) fn spawn_tcp(
     pbx: SocketAddr,
     listener: TcpListener,
     tx: mpsc::Sender<Inbound>,
-    config: &SipConfig,
+    settings: &SipSettings,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let max = config.max_message_bytes;
-    let connect_timeout = config.request_timeout();
-    let retry_max = config.retry_max();
+    let max = settings.max_message_bytes;
+    let connect_timeout = settings.request_timeout;
+    let retry_max = settings.retry_max;
     let accept_tx = tx.clone();
     let accept_shutdown = shutdown.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_TCP));

@@ -526,3 +526,40 @@ async fn non_ascii_garbage_datagrams_do_not_stop_the_connector() {
     assert_eq!(bye.h("Expires"), "0");
     timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
 }
+
+/// Over UDP an unanswered SUBSCRIBE is sent again, byte for byte, after
+/// T1 (0.5 s) and then at doubling intervals; its final response, even to
+/// a retransmission, ends the transaction.
+#[tokio::test]
+async fn unanswered_udp_requests_are_retransmitted() {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
+    let config = config(addr, "udp", false, 10.0);
+    let (agent, _rx, shutdown) = start(&config).await;
+    let first = pbx.request("SUBSCRIBE").await;
+    let t0 = tokio::time::Instant::now();
+    let second = pbx.request("SUBSCRIBE").await;
+    let t1 = tokio::time::Instant::now();
+    let third = pbx.request("SUBSCRIBE").await;
+    let t2 = tokio::time::Instant::now();
+    for again in [&second, &third] {
+        assert_eq!(again.headers, first.headers, "a retransmission is the same request");
+    }
+    // 0.5 s, then 1 s (the slack is for loaded CI machines).
+    let (d1, d2) = (t1 - t0, t2 - t1);
+    assert!(d1 >= Duration::from_millis(350) && d1 < Duration::from_millis(1000), "first after {d1:?}");
+    assert!(d2 >= Duration::from_millis(800) && d2 < Duration::from_millis(1700), "second after {d2:?}");
+    pbx.reply(&third, "200 OK", &["Expires: 600".into(), "Contact: <sip:2000@127.0.0.1>".into()]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while agent.status.subscriptions_active() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Answered: no more retransmissions (only keepalives, which `request` answers).
+    assert!(timeout(Duration::from_millis(1500), pbx.request("SUBSCRIBE")).await.is_err());
+    shutdown.cancel();
+    let bye = pbx.request("SUBSCRIBE").await;
+    assert_eq!(bye.h("Expires"), "0");
+    timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
+}

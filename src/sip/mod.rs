@@ -8,6 +8,8 @@
 //!            UDP socket / TCP connections
 //!                      │ bytes (bounded channel)
 //!  ua.rs ──────────────┴── message.rs (parse, bounded) ── responses, 400/481/489
+//!    ├─ transaction.rs   requests in progress: T1/T2 retransmission, timeout,
+//!    │                   response ↔ request by Via branch
 //!    │ per extension:
 //!    ├─ subscription.rs  SUBSCRIBE, 401/407 → digest.rs, refresh, backoff
 //!    ├─ dialog_info.rs   NOTIFY body → DialogSet (full/partial, versions)
@@ -16,9 +18,11 @@
 //!                      ▼ normalizer's consumers (registry, outbox)
 //! ```
 //!
-//! `subscription.rs`, `dialog_info.rs`, `line.rs`, `digest.rs` and
-//! `message.rs` are pure (no I/O, no clock); only `ua.rs` owns sockets and
-//! timers. Keepalive: `OPTIONS` every `options_interval_seconds`; the answer
+//! `subscription.rs`, `transaction.rs`, `dialog_info.rs`, `line.rs`,
+//! `digest.rs` and `message.rs` are pure (no I/O, no clock); only `ua.rs`
+//! owns sockets and timers. `ua.rs` takes [`SipSettings`] (plain values,
+//! built from the configuration file by `config/runtime.rs`); nothing here
+//! reads the configuration. Keepalive: `OPTIONS` every `options_interval_seconds`; the answer
 //! sets [`SipStatus::reachable`] and the round-trip time, and when the PBX
 //! answers again after a silence every extension is subscribed anew (a
 //! restarted PBX forgot its subscriptions; a `481` to a refresh says so too).
@@ -40,6 +44,7 @@ pub mod line;
 pub mod message;
 mod settings;
 pub mod subscription;
+pub mod transaction;
 mod ua;
 
 pub use line::Mode;

@@ -1,6 +1,8 @@
 //! The SIP user agent task: owns the transport (a UDP socket, or TCP
-//! connections), sends SUBSCRIBE and OPTIONS requests and retransmits them
-//! (UDP), matches responses to requests by the top Via `branch`, answers
+//! connections), sends SUBSCRIBE and OPTIONS requests, sends what the
+//! client transactions ([`Transactions`], `transaction.rs`: retransmission
+//! over UDP, timeouts, matching responses by the top Via `branch`) ask
+//! for, answers
 //! every request the PBX sends (NOTIFY `200`, `400` when malformed, `481`
 //! for an unknown subscription, `489` for another event package, OPTIONS
 //! `200`, `405` otherwise), and feeds NOTIFY bodies through
@@ -14,18 +16,19 @@
 //! Invariant: every parse failure is counted and survived; only a closed
 //! event channel ends the task with an error. This module never decides
 //! what a SIP response means for a subscription (that is
-//! `subscription.rs`) nor what a dialog means for a call (`line.rs`).
+//! `subscription.rs`), when a request is retransmitted or has failed
+//! (`transaction.rs`), nor what a dialog means for a call (`line.rs`).
 
 use super::dialog_info::{Applied, DialogInfo, DialogSet};
 use super::line::{LineTracker, Mode};
 use super::message::{new_branch, token, Framed, Lenient, Message, Name, Outgoing, SipCodec};
 use super::settings::{SipSettings, Transport};
 use super::subscription::{self, Params, SubscribeRequest, Subscription};
+use super::transaction::{Matched, Transactions};
 use super::{SipError, SipStatus};
 use crate::event::{Event, Micros};
 use crate::ids::AgentId;
 use futures::StreamExt;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,10 +40,6 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// RFC 3261 timer T1 (first retransmission of a UDP request).
-const T1: Duration = Duration::from_millis(500);
-/// RFC 3261 timer T2 (cap of the retransmission interval).
-const T2: Duration = Duration::from_secs(4);
 /// Capacity of the transport → user agent channel. Full means the readers
 /// wait: UDP datagrams then queue in the kernel (and the PBX retransmits
 /// what gets dropped there), TCP stops reading (TCP flow control).
@@ -94,17 +93,6 @@ enum Purpose {
     Unsubscribe,
 }
 
-#[derive(Debug)]
-struct Txn {
-    purpose: Purpose,
-    bytes: Vec<u8>,
-    sent_at: Instant,
-    /// UDP only.
-    retransmit_at: Option<Instant>,
-    interval: Duration,
-    deadline: Instant,
-}
-
 struct Line {
     extension: String,
     sub: Subscription,
@@ -120,7 +108,7 @@ pub(crate) struct Ua {
     tcp: Option<mpsc::Sender<Vec<u8>>>,
     connected_before: bool,
     lines: Vec<Line>,
-    txns: HashMap<String, Txn>,
+    txns: Transactions<Purpose>,
     options_at: Instant,
     /// `None` until the first OPTIONS answered or timed out.
     reachable: Option<bool>,
@@ -166,6 +154,8 @@ impl Ua {
             });
         }
         setup.status.set_total(lines.len());
+        // Over UDP requests are retransmitted; TCP is reliable.
+        let retransmit = udp.is_some();
         Ok(Ua {
             advertised: setup.advertised,
             pbx_addr: setup.pbx_addr,
@@ -173,7 +163,7 @@ impl Ua {
             tcp: None,
             connected_before: false,
             lines,
-            txns: HashMap::new(),
+            txns: Transactions::new(retransmit, setup.settings.request_timeout),
             options_at: now,
             reachable: None,
             events: setup.events,
@@ -216,11 +206,8 @@ impl Ua {
         if can_send && self.settings.options_interval.is_some() {
             consider(self.options_at);
         }
-        for t in self.txns.values() {
-            consider(t.deadline);
-            if let Some(r) = t.retransmit_at {
-                consider(r);
-            }
+        if let Some(t) = self.txns.next_deadline() {
+            consider(t);
         }
         for l in &self.lines {
             if let Some(d) = l.sub.deadline().filter(|_| can_send) {
@@ -236,24 +223,12 @@ impl Ua {
     async fn on_timers(&mut self) -> Result<(), SipError> {
         let now = Instant::now();
         // Transactions: retransmit (UDP) or give up.
-        let mut expired = Vec::new();
-        let mut resend = Vec::new();
-        for (branch, t) in &mut self.txns {
-            if t.deadline <= now {
-                expired.push(branch.clone());
-            } else if let Some(at) = t.retransmit_at.filter(|at| *at <= now) {
-                t.interval = (t.interval * 2).min(T2);
-                t.retransmit_at = Some(at.max(now) + t.interval);
-                resend.push(t.bytes.clone());
-            }
-        }
-        for bytes in resend {
+        let due = self.txns.poll(now);
+        for bytes in due.resend {
             self.send_to_pbx(&bytes).await;
         }
-        for branch in expired {
-            if let Some(t) = self.txns.remove(&branch) {
-                self.on_txn_timeout(now, t.purpose).await;
-            }
+        for purpose in due.expired {
+            self.on_txn_timeout(now, purpose).await;
         }
         if self.can_send() {
             if let Some(interval) = self.settings.options_interval.filter(|_| self.options_at <= now) {
@@ -383,18 +358,7 @@ impl Ua {
             }
         };
         self.send_to_pbx(&bytes).await;
-        let udp = self.udp.is_some();
-        self.txns.insert(
-            branch,
-            Txn {
-                purpose,
-                bytes,
-                sent_at: now,
-                retransmit_at: udp.then_some(now + T1),
-                interval: T1,
-                deadline: now + self.settings.request_timeout,
-            },
-        );
+        self.txns.start(branch, purpose, bytes, now);
     }
 
     async fn send_subscribe(&mut self, i: usize, req: SubscribeRequest, now: Instant) {
@@ -404,7 +368,7 @@ impl Ua {
         }
         let extension = line.extension.clone();
         // A request superseded by this one (auth retry, refresh) is over.
-        self.txns.retain(|_, t| !matches!(t.purpose, Purpose::Subscribe { agent, .. } if agent == i));
+        self.txns.abandon(|p| matches!(p, Purpose::Subscribe { agent, .. } if *agent == i));
         let purpose =
             if req.expires == 0 { Purpose::Unsubscribe } else { Purpose::Subscribe { agent: i, cseq: req.cseq } };
         let out = self.subscribe_request(&extension, &req);
@@ -463,10 +427,7 @@ impl Ua {
             other: vec![("Max-Forwards", "70".to_string()), ("Accept", "application/sdp".to_string())],
         };
         // Only one keepalive at a time: a new one supersedes a lost one.
-        let stale: Vec<String> =
-            self.txns.iter().filter(|(_, t)| matches!(t.purpose, Purpose::Options)).map(|(b, _)| b.clone()).collect();
-        for b in stale {
-            self.txns.remove(&b);
+        for _ in 0..self.txns.abandon(|p| matches!(p, Purpose::Options)) {
             self.set_reachable(false, None, now);
         }
         self.start_txn(Purpose::Options, out, branch, now).await;
@@ -543,21 +504,16 @@ impl Ua {
     async fn on_response(&mut self, msg: &Message) {
         let now = Instant::now();
         let (Some(branch), Some(status), Some(cseq)) = (msg.branch(), msg.status(), msg.cseq()) else { return };
-        let Some(txn) = self.txns.get_mut(branch) else {
-            debug!(status, "response to no pending request");
-            return;
-        };
-        if status < 200 {
-            // Proceeding: keep retransmitting, at T2 (RFC 3261 §17.1.2.2).
-            txn.interval = T2;
-            if let Some(r) = txn.retransmit_at.as_mut() {
-                *r = now + T2;
+        let (purpose, elapsed) = match self.txns.on_response(branch, status, now) {
+            Matched::Unknown => {
+                debug!(status, "response to no pending request");
+                return;
             }
-            return;
-        }
-        let Some(txn) = self.txns.remove(branch) else { return };
-        match txn.purpose {
-            Purpose::Options => self.set_reachable(true, Some(now.saturating_duration_since(txn.sent_at)), now),
+            Matched::Provisional => return,
+            Matched::Final { purpose, elapsed } => (purpose, elapsed),
+        };
+        match purpose {
+            Purpose::Options => self.set_reachable(true, Some(elapsed), now),
             Purpose::Unsubscribe => {}
             Purpose::Subscribe { agent, .. } => {
                 let r = subscription::Response {

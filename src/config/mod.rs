@@ -730,12 +730,8 @@ fn syntax_problem(text: &str, e: &toml::de::Error) -> String {
 
 /// 1-based line and column (in characters) of a byte offset.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
+    let before = crate::text::shorten(text, offset);
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
+    (line, before.get(line_start..).unwrap_or_default().chars().count() + 1)
 }

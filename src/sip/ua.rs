@@ -1,12 +1,11 @@
 //! The SIP user agent task: owns the transport (a UDP socket, or TCP
-//! connections), sends SUBSCRIBE and OPTIONS requests, sends what the
-//! client transactions ([`Transactions`], `transaction.rs`: retransmission
-//! over UDP, timeouts, matching responses by the top Via `branch`) ask
-//! for, answers
-//! every request the PBX sends (NOTIFY `200`, `400` when malformed, `481`
-//! for an unknown subscription, `489` for another event package, OPTIONS
-//! `200`, `405` otherwise), and feeds NOTIFY bodies through
-//! [`DialogSet`] and [`LineTracker`] into the event channel.
+//! connections), sends SUBSCRIBE and OPTIONS requests and whatever their
+//! client transactions ask for ([`Transactions`]: retransmission over UDP,
+//! timeouts, responses matched by the top Via `branch`), answers every
+//! request the PBX sends (NOTIFY `200`, `400` when malformed, `481` for an
+//! unknown subscription, `489` for another event package, OPTIONS `200`,
+//! `405` otherwise), and feeds NOTIFY bodies through [`DialogSet`] and
+//! [`LineTracker`] into the event channel.
 //!
 //! One task, one loop (`tokio::select!` over shutdown, the inbound channel
 //! and the earliest timer), no locks: subscriptions, transactions and line

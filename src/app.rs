@@ -176,10 +176,10 @@ async fn start_sip(
 ) -> anyhow::Result<()> {
     // A replayed trace is the only source of a reproduced incident: SIP
     // subscriptions belong to live runs.
-    let Some(sip) = config.sip.clone().filter(|_| matches!(opts.source, SourceSpec::Ami)) else {
+    let Some(sip) = crate::settings::sip_settings(config).filter(|_| matches!(opts.source, SourceSpec::Ami)) else {
         return Ok(());
     };
-    let mode = crate::sip::Mode::for_config(config);
+    let mode = crate::settings::sip_mode(config);
     let agent = crate::sip::spawn(
         sip,
         mode,

@@ -44,6 +44,7 @@ pub mod sip;
 pub mod state;
 pub mod systemd;
 pub mod telemetry;
+pub mod text;
 pub mod tracegen;
 
 pub mod app;

@@ -15,10 +15,12 @@
 
 use crate::ami::CodecLimits;
 use crate::config::Config;
+use crate::config::SipTransport;
 use crate::directory::{Agent, Directory, Group};
 use crate::ids::{AgentId, GroupId};
 use crate::normalize::{AlwaysOpen, Normalizer, Options, Rules, StuckLimits};
 use crate::routing::{Calendar, Routing, RoutingError};
+use crate::sip::{Mode as SipMode, SipSettings, Transport};
 use std::sync::Arc;
 
 /// The codec bounds of `[pbx.ami]` (the defaults without it): the same for
@@ -127,4 +129,33 @@ pub fn stuck_limits(config: &Config) -> StuckLimits {
         talking_seconds: s.talking_seconds,
         silence_seconds: s.silence_seconds,
     }
+}
+
+/// The SIP connector's settings, when `[sip]` is configured.
+pub fn sip_settings(config: &Config) -> Option<SipSettings> {
+    let sip = config.sip.as_ref()?;
+    Some(SipSettings {
+        bind: sip.bind.clone(),
+        pbx: sip.pbx.clone(),
+        transport: match sip.transport {
+            SipTransport::Udp => Transport::Udp,
+            SipTransport::Tcp => Transport::Tcp,
+        },
+        domain: sip.domain().to_string(),
+        contact_host: sip.contact_host.clone(),
+        username: sip.username.clone(),
+        secret: sip.secret.clone(),
+        expires_seconds: sip.expires_seconds,
+        options_interval: sip.options_interval(),
+        request_timeout: sip.request_timeout(),
+        retry_max: sip.retry_max(),
+        max_message_bytes: sip.max_message_bytes,
+        offer_identity_wait: sip.offer_identity_wait(),
+    })
+}
+
+/// What the SIP connector reports: the whole (reduced) call lifecycle
+/// without `[pbx.ami]`, line states only when AMI reports the calls.
+pub fn sip_mode(config: &Config) -> SipMode {
+    SipMode::with_ami(config.pbx.ami.is_some())
 }

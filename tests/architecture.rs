@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 type Graph = BTreeMap<String, BTreeMap<String, BTreeSet<String>>>;
 
 /// Modules that must not name `crate::config`: they take settings of
-/// their own, built by `config::runtime`.
+/// their own, built by `settings`.
 const CONFIG_FREE: &[&str] = &["ami", "sip", "normalize", "directory"];
 
 #[test]

@@ -7,7 +7,8 @@ mod lifecycle_checks;
 
 use callbridge::config::Config;
 use callbridge::event::{Event, EventKind, LineState};
-use callbridge::sip::{self, Mode, SipAgent};
+use callbridge::settings;
+use callbridge::sip::{self, SipAgent};
 use md5::{Digest, Md5};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -272,10 +273,11 @@ fn config(pbx: SocketAddr, transport: &str, ami: bool, request_timeout: f64) -> 
 async fn start(config: &Config) -> (SipAgent, mpsc::Receiver<Event>, CancellationToken) {
     let (tx, rx) = mpsc::channel(64);
     let shutdown = CancellationToken::new();
-    let directory = Arc::new(callbridge::settings::directory(config));
-    let sip_config = config.sip.clone().unwrap();
-    let agent =
-        sip::spawn(sip_config, Mode::for_config(config), directory, "lab".into(), tx, shutdown.clone()).await.unwrap();
+    let directory = Arc::new(settings::directory(config));
+    let sip_settings = settings::sip_settings(config).unwrap();
+    let agent = sip::spawn(sip_settings, settings::sip_mode(config), directory, "lab".into(), tx, shutdown.clone())
+        .await
+        .unwrap();
     (agent, rx, shutdown)
 }
 
@@ -475,5 +477,90 @@ async fn tcp_transport_subscribes_and_reconnects() {
     let e = next_events(&mut rx, 4).await;
     assert_eq!(types(&e), ["agent.line", "call.offer_ended", "call.missed", "call.ended"]);
     shutdown.cancel();
+    timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
+}
+
+/// One datagram of non-ASCII garbage once panicked the user agent's task
+/// (its parse error was shortened inside a UTF-8 character): the process
+/// stayed up but SIP was dead. Every such datagram is now survived, and
+/// the next NOTIFY is answered and reported.
+#[tokio::test]
+async fn non_ascii_garbage_datagrams_do_not_stop_the_connector() {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
+    let config = config(addr, "udp", false, 2.0);
+    let (agent, mut rx, shutdown) = start(&config).await;
+    let sub = pbx.accept_subscription("n-1", 600).await;
+    let r = pbx.notify(&sub, "active;expires=600", &doc(0, TERMINATED)).await;
+    assert!(r.start.starts_with("SIP/2.0 200"), "{r:?}");
+    assert_eq!(line_state(&next_events(&mut rx, 1).await[0]), (LineState::Idle, None));
+
+    // Whatever the cut, one of these puts the 120-byte mark of the parse
+    // error inside a multi-byte character.
+    for pad in 0..4 {
+        for filler in ["é", "€", "📞"] {
+            let garbage = format!("{}{} SIP/2.0\r\n\r\n", "x".repeat(pad), filler.repeat(200));
+            pbx.wire.send(agent.local_addr, garbage.as_bytes()).await;
+        }
+    }
+    let broken = format!(
+        "NOTIFY sip:callbridge@{} SIP/2.0\r\nVia: SIP/2.0/UDP {addr};branch=z9hG4bKutf8\r\n\
+         From: <sip:2000@pbx>;tag=x\r\nTo: <sip:callbridge@h>;tag=y\r\nCall-ID: b1\r\nCSeq: 1 NOTIFY\r\n\
+         não é um cabeçalho {}\r\n\r\n",
+        agent.local_addr,
+        "📞".repeat(100)
+    );
+    pbx.wire.send(agent.local_addr, broken.as_bytes()).await;
+    let r = pbx.response().await;
+    assert!(r.start.starts_with("SIP/2.0 400") && r.h("CSeq") == "1 NOTIFY", "{r:?}");
+
+    // Still alive: the next NOTIFY is answered and becomes agent.line.
+    let r = pbx.notify(&sub, "active", &doc(1, EARLY)).await;
+    assert!(r.start.starts_with("SIP/2.0 200"), "{r:?}");
+    let e = next_events(&mut rx, 3).await;
+    assert_eq!(types(&e), ["agent.line", "call.started", "call.offered"]);
+    assert_eq!(line_state(&e[0]), (LineState::Ringing, Some("31955550003".into())));
+    assert!(!agent.task.is_finished());
+    shutdown.cancel();
+    let bye = pbx.request("SUBSCRIBE").await;
+    assert_eq!(bye.h("Expires"), "0");
+    timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
+}
+
+/// Over UDP an unanswered SUBSCRIBE is sent again, byte for byte, after
+/// T1 (0.5 s) and then at doubling intervals; its final response, even to
+/// a retransmission, ends the transaction.
+#[tokio::test]
+async fn unanswered_udp_requests_are_retransmitted() {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
+    let config = config(addr, "udp", false, 10.0);
+    let (agent, _rx, shutdown) = start(&config).await;
+    let first = pbx.request("SUBSCRIBE").await;
+    let t0 = tokio::time::Instant::now();
+    let second = pbx.request("SUBSCRIBE").await;
+    let t1 = tokio::time::Instant::now();
+    let third = pbx.request("SUBSCRIBE").await;
+    let t2 = tokio::time::Instant::now();
+    for again in [&second, &third] {
+        assert_eq!(again.headers, first.headers, "a retransmission is the same request");
+    }
+    // 0.5 s, then 1 s (the slack is for loaded CI machines).
+    let (d1, d2) = (t1 - t0, t2 - t1);
+    assert!(d1 >= Duration::from_millis(350) && d1 < Duration::from_millis(1000), "first after {d1:?}");
+    assert!(d2 >= Duration::from_millis(800) && d2 < Duration::from_millis(1700), "second after {d2:?}");
+    pbx.reply(&third, "200 OK", &["Expires: 600".into(), "Contact: <sip:2000@127.0.0.1>".into()]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while agent.status.subscriptions_active() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Answered: no more retransmissions (only keepalives, which `request` answers).
+    assert!(timeout(Duration::from_millis(1500), pbx.request("SUBSCRIBE")).await.is_err());
+    shutdown.cancel();
+    let bye = pbx.request("SUBSCRIBE").await;
+    assert_eq!(bye.h("Expires"), "0");
     timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
 }

@@ -8,7 +8,8 @@ mod lifecycle_checks;
 
 use callbridge::config::Config;
 use callbridge::event::{Event, EventKind, LineState};
-use callbridge::sip::{self, Mode, SipAgent};
+use callbridge::settings;
+use callbridge::sip::{self, SipAgent};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -100,9 +101,9 @@ async fn start_callbridge(
     let (tx, rx) = mpsc::channel(256);
     let shutdown = CancellationToken::new();
     let agent = sip::spawn(
-        config.sip.clone().unwrap(),
-        Mode::for_config(&config),
-        Arc::new(callbridge::settings::directory(&config)),
+        settings::sip_settings(&config).unwrap(),
+        settings::sip_mode(&config),
+        Arc::new(settings::directory(&config)),
         "lab".into(),
         tx,
         shutdown.clone(),

@@ -12,8 +12,10 @@
 //!    unknown agents or groups referenced, groups without agents, overflow
 //!    loops.
 //!
-//! Only a document without problems is deserialized into [`Config`]. Every
-//! problem is one line naming the field path (`groups[1].agents[0]`) and why.
+//! Only a document without problems is deserialized into [`Config`]; the
+//! deserialized sections then check the ranges the walk does not express
+//! (`[sip]`: [`SipConfig::validate`]). Every problem is one line naming the
+//! field path (`groups[1].agents[0]`) and why.
 //!
 //! Secrets may be given inline (`secret`), in a file (`secret_file`) or in an
 //! environment variable (`secret_env`). Validation checks that exactly one
@@ -29,10 +31,12 @@
 mod check;
 mod command;
 mod schema;
+pub mod sip;
 pub mod values;
 
 pub use crate::secret::{SecretError, SecretSource};
 pub use command::{check_config, check_config_main, CheckOptions};
+pub use sip::{SipConfig, SipTransport};
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -69,7 +73,7 @@ pub struct Config {
     /// SIP dialog-event subscriptions (agent line state; SIP-only mode
     /// without `[pbx.ami]`).
     #[serde(default)]
-    pub sip: Option<crate::sip::SipConfig>,
+    pub sip: Option<SipConfig>,
     /// The FastAGI routing endpoint (SPEC §8). Absent: no listener.
     pub agi: Option<AgiConfig>,
     /// The durable outbox between the normalizer and the sinks.
@@ -630,14 +634,28 @@ impl Config {
         }
         // The walk accepts only what the structs accept; an error here is a
         // schema/struct mismatch, still reported rather than panicking.
-        table.try_into().map_err(|e: toml::de::Error| err(vec![e.message().to_string()]))
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| err(vec![e.message().to_string()]))?;
+        let problems = config.check_sections();
+        if !problems.is_empty() {
+            return Err(err(problems));
+        }
+        Ok(config)
+    }
+
+    /// Step 4, on the deserialized sections: ranges the key walk does not
+    /// express.
+    fn check_sections(&self) -> Vec<String> {
+        self.sip.as_ref().map(SipConfig::validate).unwrap_or_default()
     }
 
     /// Every problem of an already built configuration (e.g. one assembled
     /// in code); empty when it is valid. Secrets are not resolved.
     pub fn validate(&self) -> Vec<String> {
         match toml::Table::try_from(self) {
-            Ok(table) => check_table(&table),
+            Ok(table) => match check_table(&table) {
+                problems if problems.is_empty() => self.check_sections(),
+                problems => problems,
+            },
             Err(e) => vec![format!("cannot check the configuration: {e}")],
         }
     }
@@ -700,12 +718,8 @@ fn syntax_problem(text: &str, e: &toml::de::Error) -> String {
 
 /// 1-based line and column (in characters) of a byte offset.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
+    let before = crate::text::shorten(text, offset);
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
+    (line, before.get(line_start..).unwrap_or_default().chars().count() + 1)
 }

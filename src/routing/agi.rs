@@ -580,7 +580,7 @@ fn percent_decode(s: &str) -> String {
 
 /// A peer's line for a log message: at most 80 printable characters.
 fn printable(s: &str) -> String {
-    s.chars().take(80).map(|c| if c.is_control() { '?' } else { c }).collect()
+    crate::text::prefix_chars(s, 80).chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 #[cfg(test)]

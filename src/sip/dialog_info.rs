@@ -13,6 +13,10 @@
 //! This module does no I/O and knows nothing of agents or events: mapping a
 //! set to line states and calls is `line.rs`'s job.
 
+// Fed by the network: no indexing or slicing that could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
+use crate::text::prefix_chars;
 use quick_xml::events::{BytesStart, Event as Xml};
 use quick_xml::Reader;
 use std::collections::BTreeMap;
@@ -186,9 +190,7 @@ impl DialogInfo {
 }
 
 fn xml_err(e: impl std::fmt::Display) -> DialogInfoError {
-    let mut s = e.to_string();
-    s.truncate(120);
-    DialogInfoError::Xml(s)
+    DialogInfoError::Xml(crate::text::shorten_owned(e.to_string(), 120))
 }
 
 fn attr(e: &BytesStart<'_>, name: &[u8]) -> Result<Option<String>, DialogInfoError> {
@@ -284,8 +286,8 @@ impl Parser {
 
     /// The path relative to the current `<dialog>`, if inside one.
     fn in_dialog(&self) -> Option<Vec<&[u8]>> {
-        if self.path.len() >= 2 && self.path[1] == b"dialog" {
-            Some(self.path[2..].iter().map(Vec::as_slice).collect())
+        if self.path.get(1).is_some_and(|p| p == b"dialog") {
+            Some(self.path.get(2..)?.iter().map(Vec::as_slice).collect())
         } else {
             None
         }
@@ -296,14 +298,14 @@ impl Parser {
         let name = name.as_ref();
         if self.path.is_empty() {
             if name != b"dialog-info" || self.doc.is_some() {
-                return Err(DialogInfoError::Root(String::from_utf8_lossy(name).chars().take(40).collect()));
+                return Err(DialogInfoError::Root(prefix_chars(&String::from_utf8_lossy(name), 40).to_string()));
             }
             let version =
                 attr(e, b"version")?.and_then(|v| v.trim().parse::<u64>().ok()).ok_or(DialogInfoError::Version)?;
             let state = match attr(e, b"state")?.as_deref().map(str::trim) {
                 Some("full") => DocState::Full,
                 Some("partial") => DocState::Partial,
-                other => return Err(DialogInfoError::DocState(other.unwrap_or("").chars().take(20).collect())),
+                other => return Err(DialogInfoError::DocState(prefix_chars(other.unwrap_or(""), 20).to_string())),
             };
             self.doc = Some(DialogInfo { version: Some(version), state, entity: attr(e, b"entity")?, dialogs: vec![] });
             return Ok(());
@@ -354,7 +356,7 @@ impl Parser {
     }
 
     fn close(&mut self) -> Result<(), DialogInfoError> {
-        if self.path.len() == 2 && self.path[1] == b"dialog" {
+        if self.path.len() == 2 && self.path.get(1).is_some_and(|p| p == b"dialog") {
             if let Some(d) = self.dialog.take() {
                 let state = d.state.ok_or_else(|| DialogInfoError::DialogState(d.id.clone()))?;
                 if let Some(doc) = self.doc.as_mut() {
@@ -473,6 +475,7 @@ impl DialogSet {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::string_slice)]
 pub(crate) mod tests {
     use super::*;
 
@@ -656,6 +659,29 @@ pub(crate) mod tests {
             assert!(check(&e), "{body}: {e:?}");
         }
         assert_eq!(DialogInfo::parse(b"\xff\xfe"), Err(DialogInfoError::Encoding));
+    }
+
+    #[test]
+    fn errors_quoting_non_ascii_input_are_shortened_whole() {
+        for pad in 0..4 {
+            for filler in ["é", "€", "📞"] {
+                let long = filler.repeat(200);
+                let bodies = [
+                    format!("<{}{long} version=\"1\"/>", "d".repeat(pad)),
+                    format!("<dialog-info version=\"1\" state=\"{}{long}\"/>", "s".repeat(pad)),
+                    format!("<dialog-info version=\"1\" state=\"full\">&{}{long};</dialog-info>", "e".repeat(pad)),
+                    format!("<dialog-info version=\"1\" state=\"full\"></{}{long}>", "x".repeat(pad)),
+                ];
+                for body in bodies {
+                    match DialogInfo::parse(body.as_bytes()) {
+                        Err(DialogInfoError::Xml(s) | DialogInfoError::Root(s) | DialogInfoError::DocState(s)) => {
+                            assert!(s.len() <= 160, "{s:?}")
+                        }
+                        other => panic!("{body}: {other:?}"),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! `auth-int`. This module does no I/O, keeps no state and must never log or
 //! return the password or HA1.
 
+// Fed by the network: no indexing or slicing that could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
+use crate::text::prefix_chars;
 use md5::{Digest, Md5};
 use std::fmt::Write as _;
 
@@ -62,7 +66,7 @@ impl Challenge {
         let value = value.trim();
         let (scheme, rest) = value.split_once(|c: char| c.is_ascii_whitespace()).unwrap_or((value, ""));
         if !scheme.eq_ignore_ascii_case("Digest") {
-            return Err(DigestError::NotDigest(scheme.chars().take(32).collect()));
+            return Err(DigestError::NotDigest(prefix_chars(scheme, 32).to_string()));
         }
         let params = parse_params(rest)?;
         let get = |name: &str| params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
@@ -72,7 +76,7 @@ impl Challenge {
             None => None,
             Some(a) if a.eq_ignore_ascii_case("MD5") => Some(Algorithm::Md5),
             Some(a) if a.eq_ignore_ascii_case("MD5-sess") => Some(Algorithm::Md5Sess),
-            Some(a) => return Err(DigestError::Algorithm(a.chars().take(32).collect())),
+            Some(a) => return Err(DigestError::Algorithm(prefix_chars(&a, 32).to_string())),
         };
         let qop = match get("qop") {
             None => None,
@@ -83,7 +87,7 @@ impl Challenge {
                 } else if offered.iter().any(|q| q.eq_ignore_ascii_case("auth-int")) {
                     Some(Qop::AuthInt)
                 } else {
-                    return Err(DigestError::Qop(list.chars().take(32).collect()));
+                    return Err(DigestError::Qop(prefix_chars(&list, 32).to_string()));
                 }
             }
         };
@@ -243,6 +247,7 @@ pub fn authorization(ch: &Challenge, r: &RequestDigest<'_>) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::string_slice)]
 mod tests {
     use super::*;
 

@@ -11,6 +11,9 @@
 //! This module does no I/O, keeps no state across messages and must never
 //! panic on input: everything here is fed by the network.
 
+// Fed by the network: no indexing or slicing that could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use bytes::{Buf, BytesMut};
 use rsip::headers::UntypedHeader;
 use rsip::Header;
@@ -216,11 +219,8 @@ impl Message {
         if bytes.len() > max {
             return Err(MessageError::TooLarge { size: bytes.len(), max });
         }
-        let inner = rsip::SipMessage::try_from(bytes).map_err(|e| {
-            let mut s = e.to_string();
-            s.truncate(120);
-            MessageError::Syntax(s)
-        })?;
+        let inner = rsip::SipMessage::try_from(bytes)
+            .map_err(|e| MessageError::Syntax(crate::text::shorten_owned(e.to_string(), 120)))?;
         let mut msg = Message { inner };
         for required in [Name::Via, Name::From, Name::To, Name::CallId] {
             if msg.header(required).is_none() {
@@ -324,7 +324,7 @@ impl Message {
     pub fn contact_uri(&self) -> Option<&str> {
         let v = self.header(Name::Contact)?;
         match (v.find('<'), v.find('>')) {
-            (Some(a), Some(b)) if a < b => Some(&v[a + 1..b]),
+            (Some(a), Some(b)) if a < b => v.get(a + 1..b),
             _ => v.split(';').next().map(str::trim),
         }
     }
@@ -359,7 +359,7 @@ impl Message {
 /// mistaken for header parameters.
 pub fn header_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
     let params = match value.rfind('>') {
-        Some(i) => &value[i + 1..],
+        Some(i) => value.get(i + 1..).unwrap_or_default(),
         None => value.split_once(';').map_or("", |(_, p)| p),
     };
     params.split(';').find_map(|p| {
@@ -385,7 +385,7 @@ impl Lenient {
     /// with Via, From, To, Call-ID and CSeq (a response is never answered).
     pub fn scan(bytes: &[u8]) -> Option<Lenient> {
         let head_end = memchr::memmem::find(bytes, b"\r\n\r\n").unwrap_or(bytes.len());
-        let head = String::from_utf8_lossy(&bytes[..head_end]);
+        let head = String::from_utf8_lossy(bytes.get(..head_end).unwrap_or(bytes));
         let mut lines = head.split("\r\n");
         let start = lines.next()?;
         let method = start.split(' ').next()?;
@@ -464,7 +464,7 @@ impl Outgoing {
 /// Request-URI as given, and `rsip`'s URI parser is lenient (it cuts
 /// `not a uri` to `not`) and has no IPv6 literals.
 pub fn sip_uri(s: &str) -> Result<rsip::Uri, MessageError> {
-    let bad = || MessageError::Syntax(format!("{:?} is not a usable SIP URI", s.chars().take(80).collect::<String>()));
+    let bad = || MessageError::Syntax(format!("{:?} is not a usable SIP URI", crate::text::prefix_chars(s, 80)));
     let lower = s.get(..5).unwrap_or("").to_ascii_lowercase();
     if !(lower.starts_with("sip:") || lower.starts_with("sips:"))
         || s.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -482,7 +482,7 @@ pub fn sip_uri(s: &str) -> Result<rsip::Uri, MessageError> {
 pub fn token(len: usize) -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    (0..len).map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)])).collect()
+    (0..len).filter_map(|_| char::from_digit(rng.random_range(0..16), 16)).collect()
 }
 
 /// RFC 3261's magic cookie plus a random part.
@@ -551,7 +551,7 @@ impl Decoder for SipCodec {
             }
             return Ok(None);
         };
-        let body_len = match content_length(&src[..head_end]) {
+        let body_len = match content_length(src.get(..head_end).unwrap_or_default()) {
             Ok(n) => n,
             Err(e) => {
                 // Without a length the rest of the stream cannot be framed.
@@ -574,6 +574,7 @@ impl Decoder for SipCodec {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::string_slice)]
 pub(crate) mod tests {
     use super::*;
 
@@ -681,6 +682,27 @@ pub(crate) mod tests {
         assert_eq!(Message::parse(short, 4096).unwrap_err(), MessageError::ContentLength { declared: 50, actual: 4 });
         let long = b"NOTIFY sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>;tag=2\r\nCall-ID: c\r\nCSeq: 1 NOTIFY\r\nContent-Length: 4\r\n\r\n<x/>trailing";
         assert_eq!(Message::parse(long, 4096).unwrap().body(), b"<x/>");
+    }
+
+    /// A syntax error quotes the input; shortening that quote must not cut
+    /// a multi-byte character (this once panicked the user agent's task).
+    #[test]
+    fn syntax_errors_quoting_non_ascii_input_do_not_panic() {
+        let mut cut_inside_a_char = false;
+        for pad in 0..4 {
+            for filler in ["é", "€", "📞"] {
+                let text = format!("{}{} SIP/2.0\r\n\r\n", "x".repeat(pad), filler.repeat(200));
+                let full = rsip::SipMessage::try_from(text.as_bytes()).unwrap_err().to_string();
+                cut_inside_a_char |= full.len() > 120 && !full.is_char_boundary(120);
+                match Message::parse(text.as_bytes(), 65_535) {
+                    Err(MessageError::Syntax(s)) => assert!(s.len() <= 120 && full.starts_with(&s), "{s:?}"),
+                    other => panic!("{other:?}"),
+                }
+                assert!(Lenient::scan(text.as_bytes()).is_none());
+                let _ = sip_uri(&format!("sip:{}", filler.repeat(100)));
+            }
+        }
+        assert!(cut_inside_a_char, "no case puts the 120-byte cut inside a character");
     }
 
     #[test]

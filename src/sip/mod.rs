@@ -8,6 +8,8 @@
 //!            UDP socket / TCP connections
 //!                      │ bytes (bounded channel)
 //!  ua.rs ──────────────┴── message.rs (parse, bounded) ── responses, 400/481/489
+//!    ├─ transaction.rs   requests in progress: T1/T2 retransmission, timeout,
+//!    │                   response ↔ request by Via branch
 //!    │ per extension:
 //!    ├─ subscription.rs  SUBSCRIBE, 401/407 → digest.rs, refresh, backoff
 //!    ├─ dialog_info.rs   NOTIFY body → DialogSet (full/partial, versions)
@@ -16,9 +18,11 @@
 //!                      ▼ normalizer's consumers (registry, outbox)
 //! ```
 //!
-//! `subscription.rs`, `dialog_info.rs`, `line.rs`, `digest.rs` and
-//! `message.rs` are pure (no I/O, no clock); only `ua.rs` owns sockets and
-//! timers. Keepalive: `OPTIONS` every `options_interval_seconds`; the answer
+//! `subscription.rs`, `transaction.rs`, `dialog_info.rs`, `line.rs`,
+//! `digest.rs` and `message.rs` are pure (no I/O, no clock); only `ua.rs`
+//! owns sockets and timers. `ua.rs` takes [`SipSettings`] (plain values,
+//! built from the configuration file by `config/runtime.rs`); nothing here
+//! reads the configuration. Keepalive: `OPTIONS` every `options_interval_seconds`; the answer
 //! sets [`SipStatus::reachable`] and the round-trip time, and when the PBX
 //! answers again after a silence every extension is subscribed anew (a
 //! restarted PBX forgot its subscriptions; a `481` to a refresh says so too).
@@ -34,16 +38,17 @@
 //! in the directory, never drop an event when the channel is full, and never
 //! log the SIP secret.
 
-pub mod config;
 pub mod dialog_info;
 pub mod digest;
 pub mod line;
 pub mod message;
+mod settings;
 pub mod subscription;
+pub mod transaction;
 mod ua;
 
-pub use config::{SipConfig, Transport};
 pub use line::Mode;
+pub use settings::{SipSettings, Transport};
 
 use crate::directory::Directory;
 use crate::event::Event;
@@ -80,12 +85,12 @@ pub enum SipError {
 }
 
 impl Mode {
-    /// SIP-only when no AMI connection is configured.
-    pub fn for_config(config: &crate::config::Config) -> Mode {
-        if config.pbx.ami.is_none() {
-            Mode::SipOnly
-        } else {
+    /// SIP-only when no other source (AMI) reports calls.
+    pub fn with_ami(ami: bool) -> Mode {
+        if ami {
             Mode::LineOnly
+        } else {
+            Mode::SipOnly
         }
     }
 }
@@ -182,89 +187,114 @@ fn host_port(ip: std::net::IpAddr, port: u16) -> String {
     SocketAddr::new(ip, port).to_string()
 }
 
+/// The bound transport: a UDP socket, or a TCP listener (the outgoing
+/// connection is opened by the transport task).
+enum Bound {
+    Udp(Arc<tokio::net::UdpSocket>),
+    Tcp(tokio::net::TcpListener),
+}
+
+async fn resolve_pbx(pbx: &str) -> Result<SocketAddr, SipError> {
+    tokio::net::lookup_host(pbx)
+        .await
+        .map_err(|source| SipError::Resolve { address: pbx.to_string(), source })?
+        .next()
+        .ok_or_else(|| SipError::Resolve {
+            address: pbx.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })
+}
+
+async fn bind(settings: &SipSettings) -> Result<(Bound, SocketAddr), SipError> {
+    let bind_err = |source| SipError::Bind { address: settings.bind.clone(), source };
+    match settings.transport {
+        Transport::Udp => {
+            let socket = tokio::net::UdpSocket::bind(&settings.bind).await.map_err(bind_err)?;
+            let local = socket.local_addr().map_err(bind_err)?;
+            Ok((Bound::Udp(Arc::new(socket)), local))
+        }
+        Transport::Tcp => {
+            let listener = tokio::net::TcpListener::bind(&settings.bind).await.map_err(bind_err)?;
+            let local = listener.local_addr().map_err(bind_err)?;
+            Ok((Bound::Tcp(listener), local))
+        }
+    }
+}
+
+/// The `host:port` written in Via and Contact.
+fn advertised_address(contact_host: Option<&str>, local_addr: SocketAddr, pbx_addr: SocketAddr) -> String {
+    match contact_host {
+        Some(h) if h.contains(':') && !h.starts_with('[') && h.parse::<std::net::Ipv6Addr>().is_err() => h.to_string(),
+        Some(h) if h.starts_with('[') && h.contains("]:") => h.to_string(),
+        Some(h) => format!("{h}:{}", local_addr.port()),
+        None if local_addr.ip().is_unspecified() => {
+            host_port(route_source(pbx_addr).unwrap_or(local_addr.ip()), local_addr.port())
+        }
+        None => local_addr.to_string(),
+    }
+}
+
+/// (agent, extension) of every agent, sorted by extension, one agent per
+/// extension.
+fn watched_extensions(directory: &Directory) -> Vec<(crate::ids::AgentId, String)> {
+    let mut agents: Vec<(crate::ids::AgentId, String)> =
+        directory.agents().map(|a| (a.id.clone(), a.extension.clone())).collect();
+    agents.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    agents.dedup_by(|a, b| a.1 == b.1);
+    agents
+}
+
 /// Starts the SIP connector: binds the socket (or listener), resolves the
 /// PBX, and spawns the user agent, which subscribes to the dialog state of
 /// every agent's extension in `directory`.
 ///
 /// `mode` says whether calls come from AMI ([`Mode::LineOnly`]) or from SIP
-/// alone ([`Mode::SipOnly`], see [`Mode::for_config`]). `events` receives
+/// alone ([`Mode::SipOnly`], see [`Mode::with_ami`]). `events` receives
 /// `agent.line` (and SIP-only call) events in order; when it is full the
 /// connector waits. `pbx_name` names the PBX in logs.
 pub async fn spawn(
-    config: SipConfig,
+    settings: SipSettings,
     mode: Mode,
     directory: Arc<Directory>,
     pbx_name: String,
     events: mpsc::Sender<Event>,
     shutdown: CancellationToken,
 ) -> Result<SipAgent, SipError> {
-    let problems = config.validate();
-    if !problems.is_empty() {
-        return Err(SipError::Config(problems));
-    }
-    let password = config.secret.resolve().map_err(SipError::Secret)?;
-    let pbx_addr = tokio::net::lookup_host(&config.pbx)
-        .await
-        .map_err(|source| SipError::Resolve { address: config.pbx.clone(), source })?
-        .next()
-        .ok_or_else(|| SipError::Resolve {
-            address: config.pbx.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-        })?;
-    let bind_err = |source| SipError::Bind { address: config.bind.clone(), source };
+    let password = settings.secret.resolve().map_err(SipError::Secret)?;
+    let pbx_addr = resolve_pbx(&settings.pbx).await?;
     let (inbound_tx, inbound_rx) = mpsc::channel(ua::INBOUND_CAPACITY);
-    let (udp, local_addr, tcp_listener) = match config.transport {
-        Transport::Udp => {
-            let socket = tokio::net::UdpSocket::bind(&config.bind).await.map_err(bind_err)?;
-            let local = socket.local_addr().map_err(bind_err)?;
-            (Some(Arc::new(socket)), local, None)
-        }
-        Transport::Tcp => {
-            let listener = tokio::net::TcpListener::bind(&config.bind).await.map_err(bind_err)?;
-            let local = listener.local_addr().map_err(bind_err)?;
-            (None, local, Some(listener))
-        }
-    };
-    let advertised = match &config.contact_host {
-        Some(h) if h.contains(':') && !h.starts_with('[') && h.parse::<std::net::Ipv6Addr>().is_err() => h.clone(),
-        Some(h) if h.starts_with('[') && h.contains("]:") => h.clone(),
-        Some(h) => format!("{h}:{}", local_addr.port()),
-        None if local_addr.ip().is_unspecified() => {
-            host_port(route_source(pbx_addr).unwrap_or(local_addr.ip()), local_addr.port())
-        }
-        None => local_addr.to_string(),
-    };
-    let mut agents: Vec<(crate::ids::AgentId, String)> =
-        directory.agents().map(|a| (a.id.clone(), a.extension.clone())).collect();
-    agents.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
-    agents.dedup_by(|a, b| a.1 == b.1);
+    let (bound, local_addr) = bind(&settings).await?;
+    let advertised = advertised_address(settings.contact_host.as_deref(), local_addr, pbx_addr);
     let status = SipStatus::default();
+    let udp = match &bound {
+        Bound::Udp(socket) => Some(socket.clone()),
+        Bound::Tcp(_) => None,
+    };
     let setup = ua::Setup {
         password,
         pbx_addr,
         advertised: advertised.clone(),
         mode,
-        agents,
+        agents: watched_extensions(&directory),
         events,
         status: status.clone(),
-        config: config.clone(),
+        settings: settings.clone(),
     };
-    let ua = ua::Ua::new(setup, udp.clone())?;
-    match (udp, tcp_listener) {
-        (Some(socket), _) => {
-            ua::spawn_udp_reader(socket, inbound_tx, config.max_message_bytes, shutdown.clone());
+    let ua = ua::Ua::new(setup, udp)?;
+    match bound {
+        Bound::Udp(socket) => {
+            ua::spawn_udp_reader(socket, inbound_tx, settings.max_message_bytes, shutdown.clone());
         }
-        (None, Some(listener)) => {
-            ua::spawn_tcp(pbx_addr, listener, inbound_tx, &config, shutdown.clone());
+        Bound::Tcp(listener) => {
+            ua::spawn_tcp(pbx_addr, listener, inbound_tx, &settings, shutdown.clone());
         }
-        (None, None) => return Err(SipError::TransportClosed),
     }
     tracing::info!(
         pbx = %pbx_name,
         sip_pbx = %pbx_addr,
         local = %local_addr,
         contact = %advertised,
-        transport = config.transport.token(),
+        transport = settings.transport.token(),
         extensions = status.subscriptions_total(),
         sip_only = (mode == Mode::SipOnly),
         "SIP dialog-event connector started"

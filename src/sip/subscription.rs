@@ -286,75 +286,10 @@ impl Subscription {
         }
         match r.status {
             200..=299 => {
-                let granted = r.expires.unwrap_or(in_flight.expires);
-                if in_flight.expires == 0 {
-                    self.phase = Phase::Closed;
-                    return None;
-                }
-                if let Some(d) = self.dialog.as_mut() {
-                    if d.remote_tag.is_none() {
-                        d.remote_tag = r.to_tag.map(str::to_string);
-                    }
-                    // A Contact rsip cannot render as given keeps the original target.
-                    if let Some(uri) = r.contact.and_then(|c| super::message::sip_uri(c).ok()) {
-                        d.target = uri.to_string();
-                    }
-                }
-                self.in_flight = None;
-                if granted == 0 {
-                    self.fail(now, Failure::Rejected, jitter, None);
-                    return None;
-                }
-                self.failures = 0;
-                self.last_failure = None;
-                self.phase = Phase::Active { refresh_at: now + refresh_delay(granted) };
+                self.on_success(now, r, &in_flight, jitter);
                 None
             }
-            401 | 407 => {
-                let proxy = r.status == 407;
-                let header = if proxy { r.proxy_authenticate } else { r.www_authenticate };
-                let challenge = match header.map(Challenge::parse) {
-                    Some(Ok(c)) => c,
-                    _ => {
-                        self.fail(now, Failure::Auth, jitter, None);
-                        return None;
-                    }
-                };
-                // Same nonce, not stale: the PBX refused these credentials.
-                let refused = self.sent_nonce.as_deref() == Some(challenge.nonce.as_str()) && !challenge.stale;
-                if refused || self.challenges >= MAX_CHALLENGES {
-                    self.fail(now, Failure::Auth, jitter, None);
-                    return None;
-                }
-                let challenges = self.challenges + 1;
-                let mut req = match self.dialog.as_mut() {
-                    Some(d) => {
-                        d.cseq += 1;
-                        SubscribeRequest { cseq: d.cseq, fresh: false, ..in_flight }
-                    }
-                    None => return None,
-                };
-                let auth = self.auth.insert(Auth { challenge, nc: 0, cnonce: token(16) });
-                auth.nc += 1;
-                let value = digest::authorization(
-                    &auth.challenge,
-                    &RequestDigest {
-                        username: &self.params.username,
-                        password: &self.params.password,
-                        method: "SUBSCRIBE",
-                        uri: &req.uri,
-                        body: b"",
-                        nc: auth.nc,
-                        cnonce: &auth.cnonce,
-                    },
-                );
-                req.authorization = Some((if proxy { "Proxy-Authorization" } else { "Authorization" }, value));
-                self.sent_nonce = Some(auth.challenge.nonce.clone());
-                self.challenges = challenges;
-                self.phase = Phase::InFlight;
-                self.in_flight = Some(req.clone());
-                Some(req)
-            }
+            401 | 407 => self.on_challenge(now, r, in_flight, jitter),
             423 => match r.min_expires {
                 Some(min) if min > in_flight.expires && min <= 86_400 => {
                     self.params.expires = min;
@@ -376,6 +311,83 @@ impl Subscription {
                 None
             }
         }
+    }
+
+    /// A 2xx: the subscription is active (or closed, for an unsubscribe),
+    /// unless the PBX granted no time at all.
+    fn on_success(&mut self, now: Instant, r: &Response<'_>, in_flight: &SubscribeRequest, jitter: f64) {
+        let granted = r.expires.unwrap_or(in_flight.expires);
+        if in_flight.expires == 0 {
+            self.phase = Phase::Closed;
+            return;
+        }
+        if let Some(d) = self.dialog.as_mut() {
+            if d.remote_tag.is_none() {
+                d.remote_tag = r.to_tag.map(str::to_string);
+            }
+            // A Contact rsip cannot render as given keeps the original target.
+            if let Some(uri) = r.contact.and_then(|c| super::message::sip_uri(c).ok()) {
+                d.target = uri.to_string();
+            }
+        }
+        self.in_flight = None;
+        if granted == 0 {
+            self.fail(now, Failure::Rejected, jitter, None);
+            return;
+        }
+        self.failures = 0;
+        self.last_failure = None;
+        self.phase = Phase::Active { refresh_at: now + refresh_delay(granted) };
+    }
+
+    /// A 401/407: the same request again with credentials, once per
+    /// challenge; refused credentials or an unusable challenge fail.
+    fn on_challenge(
+        &mut self,
+        now: Instant,
+        r: &Response<'_>,
+        in_flight: SubscribeRequest,
+        jitter: f64,
+    ) -> Option<SubscribeRequest> {
+        let proxy = r.status == 407;
+        let header = if proxy { r.proxy_authenticate } else { r.www_authenticate };
+        let challenge = match header.map(Challenge::parse) {
+            Some(Ok(c)) => c,
+            _ => {
+                self.fail(now, Failure::Auth, jitter, None);
+                return None;
+            }
+        };
+        // Same nonce, not stale: the PBX refused these credentials.
+        let refused = self.sent_nonce.as_deref() == Some(challenge.nonce.as_str()) && !challenge.stale;
+        if refused || self.challenges >= MAX_CHALLENGES {
+            self.fail(now, Failure::Auth, jitter, None);
+            return None;
+        }
+        let challenges = self.challenges + 1;
+        let d = self.dialog.as_mut()?;
+        d.cseq += 1;
+        let mut req = SubscribeRequest { cseq: d.cseq, fresh: false, ..in_flight };
+        let auth = self.auth.insert(Auth { challenge, nc: 0, cnonce: token(16) });
+        auth.nc += 1;
+        let value = digest::authorization(
+            &auth.challenge,
+            &RequestDigest {
+                username: &self.params.username,
+                password: &self.params.password,
+                method: "SUBSCRIBE",
+                uri: &req.uri,
+                body: b"",
+                nc: auth.nc,
+                cnonce: &auth.cnonce,
+            },
+        );
+        req.authorization = Some((if proxy { "Proxy-Authorization" } else { "Authorization" }, value));
+        self.sent_nonce = Some(auth.challenge.nonce.clone());
+        self.challenges = challenges;
+        self.phase = Phase::InFlight;
+        self.in_flight = Some(req.clone());
+        Some(req)
     }
 
     /// The SUBSCRIBE in flight got no final response in time.

@@ -1,10 +1,11 @@
 //! The SIP user agent task: owns the transport (a UDP socket, or TCP
-//! connections), sends SUBSCRIBE and OPTIONS requests and retransmits them
-//! (UDP), matches responses to requests by the top Via `branch`, answers
-//! every request the PBX sends (NOTIFY `200`, `400` when malformed, `481`
-//! for an unknown subscription, `489` for another event package, OPTIONS
-//! `200`, `405` otherwise), and feeds NOTIFY bodies through
-//! [`DialogSet`] and [`LineTracker`] into the event channel.
+//! connections), sends SUBSCRIBE and OPTIONS requests and whatever their
+//! client transactions ask for ([`Transactions`]: retransmission over UDP,
+//! timeouts, responses matched by the top Via `branch`), answers every
+//! request the PBX sends (NOTIFY `200`, `400` when malformed, `481` for an
+//! unknown subscription, `489` for another event package, OPTIONS `200`,
+//! `405` otherwise), and feeds NOTIFY bodies through [`DialogSet`] and
+//! [`LineTracker`] into the event channel.
 //!
 //! One task, one loop (`tokio::select!` over shutdown, the inbound channel
 //! and the earliest timer), no locks: subscriptions, transactions and line
@@ -14,18 +15,19 @@
 //! Invariant: every parse failure is counted and survived; only a closed
 //! event channel ends the task with an error. This module never decides
 //! what a SIP response means for a subscription (that is
-//! `subscription.rs`) nor what a dialog means for a call (`line.rs`).
+//! `subscription.rs`), when a request is retransmitted or has failed
+//! (`transaction.rs`), nor what a dialog means for a call (`line.rs`).
 
-use super::config::{SipConfig, Transport};
 use super::dialog_info::{Applied, DialogInfo, DialogSet};
 use super::line::{LineTracker, Mode};
 use super::message::{new_branch, token, Framed, Lenient, Message, Name, Outgoing, SipCodec};
+use super::settings::{SipSettings, Transport};
 use super::subscription::{self, Params, SubscribeRequest, Subscription};
+use super::transaction::{Matched, Transactions};
 use super::{SipError, SipStatus};
 use crate::event::{Event, Micros};
 use crate::ids::AgentId;
 use futures::StreamExt;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,10 +39,6 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// RFC 3261 timer T1 (first retransmission of a UDP request).
-const T1: Duration = Duration::from_millis(500);
-/// RFC 3261 timer T2 (cap of the retransmission interval).
-const T2: Duration = Duration::from_secs(4);
 /// Capacity of the transport → user agent channel. Full means the readers
 /// wait: UDP datagrams then queue in the kernel (and the PBX retransmits
 /// what gets dropped there), TCP stops reading (TCP flow control).
@@ -75,7 +73,7 @@ pub(crate) enum Inbound {
 
 /// Everything the user agent needs, resolved by `spawn`.
 pub(crate) struct Setup {
-    pub config: SipConfig,
+    pub settings: SipSettings,
     pub password: String,
     pub pbx_addr: SocketAddr,
     /// `host:port` written in Via and Contact.
@@ -94,17 +92,6 @@ enum Purpose {
     Unsubscribe,
 }
 
-#[derive(Debug)]
-struct Txn {
-    purpose: Purpose,
-    bytes: Vec<u8>,
-    sent_at: Instant,
-    /// UDP only.
-    retransmit_at: Option<Instant>,
-    interval: Duration,
-    deadline: Instant,
-}
-
 struct Line {
     extension: String,
     sub: Subscription,
@@ -113,15 +100,14 @@ struct Line {
 }
 
 pub(crate) struct Ua {
-    config: SipConfig,
-    domain: String,
+    settings: SipSettings,
     advertised: String,
     pbx_addr: SocketAddr,
     udp: Option<Arc<UdpSocket>>,
     tcp: Option<mpsc::Sender<Vec<u8>>>,
     connected_before: bool,
     lines: Vec<Line>,
-    txns: HashMap<String, Txn>,
+    txns: Transactions<Purpose>,
     options_at: Instant,
     /// `None` until the first OPTIONS answered or timed out.
     reachable: Option<bool>,
@@ -143,8 +129,8 @@ fn jitter() -> f64 {
 impl Ua {
     pub(crate) fn new(setup: Setup, udp: Option<Arc<UdpSocket>>) -> Result<Ua, SipError> {
         let now = Instant::now();
-        let domain = setup.config.domain().to_string();
-        let offer_wait = Micros::try_from(setup.config.offer_identity_wait().as_micros()).unwrap_or(0);
+        let domain = setup.settings.domain.clone();
+        let offer_wait = Micros::try_from(setup.settings.offer_identity_wait.as_micros()).unwrap_or(0);
         let mut lines = Vec::with_capacity(setup.agents.len());
         for (i, (agent, extension)) in setup.agents.into_iter().enumerate() {
             let raw = format!("sip:{extension}@{domain}");
@@ -153,10 +139,10 @@ impl Ua {
                 .to_string();
             let params = Params {
                 uri,
-                username: setup.config.username.clone(),
+                username: setup.settings.username.clone(),
                 password: setup.password.clone(),
-                expires: setup.config.expires_seconds,
-                retry_max: setup.config.retry_max(),
+                expires: setup.settings.expires_seconds,
+                retry_max: setup.settings.retry_max,
             };
             let start = now + STAGGER.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX));
             lines.push(Line {
@@ -167,21 +153,22 @@ impl Ua {
             });
         }
         setup.status.set_total(lines.len());
+        // Over UDP requests are retransmitted; TCP is reliable.
+        let retransmit = udp.is_some();
         Ok(Ua {
-            domain,
             advertised: setup.advertised,
             pbx_addr: setup.pbx_addr,
             udp,
             tcp: None,
             connected_before: false,
             lines,
-            txns: HashMap::new(),
+            txns: Transactions::new(retransmit, setup.settings.request_timeout),
             options_at: now,
             reachable: None,
             events: setup.events,
             status: setup.status,
             out: Vec::new(),
-            config: setup.config,
+            settings: setup.settings,
         })
     }
 
@@ -215,14 +202,11 @@ impl Ua {
         let mut wake = now + Duration::from_secs(3600);
         let can_send = self.can_send();
         let mut consider = |t: Instant| wake = wake.min(t);
-        if can_send && self.config.options_interval().is_some() {
+        if can_send && self.settings.options_interval.is_some() {
             consider(self.options_at);
         }
-        for t in self.txns.values() {
-            consider(t.deadline);
-            if let Some(r) = t.retransmit_at {
-                consider(r);
-            }
+        if let Some(t) = self.txns.next_deadline() {
+            consider(t);
         }
         for l in &self.lines {
             if let Some(d) = l.sub.deadline().filter(|_| can_send) {
@@ -238,27 +222,15 @@ impl Ua {
     async fn on_timers(&mut self) -> Result<(), SipError> {
         let now = Instant::now();
         // Transactions: retransmit (UDP) or give up.
-        let mut expired = Vec::new();
-        let mut resend = Vec::new();
-        for (branch, t) in &mut self.txns {
-            if t.deadline <= now {
-                expired.push(branch.clone());
-            } else if let Some(at) = t.retransmit_at.filter(|at| *at <= now) {
-                t.interval = (t.interval * 2).min(T2);
-                t.retransmit_at = Some(at.max(now) + t.interval);
-                resend.push(t.bytes.clone());
-            }
-        }
-        for bytes in resend {
+        let due = self.txns.poll(now);
+        for bytes in due.resend {
             self.send_to_pbx(&bytes).await;
         }
-        for branch in expired {
-            if let Some(t) = self.txns.remove(&branch) {
-                self.on_txn_timeout(now, t.purpose).await;
-            }
+        for purpose in due.expired {
+            self.on_txn_timeout(now, purpose).await;
         }
         if self.can_send() {
-            if let Some(interval) = self.config.options_interval().filter(|_| self.options_at <= now) {
+            if let Some(interval) = self.settings.options_interval.filter(|_| self.options_at <= now) {
                 self.options_at = now + interval;
                 self.send_options(now).await;
             }
@@ -323,7 +295,7 @@ impl Ua {
         let active = self.lines.iter().filter(|l| l.sub.is_active()).count();
         self.status.set_active(active);
         metrics::gauge!("callbridge_sip_subscriptions_active").set(active as f64);
-        if self.config.options_interval().is_none() {
+        if self.settings.options_interval.is_none() {
             // No keepalive: an active subscription is the sign of life.
             self.status.set_reachable(active > 0, None);
             metrics::gauge!("callbridge_sip_pbx_reachable").set(if active > 0 { 1.0 } else { 0.0 });
@@ -366,13 +338,13 @@ impl Ua {
     }
 
     fn via(&self, branch: &str) -> String {
-        format!("SIP/2.0/{} {};branch={branch};rport", self.config.transport.token(), self.advertised)
+        format!("SIP/2.0/{} {};branch={branch};rport", self.settings.transport.token(), self.advertised)
     }
 
     fn contact(&self) -> String {
-        match self.config.transport {
-            Transport::Udp => format!("<sip:{}@{}>", self.config.username, self.advertised),
-            Transport::Tcp => format!("<sip:{}@{};transport=tcp>", self.config.username, self.advertised),
+        match self.settings.transport {
+            Transport::Udp => format!("<sip:{}@{}>", self.settings.username, self.advertised),
+            Transport::Tcp => format!("<sip:{}@{};transport=tcp>", self.settings.username, self.advertised),
         }
     }
 
@@ -385,18 +357,7 @@ impl Ua {
             }
         };
         self.send_to_pbx(&bytes).await;
-        let udp = self.udp.is_some();
-        self.txns.insert(
-            branch,
-            Txn {
-                purpose,
-                bytes,
-                sent_at: now,
-                retransmit_at: udp.then_some(now + T1),
-                interval: T1,
-                deadline: now + self.config.request_timeout(),
-            },
-        );
+        self.txns.start(branch, purpose, bytes, now);
     }
 
     async fn send_subscribe(&mut self, i: usize, req: SubscribeRequest, now: Instant) {
@@ -406,7 +367,7 @@ impl Ua {
         }
         let extension = line.extension.clone();
         // A request superseded by this one (auth retry, refresh) is over.
-        self.txns.retain(|_, t| !matches!(t.purpose, Purpose::Subscribe { agent, .. } if agent == i));
+        self.txns.abandon(|p| matches!(p, Purpose::Subscribe { agent, .. } if *agent == i));
         let purpose =
             if req.expires == 0 { Purpose::Unsubscribe } else { Purpose::Subscribe { agent: i, cseq: req.cseq } };
         let out = self.subscribe_request(&extension, &req);
@@ -418,8 +379,8 @@ impl Ua {
     fn subscribe_request(&self, extension: &str, req: &SubscribeRequest) -> Outgoing {
         let branch = new_branch();
         let to = match &req.remote_tag {
-            Some(tag) => format!("<sip:{extension}@{}>;tag={tag}", self.domain),
-            None => format!("<sip:{extension}@{}>", self.domain),
+            Some(tag) => format!("<sip:{extension}@{}>;tag={tag}", self.settings.domain),
+            None => format!("<sip:{extension}@{}>", self.settings.domain),
         };
         let mut other = vec![
             ("Max-Forwards", "70".to_string()),
@@ -434,7 +395,10 @@ impl Ua {
             uri: req.uri.clone(),
             headers: vec![
                 (Name::Via, self.via(&branch)),
-                (Name::From, format!("<sip:{}@{}>;tag={}", self.config.username, self.domain, req.local_tag)),
+                (
+                    Name::From,
+                    format!("<sip:{}@{}>;tag={}", self.settings.username, self.settings.domain, req.local_tag),
+                ),
                 (Name::To, to),
                 (Name::CallId, req.call_id.clone()),
                 (Name::CSeq, format!("{} SUBSCRIBE", req.cseq)),
@@ -450,11 +414,11 @@ impl Ua {
         let branch = new_branch();
         let out = Outgoing {
             method: rsip::Method::Options,
-            uri: format!("sip:{}", self.config.pbx),
+            uri: format!("sip:{}", self.settings.pbx),
             headers: vec![
                 (Name::Via, self.via(&branch)),
-                (Name::From, format!("<sip:{}@{}>;tag={}", self.config.username, self.domain, token(12))),
-                (Name::To, format!("<sip:{}>", self.config.pbx)),
+                (Name::From, format!("<sip:{}@{}>;tag={}", self.settings.username, self.settings.domain, token(12))),
+                (Name::To, format!("<sip:{}>", self.settings.pbx)),
                 (Name::CallId, format!("{}@callbridge", token(24))),
                 (Name::CSeq, "1 OPTIONS".to_string()),
                 (Name::Contact, self.contact()),
@@ -462,10 +426,7 @@ impl Ua {
             other: vec![("Max-Forwards", "70".to_string()), ("Accept", "application/sdp".to_string())],
         };
         // Only one keepalive at a time: a new one supersedes a lost one.
-        let stale: Vec<String> =
-            self.txns.iter().filter(|(_, t)| matches!(t.purpose, Purpose::Options)).map(|(b, _)| b.clone()).collect();
-        for b in stale {
-            self.txns.remove(&b);
+        for _ in 0..self.txns.abandon(|p| matches!(p, Purpose::Options)) {
             self.set_reachable(false, None, now);
         }
         self.start_txn(Purpose::Options, out, branch, now).await;
@@ -486,7 +447,7 @@ impl Ua {
         match item {
             Inbound::Oversize => {
                 metrics::counter!("callbridge_sip_malformed_total", "what" => "oversize").increment(1);
-                warn!(max = self.config.max_message_bytes, "oversized SIP message dropped");
+                warn!(max = self.settings.max_message_bytes, "oversized SIP message dropped");
             }
             Inbound::Connected(tx) => {
                 info!(pbx = %self.pbx_addr, "TCP connection to the PBX up");
@@ -511,7 +472,7 @@ impl Ua {
     }
 
     async fn on_bytes(&mut self, bytes: &[u8], reply: Reply) -> Result<(), SipError> {
-        let msg = match Message::parse(bytes, self.config.max_message_bytes) {
+        let msg = match Message::parse(bytes, self.settings.max_message_bytes) {
             Ok(m) => m,
             Err(e) => {
                 metrics::counter!("callbridge_sip_malformed_total", "what" => "sip").increment(1);
@@ -542,21 +503,16 @@ impl Ua {
     async fn on_response(&mut self, msg: &Message) {
         let now = Instant::now();
         let (Some(branch), Some(status), Some(cseq)) = (msg.branch(), msg.status(), msg.cseq()) else { return };
-        let Some(txn) = self.txns.get_mut(branch) else {
-            debug!(status, "response to no pending request");
-            return;
-        };
-        if status < 200 {
-            // Proceeding: keep retransmitting, at T2 (RFC 3261 §17.1.2.2).
-            txn.interval = T2;
-            if let Some(r) = txn.retransmit_at.as_mut() {
-                *r = now + T2;
+        let (purpose, elapsed) = match self.txns.on_response(branch, status, now) {
+            Matched::Unknown => {
+                debug!(status, "response to no pending request");
+                return;
             }
-            return;
-        }
-        let Some(txn) = self.txns.remove(branch) else { return };
-        match txn.purpose {
-            Purpose::Options => self.set_reachable(true, Some(now.saturating_duration_since(txn.sent_at)), now),
+            Matched::Provisional => return,
+            Matched::Final { purpose, elapsed } => (purpose, elapsed),
+        };
+        match purpose {
+            Purpose::Options => self.set_reachable(true, Some(elapsed), now),
             Purpose::Unsubscribe => {}
             Purpose::Subscribe { agent, .. } => {
                 let r = subscription::Response {
@@ -747,12 +703,12 @@ pub(crate) fn spawn_tcp(
     pbx: SocketAddr,
     listener: TcpListener,
     tx: mpsc::Sender<Inbound>,
-    config: &SipConfig,
+    settings: &SipSettings,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let max = config.max_message_bytes;
-    let connect_timeout = config.request_timeout();
-    let retry_max = config.retry_max();
+    let max = settings.max_message_bytes;
+    let connect_timeout = settings.request_timeout;
+    let retry_max = settings.retry_max;
     let accept_tx = tx.clone();
     let accept_shutdown = shutdown.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_TCP));

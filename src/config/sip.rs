@@ -1,10 +1,17 @@
-//! The `[sip]` section of the configuration: where the SIP user agent binds,
-//! which PBX it talks to, how it authenticates and its timers and bounds.
+//! The `[sip]` section of the configuration file: where the SIP user agent
+//! binds, which PBX it talks to, how it authenticates and its timers and
+//! bounds.
 //!
-//! Field doc comments are the user documentation of the keys. This module
-//! must never open sockets, resolve names or read secrets by itself: secrets
-//! are resolved only when the agent starts ([`SipConfig::validate`] checks
-//! that one is set).
+//! Field doc comments are the user documentation of the keys. This is the
+//! file schema only: the SIP connector never sees it, it takes the plain
+//! [`crate::sip::SipSettings`] that `runtime.rs` builds from it.
+//! [`SipConfig::validate`] holds the range checks the key walk
+//! (`schema.rs`) does not express; [`super::Config::parse`] runs it once
+//! the walk found nothing.
+//!
+//! This module must never open sockets, resolve names or read secrets:
+//! secrets are resolved only when the agent starts (validation checks that
+//! one is set).
 
 use crate::secret::SecretSource;
 use serde::Deserialize;
@@ -13,23 +20,13 @@ use std::time::Duration;
 /// How SIP messages travel between callbridge and the PBX.
 #[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Transport {
+pub enum SipTransport {
     /// One UDP socket; requests are retransmitted (RFC 3261 timer E).
     #[default]
     Udp,
     /// One outgoing TCP connection to the PBX, plus a listener on `bind`
     /// for PBXs that open their own connection to deliver NOTIFYs.
     Tcp,
-}
-
-impl Transport {
-    /// The transport token of `Via` and URIs.
-    pub fn token(self) -> &'static str {
-        match self {
-            Transport::Udp => "UDP",
-            Transport::Tcp => "TCP",
-        }
-    }
 }
 
 /// `[sip]`: dialog-event subscriptions (RFC 4235) to every agent's extension.
@@ -43,7 +40,7 @@ pub struct SipConfig {
     pub pbx: String,
     /// `udp` (default) or `tcp`.
     #[serde(default)]
-    pub transport: Transport,
+    pub transport: SipTransport,
     /// Host part of the subscribed URIs (`sip:<extension>@<domain>`);
     /// default: the host part of `pbx`.
     #[serde(default)]
@@ -187,7 +184,7 @@ mod tests {
     fn defaults_and_secret_sources() {
         let c = parse("pbx = \"10.0.0.5:5060\"\nusername = \"callbridge\"\nsecret_env = \"SIP_SECRET\"\n").unwrap();
         assert_eq!(c.bind, "0.0.0.0:5065");
-        assert_eq!(c.transport, Transport::Udp);
+        assert_eq!(c.transport, SipTransport::Udp);
         assert_eq!(c.domain(), "10.0.0.5");
         assert_eq!(c.expires_seconds, 600);
         assert_eq!(c.secret.secret_env.as_deref(), Some("SIP_SECRET"));
@@ -219,5 +216,53 @@ mod tests {
         ] {
             assert!(p.contains(key), "{key} missing from {p}");
         }
+    }
+
+    fn file(sip: &str) -> String {
+        format!("[pbx]\nname = \"lab\"\n\n[sip]\npbx = \"10.0.0.5:5060\"\nusername = \"cb\"\nsecret = \"s\"\n{sip}")
+    }
+
+    #[test]
+    fn ranges_the_key_walk_does_not_express_are_refused_when_loading() {
+        let e = crate::config::Config::parse(&file("retry_max_seconds = 0.5\nmax_message_bytes = 2000000\n"), "t")
+            .unwrap_err();
+        assert_eq!(
+            e.problems,
+            [
+                "sip.retry_max_seconds: 0.5 is outside 1..86400",
+                "sip.max_message_bytes: 2000000 is outside 1024..1048576"
+            ]
+        );
+        let mut ok = crate::config::Config::parse(&file(""), "t").unwrap();
+        assert!(ok.validate().is_empty());
+        if let Some(sip) = ok.sip.as_mut() {
+            sip.options_interval_seconds = 0.25;
+        }
+        assert_eq!(ok.validate(), ["sip.options_interval_seconds: 0.25 is neither 0 (off) nor within 1..86400"]);
+    }
+
+    #[test]
+    fn runtime_settings_carry_durations_and_the_default_domain() {
+        use crate::settings::{sip_mode, sip_settings};
+        let c = crate::config::Config::parse(
+            &file("transport = \"tcp\"\noptions_interval_seconds = 0\nrequest_timeout_seconds = 2.5\n"),
+            "t",
+        )
+        .unwrap();
+        let s = sip_settings(&c).unwrap();
+        assert_eq!(s.domain, "10.0.0.5");
+        assert_eq!(s.transport, crate::sip::Transport::Tcp);
+        assert_eq!(s.options_interval, None);
+        assert_eq!(s.request_timeout, Duration::from_millis(2500));
+        assert_eq!(s.retry_max, Duration::from_secs(60));
+        assert_eq!(s.offer_identity_wait, Duration::from_millis(500));
+        assert_eq!((s.expires_seconds, s.max_message_bytes), (600, 65_535));
+        assert_eq!(s.secret.resolve().as_deref(), Ok("s"));
+        assert_eq!(sip_mode(&c), crate::sip::Mode::SipOnly);
+        let c = crate::config::Config::parse(&file("domain = \"pbx.example\"\noptions_interval_seconds = 5\n"), "t")
+            .unwrap();
+        let s = sip_settings(&c).unwrap();
+        assert_eq!((s.domain.as_str(), s.options_interval), ("pbx.example", Some(Duration::from_secs(5))));
+        assert!(sip_settings(&crate::config::Config::parse("[pbx]\nname = \"lab\"\n", "t").unwrap()).is_none());
     }
 }

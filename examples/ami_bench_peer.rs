@@ -55,7 +55,7 @@ fn main() {
         let mut normalizer = Normalizer::from_config(&config);
         let (tx, mut rx) = tokio::sync::mpsc::channel(8192);
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let (_handle, task) = spawn(ami, tx, shutdown.clone());
+        let (_handle, task) = spawn(callbridge::config::runtime::ami_client(&ami), tx, shutdown.clone());
         let mut out = Vec::with_capacity(64);
         let (mut events, mut lifecycle) = (0u64, 0u64);
         let mut t0: Option<Instant> = None;

@@ -72,7 +72,8 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let readiness = Arc::new(Readiness::default());
     let registry = Arc::new(Registry::new(&config.registry));
-    let capacity = config.pbx.ami.as_ref().map_or(8192, |a| a.event_queue_capacity.max(1));
+    let ami_settings = config.pbx.ami.as_ref().map(crate::config::runtime::ami_client);
+    let capacity = ami_settings.as_ref().map_or(8192, |a| a.event_queue_capacity.max(1));
     // Full source channel: the reader (socket or trace) waits; nothing is dropped.
     let (source_tx, source_rx) = mpsc::channel::<SourceItem>(capacity);
     // Full command channel: the API request waits.
@@ -80,9 +81,9 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
 
     let mut tasks = Vec::new();
     let (ami, ami_task) = match &opts.source {
-        SourceSpec::Ami => match config.pbx.ami.clone() {
-            Some(ami_config) => {
-                let (handle, task) = connection::spawn(ami_config, source_tx, shutdown.clone());
+        SourceSpec::Ami => match ami_settings {
+            Some(settings) => {
+                let (handle, task) = connection::spawn(settings, source_tx, shutdown.clone());
                 (Some(handle), Some(task))
             }
             None if config.sip.is_some() => {

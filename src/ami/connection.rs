@@ -21,7 +21,7 @@
 //!
 //! Every action gets a fresh `ActionID` (`cb-<n>`, unique for the life of the
 //! client). Which frame answers which action, list draining, late replies,
-//! timeouts and the resync listings are the [`Correlator`]'s (a pure state
+//! timeouts and the resync listings are the `Correlator`'s (a pure state
 //! machine, `correlation.rs`); this loop only feeds it frames and instants
 //! and carries out what it returns.
 //!

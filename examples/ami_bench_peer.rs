@@ -54,7 +54,7 @@ fn main() {
         let mut normalizer = callbridge::settings::normalizer(&config);
         let (tx, mut rx) = tokio::sync::mpsc::channel(8192);
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let (_handle, task) = spawn(ami, tx, shutdown.clone());
+        let (_handle, task) = spawn(callbridge::settings::ami_client(&ami), tx, shutdown.clone());
         let mut out = Vec::with_capacity(64);
         let (mut events, mut lifecycle) = (0u64, 0u64);
         let mut t0: Option<Instant> = None;

@@ -143,9 +143,9 @@ fn start_source(
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> anyhow::Result<(Option<AmiHandle>, Option<AmiTask>)> {
     match &opts.source {
-        SourceSpec::Ami => match config.pbx.ami.clone() {
-            Some(ami_config) => {
-                let (handle, task) = connection::spawn(ami_config, source_tx, shutdown.clone());
+        SourceSpec::Ami => match config.pbx.ami.as_ref().map(crate::settings::ami_client) {
+            Some(settings) => {
+                let (handle, task) = connection::spawn(settings, source_tx, shutdown.clone());
                 Ok((Some(handle), Some(task)))
             }
             // SIP-only mode: calls come from the agents' dialogs.

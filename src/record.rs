@@ -15,7 +15,7 @@
 //! each a complete trace with its own banner.
 
 use crate::ami::connection::{spawn, SourceItem};
-use crate::config::AmiConfig;
+use crate::ami::ClientSettings;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tokio::sync::mpsc;
@@ -102,13 +102,16 @@ impl Writer {
 }
 
 /// Records until `shutdown` (or the AMI client gives up, e.g. bad
-/// credentials). `rotate_bytes`: start a new file past this size.
+/// credentials). `rotate_bytes`: start a new file past this size. `ami`:
+/// the client's settings (a `[pbx.ami]` converts through
+/// `settings::ami_client`).
 pub async fn record(
-    ami: AmiConfig,
+    ami: impl Into<ClientSettings>,
     out: &Path,
     rotate_bytes: Option<u64>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Recorded> {
+    let ami = ami.into();
     let capacity = ami.event_queue_capacity.max(1);
     // Full channel: the AMI reader waits for the disk.
     let (tx, mut rx) = mpsc::channel(capacity);

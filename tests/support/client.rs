@@ -4,6 +4,7 @@
 use callbridge::ami::connection::{self, AmiError, AmiHandle, SourceItem};
 use callbridge::ami::Frame;
 use callbridge::config::AmiConfig;
+use callbridge::settings;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -17,12 +18,12 @@ pub struct TestClient {
 }
 
 impl TestClient {
-    /// Spawns the client with an events channel of
-    /// `config.event_queue_capacity`.
+    /// Spawns the client with the settings of `config` (as the daemon
+    /// builds them) and an events channel of `config.event_queue_capacity`.
     pub fn spawn(config: AmiConfig) -> TestClient {
         let (tx, events) = mpsc::channel(config.event_queue_capacity);
         let shutdown = CancellationToken::new();
-        let (handle, task) = connection::spawn(config, tx, shutdown.clone());
+        let (handle, task) = connection::spawn(settings::ami_client(&config), tx, shutdown.clone());
         TestClient { handle, events, task, shutdown }
     }
 

@@ -3,7 +3,8 @@
 //!
 //! Metric names follow `callbridge_<noun>_<unit|total>`; label values always
 //! come from small fixed sets (never call ids, numbers or error strings).
-//! Every metric is described here, so `/metrics` documents itself.
+//! Every metric is described in one table ([`METRICS`]), so `/metrics`
+//! documents itself.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -59,43 +60,120 @@ pub fn render() -> String {
     h.render()
 }
 
+/// What a metric family is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric family: the single table of every `callbridge_` metric, its
+/// kind, unit and help text. `/metrics` gets its `# HELP` lines from here;
+/// `tests/metrics_table.rs` checks that every metric the code records is in
+/// it with the same kind, and that no gauge shares a family with a counter.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDoc {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub unit: Option<Unit>,
+    pub help: &'static str,
+}
+
+const fn doc(name: &'static str, kind: MetricKind, unit: Option<Unit>, help: &'static str) -> MetricDoc {
+    MetricDoc { name, kind, unit, help }
+}
+
+use MetricKind::{Counter, Gauge, Histogram};
+
+/// Every metric callbridge records (process metrics aside).
+pub const METRICS: &[MetricDoc] = &[
+    doc("callbridge_build_info", Gauge, None, "Build information (value 1); labels: version"),
+    // The PBX's Manager Interface.
+    doc("callbridge_ami_connected", Gauge, None, "1 while logged in to the PBX's Manager Interface"),
+    doc("callbridge_ami_reconnects_total", Counter, None, "AMI reconnections"),
+    doc("callbridge_ami_frames_received_total", Counter, None, "AMI frames received"),
+    doc("callbridge_ami_bytes_received_total", Counter, Some(Unit::Bytes), "AMI bytes received"),
+    doc("callbridge_ami_malformed_frames_total", Counter, None, "AMI frames skipped as malformed, by reason"),
+    doc("callbridge_ami_action_duration_seconds", Histogram, Some(Unit::Seconds), "AMI action round trip, by action"),
+    // Calls.
+    doc("callbridge_calls_active", Gauge, None, "Live calls, by group and state"),
+    doc("callbridge_lifecycle_events_total", Counter, None, "Lifecycle events emitted, by type"),
+    doc("callbridge_calls_missed_total", Counter, None, "Missed calls, by reason"),
+    doc("callbridge_calls_stuck_total", Counter, None, "Calls flagged stuck"),
+    doc("callbridge_calls_lost_total", Counter, None, "Calls ended as lost (vanished from the PBX)"),
+    // The durable outbox.
+    doc("callbridge_outbox_depth", Gauge, None, "Events not yet acknowledged by every sink"),
+    doc("callbridge_outbox_oldest_age_seconds", Gauge, Some(Unit::Seconds), "Age of the oldest undelivered event"),
+    doc("callbridge_outbox_disk_full", Gauge, None, "1 while the outbox cannot write (disk full or write error)"),
+    doc("callbridge_outbox_write_errors_total", Counter, None, "Outbox commits that failed (the events are retried)"),
+    doc("callbridge_outbox_commits_total", Counter, None, "Outbox commits (group commits of appends and acks)"),
+    doc(
+        "callbridge_outbox_commit_duration_seconds",
+        Histogram,
+        Some(Unit::Seconds),
+        "Outbox commit duration, fsync included",
+    ),
+    doc(
+        "callbridge_outbox_appends_total",
+        Counter,
+        None,
+        "Events appended to the outbox, by result (stored/duplicate)",
+    ),
+    doc("callbridge_dead_letters_waiting", Gauge, None, "Dead letters waiting to be retried or removed"),
+    // Sinks.
+    doc("callbridge_sink_requests_total", Counter, None, "Sink requests, by sink and status class"),
+    doc("callbridge_sink_request_duration_seconds", Histogram, Some(Unit::Seconds), "Sink request duration, by sink"),
+    doc("callbridge_sink_retries_total", Counter, None, "Sink retries, by sink"),
+    doc("callbridge_dead_letters_total", Counter, None, "Events parked in the dead-letter store, by sink"),
+    // Configuration.
+    doc("callbridge_config_reloads_total", Counter, None, "Configuration reloads, by result (ok/rejected)"),
+    // FastAGI routing.
+    doc(
+        "callbridge_agi_sessions_total",
+        Counter,
+        None,
+        "FastAGI routing sessions, by outcome (queue/missed/error/malformed/timeout/closed/refused)",
+    ),
+    doc("callbridge_agi_sessions_active", Gauge, None, "FastAGI routing sessions in progress"),
+    doc(
+        "callbridge_agi_session_duration_seconds",
+        Histogram,
+        Some(Unit::Seconds),
+        "FastAGI routing session duration, accept to close",
+    ),
+    // SIP dialog subscriptions.
+    doc("callbridge_sip_pbx_reachable", Gauge, None, "1 while the PBX answers the SIP agent's OPTIONS"),
+    doc("callbridge_sip_subscriptions_active", Gauge, None, "Dialog-event subscriptions the PBX has accepted"),
+    doc(
+        "callbridge_sip_subscription_failures_total",
+        Counter,
+        None,
+        "Dialog-event subscriptions refused, timed out or terminated, by reason",
+    ),
+    doc("callbridge_sip_messages_received_total", Counter, None, "SIP messages received, by kind"),
+    doc("callbridge_sip_malformed_total", Counter, None, "SIP input skipped as malformed, by what (sip/xml/oversize)"),
+    doc(
+        "callbridge_sip_options_rtt_seconds",
+        Histogram,
+        Some(Unit::Seconds),
+        "Round trip of the SIP OPTIONS keepalive",
+    ),
+];
+
 fn describe() {
     metrics_process::Collector::default().describe();
-    describe_gauge!("callbridge_build_info", "Build information (value 1); labels: version");
+    for m in METRICS {
+        match (m.kind, m.unit) {
+            (Counter, Some(u)) => describe_counter!(m.name, u, m.help),
+            (Counter, None) => describe_counter!(m.name, m.help),
+            (Gauge, Some(u)) => describe_gauge!(m.name, u, m.help),
+            (Gauge, None) => describe_gauge!(m.name, m.help),
+            (Histogram, Some(u)) => describe_histogram!(m.name, u, m.help),
+            (Histogram, None) => describe_histogram!(m.name, m.help),
+        }
+    }
     metrics::gauge!("callbridge_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-
-    describe_gauge!("callbridge_ami_connected", "1 while logged in to the PBX's Manager Interface");
-    describe_counter!("callbridge_ami_reconnects_total", "AMI reconnections");
-    describe_counter!("callbridge_ami_frames_received_total", "AMI frames received");
-    describe_counter!("callbridge_ami_bytes_received_total", Unit::Bytes, "AMI bytes received");
-    describe_counter!("callbridge_ami_malformed_frames_total", "AMI frames skipped as malformed, by reason");
-    describe_histogram!("callbridge_ami_action_duration_seconds", Unit::Seconds, "AMI action round trip, by action");
-
-    describe_gauge!("callbridge_calls_active", "Live calls, by group and state");
-    describe_counter!("callbridge_lifecycle_events_total", "Lifecycle events emitted, by type");
-    describe_counter!("callbridge_calls_missed_total", "Missed calls, by reason");
-    describe_counter!("callbridge_calls_stuck_total", "Calls flagged stuck");
-    describe_counter!("callbridge_calls_lost_total", "Calls ended as lost (vanished from the PBX)");
-
-    describe_gauge!("callbridge_outbox_depth", "Events not yet acknowledged by every sink");
-    describe_gauge!("callbridge_outbox_oldest_age_seconds", Unit::Seconds, "Age of the oldest undelivered event");
-    describe_counter!("callbridge_sink_requests_total", "Sink requests, by sink and status class");
-    describe_histogram!("callbridge_sink_request_duration_seconds", Unit::Seconds, "Sink request duration, by sink");
-    describe_counter!("callbridge_sink_retries_total", "Sink retries, by sink");
-    describe_counter!("callbridge_dead_letters_total", "Events parked in the dead-letter store, by sink");
-
-    describe_counter!("callbridge_config_reloads_total", "Configuration reloads, by result (ok/rejected)");
-
-    describe_counter!(
-        "callbridge_agi_sessions_total",
-        "FastAGI routing sessions, by outcome (queue/missed/error/malformed/timeout/closed/refused)"
-    );
-    describe_gauge!("callbridge_agi_sessions_active", "FastAGI routing sessions in progress");
-    describe_histogram!(
-        "callbridge_agi_session_duration_seconds",
-        Unit::Seconds,
-        "FastAGI routing session duration, accept to close"
-    );
 }
 
 #[cfg(test)]

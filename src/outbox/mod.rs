@@ -120,7 +120,7 @@
 //! # Metrics
 //!
 //! `callbridge_outbox_depth` (events some sink has not acknowledged),
-//! `callbridge_outbox_oldest_age_seconds`, `callbridge_dead_letters`,
+//! `callbridge_outbox_oldest_age_seconds`, `callbridge_dead_letters_waiting`,
 //! `callbridge_outbox_disk_full` (0/1), `callbridge_outbox_write_errors_total`,
 //! `callbridge_outbox_commits_total`, `callbridge_outbox_commit_duration_seconds`
 //! (SQL and fsync of one group commit) and
@@ -313,7 +313,7 @@ impl Gauges {
     fn new() -> Gauges {
         Gauges {
             depth: metrics::gauge!("callbridge_outbox_depth"),
-            dead_letters: metrics::gauge!("callbridge_dead_letters"),
+            dead_letters: metrics::gauge!("callbridge_dead_letters_waiting"),
             disk_full: metrics::gauge!("callbridge_outbox_disk_full"),
             oldest_age: metrics::gauge!("callbridge_outbox_oldest_age_seconds"),
         }

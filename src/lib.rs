@@ -4,10 +4,13 @@
 //! Data flows one way:
 //!
 //! ```text
-//! sources ──► normalizer ──► registry ──► outbox ──► sinks
-//!  AMI (live)   pure state     live calls   durable    webhook, Zammad, JSON lines
-//!  trace replay machine        + ended
+//! sources ──► normalizer ──► outbox ──────────► sinks
+//!  AMI (live)   pure state     durable (fsync)    webhook, Zammad, JSON lines
+//!  trace replay machine        └─► registry ─► HTTP API
+//!  SIP dialogs                     live calls + ended
 //! ```
+//!
+//! An event reaches the registry (and every reader) only once it is durable.
 //!
 //! **Architecture invariant:** the normalizer is a pure, deterministic function
 //! of (its state, one AMI frame, the clock). It does no I/O, reads no clock of
@@ -20,32 +23,49 @@
 //!
 //! **Architecture invariant:** every channel between tasks is bounded, and a
 //! full channel means *wait* for call events (backpressure), never *drop*.
+//!
+//! **Architecture invariant:** components take plain settings of their own;
+//! only [`settings`] translates the configuration file into them, and
+//! [`config`] imports no component, so the module graph has no cycle
+//! (`tests/architecture.rs`).
 
-pub mod ami;
-pub mod api;
-pub mod config;
-pub mod control;
-pub mod delivery;
-pub mod directory;
+// Leaves: plain data and helpers every layer may use.
 pub mod event;
 pub mod exit;
 pub mod ids;
+pub mod secret;
+pub mod text;
+
+// The configuration file (imports no component).
+pub mod config;
+
+// Sources: bytes from the PBX become frames and line states.
+pub mod ami;
+pub mod sip;
+
+// The core: pure decisions over frames and the directory.
+pub mod control;
+pub mod directory;
 pub mod indicators;
 pub mod normalize;
-pub mod outbox;
-pub mod pipeline;
-pub mod registry;
-pub mod replay;
 pub mod routing;
-pub mod secret;
-pub mod settings;
+
+// State and delivery.
+pub mod delivery;
+pub mod outbox;
+pub mod registry;
 pub mod sink;
-pub mod sip;
 pub mod state;
+
+// Tasks and interfaces.
+pub mod api;
+pub mod pipeline;
+pub mod record;
+pub mod replay;
 pub mod systemd;
 pub mod telemetry;
-pub mod text;
 pub mod tracegen;
 
+// Composition: the only modules that know the file and every component.
 pub mod app;
-pub mod record;
+pub mod settings;

@@ -17,7 +17,7 @@ use callbridge::config::Config;
 use callbridge::event::{CallId, Event};
 use callbridge::outbox::{Outbox, OutboxOptions};
 use callbridge::sink::webhook::{WebhookSettings, WebhookSink};
-use callbridge::sink::{Delivery, DeliveryOptions};
+use callbridge::sink::{RunnerOptions, Runners};
 use dashmap::DashMap;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,7 +78,7 @@ fn events(n: usize) -> Vec<Event> {
     out
 }
 
-async fn setup(url: String, batch_size: usize, dir: &std::path::Path) -> (Outbox, Delivery) {
+async fn setup(url: String, batch_size: usize, dir: &std::path::Path) -> (Outbox, Runners) {
     let mut opts = OutboxOptions::new("lab", vec!["webhook".into()]);
     opts.dedup_retention = Duration::from_secs(60);
     let outbox = Outbox::open(dir, opts).unwrap();
@@ -90,7 +90,7 @@ async fn setup(url: String, batch_size: usize, dir: &std::path::Path) -> (Outbox
         max_backoff: Duration::from_secs(1),
         concurrency: 64,
     };
-    let mut d = Delivery::new(&outbox, DeliveryOptions::default());
+    let mut d = Runners::new(&outbox, RunnerOptions::default());
     d.spawn(Arc::new(WebhookSink::new("webhook", settings, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap()));
     (outbox, d)
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 pub enum Delivery {
     /// The durable path: outbox → sink runners.
-    Outbox { outbox: Outbox, runners: sink::Delivery, readiness: Arc<Readiness> },
+    Outbox { outbox: Outbox, runners: sink::Runners, readiness: Arc<Readiness> },
     /// JSON lines to stdout (or any writer).
     Jsonl(Box<dyn Write + Send>),
     /// Events are only published to the registry (tests).
@@ -38,7 +38,7 @@ impl Delivery {
         let names = sink::sink_names(config)?;
         let outbox = Outbox::open(&config.outbox.path, OutboxOptions::from_config(config, names))
             .with_context(|| format!("opening the outbox at {}", config.outbox.path))?;
-        let mut runners = sink::Delivery::new(&outbox, sink::DeliveryOptions::default());
+        let mut runners = sink::Runners::new(&outbox, sink::RunnerOptions::default());
         runners.spawn_configured(sinks);
         readiness.set_outbox(outbox.is_writable());
         Ok(Delivery::Outbox { outbox, runners, readiness })

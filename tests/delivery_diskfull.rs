@@ -12,7 +12,7 @@ mod delivery_common;
 
 use callbridge::outbox::{Outbox, OutboxError, OutboxOptions};
 use callbridge::sink::webhook::{WebhookSettings, WebhookSink};
-use callbridge::sink::{Delivery, DeliveryOptions};
+use callbridge::sink::{RunnerOptions, Runners};
 use delivery_common::*;
 use metrics_util::debugging::DebuggingRecorder;
 use std::collections::HashSet;
@@ -74,7 +74,7 @@ async fn fill_deliver_recover(
         max_backoff: Duration::from_millis(200),
         concurrency: 8,
     };
-    let mut d = Delivery::new(&outbox, DeliveryOptions::default());
+    let mut d = Runners::new(&outbox, RunnerOptions::default());
     d.spawn(Arc::new(WebhookSink::new("webhook", settings, SECRET).unwrap()));
     assert!(outbox.wait_drained(Duration::from_secs(20)).await, "depth {}", outbox.depth());
     assert_eq!(rx.accepted_ids(), accepted, "exactly what was accepted arrived");

@@ -6,7 +6,7 @@ mod delivery_common;
 
 use callbridge::outbox::{Outbox, OutboxOptions};
 use callbridge::sink::webhook::{WebhookSettings, WebhookSink};
-use callbridge::sink::{Delivery, DeliveryOptions};
+use callbridge::sink::{RunnerOptions, Runners};
 use delivery_common::*;
 use metrics_util::debugging::DebuggingRecorder;
 use std::sync::Arc;
@@ -35,8 +35,8 @@ async fn helpdesk_down_for_the_whole_replay_then_up() {
             concurrency: 4,
         };
         let sink = WebhookSink::new("webhook", settings, SECRET).unwrap();
-        let opts = DeliveryOptions { gauge_interval: Duration::from_millis(100), ..DeliveryOptions::default() };
-        let mut d = Delivery::new(&outbox, opts);
+        let opts = RunnerOptions { gauge_interval: Duration::from_millis(100), ..RunnerOptions::default() };
+        let mut d = Runners::new(&outbox, opts);
         d.spawn(Arc::new(sink));
         for chunk in events.chunks(5) {
             outbox.append(chunk).await.unwrap();
@@ -66,8 +66,8 @@ async fn helpdesk_down_for_the_whole_replay_then_up() {
         max_backoff: Duration::from_millis(300),
         concurrency: 4,
     };
-    let opts = DeliveryOptions { gauge_interval: Duration::from_millis(100), ..DeliveryOptions::default() };
-    let mut d = Delivery::new(&outbox, opts);
+    let opts = RunnerOptions { gauge_interval: Duration::from_millis(100), ..RunnerOptions::default() };
+    let mut d = Runners::new(&outbox, opts);
     d.spawn(Arc::new(WebhookSink::new("webhook", settings, SECRET).unwrap()));
     // The replay runs again (the trace is re-emitted): already known ids are no-ops.
     let again = outbox.append(&events).await.unwrap();

@@ -6,7 +6,7 @@ mod delivery_common;
 
 use callbridge::outbox::{Outbox, OutboxOptions};
 use callbridge::sink::webhook::{WebhookSettings, WebhookSink};
-use callbridge::sink::{Delivery, DeliveryOptions};
+use callbridge::sink::{RunnerOptions, Runners};
 use delivery_common::*;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +22,10 @@ fn settings(url: String, batch_size: usize) -> WebhookSettings {
     }
 }
 
-async fn start(dir: &std::path::Path, url: String, batch_size: usize) -> (Outbox, Delivery) {
+async fn start(dir: &std::path::Path, url: String, batch_size: usize) -> (Outbox, Runners) {
     let outbox = Outbox::open(dir, OutboxOptions::new("lab", vec!["webhook".into()])).unwrap();
     let sink = WebhookSink::new("webhook", settings(url, batch_size), SECRET).unwrap();
-    let mut d = Delivery::new(&outbox, DeliveryOptions::default());
+    let mut d = Runners::new(&outbox, RunnerOptions::default());
     d.spawn(Arc::new(sink));
     (outbox, d)
 }
@@ -212,7 +212,7 @@ async fn calls_in_backoff_do_not_hold_the_concurrency_slots() {
     let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["webhook".into()])).unwrap();
     let sink =
         WebhookSink::new("webhook", WebhookSettings { concurrency: 2, ..settings(rx.url(), 1) }, SECRET).unwrap();
-    let mut delivery = Delivery::new(&outbox, DeliveryOptions::default());
+    let mut delivery = Runners::new(&outbox, RunnerOptions::default());
     delivery.spawn(Arc::new(sink));
     outbox.append(&events).await.unwrap();
     until_accepted(&rx, &others, Duration::from_secs(20), "calls without a refused event").await;
@@ -239,7 +239,7 @@ async fn a_destination_back_from_an_outage_is_drained_promptly() {
     let rx = Receiver::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["webhook".into()])).unwrap();
-    let mut delivery = Delivery::new(&outbox, DeliveryOptions::default());
+    let mut delivery = Runners::new(&outbox, RunnerOptions::default());
     delivery.spawn(Arc::new(WebhookSink::new("webhook", slow(rx.url()), SECRET).unwrap()));
     outbox.append(&events).await.unwrap();
     let unblocked = until_accepted(&rx, &ids, Duration::from_secs(30), "healthy helpdesk").await;
@@ -250,7 +250,7 @@ async fn a_destination_back_from_an_outage_is_drained_promptly() {
     rx.set_down(Some(503));
     let tmp = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["webhook".into()])).unwrap();
-    let mut delivery = Delivery::new(&outbox, DeliveryOptions::default());
+    let mut delivery = Runners::new(&outbox, RunnerOptions::default());
     delivery.spawn(Arc::new(WebhookSink::new("webhook", slow(rx.url()), SECRET).unwrap()));
     outbox.append(&events).await.unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;

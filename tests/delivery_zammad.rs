@@ -6,7 +6,7 @@ mod delivery_common;
 
 use callbridge::outbox::{Outbox, OutboxOptions};
 use callbridge::sink::zammad::{ZammadSettings, ZammadSink};
-use callbridge::sink::{Delivery, DeliveryOptions};
+use callbridge::sink::{RunnerOptions, Runners};
 use delivery_common::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ async fn lifecycle_maps_to_generic_cti() {
         concurrency: 8,
         agent_names: lab().agents.iter().map(|a| (a.id.clone(), a.name.clone().unwrap_or_default())).collect(),
     };
-    let mut d = Delivery::new(&outbox, DeliveryOptions::default());
+    let mut d = Runners::new(&outbox, RunnerOptions::default());
     d.spawn(Arc::new(ZammadSink::new("zammad", settings, "s3cr3t-token").unwrap()));
     let events = a11_events();
     outbox.append(&events).await.unwrap();

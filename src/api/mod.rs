@@ -8,7 +8,7 @@
 //! The API never changes call state itself: reads come from the registry,
 //! changes go to the pipeline task or the PBX as commands.
 
-pub mod control;
+pub mod actions;
 pub mod routes;
 
 use crate::state::Readiness;

@@ -15,11 +15,11 @@ use tokio::sync::oneshot;
 /// The whole API: open health routes, everything else behind the token.
 pub fn router(shared: Arc<Shared>, auth: Auth) -> Router {
     let protected = Router::new()
-        .route("/v1/calls", get(list_calls).post(super::control::click_to_call))
+        .route("/v1/calls", get(list_calls).post(super::actions::click_to_call))
         .route("/v1/calls/{id}", get(get_call).delete(remove_call))
-        .route("/v1/calls/{id}/transfer", axum::routing::post(super::control::transfer))
-        .route("/v1/agents", get(super::control::list_agents))
-        .route("/v1/agents/{id}/availability", axum::routing::put(super::control::set_availability))
+        .route("/v1/calls/{id}/transfer", axum::routing::post(super::actions::transfer))
+        .route("/v1/agents", get(super::actions::list_agents))
+        .route("/v1/agents/{id}/availability", axum::routing::put(super::actions::set_availability))
         .route("/v1/groups/{id}/indicators", get(indicators))
         .route("/v1/dead-letters", get(dead_letters))
         .route("/v1/dead-letters/{id}/retry", axum::routing::post(retry_dead_letter))

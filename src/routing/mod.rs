@@ -21,13 +21,13 @@
 //! [`agi`] does network I/O.
 
 pub mod agi;
+pub mod board;
 pub mod calendar;
 pub mod overflow;
-pub mod presence;
 
+pub use board::PresenceBoard;
 pub use calendar::{Calendar, CalendarError};
 pub use overflow::{route, Availability, Route, RouteError, Target};
-pub use presence::PresenceBoard;
 
 use crate::directory::Directory;
 use crate::event::{Micros, MissedReason};

@@ -216,7 +216,7 @@ pub trait Sink: Send + Sync + 'static {
 
 /// Tuning of the runners.
 #[derive(Debug, Clone, Copy)]
-pub struct DeliveryOptions {
+pub struct RunnerOptions {
     /// Events of one sink held in memory at most (read ahead of delivery);
     /// beyond it the runner waits and the rest stays on disk.
     pub max_buffered: usize,
@@ -226,24 +226,24 @@ pub struct DeliveryOptions {
     pub gauge_interval: Duration,
 }
 
-impl Default for DeliveryOptions {
+impl Default for RunnerOptions {
     fn default() -> Self {
-        DeliveryOptions { max_buffered: 10_000, fetch_limit: 1_000, gauge_interval: Duration::from_secs(1) }
+        RunnerOptions { max_buffered: 10_000, fetch_limit: 1_000, gauge_interval: Duration::from_secs(1) }
     }
 }
 
-/// The running sinks. Dropping it does not stop them: call
-/// [`Delivery::shutdown`].
-pub struct Delivery {
+/// The running sinks, one runner each. Dropping it does not stop them: call
+/// [`Runners::shutdown`].
+pub struct Runners {
     outbox: Outbox,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    opts: DeliveryOptions,
+    opts: RunnerOptions,
 }
 
-impl Delivery {
-    /// Starts the gauge refresher; add sinks with [`Delivery::spawn`].
-    pub fn new(outbox: &Outbox, opts: DeliveryOptions) -> Delivery {
+impl Runners {
+    /// Starts the gauge refresher; add sinks with [`Runners::spawn`].
+    pub fn new(outbox: &Outbox, opts: RunnerOptions) -> Runners {
         let cancel = CancellationToken::new();
         let gauges = {
             let outbox = outbox.clone();
@@ -258,7 +258,7 @@ impl Delivery {
                 }
             })
         };
-        Delivery { outbox: outbox.clone(), cancel, tasks: vec![gauges], opts }
+        Runners { outbox: outbox.clone(), cancel, tasks: vec![gauges], opts }
     }
 
     /// Starts the runner of one sink: it delivers what its queue already
@@ -482,7 +482,7 @@ struct Lanes {
 
 impl Lanes {
     /// Reads the next events of the sink's queue, if there is room.
-    async fn fill(&mut self, outbox: &Outbox, name: &str, opts: &DeliveryOptions) -> Result<(), OutboxError> {
+    async fn fill(&mut self, outbox: &Outbox, name: &str, opts: &RunnerOptions) -> Result<(), OutboxError> {
         if self.caught_up || self.buffered >= opts.max_buffered {
             return Ok(());
         }
@@ -523,7 +523,7 @@ impl Lanes {
     }
 }
 
-async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationToken, opts: DeliveryOptions) {
+async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationToken, opts: RunnerOptions) {
     let name = sink.name().clone();
     let metrics = Arc::new(SinkMetrics::new(&name));
     let batch_size = sink.batch_size().max(1);

@@ -227,7 +227,7 @@ fn daemon(opts: RunOptions) -> ExitCode {
 
 fn replay(config: &Config, speed: Speed, summary: bool, traces: &[PathBuf]) -> anyhow::Result<()> {
     let mut normalizer = Normalizer::from_config(config);
-    let limits = callbridge::config::runtime::codec_limits(&config);
+    let limits = callbridge::config::runtime::codec_limits(config);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut write_error: Option<std::io::Error> = None;
@@ -284,7 +284,7 @@ fn replay_durable(
         .with_context(|| format!("opening the outbox at {}", config.outbox.path))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let normalizer = Normalizer::from_config(config);
-    let limits = callbridge::config::runtime::codec_limits(&config);
+    let limits = callbridge::config::runtime::codec_limits(config);
     let traces = traces.to_vec();
     runtime.block_on(async move {
         let mut delivery = callbridge::sink::Delivery::new(&outbox, callbridge::sink::DeliveryOptions::default());

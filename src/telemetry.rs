@@ -77,6 +77,10 @@ fn describe() {
 
     describe_gauge!("callbridge_outbox_depth", "Events not yet acknowledged by every sink");
     describe_gauge!("callbridge_outbox_oldest_age_seconds", Unit::Seconds, "Age of the oldest undelivered event");
+    describe_counter!(
+        "callbridge_outbox_id_conflicts_total",
+        "Events refused because their id is already in the outbox with different content"
+    );
     describe_counter!("callbridge_sink_requests_total", "Sink requests, by sink and status class");
     describe_histogram!("callbridge_sink_request_duration_seconds", Unit::Seconds, "Sink request duration, by sink");
     describe_counter!("callbridge_sink_retries_total", "Sink retries, by sink");

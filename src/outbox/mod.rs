@@ -1030,10 +1030,11 @@ mod tests {
 
     #[test]
     fn store_errors_are_values_that_keep_disk_full_recognisable() {
-        let full = StoreError::from(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
-            Some("database or disk is full".into()),
-        ));
+        // A real SQLITE_FULL: a store capped at its current size.
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(b BLOB); INSERT INTO t VALUES (zeroblob(4096));").unwrap();
+        let _: i64 = conn.query_row("PRAGMA max_page_count = 1", [], |r| r.get(0)).unwrap();
+        let full = StoreError::from(conn.execute("INSERT INTO t VALUES (zeroblob(65536))", []).unwrap_err());
         assert!(full.is_full());
         assert_eq!(full.code(), Some(rusqlite::ErrorCode::DiskFull));
         assert!(matches!(OutboxError::from_store(full.clone()), OutboxError::DiskFull));

@@ -4,6 +4,12 @@
 //! Runs on its own OS thread: SQLite calls block, and a commit's fsync must
 //! never stall the async runtime. It must never reply `Ok` to an append
 //! before the commit that contains it returned.
+//!
+//! Each group commit is planned (the requests, those deferred by the last
+//! commit first, and its fsync policy), executed (one transaction, each
+//! request in its own savepoint, collected in a `Batch`) and settled
+//! (errors recorded, then replies, counters, and the acknowledgements kept
+//! for the next commit if this one did not go through).
 
 use super::{
     now_micros, publish_counters, AppendOutcome, NewRecord, Op, OutboxError, OutboxOptions, Shared, StoreError,

@@ -58,8 +58,17 @@ impl Delivery {
                 let mut delay = Duration::from_millis(100);
                 loop {
                     match outbox.append(events).await {
-                        Ok(_) => {
+                        Ok(o) => {
                             readiness.set_outbox(true);
+                            if o.conflicts > 0 {
+                                // Retrying cannot help: the outbox keeps what it
+                                // has under those ids (and logged them).
+                                tracing::error!(
+                                    refused = o.conflicts,
+                                    stored = o.appended,
+                                    "events refused by the outbox: their ids are already stored with different content"
+                                );
+                            }
                             return Ok(());
                         }
                         Err(e) if e.is_transient() => {

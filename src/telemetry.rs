@@ -120,6 +120,12 @@ pub const METRICS: &[MetricDoc] = &[
         None,
         "Events appended to the outbox, by result (stored/duplicate)",
     ),
+    doc(
+        "callbridge_outbox_id_conflicts_total",
+        Counter,
+        None,
+        "Events refused because their id is already in the outbox with different content",
+    ),
     doc("callbridge_dead_letters_waiting", Gauge, None, "Dead letters waiting to be retried or removed"),
     // Sinks.
     doc("callbridge_sink_requests_total", Counter, None, "Sink requests, by sink and status class"),

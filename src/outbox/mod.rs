@@ -35,17 +35,27 @@
 //!        key TEXT,                    -- ordering key (call id / agent:<id>)
 //!        type TEXT,                   -- CloudEvents type
 //!        body TEXT,                   -- the CloudEvents JSON
-//!        appended_at INTEGER)         -- wall clock, µs since the epoch
+//!        appended_at INTEGER,         -- wall clock, µs since the epoch
+//!        digest BLOB)                 -- SHA-256 of body (format ≥ 2)
 //!        -- only events some sink still has pending, or parked
 //! pending(sink TEXT, pos INTEGER, seq INTEGER, PRIMARY KEY(sink, pos))
 //!        -- one row per (sink, event) not yet acknowledged; a sink reads its
 //!        -- rows in `pos` order. pos = seq at append; a dead letter that is
 //!        -- retried gets a fresh pos after everything else.
 //! dead_letters(seq, sink, parked_at, status, reason, PRIMARY KEY(seq, sink))
-//! delivered(id TEXT PRIMARY KEY, done_at INTEGER)
-//!        -- ids of events that left, kept for de-duplication
-//! meta(k, v)                          -- format version
+//! delivered(id TEXT PRIMARY KEY, done_at INTEGER, digest BLOB)
+//!        -- ids (and body digests) of events that left, kept for
+//!        -- de-duplication
+//! meta(k, v)                          -- 'format' = the format version
 //! ```
+//!
+//! The format version ([`FORMAT_VERSION`]) is the number of migrations the
+//! store has been through (`MIGRATIONS` in `writer.rs`, oldest first; a
+//! store without a stamp is version 0). At open, the missing migrations run
+//! in one transaction, so a crash leaves the older version intact; a store
+//! at the current version is not written to, and one from a newer build is
+//! refused ([`OutboxError::Format`], naming the file and both versions),
+//! never rewritten.
 //!
 //! The event is stored as its CloudEvents JSON, the contract with the
 //! helpdesk, plus the two fields the delivery runner needs without parsing
@@ -80,8 +90,18 @@
 //!
 //! Ids are deterministic, so a replay restarted after a crash re-emits the
 //! same ids. Appending an id the outbox has — pending, parked or delivered —
-//! is a no-op, counted as a duplicate: `events.id` is unique, and the ids of
-//! delivered events stay in `delivered` for `dedup_retention` (default 24 h).
+//! with the same content is a no-op, counted as a duplicate: `events.id` is
+//! unique, and the ids of delivered events stay in `delivered` for
+//! `dedup_retention` (default 24 h), with the SHA-256 of their JSON.
+//!
+//! The same id with *other* content is a bug upstream (or a changed
+//! configuration replaying old calls), and the outbox keeps what it has:
+//! the new event is refused, logged with its id (never its content),
+//! counted in `callbridge_outbox_id_conflicts_total` and reported to the
+//! caller in [`AppendOutcome::conflicts`] (not as stored, and not as an
+//! error to retry: retrying cannot succeed). Pending and parked events are
+//! compared by their JSON, delivered ones by its digest; ids delivered by a
+//! build that kept no digest count as duplicates.
 //!
 //! # Compaction
 //!
@@ -100,7 +120,9 @@
 //!
 //! A write that fails with `SQLITE_FULL`/`ENOSPC` (or hits `max_bytes`, which
 //! is enforced by SQLite's `max_page_count` and fails the same way) rolls back
-//! that transaction only: nothing already accepted is touched. The outbox
+//! that transaction only: nothing already accepted is touched (the writer
+//! passes it on as [`StoreError::Full`], and callers get
+//! [`OutboxError::DiskFull`]). The outbox
 //! then (1) logs an error, counts `callbridge_outbox_write_errors_total`, sets
 //! `callbridge_outbox_disk_full` to 1 and [`Outbox::is_writable`] to false,
 //! which the daemon reports as "not ready"; (2) refuses further appends with
@@ -123,8 +145,20 @@
 //! `callbridge_outbox_oldest_age_seconds`, `callbridge_dead_letters_waiting`,
 //! `callbridge_outbox_disk_full` (0/1), `callbridge_outbox_write_errors_total`,
 //! `callbridge_outbox_commits_total`, `callbridge_outbox_commit_duration_seconds`
-//! (SQL and fsync of one group commit) and
-//! `callbridge_outbox_appends_total{result="stored"|"duplicate"}`.
+//! (SQL and fsync of one group commit),
+//! `callbridge_outbox_appends_total{result="stored"|"duplicate"}` and
+//! `callbridge_outbox_id_conflicts_total`.
+//!
+//! # Testing
+//!
+//! Besides the unit tests here, `tests/outbox_model.rs` runs random
+//! sequences of appends, acknowledgements, dead letters, restarts and
+//! disk-full failures against the real store and a model of it. It runs a
+//! few cases in `cargo test`; for many more:
+//!
+//! ```text
+//! PROPTEST_CASES=5000 cargo test --release --test outbox_model
+//! ```
 //!
 //! # Sinks and cursors
 //!
@@ -143,7 +177,53 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use writer::DB_FILE;
+pub use writer::{DB_FILE, FORMAT_VERSION};
+
+/// A storage error of the outbox's SQLite store, as a value: it can be
+/// cloned into the reply of every request a failed commit concerned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// `SQLITE_FULL`: the disk is full, or the store reached `max_bytes`
+    /// (SQLite's `max_page_count`). Recoverable: only the transaction that
+    /// hit it was rolled back.
+    #[error("database or disk is full (SQLite extended code {extended}): {message}")]
+    Full { extended: i32, message: String },
+    /// Any other SQLite failure.
+    #[error("SQLite error {code:?} (extended code {extended}): {message}")]
+    Sqlite { code: rusqlite::ErrorCode, extended: i32, message: String },
+    /// An error of the SQLite binding itself (type conversion, misuse).
+    #[error("{message}")]
+    Other { message: String },
+}
+
+impl StoreError {
+    /// The disk (or `max_bytes`) is full.
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Full { .. })
+    }
+
+    /// SQLite's primary error code, when SQLite reported one.
+    pub fn code(&self) -> Option<rusqlite::ErrorCode> {
+        match self {
+            StoreError::Full { .. } => Some(rusqlite::ErrorCode::DiskFull),
+            StoreError::Sqlite { code, .. } => Some(*code),
+            StoreError::Other { .. } => None,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        let message = e.to_string();
+        match e.sqlite_error() {
+            Some(f) if f.code == rusqlite::ErrorCode::DiskFull => {
+                StoreError::Full { extended: f.extended_code, message }
+            }
+            Some(f) => StoreError::Sqlite { code: f.code, extended: f.extended_code, message },
+            None => StoreError::Other { message },
+        }
+    }
+}
 
 /// What the outbox can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -151,15 +231,17 @@ pub enum OutboxError {
     #[error("outbox disk is full (or the store reached max_bytes); nothing accepted was lost, new events are refused until space is freed")]
     DiskFull,
     #[error("outbox storage error")]
-    Storage(#[source] rusqlite::Error),
+    Storage(#[source] StoreError),
     #[error("cannot create outbox directory {path:?}")]
     CreateDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("outbox store {path:?} has format version {found}, this build understands {expected}")]
-    Format { path: PathBuf, found: String, expected: &'static str },
+    #[error("outbox store {path:?} has format version {found}, newer than version {supported}, the newest this build understands; run a newer callbridge or move the file aside")]
+    Format { path: PathBuf, found: String, supported: u32 },
+    #[error("cannot start the outbox writer thread")]
+    Spawn(#[source] std::io::Error),
     #[error("the outbox writer has stopped")]
     Closed,
     #[error("outbox read task failed")]
@@ -169,6 +251,16 @@ pub enum OutboxError {
 }
 
 impl OutboxError {
+    /// A failed write: `DiskFull` when the disk (or `max_bytes`) is full,
+    /// so callers keep telling a full disk from other failures.
+    pub fn from_store(e: StoreError) -> OutboxError {
+        if e.is_full() {
+            OutboxError::DiskFull
+        } else {
+            OutboxError::Storage(e)
+        }
+    }
+
     /// True when retrying the same request later can succeed (the caller
     /// keeps its events and waits).
     pub fn is_transient(&self) -> bool {
@@ -268,8 +360,12 @@ pub struct DeadLetter {
 pub struct AppendOutcome {
     /// Newly stored events.
     pub appended: usize,
-    /// Events whose id the outbox already had (no-op).
+    /// Events whose id the outbox already had with the same content (no-op).
     pub duplicates: usize,
+    /// Events refused because their id is already in the outbox with other
+    /// content (logged with their ids). They were *not* stored: retrying
+    /// them cannot succeed.
+    pub conflicts: usize,
 }
 
 /// An event ready to be stored.
@@ -279,6 +375,9 @@ pub(crate) struct NewRecord {
     key: String,
     kind: &'static str,
     body: String,
+    /// SHA-256 of `body`: kept with the id after delivery, to tell a
+    /// repeated event from a different one under the same id.
+    digest: [u8; 32],
 }
 
 pub(crate) enum Op {
@@ -338,6 +437,12 @@ pub(crate) fn now_micros() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
+/// SHA-256 of an event's stored JSON.
+pub(crate) fn digest(body: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(body.as_bytes()).into()
+}
+
 fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(Duration::from_secs(5))?;
@@ -364,7 +469,7 @@ impl Outbox {
         });
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let db_path = dir.join(DB_FILE);
-        let handle = writer::spawn(conn, rx, shared.clone(), state, dir.clone(), opts.clone());
+        let handle = writer::spawn(conn, rx, shared.clone(), state, dir.clone(), opts.clone())?;
         let outbox = Outbox {
             tx,
             shared,
@@ -380,11 +485,15 @@ impl Outbox {
     fn records(&self, events: &[Event]) -> Vec<NewRecord> {
         events
             .iter()
-            .map(|e| NewRecord {
-                id: e.id(&self.pbx),
-                key: e.ordering_key(),
-                kind: e.kind.type_name(),
-                body: e.to_cloudevent_json(&self.pbx),
+            .map(|e| {
+                let body = e.to_cloudevent_json(&self.pbx);
+                NewRecord {
+                    id: e.id(&self.pbx),
+                    key: e.ordering_key(),
+                    kind: e.kind.type_name(),
+                    digest: digest(&body),
+                    body,
+                }
             })
             .collect()
     }
@@ -514,9 +623,9 @@ impl Outbox {
             let conn = pool.lock().ok().and_then(|mut p| p.pop());
             let conn = match conn {
                 Some(c) => c,
-                None => open_reader(&path).map_err(OutboxError::Storage)?,
+                None => open_reader(&path).map_err(|e| OutboxError::Storage(e.into()))?,
             };
-            let r = f(&conn).map_err(OutboxError::Storage);
+            let r = f(&conn).map_err(|e| OutboxError::Storage(e.into()));
             if let Ok(mut p) = pool.lock() {
                 p.push(conn);
             }
@@ -747,5 +856,195 @@ mod tests {
         }
         assert_eq!(ob.depth(), events.len() as u64);
         assert_eq!(*ob.subscribe().borrow(), events.len() as i64);
+    }
+    /// The same event with other content under the same id (a call event:
+    /// its id does not depend on the time).
+    fn altered(e: &Event) -> Event {
+        let mut e = e.clone();
+        e.time += 1_000;
+        e
+    }
+
+    fn counter(snap: &metrics_util::debugging::Snapshotter, name: &str) -> u64 {
+        snap.snapshot()
+            .into_vec()
+            .into_iter()
+            .filter_map(|(k, _, _, v)| match v {
+                metrics_util::debugging::DebugValue::Counter(c) if k.key().name() == name => Some(c),
+                _ => None,
+            })
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn an_id_already_stored_with_other_content_is_refused_as_a_conflict() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events: Vec<Event> = a11().into_iter().filter(|e| e.call.is_some()).collect();
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snap = recorder.snapshotter();
+        let ob = metrics::with_local_recorder(&recorder, || open(tmp.path(), &["a"]));
+        assert_eq!(ob.append(&events[..3]).await.unwrap().appended, 3);
+
+        // Pending: other content refused, the stored event untouched; the
+        // rest of the batch is stored; identical content is a duplicate.
+        let other = altered(&events[1]);
+        assert_eq!(other.id("lab"), events[1].id("lab"));
+        let o = ob.append(&[other.clone(), events[3].clone(), events[0].clone()]).await.unwrap();
+        assert_eq!(o, AppendOutcome { appended: 1, duplicates: 1, conflicts: 1 });
+        let recs = ob.pending("a", 0, 10).await.unwrap();
+        assert_eq!(recs.len(), 4);
+        assert_eq!(recs[1].body, events[1].to_cloudevent_json("lab"));
+        assert_eq!(ob.depth(), 4);
+
+        // Within one batch: the second, different event under a new id is refused.
+        let o = ob.append(&[events[4].clone(), altered(&events[4])]).await.unwrap();
+        assert_eq!(o, AppendOutcome { appended: 1, duplicates: 0, conflicts: 1 });
+
+        // Delivered: only the digest is left, and it still tells them apart.
+        let a: Arc<str> = Arc::from("a");
+        let recs = ob.pending("a", 0, 10).await.unwrap();
+        ob.ack(&a, recs.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+        ob.flush().await.unwrap();
+        assert_eq!(ob.depth(), 0);
+        let o = ob.append(&[other, events[1].clone()]).await.unwrap();
+        assert_eq!(o, AppendOutcome { appended: 0, duplicates: 1, conflicts: 1 });
+        assert_eq!(ob.depth(), 0);
+        ob.close().await.unwrap();
+
+        // After a restart too.
+        let ob = open(tmp.path(), &["a"]);
+        let o = ob.append(&[altered(&events[2]), events[2].clone()]).await.unwrap();
+        assert_eq!(o, AppendOutcome { appended: 0, duplicates: 1, conflicts: 1 });
+        assert_eq!(counter(&snap, "callbridge_outbox_id_conflicts_total"), 3);
+    }
+
+    /// Creates `dir`'s store with the layout of format version 1 (before
+    /// digests), stamped `stamp` (none: version 0), holding one pending
+    /// event, one parked event and one delivered id.
+    fn old_store(dir: &Path, stamp: Option<&str>, events: &[Event]) {
+        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        conn.execute_batch(
+            "PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;
+             CREATE TABLE meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
+             CREATE TABLE events(seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, key TEXT NOT NULL,
+                 type TEXT NOT NULL, body TEXT NOT NULL, appended_at INTEGER NOT NULL);
+             CREATE TABLE delivered(id TEXT PRIMARY KEY, done_at INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE INDEX delivered_done ON delivered(done_at);
+             CREATE TABLE pending(sink TEXT NOT NULL, pos INTEGER NOT NULL, seq INTEGER NOT NULL,
+                 PRIMARY KEY(sink, pos)) WITHOUT ROWID;
+             CREATE INDEX pending_seq ON pending(seq);
+             CREATE TABLE dead_letters(seq INTEGER NOT NULL, sink TEXT NOT NULL, parked_at INTEGER NOT NULL,
+                 status INTEGER, reason TEXT NOT NULL, PRIMARY KEY(seq, sink)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        if let Some(v) = stamp {
+            conn.execute("INSERT INTO meta(k, v) VALUES ('format', ?1)", [v]).unwrap();
+        }
+        for (seq, e) in events[..2].iter().enumerate() {
+            conn.execute(
+                "INSERT INTO events(seq, id, key, type, body, appended_at) VALUES (?1, ?2, ?3, ?4, ?5, 7)",
+                rusqlite::params![
+                    seq as i64 + 1,
+                    e.id("lab"),
+                    e.ordering_key(),
+                    e.kind.type_name(),
+                    e.to_cloudevent_json("lab")
+                ],
+            )
+            .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO pending(sink, pos, seq) VALUES ('a', 1, 1);
+             INSERT INTO dead_letters(seq, sink, parked_at, status, reason) VALUES (2, 'a', 8, 400, 'HTTP 400');",
+        )
+        .unwrap();
+        conn.execute("INSERT INTO delivered(id, done_at) VALUES (?1, 9)", [events[2].id("lab")]).unwrap();
+    }
+
+    #[tokio::test]
+    async fn stores_of_older_formats_are_migrated_and_keep_their_rows() {
+        let events: Vec<Event> = a11().into_iter().filter(|e| e.call.is_some()).collect();
+        for stamp in [Some("1"), None] {
+            let tmp = tempfile::tempdir().unwrap();
+            old_store(tmp.path(), stamp, &events);
+            let ob = open(tmp.path(), &["a"]);
+            assert_eq!((ob.depth(), ob.dead_letter_count()), (1, 1), "stamp {stamp:?}");
+            let recs = ob.pending("a", 0, 10).await.unwrap();
+            assert_eq!(recs.len(), 1);
+            assert_eq!(
+                (recs[0].id.clone(), recs[0].body.clone()),
+                (events[0].id("lab"), events[0].to_cloudevent_json("lab"))
+            );
+            let dl = ob.dead_letters().await.unwrap();
+            assert_eq!((dl[0].event_id.clone(), dl[0].status), (events[1].id("lab"), Some(400)));
+            assert!(ob.contains(&events[2].id("lab")).await.unwrap());
+            // Rows from before digests: same content is a duplicate, other
+            // content under a stored id a conflict; a delivered id without
+            // digest can only count as a duplicate.
+            let o = ob.append(&[events[0].clone(), altered(&events[1]), altered(&events[2])]).await.unwrap();
+            assert_eq!(o, AppendOutcome { appended: 0, duplicates: 2, conflicts: 1 });
+            // New events after the old ones, and delivered with a digest.
+            assert_eq!(ob.append(&events[3..5]).await.unwrap().appended, 2);
+            let a: Arc<str> = Arc::from("a");
+            let recs = ob.pending("a", 0, 10).await.unwrap();
+            assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 3, 4]);
+            ob.ack(&a, recs.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+            ob.close().await.unwrap();
+
+            let conn = Connection::open(tmp.path().join(DB_FILE)).unwrap();
+            let v: String = conn.query_row("SELECT v FROM meta WHERE k = 'format'", [], |r| r.get(0)).unwrap();
+            assert_eq!(v, FORMAT_VERSION.to_string());
+            // Opening a store of the current format changes nothing.
+            assert_eq!(writer::migrate(&conn, tmp.path()).unwrap(), 0);
+            drop(conn);
+            let ob = open(tmp.path(), &["a"]);
+            let o = ob.append(&[altered(&events[3]), events[4].clone()]).await.unwrap();
+            assert_eq!(o, AppendOutcome { appended: 0, duplicates: 1, conflicts: 1 });
+            assert_eq!(ob.dead_letter_count(), 1);
+        }
+    }
+
+    #[test]
+    fn a_store_from_a_newer_build_is_refused_naming_the_file_and_both_versions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events: Vec<Event> = a11().into_iter().filter(|e| e.call.is_some()).collect();
+        old_store(tmp.path(), Some("99"), &events);
+        let err = match Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["a".into()])) {
+            Ok(_) => panic!("a newer format must be refused"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(&err, OutboxError::Format { found, supported, .. } if found == "99" && *supported == FORMAT_VERSION)
+        );
+        let text = err.to_string();
+        let file = tmp.path().join(DB_FILE);
+        assert!(
+            text.contains(&format!("{file:?}")) && text.contains("99") && text.contains(&FORMAT_VERSION.to_string()),
+            "{text}"
+        );
+        // Refused, not touched.
+        let conn = Connection::open(&file).unwrap();
+        let v: String = conn.query_row("SELECT v FROM meta WHERE k = 'format'", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, "99");
+    }
+
+    #[test]
+    fn store_errors_are_values_that_keep_disk_full_recognisable() {
+        // A real SQLITE_FULL: a store capped at its current size.
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t(b BLOB); INSERT INTO t VALUES (zeroblob(4096));").unwrap();
+        let _: i64 = conn.query_row("PRAGMA max_page_count = 1", [], |r| r.get(0)).unwrap();
+        let full = StoreError::from(conn.execute("INSERT INTO t VALUES (zeroblob(65536))", []).unwrap_err());
+        assert!(full.is_full());
+        assert_eq!(full.code(), Some(rusqlite::ErrorCode::DiskFull));
+        assert!(matches!(OutboxError::from_store(full.clone()), OutboxError::DiskFull));
+        let busy = StoreError::from(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        ));
+        assert_eq!(busy.code(), Some(rusqlite::ErrorCode::DatabaseBusy));
+        assert!(busy.to_string().contains("database is locked"));
+        let e = OutboxError::from_store(busy.clone());
+        assert!(matches!(&e, OutboxError::Storage(s) if *s == busy) && e.is_transient());
     }
 }

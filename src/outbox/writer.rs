@@ -4,9 +4,17 @@
 //! Runs on its own OS thread: SQLite calls block, and a commit's fsync must
 //! never stall the async runtime. It must never reply `Ok` to an append
 //! before the commit that contains it returned.
+//!
+//! Each group commit is planned (the requests, those deferred by the last
+//! commit first, and its fsync policy), executed (one transaction, each
+//! request in its own savepoint, collected in a `Batch`) and settled
+//! (errors recorded, then replies, counters, and the acknowledgements kept
+//! for the next commit if this one did not go through).
 
-use super::{now_micros, publish_counters, AppendOutcome, NewRecord, Op, OutboxError, OutboxOptions, Shared};
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use super::{
+    now_micros, publish_counters, AppendOutcome, NewRecord, Op, OutboxError, OutboxOptions, Shared, StoreError,
+};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,7 +26,6 @@ use tracing::{error, info, warn};
 /// File name of the database inside the outbox directory.
 pub const DB_FILE: &str = "outbox.sqlite3";
 const RESERVE_FILE: &str = "reserve";
-const FORMAT_VERSION: &str = "1";
 /// Tombstones deleted per compaction at most (bounds the pause).
 const COMPACT_DELETE_LIMIT: i64 = 20_000;
 /// Free pages returned to the filesystem per compaction at most.
@@ -30,6 +37,41 @@ const WAL_LIMIT_BYTES: i64 = 1 << 20;
 /// How often a full or failing store checks whether it can write again.
 const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
 
+/// The store's migrations, oldest first: entry `i` brings a store from
+/// format version `i` to `i + 1`. A store without a version stamp is at
+/// version 0 (nothing, or the tables of migration 1 from before the stamp
+/// existed: that migration only creates what is missing). Only ever append
+/// to this list; a migration that shipped never changes.
+const MIGRATIONS: &[&str] = &[
+    // 1: the original layout.
+    "CREATE TABLE IF NOT EXISTS events(
+         seq INTEGER PRIMARY KEY,
+         id TEXT NOT NULL UNIQUE,
+         key TEXT NOT NULL,
+         type TEXT NOT NULL,
+         body TEXT NOT NULL,
+         appended_at INTEGER NOT NULL);
+     CREATE TABLE IF NOT EXISTS delivered(
+         id TEXT PRIMARY KEY, done_at INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE INDEX IF NOT EXISTS delivered_done ON delivered(done_at);
+     CREATE TABLE IF NOT EXISTS pending(
+         sink TEXT NOT NULL, pos INTEGER NOT NULL, seq INTEGER NOT NULL,
+         PRIMARY KEY(sink, pos)) WITHOUT ROWID;
+     CREATE INDEX IF NOT EXISTS pending_seq ON pending(seq);
+     CREATE TABLE IF NOT EXISTS dead_letters(
+         seq INTEGER NOT NULL, sink TEXT NOT NULL, parked_at INTEGER NOT NULL,
+         status INTEGER, reason TEXT NOT NULL,
+         PRIMARY KEY(seq, sink)) WITHOUT ROWID;",
+    // 2: the SHA-256 of each event's JSON, kept with its id after delivery,
+    // so that an id coming back with other content is told from a repeat.
+    // Rows from before have none (NULL): their ids count as duplicates.
+    "ALTER TABLE events ADD COLUMN digest BLOB;
+     ALTER TABLE delivered ADD COLUMN digest BLOB;",
+];
+
+/// The format version this build writes (and the newest it opens).
+pub const FORMAT_VERSION: u32 = MIGRATIONS.len() as u32;
+
 pub(crate) struct StoreState {
     pub next_pos: i64,
     pub depth: i64,
@@ -37,37 +79,31 @@ pub(crate) struct StoreState {
 }
 
 fn storage(e: rusqlite::Error) -> OutboxError {
-    if is_full(&e) {
-        OutboxError::DiskFull
-    } else {
-        OutboxError::Storage(e)
-    }
-}
-
-fn is_full(e: &rusqlite::Error) -> bool {
-    e.sqlite_error_code() == Some(ErrorCode::DiskFull)
-}
-
-/// A reply-safe copy of a write error (rusqlite errors are not `Clone`).
-fn error_copy(e: &rusqlite::Error) -> OutboxError {
-    if is_full(e) {
-        return OutboxError::DiskFull;
-    }
-    let code = match e {
-        rusqlite::Error::SqliteFailure(f, _) => *f,
-        _ => rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
-    };
-    OutboxError::Storage(rusqlite::Error::SqliteFailure(code, Some(e.to_string())))
+    OutboxError::from_store(e.into())
 }
 
 /// Opens or creates the store; returns its counters and the write connection.
 pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<(StoreState, Connection), OutboxError> {
     let path = dir.join(DB_FILE);
-    let conn = Connection::open(&path).map_err(storage)?;
-    conn.busy_timeout(Duration::from_secs(5)).map_err(storage)?;
+    let conn = connect(&path, opts).map_err(storage)?;
+    migrate(&conn, &path)?;
+    drop_unconfigured_sinks(&conn, &opts.sinks).map_err(storage)?;
+    let state = load_state(&conn).map_err(storage)?;
+    if state.depth > 0 {
+        info!(events = state.depth, "outbox: undelivered events from a previous run go first");
+    }
+    write_reserve(dir, opts.reserve_bytes);
+    Ok((state, conn))
+}
+
+/// Opens the write connection with the outbox's settings (WAL, fsync at
+/// commit, size cap).
+fn connect(path: &Path, opts: &OutboxOptions) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
     // auto_vacuum only takes effect before the first table exists.
-    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;").map_err(storage)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(storage)?;
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         warn!(mode = %mode, "outbox: WAL journal unavailable; commits are slower");
     }
@@ -78,83 +114,110 @@ pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<(StoreState
     conn.execute_batch(&format!(
         "PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;
          PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
-    ))
-    .map_err(storage)?;
-    let _: i64 =
-        conn.query_row(&format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}"), [], |r| r.get(0)).map_err(storage)?;
+    ))?;
+    let _: i64 = conn.query_row(&format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}"), [], |r| r.get(0))?;
     if opts.max_bytes > 0 {
-        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(storage)?;
+        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let pages = (opts.max_bytes as i64 / page.max(512)).max(16);
-        let _: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0)).map_err(storage)?;
+        let _: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))?;
     }
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS events(
-             seq INTEGER PRIMARY KEY,
-             id TEXT NOT NULL UNIQUE,
-             key TEXT NOT NULL,
-             type TEXT NOT NULL,
-             body TEXT NOT NULL,
-             appended_at INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS delivered(
-             id TEXT PRIMARY KEY, done_at INTEGER NOT NULL) WITHOUT ROWID;
-         CREATE INDEX IF NOT EXISTS delivered_done ON delivered(done_at);
-         CREATE TABLE IF NOT EXISTS pending(
-             sink TEXT NOT NULL, pos INTEGER NOT NULL, seq INTEGER NOT NULL,
-             PRIMARY KEY(sink, pos)) WITHOUT ROWID;
-         CREATE INDEX IF NOT EXISTS pending_seq ON pending(seq);
-         CREATE TABLE IF NOT EXISTS dead_letters(
-             seq INTEGER NOT NULL, sink TEXT NOT NULL, parked_at INTEGER NOT NULL,
-             status INTEGER, reason TEXT NOT NULL,
-             PRIMARY KEY(seq, sink)) WITHOUT ROWID;",
+    Ok(conn)
+}
+
+/// The format version stamped in the store (0: none).
+fn stored_version(c: &Connection, path: &Path) -> Result<u32, OutboxError> {
+    let has_meta: bool = c
+        .query_row("SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')", [], |r| {
+            r.get(0)
+        })
+        .map_err(storage)?;
+    if !has_meta {
+        return Ok(0);
+    }
+    let found: Option<String> =
+        c.query_row("SELECT v FROM meta WHERE k = 'format'", [], |r| r.get(0)).optional().map_err(storage)?;
+    match found {
+        None => Ok(0),
+        Some(v) => v.trim().parse().map_err(|_| OutboxError::Format {
+            path: path.to_path_buf(),
+            found: v,
+            supported: FORMAT_VERSION,
+        }),
+    }
+}
+
+/// Brings the store to [`FORMAT_VERSION`], every missing migration in one
+/// transaction (a crash leaves the old version, intact). A store at the
+/// current version is not written to; one from a newer build is refused.
+/// Returns how many migrations ran.
+pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<usize, OutboxError> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(storage)?;
+    let found = stored_version(&tx, path)?;
+    if found == FORMAT_VERSION {
+        return Ok(0);
+    }
+    if found > FORMAT_VERSION {
+        return Err(OutboxError::Format {
+            path: path.to_path_buf(),
+            found: found.to_string(),
+            supported: FORMAT_VERSION,
+        });
+    }
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;")
+        .map_err(storage)?;
+    let pending = &MIGRATIONS[found as usize..];
+    for sql in pending {
+        tx.execute_batch(sql).map_err(storage)?;
+    }
+    tx.execute(
+        "INSERT INTO meta(k, v) VALUES ('format', ?1) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+        [FORMAT_VERSION.to_string()],
     )
     .map_err(storage)?;
-    let version: Option<String> =
-        conn.query_row("SELECT v FROM meta WHERE k = 'format'", [], |r| r.get(0)).optional().map_err(storage)?;
-    match version {
-        None => {
-            conn.execute("INSERT INTO meta(k, v) VALUES ('format', ?1)", [FORMAT_VERSION]).map_err(storage)?;
-        }
-        Some(v) if v == FORMAT_VERSION => {}
-        Some(found) => return Err(OutboxError::Format { path, found, expected: FORMAT_VERSION }),
+    tx.commit().map_err(storage)?;
+    if found > 0 {
+        info!(path = %path.display(), from = found, to = FORMAT_VERSION, "outbox: store format upgraded");
     }
+    Ok(pending.len())
+}
 
-    // Sinks no longer configured: their queues go (the events stay for the
-    // others, or become tombstones).
+/// Sinks no longer configured: their queues go (the events stay for the
+/// others, or become tombstones).
+fn drop_unconfigured_sinks(conn: &Connection, sinks: &[String]) -> Result<(), rusqlite::Error> {
     let known: Vec<String> = {
-        let mut st = conn.prepare("SELECT DISTINCT sink FROM pending").map_err(storage)?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(storage)?;
-        rows.collect::<Result<_, _>>().map_err(storage)?
+        let mut st = conn.prepare("SELECT DISTINCT sink FROM pending")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect::<Result<_, _>>()?
     };
     let mut dropped = 0usize;
-    for s in known.iter().filter(|s| !opts.sinks.iter().any(|x| x == *s)) {
-        let n = conn.execute("DELETE FROM pending WHERE sink = ?1", [s]).map_err(storage)?;
+    for s in known.iter().filter(|s| !sinks.iter().any(|x| x == *s)) {
+        let n = conn.execute("DELETE FROM pending WHERE sink = ?1", [s])?;
         warn!(sink = %s, events = n, "outbox: sink no longer configured; its undelivered events are dropped from its queue");
         dropped += n;
     }
     if dropped > 0 {
         conn.execute_batch(&format!(
             "BEGIN;
-             INSERT OR IGNORE INTO delivered(id, done_at) SELECT id, {now} FROM events e
+             INSERT OR IGNORE INTO delivered(id, done_at, digest) SELECT id, {now}, digest FROM events e
               WHERE NOT EXISTS(SELECT 1 FROM pending p WHERE p.seq = e.seq)
                 AND NOT EXISTS(SELECT 1 FROM dead_letters d WHERE d.seq = e.seq);
              DELETE FROM events WHERE NOT EXISTS(SELECT 1 FROM pending p WHERE p.seq = events.seq)
                 AND NOT EXISTS(SELECT 1 FROM dead_letters d WHERE d.seq = events.seq);
              COMMIT;",
             now = now_micros()
-        ))
-        .map_err(storage)?;
+        ))?;
     }
-    let depth: i64 = conn.query_row("SELECT COUNT(DISTINCT seq) FROM pending", [], |r| r.get(0)).map_err(storage)?;
-    let dead_letters: i64 = conn.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| r.get(0)).map_err(storage)?;
-    let max_seq: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0)).map_err(storage)?;
-    let max_pos: i64 =
-        conn.query_row("SELECT COALESCE(MAX(pos), 0) FROM pending", [], |r| r.get(0)).map_err(storage)?;
-    if depth > 0 {
-        info!(events = depth, "outbox: undelivered events from a previous run go first");
-    }
-    write_reserve(dir, opts.reserve_bytes);
-    Ok((StoreState { next_pos: max_seq.max(max_pos) + 1, depth, dead_letters }, conn))
+    Ok(())
+}
+
+/// The counters the writer and the handles start from.
+fn load_state(conn: &Connection) -> Result<StoreState, rusqlite::Error> {
+    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0));
+    let depth = count("SELECT COUNT(DISTINCT seq) FROM pending")?;
+    let dead_letters = count("SELECT COUNT(*) FROM dead_letters")?;
+    let max_seq = count("SELECT COALESCE(MAX(seq), 0) FROM events")?;
+    let max_pos = count("SELECT COALESCE(MAX(pos), 0) FROM pending")?;
+    Ok(StoreState { next_pos: max_seq.max(max_pos) + 1, depth, dead_letters })
 }
 
 /// Writes the ballast file if missing; false when there is no room for it.
@@ -194,7 +257,7 @@ pub(crate) fn spawn(
     state: StoreState,
     dir: PathBuf,
     opts: OutboxOptions,
-) -> std::thread::JoinHandle<()> {
+) -> Result<std::thread::JoinHandle<()>, OutboxError> {
     let mut w = Writer {
         conn,
         rx,
@@ -211,10 +274,7 @@ pub(crate) fn spawn(
         metrics: WriterMetrics::new(),
         sync_full: true,
     };
-    std::thread::Builder::new()
-        .name("outbox-writer".into())
-        .spawn(move || w.run())
-        .unwrap_or_else(|e| panic!("cannot start the outbox writer thread: {e}"))
+    std::thread::Builder::new().name("outbox-writer".into()).spawn(move || w.run()).map_err(OutboxError::Spawn)
 }
 
 struct Writer {
@@ -246,6 +306,7 @@ struct WriterMetrics {
     commit_duration: metrics::Histogram,
     stored: metrics::Counter,
     duplicates: metrics::Counter,
+    conflicts: metrics::Counter,
 }
 
 impl WriterMetrics {
@@ -256,15 +317,49 @@ impl WriterMetrics {
             commit_duration: metrics::histogram!("callbridge_outbox_commit_duration_seconds"),
             stored: metrics::counter!("callbridge_outbox_appends_total", "result" => "stored"),
             duplicates: metrics::counter!("callbridge_outbox_appends_total", "result" => "duplicate"),
+            conflicts: metrics::counter!("callbridge_outbox_id_conflicts_total"),
         }
     }
 }
 
 /// What an applied request does once its transaction committed.
 enum After {
-    Append(oneshot::Sender<Result<AppendOutcome, OutboxError>>, AppendOutcome),
+    /// The outcome, and the ids refused as conflicts (logged at commit).
+    Append(oneshot::Sender<Result<AppendOutcome, OutboxError>>, AppendOutcome, Vec<String>),
     Retry(oneshot::Sender<Result<usize, OutboxError>>, usize),
     Flush(oneshot::Sender<()>),
+}
+
+/// Where a failed request's error goes.
+enum Reply {
+    Append(oneshot::Sender<Result<AppendOutcome, OutboxError>>),
+    Retry(oneshot::Sender<Result<usize, OutboxError>>),
+}
+
+impl Reply {
+    fn fail(self, e: StoreError) {
+        match self {
+            Reply::Append(r) => {
+                let _ = r.send(Err(OutboxError::from_store(e)));
+            }
+            Reply::Retry(r) => {
+                let _ = r.send(Err(OutboxError::from_store(e)));
+            }
+        }
+    }
+}
+
+impl After {
+    /// The transaction did not commit: nothing it did happened.
+    fn fail(self, e: &StoreError) {
+        match self {
+            After::Append(r, ..) => Reply::Append(r).fail(e.clone()),
+            After::Retry(r, _) => Reply::Retry(r).fail(e.clone()),
+            After::Flush(r) => {
+                let _ = r.send(());
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -278,6 +373,121 @@ fn weight(op: &Op) -> usize {
         Op::Append { records, .. } => records.len(),
         Op::Ack { acks, .. } => acks.len(),
         _ => 1,
+    }
+}
+
+/// One group commit in progress: what its requests did inside the
+/// transaction, settled (replied to, counted) once the commit returned.
+struct Batch {
+    started: Instant,
+    now: i64,
+    sinks: Vec<Arc<str>>,
+    /// The store was full when the batch started: appends are refused.
+    full: bool,
+    next_pos: i64,
+    delta: Delta,
+    /// Replies to send if the transaction commits.
+    after: Vec<After>,
+    /// Acks and parks applied in the transaction (deferred if it does not commit).
+    applied: Vec<Op>,
+    /// Acks and parks that failed (applied again with the next commit).
+    deferred: Vec<Op>,
+    /// Errors of single requests, recorded before any reply is sent.
+    errors: Vec<(StoreError, &'static str)>,
+    /// Requests that failed, replied to once the errors are recorded (a
+    /// caller that sees DiskFull also sees `is_writable()` false).
+    failed: Vec<(Reply, StoreError)>,
+    /// SQLite rolled the whole transaction back (SQLITE_FULL among others):
+    /// nothing of it can commit.
+    aborted: bool,
+}
+
+impl Batch {
+    /// Applies one request inside the open transaction `c`.
+    fn run(&mut self, c: &Connection, op: Op) {
+        if self.aborted {
+            self.skip(op);
+            return;
+        }
+        match op {
+            Op::Append { records, reply } => self.append(c, &records, reply),
+            Op::Ack { ref sink, ref acks } => match in_savepoint(c, |t| ack(t, sink, acks, self.now)) {
+                Ok(d) => {
+                    self.delta.depth += d;
+                    self.applied.push(op);
+                }
+                Err(e) => self.defer(op, e, "recording acknowledgements"),
+            },
+            Op::Park { ref sink, pos, seq, status, ref reason } => {
+                match in_savepoint(c, |t| park(t, sink, pos, seq, status, reason, self.now)) {
+                    Ok(d) => {
+                        self.delta.depth += d.depth;
+                        self.delta.dead_letters += d.dead_letters;
+                        self.applied.push(op);
+                    }
+                    Err(e) => self.defer(op, e, "parking a dead letter"),
+                }
+            }
+            Op::Retry { sink, event_id, reply } => {
+                let (sinks, next_pos) = (&self.sinks, &mut self.next_pos);
+                match in_savepoint(c, |t| retry(t, sinks, sink.as_deref(), event_id.as_deref(), next_pos)) {
+                    Ok((n, d)) => {
+                        self.delta.depth += d.depth;
+                        self.delta.dead_letters += d.dead_letters;
+                        self.after.push(After::Retry(reply, n));
+                    }
+                    Err(e) => {
+                        self.failed.push((Reply::Retry(reply), e.clone()));
+                        self.errors.push((e, "requeueing dead letters"));
+                    }
+                }
+            }
+            Op::Flush { reply } => self.after.push(After::Flush(reply)),
+        }
+        if !self.errors.is_empty() && c.is_autocommit() {
+            self.aborted = true;
+        }
+    }
+
+    fn append(
+        &mut self,
+        c: &Connection,
+        records: &[NewRecord],
+        reply: oneshot::Sender<Result<AppendOutcome, OutboxError>>,
+    ) {
+        if self.full {
+            let _ = reply.send(Err(OutboxError::DiskFull));
+            return;
+        }
+        let (sinks, next_pos, now) = (&self.sinks, &mut self.next_pos, self.now);
+        match in_savepoint(c, |t| append(t, records, sinks, next_pos, now)) {
+            Ok(a) => {
+                self.delta.depth += a.depth;
+                self.after.push(After::Append(reply, a.outcome, a.conflicts));
+            }
+            Err(e) => {
+                self.failed.push((Reply::Append(reply), e.clone()));
+                self.errors.push((e, "appending events"));
+            }
+        }
+    }
+
+    fn defer(&mut self, op: Op, e: StoreError, what: &'static str) {
+        self.errors.push((e, what));
+        self.deferred.push(op);
+    }
+
+    /// A request after the transaction was rolled back: fails (or waits for
+    /// the next commit) with the error that rolled it back.
+    fn skip(&mut self, op: Op) {
+        let Some((e, _)) = self.errors.first() else { return };
+        let e = e.clone();
+        match op {
+            Op::Append { reply, .. } => self.failed.push((Reply::Append(reply), e)),
+            Op::Retry { reply, .. } => self.failed.push((Reply::Retry(reply), e)),
+            Op::Flush { reply } => self.after.push(After::Flush(reply)),
+            op @ (Op::Ack { .. } | Op::Park { .. }) => self.deferred.push(op),
+        }
     }
 }
 
@@ -324,9 +534,9 @@ impl Writer {
         }
     }
 
-    fn write_error(&mut self, e: &rusqlite::Error, what: &str) {
+    fn write_error(&mut self, e: &StoreError, what: &str) {
         self.metrics.write_errors.increment(1);
-        if is_full(e) {
+        if e.is_full() {
             if !self.full {
                 error!(error = %e, "outbox: DISK FULL while {what}; new events are refused (kept by the caller) until space is freed; accepted events are safe");
                 self.full = true;
@@ -340,23 +550,23 @@ impl Writer {
         }
     }
 
+    /// One group commit: plan (what to apply, how durably), execute (in
+    /// one transaction), settle (reply, count, keep what must be retried).
     fn apply(&mut self, ops: Vec<Op>) {
+        let Some(ops) = self.plan(ops) else { return };
+        if let Some((batch, committed)) = self.execute(ops) {
+            self.settle(batch, committed);
+        }
+    }
+
+    /// The requests of this commit (those deferred by the last one first),
+    /// and the fsync policy for it.
+    fn plan(&mut self, ops: Vec<Op>) -> Option<Vec<Op>> {
         let mut all = std::mem::take(&mut self.deferred);
         all.extend(ops);
         if all.is_empty() {
-            return;
+            return None;
         }
-        let now = now_micros();
-        let started = Instant::now();
-        let mut after: Vec<After> = Vec::new();
-        let mut applied: Vec<Op> = Vec::new();
-        let mut delta = Delta::default();
-        let mut next_pos = self.next_pos;
-        let sinks = self.shared.sinks.clone();
-        let full = self.full;
-        let mut errors: Vec<(rusqlite::Error, &'static str)> = Vec::new();
-        let mut failed: Vec<(oneshot::Sender<Result<AppendOutcome, OutboxError>>, OutboxError)> = Vec::new();
-
         // Only appends and dead-letter retries must survive a power loss; a
         // commit of acknowledgements alone is written to the WAL without an
         // fsync (it survives a process crash; after a power loss it may be
@@ -369,181 +579,124 @@ impl Writer {
                 self.sync_full = must_sync;
             }
         }
-        let begun = self.conn.execute_batch("BEGIN IMMEDIATE");
-        if let Err(e) = begun {
-            self.fail_all(all, &e);
-            return;
+        Some(all)
+    }
+
+    /// Applies `ops` in one transaction, each in its own savepoint, and
+    /// commits. `None` when the transaction could not even begin (every
+    /// request was failed or deferred).
+    fn execute(&mut self, ops: Vec<Op>) -> Option<(Batch, Result<(), StoreError>)> {
+        let mut batch = Batch {
+            started: Instant::now(),
+            now: now_micros(),
+            sinks: self.shared.sinks.clone(),
+            full: self.full,
+            next_pos: self.next_pos,
+            delta: Delta::default(),
+            after: Vec::new(),
+            applied: Vec::new(),
+            deferred: Vec::new(),
+            errors: Vec::new(),
+            failed: Vec::new(),
+            aborted: false,
+        };
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            self.fail_all(ops, &e.into());
+            return None;
         }
         // Owns the transaction begun above: commits, or rolls back on drop.
         let tx = Tx(&self.conn);
-        // Some errors (SQLITE_FULL among them) roll the whole transaction
-        // back, not only the savepoint: then nothing of it can commit.
-        let mut aborted = false;
-        for op in all {
-            if !aborted && !errors.is_empty() && tx.is_autocommit() {
-                aborted = true;
-            }
-            if aborted {
-                let e = error_copy(&errors[0].0);
-                match op {
-                    Op::Append { reply, .. } => failed.push((reply, e)),
-                    Op::Retry { reply, .. } => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Op::Flush { reply } => after.push(After::Flush(reply)),
-                    op @ (Op::Ack { .. } | Op::Park { .. }) => self.deferred.push(op),
-                }
-                continue;
-            }
-            match op {
-                Op::Append { records, reply } => {
-                    if full {
-                        let _ = reply.send(Err(OutboxError::DiskFull));
-                        continue;
-                    }
-                    match in_savepoint(&tx, |t| append(t, &records, &sinks, &mut next_pos, now)) {
-                        Ok((outcome, d)) => {
-                            delta.depth += d;
-                            after.push(After::Append(reply, outcome));
-                        }
-                        Err(e) => {
-                            // Replied after the error is recorded, so a caller
-                            // that sees DiskFull also sees is_writable() false.
-                            failed.push((reply, error_copy(&e)));
-                            errors.push((e, "appending events"));
-                        }
-                    }
-                }
-                Op::Ack { ref sink, ref acks } => match in_savepoint(&tx, |t| ack(t, sink, acks, now)) {
-                    Ok(d) => {
-                        delta.depth += d;
-                        applied.push(op);
-                    }
-                    Err(e) => {
-                        errors.push((e, "recording acknowledgements"));
-                        self.deferred.push(op);
-                    }
-                },
-                Op::Park { ref sink, pos, seq, status, ref reason } => {
-                    match in_savepoint(&tx, |t| park(t, sink, pos, seq, status, reason, now)) {
-                        Ok(d) => {
-                            delta.depth += d.depth;
-                            delta.dead_letters += d.dead_letters;
-                            applied.push(op);
-                        }
-                        Err(e) => {
-                            errors.push((e, "parking a dead letter"));
-                            self.deferred.push(op);
-                        }
-                    }
-                }
-                Op::Retry { sink, event_id, reply } => {
-                    match in_savepoint(&tx, |t| retry(t, &sinks, sink.as_deref(), event_id.as_deref(), &mut next_pos)) {
-                        Ok((n, d)) => {
-                            delta.depth += d.depth;
-                            delta.dead_letters += d.dead_letters;
-                            after.push(After::Retry(reply, n));
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(error_copy(&e)));
-                            errors.push((e, "requeueing dead letters"));
-                        }
-                    }
-                }
-                Op::Flush { reply } => after.push(After::Flush(reply)),
-            }
+        for op in ops {
+            batch.run(&tx, op);
         }
-        if !aborted && !errors.is_empty() && tx.is_autocommit() {
-            aborted = true;
-        }
-        let committed = if aborted {
-            drop(tx);
-            Err(error_copy(&errors[0].0)).map_err(|e| match e {
-                OutboxError::Storage(e) => e,
-                _ => rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None),
-            })
-        } else {
-            tx.commit()
+        let committed = match batch.errors.first() {
+            Some((e, _)) if batch.aborted => {
+                let e = e.clone();
+                drop(tx);
+                Err(e)
+            }
+            _ => tx.commit().map_err(StoreError::from),
         };
-        let rolled_back = aborted;
-        for (e, what) in &errors {
+        Some((batch, committed))
+    }
+
+    /// Records the errors, then replies: the results on commit; on failure
+    /// an error to every append and retry, and the acks and parks are kept
+    /// for the next commit.
+    fn settle(&mut self, batch: Batch, committed: Result<(), StoreError>) {
+        for (e, what) in &batch.errors {
             self.write_error(e, what);
         }
-        for (reply, e) in failed {
-            let _ = reply.send(Err(e));
+        for (reply, e) in batch.failed {
+            reply.fail(e);
         }
+        self.deferred.extend(batch.deferred);
+        let ok = batch.errors.is_empty();
         match committed {
             Ok(()) => {
                 self.metrics.commits.increment(1);
-                self.metrics.commit_duration.record(started.elapsed().as_secs_f64());
-                if self.failing && errors.is_empty() {
+                self.metrics.commit_duration.record(batch.started.elapsed().as_secs_f64());
+                if self.failing && ok {
                     info!("outbox: writes succeed again");
                 }
-                self.failing = !errors.is_empty();
+                self.failing = !ok;
                 if !self.full {
                     self.shared.writable.store(!self.failing, Ordering::Release);
                 }
-                self.dirty |= delta.depth < 0;
-                self.shared.depth.fetch_add(delta.depth, Ordering::AcqRel);
-                self.shared.dead_letters.fetch_add(delta.dead_letters, Ordering::AcqRel);
-                if next_pos != self.next_pos {
-                    self.next_pos = next_pos;
-                    self.shared.committed.send_replace(next_pos - 1);
+                self.dirty |= batch.delta.depth < 0;
+                self.shared.depth.fetch_add(batch.delta.depth, Ordering::AcqRel);
+                self.shared.dead_letters.fetch_add(batch.delta.dead_letters, Ordering::AcqRel);
+                if batch.next_pos != self.next_pos {
+                    self.next_pos = batch.next_pos;
+                    self.shared.committed.send_replace(batch.next_pos - 1);
                 }
-                for a in after {
-                    match a {
-                        After::Append(r, o) => {
-                            self.metrics.stored.increment(o.appended as u64);
-                            self.metrics.duplicates.increment(o.duplicates as u64);
-                            let _ = r.send(Ok(o));
-                        }
-                        After::Retry(r, n) => {
-                            let _ = r.send(Ok(n));
-                        }
-                        After::Flush(r) => {
-                            let _ = r.send(());
-                        }
-                    }
+                for a in batch.after {
+                    self.reply_committed(a);
                 }
-                publish_counters(&self.shared);
             }
             Err(e) => {
-                if !rolled_back {
+                if !batch.aborted {
                     self.write_error(&e, "committing");
                 }
                 self.failing = true;
                 self.shared.writable.store(false, Ordering::Release);
-                for a in after {
-                    match a {
-                        After::Append(r, _) => {
-                            let _ = r.send(Err(error_copy(&e)));
-                        }
-                        After::Retry(r, _) => {
-                            let _ = r.send(Err(error_copy(&e)));
-                        }
-                        After::Flush(r) => {
-                            let _ = r.send(());
-                        }
-                    }
+                for a in batch.after {
+                    a.fail(&e);
                 }
-                self.deferred.extend(applied);
-                publish_counters(&self.shared);
+                self.deferred.extend(batch.applied);
+            }
+        }
+        publish_counters(&self.shared);
+    }
+
+    fn reply_committed(&self, a: After) {
+        match a {
+            After::Append(r, o, conflicts) => {
+                self.metrics.stored.increment(o.appended as u64);
+                self.metrics.duplicates.increment(o.duplicates as u64);
+                self.metrics.conflicts.increment(o.conflicts as u64);
+                for id in &conflicts {
+                    error!(id = %id, "outbox: event refused: its id is already in the outbox with different content");
+                }
+                let _ = r.send(Ok(o));
+            }
+            After::Retry(r, n) => {
+                let _ = r.send(Ok(n));
+            }
+            After::Flush(r) => {
+                let _ = r.send(());
             }
         }
     }
 
-    fn fail_all(&mut self, ops: Vec<Op>, e: &rusqlite::Error) {
+    fn fail_all(&mut self, ops: Vec<Op>, e: &StoreError) {
         self.write_error(e, "starting a transaction");
         self.failing = true;
         self.shared.writable.store(false, Ordering::Release);
         for op in ops {
             match op {
-                Op::Append { reply, .. } => {
-                    let _ = reply.send(Err(error_copy(e)));
-                }
-                Op::Retry { reply, .. } => {
-                    let _ = reply.send(Err(error_copy(e)));
-                }
+                Op::Append { reply, .. } => Reply::Append(reply).fail(e.clone()),
+                Op::Retry { reply, .. } => Reply::Retry(reply).fail(e.clone()),
                 Op::Flush { reply } => {
                     let _ = reply.send(());
                 }
@@ -587,7 +740,7 @@ impl Writer {
         matches!(used, Ok(u) if (u as f64) < self.opts.max_bytes as f64 * 0.9)
     }
 
-    fn compact(&mut self) -> Result<(), rusqlite::Error> {
+    fn compact(&mut self) -> Result<(), StoreError> {
         self.last_compact = Instant::now();
         // Checkpoint first: on a full disk this moves the WAL into the main
         // file (using the ballast's space) so later writes reuse the WAL.
@@ -639,9 +792,9 @@ impl std::ops::Deref for Tx<'_> {
 }
 
 fn in_savepoint<T>(
-    tx: &Tx<'_>,
+    tx: &Connection,
     f: impl FnOnce(&rusqlite::Connection) -> Result<T, rusqlite::Error>,
-) -> Result<T, rusqlite::Error> {
+) -> Result<T, StoreError> {
     tx.prepare_cached("SAVEPOINT op")?.execute([])?;
     match f(tx) {
         Ok(v) => {
@@ -650,9 +803,54 @@ fn in_savepoint<T>(
         }
         Err(e) => {
             let _ = tx.execute_batch("ROLLBACK TO op; RELEASE op");
-            Err(e)
+            Err(e.into())
         }
     }
+}
+
+/// What one append request did.
+struct Appended {
+    outcome: AppendOutcome,
+    /// Change of the depth (events some sink has pending).
+    depth: i64,
+    /// Ids refused because the outbox has them with other content.
+    conflicts: Vec<String>,
+}
+
+/// Whether a record's id is new, or already here with the same content
+/// (a repeat) or with other content (a conflict).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    New,
+    Same,
+    Different,
+}
+
+/// The id among delivered events: a digest that differs is a conflict; no
+/// digest (delivered before digests were kept) counts as the same.
+fn known_delivered(c: &Connection, r: &NewRecord) -> Result<Known, rusqlite::Error> {
+    let row: Option<Option<Vec<u8>>> = c
+        .prepare_cached("SELECT digest FROM delivered WHERE id = ?1")?
+        .query_row([&r.id], |row| row.get(0))
+        .optional()?;
+    Ok(match row {
+        None => Known::New,
+        Some(Some(d)) if d.as_slice() != r.digest.as_slice() => Known::Different,
+        Some(_) => Known::Same,
+    })
+}
+
+/// The id among stored (pending or parked) events: compared by content.
+fn known_stored(c: &Connection, r: &NewRecord) -> Result<Known, rusqlite::Error> {
+    let same: Option<bool> = c
+        .prepare_cached("SELECT body = ?2 FROM events WHERE id = ?1")?
+        .query_row(params![r.id, r.body], |row| row.get(0))
+        .optional()?;
+    Ok(match same {
+        None => Known::New,
+        Some(true) => Known::Same,
+        Some(false) => Known::Different,
+    })
 }
 
 fn append(
@@ -661,40 +859,44 @@ fn append(
     sinks: &[Arc<str>],
     next_pos: &mut i64,
     now: i64,
-) -> Result<(AppendOutcome, i64), rusqlite::Error> {
-    let mut seen = c.prepare_cached("SELECT EXISTS(SELECT 1 FROM delivered WHERE id = ?1)")?;
+) -> Result<Appended, rusqlite::Error> {
     let mut ins = c.prepare_cached(
-        "INSERT INTO events(seq, id, key, type, body, appended_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO events(seq, id, key, type, body, appended_at, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT(id) DO NOTHING",
     )?;
-    let mut done = c.prepare_cached("INSERT OR IGNORE INTO delivered(id, done_at) VALUES (?1, ?2)")?;
+    let mut done = c.prepare_cached("INSERT OR IGNORE INTO delivered(id, done_at, digest) VALUES (?1, ?2, ?3)")?;
     let mut pend = c.prepare_cached("INSERT INTO pending(sink, pos, seq) VALUES (?1, ?2, ?2)")?;
-    let mut out = AppendOutcome::default();
+    let mut out = Appended { outcome: AppendOutcome::default(), depth: 0, conflicts: Vec::new() };
     let mut pos = *next_pos;
     let no_sinks = sinks.is_empty();
     for r in records {
-        if seen.query_row([&r.id], |row| row.get::<_, bool>(0))? {
-            out.duplicates += 1;
-            continue;
-        }
-        if no_sinks {
+        let mut known = known_delivered(c, r)?;
+        if known == Known::New && no_sinks {
             // Nobody to deliver to: remembered as delivered.
-            out.appended += done.execute(params![r.id, now])?;
+            out.outcome.appended += done.execute(params![r.id, now, &r.digest[..]])?;
             continue;
         }
-        if ins.execute(params![pos, r.id, r.key, r.kind, r.body, now])? == 1 {
+        if known == Known::New && ins.execute(params![pos, r.id, r.key, r.kind, r.body, now, &r.digest[..]])? == 1 {
             for s in sinks {
                 pend.execute(params![&**s, pos])?;
             }
             pos += 1;
-            out.appended += 1;
+            out.outcome.appended += 1;
+            continue;
+        }
+        if known == Known::New {
+            known = known_stored(c, r)?;
+        }
+        if known == Known::Different {
+            out.outcome.conflicts += 1;
+            out.conflicts.push(r.id.clone());
         } else {
-            out.duplicates += 1;
+            out.outcome.duplicates += 1;
         }
     }
     *next_pos = pos;
-    let depth = if no_sinks { 0 } else { out.appended as i64 };
-    Ok((out, depth))
+    out.depth = if no_sinks { 0 } else { out.outcome.appended as i64 };
+    Ok(out)
 }
 
 fn still_pending(c: &Connection, seq: i64) -> Result<bool, rusqlite::Error> {
@@ -709,8 +911,10 @@ fn mark_done(c: &Connection, seq: i64, now: i64) -> Result<(), rusqlite::Error> 
     if parked {
         return Ok(());
     }
-    c.prepare_cached("INSERT OR IGNORE INTO delivered(id, done_at) SELECT id, ?2 FROM events WHERE seq = ?1")?
-        .execute(params![seq, now])?;
+    c.prepare_cached(
+        "INSERT OR IGNORE INTO delivered(id, done_at, digest) SELECT id, ?2, digest FROM events WHERE seq = ?1",
+    )?
+    .execute(params![seq, now])?;
     c.prepare_cached("DELETE FROM events WHERE seq = ?1")?.execute([seq])?;
     Ok(())
 }

@@ -30,6 +30,7 @@
 //! (`tests/architecture.rs`).
 
 // Leaves: plain data and helpers every layer may use.
+pub mod backoff;
 pub mod event;
 pub mod exit;
 pub mod ids;

@@ -47,13 +47,13 @@
 //! never drop an event because a consumer is slow.
 
 use super::action::{Action, EncodeError};
-use super::backoff::Backoff;
 use super::codec::AmiMessage;
 use super::correlation::{ActionIds, Answered, Correlator, Expect, KeepaliveLost, Output, MAX_IN_FLIGHT};
 use super::frame::Frame;
 use super::login::{Conn, MalformedLog, Opener};
 use super::settings::ClientSettings;
 use super::transport::Transport;
+use crate::backoff::{Backoff, Jitter, Retries};
 use futures::FutureExt;
 use futures::{SinkExt, StreamExt};
 use std::pin::Pin;
@@ -220,7 +220,9 @@ impl Client {
         state: &watch::Sender<ConnectionState>,
     ) -> Result<(), AmiError> {
         let initial = INITIAL_BACKOFF.min(self.settings.reconnect_max);
-        let mut backoff = Backoff::try_new(initial, self.settings.reconnect_max).map_err(AmiError::InvalidBackoff)?;
+        let mut backoff = Retries::new(
+            Backoff::try_new(initial, self.settings.reconnect_max, Jitter::Full).map_err(AmiError::InvalidBackoff)?,
+        );
         loop {
             let shutdown = self.shutdown.clone();
             let attempt = tokio::select! {

@@ -6,9 +6,9 @@
 //! never carry the secret.
 
 use super::action::InvalidAction;
-use super::backoff::InvalidBackoff;
 use super::frame::Frame;
 use super::transport::TransportError;
+use crate::backoff::InvalidBackoff;
 use std::io;
 use std::time::Duration;
 

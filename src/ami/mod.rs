@@ -7,7 +7,6 @@
 //! never parses a header by hand.
 
 pub mod action;
-pub mod backoff;
 pub mod codec;
 pub mod connection;
 mod correlation;

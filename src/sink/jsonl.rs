@@ -6,7 +6,8 @@
 //! `fdatasync`'d. This module must never write a partial batch twice on
 //! purpose: a failed write is retried whole (at-least-once, same ids).
 
-use super::{Attempt, RetryPolicy, Sink, StatusClass};
+use super::{Attempt, Sink, StatusClass};
+use crate::backoff::{Backoff, Jitter};
 use crate::outbox::Record;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -50,8 +51,8 @@ impl Sink for JsonlSink {
         1
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(10) }
+    fn retry_policy(&self) -> Backoff {
+        Backoff::clamped(Duration::from_millis(100), Duration::from_secs(10), Jitter::Wide)
     }
 
     async fn deliver(&self, batch: &[Record]) -> Attempt {

@@ -10,7 +10,7 @@
 //!
 //! - acknowledged (2xx, or written for JSON lines): acked in the outbox;
 //! - 408, 429, 5xx, network errors, timeouts: retried with capped exponential
-//!   backoff and jitter ([`RetryPolicy`]: uniform between half the initial
+//!   backoff and jitter ([`retry_policy`]: uniform between half the initial
 //!   delay and the current cap, so retries of many calls spread out),
 //!   waiting at least what `Retry-After` asks (up to one hour), for as long
 //!   as it takes;
@@ -39,6 +39,7 @@ pub mod signature;
 pub mod webhook;
 pub mod zammad;
 
+use crate::backoff::{Backoff, InvalidBackoff, Jitter};
 use crate::config::{Config, SinkConfig};
 use crate::outbox::{Outbox, OutboxError, Record};
 use rand::Rng;
@@ -162,40 +163,26 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     Some(Duration::from_secs(secs.max(0) as u64))
 }
 
-/// Capped exponential backoff with jitter.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
-    pub initial: Duration,
-    pub max: Duration,
+/// A sink's retry backoff: capped exponential, [`Jitter::Wide`] (uniform
+/// between half the initial delay and the current ceiling, so retries of
+/// many calls spread out).
+pub fn retry_policy(initial: Duration, max: Duration) -> Result<Backoff, String> {
+    Backoff::try_new(initial, max, Jitter::Wide).map_err(|e| match e {
+        InvalidBackoff::ZeroInitial => "the initial backoff must be positive".to_string(),
+        InvalidBackoff::MaxBelowInitial { initial, max } => {
+            format!("max_backoff_seconds ({max:?}) is below the initial backoff ({initial:?})")
+        }
+    })
 }
 
-impl RetryPolicy {
-    /// Validated constructor: `initial` > 0 and `max` ≥ `initial`.
-    pub fn try_new(initial: Duration, max: Duration) -> Result<RetryPolicy, String> {
-        if initial.is_zero() {
-            return Err("the initial backoff must be positive".into());
-        }
-        if max < initial {
-            return Err(format!("max_backoff_seconds ({max:?}) is below the initial backoff ({initial:?})"));
-        }
-        Ok(RetryPolicy { initial, max })
-    }
-
-    /// Delay before retry number `attempt` (0 = first retry): uniform in
-    /// `[initial/2, min(max, initial·2^attempt)]`, and never less than
-    /// `retry_after` (itself capped at [`MAX_RETRY_AFTER`]).
-    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>, rng: &mut impl Rng) -> Duration {
-        let ceiling = self.initial.saturating_mul(1u32 << attempt.min(30)).min(self.max);
-        let floor = (self.initial / 2).min(ceiling);
-        let jittered = if ceiling > floor {
-            floor + Duration::from_secs_f64(rng.random::<f64>() * (ceiling - floor).as_secs_f64())
-        } else {
-            ceiling
-        };
-        match retry_after {
-            Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
-            None => jittered,
-        }
+/// Delay before retry number `attempt` (0 = first retry): the policy's
+/// delay, and never less than `retry_after` (itself capped at
+/// [`MAX_RETRY_AFTER`]).
+pub fn retry_delay(policy: &Backoff, attempt: u32, retry_after: Option<Duration>, rng: &mut impl Rng) -> Duration {
+    let jittered = policy.delay(attempt, rng);
+    match retry_after {
+        Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
+        None => jittered,
     }
 }
 
@@ -209,7 +196,7 @@ pub trait Sink: Send + Sync + 'static {
     }
     /// Attempts in flight at once (different ordering keys).
     fn concurrency(&self) -> usize;
-    fn retry_policy(&self) -> RetryPolicy;
+    fn retry_policy(&self) -> Backoff;
     /// One attempt; the runner retries. Events of one key appear in order.
     fn deliver(&self, batch: &[Record]) -> impl Future<Output = Attempt> + Send;
 }
@@ -684,7 +671,7 @@ impl<S: Sink> Worker<'_, S> {
                 }
                 Attempt::Reject { status, detail } => return Final::Rejected { status, detail },
                 Attempt::Retry { class, retry_after, detail } => {
-                    let delay = policy.delay(attempt, retry_after, &mut rand::rng());
+                    let delay = retry_delay(&policy, attempt, retry_after, &mut rand::rng());
                     self.m.retries.increment(1);
                     if attempt == 0 || attempt % 10 == 0 {
                         warn!(sink = %self.name, event = %batch[0].id, events = batch.len(), class = class.as_str(),
@@ -750,21 +737,21 @@ mod tests {
 
     #[test]
     fn backoff_stays_within_bounds_and_honours_retry_after() {
-        let p = RetryPolicy::try_new(Duration::from_millis(100), Duration::from_secs(5)).unwrap();
+        let p = retry_policy(Duration::from_millis(100), Duration::from_secs(5)).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for attempt in 0..40 {
             for _ in 0..50 {
-                let d = p.delay(attempt, None, &mut rng);
+                let d = retry_delay(&p, attempt, None, &mut rng);
                 assert!(d >= Duration::from_millis(50), "{d:?}");
                 assert!(d <= Duration::from_secs(5), "{d:?}");
-                let d = p.delay(attempt, Some(Duration::from_secs(7)), &mut rng);
+                let d = retry_delay(&p, attempt, Some(Duration::from_secs(7)), &mut rng);
                 assert!(d >= Duration::from_secs(7));
-                let d = p.delay(attempt, Some(Duration::from_secs(10 * 3600)), &mut rng);
+                let d = retry_delay(&p, attempt, Some(Duration::from_secs(10 * 3600)), &mut rng);
                 assert_eq!(d, MAX_RETRY_AFTER);
             }
         }
-        assert!(RetryPolicy::try_new(Duration::ZERO, Duration::from_secs(1)).is_err());
-        assert!(RetryPolicy::try_new(Duration::from_secs(2), Duration::from_secs(1)).is_err());
+        assert!(retry_policy(Duration::ZERO, Duration::from_secs(1)).is_err());
+        assert!(retry_policy(Duration::from_secs(2), Duration::from_secs(1)).is_err());
     }
 
     #[test]

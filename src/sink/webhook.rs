@@ -12,7 +12,8 @@
 //! and never decide on retries itself: it reports one [`Attempt`].
 
 use super::signature::Signer;
-use super::{classify_status, parse_retry_after, Attempt, RetryPolicy, Sink, SinkError, StatusClass};
+use super::{classify_status, parse_retry_after, retry_policy, Attempt, Sink, SinkError, StatusClass};
+use crate::backoff::Backoff;
 use crate::config::SinkConfig;
 use crate::outbox::Record;
 use sha2::{Digest, Sha256};
@@ -35,7 +36,7 @@ pub struct WebhookSink {
     signer: Signer,
     batch_size: usize,
     concurrency: usize,
-    policy: RetryPolicy,
+    policy: Backoff,
 }
 
 /// Settings of a [`WebhookSink`] (from `[[sinks]] type = "webhook"`).
@@ -137,7 +138,7 @@ impl WebhookSink {
             return Err(format!("url: scheme must be http or https, not {}", url.scheme()));
         }
         let signer = Signer::new(secret).map_err(|e| e.to_string())?;
-        let policy = RetryPolicy::try_new(INITIAL_BACKOFF.min(settings.max_backoff), settings.max_backoff)?;
+        let policy = retry_policy(INITIAL_BACKOFF.min(settings.max_backoff), settings.max_backoff)?;
         let client = http_client(settings.timeout, settings.connect_timeout, settings.concurrency)
             .map_err(|e| format!("HTTP client: {e}"))?;
         Ok(WebhookSink {
@@ -204,7 +205,7 @@ impl Sink for WebhookSink {
         self.concurrency
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
+    fn retry_policy(&self) -> Backoff {
         self.policy
     }
 

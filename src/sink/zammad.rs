@@ -22,7 +22,8 @@
 //! is part of the URL).
 
 use super::webhook::{http_client, secs, send, INITIAL_BACKOFF};
-use super::{Attempt, RetryPolicy, Sink, SinkError};
+use super::{retry_policy, Attempt, Sink, SinkError};
+use crate::backoff::Backoff;
 use crate::config::{Config, SinkConfig};
 use crate::outbox::Record;
 use serde::Deserialize;
@@ -50,7 +51,7 @@ pub struct ZammadSink {
     endpoint: reqwest::Url,
     client: reqwest::Client,
     concurrency: usize,
-    policy: RetryPolicy,
+    policy: Backoff,
     /// Agent id → display name (Zammad's `user`).
     agent_names: HashMap<String, String>,
 }
@@ -132,7 +133,7 @@ impl ZammadSink {
             endpoint,
             client,
             concurrency: concurrency.max(1),
-            policy: RetryPolicy::try_new(INITIAL_BACKOFF.min(max_backoff), max_backoff)?,
+            policy: retry_policy(INITIAL_BACKOFF.min(max_backoff), max_backoff)?,
             agent_names,
         })
     }
@@ -229,7 +230,7 @@ impl Sink for ZammadSink {
         self.concurrency
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
+    fn retry_policy(&self) -> Backoff {
         self.policy
     }
 

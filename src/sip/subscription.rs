@@ -14,6 +14,7 @@
 
 use super::digest::{self, Challenge, RequestDigest};
 use super::message::{token, SubState, SubStateValue};
+use crate::backoff::{Backoff, Jitter};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -135,9 +136,8 @@ pub struct Subscription {
 /// capped at `max`, then "equal jitter" (between half and all of it) so
 /// that many subscriptions failing together do not retry together.
 pub fn backoff(failures: u32, max: Duration, jitter: f64) -> Duration {
-    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
-    let capped = exp.min(max).max(Duration::from_millis(100));
-    capped.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    let policy = Backoff::clamped(BACKOFF_BASE, max.max(Duration::from_millis(100)), Jitter::Equal);
+    policy.delay_at(failures.saturating_sub(1), jitter)
 }
 
 /// When to refresh a subscription granted for `granted` seconds.

@@ -63,7 +63,9 @@ pub struct Running {
     pub api_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     pipeline: JoinHandle<anyhow::Result<()>>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
+    /// Names of essential tasks that ended while the daemon was running.
+    ended: mpsc::Receiver<&'static str>,
     ami_task: Option<JoinHandle<Result<(), crate::ami::AmiError>>>,
     config_path: PathBuf,
     deadline: Duration,
@@ -85,7 +87,8 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     // the SIP agent waits.
     let (sip_tx, sip_rx) = mpsc::channel::<crate::event::Event>(1024);
 
-    let mut tasks = Vec::new();
+    let (ended_tx, ended) = mpsc::channel(16);
+    let mut tasks = Tasks { handles: Vec::new(), shutdown: shutdown.clone(), ended: ended_tx };
     let (ami, ami_task) = start_source(&opts, &config, &readiness, source_tx, &shutdown, &mut tasks)?;
     start_sip(&opts, &config, &readiness, sip_tx, &shutdown, &mut tasks).await?;
 
@@ -101,6 +104,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     ));
     let pipeline = Pipeline::new(&config, shared.clone(), delivery);
     let pipeline = tokio::spawn(pipeline.run(source_rx, sip_rx, cmd_rx, shutdown.clone()));
+    let pipeline = tasks.watch_result("pipeline", pipeline);
 
     let oracle = start_agi(&config, &shared, &shutdown, &mut tasks).await?;
     let api_addr = start_api(&opts, &config, &shared, &shutdown, &mut tasks).await?;
@@ -125,6 +129,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         shutdown,
         pipeline,
         tasks,
+        ended,
         ami_task,
         config_path: opts.config_path,
         deadline: opts.shutdown_deadline,
@@ -140,7 +145,7 @@ fn start_source(
     readiness: &Readiness,
     source_tx: mpsc::Sender<SourceItem>,
     shutdown: &CancellationToken,
-    tasks: &mut Vec<JoinHandle<()>>,
+    tasks: &mut Tasks,
 ) -> anyhow::Result<(Option<AmiHandle>, Option<AmiTask>)> {
     match &opts.source {
         SourceSpec::Ami => match config.pbx.ami.as_ref().map(crate::settings::ami_client) {
@@ -172,7 +177,7 @@ async fn start_sip(
     readiness: &Arc<Readiness>,
     sip_tx: mpsc::Sender<crate::event::Event>,
     shutdown: &CancellationToken,
-    tasks: &mut Vec<JoinHandle<()>>,
+    tasks: &mut Tasks,
 ) -> anyhow::Result<()> {
     // A replayed trace is the only source of a reproduced incident: SIP
     // subscriptions belong to live runs.
@@ -192,13 +197,14 @@ async fn start_sip(
     .map_err(|e| anyhow::anyhow!("[sip]: {e}"))?;
     info!(addr = %agent.local_addr, "SIP dialog subscriptions started");
     let status = agent.status.clone();
-    tasks.push(tokio::spawn(async move {
+    let sip = tokio::spawn(async move {
         match agent.task.await {
             Ok(Err(e)) => error!(error = %e, "SIP connector stopped"),
             Err(e) => error!(error = %e, "SIP connector task failed"),
             Ok(Ok(())) => {}
         }
-    }));
+    });
+    tasks.watch("sip", sip);
     if config.pbx.ami.is_none() {
         // Readiness follows the SIP side when it is the only source.
         let r = readiness.clone();
@@ -221,7 +227,7 @@ async fn start_agi(
     config: &Config,
     shared: &Shared,
     shutdown: &CancellationToken,
-    tasks: &mut Vec<JoinHandle<()>>,
+    tasks: &mut Tasks,
 ) -> anyhow::Result<Option<Arc<crate::routing::RouteOracle>>> {
     let Some(agi) = &config.agi else { return Ok(None) };
     let routing = Arc::new(crate::settings::routing(config)?);
@@ -242,7 +248,7 @@ async fn start_api(
     config: &Config,
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
-    tasks: &mut Vec<JoinHandle<()>>,
+    tasks: &mut Tasks,
 ) -> anyhow::Result<Option<SocketAddr>> {
     let Some(api) = &config.api else { return Ok(None) };
     let token = api.secret.resolve().map_err(|e| anyhow::anyhow!("[api]: {e}"))?;
@@ -252,13 +258,66 @@ async fn start_api(
     let addr = listener.local_addr()?;
     info!(addr = %addr, "HTTP API listening");
     let app = routes::router(shared.clone(), Auth::new(&token));
-    tasks.push(serve(listener, app, shutdown.clone()));
+    tasks.watch("api", serve(listener, app, shutdown.clone()));
     if let Some(m) = &api.metrics_listen {
         let listener = tokio::net::TcpListener::bind(m).await.with_context(|| format!("cannot listen on {m}"))?;
         info!(addr = %listener.local_addr()?, "metrics listening");
-        tasks.push(serve(listener, routes::metrics_router(), shutdown.clone()));
+        tasks.watch("metrics", serve(listener, routes::metrics_router(), shutdown.clone()));
     }
     Ok(Some(addr))
+}
+
+/// The daemon's long-lived tasks. An essential one (pipeline, SIP agent,
+/// FastAGI, API) that ends while the daemon is not shutting down is a
+/// failure: logged, counted, and the daemon stops with an error so that the
+/// service manager restarts it — never left silently dead while `/readyz`
+/// says 200.
+struct Tasks {
+    handles: Vec<JoinHandle<()>>,
+    shutdown: CancellationToken,
+    /// Full only if every essential task ended at once; a name that does
+    /// not fit changes nothing (the daemon is stopping already).
+    ended: mpsc::Sender<&'static str>,
+}
+
+impl Tasks {
+    /// A helper task: awaited at shutdown, its end is no failure.
+    fn push(&mut self, task: JoinHandle<()>) {
+        self.handles.push(task);
+    }
+
+    /// An essential task: its end before shutdown stops the daemon.
+    fn watch(&mut self, name: &'static str, task: JoinHandle<()>) {
+        let (stop, ended) = (self.shutdown.clone(), self.ended.clone());
+        self.handles.push(tokio::spawn(async move {
+            let panicked = task.await.is_err();
+            if !stop.is_cancelled() {
+                task_ended(name, panicked, &ended);
+            }
+        }));
+    }
+
+    /// As [`Tasks::watch`] for a task whose result the shutdown wants.
+    fn watch_result<T: Send + 'static>(
+        &self,
+        name: &'static str,
+        task: JoinHandle<anyhow::Result<T>>,
+    ) -> JoinHandle<anyhow::Result<T>> {
+        let (stop, ended) = (self.shutdown.clone(), self.ended.clone());
+        tokio::spawn(async move {
+            let r = task.await;
+            if !stop.is_cancelled() {
+                task_ended(name, r.is_err(), &ended);
+            }
+            r.map_err(|e| anyhow::anyhow!("{name} task failed: {e}"))?
+        })
+    }
+}
+
+fn task_ended(name: &'static str, panicked: bool, ended: &mpsc::Sender<&'static str>) {
+    error!(task = name, panicked, "an essential task stopped unexpectedly; stopping so that the service restarts");
+    metrics::counter!("callbridge_task_exits_total", "task" => name).increment(1);
+    let _ = ended.try_send(name);
 }
 
 fn serve(listener: tokio::net::TcpListener, app: axum::Router, shutdown: CancellationToken) -> JoinHandle<()> {
@@ -365,6 +424,10 @@ impl Running {
                 _ = term.recv() => { info!("SIGTERM: shutting down"); break }
                 _ = int.recv() => { info!("SIGINT: shutting down"); break }
                 _ = hup.recv() => { let _ = self.reload().await; }
+                Some(name) = self.ended.recv() => {
+                    fatal = Some(anyhow::anyhow!("the {name} task stopped unexpectedly"));
+                    break;
+                }
                 r = async { match self.ami_task.as_mut() { Some(t) => t.await, None => std::future::pending().await } } => {
                     self.ami_task = None;
                     match r {
@@ -391,7 +454,7 @@ impl Running {
         let deadline = self.deadline;
         let all = async move {
             let r = self.pipeline.await;
-            for t in self.tasks {
+            for t in self.tasks.handles {
                 let _ = t.await;
             }
             if let Some(t) = self.ami_task {
@@ -407,5 +470,42 @@ impl Running {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tasks() -> (Tasks, mpsc::Receiver<&'static str>, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let (ended, rx) = mpsc::channel(16);
+        (Tasks { handles: Vec::new(), shutdown: shutdown.clone(), ended }, rx, shutdown)
+    }
+
+    #[tokio::test]
+    async fn an_essential_task_that_ends_or_panics_is_reported() {
+        let (mut t, mut rx, _shutdown) = tasks();
+        t.watch("sip", tokio::spawn(async {}));
+        assert_eq!(rx.recv().await, Some("sip"));
+        t.watch("api", tokio::spawn(async { panic!("boom") }));
+        assert_eq!(rx.recv().await, Some("api"));
+        let pipeline = t.watch_result("pipeline", tokio::spawn(async { anyhow::Ok(()) }));
+        assert_eq!(rx.recv().await, Some("pipeline"));
+        assert!(pipeline.await.expect("joined").is_ok());
+    }
+
+    #[tokio::test]
+    async fn tasks_ending_at_shutdown_are_not_failures() {
+        let (mut t, mut rx, shutdown) = tasks();
+        shutdown.cancel();
+        t.watch("api", tokio::spawn(async {}));
+        let helper = tokio::spawn(async {});
+        t.push(helper);
+        for h in t.handles.drain(..) {
+            h.await.expect("joined");
+        }
+        drop(t);
+        assert_eq!(rx.recv().await, None, "nothing reported at shutdown");
     }
 }

@@ -132,6 +132,12 @@ pub const METRICS: &[MetricDoc] = &[
     doc("callbridge_sink_request_duration_seconds", Histogram, Some(Unit::Seconds), "Sink request duration, by sink"),
     doc("callbridge_sink_retries_total", Counter, None, "Sink retries, by sink"),
     doc("callbridge_dead_letters_total", Counter, None, "Events parked in the dead-letter store, by sink"),
+    doc(
+        "callbridge_task_exits_total",
+        Counter,
+        None,
+        "Essential tasks that stopped unexpectedly (the daemon then exits for a restart), by task",
+    ),
     // Configuration.
     doc("callbridge_config_reloads_total", Counter, None, "Configuration reloads, by result (ok/rejected)"),
     // FastAGI routing.

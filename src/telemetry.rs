@@ -196,4 +196,21 @@ mod tests {
         assert!(text.contains("callbridge_build_info{version=\""), "{text}");
         assert!(text.contains("process_"), "{text}");
     }
+
+    #[test]
+    fn process_cpu_time_is_exact_not_whole_seconds() {
+        // Spend about 0.3 s of CPU: whole seconds would still say 0.
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let text = super::render();
+        let cpu: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("process_cpu_seconds_total exported");
+        assert!(cpu >= 0.2, "process_cpu_seconds_total {cpu}");
+    }
 }

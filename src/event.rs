@@ -127,6 +127,19 @@ pub enum MissedReason {
 }
 
 impl MissedReason {
+    /// Every reason, in the precedence table's order of declaration.
+    pub const ALL: [MissedReason; 9] = [
+        MissedReason::OutsideHours,
+        MissedReason::Holiday,
+        MissedReason::NoAgents,
+        MissedReason::Abandoned,
+        MissedReason::QueueTimeout,
+        MissedReason::NoAnswer,
+        MissedReason::Busy,
+        MissedReason::Cancelled,
+        MissedReason::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             MissedReason::OutsideHours => "outside_hours",
@@ -256,6 +269,21 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every CloudEvents `type` callbridge emits.
+    pub const TYPE_NAMES: [&'static str; 11] = [
+        "call.started",
+        "call.queued",
+        "call.offered",
+        "call.offer_ended",
+        "call.answered",
+        "call.transferred",
+        "call.missed",
+        "call.stuck",
+        "call.ended",
+        "agent.availability",
+        "agent.line",
+    ];
+
     /// The CloudEvents `type`.
     pub fn type_name(&self) -> &'static str {
         match self {

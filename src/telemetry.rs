@@ -186,6 +186,29 @@ fn describe() {
         }
     }
     metrics::gauge!("callbridge_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    export_known_series();
+}
+
+/// Registers, at 0, every counter series whose labels are known before
+/// anything happens, so that `rate()` and alerts work before the first
+/// incident instead of seeing no series at all. Series labelled by runtime
+/// values (sink names) are registered when their component starts.
+fn export_known_series() {
+    for name in ["callbridge_calls_lost_total", "callbridge_calls_stuck_total", "callbridge_ami_reconnects_total"] {
+        metrics::counter!(name).increment(0);
+    }
+    for t in crate::event::EventKind::TYPE_NAMES {
+        metrics::counter!("callbridge_lifecycle_events_total", "type" => t).increment(0);
+    }
+    for r in crate::event::MissedReason::ALL {
+        metrics::counter!("callbridge_calls_missed_total", "reason" => r.as_str()).increment(0);
+    }
+    for result in ["ok", "rejected"] {
+        metrics::counter!("callbridge_config_reloads_total", "result" => result).increment(0);
+    }
+    for task in ["pipeline", "sip", "agi", "api", "metrics"] {
+        metrics::counter!("callbridge_task_exits_total", "task" => task).increment(0);
+    }
 }
 
 #[cfg(test)]
@@ -198,19 +221,51 @@ mod tests {
     }
 
     #[test]
+    fn counters_with_known_labels_are_exported_before_anything_happens() {
+        let text = super::render();
+        for series in [
+            "callbridge_calls_lost_total ",
+            "callbridge_calls_missed_total{reason=\"queue_timeout\"} ",
+            "callbridge_lifecycle_events_total{type=\"agent.line\"} ",
+            "callbridge_config_reloads_total{result=\"rejected\"} ",
+            "callbridge_task_exits_total{task=\"sip\"} ",
+        ] {
+            assert!(text.lines().any(|l| l.starts_with(series)), "{series}missing:\n{text}");
+        }
+    }
+
+    /// The process's CPU time from /proc/self/stat (USER_HZ is 100 on
+    /// Linux's ABIs).
+    fn proc_cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").expect("procfs");
+        let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).expect("stat format");
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        ticks as f64 / 100.0
+    }
+
+    #[test]
     fn process_cpu_time_is_exact_not_whole_seconds() {
-        // Spend about 0.3 s of CPU: whole seconds would still say 0.
-        let t = std::time::Instant::now();
+        // Burn CPU until the process's time is mid-way between two whole
+        // seconds: whole-second truncation is then off by at least 0.3 s.
         let mut x = 0u64;
-        while t.elapsed() < std::time::Duration::from_millis(300) {
-            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        for _ in 0..400 {
+            let f = proc_cpu_seconds().fract();
+            if (0.35..0.65).contains(&f) {
+                break;
+            }
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_millis(20) {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
         }
         let text = super::render();
+        let exact = proc_cpu_seconds();
         let cpu: f64 = text
             .lines()
             .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
             .and_then(|v| v.trim().parse().ok())
             .expect("process_cpu_seconds_total exported");
-        assert!(cpu >= 0.2, "process_cpu_seconds_total {cpu}");
+        assert!((cpu - exact).abs() < 0.2, "process_cpu_seconds_total {cpu}, /proc says {exact}");
     }
 }

@@ -91,7 +91,13 @@ pub const METRICS: &[MetricDoc] = &[
     doc("callbridge_build_info", Gauge, None, "Build information (value 1); labels: version"),
     // The PBX's Manager Interface.
     doc("callbridge_ami_connected", Gauge, None, "1 while logged in to the PBX's Manager Interface"),
-    doc("callbridge_ami_reconnects_total", Counter, None, "AMI reconnections"),
+    doc("callbridge_ami_reconnects_total", Counter, None, "AMI logins after a lost connection (reconnections)"),
+    doc(
+        "callbridge_ami_connect_attempts_total",
+        Counter,
+        None,
+        "AMI connection attempts, successful or not (the first one included)",
+    ),
     doc("callbridge_ami_frames_received_total", Counter, None, "AMI frames received"),
     doc("callbridge_ami_bytes_received_total", Counter, Some(Unit::Bytes), "AMI bytes received"),
     doc("callbridge_ami_malformed_frames_total", Counter, None, "AMI frames skipped as malformed, by reason"),
@@ -194,7 +200,12 @@ fn describe() {
 /// incident instead of seeing no series at all. Series labelled by runtime
 /// values (sink names) are registered when their component starts.
 fn export_known_series() {
-    for name in ["callbridge_calls_lost_total", "callbridge_calls_stuck_total", "callbridge_ami_reconnects_total"] {
+    for name in [
+        "callbridge_calls_lost_total",
+        "callbridge_calls_stuck_total",
+        "callbridge_ami_reconnects_total",
+        "callbridge_ami_connect_attempts_total",
+    ] {
         metrics::counter!(name).increment(0);
     }
     for t in crate::event::EventKind::TYPE_NAMES {

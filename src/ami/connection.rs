@@ -223,8 +223,10 @@ impl Client {
         let mut backoff = Retries::new(
             Backoff::try_new(initial, self.settings.reconnect_max, Jitter::Full).map_err(AmiError::InvalidBackoff)?,
         );
+        let mut was_connected = false;
         loop {
             let shutdown = self.shutdown.clone();
+            metrics::counter!("callbridge_ami_connect_attempts_total").increment(1);
             let attempt = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
@@ -232,6 +234,10 @@ impl Client {
             };
             let failure = match attempt {
                 Ok((conn, banner)) => {
+                    if was_connected {
+                        metrics::counter!("callbridge_ami_reconnects_total").increment(1);
+                    }
+                    was_connected = true;
                     let up_since = Instant::now();
                     info!(address = %self.transport.address(), version = %banner, "logged in to AMI");
                     state.send_replace(ConnectionState::Connected);
@@ -267,7 +273,6 @@ impl Client {
             if !self.wait_disconnected(delay, requests).await {
                 return Ok(());
             }
-            metrics::counter!("callbridge_ami_reconnects_total").increment(1);
         }
     }
 

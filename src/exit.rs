@@ -8,3 +8,9 @@ pub const EX_USAGE: u8 = 64;
 /// replay's events still undelivered at the drain deadline stay in the
 /// outbox and go first next time.
 pub const EX_TEMPFAIL: u8 = 75;
+/// The PBX refused callbridge's credentials (sysexits `EX_NOPERM`).
+/// Retrying cannot fix a wrong secret, and hammering the Manager Interface
+/// with failed logins can get callbridge's address locked out on the PBX:
+/// the unit's `RestartPreventExitStatus=` keeps systemd from restarting it
+/// until someone fixes the credentials.
+pub const EX_NOPERM: u8 = 77;

@@ -482,3 +482,28 @@ async fn dead_letters_are_listed_and_retried_through_the_api() {
     assert_eq!(api.get("/v1/dead-letters").await.1["count"], 0);
     running.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn wrong_ami_credentials_exit_with_a_code_systemd_does_not_restart() {
+    // The PBX knows another secret: `run` logs in once, is refused, and exits
+    // 77 (the unit's RestartPreventExitStatus=) instead of 1 (restart loop).
+    let mut options = ServerOptions::default();
+    options.secret = "another-secret".into();
+    let server = AmiServer::start(options).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), Some(&server), "");
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_callbridge"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .expect("callbridge runs");
+    assert_eq!(out.status.code(), Some(77), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("authentication failed"));
+    assert_eq!(server.failed_logins(), 1, "one attempt, no hammering");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/callbridge.service")).expect("unit");
+    assert!(unit.lines().any(|l| l.starts_with("RestartPreventExitStatus=") && l.contains("77")), "{unit}");
+}

@@ -24,6 +24,8 @@ pub enum Outcome {
     /// Events still undelivered at the drain deadline; they stay in the
     /// outbox and go first next time.
     Undelivered(u64),
+    /// The PBX refused the AMI credentials (logged; not worth a restart).
+    AuthRefused(anyhow::Error),
     Failed(anyhow::Error),
 }
 
@@ -35,6 +37,7 @@ impl Outcome {
             Outcome::Done => 0,
             Outcome::BadConfig => exit::EX_USAGE,
             Outcome::Undelivered(_) => exit::EX_TEMPFAIL,
+            Outcome::AuthRefused(_) => exit::EX_NOPERM,
             Outcome::Failed(_) => 1,
         }
     }
@@ -47,7 +50,7 @@ impl Outcome {
                 "callbridge: {n} events still undelivered after the drain timeout; \
                  they stay in the outbox and go first next time"
             ),
-            Outcome::Failed(e) => eprintln!("callbridge: {e:#}"),
+            Outcome::Failed(e) | Outcome::AuthRefused(e) => eprintln!("callbridge: {e:#}"),
         }
     }
 }
@@ -93,7 +96,15 @@ pub fn daemon(opts: RunOptions) -> Outcome {
                 Ok(()) => Outcome::Done,
                 Err(e) => {
                     tracing::error!("callbridge stopped: {e:#}");
-                    Outcome::Failed(e)
+                    let refused = matches!(
+                        e.downcast_ref::<crate::ami::AmiError>(),
+                        Some(crate::ami::AmiError::AuthenticationFailed { .. })
+                    );
+                    if refused {
+                        Outcome::AuthRefused(e)
+                    } else {
+                        Outcome::Failed(e)
+                    }
                 }
             },
             Err(e) => Outcome::from(Err(e)),

@@ -12,16 +12,38 @@ use std::sync::OnceLock;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Initialises logging. `json` selects one JSON object per line (for log
-/// shippers); the default is human-readable. `RUST_LOG` overrides the level.
+/// Initialises logging, once for every command. `json` selects one JSON
+/// object per line (for log shippers); the default is human-readable.
+/// `RUST_LOG` overrides the level.
+///
+/// Colours only for a person at a terminal, never in journald or files.
+/// Under systemd (`JOURNAL_STREAM` names stderr) human-readable lines carry
+/// no timestamp: journald stamps every line itself, and a second clock in
+/// the text only disagrees with it. (Structured fields through the journal
+/// protocol would need a second logging path; `--log-json` already gives
+/// log shippers every field.)
 pub fn init_logging(json: bool) {
     use tracing_subscriber::{fmt, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a person at a terminal: never in journald or files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     // A second initialisation (tests) is harmless: keep the first.
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = match (json, stderr_is_journal()) {
+        (true, _) => builder.json().try_init(),
+        (false, true) => builder.without_time().try_init(),
+        (false, false) => builder.try_init(),
+    };
+}
+
+/// Whether stderr is the journal stream systemd set up (`JOURNAL_STREAM` is
+/// `<device>:<inode>` of it; compared with stderr's own, so that a child
+/// process whose stderr was redirected does not count).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else { return false };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else { return false };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
 }
 
 /// Installs the Prometheus recorder once per process and returns its handle.

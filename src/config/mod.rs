@@ -666,6 +666,12 @@ impl Config {
         if let Some(ami) = &self.pbx.ami {
             all.push(("pbx.ami".to_string(), &ami.secret));
         }
+        if let Some(api) = &self.api {
+            all.push(("api".to_string(), &api.secret));
+        }
+        if let Some(sip) = &self.sip {
+            all.push(("sip".to_string(), &sip.secret));
+        }
         for (i, sink) in self.sinks.iter().enumerate() {
             match sink {
                 SinkConfig::Webhook { secret, .. } | SinkConfig::Zammad { secret, .. } => {

@@ -270,6 +270,18 @@ fn config(pbx: SocketAddr, transport: &str, ami: bool, request_timeout: f64) -> 
     Config::parse(&text, "test").unwrap()
 }
 
+/// A scripted PBX on a UDP socket and an agent subscribed to it.
+async fn udp_pbx_and_agent(
+    ami: bool,
+    request_timeout: f64,
+) -> (Pbx<UdpPeer>, SipAgent, mpsc::Receiver<Event>, CancellationToken) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
+    let (agent, rx, shutdown) = start(&config(addr, "udp", ami, request_timeout)).await;
+    (pbx, agent, rx, shutdown)
+}
+
 async fn start(config: &Config) -> (SipAgent, mpsc::Receiver<Event>, CancellationToken) {
     let (tx, rx) = mpsc::channel(64);
     let shutdown = CancellationToken::new();
@@ -302,11 +314,7 @@ fn line_state(e: &Event) -> (LineState, Option<String>) {
 
 #[tokio::test]
 async fn udp_ring_answer_hangup_terminate_and_resubscribe() {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    let mut pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
-    let config = config(addr, "udp", false, 2.0);
-    let (agent, mut rx, shutdown) = start(&config).await;
+    let (mut pbx, agent, mut rx, shutdown) = udp_pbx_and_agent(false, 2.0).await;
 
     let sub = pbx.accept_subscription("n-1", 600).await;
     assert!(sub.h("Via").starts_with(&format!("SIP/2.0/UDP {};branch=z9hG4bK", agent.local_addr)));
@@ -340,6 +348,7 @@ async fn udp_ring_answer_hangup_terminate_and_resubscribe() {
     let r =
         pbx.notify_raw(&sub, "stale-subscription@pbx", "active", &doc(9, EARLY), "application/dialog-info+xml").await;
     assert!(r.start.starts_with("SIP/2.0 481"), "{r:?}");
+    let addr = pbx.addr;
     let broken = format!(
         "NOTIFY sip:callbridge@{} SIP/2.0\r\nVia: SIP/2.0/UDP {addr};branch=z9hG4bKbroken\r\n\
          From: <sip:2000@pbx>;tag=x\r\nTo: <sip:callbridge@h>;tag=y\r\nCall-ID: b1\r\nCSeq: 1 NOTIFY\r\n\
@@ -393,11 +402,7 @@ async fn udp_ring_answer_hangup_terminate_and_resubscribe() {
 
 #[tokio::test]
 async fn refresh_before_expiry_and_restart_after_481() {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    let mut pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
-    let config = config(addr, "udp", true, 2.0);
-    let (agent, mut rx, shutdown) = start(&config).await;
+    let (mut pbx, agent, mut rx, shutdown) = udp_pbx_and_agent(true, 2.0).await;
     let sub = pbx.accept_subscription("n-1", 2).await;
     let granted_at = tokio::time::Instant::now();
     pbx.notify(&sub, "active;expires=2", &doc(0, CONFIRMED)).await;
@@ -486,11 +491,7 @@ async fn tcp_transport_subscribes_and_reconnects() {
 /// the next NOTIFY is answered and reported.
 #[tokio::test]
 async fn non_ascii_garbage_datagrams_do_not_stop_the_connector() {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    let mut pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
-    let config = config(addr, "udp", false, 2.0);
-    let (agent, mut rx, shutdown) = start(&config).await;
+    let (mut pbx, agent, mut rx, shutdown) = udp_pbx_and_agent(false, 2.0).await;
     let sub = pbx.accept_subscription("n-1", 600).await;
     let r = pbx.notify(&sub, "active;expires=600", &doc(0, TERMINATED)).await;
     assert!(r.start.starts_with("SIP/2.0 200"), "{r:?}");
@@ -504,6 +505,7 @@ async fn non_ascii_garbage_datagrams_do_not_stop_the_connector() {
             pbx.wire.send(agent.local_addr, garbage.as_bytes()).await;
         }
     }
+    let addr = pbx.addr;
     let broken = format!(
         "NOTIFY sip:callbridge@{} SIP/2.0\r\nVia: SIP/2.0/UDP {addr};branch=z9hG4bKutf8\r\n\
          From: <sip:2000@pbx>;tag=x\r\nTo: <sip:callbridge@h>;tag=y\r\nCall-ID: b1\r\nCSeq: 1 NOTIFY\r\n\
@@ -533,11 +535,7 @@ async fn non_ascii_garbage_datagrams_do_not_stop_the_connector() {
 /// a retransmission, ends the transaction.
 #[tokio::test]
 async fn unanswered_udp_requests_are_retransmitted() {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    let mut pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
-    let config = config(addr, "udp", false, 10.0);
-    let (agent, _rx, shutdown) = start(&config).await;
+    let (mut pbx, agent, _rx, shutdown) = udp_pbx_and_agent(false, 10.0).await;
     let first = pbx.request("SUBSCRIBE").await;
     let t0 = tokio::time::Instant::now();
     let second = pbx.request("SUBSCRIBE").await;

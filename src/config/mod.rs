@@ -506,6 +506,10 @@ pub enum SinkConfig {
         /// Requests in flight at once (different calls proceed in parallel).
         #[serde(default = "default_sink_concurrency")]
         concurrency: usize,
+        /// PEM file of certificate authorities to trust besides the system's
+        /// (a helpdesk behind an internal CA).
+        #[serde(default)]
+        ca_file: Option<String>,
     },
     /// Zammad's Generic CTI (`POST {url}/api/v1/cti/{token}`).
     Zammad {
@@ -525,6 +529,9 @@ pub enum SinkConfig {
         max_backoff_seconds: f64,
         #[serde(default = "default_sink_concurrency")]
         concurrency: usize,
+        /// PEM file of certificate authorities to trust besides the system's.
+        #[serde(default)]
+        ca_file: Option<String>,
     },
 }
 

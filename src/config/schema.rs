@@ -366,11 +366,12 @@ static SINK_JSONL: TableSchema = TableSchema {
 };
 
 /// Request settings shared by the HTTP sinks (webhook, Zammad).
-const HTTP_SINK_FIELDS: [Field; 4] = [
+const HTTP_SINK_FIELDS: [Field; 5] = [
     opt("timeout_seconds", SECONDS),
     opt("connect_timeout_seconds", SECONDS),
     opt("max_backoff_seconds", SECONDS),
     opt("concurrency", Kind::Count { min: 1, why: "at least one request must be able to run" }),
+    opt("ca_file", Kind::Str(Some(check_non_empty))),
 ];
 
 static SINK_WEBHOOK: TableSchema = TableSchema {
@@ -387,6 +388,7 @@ static SINK_WEBHOOK: TableSchema = TableSchema {
         HTTP_SINK_FIELDS[1],
         HTTP_SINK_FIELDS[2],
         HTTP_SINK_FIELDS[3],
+        HTTP_SINK_FIELDS[4],
     ],
     check: Some(check_secret_source),
 };
@@ -404,6 +406,7 @@ static SINK_ZAMMAD: TableSchema = TableSchema {
         HTTP_SINK_FIELDS[1],
         HTTP_SINK_FIELDS[2],
         HTTP_SINK_FIELDS[3],
+        HTTP_SINK_FIELDS[4],
     ],
     check: Some(check_secret_source),
 };

@@ -50,13 +50,30 @@ pub struct WebhookSettings {
     pub concurrency: usize,
 }
 
-/// An HTTP client with the sinks' common settings.
+/// The certificate authorities of a PEM file (`ca_file`): trusted besides
+/// the system's store, for a helpdesk behind an internal CA.
+pub fn load_ca_file(path: &str) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("ca_file {path:?}: {e}"))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("ca_file {path:?}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("ca_file {path:?}: no PEM certificate in it"));
+    }
+    Ok(certs)
+}
+
+/// An HTTP client with the sinks' common settings. Servers are checked
+/// against the system's trust store, the bundled web roots, and `roots`.
 pub(crate) fn http_client(
     timeout: Duration,
     connect_timeout: Duration,
     concurrency: usize,
+    roots: &[reqwest::Certificate],
 ) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    for root in roots {
+        builder = builder.add_root_certificate(root.clone());
+    }
+    builder
         .use_rustls_tls()
         // A redirected POST may be replayed as a GET whose 2xx would count as
         // delivered: a 3xx is refused (dead letter) for ops to fix the URL.
@@ -133,13 +150,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 impl WebhookSink {
     pub fn new(name: &str, settings: WebhookSettings, secret: &str) -> Result<WebhookSink, String> {
+        WebhookSink::with_roots(name, settings, secret, &[])
+    }
+
+    /// As [`WebhookSink::new`], also trusting the certificate authorities
+    /// `roots` (from `ca_file`).
+    pub fn with_roots(
+        name: &str,
+        settings: WebhookSettings,
+        secret: &str,
+        roots: &[reqwest::Certificate],
+    ) -> Result<WebhookSink, String> {
         let url = reqwest::Url::parse(&settings.url).map_err(|e| format!("url: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("url: scheme must be http or https, not {}", url.scheme()));
         }
         let signer = Signer::new(secret).map_err(|e| e.to_string())?;
         let policy = retry_policy(INITIAL_BACKOFF.min(settings.max_backoff), settings.max_backoff)?;
-        let client = http_client(settings.timeout, settings.connect_timeout, settings.concurrency)
+        let client = http_client(settings.timeout, settings.connect_timeout, settings.concurrency, roots)
             .map_err(|e| format!("HTTP client: {e}"))?;
         Ok(WebhookSink {
             name: Arc::from(name),
@@ -161,6 +189,7 @@ impl WebhookSink {
             connect_timeout_seconds,
             max_backoff_seconds,
             concurrency,
+            ca_file,
             ..
         } = config
         else {
@@ -168,6 +197,7 @@ impl WebhookSink {
         };
         let err = |message: String| SinkError::Config { index, name: name.to_string(), message };
         let secret = secret.resolve().map_err(err)?;
+        let roots = ca_file.as_deref().map(load_ca_file).transpose().map_err(err)?.unwrap_or_default();
         let settings = WebhookSettings {
             url: url.clone(),
             batch_size: *batch_size,
@@ -176,7 +206,7 @@ impl WebhookSink {
             max_backoff: secs(index, name, "max_backoff_seconds", *max_backoff_seconds)?,
             concurrency: *concurrency,
         };
-        WebhookSink::new(name, settings, &secret).map_err(err)
+        WebhookSink::with_roots(name, settings, &secret, &roots).map_err(err)
     }
 
     /// The `webhook-id` of a batch: stable for the same events.

@@ -21,7 +21,7 @@
 //! the public contract, SPEC §5). This module must never log the token (it
 //! is part of the URL).
 
-use super::webhook::{http_client, secs, send, INITIAL_BACKOFF};
+use super::webhook::{http_client, load_ca_file, secs, send, INITIAL_BACKOFF};
 use super::{retry_policy, Attempt, Sink, SinkError};
 use crate::backoff::Backoff;
 use crate::config::{Config, SinkConfig};
@@ -117,6 +117,17 @@ pub fn hangup_cause(
 
 impl ZammadSink {
     pub fn new(name: &str, settings: ZammadSettings, token: &str) -> Result<ZammadSink, String> {
+        ZammadSink::with_roots(name, settings, token, &[])
+    }
+
+    /// As [`ZammadSink::new`], also trusting the certificate authorities
+    /// `roots` (from `ca_file`).
+    pub fn with_roots(
+        name: &str,
+        settings: ZammadSettings,
+        token: &str,
+        roots: &[reqwest::Certificate],
+    ) -> Result<ZammadSink, String> {
         let ZammadSettings { url: base_url, timeout, connect_timeout, max_backoff, concurrency, agent_names } =
             settings;
         let base_url = base_url.as_str();
@@ -127,7 +138,8 @@ impl ZammadSink {
         let endpoint = base
             .join(&format!("{}/api/v1/cti/{token}", base.path().trim_end_matches('/')))
             .map_err(|e| format!("url: {e}"))?;
-        let client = http_client(timeout, connect_timeout, concurrency).map_err(|e| format!("HTTP client: {e}"))?;
+        let client =
+            http_client(timeout, connect_timeout, concurrency, roots).map_err(|e| format!("HTTP client: {e}"))?;
         Ok(ZammadSink {
             name: Arc::from(name),
             endpoint,
@@ -146,6 +158,7 @@ impl ZammadSink {
             connect_timeout_seconds,
             max_backoff_seconds,
             concurrency,
+            ca_file,
             ..
         } = s
         else {
@@ -153,6 +166,7 @@ impl ZammadSink {
         };
         let err = |message: String| SinkError::Config { index, name: name.to_string(), message };
         let token = secret.resolve().map_err(err)?;
+        let roots = ca_file.as_deref().map(load_ca_file).transpose().map_err(err)?.unwrap_or_default();
         let agent_names =
             config.agents.iter().map(|a| (a.id.clone(), a.name.clone().unwrap_or_else(|| a.id.clone()))).collect();
         let settings = ZammadSettings {
@@ -163,7 +177,7 @@ impl ZammadSink {
             concurrency: *concurrency,
             agent_names,
         };
-        ZammadSink::new(name, settings, &token).map_err(err)
+        ZammadSink::with_roots(name, settings, &token, &roots).map_err(err)
     }
 
     fn user(&self, agent: &str) -> String {

@@ -241,7 +241,8 @@ pub fn tls_file(name: &str) -> String {
     format!("{}/tests/support/tls/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+/// A TLS acceptor with `server.pem` (CN and SAN localhost, 127.0.0.1), signed by `ca.pem`.
+pub fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(tls_file("server.pem"))

@@ -105,6 +105,7 @@ async fn an_unknown_ca_fails_with_the_certificate_problem() {
 fn an_unreadable_ca_file_is_refused_naming_the_sink_and_the_file() {
     let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
     let (name, config) = webhook(addr, Some("/nonexistent/ca.pem"));
-    let e = WebhookSink::from_config(0, &name, &config).err().expect("refused").to_string();
+    let Err(e) = WebhookSink::from_config(0, &name, &config) else { panic!("an unreadable ca_file must be refused") };
+    let e = e.to_string();
     assert!(e.contains("sinks[0]") && e.contains("helpdesk") && e.contains("/nonexistent/ca.pem"), "{e}");
 }

@@ -24,7 +24,7 @@ async fn lifecycle_maps_to_generic_cti() {
         connect_timeout: Duration::from_secs(1),
         max_backoff: Duration::from_millis(200),
         concurrency: 8,
-        agent_names: lab().agents.iter().map(|a| (a.id.clone(), a.name.clone().unwrap_or_default())).collect(),
+        agents: callbridge::sink::zammad::agents_of(&lab()),
     };
     let mut d = Runners::new(&outbox, RunnerOptions::default());
     d.spawn(Arc::new(ZammadSink::new("zammad", settings, "s3cr3t-token").unwrap()));
@@ -49,7 +49,10 @@ async fn lifecycle_maps_to_generic_cti() {
             );
         }
         if ev == "answer" {
-            assert!(v["user"][0].as_str().is_some_and(|u| !u.is_empty()));
+            // One string (Zammad looks it up as a login), and the agent's
+            // number (Zammad's first lookup).
+            assert!(v["user"].as_str().is_some_and(|u| !u.is_empty()), "{v}");
+            assert!(["2000", "2001", "2002"].contains(&v["answeringNumber"].as_str().unwrap_or("")), "{v}");
         }
         per_call.entry(v["callId"].as_str().unwrap().to_string()).or_default().push(ev);
     }

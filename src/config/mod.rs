@@ -341,6 +341,15 @@ pub struct AgentConfig {
     /// configuration error (optional in the type so validation can name
     /// the agent).
     pub extension: Option<String>,
+    /// The number the helpdesk knows this agent by (Zammad: the phone
+    /// field of the agent's user, matched against `answeringNumber`).
+    /// Default: the extension.
+    #[serde(default)]
+    pub helpdesk_phone: Option<String>,
+    /// The agent's login in the helpdesk (Zammad looks `user` up as a
+    /// login). Default: the display name, else the id.
+    #[serde(default)]
+    pub helpdesk_login: Option<String>,
 }
 
 /// `[holidays]`: the global holiday calendar, used by groups with

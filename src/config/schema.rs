@@ -284,6 +284,8 @@ static AGENT: TableSchema = TableSchema {
         opt("name", STR),
         // Required, but checked with the agent named (see check.rs).
         opt("extension", Kind::Str(Some(check_extension))),
+        opt("helpdesk_phone", Kind::Str(Some(check_non_empty))),
+        opt("helpdesk_login", Kind::Str(Some(check_non_empty))),
     ],
     check: None,
 };

@@ -4,8 +4,15 @@
 //! | lifecycle | CTI event | fields |
 //! | --- | --- | --- |
 //! | `call.started` | `newCall` | `from`, `to`, `direction` (`in`/`out`), `callId`, `user` (outbound: the calling agent), `queue` |
-//! | `call.answered` | `answer` | + `user` (the agent's name), `answeringNumber` (the agent's id) |
+//! | `call.answered` | `answer` | + `user`, `answeringNumber` (the agent who answered) |
 //! | `call.ended` | `hangup` | + `cause`, `answeringNumber` |
+//!
+//! Agents are named as Zammad looks them up when it opens the agent's
+//! screen on `answer`: `answeringNumber` is the number on the agent's
+//! Zammad user (`[[agents]] helpdesk_phone`, by default the extension) and
+//! `user` is one string, the agent's Zammad login (`helpdesk_login`, by
+//! default the display name). An outbound `newCall` goes from the agent's
+//! number to the customer's, with the calling agent as `user`.
 //! | anything else | — | acknowledged without a request |
 //!
 //! `cause`: an answered call ends with `normalClearing`; an unanswered one
@@ -41,8 +48,30 @@ pub struct ZammadSettings {
     pub connect_timeout: Duration,
     pub max_backoff: Duration,
     pub concurrency: usize,
-    /// Agent id → display name (Zammad's `user`).
-    pub agent_names: HashMap<String, String>,
+    /// Agent id → how Zammad knows the agent.
+    pub agents: HashMap<String, ZammadAgent>,
+}
+
+/// How Zammad finds an agent: by number first, then by login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZammadAgent {
+    /// `answeringNumber`: the phone number on the agent's Zammad user.
+    pub number: String,
+    /// `user`: the agent's Zammad login.
+    pub user: String,
+}
+
+/// The agents of a configuration as Zammad knows them.
+pub fn agents_of(config: &Config) -> HashMap<String, ZammadAgent> {
+    config
+        .agents
+        .iter()
+        .map(|a| {
+            let number = a.helpdesk_phone.clone().or_else(|| a.extension.clone()).unwrap_or_else(|| a.id.clone());
+            let user = a.helpdesk_login.clone().or_else(|| a.name.clone()).unwrap_or_else(|| a.id.clone());
+            (a.id.clone(), ZammadAgent { number, user })
+        })
+        .collect()
 }
 
 /// Posts CTI events to one Zammad instance.
@@ -52,8 +81,8 @@ pub struct ZammadSink {
     client: reqwest::Client,
     concurrency: usize,
     policy: Backoff,
-    /// Agent id → display name (Zammad's `user`).
-    agent_names: HashMap<String, String>,
+    /// Agent id → how Zammad knows the agent.
+    agents: HashMap<String, ZammadAgent>,
 }
 
 impl std::fmt::Debug for ZammadSink {
@@ -128,8 +157,7 @@ impl ZammadSink {
         token: &str,
         roots: &[reqwest::Certificate],
     ) -> Result<ZammadSink, String> {
-        let ZammadSettings { url: base_url, timeout, connect_timeout, max_backoff, concurrency, agent_names } =
-            settings;
+        let ZammadSettings { url: base_url, timeout, connect_timeout, max_backoff, concurrency, agents } = settings;
         let base_url = base_url.as_str();
         let base = reqwest::Url::parse(base_url).map_err(|e| format!("url: {e}"))?;
         if token.is_empty() || token.contains('/') {
@@ -146,7 +174,7 @@ impl ZammadSink {
             client,
             concurrency: concurrency.max(1),
             policy: retry_policy(INITIAL_BACKOFF.min(max_backoff), max_backoff)?,
-            agent_names,
+            agents,
         })
     }
 
@@ -167,21 +195,24 @@ impl ZammadSink {
         let err = |message: String| SinkError::Config { index, name: name.to_string(), message };
         let token = secret.resolve().map_err(err)?;
         let roots = ca_file.as_deref().map(load_ca_file).transpose().map_err(err)?.unwrap_or_default();
-        let agent_names =
-            config.agents.iter().map(|a| (a.id.clone(), a.name.clone().unwrap_or_else(|| a.id.clone()))).collect();
         let settings = ZammadSettings {
             url: url.clone(),
             timeout: secs(index, name, "timeout_seconds", *timeout_seconds)?,
             connect_timeout: secs(index, name, "connect_timeout_seconds", *connect_timeout_seconds)?,
             max_backoff: secs(index, name, "max_backoff_seconds", *max_backoff_seconds)?,
             concurrency: *concurrency,
-            agent_names,
+            agents: agents_of(config),
         };
         ZammadSink::with_roots(name, settings, &token, &roots).map_err(err)
     }
 
-    fn user(&self, agent: &str) -> String {
-        self.agent_names.get(agent).cloned().unwrap_or_else(|| agent.to_string())
+    /// How Zammad knows `agent` (an agent missing from the configuration:
+    /// its id for both).
+    fn agent(&self, agent: &str) -> ZammadAgent {
+        self.agents
+            .get(agent)
+            .cloned()
+            .unwrap_or_else(|| ZammadAgent { number: agent.to_string(), user: agent.to_string() })
     }
 
     /// The CTI request body for one event (`None`: nothing to send).
@@ -193,16 +224,22 @@ impl ZammadSink {
             "outbound" => "out",
             _ => return Ok(None),
         };
-        let from = call.caller.number.clone().unwrap_or_else(|| "anonymous".into());
+        let agent = ev.data.agent.as_deref().or(call.agent.as_deref()).map(|a| self.agent(a));
+        let mut from = call.caller.number.clone().unwrap_or_else(|| "anonymous".into());
+        if direction == "out" {
+            // From the agent, as Zammad knows the agent's number.
+            if let Some(a) = &agent {
+                from = a.number.clone();
+            }
+        }
         let to = call.callee.number.clone().unwrap_or_default();
         let mut body = json!({ "from": from, "to": to, "direction": direction, "callId": call.id });
-        let agent = ev.data.agent.as_deref().or(call.agent.as_deref());
         match ev.kind.as_str() {
             "call.started" => {
                 body["event"] = json!("newCall");
                 if direction == "out" {
-                    if let Some(a) = agent {
-                        body["user"] = json!([self.user(a)]);
+                    if let Some(a) = &agent {
+                        body["user"] = json!(a.user);
                     }
                 }
                 if let Some(q) = call.group.as_deref().or(call.queue.as_deref()) {
@@ -211,9 +248,9 @@ impl ZammadSink {
             }
             "call.answered" => {
                 body["event"] = json!("answer");
-                if let Some(a) = agent {
-                    body["user"] = json!([self.user(a)]);
-                    body["answeringNumber"] = json!(a);
+                if let Some(a) = &agent {
+                    body["user"] = json!(a.user);
+                    body["answeringNumber"] = json!(a.number);
                 }
             }
             "call.ended" => {
@@ -226,7 +263,7 @@ impl ZammadSink {
                 );
                 body["cause"] = json!(cause);
                 if let (Some(a), Some(_)) = (call.agent.as_deref(), call.answered_at.as_ref()) {
-                    body["answeringNumber"] = json!(a);
+                    body["answeringNumber"] = json!(self.agent(a).number);
                 }
             }
             _ => return Ok(None),
@@ -270,7 +307,9 @@ mod tests {
     use super::*;
 
     fn sink() -> ZammadSink {
-        let names = [("maria".to_string(), "Maria Silva".to_string())].into_iter().collect();
+        let agents = [("maria".to_string(), ZammadAgent { number: "2000".into(), user: "maria.silva".into() })]
+            .into_iter()
+            .collect();
         let d = Duration::from_secs(1);
         let settings = ZammadSettings {
             url: "http://127.0.0.1:9/zammad/".into(),
@@ -278,7 +317,7 @@ mod tests {
             connect_timeout: d,
             max_backoff: d,
             concurrency: 1,
-            agent_names: names,
+            agents,
         };
         ZammadSink::new("zammad", settings, "tok").unwrap()
     }
@@ -314,8 +353,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(b["event"], "answer");
-        assert_eq!(b["user"], json!(["Maria Silva"]));
-        assert_eq!(b["answeringNumber"], "maria");
+        // As Zammad looks the agent up: its number, then one login string.
+        assert_eq!(b["user"], json!("maria.silva"));
+        assert_eq!(b["answeringNumber"], "2000");
         let b = s
             .cti_body(&ce("call.ended", json!({"seq": 5, "call": call("inbound", true), "hangup_cause": 16, "hung_up_by": "caller", "end_reason": "normal"})))
             .unwrap()
@@ -326,6 +366,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(b["cause"], "cancel");
+        assert_eq!(b["answeringNumber"], json!(null), "nobody answered");
+        // Outbound: from the agent's number to the customer, the agent as user.
+        let b = s.cti_body(&ce("call.started", json!({"seq": 1, "call": call("outbound", false)}))).unwrap().unwrap();
+        assert_eq!((b["from"].as_str(), b["to"].as_str()), (Some("2000"), Some("1130001000")));
+        assert_eq!((b["direction"].as_str(), b["user"].as_str()), (Some("out"), Some("maria.silva")));
         assert!(s.cti_body(&ce("call.queued", json!({"seq": 2, "call": call("inbound", false)}))).unwrap().is_none());
         assert!(s.cti_body(&ce("call.started", json!({"seq": 1, "call": call("internal", false)}))).unwrap().is_none());
         assert!(s.cti_body(&ce("agent.line", json!({"agent": "maria", "state": "idle"}))).unwrap().is_none());

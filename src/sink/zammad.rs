@@ -120,9 +120,7 @@ impl ZammadSink {
             settings;
         let base_url = base_url.as_str();
         let base = reqwest::Url::parse(base_url).map_err(|e| format!("url: {e}"))?;
-        if token.is_empty() || token.contains('/') {
-            return Err("token must be non-empty and contain no '/'".into());
-        }
+        crate::secret::check_path_token(token)?;
         let endpoint = base
             .join(&format!("{}/api/v1/cti/{token}", base.path().trim_end_matches('/')))
             .map_err(|e| format!("url: {e}"))?;

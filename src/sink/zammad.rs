@@ -21,6 +21,7 @@
 //! the public contract, SPEC §5). This module must never log the token (it
 //! is part of the URL).
 
+use super::redact::Redactor;
 use super::webhook::{http_client, secs, send, INITIAL_BACKOFF};
 use super::{Attempt, RetryPolicy, Sink, SinkError};
 use crate::config::{Config, SinkConfig};
@@ -49,6 +50,8 @@ pub struct ZammadSink {
     name: Arc<str>,
     endpoint: reqwest::Url,
     client: reqwest::Client,
+    /// Masks the token (and the URL's credentials) in what a refusal reports.
+    redactor: Redactor,
     concurrency: usize,
     policy: RetryPolicy,
     /// Agent id → display name (Zammad's `user`).
@@ -125,10 +128,12 @@ impl ZammadSink {
             .join(&format!("{}/api/v1/cti/{token}", base.path().trim_end_matches('/')))
             .map_err(|e| format!("url: {e}"))?;
         let client = http_client(timeout, connect_timeout, concurrency).map_err(|e| format!("HTTP client: {e}"))?;
+        let redactor = Redactor::for_url(&base, [token]);
         Ok(ZammadSink {
             name: Arc::from(name),
             endpoint,
             client,
+            redactor,
             concurrency: concurrency.max(1),
             policy: RetryPolicy::try_new(INITIAL_BACKOFF.min(max_backoff), max_backoff)?,
             agent_names,
@@ -244,7 +249,7 @@ impl Sink for ZammadSink {
             .post(self.endpoint.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_string());
-        send(req).await
+        send(req, &self.redactor).await
     }
 }
 

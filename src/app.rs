@@ -329,6 +329,9 @@ fn serve(listener: tokio::net::TcpListener, app: axum::Router, shutdown: Cancell
     })
 }
 
+/// A deadline that is never reached (tokio's own "far future").
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// Reads trace files into the source channel, paced by their timestamps.
 async fn feed_traces(
     paths: Vec<PathBuf>,
@@ -356,7 +359,9 @@ async fn feed_traces(
         for f in frames {
             if let (Speed::Factor(k), Some(ts)) = (speed, f.timestamp_micros()) {
                 let base = *first.get_or_insert(ts);
-                let due = start + Duration::from_secs_f64(((ts - base).max(0) as f64 / 1e6) / k);
+                let delay = crate::replay::pacing_delay(ts.saturating_sub(base), k);
+                // Past what an Instant can hold: as good as never.
+                let due = start.checked_add(delay).unwrap_or_else(|| start + FAR_FUTURE);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep_until(due) => {}

@@ -15,7 +15,7 @@ use crate::sink;
 use crate::state::Readiness;
 use anyhow::Context;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub enum Delivery {
@@ -54,34 +54,7 @@ impl Delivery {
 
     pub async fn deliver(&mut self, events: &[Event], pbx: &str) -> anyhow::Result<()> {
         match self {
-            Delivery::Outbox { outbox, readiness, .. } => {
-                let mut delay = Duration::from_millis(100);
-                loop {
-                    match outbox.append(events).await {
-                        Ok(o) => {
-                            readiness.set_outbox(true);
-                            if o.conflicts > 0 {
-                                // Retrying cannot help: the outbox keeps what it
-                                // has under those ids (and logged them).
-                                tracing::error!(
-                                    refused = o.conflicts,
-                                    stored = o.appended,
-                                    "events refused by the outbox: their ids are already stored with different content"
-                                );
-                            }
-                            return Ok(());
-                        }
-                        Err(e) if e.is_transient() => {
-                            readiness.set_outbox(false);
-                            tracing::error!(error = %e, events = events.len(), retry_in_ms = delay.as_millis() as u64,
-                                "cannot store events in the outbox; holding them and retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
-                        Err(e) => return Err(e).context("appending to the outbox"),
-                    }
-                }
-            }
+            Delivery::Outbox { outbox, readiness, .. } => store(outbox, readiness, events, None).await.map(|_| ()),
             Delivery::Jsonl(w) => {
                 let mut buf = String::with_capacity(events.len() * 900);
                 for e in events {
@@ -93,6 +66,29 @@ impl Delivery {
                 Ok(())
             }
             Delivery::Discard => Ok(()),
+        }
+    }
+
+    /// [`Delivery::deliver`], giving up waiting for room in the outbox once
+    /// `deadline` is set and has passed. Returns how many of `events` (from
+    /// the first) are safe; the others were not stored.
+    pub async fn deliver_until(
+        &mut self,
+        events: &[Event],
+        pbx: &str,
+        deadline: &OnceLock<tokio::time::Instant>,
+    ) -> anyhow::Result<usize> {
+        match self {
+            Delivery::Outbox { outbox, readiness, .. } => store(outbox, readiness, events, Some(deadline)).await,
+            _ => self.deliver(events, pbx).await.map(|()| events.len()),
+        }
+    }
+
+    /// Readiness follows the outbox's writability (called periodically: a
+    /// full episode ends without any delivery call noticing).
+    pub fn refresh_readiness(&self) {
+        if let Delivery::Outbox { outbox, readiness, .. } = self {
+            readiness.set_outbox(outbox.is_writable());
         }
     }
 
@@ -114,6 +110,65 @@ impl Delivery {
             Delivery::Discard => Ok(Closed::default()),
         }
     }
+}
+
+/// Stores `events` in the outbox, waiting and retrying while it is full:
+/// what fits goes in at once (a batch larger than the whole store goes in
+/// piece by piece while the sinks drain what went before), the rest waits.
+/// Returns how many events (from the first) are stored: all of them, or
+/// fewer once `deadline` is set and passed.
+async fn store(
+    outbox: &Outbox,
+    readiness: &Readiness,
+    events: &[Event],
+    deadline: Option<&OnceLock<tokio::time::Instant>>,
+) -> anyhow::Result<usize> {
+    let mut rest = events;
+    let mut delay = Duration::from_millis(100);
+    let mut waiting = false;
+    while !rest.is_empty() {
+        match outbox.append_what_fits(rest).await {
+            Ok(p) => {
+                if p.outcome.conflicts > 0 {
+                    // Retrying cannot help: the outbox keeps what it has
+                    // under those ids (and logged them).
+                    tracing::error!(
+                        refused = p.outcome.conflicts,
+                        stored = p.outcome.appended,
+                        "events refused by the outbox: their ids are already stored with different content"
+                    );
+                }
+                rest = rest.get(p.taken..).unwrap_or_default();
+                if p.taken > 0 {
+                    delay = Duration::from_millis(100);
+                }
+                if rest.is_empty() {
+                    break;
+                }
+            }
+            Err(e) if e.is_transient() => {
+                // The outbox logs a full disk once per episode; here, once
+                // per wait.
+                if !waiting {
+                    tracing::warn!(error = %e, events = rest.len(),
+                        "cannot store events in the outbox yet; holding them and retrying");
+                }
+                waiting = true;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).context("appending to the outbox"),
+        }
+        readiness.set_outbox(false);
+        let now = tokio::time::Instant::now();
+        let pause = match deadline.and_then(OnceLock::get) {
+            Some(&at) if now >= at => return Ok(events.len() - rest.len()),
+            Some(&at) => delay.min(at - now),
+            None => delay,
+        };
+        tokio::time::sleep(pause).await;
+    }
+    readiness.set_outbox(outbox.is_writable());
+    Ok(events.len())
 }
 
 /// What [`Delivery::close`] left behind in the outbox.

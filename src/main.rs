@@ -4,6 +4,7 @@
 
 use callbridge::app::commands::{self, Outcome, ReplayOptions};
 use callbridge::app::{RunOptions, SourceSpec};
+use callbridge::config::CheckOptions;
 use callbridge::replay::Speed;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -81,6 +82,11 @@ enum Command {
     CheckConfig {
         /// Configuration file (TOML).
         config: PathBuf,
+        /// Do not read secret files and environment variables (for checking
+        /// a file away from the daemon's environment). By default every
+        /// secret is obtained and checked, as `run` would at start.
+        #[arg(long)]
+        no_resolve_secrets: bool,
     },
 }
 
@@ -88,8 +94,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     callbridge::telemetry::init_logging(cli.log_json);
     let outcome = match cli.command {
-        Command::CheckConfig { config } => {
-            return ExitCode::from(u8::try_from(callbridge::config::check_config_main(&config)).unwrap_or(1));
+        Command::CheckConfig { config, no_resolve_secrets } => {
+            let options = CheckOptions { resolve_secrets: !no_resolve_secrets };
+            return ExitCode::from(u8::try_from(callbridge::config::check_config_main(&config, options)).unwrap_or(1));
         }
         Command::Run { config, api_listen, shutdown_seconds } => {
             commands::run(config, api_listen, Duration::from_secs(shutdown_seconds))

@@ -95,7 +95,10 @@ impl Pipeline {
                     Some(e) => self.out.push(e),
                     None => ready_open = false,
                 },
-                _ = sweep.tick() => self.start_sweep(),
+                _ = sweep.tick() => {
+                    self.delivery.refresh_readiness();
+                    self.start_sweep();
+                }
                 _ = watchdog.tick() => crate::systemd::watchdog(),
             }
             self.shared.presence.sync_from(&mut self.normalizer);

@@ -13,6 +13,9 @@
 //! With `rotate_bytes`, a file that grew past the limit is closed at the next
 //! frame boundary and the next one starts (`trace.ami`, `trace.1.ami`, …),
 //! each a complete trace with its own banner.
+//!
+//! Trace files are created with mode 0600 (owner only): they hold callers'
+//! phone numbers.
 
 use crate::ami::connection::{spawn, SourceItem};
 use crate::ami::ClientSettings;
@@ -54,7 +57,7 @@ impl Writer {
             f.flush()?;
         }
         let path = self.path_for(self.stats.files.len());
-        let f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
+        let f = create_trace(&path)?;
         info!(trace = %path.display(), "recording");
         self.stats.files.push(path);
         self.file = Some(std::io::BufWriter::new(f));
@@ -101,6 +104,40 @@ impl Writer {
     }
 }
 
+/// Creates (or truncates) a trace file readable by its owner only: traces
+/// hold callers' phone numbers. An existing file keeps its mode. The error
+/// names the path.
+fn create_trace(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create trace {}: {e}", path.display())))
+}
+
+/// Fails early, naming the directory, when `out` cannot be created because
+/// its directory does not exist (rather than after connecting to the PBX).
+fn check_out_dir(out: &Path) -> std::io::Result<()> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            format!("cannot create trace {}: {} is not a directory", out.display(), dir.display()),
+        )),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot create trace {}: directory {}: {e}", out.display(), dir.display()),
+        )),
+    }
+}
+
 /// Records until `shutdown` (or the AMI client gives up, e.g. bad
 /// credentials). `rotate_bytes`: start a new file past this size. `ami`:
 /// the client's settings (a `[pbx.ami]` converts through
@@ -111,6 +148,7 @@ pub async fn record(
     rotate_bytes: Option<u64>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Recorded> {
+    check_out_dir(out)?;
     let ami = ami.into();
     let capacity = ami.event_queue_capacity.max(1);
     // Full channel: the AMI reader waits for the disk.

@@ -25,6 +25,11 @@ pub enum Speed {
     Factor(f64),
 }
 
+/// The slowest factor accepted: a million times slower than real time.
+/// Slower factors would turn a trace's span into delays `Duration` cannot
+/// hold.
+pub const MIN_SPEED_FACTOR: f64 = 1e-6;
+
 impl FromStr for Speed {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -32,11 +37,23 @@ impl FromStr for Speed {
             "max" => Ok(Speed::Max),
             "realtime" => Ok(Speed::Factor(1.0)),
             n => match n.parse::<f64>() {
-                Ok(f) if f.is_finite() && f > 0.0 => Ok(Speed::Factor(f)),
-                _ => Err(format!("speed must be max, realtime or a positive number, not {n:?}")),
+                Ok(f) if f.is_finite() && f >= MIN_SPEED_FACTOR => Ok(Speed::Factor(f)),
+                _ => Err(format!(
+                    "speed must be max, realtime or a finite speed-up factor of at least {MIN_SPEED_FACTOR} \
+                     (e.g. 50, or 0.5 for half speed), not {n:?}"
+                )),
             },
         }
     }
+}
+
+/// How long after a trace's first frame a frame `since_first` microseconds
+/// later is due at speed `factor`. Never panics: a negative span is no
+/// delay, and a delay too long for `Duration` (or a nonsensical factor) is
+/// `Duration::MAX`.
+pub fn pacing_delay(since_first: Micros, factor: f64) -> Duration {
+    let secs = (since_first.max(0) as f64 / 1e6) / factor;
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
 }
 
 /// Counters of one replay.
@@ -116,7 +133,7 @@ pub fn replay_bytes(
             let ts = f.timestamp_micros();
             if let (Speed::Factor(k), Some(ts)) = (speed, ts) {
                 let base = *first_ts.get_or_insert(ts);
-                let due = Duration::from_secs_f64(((ts - base).max(0) as f64 / 1e6) / k);
+                let due = pacing_delay(ts.saturating_sub(base), k);
                 let elapsed = started.elapsed();
                 if due > elapsed {
                     std::thread::sleep(due - elapsed);
@@ -163,4 +180,33 @@ pub fn events_of(config: &crate::config::Config, traces: &[impl AsRef<Path>]) ->
     let mut events = Vec::new();
     replay_files(traces, &mut n, Speed::Max, CodecLimits::default(), |e| events.push(e.clone()))?;
     Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_never_panics() {
+        assert_eq!(pacing_delay(2_000_000, 2.0), Duration::from_secs(1));
+        assert_eq!(pacing_delay(-5, 1.0), Duration::ZERO);
+        assert_eq!(pacing_delay(i64::MAX, 1e-300), Duration::MAX);
+        assert_eq!(pacing_delay(1, 0.0), Duration::MAX);
+        assert_eq!(pacing_delay(0, 0.0), Duration::MAX);
+        assert_eq!(pacing_delay(1, f64::NAN), Duration::MAX);
+        assert_eq!(pacing_delay(1, -1.0), Duration::MAX);
+        // The slowest accepted factor on a year-long trace still fits.
+        assert!(pacing_delay(365 * 86_400 * 1_000_000, MIN_SPEED_FACTOR) < Duration::MAX);
+    }
+
+    #[test]
+    fn speeds_that_cannot_pace_are_refused() {
+        for bad in ["1e-300", "0", "-1", "NaN", "inf", "1e-7", "fast"] {
+            let e = bad.parse::<Speed>().expect_err(bad);
+            assert!(e.contains(bad) && e.contains("at least"), "{e}");
+        }
+        assert_eq!("1e-6".parse::<Speed>(), Ok(Speed::Factor(1e-6)));
+        assert_eq!("realtime".parse::<Speed>(), Ok(Speed::Factor(1.0)));
+        assert_eq!("max".parse::<Speed>(), Ok(Speed::Max));
+    }
 }

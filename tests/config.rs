@@ -605,3 +605,68 @@ fn check_config_prints_problems_or_a_summary() {
     assert_eq!(code, i32::from(EX_USAGE));
     assert!(String::from_utf8_lossy(&err).contains("CALLBRIDGE_TEST_UNSET_VARIABLE"));
 }
+
+/// `callbridge check-config` (as run by `ExecStartPre=`) obtains every
+/// secret the daemon would, so what passes here does not fail at start:
+/// an unset `secret_env`, a missing `secret_file`, a `whsec_` secret that
+/// is not base64 and a Zammad token with a `/` each fail, naming the field
+/// path, never the value. A secret file others can read is a warning.
+#[test]
+fn check_config_command_resolves_every_secret() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.secret");
+    let exposed = dir.path().join("zammad.token");
+    std::fs::write(&exposed, "tok/with-slash\n").expect("write");
+    std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let readable = dir.path().join("hook.secret");
+    std::fs::write(&readable, format!("{SECRET}\n")).expect("write");
+    std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let text = format!(
+        "[pbx]\nname = \"lab\"\n[pbx.ami]\naddress = \"127.0.0.1:5038\"\nusername = \"u\"\nsecret_env = \"CALLBRIDGE_TEST_UNSET_VARIABLE\"\n\
+         [[sinks]]\ntype = \"webhook\"\nname = \"a\"\nurl = \"http://127.0.0.1:9/\"\nsecret_file = {missing:?}\n\
+         [[sinks]]\ntype = \"webhook\"\nname = \"b\"\nurl = \"http://127.0.0.1:9/\"\nsecret = \"whsec_!!{SECRET}\"\n\
+         [[sinks]]\ntype = \"zammad\"\nurl = \"http://127.0.0.1:9/\"\nsecret_file = {exposed:?}\n\
+         [[sinks]]\ntype = \"webhook\"\nname = \"d\"\nurl = \"http://127.0.0.1:9/\"\nsecret_file = {readable:?}\n",
+        missing = missing.display().to_string(),
+        exposed = exposed.display().to_string(),
+        readable = readable.display().to_string(),
+    );
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).expect("write");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_callbridge"))
+            .args(args)
+            .arg(&path)
+            .env_remove("CALLBRIDGE_TEST_UNSET_VARIABLE")
+            .output()
+            .expect("run callbridge")
+    };
+    let out = run(&["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("pbx.ami.secret_env: environment variable \"CALLBRIDGE_TEST_UNSET_VARIABLE\" is not set"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "sinks[0].secret_file: cannot read {:?}: No such file or directory",
+            missing.display().to_string()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("sinks[1].secret: the signing secret starts with whsec_ but the rest is not valid base64"),
+        "{err}"
+    );
+    assert!(err.contains("sinks[2].secret_file: token must be non-empty and contain no '/'"), "{err}");
+    assert!(err.contains("warning: sinks[3].secret_file:") && err.contains("readable by other users"), "{err}");
+    assert!(!err.contains("sinks[3].secret_file: cannot"), "{err}");
+    assert!(!err.contains(SECRET) && !err.contains("tok/with-slash"), "a secret leaked:\n{err}");
+    assert!(out.stdout.is_empty());
+
+    // Away from the daemon's environment, secrets can be left unresolved.
+    let out = run(&["check-config", "--no-resolve-secrets"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}

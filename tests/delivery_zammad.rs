@@ -64,3 +64,36 @@ async fn lifecycle_maps_to_generic_cti() {
         assert_eq!(evs.iter().filter(|e| *e == "hangup").count(), 1, "{call}: {evs:?}");
     }
 }
+
+/// Zammad's token is a segment of the request path; a server that echoes
+/// the path in a refusal must not put the token into the dead letter's
+/// reason (which the API lists and the log prints).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_echoing_the_path_does_not_leak_the_token() {
+    const TOKEN: &str = "s3cr3t-token-4711";
+    let rx = Receiver::start().await;
+    rx.fail_first([Reply::EchoPath(404)]);
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["zammad".into()])).unwrap();
+    let settings = ZammadSettings {
+        url: format!("http://{}/", rx.addr),
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(1),
+        max_backoff: Duration::from_millis(200),
+        concurrency: 1,
+        agents: HashMap::new(),
+    };
+    let mut d = Runners::new(&outbox, RunnerOptions::default());
+    d.spawn(Arc::new(ZammadSink::new("zammad", settings, TOKEN).unwrap()));
+    outbox.append(&a11_events()).await.unwrap();
+    assert!(outbox.wait_drained(Duration::from_secs(10)).await);
+    d.shutdown().await.unwrap();
+
+    let echoed = rx.requests().into_iter().find(|r| r.status == 404).expect("one request refused");
+    assert!(echoed.path.contains(TOKEN), "the refused request carried the token: {}", echoed.path);
+    let parked = outbox.dead_letters().await.unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    let reason = &parked[0].reason;
+    assert!(reason.contains("HTTP 404") && reason.contains("/api/v1/cti/"), "{reason}");
+    assert!(!reason.contains(TOKEN) && !reason.contains("s3cr3t"), "the token leaked: {reason}");
+}

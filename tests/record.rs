@@ -58,3 +58,47 @@ async fn recorded_trace_replays_into_the_live_lifecycle() {
         assert!(!text.contains("s3cret-lab") && !text.contains("Key: ") && !text.contains("Challenge"));
     }
 }
+
+/// Records `trace` from a scripted PBX into `out`; the result of `record`.
+async fn record_into(out: PathBuf, trace: &[u8]) -> anyhow::Result<callbridge::record::Recorded> {
+    let server = AmiServer::start(ServerOptions::default().without_fully_booted()).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    let ami = server.client_config();
+    let task = tokio::spawn(async move { callbridge::record::record(ami, &out, None, stop).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.logins() == 0 && !task.is_finished() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if server.logins() > 0 {
+        server.send_trace(trace);
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("record stops").expect("task")
+}
+
+#[tokio::test]
+async fn a_missing_output_directory_is_named_in_the_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("no-such-dir").join("incident.ami");
+    let trace = std::fs::read(root().join("fixtures/ami/a11-concurrent-mix.ami")).expect("fixture");
+    let e = record_into(out.clone(), &trace[..2000]).await.expect_err("no directory to write in");
+    let message = format!("{e:#}");
+    assert!(message.contains(&dir.path().join("no-such-dir").display().to_string()), "{message}");
+    assert!(message.contains("No such file or directory"), "{message}");
+}
+
+#[tokio::test]
+async fn traces_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("incident.ami");
+    let trace = std::fs::read(root().join("fixtures/ami/a11-concurrent-mix.ami")).expect("fixture");
+    let rec = record_into(out, &trace[..20_000]).await.expect("recording");
+    assert!(!rec.files.is_empty());
+    for f in &rec.files {
+        let mode = std::fs::metadata(f).expect("trace").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}: it holds phone numbers", f.display());
+    }
+}

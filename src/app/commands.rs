@@ -220,21 +220,23 @@ fn replay_durable(config: &Config, opts: &ReplayOptions) -> Outcome {
         let limits = crate::settings::codec_limits(config);
         let (speed, traces, pbx) = (opts.speed, opts.traces.clone(), config.pbx.name.clone());
         // Normalizer → delivery. Full means the replay waits (never drop).
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::event::Event>(4096);
+        let (tx, rx) = tokio::sync::mpsc::channel::<crate::event::Event>(4096);
+        let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
         let replay = tokio::task::spawn_blocking(move || {
             let mut normalizer = normalizer;
-            replay_files(&traces, &mut normalizer, speed, limits, |e| {
-                // The receiver only goes away when delivery failed for good.
+            let stats = replay_files(&traces, &mut normalizer, speed, limits, |e| {
+                // The receiver only goes away when delivery failed for good
+                // or the drain deadline passed.
                 let _ = tx.blocking_send(e.clone());
-            })
+            });
+            let _ = ended_tx.send(());
+            stats
         });
-        let mut batch = Vec::with_capacity(1024);
-        while rx.recv_many(&mut batch, 1024).await > 0 {
-            delivery.deliver(&batch, &pbx).await?;
-            batch.clear();
-        }
+        let (unstored, deadline) = store_replayed(&mut delivery, rx, ended, opts.drain_timeout, &pbx).await?;
         let stats = replay.await.context("replay task")??;
-        let closed = delivery.close(opts.drain_timeout).await?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut closed = delivery.close(left).await?;
+        closed.undelivered += unstored;
         if closed.dead_letters > 0 {
             tracing::warn!(
                 dead_letters = closed.dead_letters,
@@ -251,6 +253,45 @@ fn replay_durable(config: &Config, opts: &ReplayOptions) -> Outcome {
         Ok(left) => Outcome::Undelivered(left),
         Err(e) => Outcome::from(Err(e)),
     }
+}
+
+/// Hands the replayed events to `delivery` until the channel ends, or
+/// until `drain` after the trace ended (`ended`), whichever is first: the
+/// drain timeout bounds the whole wait after the trace, including a wait
+/// for room in a full outbox. Returns how many events were not stored, and
+/// the deadline (for the rest of the drain).
+async fn store_replayed(
+    delivery: &mut Delivery,
+    mut rx: tokio::sync::mpsc::Receiver<crate::event::Event>,
+    ended: tokio::sync::oneshot::Receiver<()>,
+    drain: Duration,
+    pbx: &str,
+) -> anyhow::Result<(u64, tokio::time::Instant)> {
+    let deadline = Arc::new(std::sync::OnceLock::new());
+    let set = deadline.clone();
+    tokio::spawn(async move {
+        // Ended, or the replay task is gone: either way the trace is over.
+        let _ = ended.await;
+        let _ = set.set(tokio::time::Instant::now() + drain);
+    });
+    let mut batch = Vec::with_capacity(1024);
+    let mut unstored = 0u64;
+    // Ends once the trace ended and everything was handed over (the
+    // channel closes), or when storing gave up at the deadline.
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let stored = delivery.deliver_until(&batch, pbx, &deadline).await?;
+        if stored < batch.len() {
+            unstored += (batch.len() - stored) as u64;
+            break;
+        }
+        batch.clear();
+    }
+    rx.close();
+    while rx.try_recv().is_ok() {
+        unstored += 1;
+    }
+    let at = deadline.get().copied().unwrap_or_else(|| tokio::time::Instant::now() + drain);
+    Ok((unstored, at))
 }
 
 /// `run`: the daemon against the live PBX.

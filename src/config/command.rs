@@ -2,9 +2,11 @@
 //! either every problem (stderr, exit 64) or a one-screen summary of what
 //! callbridge will do with it (stdout, exit 0).
 //!
-//! Meant for people and for `ExecStartPre=`/`ExecReload=` in systemd. It
-//! never prints a secret's value, and reads secret files and environment
-//! variables only when asked (`CheckOptions::resolve_secrets`).
+//! Meant for people and for `ExecStartPre=`/`ExecReload=` in systemd. The
+//! command obtains every secret (reads secret files and environment
+//! variables) and checks it is usable, so that what passes here does not
+//! fail when `run` starts; `--no-resolve-secrets` skips that, for checking a
+//! file away from the daemon's environment. It never prints a secret's value.
 
 use super::{Config, ConfigError, SinkConfig};
 use crate::exit::EX_USAGE;
@@ -12,20 +14,32 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::path::Path;
 
+/// Options of [`check_config`].
+///
+/// `Default` does not resolve secrets (the library's behaviour since its
+/// first callers); the `check-config` command resolves them unless told not
+/// to ([`CheckOptions::COMMAND`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CheckOptions {
-    /// Also read `secret_file`s and `secret_env` variables and report those
-    /// that cannot be obtained (useful where the daemon's environment is
-    /// available, e.g. `ExecStartPre=` under systemd).
+    /// Also obtain every secret (read `secret_file`s and `secret_env`
+    /// variables) and report those that cannot be used: unreadable, empty,
+    /// or malformed for their use (a webhook `whsec_` secret that is not
+    /// base64, a Zammad token with a `/`). Warns about secret files other
+    /// users can read.
     pub resolve_secrets: bool,
 }
 
-/// `check-config` with the default options, printing to stdout/stderr.
-/// Returns the process exit code: 0 valid, 64 invalid.
-pub fn check_config_main(path: &Path) -> i32 {
+impl CheckOptions {
+    /// What `callbridge check-config` does by default.
+    pub const COMMAND: CheckOptions = CheckOptions { resolve_secrets: true };
+}
+
+/// `check-config` printing to stdout/stderr. Returns the process exit code:
+/// 0 valid, 64 invalid.
+pub fn check_config_main(path: &Path, options: CheckOptions) -> i32 {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
-    check_config(path, CheckOptions::default(), &mut stdout.lock(), &mut stderr.lock())
+    check_config(path, options, &mut stdout.lock(), &mut stderr.lock())
 }
 
 /// `check-config` writing to the given streams. Returns the exit code.
@@ -38,9 +52,12 @@ pub fn check_config(path: &Path, options: CheckOptions, out: &mut dyn Write, err
         }
     };
     if options.resolve_secrets {
-        let problems = config.check_secrets();
-        if !problems.is_empty() {
-            let e = ConfigError { source_name: path.display().to_string(), problems };
+        let report = config.inspect_secrets();
+        for warning in &report.warnings {
+            let _ = writeln!(err, "{}: warning: {warning}", path.display());
+        }
+        if !report.problems.is_empty() {
+            let e = ConfigError { source_name: path.display().to_string(), problems: report.problems };
             let _ = writeln!(err, "{e}");
             return i32::from(EX_USAGE);
         }
@@ -253,5 +270,16 @@ mod tests {
     fn userinfo_is_masked() {
         assert_eq!(super::without_userinfo("https://u:p@h.example/x@y"), "https://***@h.example/x@y");
         assert_eq!(super::without_userinfo("https://h.example/x@y"), "https://h.example/x@y");
+    }
+
+    #[test]
+    fn the_command_resolves_secrets_the_library_default_does_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        let text = "[pbx]\nname = \"lab\"\n[[sinks]]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/\"\nsecret = \"whsec_!!\"\n";
+        std::fs::write(&path, text).expect("write");
+        let run = |options| super::check_config(&path, options, &mut Vec::new(), &mut Vec::new());
+        assert_eq!(run(super::CheckOptions::default()), 0);
+        assert_eq!(run(super::CheckOptions::COMMAND), 64);
     }
 }

@@ -20,7 +20,8 @@
 //! Secrets may be given inline (`secret`), in a file (`secret_file`) or in an
 //! environment variable (`secret_env`). Validation checks that exactly one
 //! is given but reads files and the environment only when asked
-//! ([`Config::check_secrets`]). A secret's value is never printed: not in
+//! ([`Config::inspect_secrets`], which `check-config` runs by default, and
+//! [`Config::check_secrets`]). A secret's value is never printed: not in
 //! `Debug`, not in problems, not in the `check-config` summary.
 //!
 //! This module must never open sockets or touch the PBX.
@@ -34,7 +35,7 @@ mod schema;
 pub mod sip;
 pub mod values;
 
-pub use crate::secret::{SecretError, SecretSource};
+pub use crate::secret::{SecretError, SecretSource, SecretUse};
 pub use command::{check_config, check_config_main, CheckOptions};
 pub use sip::{SipConfig, SipTransport};
 
@@ -678,21 +679,25 @@ impl Config {
 
     /// Every secret source with its field path.
     pub fn secrets(&self) -> Vec<(String, &SecretSource)> {
+        self.secret_uses().into_iter().map(|(path, s, _)| (path, s)).collect()
+    }
+
+    /// Every secret source with its field path and what it is used for.
+    pub fn secret_uses(&self) -> Vec<(String, &SecretSource, SecretUse)> {
         let mut all = Vec::new();
         if let Some(ami) = &self.pbx.ami {
-            all.push(("pbx.ami".to_string(), &ami.secret));
+            all.push(("pbx.ami".to_string(), &ami.secret, SecretUse::Password));
         }
         if let Some(api) = &self.api {
-            all.push(("api".to_string(), &api.secret));
+            all.push(("api".to_string(), &api.secret, SecretUse::Password));
         }
         if let Some(sip) = &self.sip {
-            all.push(("sip".to_string(), &sip.secret));
+            all.push(("sip".to_string(), &sip.secret, SecretUse::Password));
         }
         for (i, sink) in self.sinks.iter().enumerate() {
             match sink {
-                SinkConfig::Webhook { secret, .. } | SinkConfig::Zammad { secret, .. } => {
-                    all.push((format!("sinks[{i}]"), secret))
-                }
+                SinkConfig::Webhook { secret, .. } => all.push((format!("sinks[{i}]"), secret, SecretUse::SigningKey)),
+                SinkConfig::Zammad { secret, .. } => all.push((format!("sinks[{i}]"), secret, SecretUse::PathToken)),
                 SinkConfig::Jsonl { .. } => {}
             }
         }
@@ -706,6 +711,20 @@ impl Config {
         self.secrets().into_iter().filter_map(|(path, s)| s.read().err().map(|e| format!("{path}: {e}"))).collect()
     }
 
+    /// Obtains every secret and checks it is usable where it is used
+    /// (present, readable, non-empty, well-formed); see
+    /// [`SecretSource::check`]. Problems and warnings name the field
+    /// (`sinks[0].secret_file: …`), never a value.
+    pub fn inspect_secrets(&self) -> SecretCheckReport {
+        let mut report = SecretCheckReport::default();
+        for (path, source, purpose) in self.secret_uses() {
+            let check = source.check(&path, purpose);
+            report.problems.extend(check.problem);
+            report.warnings.extend(check.warnings);
+        }
+        report
+    }
+
     pub fn agent(&self, id: &str) -> Option<&AgentConfig> {
         self.agents.iter().find(|a| a.id == id)
     }
@@ -713,6 +732,15 @@ impl Config {
     pub fn group(&self, id: &str) -> Option<&GroupConfig> {
         self.groups.iter().find(|g| g.id == id)
     }
+}
+
+/// What [`Config::inspect_secrets`] found.
+#[derive(Debug, Default)]
+pub struct SecretCheckReport {
+    /// Secrets that cannot be used: the daemon would not start.
+    pub problems: Vec<String>,
+    /// Secrets that can be used but are exposed (e.g. a file others can read).
+    pub warnings: Vec<String>,
 }
 
 /// Steps 2 and 3 of loading: the key/type walk, then the cross-entry checks.

@@ -134,10 +134,29 @@
 //! space; while full, the writer checkpoints with `TRUNCATE` (moving the WAL
 //! into the main file with the ballast's room) every 500 ms, and once the
 //! ballast can be written again (and the store is under 90 % of
-//! `max_bytes`), appends are accepted again and the flag clears. An error
+//! `max_bytes`, or delivery took the depth below what it was when the store
+//! filled up), appends are accepted again. An error
 //! that rolls a whole transaction back fails every append in it (their
 //! callers keep the events) and keeps its acknowledgements for the next
 //! commit.
+//!
+//! With `max_bytes`, the released ballast's room is lent to the store (the
+//! page cap grows by `reserve_bytes`, at least 8 pages, until it has room
+//! again): acknowledgements write `delivered` ids before they free
+//! anything, and without that room a store filled to the brim could not
+//! take them. The disk use stays the same, as the ballast file is gone.
+//!
+//! A full store is one *episode* until it has not been full for 5 s: the
+//! error is logged once per episode (refilling within it is a debug line),
+//! and `is_writable` (readiness, `callbridge_outbox_disk_full`) stays false
+//! until the episode ends, so a store that delivery empties and new events
+//! refill at once does not flap. Room is re-checked every 500 ms.
+//!
+//! [`Outbox::append`] is all or nothing. [`Outbox::append_what_fits`] (what
+//! the daemon and `replay` use) stores the longest prefix that fits, in
+//! halving pieces, and says how many were taken: a batch larger than the
+//! whole store (`max_bytes` below one batch) goes in piece by piece while
+//! the sinks drain what went before, instead of being refused forever.
 //!
 //! # Metrics
 //!
@@ -368,6 +387,19 @@ pub struct AppendOutcome {
     pub conflicts: usize,
 }
 
+/// What [`Outbox::append_what_fits`] did: the first `taken` events were
+/// handled (stored, or known already: see `outcome`); the others were not
+/// stored because the store is full, and are the caller's to offer again
+/// once delivery freed space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartialAppend {
+    pub outcome: AppendOutcome,
+    pub taken: usize,
+}
+
+/// Where the writer answers an append.
+pub(crate) type AppendReply = oneshot::Sender<Result<PartialAppend, OutboxError>>;
+
 /// An event ready to be stored.
 #[derive(Debug, Clone)]
 pub(crate) struct NewRecord {
@@ -381,11 +413,31 @@ pub(crate) struct NewRecord {
 }
 
 pub(crate) enum Op {
-    Append { records: Vec<NewRecord>, reply: oneshot::Sender<Result<AppendOutcome, OutboxError>> },
-    Ack { sink: Arc<str>, acks: Vec<(i64, i64)> },
-    Park { sink: Arc<str>, pos: i64, seq: i64, status: Option<u16>, reason: String },
-    Retry { sink: Option<String>, event_id: Option<String>, reply: oneshot::Sender<Result<usize, OutboxError>> },
-    Flush { reply: oneshot::Sender<()> },
+    /// `split`: store the longest prefix that fits rather than all or nothing.
+    Append {
+        records: Vec<NewRecord>,
+        split: bool,
+        reply: AppendReply,
+    },
+    Ack {
+        sink: Arc<str>,
+        acks: Vec<(i64, i64)>,
+    },
+    Park {
+        sink: Arc<str>,
+        pos: i64,
+        seq: i64,
+        status: Option<u16>,
+        reason: String,
+    },
+    Retry {
+        sink: Option<String>,
+        event_id: Option<String>,
+        reply: oneshot::Sender<Result<usize, OutboxError>>,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// State shared by the handles and the writer thread.
@@ -507,8 +559,44 @@ impl Outbox {
         }
         let records = self.records(events);
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Op::Append { records, reply }).await.map_err(|_| OutboxError::Closed)?;
-        rx.await.map_err(|_| OutboxError::Closed)?
+        self.tx.send(Op::Append { records, split: false, reply }).await.map_err(|_| OutboxError::Closed)?;
+        Ok(rx.await.map_err(|_| OutboxError::Closed)??.outcome)
+    }
+
+    /// Like [`Outbox::append`], but when the events do not all fit (the
+    /// disk or `max_bytes` is full), stores the longest prefix that does,
+    /// in order, and reports how many were taken; the caller offers the rest
+    /// again once delivery freed space. Fails with
+    /// [`OutboxError::DiskFull`] only when not even the first event fits.
+    /// This is how a batch larger than the whole store gets in: piece by
+    /// piece, while the sinks drain what went before.
+    pub async fn append_what_fits(&self, events: &[Event]) -> Result<PartialAppend, OutboxError> {
+        let mut done = PartialAppend::default();
+        let mut piece = events.len();
+        while done.taken < events.len() {
+            let part = &events[done.taken..(done.taken + piece).min(events.len())];
+            let records = self.records(part);
+            let (reply, rx) = oneshot::channel();
+            self.tx.send(Op::Append { records, split: true, reply }).await.map_err(|_| OutboxError::Closed)?;
+            match rx.await.map_err(|_| OutboxError::Closed)? {
+                Ok(p) => {
+                    done.taken += p.taken;
+                    done.outcome.appended += p.outcome.appended;
+                    done.outcome.duplicates += p.outcome.duplicates;
+                    done.outcome.conflicts += p.outcome.conflicts;
+                    if p.taken < part.len() {
+                        break;
+                    }
+                }
+                // Nothing of it fit (SQLite may give up the whole commit
+                // then): a smaller piece may. Refusals of a full store are
+                // immediate, so halving down to one event costs little.
+                Err(OutboxError::DiskFull) if part.len() > 1 => piece = part.len() / 2,
+                Err(e) if done.taken == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(done)
     }
 
     /// [`Outbox::append`] for synchronous callers (not from async code).
@@ -518,8 +606,8 @@ impl Outbox {
         }
         let records = self.records(events);
         let (reply, rx) = oneshot::channel();
-        self.tx.blocking_send(Op::Append { records, reply }).map_err(|_| OutboxError::Closed)?;
-        rx.blocking_recv().map_err(|_| OutboxError::Closed)?
+        self.tx.blocking_send(Op::Append { records, split: false, reply }).map_err(|_| OutboxError::Closed)?;
+        Ok(rx.blocking_recv().map_err(|_| OutboxError::Closed)??.outcome)
     }
 
     /// Marks `(pos, seq)` pairs of `sink`'s queue as delivered. Does not wait

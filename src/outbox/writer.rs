@@ -12,7 +12,8 @@
 //! for the next commit if this one did not go through).
 
 use super::{
-    now_micros, publish_counters, AppendOutcome, NewRecord, Op, OutboxError, OutboxOptions, Shared, StoreError,
+    now_micros, publish_counters, AppendOutcome, AppendReply, NewRecord, Op, OutboxError, OutboxOptions, PartialAppend,
+    Shared, StoreError,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// File name of the database inside the outbox directory.
 pub const DB_FILE: &str = "outbox.sqlite3";
@@ -36,6 +37,14 @@ const WAL_AUTOCHECKPOINT_PAGES: i64 = 256;
 const WAL_LIMIT_BYTES: i64 = 1 << 20;
 /// How often a full or failing store checks whether it can write again.
 const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
+/// A store full again within this long after the last time it was full is
+/// the same episode: logged once, and reported writable again only after
+/// this long without filling up (readiness does not flap while delivery
+/// frees room that new events take at once).
+const FULL_EPISODE_QUIET: Duration = Duration::from_secs(5);
+/// The error of a piece of a split append that did not fit: the caller
+/// offers a smaller piece; the store is not full on its account.
+const PIECE_TOO_LARGE: &str = "appending a piece of events too large for the room left";
 
 /// The store's migrations, oldest first: entry `i` brings a store from
 /// format version `i` to `i + 1`. A store without a version stamp is at
@@ -116,12 +125,36 @@ fn connect(path: &Path, opts: &OutboxOptions) -> Result<Connection, rusqlite::Er
          PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
     ))?;
     let _: i64 = conn.query_row(&format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}"), [], |r| r.get(0))?;
-    if opts.max_bytes > 0 {
-        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        let pages = (opts.max_bytes as i64 / page.max(512)).max(16);
-        let _: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))?;
-    }
+    set_page_cap(&conn, opts, false)?;
     Ok(conn)
+}
+
+/// Fewest pages of the size cap: `max_bytes` below 16 pages (64 KiB) is
+/// raised to it (the empty store's tables and indexes take about half).
+const MIN_CAP_PAGES: i64 = 16;
+/// Pages above the cap that a full store lends to acknowledgements when
+/// there is no ballast (`reserve_bytes` = 0).
+const MIN_HEADROOM_PAGES: i64 = 8;
+
+/// Enforces `max_bytes` as SQLite's `max_page_count`. `full`: the store is
+/// full and the ballast was released, so the cap grows by the ballast's size
+/// (at least `MIN_HEADROOM_PAGES`): acknowledgements, which must write
+/// (`delivered` ids) before they free anything, can then still commit.
+/// The disk use stays the same: the ballast file is gone meanwhile. A cap
+/// below the current size is raised to it by SQLite.
+fn set_page_cap(conn: &Connection, opts: &OutboxOptions, full: bool) -> Result<(), rusqlite::Error> {
+    if opts.max_bytes == 0 {
+        return Ok(());
+    }
+    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let page = page.max(512);
+    let mut pages = (i64::try_from(opts.max_bytes).unwrap_or(i64::MAX) / page).max(MIN_CAP_PAGES);
+    if full {
+        let reserve = i64::try_from(opts.reserve_bytes).unwrap_or(i64::MAX) / page;
+        pages = pages.saturating_add(reserve.max(MIN_HEADROOM_PAGES));
+    }
+    let _: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))?;
+    Ok(())
 }
 
 /// The format version stamped in the store (0: none).
@@ -270,6 +303,9 @@ pub(crate) fn spawn(
         failing: false,
         last_compact: Instant::now(),
         last_recovery: Instant::now(),
+        last_full: None,
+        depth_at_full: 0,
+        probation: false,
         dirty: false,
         metrics: WriterMetrics::new(),
         sync_full: true,
@@ -292,6 +328,16 @@ struct Writer {
     failing: bool,
     last_compact: Instant,
     last_recovery: Instant,
+    /// When the store was last found full (an episode lasts until it has
+    /// not been full for `FULL_EPISODE_QUIET`).
+    last_full: Option<Instant>,
+    /// The depth when the store filled up: below it, delivery has freed
+    /// room (however small the cap, and however much of it the tables'
+    /// own pages take), and appends are tried again.
+    depth_at_full: i64,
+    /// Room again after a full episode: appends are accepted, but the store
+    /// reports writable only once the episode is over.
+    probation: bool,
     /// Something was deleted since the last compaction.
     dirty: bool,
     metrics: WriterMetrics,
@@ -325,14 +371,14 @@ impl WriterMetrics {
 /// What an applied request does once its transaction committed.
 enum After {
     /// The outcome, and the ids refused as conflicts (logged at commit).
-    Append(oneshot::Sender<Result<AppendOutcome, OutboxError>>, AppendOutcome, Vec<String>),
+    Append(AppendReply, PartialAppend, Vec<String>),
     Retry(oneshot::Sender<Result<usize, OutboxError>>, usize),
     Flush(oneshot::Sender<()>),
 }
 
 /// Where a failed request's error goes.
 enum Reply {
-    Append(oneshot::Sender<Result<AppendOutcome, OutboxError>>),
+    Append(AppendReply),
     Retry(oneshot::Sender<Result<usize, OutboxError>>),
 }
 
@@ -410,7 +456,7 @@ impl Batch {
             return;
         }
         match op {
-            Op::Append { records, reply } => self.append(c, &records, reply),
+            Op::Append { records, split, reply } => self.append(c, &records, split, reply),
             Op::Ack { ref sink, ref acks } => match in_savepoint(c, |t| ack(t, sink, acks, self.now)) {
                 Ok(d) => {
                     self.delta.depth += d;
@@ -449,27 +495,64 @@ impl Batch {
         }
     }
 
-    fn append(
-        &mut self,
-        c: &Connection,
-        records: &[NewRecord],
-        reply: oneshot::Sender<Result<AppendOutcome, OutboxError>>,
-    ) {
+    fn append(&mut self, c: &Connection, records: &[NewRecord], split: bool, reply: AppendReply) {
         if self.full {
             let _ = reply.send(Err(OutboxError::DiskFull));
             return;
         }
-        let (sinks, next_pos, now) = (&self.sinks, &mut self.next_pos, self.now);
-        match in_savepoint(c, |t| append(t, records, sinks, next_pos, now)) {
-            Ok(a) => {
-                self.delta.depth += a.depth;
-                self.after.push(After::Append(reply, a.outcome, a.conflicts));
+        let (a, taken, error) = self.store_prefix(c, records, split);
+        match error {
+            None => {}
+            // SQLite rolled the whole transaction back while a piece of
+            // several events did not fit: not a full store yet (a smaller
+            // piece may fit), and the caller offers a smaller one.
+            Some((e, piece)) if split && piece > 1 && e.is_full() && c.is_autocommit() => {
+                self.failed.push((Reply::Append(reply), e.clone()));
+                self.errors.push((e, PIECE_TOO_LARGE));
+                return;
             }
-            Err(e) => {
+            Some((e, _)) if taken > 0 && !c.is_autocommit() => self.errors.push((e, "appending events")),
+            Some((e, _)) => {
                 self.failed.push((Reply::Append(reply), e.clone()));
                 self.errors.push((e, "appending events"));
+                return;
             }
         }
+        self.delta.depth += a.depth;
+        self.after.push(After::Append(reply, PartialAppend { outcome: a.outcome, taken }, a.conflicts));
+    }
+
+    /// Stores `records` in savepoints: all at once, or (with `split`, when
+    /// they do not fit) in halving pieces, as many in order as fit. Returns
+    /// what was stored, how many records were taken, and the error that
+    /// stopped it with the size of the piece that failed. Part stored and
+    /// the transaction still open: the store is full from now on, and the
+    /// caller learns how much went in.
+    fn store_prefix(
+        &mut self,
+        c: &Connection,
+        records: &[NewRecord],
+        split: bool,
+    ) -> (Appended, usize, Option<(StoreError, usize)>) {
+        let mut total = Appended { outcome: AppendOutcome::default(), depth: 0, conflicts: Vec::new() };
+        let (mut taken, mut piece) = (0, records.len());
+        let (sinks, next_pos, now) = (&self.sinks, &mut self.next_pos, self.now);
+        while taken < records.len() {
+            let part = &records[taken..(taken + piece).min(records.len())];
+            match in_savepoint(c, |t| append(t, part, sinks, next_pos, now)) {
+                Ok(a) => {
+                    total.outcome.appended += a.outcome.appended;
+                    total.outcome.duplicates += a.outcome.duplicates;
+                    total.outcome.conflicts += a.outcome.conflicts;
+                    total.depth += a.depth;
+                    total.conflicts.extend(a.conflicts);
+                    taken += part.len();
+                }
+                Err(e) if split && e.is_full() && part.len() > 1 && !c.is_autocommit() => piece = part.len() / 2,
+                Err(e) => return (total, taken, Some((e, part.len()))),
+            }
+        }
+        (total, taken, None)
     }
 
     fn defer(&mut self, op: Op, e: StoreError, what: &'static str) {
@@ -495,7 +578,7 @@ impl Writer {
     fn run(&mut self) {
         loop {
             let mut ops = Vec::new();
-            if self.deferred.is_empty() && !self.full && !self.failing {
+            if self.deferred.is_empty() && !self.full && !self.failing && !self.probation {
                 match self.rx.blocking_recv() {
                     Some(op) => ops.push(op),
                     None => break,
@@ -538,13 +621,22 @@ impl Writer {
         self.metrics.write_errors.increment(1);
         if e.is_full() {
             if !self.full {
-                error!(error = %e, "outbox: DISK FULL while {what}; new events are refused (kept by the caller) until space is freed; accepted events are safe");
+                if self.in_full_episode() || self.probation {
+                    debug!(error = %e, "outbox: full again while {what} (same episode)");
+                } else {
+                    error!(error = %e, "outbox: DISK FULL while {what}; new events are refused (kept by the caller) until space is freed; accepted events are safe");
+                }
                 self.full = true;
+                self.probation = false;
+                self.depth_at_full = self.shared.depth.load(Ordering::Acquire);
                 self.shared.writable.store(false, Ordering::Release);
-                // Free the ballast so acknowledgements can still commit.
+                // Free the ballast so acknowledgements can still commit (with
+                // a size cap, its room is lent to the store).
                 let _ = std::fs::remove_file(self.dir.join(RESERVE_FILE));
+                let _ = set_page_cap(&self.conn, &self.opts, true);
                 publish_counters(&self.shared);
             }
+            self.last_full = Some(Instant::now());
         } else {
             error!(error = %e, "outbox: write failed while {what}");
         }
@@ -625,13 +717,20 @@ impl Writer {
     /// for the next commit.
     fn settle(&mut self, batch: Batch, committed: Result<(), StoreError>) {
         for (e, what) in &batch.errors {
-            self.write_error(e, what);
+            if *what == PIECE_TOO_LARGE {
+                self.metrics.write_errors.increment(1);
+                debug!(error = %e, "outbox: {what}");
+            } else {
+                self.write_error(e, what);
+            }
         }
         for (reply, e) in batch.failed {
             reply.fail(e);
         }
         self.deferred.extend(batch.deferred);
-        let ok = batch.errors.is_empty();
+        // A full store has its own state (`full`): only other errors mean
+        // the store is failing.
+        let ok = batch.errors.iter().all(|(e, _)| e.is_full());
         match committed {
             Ok(()) => {
                 self.metrics.commits.increment(1);
@@ -640,11 +739,16 @@ impl Writer {
                     info!("outbox: writes succeed again");
                 }
                 self.failing = !ok;
-                if !self.full {
+                if !self.full && !self.probation {
                     self.shared.writable.store(!self.failing, Ordering::Release);
                 }
                 self.dirty |= batch.delta.depth < 0;
-                self.shared.depth.fetch_add(batch.delta.depth, Ordering::AcqRel);
+                let depth = self.shared.depth.fetch_add(batch.delta.depth, Ordering::AcqRel) + batch.delta.depth;
+                if batch.errors.iter().any(|(e, _)| e.is_full()) {
+                    // What this commit stored counts: room is freed once
+                    // delivery took the store below it.
+                    self.depth_at_full = depth;
+                }
                 self.shared.dead_letters.fetch_add(batch.delta.dead_letters, Ordering::AcqRel);
                 if batch.next_pos != self.next_pos {
                     self.next_pos = batch.next_pos;
@@ -658,8 +762,12 @@ impl Writer {
                 if !batch.aborted {
                     self.write_error(&e, "committing");
                 }
-                self.failing = true;
-                self.shared.writable.store(false, Ordering::Release);
+                // Rolled back for want of room (the full state, or a piece
+                // to split further, says so): the store is not failing.
+                if !(batch.aborted && ok) {
+                    self.failing = true;
+                    self.shared.writable.store(false, Ordering::Release);
+                }
                 for a in batch.after {
                     a.fail(&e);
                 }
@@ -671,14 +779,15 @@ impl Writer {
 
     fn reply_committed(&self, a: After) {
         match a {
-            After::Append(r, o, conflicts) => {
+            After::Append(r, p, conflicts) => {
+                let o = p.outcome;
                 self.metrics.stored.increment(o.appended as u64);
                 self.metrics.duplicates.increment(o.duplicates as u64);
                 self.metrics.conflicts.increment(o.conflicts as u64);
                 for id in &conflicts {
                     error!(id = %id, "outbox: event refused: its id is already in the outbox with different content");
                 }
-                let _ = r.send(Ok(o));
+                let _ = r.send(Ok(p));
             }
             After::Retry(r, n) => {
                 let _ = r.send(Ok(n));
@@ -687,6 +796,11 @@ impl Writer {
                 let _ = r.send(());
             }
         }
+    }
+
+    /// The store was full less than [`FULL_EPISODE_QUIET`] ago.
+    fn in_full_episode(&self) -> bool {
+        self.last_full.is_some_and(|t| t.elapsed() < FULL_EPISODE_QUIET)
     }
 
     fn fail_all(&mut self, ops: Vec<Op>, e: &StoreError) {
@@ -705,19 +819,27 @@ impl Writer {
         }
     }
 
-    /// Compaction on its interval; recovery checks while full.
+    /// Compaction on its interval; recovery checks while full (at most every
+    /// `RECOVERY_INTERVAL`); the end of a full episode.
     fn maintain(&mut self) {
+        if self.probation && !self.in_full_episode() {
+            info!("outbox: space available again; accepting events");
+            self.probation = false;
+            self.shared.writable.store(!self.failing, Ordering::Release);
+            publish_counters(&self.shared);
+        }
         if self.full {
             if self.last_recovery.elapsed() < RECOVERY_INTERVAL {
                 return;
             }
             self.last_recovery = Instant::now();
             let _ = self.compact();
-            if self.has_room() && write_reserve(&self.dir, self.opts.reserve_bytes) {
-                info!("outbox: space available again; accepting events");
+            let freed = self.shared.depth.load(Ordering::Acquire) < self.depth_at_full;
+            if (freed || self.has_room()) && write_reserve(&self.dir, self.opts.reserve_bytes) {
+                debug!("outbox: room again; accepting events");
+                let _ = set_page_cap(&self.conn, &self.opts, false);
                 self.full = false;
-                self.shared.writable.store(!self.failing, Ordering::Release);
-                publish_counters(&self.shared);
+                self.probation = true;
             }
         } else if self.dirty && self.last_compact.elapsed() >= self.opts.compact_interval {
             if let Err(e) = self.compact() {

@@ -35,6 +35,7 @@
 //! `callbridge_sink_retries_total{sink}`, `callbridge_dead_letters_total{sink}`.
 
 pub mod jsonl;
+pub mod redact;
 pub mod signature;
 pub mod webhook;
 pub mod zammad;

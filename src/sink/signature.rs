@@ -12,13 +12,7 @@ use sha2::Sha256;
 use std::fmt;
 
 /// Why a secret is unusable (never contains the secret).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SignatureError {
-    #[error("the signing secret is empty")]
-    Empty,
-    #[error("the signing secret starts with whsec_ but the rest is not valid base64")]
-    BadBase64,
-}
+pub use crate::secret::SigningKeyError as SignatureError;
 
 /// Signs webhook requests with one secret.
 #[derive(Clone)]
@@ -34,14 +28,7 @@ impl fmt::Debug for Signer {
 
 impl Signer {
     pub fn new(secret: &str) -> Result<Signer, SignatureError> {
-        let key = match secret.strip_prefix("whsec_") {
-            Some(b64) => STANDARD.decode(b64.trim()).map_err(|_| SignatureError::BadBase64)?,
-            None => secret.as_bytes().to_vec(),
-        };
-        if key.is_empty() {
-            return Err(SignatureError::Empty);
-        }
-        Ok(Signer { key })
+        Ok(Signer { key: crate::secret::signing_key(secret)? })
     }
 
     /// The `webhook-signature` header value for one request.

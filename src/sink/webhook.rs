@@ -11,6 +11,7 @@
 //! This module must never log the secret, the signature or a request body,
 //! and never decide on retries itself: it reports one [`Attempt`].
 
+use super::redact::Redactor;
 use super::signature::Signer;
 use super::{classify_status, parse_retry_after, retry_policy, Attempt, Sink, SinkError, StatusClass};
 use crate::backoff::Backoff;
@@ -26,6 +27,9 @@ const CE_BATCH: &str = "application/cloudevents-batch+json";
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Bytes of a refusal's response body kept in the dead letter's reason.
 const REASON_BYTES: usize = 512;
+/// Bytes read to make the excerpt: more than kept, so that a secret
+/// straddling the cut is seen whole and masked.
+const EXCERPT_READ_BYTES: usize = REASON_BYTES + 1024;
 
 /// Posts events to one URL.
 #[derive(Debug)]
@@ -34,6 +38,8 @@ pub struct WebhookSink {
     url: reqwest::Url,
     client: reqwest::Client,
     signer: Signer,
+    /// Masks the secret and the URL's credentials in what a refusal reports.
+    redactor: Redactor,
     batch_size: usize,
     concurrency: usize,
     policy: Backoff,
@@ -96,13 +102,13 @@ pub(crate) fn secs(index: usize, name: &str, field: &str, v: f64) -> Result<Dura
     })
 }
 
-/// Reads at most `REASON_BYTES` of a response body (and drains the rest of
-/// small bodies so the connection can be reused).
+/// Reads at most `EXCERPT_READ_BYTES` of a response body (and drains the
+/// rest of small bodies so the connection can be reused).
 pub(crate) async fn body_excerpt(mut resp: reqwest::Response) -> String {
     let mut buf = Vec::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
-        if buf.len() < REASON_BYTES {
-            buf.extend_from_slice(&chunk[..chunk.len().min(REASON_BYTES - buf.len())]);
+        if buf.len() < EXCERPT_READ_BYTES {
+            buf.extend_from_slice(&chunk[..chunk.len().min(EXCERPT_READ_BYTES - buf.len())]);
         }
         if buf.len() >= 64 * 1024 {
             break;
@@ -111,8 +117,11 @@ pub(crate) async fn body_excerpt(mut resp: reqwest::Response) -> String {
     String::from_utf8_lossy(&buf).chars().filter(|c| !c.is_control()).collect()
 }
 
-/// Sends one request and classifies the outcome.
-pub(crate) async fn send(req: reqwest::RequestBuilder) -> Attempt {
+/// Sends one request and classifies the outcome. The outcome's detail (a
+/// response excerpt, an error chain: what becomes a dead letter's reason
+/// and a log line) goes through `redactor`: a server may echo the request,
+/// and the request may carry a secret.
+pub(crate) async fn send(req: reqwest::RequestBuilder, redactor: &Redactor) -> Attempt {
     match req.send().await {
         Ok(resp) => {
             let status = resp.status().as_u16();
@@ -126,13 +135,13 @@ pub(crate) async fn send(req: reqwest::RequestBuilder) -> Attempt {
                 let _ = body_excerpt(resp).await;
                 return Attempt::Delivered;
             }
-            let excerpt = body_excerpt(resp).await;
+            let excerpt = redactor.excerpt(&body_excerpt(resp).await, REASON_BYTES);
             classify_status(status, retry_after, || format!("HTTP {status}: {excerpt}"))
         }
         Err(e) => {
             let class = if e.is_timeout() { StatusClass::Timeout } else { StatusClass::Network };
             // Without the URL: it may carry a token (Zammad).
-            Attempt::Retry { class, retry_after: None, detail: error_chain(&e.without_url()) }
+            Attempt::Retry { class, retry_after: None, detail: redactor.scrub(&error_chain(&e.without_url())) }
         }
     }
 }
@@ -169,11 +178,13 @@ impl WebhookSink {
         let policy = retry_policy(INITIAL_BACKOFF.min(settings.max_backoff), settings.max_backoff)?;
         let client = http_client(settings.timeout, settings.connect_timeout, settings.concurrency, roots)
             .map_err(|e| format!("HTTP client: {e}"))?;
+        let redactor = Redactor::for_url(&url, [secret]);
         Ok(WebhookSink {
             name: Arc::from(name),
             url,
             client,
             signer,
+            redactor,
             batch_size: settings.batch_size.max(1),
             concurrency: settings.concurrency.max(1),
             policy,
@@ -265,6 +276,6 @@ impl Sink for WebhookSink {
             .header("webhook-timestamp", ts.to_string())
             .header("webhook-signature", signature)
             .body(body);
-        send(req).await
+        send(req, &self.redactor).await
     }
 }

@@ -28,6 +28,7 @@
 //! the public contract, SPEC §5). This module must never log the token (it
 //! is part of the URL).
 
+use super::redact::Redactor;
 use super::webhook::{http_client, load_ca_file, secs, send, INITIAL_BACKOFF};
 use super::{retry_policy, Attempt, Sink, SinkError};
 use crate::backoff::Backoff;
@@ -79,6 +80,8 @@ pub struct ZammadSink {
     name: Arc<str>,
     endpoint: reqwest::Url,
     client: reqwest::Client,
+    /// Masks the token (and the URL's credentials) in what a refusal reports.
+    redactor: Redactor,
     concurrency: usize,
     policy: Backoff,
     /// Agent id → how Zammad knows the agent.
@@ -160,18 +163,18 @@ impl ZammadSink {
         let ZammadSettings { url: base_url, timeout, connect_timeout, max_backoff, concurrency, agents } = settings;
         let base_url = base_url.as_str();
         let base = reqwest::Url::parse(base_url).map_err(|e| format!("url: {e}"))?;
-        if token.is_empty() || token.contains('/') {
-            return Err("token must be non-empty and contain no '/'".into());
-        }
+        crate::secret::check_path_token(token)?;
         let endpoint = base
             .join(&format!("{}/api/v1/cti/{token}", base.path().trim_end_matches('/')))
             .map_err(|e| format!("url: {e}"))?;
         let client =
             http_client(timeout, connect_timeout, concurrency, roots).map_err(|e| format!("HTTP client: {e}"))?;
+        let redactor = Redactor::for_url(&base, [token]);
         Ok(ZammadSink {
             name: Arc::from(name),
             endpoint,
             client,
+            redactor,
             concurrency: concurrency.max(1),
             policy: retry_policy(INITIAL_BACKOFF.min(max_backoff), max_backoff)?,
             agents,
@@ -298,7 +301,7 @@ impl Sink for ZammadSink {
             .post(self.endpoint.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_string());
-        send(req).await
+        send(req, &self.redactor).await
     }
 }
 

@@ -49,6 +49,9 @@ pub enum Reply {
     RetryAfter(u16, u64),
     /// Answers 200 only after this long (the client times out first).
     Hang(Duration),
+    /// A status whose body echoes the request's path (as Rails' "No route
+    /// matches" pages do).
+    EchoPath(u16),
 }
 
 #[derive(Debug, Clone)]
@@ -116,11 +119,15 @@ async fn handle(State(st): State<AppState>, uri: axum::http::Uri, headers: Heade
         }
     };
     let status = match &reply {
-        Reply::Status(s) | Reply::RetryAfter(s, _) => *s,
+        Reply::Status(s) | Reply::RetryAfter(s, _) | Reply::EchoPath(s) => *s,
         Reply::Hang(_) => 0,
     };
     st.log.lock().unwrap().push(Received { at: Instant::now(), path: uri.path().to_string(), headers, body, status });
     match reply {
+        Reply::EchoPath(s) => {
+            let page = format!("No route matches [POST] \"{}\"", uri.path());
+            (StatusCode::from_u16(s).unwrap(), page).into_response()
+        }
         Reply::Status(s) => StatusCode::from_u16(s).unwrap().into_response(),
         Reply::RetryAfter(s, secs) => {
             let mut r = StatusCode::from_u16(s).unwrap().into_response();

@@ -244,7 +244,7 @@ impl Normalizer {
     ///
     /// The dispatch table: every AMI event the normalizer reacts to, and
     /// where it goes. Events about a call's channels go through
-    /// [`Normalizer::on_call_event`] (find or start the call, follow moved
+    /// `Normalizer::on_call_event` (find or start the call, follow moved
     /// channels, end it after its last hangup) to the `Call` method named.
     pub fn handle(&mut self, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
         use AmiEvent as E;

@@ -1,11 +1,26 @@
 //! One call's bookkeeping: its channels, offers, queue outcome and snapshot.
 //!
-//! Only `Normalizer` drives a `Call`; this file knows how each AMI event
-//! changes one call and which lifecycle events that emits.
+//! Only `Normalizer` drives a `Call`: its dispatch table (`Normalizer::handle`)
+//! picks the `Call::on_…` handler for each AMI event, and [`Call::handle`]
+//! registers the frame's channels and runs it. This file knows how each AMI
+//! event changes one call and which lifecycle events that emits.
+//!
+//! What the call went through is kept in enums that name each state
+//! ([`Conversation`], [`Queueing`], [`Started`], [`OutboundDial`], and the
+//! [`MissEvidence`] weighed when the call ends unanswered) rather than in
+//! flags whose combinations the reader would have to decode.
 
+use super::headers::{
+    APPLICATION, APPLICATION_DATA, APP_DATA, BRIDGE_ID, CALLER_ID_NAME, CALLER_ID_NUM, CAUSE, CAUSE_TXT, CHANNEL,
+    CHANNEL_STATE_DESC, DEST_CHANNEL, DEST_CHANNEL_STATE_DESC, DEST_LINKEDID, DEST_UNIQUEID, DIAL_STATUS, DIAL_STRING,
+    EXTEN, EXTENSION, INTERFACE, MEMBER_NAME, ORIG_TRANSFERER_CHANNEL, POSITION, QUEUE,
+    SECOND_TRANSFERER_CONNECTED_LINE_NUM, STATE_INTERFACE, TRANSFERER_CHANNEL, TRANSFER_TARGET_CHANNEL, UNIQUEID,
+    VALUE, VARIABLE,
+};
+use super::input::AmiEvent;
 use super::{Options, PresenceMap, Rules, ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE};
 use crate::ami::Frame;
-use crate::directory::{is_local_channel, Agent, Directory};
+use crate::directory::{is_local_channel, Agent, Directory, Group};
 use crate::event::{
     seconds_between, CallId, CallSnapshot, CallState, Direction, EndReason, Event, EventKind, HungUpBy, Micros,
     MissedReason, OfferEndReason, Party, TransferKind,
@@ -13,6 +28,14 @@ use crate::event::{
 use crate::ids::AgentId;
 use smallvec::SmallVec;
 use std::collections::HashSet;
+
+/// Channel variable: the queue's verdict for the caller (`TIMEOUT`, `JOINEMPTY`…).
+pub(super) const QUEUESTATUS: &str = "QUEUESTATUS";
+/// Channel variable: the result of `Dial()` (read from `DialEnd` instead;
+/// the `VarSet` still keeps the call alive).
+pub(super) const DIALSTATUS: &str = "DIALSTATUS";
+/// Channel variable: the recording's file on the PBX.
+pub(super) const MIXMONITOR_FILENAME: &str = "MIXMONITOR_FILENAME";
 
 /// What a channel is to its call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,11 +69,178 @@ struct Offer {
     channels: SmallVec<[Box<str>; 3]>,
 }
 
+/// What the queue said about a caller who left it unanswered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum QueueOutcome {
     Abandoned,
     Timeout,
     NoAgents,
+}
+
+/// Who the call is in conversation with now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Conversation {
+    /// Nobody answered yet, or a blind transfer's target has not yet.
+    Waiting,
+    /// Talking with this agent.
+    Agent(AgentId),
+    /// Answered by somebody the directory cannot name (a queue member it
+    /// does not know, the customer of an outbound call without an agent,
+    /// an attended transfer to an unknown target).
+    Unattributed,
+}
+
+impl Conversation {
+    fn answered_by(agent: Option<AgentId>) -> Conversation {
+        agent.map_or(Conversation::Unattributed, Conversation::Agent)
+    }
+
+    fn is_talking(&self) -> bool {
+        !matches!(self, Conversation::Waiting)
+    }
+
+    fn agent(&self) -> Option<&AgentId> {
+        match self {
+            Conversation::Agent(a) => Some(a),
+            Conversation::Waiting | Conversation::Unattributed => None,
+        }
+    }
+}
+
+/// The call and the PBX's queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queueing {
+    /// Never joined a queue (IVR, direct dial, outbound).
+    Never,
+    /// Waiting in a queue now; `first_joined` is when it joined its first.
+    Waiting { first_joined: Micros },
+    /// Left the queue (answered, timed out, gave up, sent on).
+    Left { first_joined: Micros },
+}
+
+impl Queueing {
+    fn first_joined(self) -> Option<Micros> {
+        match self {
+            Queueing::Never => None,
+            Queueing::Waiting { first_joined } | Queueing::Left { first_joined } => Some(first_joined),
+        }
+    }
+
+    fn is_waiting(self) -> bool {
+        matches!(self, Queueing::Waiting { .. })
+    }
+
+    /// Joins a queue at `time` (the first join's time is kept).
+    fn join(&mut self, time: Micros) {
+        *self = Queueing::Waiting { first_joined: self.first_joined().unwrap_or(time) };
+    }
+
+    fn leave(&mut self) {
+        if let Queueing::Waiting { first_joined } = *self {
+            *self = Queueing::Left { first_joined };
+        }
+    }
+}
+
+/// Whether `call.started` went out. An originated call (the agent's phone
+/// rung by `Originate`) holds it back until its ticket variable is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Started {
+    Pending,
+    Emitted,
+}
+
+/// The call's first channel dialling the customer (outbound, internal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutboundDial {
+    /// Not dialling (not yet, or the dial ended).
+    Idle,
+    /// The far end is ringing.
+    Ringing,
+}
+
+/// The last `DialStatus` of the call's first channel, as far as the missed
+/// reason cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DialStatus {
+    NoAnswer,
+    Busy,
+    Cancel,
+    /// `ANSWER`, `CHANUNAVAIL`, `CONGESTION`… (an unanswered call with
+    /// one of these failed).
+    Other,
+}
+
+impl DialStatus {
+    fn parse(s: &str) -> DialStatus {
+        if s.eq_ignore_ascii_case("NOANSWER") {
+            DialStatus::NoAnswer
+        } else if s.eq_ignore_ascii_case("BUSY") {
+            DialStatus::Busy
+        } else if s.eq_ignore_ascii_case("CANCEL") {
+            DialStatus::Cancel
+        } else {
+            DialStatus::Other
+        }
+    }
+}
+
+/// Whether anybody of the call's group was available when the call arrived
+/// in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Staffing {
+    /// Somebody was, or the group is not known.
+    NoShortage,
+    /// Nobody was: an unanswered end is `no_agents`, whatever the queue said.
+    NobodyAvailable,
+}
+
+impl Staffing {
+    fn on_arrival(group: Option<&Group>, presence: &PresenceMap) -> Staffing {
+        if group.is_some_and(|g| !presence.group_has_available_agent(g)) {
+            Staffing::NobodyAvailable
+        } else {
+            Staffing::NoShortage
+        }
+    }
+}
+
+/// The click-to-call's own leg: the PBX rings the agent's phone first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OriginateLeg {
+    /// Not a click-to-call, or its first leg has not failed.
+    NotFailed,
+    /// The agent's phone never answered (or the PBX refused the originate):
+    /// an unanswered end is `failed`.
+    Failed,
+}
+
+/// Whether the call's first channel (the caller, inbound) hung up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OriginLeg {
+    Present,
+    HungUp,
+}
+
+/// Whether `call.stuck` was reported (it is, once per call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StuckReport {
+    NotReported,
+    Reported,
+}
+
+/// What is known about why the call would be missed if it ended unanswered
+/// now; [`Call::missed_reason`] weighs it when the call ends.
+#[derive(Debug, Clone)]
+struct MissEvidence {
+    staffing: Staffing,
+    /// The FastAGI router's missed reason (`CALLBRIDGE_REASON`), until the
+    /// call joins a queue after all.
+    routed: Option<MissedReason>,
+    /// What the queue said last.
+    queue: Option<QueueOutcome>,
+    dial: Option<DialStatus>,
+    originate: OriginateLeg,
 }
 
 /// Borrowed context for one `Call::handle`.
@@ -63,6 +253,32 @@ pub(super) struct Ctx<'a> {
     pub new_channels: &'a mut Vec<Box<str>>,
 }
 
+/// One frame as a call's handler sees it.
+pub(super) struct Step<'a> {
+    pub frame: &'a Frame,
+    /// The frame's `Uniqueid` (empty if none).
+    pub uid: &'a str,
+    /// The frame's `DestUniqueid` (empty if none).
+    pub dest_uid: &'a str,
+    /// The event's time (the PBX's `Timestamp`, or the clock).
+    pub time: Micros,
+}
+
+/// What an AMI event does to a call (chosen by `Normalizer::handle`).
+pub(super) type CallHandler = fn(&mut Call, &Step<'_>, &Ctx<'_>, &mut Vec<Event>);
+
+/// The first channel of a call: what [`Call::start`] starts it from.
+pub(super) struct FirstChannel<'a> {
+    pub id: CallId,
+    /// The frame that named the channel (its `Exten`, caller id, state).
+    pub frame: &'a Frame,
+    /// Channel name (`SIP/2000-0000000f`).
+    pub channel: &'a str,
+    pub uniqueid: &'a str,
+    /// When the call started.
+    pub time: Micros,
+}
+
 pub(super) struct Call {
     pub id: CallId,
     seq: u64,
@@ -72,31 +288,20 @@ pub(super) struct Call {
     pub last_event_at: Micros,
     /// The normalizer's resync epoch at this call's last event.
     pub epoch: u64,
-    queued_at: Option<Micros>,
+    queue: Queueing,
+    /// The queue the dialplan sent the call to (`Queue(…)`), joined or not.
     queue_app: Option<String>,
-    in_queue: bool,
-    queue_outcome: Option<QueueOutcome>,
-    /// No agent of the call's group was available when the call arrived in
-    /// it: an unanswered end is `no_agents`, whatever the queue said.
-    nobody_available: bool,
-    /// The FastAGI router's missed reason (`CALLBRIDGE_REASON`), until the
-    /// call joins a queue after all.
-    routed_reason: Option<MissedReason>,
+    evidence: MissEvidence,
     offers: SmallVec<[Offer; 4]>,
-    /// The agent in conversation now (`None` after a blind transfer until
-    /// the target answers).
-    talking: Option<Option<AgentId>>,
+    conversation: Conversation,
     /// When the current wait started (queue join, start, or a transfer).
     wait_base: Micros,
-    dialing: bool,
-    last_dial_status: Option<String>,
-    originate_failed: bool,
-    caller_hung_up: bool,
+    dialing: OutboundDial,
+    origin_leg: OriginLeg,
     hung_up_by: Option<HungUpBy>,
     cause: Option<(u32, String)>,
-    stuck_reported: bool,
-    /// `call.started` waits for the ticket variable on originated calls.
-    started_emitted: bool,
+    stuck: StuckReport,
+    started: Started,
     /// The state as of the last event, and since when.
     state_seen: CallState,
     pub state_since: Micros,
@@ -114,94 +319,72 @@ fn status_is(s: Option<&str>, v: &str) -> bool {
     s.is_some_and(|x| x.eq_ignore_ascii_case(v))
 }
 
+/// Direction, caller, callee and agent of a call, from its first channel:
+/// an agent's phone calls out (or another agent: internal), anything else
+/// calls in.
+fn first_parties(
+    agent: Option<&Agent>,
+    exten: &str,
+    frame: &Frame,
+    dir: &Directory,
+    opts: &Options,
+) -> (Direction, Party, Party, Option<AgentId>) {
+    match agent {
+        Some(a) => {
+            let caller = Party { number: Some(a.extension.clone()), name: a.name.clone() };
+            match dir.agent_for_extension(exten) {
+                Some(b) => (
+                    Direction::Internal,
+                    caller,
+                    Party { number: Some(b.extension.clone()), name: b.name.clone() },
+                    Some(a.id.clone()),
+                ),
+                None => (
+                    Direction::Outbound,
+                    caller,
+                    Party { number: is_dialable(exten).then(|| strip_prefix(exten, opts)), name: None },
+                    Some(a.id.clone()),
+                ),
+            }
+        }
+        None => (
+            Direction::Inbound,
+            Party { number: known(frame.get(CALLER_ID_NUM)), name: known(frame.get(CALLER_ID_NAME)) },
+            Party { number: is_dialable(exten).then(|| exten.to_string()), name: None },
+            None,
+        ),
+    }
+}
+
 impl Call {
     /// Creates a call from its first channel and emits `call.started`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start(
-        id: CallId,
-        frame: &Frame,
-        channel: &str,
-        uniqueid: &str,
-        time: Micros,
-        dir: &Directory,
-        opts: &Options,
-        out: &mut Vec<Event>,
-    ) -> Call {
+    pub fn start(first: FirstChannel<'_>, dir: &Directory, opts: &Options, out: &mut Vec<Event>) -> Call {
+        let FirstChannel { id, frame, channel, uniqueid, time } = first;
         let agent = dir.agent_for_channel(channel);
-        let exten = frame.get("Exten").unwrap_or("");
-        let (direction, caller, callee, snap_agent) = match agent {
-            Some(a) => {
-                let caller = Party { number: Some(a.extension.clone()), name: a.name.clone() };
-                match dir.agent_for_extension(exten) {
-                    Some(b) => (
-                        Direction::Internal,
-                        caller,
-                        Party { number: Some(b.extension.clone()), name: b.name.clone() },
-                        Some(a.id.clone()),
-                    ),
-                    None => (
-                        Direction::Outbound,
-                        caller,
-                        Party { number: is_dialable(exten).then(|| strip_prefix(exten, opts)), name: None },
-                        Some(a.id.clone()),
-                    ),
-                }
-            }
-            None => (
-                Direction::Inbound,
-                Party { number: known(frame.get("CallerIDNum")), name: known(frame.get("CallerIDName")) },
-                Party { number: is_dialable(exten).then(|| exten.to_string()), name: None },
-                None,
-            ),
-        };
-        let mut call = Call {
+        let exten = frame.get(EXTEN).unwrap_or("");
+        let (direction, caller, callee, snap_agent) = first_parties(agent, exten, frame, dir, opts);
+        let snap = CallSnapshot {
             id: id.clone(),
-            seq: 0,
-            snap: CallSnapshot {
-                id,
-                direction,
-                state: CallState::Started,
-                caller,
-                callee,
-                group: None,
-                queue: None,
-                agent: snap_agent,
-                ticket_id: None,
-                started_at: time,
-                answered_at: None,
-                ended_at: None,
-                recording: None,
-            },
-            channels: SmallVec::new(),
-            origin: uniqueid.into(),
-            last_event_at: time,
-            epoch: 0,
-            queued_at: None,
-            queue_app: None,
-            in_queue: false,
-            queue_outcome: None,
-            nobody_available: false,
-            routed_reason: None,
-            offers: SmallVec::new(),
-            talking: None,
-            wait_base: time,
-            dialing: false,
-            last_dial_status: None,
-            originate_failed: false,
-            caller_hung_up: false,
-            hung_up_by: None,
-            cause: None,
-            stuck_reported: false,
-            started_emitted: false,
-            state_seen: CallState::Started,
-            state_since: time,
+            direction,
+            state: CallState::Started,
+            caller,
+            callee,
+            group: None,
+            queue: None,
+            agent: snap_agent,
+            ticket_id: None,
+            started_at: time,
+            answered_at: None,
+            ended_at: None,
+            recording: None,
         };
+        let mut call = Call::new(id, snap, uniqueid, time);
         call.channels.push(Channel {
             uniqueid: uniqueid.into(),
             name: channel.into(),
             role: ChannelRole::Origin,
             agent: agent.map(|a| a.id.clone()),
-            up: frame.get("ChannelStateDesc") == Some("Up"),
+            up: frame.get(CHANNEL_STATE_DESC) == Some("Up"),
             hung_up: false,
         });
         // An originated call (the agent's phone rung by `Originate`, no
@@ -215,9 +398,42 @@ impl Call {
         call
     }
 
+    /// A call that nothing has happened to yet.
+    fn new(id: CallId, snap: CallSnapshot, origin: &str, time: Micros) -> Call {
+        Call {
+            id,
+            seq: 0,
+            snap,
+            channels: SmallVec::new(),
+            origin: origin.into(),
+            last_event_at: time,
+            epoch: 0,
+            queue: Queueing::Never,
+            queue_app: None,
+            evidence: MissEvidence {
+                staffing: Staffing::NoShortage,
+                routed: None,
+                queue: None,
+                dial: None,
+                originate: OriginateLeg::NotFailed,
+            },
+            offers: SmallVec::new(),
+            conversation: Conversation::Waiting,
+            wait_base: time,
+            dialing: OutboundDial::Idle,
+            origin_leg: OriginLeg::Present,
+            hung_up_by: None,
+            cause: None,
+            stuck: StuckReport::NotReported,
+            started: Started::Pending,
+            state_seen: CallState::Started,
+            state_since: time,
+        }
+    }
+
     fn emit_started(&mut self, out: &mut Vec<Event>) {
-        if !self.started_emitted {
-            self.started_emitted = true;
+        if self.started == Started::Pending {
+            self.started = Started::Emitted;
             let t = self.snap.started_at;
             self.emit(EventKind::Started {}, t, out);
         }
@@ -239,17 +455,17 @@ impl Call {
     }
 
     pub fn stuck_reported(&self) -> bool {
-        self.stuck_reported
+        self.stuck == StuckReport::Reported
     }
 
     pub(super) fn state(&self) -> CallState {
         if self.snap.ended_at.is_some() {
             CallState::Ended
-        } else if self.talking.is_some() {
+        } else if self.conversation.is_talking() {
             CallState::Talking
-        } else if self.offers.iter().any(|o| o.open) || self.dialing {
+        } else if self.offers.iter().any(|o| o.open) || self.dialing == OutboundDial::Ringing {
             CallState::Ringing
-        } else if self.in_queue {
+        } else if self.queue.is_waiting() {
             CallState::Queued
         } else {
             CallState::Started
@@ -318,139 +534,147 @@ impl Call {
         }
     }
 
-    /// Handles one event of this call. Returns true when its last channel
-    /// hung up.
-    pub fn handle(&mut self, event: &str, f: &Frame, time: Micros, mut ctx: Ctx<'_>, out: &mut Vec<Event>) -> bool {
-        if !self.started_emitted && !matches!(event, "Newchannel" | "VarSet" | "Newexten" | "Rename") {
+    /// Handles one event of this call: registers the channels the frame
+    /// names, then lets `on` (picked by `Normalizer::handle`) apply it.
+    /// Returns true when the event is the hangup of its last channel.
+    pub fn handle(
+        &mut self,
+        on: CallHandler,
+        event: AmiEvent,
+        f: &Frame,
+        time: Micros,
+        mut ctx: Ctx<'_>,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        if self.started == Started::Pending && !event.keeps_start_deferred() {
             self.emit_started(out);
         }
-        let uid = f.get("Uniqueid").unwrap_or("");
-        if let Some(name) = f.get("Channel") {
-            self.ensure_channel(uid, name, f.get("ChannelStateDesc"), &mut ctx);
+        let uid = f.get(UNIQUEID).unwrap_or("");
+        if let Some(name) = f.get(CHANNEL) {
+            self.ensure_channel(uid, name, f.get(CHANNEL_STATE_DESC), &mut ctx);
         }
-        let dest_uid = f.get("DestUniqueid").unwrap_or("");
-        if let Some(dest) = f.get("DestChannel") {
-            if f.get("DestLinkedid").is_none_or(|l| l == self.id.as_str()) {
-                self.ensure_channel(dest_uid, dest, f.get("DestChannelStateDesc"), &mut ctx);
+        let dest_uid = f.get(DEST_UNIQUEID).unwrap_or("");
+        if let Some(dest) = f.get(DEST_CHANNEL) {
+            if f.get(DEST_LINKEDID).is_none_or(|l| l == self.id.as_str()) {
+                self.ensure_channel(dest_uid, dest, f.get(DEST_CHANNEL_STATE_DESC), &mut ctx);
             }
         }
-        match event {
-            "BridgeEnter" => {
-                if let Some(c) = self.channel_mut(uid) {
-                    c.up = true;
-                }
-            }
-            "Newstate" => {
-                let up = f.get("ChannelStateDesc") == Some("Up");
-                if let Some(c) = self.channel_mut(uid) {
-                    c.up = up;
-                }
-            }
-            "Newexten" if uid == &*self.origin && f.get("Application") == Some("Queue") => {
-                let queue = f.get("AppData").unwrap_or("").split(',').next().unwrap_or("").trim();
-                if !queue.is_empty() {
-                    self.queue_app = Some(queue.to_string());
-                }
-            }
-            "VarSet" => self.on_varset(f, uid, &ctx),
-            "QueueCallerJoin" => {
-                let queue = f.get("Queue").unwrap_or("").to_string();
-                let dir_group = ctx.dir.group_for_queue(&queue);
-                self.nobody_available = dir_group.is_some_and(|g| !ctx.presence.group_has_available_agent(g));
-                self.routed_reason = None;
-                let group = dir_group.map(|g| g.id.clone());
-                let position = f.get("Position").and_then(|p| p.parse().ok());
-                self.snap.group = group.clone();
-                self.snap.queue = Some(queue.clone());
-                self.queued_at.get_or_insert(time);
-                if self.talking.is_none() {
-                    self.wait_base = *self.queued_at.as_ref().unwrap_or(&time);
-                }
-                self.in_queue = true;
-                self.queue_outcome = None;
-                self.emit(EventKind::Queued { group, queue, position }, time, out);
-            }
-            "QueueCallerLeave" => self.in_queue = false,
-            "QueueCallerAbandon" => {
-                self.in_queue = false;
-                self.queue_outcome = Some(QueueOutcome::Abandoned);
-            }
-            "AgentCalled" => {
-                let agent = ctx
-                    .dir
-                    .agent_for_member(f.get("Interface"), f.get("StateInterface"), f.get("MemberName"))
-                    .or_else(|| f.get("DestChannel").and_then(|d| ctx.dir.agent_for_channel(d)));
-                if let Some(agent) = agent {
-                    self.open_offer(agent, dest_uid, true, time, out);
-                }
-            }
-            "AgentRingNoAnswer" => {
-                if let Some(a) = self.member_agent(f, ctx.dir) {
-                    self.close_offer(&a, OfferEndReason::NoAnswer, time, out);
-                }
-            }
-            "AgentDump" => {
-                if let Some(a) = self.member_agent(f, ctx.dir) {
-                    self.close_offer(&a, OfferEndReason::Other, time, out);
-                }
-            }
-            "AgentConnect" => {
-                let agent = self.member_agent(f, ctx.dir);
-                self.answer(agent, time, out);
-            }
-            "DialBegin" => self.on_dial_begin(f, uid, dest_uid, ctx.dir, ctx.opts, time, out),
-            "DialEnd" => self.on_dial_end(f, uid, dest_uid, time, out),
-            "HangupRequest" => self.on_hangup_request(uid),
-            "Hangup" => return self.on_hangup(f, uid, time, out),
-            _ => {}
+        on(self, &Step { frame: f, uid, dest_uid, time }, &ctx, out);
+        event == AmiEvent::Hangup && self.live_channel_count() == 0
+    }
+
+    /// Events whose channels [`Call::handle`] registers, and nothing more.
+    pub fn on_channel_seen(&mut self, _: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {}
+
+    pub fn on_bridge_enter(&mut self, s: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {
+        if let Some(c) = self.channel_mut(s.uid) {
+            c.up = true;
         }
-        false
+    }
+
+    pub fn on_newstate(&mut self, s: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {
+        let up = s.frame.get(CHANNEL_STATE_DESC) == Some("Up");
+        if let Some(c) = self.channel_mut(s.uid) {
+            c.up = up;
+        }
+    }
+
+    /// The first channel enters `Queue(…)`: the queue it was sent to.
+    pub fn on_newexten(&mut self, s: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {
+        if s.uid != &*self.origin || s.frame.get(APPLICATION) != Some("Queue") {
+            return;
+        }
+        let queue = s.frame.get(APP_DATA).unwrap_or("").split(',').next().unwrap_or("").trim();
+        if !queue.is_empty() {
+            self.queue_app = Some(queue.to_string());
+        }
+    }
+
+    pub fn on_queue_join(&mut self, s: &Step<'_>, ctx: &Ctx<'_>, out: &mut Vec<Event>) {
+        let (f, time) = (s.frame, s.time);
+        let queue = f.get(QUEUE).unwrap_or("").to_string();
+        let dir_group = ctx.dir.group_for_queue(&queue);
+        self.evidence.staffing = Staffing::on_arrival(dir_group, ctx.presence);
+        self.evidence.routed = None;
+        let group = dir_group.map(|g| g.id.clone());
+        let position = f.get(POSITION).and_then(|p| p.parse().ok());
+        self.snap.group = group.clone();
+        self.snap.queue = Some(queue.clone());
+        self.queue.join(time);
+        if !self.conversation.is_talking() {
+            self.wait_base = self.queue.first_joined().unwrap_or(time);
+        }
+        self.evidence.queue = None;
+        self.emit(EventKind::Queued { group, queue, position }, time, out);
+    }
+
+    pub fn on_queue_leave(&mut self, _: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {
+        self.queue.leave();
+    }
+
+    pub fn on_queue_abandon(&mut self, _: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {
+        self.queue.leave();
+        self.evidence.queue = Some(QueueOutcome::Abandoned);
+    }
+
+    pub fn on_agent_called(&mut self, s: &Step<'_>, ctx: &Ctx<'_>, out: &mut Vec<Event>) {
+        let f = s.frame;
+        let agent = ctx
+            .dir
+            .agent_for_member(f.get(INTERFACE), f.get(STATE_INTERFACE), f.get(MEMBER_NAME))
+            .or_else(|| f.get(DEST_CHANNEL).and_then(|d| ctx.dir.agent_for_channel(d)));
+        if let Some(agent) = agent {
+            self.open_offer(agent, s.dest_uid, true, s.time, out);
+        }
+    }
+
+    pub fn on_agent_ring_no_answer(&mut self, s: &Step<'_>, ctx: &Ctx<'_>, out: &mut Vec<Event>) {
+        if let Some(a) = self.member_agent(s.frame, ctx.dir) {
+            self.close_offer(&a, OfferEndReason::NoAnswer, s.time, out);
+        }
+    }
+
+    pub fn on_agent_dump(&mut self, s: &Step<'_>, ctx: &Ctx<'_>, out: &mut Vec<Event>) {
+        if let Some(a) = self.member_agent(s.frame, ctx.dir) {
+            self.close_offer(&a, OfferEndReason::Other, s.time, out);
+        }
+    }
+
+    pub fn on_agent_connect(&mut self, s: &Step<'_>, ctx: &Ctx<'_>, out: &mut Vec<Event>) {
+        let agent = self.member_agent(s.frame, ctx.dir);
+        self.answer(agent, s.time, out);
     }
 
     fn member_agent(&self, f: &Frame, dir: &Directory) -> Option<AgentId> {
-        dir.agent_for_member(f.get("Interface"), f.get("StateInterface"), f.get("MemberName"))
+        dir.agent_for_member(f.get(INTERFACE), f.get(STATE_INTERFACE), f.get(MEMBER_NAME))
             .map(|a| a.id.clone())
-            .or_else(|| f.get("DestUniqueid").and_then(|u| self.channel(u)).and_then(|c| c.agent.clone()))
+            .or_else(|| f.get(DEST_UNIQUEID).and_then(|u| self.channel(u)).and_then(|c| c.agent.clone()))
     }
 
-    fn on_varset(&mut self, f: &Frame, uid: &str, ctx: &Ctx<'_>) {
-        let (dir, opts) = (ctx.dir, ctx.opts);
-        let (Some(var), Some(value)) = (f.get("Variable"), f.get("Value")) else {
+    /// The channel variables that matter (the dispatch table filtered the
+    /// others out): ticket, recording, and on the first channel the queue's
+    /// verdict and the FastAGI router's group and reason.
+    pub fn on_varset(&mut self, s: &Step<'_>, ctx: &Ctx<'_>, _: &mut Vec<Event>) {
+        let (f, uid, dir, opts) = (s.frame, s.uid, ctx.dir, ctx.opts);
+        let (Some(var), Some(value)) = (f.get(VARIABLE), f.get(VALUE)) else {
             return;
         };
         if var == opts.ticket_variable {
             self.snap.ticket_id = (!value.is_empty()).then(|| value.to_string());
-        } else if var == "MIXMONITOR_FILENAME" && !value.is_empty() {
+        } else if var == MIXMONITOR_FILENAME && !value.is_empty() {
             self.snap.recording = Some(recording_location(value, opts));
-        } else if var == "QUEUESTATUS" && uid == &*self.origin {
-            let outcome = match value {
-                "TIMEOUT" => Some(QueueOutcome::Timeout),
-                "JOINEMPTY" | "LEAVEEMPTY" | "JOINUNAVAIL" | "LEAVEUNAVAIL" | "FULL" => Some(QueueOutcome::NoAgents),
-                _ => None,
-            };
-            if let Some(o) = outcome {
-                self.queue_outcome = Some(o);
-                self.in_queue = false;
-                if self.queued_at.is_none() {
-                    // Never joined: the queue is the one the dialplan asked for.
-                    if let Some(q) = self.queue_app.clone() {
-                        let group = dir.group_for_queue(&q);
-                        self.nobody_available = group.is_some_and(|g| !ctx.presence.group_has_available_agent(g));
-                        self.snap.group = group.map(|g| g.id.clone());
-                        self.snap.queue = Some(q);
-                    }
-                }
-            }
+        } else if var == QUEUESTATUS && uid == &*self.origin {
+            self.on_queue_status(value, ctx);
         } else if var == ROUTE_GROUP_VARIABLE && uid == &*self.origin {
             // The FastAGI router's answer, seen through the PBX: a call sent
             // to "missed" never joins a queue but belongs to this group.
-            if self.queued_at.is_none() {
+            if self.queue.first_joined().is_none() {
                 if let Some(g) = dir.group(value) {
                     self.snap.group = Some(g.id.clone());
                 }
             }
         } else if var == ROUTE_REASON_VARIABLE && uid == &*self.origin {
-            self.routed_reason = match value {
+            self.evidence.routed = match value {
                 "holiday" => Some(MissedReason::Holiday),
                 "outside_hours" => Some(MissedReason::OutsideHours),
                 "no_agents" => Some(MissedReason::NoAgents),
@@ -459,39 +683,52 @@ impl Call {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_dial_begin(
-        &mut self,
-        f: &Frame,
-        src: &str,
-        dest: &str,
-        dir: &Directory,
-        opts: &Options,
-        time: Micros,
-        out: &mut Vec<Event>,
-    ) {
+    /// `QUEUESTATUS` of the first channel: why the call left the queue.
+    fn on_queue_status(&mut self, value: &str, ctx: &Ctx<'_>) {
+        let outcome = match value {
+            "TIMEOUT" => QueueOutcome::Timeout,
+            "JOINEMPTY" | "LEAVEEMPTY" | "JOINUNAVAIL" | "LEAVEUNAVAIL" | "FULL" => QueueOutcome::NoAgents,
+            _ => return,
+        };
+        self.evidence.queue = Some(outcome);
+        self.queue.leave();
+        if self.queue.first_joined().is_none() {
+            // Never joined: the queue is the one the dialplan asked for.
+            if let Some(q) = self.queue_app.clone() {
+                let group = ctx.dir.group_for_queue(&q);
+                self.evidence.staffing = Staffing::on_arrival(group, ctx.presence);
+                self.snap.group = group.map(|g| g.id.clone());
+                self.snap.queue = Some(q);
+            }
+        }
+    }
+
+    /// A leg is dialled: an agent's (an offer), or the customer's from the
+    /// agent's phone (outbound, internal).
+    pub fn on_dial_begin(&mut self, s: &Step<'_>, ctx: &Ctx<'_>, out: &mut Vec<Event>) {
+        let (f, src, dest) = (s.frame, s.uid, s.dest_uid);
         if dest == &*self.origin {
             // Originate: the PBX rings the agent's own phone first.
             return;
         }
         let dest_agent = self.channel(dest).and_then(|c| c.agent.clone());
-        if let Some(agent) = dest_agent.as_ref().and_then(|a| dir.agent(a.as_str())) {
-            self.open_offer(agent, dest, false, time, out);
+        if let Some(agent) = dest_agent.as_ref().and_then(|a| ctx.dir.agent(a.as_str())) {
+            self.open_offer(agent, dest, false, s.time, out);
             if src == &*self.origin {
-                self.last_dial_status = None;
+                self.evidence.dial = None;
             }
             return;
         }
         if src == &*self.origin && self.snap.direction != Direction::Inbound {
             // The agent's phone dials the customer.
-            self.dialing = true;
-            self.last_dial_status = None;
+            self.dialing = OutboundDial::Ringing;
+            self.evidence.dial = None;
             if self.snap.callee.number.is_none() || self.snap.direction == Direction::Outbound {
                 let number = f
-                    .get("Exten")
+                    .get(EXTEN)
                     .filter(|e| is_dialable(e))
-                    .map(|e| strip_prefix(e, opts))
-                    .or_else(|| f.get("DialString").and_then(|d| d.rsplit('/').next()).map(str::to_string));
+                    .map(|e| strip_prefix(e, ctx.opts))
+                    .or_else(|| f.get(DIAL_STRING).and_then(|d| d.rsplit('/').next()).map(str::to_string));
                 if number.is_some() {
                     self.snap.callee.number = number;
                 }
@@ -499,43 +736,29 @@ impl Call {
         }
     }
 
-    fn on_dial_end(&mut self, f: &Frame, src: &str, dest: &str, time: Micros, out: &mut Vec<Event>) {
-        let status = f.get("DialStatus");
+    pub fn on_dial_end(&mut self, s: &Step<'_>, _: &Ctx<'_>, out: &mut Vec<Event>) {
+        let (src, dest, time) = (s.uid, s.dest_uid, s.time);
+        let status = s.frame.get(DIAL_STATUS);
         if dest == &*self.origin {
             if !status_is(status, "ANSWER") {
-                self.originate_failed = true;
+                self.evidence.originate = OriginateLeg::Failed;
             }
             return;
         }
         if src == &*self.origin {
-            if let Some(s) = status {
-                self.last_dial_status = Some(s.to_ascii_uppercase());
+            if let Some(st) = status {
+                self.evidence.dial = Some(DialStatus::parse(st));
             }
         }
         let dest_agent = self.channel(dest).and_then(|c| c.agent.clone());
         if let Some(agent) = dest_agent {
-            if !self.offers.iter().any(|o| o.open && o.agent == agent) {
-                return;
-            }
-            match status.unwrap_or("") {
-                "ANSWER" => self.answer(Some(agent), time, out),
-                "NOANSWER" => self.close_offer(&agent, OfferEndReason::NoAnswer, time, out),
-                "CANCEL" => {
-                    let reason = if self.caller_hung_up {
-                        OfferEndReason::CallerHungUp
-                    } else if self.talking.is_some() {
-                        OfferEndReason::AnsweredElsewhere
-                    } else {
-                        OfferEndReason::NoAnswer
-                    };
-                    self.close_offer(&agent, reason, time, out)
-                }
-                _ => self.close_offer(&agent, OfferEndReason::Other, time, out),
+            if self.offers.iter().any(|o| o.open && o.agent == agent) {
+                self.end_agent_dial(agent, status.unwrap_or(""), time, out);
             }
             return;
         }
         if src == &*self.origin && self.snap.direction != Direction::Inbound {
-            self.dialing = false;
+            self.dialing = OutboundDial::Idle;
             if status_is(status, "ANSWER") {
                 if let Some(c) = self.channel_mut(dest) {
                     c.up = true;
@@ -546,38 +769,58 @@ impl Call {
         }
     }
 
-    fn on_hangup_request(&mut self, uid: &str) {
-        let Some(ch) = self.channel(uid) else { return };
+    /// The dial of an agent with an open offer ended with `status`.
+    fn end_agent_dial(&mut self, agent: AgentId, status: &str, time: Micros, out: &mut Vec<Event>) {
+        match status {
+            "ANSWER" => self.answer(Some(agent), time, out),
+            "NOANSWER" => self.close_offer(&agent, OfferEndReason::NoAnswer, time, out),
+            "CANCEL" => {
+                let reason = if self.origin_leg == OriginLeg::HungUp {
+                    OfferEndReason::CallerHungUp
+                } else if self.conversation.is_talking() {
+                    OfferEndReason::AnsweredElsewhere
+                } else {
+                    OfferEndReason::NoAnswer
+                };
+                self.close_offer(&agent, reason, time, out)
+            }
+            _ => self.close_offer(&agent, OfferEndReason::Other, time, out),
+        }
+    }
+
+    /// Somebody asked to hang a channel up: who hung up, if the channel
+    /// says (the first request wins; an answer or transfer forgets it).
+    pub fn on_hangup_request(&mut self, s: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {
+        let Some(ch) = self.channel(s.uid) else { return };
+        let talking_to_it = ch.agent.is_some() && self.conversation.agent() == ch.agent.as_ref();
         let party = match ch.role {
             ChannelRole::LocalHalf => None,
             ChannelRole::Origin if self.snap.direction == Direction::Inbound => Some(HungUpBy::Caller),
             ChannelRole::Origin => Some(HungUpBy::Agent),
-            ChannelRole::AgentPhone
-                if ch.up || self.talking.as_ref().is_some_and(|t| t.is_some() && *t == ch.agent) =>
-            {
-                Some(HungUpBy::Agent)
-            }
+            ChannelRole::AgentPhone if ch.up || talking_to_it => Some(HungUpBy::Agent),
             ChannelRole::External if ch.up => Some(HungUpBy::Customer),
             _ => None,
         };
         if ch.role == ChannelRole::Origin {
-            self.caller_hung_up = true;
+            self.origin_leg = OriginLeg::HungUp;
         }
         if self.hung_up_by.is_none() {
             self.hung_up_by = party;
         }
     }
 
-    fn on_hangup(&mut self, f: &Frame, uid: &str, time: Micros, out: &mut Vec<Event>) -> bool {
-        let cause = f.get("Cause").and_then(|c| c.parse::<u32>().ok());
+    /// A channel is gone: the hangup cause, and the offers ringing it end.
+    pub fn on_hangup(&mut self, s: &Step<'_>, _: &Ctx<'_>, out: &mut Vec<Event>) {
+        let (f, uid, time) = (s.frame, s.uid, s.time);
+        let cause = f.get(CAUSE).and_then(|c| c.parse::<u32>().ok());
         let is_origin = uid == &*self.origin;
         if let Some(c) = cause {
             if c != 0 && (is_origin || self.cause.is_none()) {
-                self.cause = Some((c, f.get("Cause-txt").unwrap_or("").to_string()));
+                self.cause = Some((c, f.get(CAUSE_TXT).unwrap_or("").to_string()));
             }
         }
         if is_origin {
-            self.caller_hung_up = true;
+            self.origin_leg = OriginLeg::HungUp;
         }
         if let Some(ch) = self.channel_mut(uid) {
             ch.hung_up = true;
@@ -593,13 +836,12 @@ impl Call {
             let reason = self.default_offer_end();
             self.close_offer(&agent, reason, time, out);
         }
-        self.live_channel_count() == 0
     }
 
     fn default_offer_end(&self) -> OfferEndReason {
-        if self.talking.is_some() {
+        if self.conversation.is_talking() {
             OfferEndReason::AnsweredElsewhere
-        } else if self.caller_hung_up {
+        } else if self.origin_leg == OriginLeg::HungUp {
             OfferEndReason::CallerHungUp
         } else {
             OfferEndReason::Other
@@ -619,7 +861,7 @@ impl Call {
         if !new_attempt && self.offers.iter().any(|o| o.channels.iter().any(|c| &**c == uid)) {
             return;
         }
-        if self.talking.as_ref().is_some_and(|t| t.as_ref() == Some(&agent.id)) {
+        if self.conversation.agent() == Some(&agent.id) {
             return;
         }
         let mut channels = SmallVec::new();
@@ -639,10 +881,8 @@ impl Call {
     }
 
     fn answer(&mut self, agent: Option<AgentId>, time: Micros, out: &mut Vec<Event>) {
-        if let Some(current) = &self.talking {
-            if *current == agent || agent.is_none() {
-                return;
-            }
+        if self.conversation.is_talking() && (agent.is_none() || self.conversation.agent() == agent.as_ref()) {
+            return;
         }
         // The answering agent's offer ends by being answered (no event);
         // everybody else's ringing stops.
@@ -651,9 +891,9 @@ impl Call {
                 o.open = false;
             }
         }
-        self.talking = Some(agent.clone());
-        self.dialing = false;
-        self.in_queue = false;
+        self.conversation = Conversation::answered_by(agent.clone());
+        self.dialing = OutboundDial::Idle;
+        self.queue.leave();
         self.snap.answered_at.get_or_insert(time);
         if agent.is_some() {
             self.snap.agent = agent.clone();
@@ -667,28 +907,30 @@ impl Call {
         }
     }
 
-    pub fn on_transfer(&mut self, event: &str, f: &Frame, time: Micros, dir: &Directory, out: &mut Vec<Event>) {
+    pub fn on_transfer(&mut self, event: AmiEvent, f: &Frame, time: Micros, dir: &Directory, out: &mut Vec<Event>) {
         self.emit_started(out);
         let agent_of = |key: &str| f.get(key).and_then(|c| dir.agent_for_channel(c)).map(|a| a.id.clone());
-        let (kind, from_agent, to_agent, to_extension) = if event == "BlindTransfer" {
-            let ext = f.get("Extension").filter(|e| !e.is_empty());
+        let (kind, from_agent, to_agent, to_extension) = if event == AmiEvent::BlindTransfer {
+            let ext = f.get(EXTENSION).filter(|e| !e.is_empty());
             let to = ext.and_then(|e| dir.agent_for_extension(e)).map(|a| a.id.clone());
-            (TransferKind::Blind, agent_of("TransfererChannel"), to, ext.map(str::to_string))
+            (TransferKind::Blind, agent_of(TRANSFERER_CHANNEL), to, ext.map(str::to_string))
         } else {
-            let to = agent_of("TransferTargetChannel").or_else(|| {
-                f.get("SecondTransfererConnectedLineNum").and_then(|n| dir.agent_for_extension(n)).map(|a| a.id.clone())
+            let to = agent_of(TRANSFER_TARGET_CHANNEL).or_else(|| {
+                f.get(SECOND_TRANSFERER_CONNECTED_LINE_NUM)
+                    .and_then(|n| dir.agent_for_extension(n))
+                    .map(|a| a.id.clone())
             });
             let ext = to.as_ref().and_then(|a| dir.agent(a.as_str())).map(|a| a.extension.clone());
-            (TransferKind::Attended, agent_of("OrigTransfererChannel"), to, ext)
+            (TransferKind::Attended, agent_of(ORIG_TRANSFERER_CHANNEL), to, ext)
         };
         let from_agent = from_agent.or_else(|| self.snap.agent.clone());
         match kind {
             TransferKind::Blind => {
                 // The target still has to answer: the call waits again.
-                self.talking = None;
+                self.conversation = Conversation::Waiting;
                 self.wait_base = time;
             }
-            TransferKind::Attended => self.talking = Some(to_agent.clone()),
+            TransferKind::Attended => self.conversation = Conversation::answered_by(to_agent.clone()),
         }
         self.snap.agent = to_agent.clone();
         self.hung_up_by = None;
@@ -696,14 +938,14 @@ impl Call {
     }
 
     pub fn originate_failed(&mut self) {
-        self.originate_failed = true;
+        self.evidence.originate = OriginateLeg::Failed;
     }
 
     /// The agent in conversation and the name of their channel in this
     /// call: their own phone if it is up, else the call's first channel
     /// when it is theirs (outbound), else a Local half of theirs.
     pub fn talking_agent_channel(&self) -> Option<(AgentId, String)> {
-        let agent = self.talking.clone().flatten()?;
+        let agent = self.conversation.agent()?.clone();
         let live = |c: &&Channel| !c.hung_up && c.agent.as_ref() == Some(&agent);
         let pick = self
             .channels
@@ -730,15 +972,15 @@ impl Call {
         if number.is_some() {
             self.snap.callee.number = number;
         }
-        self.originate_failed = true;
+        self.evidence.originate = OriginateLeg::Failed;
     }
 
     pub fn mark_stuck(&mut self, detected_by: &str, now: Micros, out: &mut Vec<Event>) -> bool {
-        if self.stuck_reported {
+        if self.stuck == StuckReport::Reported {
             return false;
         }
         self.emit_started(out);
-        self.stuck_reported = true;
+        self.stuck = StuckReport::Reported;
         let state = self.state();
         let silent_seconds = seconds_between(self.last_event_at, now);
         self.emit(EventKind::Stuck { state, silent_seconds, detected_by: detected_by.to_string() }, now, out);
@@ -762,26 +1004,25 @@ impl Call {
         // nobody knows who was available then.
         let presence = PresenceMap::default();
         let mut ctx = Ctx { dir, opts: &opts, presence: &presence, new_channels: &mut added };
-        self.ensure_channel(uid, name, f.get("ChannelStateDesc"), &mut ctx);
+        self.ensure_channel(uid, name, f.get(CHANNEL_STATE_DESC), &mut ctx);
         let Some(ch) = self.channel(uid).cloned() else {
             return;
         };
-        let up = f.get("ChannelStateDesc") == Some("Up");
-        let app = f.get("Application").unwrap_or("");
-        if uid == &*self.origin && app == "Queue" && !self.in_queue {
-            let queue = f.get("ApplicationData").unwrap_or("").split(',').next().unwrap_or("").to_string();
+        let up = f.get(CHANNEL_STATE_DESC) == Some("Up");
+        let app = f.get(APPLICATION).unwrap_or("");
+        if uid == &*self.origin && app == "Queue" && !self.queue.is_waiting() {
+            let queue = f.get(APPLICATION_DATA).unwrap_or("").split(',').next().unwrap_or("").to_string();
             let group = dir.group_for_queue(&queue).map(|g| g.id.clone());
             self.snap.group = group.clone();
             self.snap.queue = Some(queue.clone());
-            self.queued_at.get_or_insert(now);
-            self.in_queue = true;
+            self.queue.join(now);
             self.emit(EventKind::Queued { group, queue, position: None }, now, out);
         }
-        let bridged = f.get("BridgeId").is_some_and(|b| !b.is_empty());
+        let bridged = f.get(BRIDGE_ID).is_some_and(|b| !b.is_empty());
         if let (ChannelRole::AgentPhone, Some(agent)) = (ch.role, ch.agent.as_ref()) {
             if up && bridged {
                 self.answer(Some(agent.clone()), now, out);
-            } else if f.get("ChannelStateDesc") == Some("Ringing") {
+            } else if f.get(CHANNEL_STATE_DESC) == Some("Ringing") {
                 if let Some(a) = dir.agent(agent.as_str()) {
                     self.open_offer(a, uid, false, now, out);
                 }
@@ -798,7 +1039,7 @@ impl Call {
             return None;
         }
         let group = self.snap.group.as_ref()?;
-        rules.closed_reason(group, self.queued_at.unwrap_or(self.snap.started_at))
+        rules.closed_reason(group, self.queue.first_joined().unwrap_or(self.snap.started_at))
     }
 
     /// Why an unanswered call was missed. Inbound, the strongest of what is
@@ -807,21 +1048,21 @@ impl Call {
     /// arrived (`closed`), the FastAGI router's verdict, nobody available
     /// when the call arrived, and what the queue said.
     fn missed_reason(&self, closed: Option<MissedReason>) -> MissedReason {
-        let dial = self.last_dial_status.as_deref();
+        let dial = self.evidence.dial;
         match self.snap.direction {
             Direction::Inbound => {
-                let observed = match self.queue_outcome {
+                let observed = match self.evidence.queue {
                     Some(QueueOutcome::NoAgents) => MissedReason::NoAgents,
                     Some(QueueOutcome::Timeout) => MissedReason::QueueTimeout,
                     Some(QueueOutcome::Abandoned) => MissedReason::Abandoned,
                     None => match dial {
-                        Some("NOANSWER") => MissedReason::NoAnswer,
-                        Some("BUSY") => MissedReason::Busy,
+                        Some(DialStatus::NoAnswer) => MissedReason::NoAnswer,
+                        Some(DialStatus::Busy) => MissedReason::Busy,
                         _ => MissedReason::Abandoned,
                     },
                 };
-                let nobody = self.nobody_available.then_some(MissedReason::NoAgents);
-                [closed, self.routed_reason, nobody, Some(observed)]
+                let nobody = (self.evidence.staffing == Staffing::NobodyAvailable).then_some(MissedReason::NoAgents);
+                [closed, self.evidence.routed, nobody, Some(observed)]
                     .into_iter()
                     .flatten()
                     .min_by_key(|r| r.precedence())
@@ -831,13 +1072,13 @@ impl Call {
                 if let Some(r) = closed {
                     return r;
                 }
-                if self.originate_failed {
+                if self.evidence.originate == OriginateLeg::Failed {
                     return MissedReason::Failed;
                 }
                 match dial {
-                    Some("NOANSWER") => MissedReason::NoAnswer,
-                    Some("BUSY") => MissedReason::Busy,
-                    Some("CANCEL") | None => MissedReason::Cancelled,
+                    Some(DialStatus::NoAnswer) => MissedReason::NoAnswer,
+                    Some(DialStatus::Busy) => MissedReason::Busy,
+                    Some(DialStatus::Cancel) | None => MissedReason::Cancelled,
                     Some(_) => MissedReason::Failed,
                 }
             }
@@ -854,7 +1095,7 @@ impl Call {
             self.close_offer(&agent, r, time, out);
         }
         self.talking_end();
-        let wait_from = self.queued_at.unwrap_or(self.snap.started_at);
+        let wait_from = self.queue.first_joined().unwrap_or(self.snap.started_at);
         if self.snap.answered_at.is_none() {
             let missed = self.missed_reason(closed);
             self.emit(EventKind::Missed { reason: missed, wait_seconds: seconds_between(wait_from, time) }, time, out);
@@ -883,8 +1124,8 @@ impl Call {
     }
 
     fn talking_end(&mut self) {
-        self.dialing = false;
-        self.in_queue = false;
+        self.dialing = OutboundDial::Idle;
+        self.queue.leave();
     }
 }
 

@@ -36,20 +36,39 @@
 //! Memory: per live call, a snapshot and a handful of channel records; all of
 //! it is dropped when the call ends. Ended call ids are remembered in a
 //! bounded ring only, so late events of an ended call do not resurrect it.
+//!
+//! # Layout
+//!
+//! - here: the [`Normalizer`], its dispatch table ([`Normalizer::handle`]:
+//!   which AMI events matter and where each goes), call creation, channel
+//!   migration, transfers and click-to-call results;
+//! - [`input`]: the AMI event names, parsed once per frame;
+//! - [`headers`]: the AMI header names read;
+//! - `call.rs`: one call's state machine;
+//! - `presence.rs`: agent presence and `agent.availability`;
+//! - `resync.rs`: reconciling with the PBX (resync after a reconnection,
+//!   the stuck-call sweeper's suspects).
 
 mod call;
+pub mod headers;
+pub mod input;
 mod presence;
+mod resync;
 
 use crate::ami::Frame;
 use crate::directory::Directory;
-use crate::event::{
-    seconds_between, AvailabilitySource, CallId, CallState, EndReason, Event, EventKind, Micros, MissedReason,
-};
+use crate::event::{CallId, EndReason, Event, Micros, MissedReason};
 use crate::ids::{AgentId, GroupId};
-use call::Call;
 pub use call::ChannelRole;
+use call::{Call, CallHandler, FirstChannel};
+use headers::{
+    CHANNEL, DEST_CHANNEL, DEST_LINKEDID, DEST_UNIQUEID, EXTEN, LINKEDID, ORIG_TRANSFERER_LINKEDID, RESPONSE, RESULT,
+    TRANSFEREE_LINKEDID, TRANSFERER_LINKEDID, UNIQUEID, VARIABLE,
+};
+use input::AmiEvent;
 
 pub use presence::{device_state_unavailable, AgentPresence, PresenceMap};
+pub use resync::{PbxChannels, StuckCause, StuckLimits, Suspect};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -154,65 +173,6 @@ pub struct ExpectedOriginate {
     pub at: Micros,
 }
 
-/// Per-state limits of the stuck-call sweeper (SPEC §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StuckLimits {
-    /// Not yet queued nor ringing (IVR, dialling).
-    pub started_seconds: u64,
-    pub queued_seconds: u64,
-    pub ringing_seconds: u64,
-    pub talking_seconds: u64,
-    /// No event at all for this long.
-    pub silence_seconds: u64,
-}
-
-impl StuckLimits {
-    pub fn for_state(&self, s: CallState) -> u64 {
-        match s {
-            CallState::Started => self.started_seconds,
-            CallState::Queued => self.queued_seconds,
-            CallState::Ringing => self.ringing_seconds,
-            CallState::Talking => self.talking_seconds,
-            CallState::Ended => u64::MAX,
-        }
-    }
-}
-
-/// Why a call is suspect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StuckCause {
-    /// Longer in its state than the state's limit.
-    State,
-    /// No event for longer than the silence limit.
-    Silence,
-}
-
-impl StuckCause {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StuckCause::State => "state_limit",
-            StuckCause::Silence => "silence",
-        }
-    }
-}
-
-/// A call the sweeper should check with the PBX.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Suspect {
-    pub call: CallId,
-    pub state: CallState,
-    pub seconds_in_state: u64,
-    pub silent_seconds: u64,
-    pub cause: StuckCause,
-    pub already_reported: bool,
-}
-
-/// What a PBX resync says exists (from `CoreShowChannels`).
-#[derive(Debug, Clone, Default)]
-pub struct PbxChannels {
-    pub channels: Vec<Frame>,
-}
-
 impl Normalizer {
     pub fn new(dir: Arc<Directory>, rules: Arc<dyn Rules>, opts: Options) -> Normalizer {
         Normalizer {
@@ -281,42 +241,93 @@ impl Normalizer {
     }
 
     /// Handles one AMI frame; appends the resulting events to `out`.
+    ///
+    /// The dispatch table: every AMI event the normalizer reacts to, and
+    /// where it goes. Events about a call's channels go through
+    /// `Normalizer::on_call_event` (find or start the call, follow moved
+    /// channels, end it after its last hangup) to the `Call` method named.
     pub fn handle(&mut self, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
-        let Some(event) = frame.event() else { return };
-        // The cheap filters first: most traffic is VarSet and RTCP noise.
-        match event {
-            "VarSet" => {
-                let Some(var) = frame.get("Variable") else {
-                    return;
-                };
-                if !(var == "QUEUESTATUS"
-                    || var == "DIALSTATUS"
-                    || var == "MIXMONITOR_FILENAME"
-                    || var == ROUTE_GROUP_VARIABLE
-                    || var == ROUTE_REASON_VARIABLE
-                    || var == self.opts.ticket_variable)
-                {
-                    return;
-                }
-            }
-            "Newchannel" | "Newstate" | "Newexten" | "QueueCallerJoin" | "QueueCallerLeave" | "QueueCallerAbandon"
-            | "AgentCalled" | "AgentRingNoAnswer" | "AgentConnect" | "AgentDump" | "DialBegin" | "DialEnd"
-            | "BridgeEnter" | "HangupRequest" | "SoftHangupRequest" | "Hangup" | "Rename" => {}
-            "BlindTransfer" | "AttendedTransfer" => return self.on_transfer(event, frame, now, out),
-            "QueueMemberPause" | "QueueMemberStatus" | "QueueMember" | "QueueMemberPaused" => {
+        use AmiEvent as E;
+        let Some(name) = frame.event() else { return };
+        let event = AmiEvent::parse(name);
+        let on: CallHandler = match event {
+            // A channel is created: the first one of a Linkedid starts the call.
+            E::Newchannel => Call::on_channel_seen,
+            // A channel takes another's place (masquerade): known under its new name.
+            E::Rename => Call::on_channel_seen,
+            // Channel state changes: an `Up` leg counts when deciding who hung up.
+            E::Newstate => Call::on_newstate,
+            // Dialplan step: `Queue(…)` names the queue even if the call never joins it.
+            E::Newexten => Call::on_newexten,
+            // Ticket, recording, queue and dial status, the router's group and reason.
+            E::VarSet if self.reads_variable(frame) => Call::on_varset,
+            // Every other variable (most of the traffic) is noise.
+            E::VarSet => return,
+            // The call waits in a queue: `call.queued`; was anybody available?
+            E::QueueCallerJoin => Call::on_queue_join,
+            // The call left the queue (answered, timed out, gone).
+            E::QueueCallerLeave => Call::on_queue_leave,
+            // The caller left the queue unanswered (a timeout says so later).
+            E::QueueCallerAbandon => Call::on_queue_abandon,
+            // The queue rings an agent: `call.offered`.
+            E::AgentCalled => Call::on_agent_called,
+            // The agent did not pick up: the offer ends (`no_answer`).
+            E::AgentRingNoAnswer => Call::on_agent_ring_no_answer,
+            // The agent picked up: `call.answered`.
+            E::AgentConnect => Call::on_agent_connect,
+            // The agent hung up while being connected: the offer ends (`other`).
+            E::AgentDump => Call::on_agent_dump,
+            // A leg is dialled: an offer to an agent, or an outbound call dialling out.
+            E::DialBegin => Call::on_dial_begin,
+            // The dial's result: answered, no answer, busy, cancelled.
+            E::DialEnd => Call::on_dial_end,
+            // A channel joins a bridge: it is up.
+            E::BridgeEnter => Call::on_bridge_enter,
+            // Somebody asked to hang a channel up: who hung up.
+            E::HangupRequest => Call::on_hangup_request,
+            // The PBX hangs a channel up itself: only keeps the call alive.
+            E::SoftHangupRequest => Call::on_channel_seen,
+            // A channel is gone: its offers end; the last one ends the call.
+            E::Hangup => Call::on_hangup,
+            // Transfers move the call to another agent (found by the transferee's Linkedid).
+            E::BlindTransfer | E::AttendedTransfer => return self.on_transfer(event, frame, now, out),
+            // Queue member pause and device state: agent presence.
+            E::QueueMemberPause | E::QueueMemberStatus | E::QueueMember | E::QueueMemberPaused => {
                 return self.on_member(frame, now, out)
             }
-            "OriginateResponse" => return self.on_originate_response(frame, now, out),
-            _ => return,
-        }
+            // A click-to-call's result: a failure marks (or makes up) a failed call.
+            E::OriginateResponse => return self.on_originate_response(frame, now, out),
+            // Anything else (RTCP, DTMF, CDRs…) changes nothing.
+            E::Other => return,
+        };
+        self.on_call_event(event, on, frame, now, out);
+    }
+
+    /// Whether a `VarSet` sets one of the channel variables the lifecycle
+    /// reads (the cheap filter: most traffic is other variables).
+    fn reads_variable(&self, frame: &Frame) -> bool {
+        frame.get(VARIABLE).is_some_and(|var| {
+            var == call::QUEUESTATUS
+                || var == call::DIALSTATUS
+                || var == call::MIXMONITOR_FILENAME
+                || var == ROUTE_GROUP_VARIABLE
+                || var == ROUTE_REASON_VARIABLE
+                || var == self.opts.ticket_variable
+        })
+    }
+
+    /// A frame about a call's channels: finds the call by `Linkedid` (or
+    /// starts it), follows a channel that moved to another call, lets `on`
+    /// apply the event, and ends the call when its last channel hung up.
+    fn on_call_event(&mut self, event: AmiEvent, on: CallHandler, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
         let time = frame.timestamp_micros().unwrap_or(now);
-        let Some(linkedid) = frame.get("Linkedid").or_else(|| frame.get("DestLinkedid")) else {
+        let Some(linkedid) = frame.get(LINKEDID).or_else(|| frame.get(DEST_LINKEDID)) else {
             return;
         };
         if linkedid.is_empty() {
             return;
         }
-        let uniqueid = frame.get("Uniqueid").filter(|u| !u.is_empty());
+        let uniqueid = frame.get(UNIQUEID).filter(|u| !u.is_empty());
 
         // Channel moved to another call (Linkedid propagation on bridging)?
         if let Some(uid) = uniqueid {
@@ -328,20 +339,9 @@ impl Normalizer {
             }
         }
 
-        if !self.calls.contains_key(linkedid) {
-            if self.ended.contains(linkedid) || uniqueid.is_some_and(|u| self.gone_channels.contains(u)) {
-                return;
-            }
-            if !starts_or_continues_call(event) {
-                return;
-            }
-            let channel = frame.get("Channel").or_else(|| frame.get("DestChannel")).unwrap_or("");
-            let uid = uniqueid.or_else(|| frame.get("DestUniqueid")).unwrap_or(linkedid);
-            let call = Call::start(CallId::new(linkedid), frame, channel, uid, time, &self.dir, &self.opts, out);
-            self.channel_call.insert(uid.into(), call.id.clone());
-            self.calls.insert(call.id.clone(), call);
+        if !self.calls.contains_key(linkedid) && !self.start_call(event, frame, linkedid, uniqueid, time, out) {
+            return;
         }
-
         let Some(call) = self.calls.get_mut(linkedid) else {
             return;
         };
@@ -350,13 +350,13 @@ impl Normalizer {
         let mut new_channels: Vec<Box<str>> = Vec::new();
         let ctx =
             call::Ctx { dir: &self.dir, opts: &self.opts, presence: &self.presence, new_channels: &mut new_channels };
-        let finished = call.handle(event, frame, time, ctx, out);
+        let finished = call.handle(on, event, frame, time, ctx, out);
         call.track_state(time);
         for uid in new_channels {
             self.channel_call.insert(uid, call.id.clone());
         }
         if let Some(uid) = uniqueid {
-            if event == "Hangup" {
+            if event == AmiEvent::Hangup {
                 self.channel_call.remove(uid);
                 self.gone_channels.insert(uid);
             }
@@ -364,6 +364,33 @@ impl Normalizer {
         if finished {
             self.finish(linkedid, time, EndReason::Normal, out);
         }
+    }
+
+    /// Starts the unknown call `linkedid` from this frame, unless the call
+    /// (or this channel) already ended or the event cannot start a call.
+    /// Returns whether the call exists now.
+    fn start_call(
+        &mut self,
+        event: AmiEvent,
+        frame: &Frame,
+        linkedid: &str,
+        uniqueid: Option<&str>,
+        time: Micros,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        if self.ended.contains(linkedid) || uniqueid.is_some_and(|u| self.gone_channels.contains(u)) {
+            return false;
+        }
+        if !event.may_start_call() {
+            return false;
+        }
+        let channel = frame.get(CHANNEL).or_else(|| frame.get(DEST_CHANNEL)).unwrap_or("");
+        let uid = uniqueid.or_else(|| frame.get(DEST_UNIQUEID)).unwrap_or(linkedid);
+        let first = FirstChannel { id: CallId::new(linkedid), frame, channel, uniqueid: uid, time };
+        let call = Call::start(first, &self.dir, &self.opts, out);
+        self.channel_call.insert(uid.into(), call.id.clone());
+        self.calls.insert(call.id.clone(), call);
+        true
     }
 
     fn migrate_channel(&mut self, uid: &str, from: &CallId, to: &str, time: Micros, out: &mut Vec<Event>) {
@@ -412,113 +439,17 @@ impl Normalizer {
         true
     }
 
-    /// Emits `call.stuck` for a live call (once per call).
-    pub fn mark_stuck(&mut self, id: &str, detected_by: &str, now: Micros, out: &mut Vec<Event>) -> bool {
-        match self.calls.get_mut(id) {
-            Some(call) => call.mark_stuck(detected_by, now, out),
-            None => false,
-        }
-    }
-
-    /// Live calls that overstayed a state limit or went silent: the
-    /// sweeper checks each with the PBX, then calls [`Normalizer::mark_stuck`]
-    /// (still there) or [`Normalizer::end_call`] with `Lost` (gone).
-    /// Sorted by call id, so the result is deterministic.
-    pub fn suspects(&self, now: Micros, limits: &StuckLimits) -> Vec<Suspect> {
-        let mut v: Vec<Suspect> = self
-            .calls
-            .values()
-            .filter_map(|c| {
-                let state = c.state();
-                let in_state = seconds_between(c.state_since, now);
-                let silent = seconds_between(c.last_event_at, now);
-                let limit = limits.for_state(state);
-                let by = if in_state >= limit {
-                    Some(StuckCause::State)
-                } else if silent >= limits.silence_seconds {
-                    Some(StuckCause::Silence)
-                } else {
-                    None
-                };
-                by.map(|cause| Suspect {
-                    call: c.id.clone(),
-                    state,
-                    seconds_in_state: in_state,
-                    silent_seconds: silent,
-                    cause,
-                    already_reported: c.stuck_reported(),
-                })
-            })
-            .collect();
-        v.sort_by(|a, b| a.call.cmp(&b.call));
-        v
-    }
-
-    /// A (re)connection to the PBX starts: the resync listing that follows
-    /// describes the PBX as of now, so calls with events after this point
-    /// are newer than the listing.
-    pub fn begin_resync(&mut self) {
-        self.epoch += 1;
-    }
-
-    /// Reconciles with what the PBX reports after a (re)connection: live
-    /// calls none of whose channels exist any more end as `lost`; channels
-    /// of unknown calls are adopted (the call starts now, with what the
-    /// listing tells). Calls with events since [`Normalizer::begin_resync`]
-    /// are newer than the listing and are left alone.
-    pub fn resync(&mut self, pbx: &PbxChannels, now: Micros, out: &mut Vec<Event>) {
-        let alive: HashSet<&str> = pbx.channels.iter().filter_map(|f| f.get("Uniqueid")).collect();
-        let mut vanished: Vec<CallId> = Vec::new();
-        let epoch = self.epoch;
-        for (id, call) in self.calls.iter_mut() {
-            if call.epoch == epoch && epoch > 0 {
-                continue;
-            }
-            call.forget_channels_not_in(&alive);
-            if call.live_channel_count() == 0 {
-                vanished.push(id.clone());
-            }
-        }
-        vanished.sort();
-        for id in vanished {
-            self.finish(id.as_str(), now, EndReason::Lost, out);
-        }
-        // Adopt, originating channels first so that each call starts from
-        // its first channel when the listing has it.
-        let mut items: Vec<&Frame> = pbx.channels.iter().collect();
-        items.sort_by_key(|f| f.get("Uniqueid") != f.get("Linkedid"));
-        for f in items {
-            let (Some(uid), Some(linkedid)) = (f.get("Uniqueid"), f.get("Linkedid")) else {
-                continue;
-            };
-            if self.channel_call.contains_key(uid) || self.gone_channels.contains(uid) || self.ended.contains(linkedid)
-            {
-                continue;
-            }
-            let channel = f.get("Channel").unwrap_or("");
-            let started = f.get("Duration").and_then(parse_duration).map_or(now, |secs| now - secs * 1_000_000);
-            let call = match self.calls.get_mut(linkedid) {
-                Some(call) => call,
-                None => {
-                    let call = Call::start(CallId::new(linkedid), f, channel, uid, started, &self.dir, &self.opts, out);
-                    self.calls.entry(call.id.clone()).or_insert(call)
-                }
-            };
-            call.adopt_listed_channel(f, channel, uid, now, &self.dir, out);
-            let id = call.id.clone();
-            self.channel_call.insert(uid.into(), id);
-        }
-    }
-
-    fn on_transfer(&mut self, event: &str, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
-        if frame.get("Result").is_some_and(|r| r != "Success") {
+    /// `BlindTransfer`, `AttendedTransfer`: the call (found by the
+    /// transferee's Linkedid) moves to the target agent.
+    fn on_transfer(&mut self, event: AmiEvent, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
+        if frame.get(RESULT).is_some_and(|r| r != "Success") {
             return;
         }
         let time = frame.timestamp_micros().unwrap_or(now);
         let linkedid = frame
-            .get("TransfereeLinkedid")
-            .or_else(|| frame.get("OrigTransfererLinkedid"))
-            .or_else(|| frame.get("TransfererLinkedid"));
+            .get(TRANSFEREE_LINKEDID)
+            .or_else(|| frame.get(ORIG_TRANSFERER_LINKEDID))
+            .or_else(|| frame.get(TRANSFERER_LINKEDID));
         let Some(call) = linkedid.and_then(|l| self.calls.get_mut(l)) else {
             return;
         };
@@ -533,12 +464,12 @@ impl Normalizer {
     /// here — `call.started`, `call.missed` (`failed`), `call.ended` — so
     /// that the helpdesk never waits for a call that will not come.
     fn on_originate_response(&mut self, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
-        let uid = frame.get("Uniqueid").filter(|u| !u.is_empty() && *u != "<null>");
+        let uid = frame.get(UNIQUEID).filter(|u| !u.is_empty() && *u != "<null>");
         let expected = uid.and_then(|u| self.originates.remove(u));
         if let Some(u) = uid.filter(|_| expected.is_some()) {
             self.originate_order.retain(|c| c.as_str() != u);
         }
-        if frame.get("Response") == Some("Success") {
+        if frame.get(RESPONSE) == Some("Success") {
             return;
         }
         let Some(uid) = uid else { return };
@@ -556,286 +487,21 @@ impl Normalizer {
             return;
         }
         let started = exp.at.min(time);
-        let synthetic = Frame::from_pairs(&[
-            ("Channel", exp.device.as_str()),
-            ("Exten", "s"),
-            ("Uniqueid", uid),
-            ("Linkedid", uid),
-        ]);
-        let mut call = Call::start(CallId::new(uid), &synthetic, &exp.device, uid, started, &self.dir, &self.opts, out);
+        let synthetic =
+            Frame::from_pairs(&[(CHANNEL, exp.device.as_str()), (EXTEN, "s"), (UNIQUEID, uid), (LINKEDID, uid)]);
+        let first = FirstChannel {
+            id: CallId::new(uid),
+            frame: &synthetic,
+            channel: &exp.device,
+            uniqueid: uid,
+            time: started,
+        };
+        let mut call = Call::start(first, &self.dir, &self.opts, out);
         let agent = self.dir.agent(exp.agent.as_str());
         call.prepare_failed_originate(agent, exp.ticket, Some(exp.number));
         self.calls.insert(call.id.clone(), call);
         self.finish(uid, time, EndReason::Normal, out);
     }
-
-    /// `QueueMemberPause`, `QueueMemberStatus`, `QueueMember` (and the older
-    /// `QueueMemberPaused`): pause state per queue and device state.
-    fn on_member(&mut self, frame: &Frame, now: Micros, out: &mut Vec<Event>) {
-        let paused = frame.get("Paused").map(|p| p == "1" || p.eq_ignore_ascii_case("true"));
-        let device_unavailable =
-            frame.get("Status").and_then(|s| s.trim().parse::<u8>().ok()).map(device_state_unavailable);
-        if paused.is_none() && device_unavailable.is_none() {
-            return;
-        }
-        let Some(queue) = frame.get("Queue") else {
-            return;
-        };
-        let Some(agent) = self.member_agent(frame) else {
-            return;
-        };
-        // Pauses in queues no group uses do not make anyone unavailable for
-        // the helpdesk (and keep the map bounded by the configuration).
-        let paused = paused.filter(|_| self.dir.group_for_queue(queue).is_some());
-        let time = frame.timestamp_micros().unwrap_or(now);
-        let pause_reason = frame.get("PausedReason").or_else(|| frame.get("Reason")).filter(|r| !r.is_empty());
-        self.change_presence(
-            &agent,
-            time,
-            AvailabilitySource::Pbx,
-            |p| {
-                let mut changed = false;
-                if let Some(paused) = paused {
-                    match p.paused.get_mut(queue) {
-                        Some(was) if *was == paused => {}
-                        Some(was) => {
-                            *was = paused;
-                            changed = true;
-                        }
-                        None => {
-                            p.paused.insert(queue.to_string(), paused);
-                            changed = true;
-                        }
-                    }
-                }
-                if let Some(unavailable) = device_unavailable.filter(|u| *u != p.device_unavailable) {
-                    p.device_unavailable = unavailable;
-                    changed = true;
-                }
-                changed
-            },
-            |device_was_unavailable, after| {
-                if !after.available() && after.device_unavailable && !device_was_unavailable {
-                    Some(DEVICE_UNAVAILABLE.to_string())
-                } else {
-                    pause_reason.map(str::to_string)
-                }
-            },
-            out,
-        );
-    }
-
-    fn member_agent(&self, frame: &Frame) -> Option<AgentId> {
-        self.dir
-            .agent_for_member(
-                frame.get("Interface").or_else(|| frame.get("Location")),
-                frame.get("StateInterface"),
-                frame.get("MemberName").or_else(|| frame.get("Name")),
-            )
-            .map(|a| a.id.clone())
-    }
-
-    /// Applies `change` to an agent's presence (it returns whether anything
-    /// changed: member events repeat the same state all day long, and this
-    /// path must not allocate for them); notes a change for
-    /// [`Normalizer::take_presence_changes`] and emits `agent.availability`
-    /// when the agent's overall availability flips (`reason(device was
-    /// unavailable before, presence after)` says why).
-    fn change_presence(
-        &mut self,
-        agent: &AgentId,
-        time: Micros,
-        source: AvailabilitySource,
-        change: impl FnOnce(&mut AgentPresence) -> bool,
-        reason: impl FnOnce(bool, &AgentPresence) -> Option<String>,
-        out: &mut Vec<Event>,
-    ) {
-        let presence = self.presence.entry(agent);
-        let device_was_unavailable = presence.device_unavailable;
-        if !change(presence) {
-            return;
-        }
-        let now_available = presence.available();
-        let reason = reason(device_was_unavailable, presence);
-        self.presence_changed.insert(agent.clone());
-        let was_available = self.available.insert(agent.clone(), now_available).unwrap_or(true);
-        if was_available != now_available {
-            out.push(Event {
-                seq: 0,
-                time,
-                kind: EventKind::AgentAvailability { agent: agent.clone(), available: now_available, reason, source },
-                call: None,
-            });
-        }
-    }
-
-    /// The agent switched "available for calls" on or off in the helpdesk
-    /// (the control plane calls this; it also pauses the agent on the PBX,
-    /// whose confirming event then changes nothing more). Emits
-    /// `agent.availability` with `source: api` when the agent's overall
-    /// availability flips. Returns false for an unknown agent.
-    pub fn set_helpdesk_available(&mut self, agent: &str, available: bool, now: Micros, out: &mut Vec<Event>) -> bool {
-        self.apply_helpdesk_switch(agent, available, None, &[], now, out)
-    }
-
-    /// The control plane's availability switch: like
-    /// [`Normalizer::set_helpdesk_available`], with the reason the agent
-    /// gave, and with `queues` (the agent's groups' queues it is about to
-    /// pause or unpause with `QueuePause`) taken as already done — so the
-    /// change is reported once, as `source: api`, and the PBX's confirming
-    /// `QueueMemberPause` changes nothing more.
-    pub fn apply_helpdesk_switch(
-        &mut self,
-        agent: &str,
-        available: bool,
-        reason: Option<String>,
-        queues: &[String],
-        now: Micros,
-        out: &mut Vec<Event>,
-    ) -> bool {
-        let Some(agent) = self.dir.agent(agent).map(|a| a.id.clone()) else {
-            return false;
-        };
-        let dir = self.dir.clone();
-        self.change_presence(
-            &agent,
-            now,
-            AvailabilitySource::Api,
-            |p| {
-                let mut changed = p.helpdesk_off == available;
-                p.helpdesk_off = !available;
-                for q in queues.iter().filter(|q| dir.group_for_queue(q).is_some()) {
-                    if p.paused.insert(q.clone(), !available) != Some(!available) {
-                        changed = true;
-                    }
-                }
-                changed
-            },
-            |_, _| reason,
-            out,
-        );
-        true
-    }
-
-    /// Reconciles presence with a `QueueStatus` listing taken after a
-    /// (re)connection (its `QueueMember` items; `QueueParams` and
-    /// `QueueEntry` items are ignored). The listing replaces what the PBX
-    /// said before: pauses and device states missed while disconnected are
-    /// applied, an agent listed in no queue has no pause left. The helpdesk
-    /// switch is kept. A listing without any member (the PBX refused
-    /// `QueueStatus`) changes nothing.
-    pub fn resync_members(&mut self, items: &[Frame], now: Micros, out: &mut Vec<Event>) {
-        #[derive(Default)]
-        struct Listed {
-            paused: std::collections::BTreeMap<String, bool>,
-            device_unavailable: bool,
-            reason: Option<String>,
-        }
-        let mut listed: HashMap<AgentId, Listed> = HashMap::new();
-        let mut any_member = false;
-        for f in items.iter().filter(|f| f.event() == Some("QueueMember")) {
-            any_member = true;
-            let (Some(agent), Some(queue)) = (self.member_agent(f), f.get("Queue")) else {
-                continue;
-            };
-            let entry = listed.entry(agent).or_default();
-            if let Some(paused) = f.get("Paused").map(|p| p == "1" || p.eq_ignore_ascii_case("true")) {
-                if self.dir.group_for_queue(queue).is_some() {
-                    entry.paused.insert(queue.to_string(), paused);
-                }
-                if paused && entry.reason.is_none() {
-                    entry.reason = f.get("PausedReason").filter(|r| !r.is_empty()).map(str::to_string);
-                }
-            }
-            if f.get("Status").and_then(|s| s.trim().parse::<u8>().ok()).is_some_and(device_state_unavailable) {
-                entry.device_unavailable = true;
-            }
-        }
-        if !any_member {
-            return;
-        }
-        // Every configured agent, in id order so that the events are
-        // deterministic.
-        let mut agents: Vec<AgentId> = self.dir.agents().map(|a| a.id.clone()).collect();
-        agents.sort();
-        for agent in agents {
-            let fresh = listed.remove(&agent).unwrap_or_default();
-            let reason = fresh.reason.clone();
-            self.change_presence(
-                &agent,
-                now,
-                AvailabilitySource::Pbx,
-                |p| {
-                    let changed = p.paused != fresh.paused || p.device_unavailable != fresh.device_unavailable;
-                    p.paused = fresh.paused;
-                    p.device_unavailable = fresh.device_unavailable;
-                    changed
-                },
-                |device_was_unavailable, after| {
-                    if !after.available() && after.device_unavailable && !device_was_unavailable {
-                        Some(DEVICE_UNAVAILABLE.to_string())
-                    } else if !after.available() {
-                        reason
-                    } else {
-                        None
-                    }
-                },
-                out,
-            );
-        }
-    }
-
-    /// Agents whose presence changed since the last call, with their
-    /// presence now, in agent id order. The pipeline hands them to
-    /// `routing::PresenceBoard::apply` after each batch of frames so that
-    /// the FastAGI router sees what the normalizer sees.
-    pub fn take_presence_changes(&mut self) -> Vec<(AgentId, AgentPresence)> {
-        std::mem::take(&mut self.presence_changed)
-            .into_iter()
-            .map(|a| {
-                let p = self.presence.get(a.as_str()).cloned().unwrap_or_default();
-                (a, p)
-            })
-            .collect()
-    }
-
-    /// What the PBX and the helpdesk said about an agent so far.
-    pub fn presence(&self) -> &PresenceMap {
-        &self.presence
-    }
-
-    /// Whether an agent is available for calls as far as the PBX and the
-    /// helpdesk told us (unknown counts as available).
-    pub fn agent_available(&self, agent: &str) -> bool {
-        self.presence.get(agent).is_none_or(AgentPresence::available)
-    }
-
-    /// Whether at least one agent of the group takes calls from its queue.
-    pub fn group_has_available_agent(&self, group: &str) -> bool {
-        self.dir.group(group).is_some_and(|g| self.presence.group_has_available_agent(g))
-    }
-}
-
-/// `agent.availability` reason when the agent's device became unusable.
-const DEVICE_UNAVAILABLE: &str = "device_unavailable";
-
-/// Events that may introduce a call we do not know yet (a trace that starts
-/// mid-call, a call already up when callbridge started). Events that only
-/// end things never create a call.
-fn starts_or_continues_call(event: &str) -> bool {
-    !matches!(
-        event,
-        "Hangup" | "HangupRequest" | "SoftHangupRequest" | "DialEnd" | "QueueCallerLeave" | "QueueCallerAbandon"
-    )
-}
-
-/// `CoreShowChannel`'s `Duration` is `HH:MM:SS` (or seconds).
-fn parse_duration(s: &str) -> Option<i64> {
-    let mut total: i64 = 0;
-    for part in s.split(':') {
-        total = total.checked_mul(60)?.checked_add(part.trim().parse::<i64>().ok()?)?;
-    }
-    Some(total)
 }
 
 /// A set that forgets its oldest members beyond a capacity.

@@ -6,7 +6,7 @@
 
 use super::*;
 use crate::config::Config;
-use crate::event::{CallState, EventKind, HungUpBy, MissedReason, OfferEndReason, TransferKind};
+use crate::event::{AvailabilitySource, CallState, EventKind, HungUpBy, MissedReason, OfferEndReason, TransferKind};
 
 const CONFIG: &str = r#"
 [pbx]

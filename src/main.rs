@@ -2,6 +2,8 @@
 //! for every command, hands over to `app::commands`, and maps the outcome
 //! to an exit code. Nothing here knows AMI, the lifecycle or delivery.
 
+#![deny(clippy::too_many_lines)]
+
 use callbridge::app::commands::{self, Outcome, ReplayOptions};
 use callbridge::app::{RunOptions, SourceSpec};
 use callbridge::config::CheckOptions;

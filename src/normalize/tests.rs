@@ -5,33 +5,28 @@
 //! `tests/golden.rs` and `tests/lifecycle.rs`.
 
 use super::*;
-use crate::config::Config;
+use crate::directory::{Agent, Directory, Group};
 use crate::event::{AvailabilitySource, CallState, EventKind, HungUpBy, MissedReason, OfferEndReason, TransferKind};
 
-const CONFIG: &str = r#"
-[pbx]
-name = "t"
-[[groups]]
-id = "support"
-queue = "700"
-agents = ["maria", "joao"]
-[[groups]]
-id = "sales"
-queue = "701"
-agents = ["ana"]
-[[agents]]
-id = "maria"
-name = "Maria Silva"
-extension = "2000"
-[[agents]]
-id = "joao"
-name = "Joao Souza"
-extension = "2001"
-[[agents]]
-id = "ana"
-name = "Ana Costa"
-extension = "2002"
-"#;
+/// Two groups, three agents: the lab's, as the directory is built from
+/// plain lists (no configuration file in the normalizer's own tests).
+fn directory() -> Directory {
+    let agent = |id: &str, name: &str, extension: &str| Agent {
+        id: AgentId::new(id),
+        name: Some(name.to_string()),
+        extension: extension.to_string(),
+        groups: Vec::new(),
+    };
+    let group = |id: &str, queue: &str, agents: &[&str]| Group {
+        id: GroupId::new(id),
+        queue: queue.to_string(),
+        agents: agents.iter().map(|a| AgentId::new(a)).collect(),
+    };
+    Directory::new(
+        [agent("maria", "Maria Silva", "2000"), agent("joao", "Joao Souza", "2001"), agent("ana", "Ana Costa", "2002")],
+        [group("support", "700", &["maria", "joao"]), group("sales", "701", &["ana"])],
+    )
+}
 
 struct T {
     n: Normalizer,
@@ -41,13 +36,8 @@ struct T {
 
 impl T {
     fn new() -> T {
-        let c = Config::parse(CONFIG, "test").expect("valid");
         T {
-            n: Normalizer::new(
-                Arc::new(crate::settings::directory(&c)),
-                Arc::new(AlwaysOpen),
-                crate::settings::normalizer_options(&c),
-            ),
+            n: Normalizer::new(Arc::new(directory()), Arc::new(AlwaysOpen), Options::default()),
             t: 1_800_000_000,
             out: Vec::new(),
         }

@@ -331,9 +331,12 @@ impl Event {
     pub fn id(&self, pbx: &str) -> String {
         match (&self.call, &self.kind) {
             (Some(c), _) => format!("{pbx}:{}:{}", c.id, self.seq),
-            (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => {
-                format!("{pbx}:agent:{agent}:{}", self.time)
-            }
+            // `seq` tells apart events of one agent in the same µs
+            // ([`AgentIds`]); the first keeps the plain form.
+            (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => match self.seq {
+                0 => format!("{pbx}:agent:{agent}:{}", self.time),
+                n => format!("{pbx}:agent:{agent}:{}:{n}", self.time),
+            },
             (None, _) => format!("{pbx}:event:{}", self.time),
         }
     }
@@ -382,5 +385,70 @@ impl Serialize for Data<'_> {
             }
         }
         m.end()
+    }
+}
+
+/// Makes agent event ids unique by construction: the id of an agent event
+/// is `<pbx>:agent:<agent>:<µs>`, and a pause and an unpause (or two line
+/// changes) of one agent can carry the same PBX microsecond. The second and
+/// later events of an agent in the same µs get `seq` 1, 2, … and so an id
+/// of their own (`…:<µs>:1`), instead of being taken for a duplicate of the
+/// first. Applied in emission order where every agent event passes (the
+/// pipeline; a replay), so the same input always gives the same ids.
+#[derive(Debug, Default)]
+pub struct AgentIds {
+    /// Per agent: the µs of its last event and that event's `seq`.
+    last: std::collections::HashMap<AgentId, (Micros, u64)>,
+}
+
+impl AgentIds {
+    pub fn stamp(&mut self, e: &mut Event) {
+        let (EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) = &e.kind else {
+            return;
+        };
+        if e.call.is_some() {
+            return;
+        }
+        let seq = match self.last.get(agent) {
+            Some(&(t, n)) if t == e.time => n + 1,
+            _ => 0,
+        };
+        e.seq = seq;
+        // Bounded by the configured agents.
+        self.last.insert(agent.clone(), (e.time, seq));
+    }
+}
+
+#[cfg(test)]
+mod agent_id_tests {
+    use super::*;
+
+    fn line(agent: &str, time: Micros, state: LineState) -> Event {
+        Event {
+            seq: 0,
+            time,
+            kind: EventKind::AgentLine { agent: AgentId::new(agent), state, remote: None },
+            call: None,
+        }
+    }
+
+    #[test]
+    fn same_microsecond_events_of_one_agent_get_ids_of_their_own() {
+        let mut ids = AgentIds::default();
+        let mut events = vec![
+            line("ana", 10, LineState::Ringing),
+            line("ana", 10, LineState::Busy),
+            line("joao", 10, LineState::Busy),
+            line("ana", 10, LineState::Idle),
+            line("ana", 11, LineState::Idle),
+        ];
+        for e in &mut events {
+            ids.stamp(e);
+        }
+        let got: Vec<String> = events.iter().map(|e| e.id("lab")).collect();
+        assert_eq!(
+            got,
+            ["lab:agent:ana:10", "lab:agent:ana:10:1", "lab:agent:joao:10", "lab:agent:ana:10:2", "lab:agent:ana:11"]
+        );
     }
 }

@@ -35,6 +35,7 @@ pub struct Pipeline {
     sweep_running: bool,
     pbx: String,
     out: Vec<Event>,
+    agent_ids: crate::event::AgentIds,
 }
 
 impl Pipeline {
@@ -49,6 +50,7 @@ impl Pipeline {
             sweep_running: false,
             pbx: config.pbx.name.clone(),
             out: Vec::with_capacity(64),
+            agent_ids: crate::event::AgentIds::default(),
         }
     }
 
@@ -114,7 +116,10 @@ impl Pipeline {
 
     /// Delivers the pending events (durably), then publishes them.
     async fn flush(&mut self) -> anyhow::Result<()> {
-        let events = std::mem::take(&mut self.out);
+        let mut events = std::mem::take(&mut self.out);
+        for e in &mut events {
+            self.agent_ids.stamp(e);
+        }
         self.delivery.deliver(&events, &self.pbx).await?;
         let mut ind = self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner());
         for e in &events {

@@ -10,7 +10,7 @@
 //! This module must never reach the network.
 
 use crate::ami::codec::{decode_all, AmiCodec, AmiMessage, CodecLimits};
-use crate::event::{Event, EventKind, Micros, MissedReason};
+use crate::event::{AgentIds, Event, EventKind, Micros, MissedReason};
 use crate::normalize::Normalizer;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -118,6 +118,7 @@ pub fn replay_bytes(
     speed: Speed,
     limits: CodecLimits,
     stats: &mut ReplayStats,
+    agent_ids: &mut AgentIds,
     mut sink: impl FnMut(&Event),
 ) {
     let mut codec = AmiCodec::new(limits);
@@ -143,7 +144,8 @@ pub fn replay_bytes(
                 last_ts = last_ts.max(ts);
             }
             normalizer.handle(&f, last_ts, &mut out);
-            for e in out.drain(..) {
+            for mut e in out.drain(..) {
+                agent_ids.stamp(&mut e);
                 stats.count(&e, &mut answered);
                 sink(&e);
             }
@@ -162,12 +164,13 @@ pub fn replay_files(
     mut sink: impl FnMut(&Event),
 ) -> std::io::Result<ReplayStats> {
     let mut stats = ReplayStats::default();
+    let mut agent_ids = AgentIds::default();
     let t0 = Instant::now();
     for p in paths {
         let p = p.as_ref();
         let data = std::fs::read(p)
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read trace {}: {e}", p.display())))?;
-        replay_bytes(&data, normalizer, speed, limits, &mut stats, &mut sink);
+        replay_bytes(&data, normalizer, speed, limits, &mut stats, &mut agent_ids, &mut sink);
     }
     stats.elapsed = t0.elapsed();
     Ok(stats)

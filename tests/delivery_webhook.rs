@@ -344,3 +344,37 @@ print(ok)
     assert_eq!(checked, n);
     assert!(n >= 15, "{n} requests checked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_flips_in_the_same_microsecond_both_arrive() {
+    use callbridge::event::{AgentIds, AvailabilitySource, Event, EventKind};
+    use callbridge::ids::AgentId;
+    // A pause and the unpause right after it, stamped with the same PBX µs.
+    let flip = |available: bool| Event {
+        seq: 0,
+        time: 1_795_471_142_456_474,
+        kind: EventKind::AgentAvailability {
+            agent: AgentId::new("ana"),
+            available,
+            reason: (!available).then(|| "lunch".to_string()),
+            source: AvailabilitySource::Pbx,
+        },
+        call: None,
+    };
+    let mut ids = AgentIds::default();
+    let mut events = vec![flip(false), flip(true)];
+    for e in &mut events {
+        ids.stamp(e);
+    }
+    assert_ne!(events[0].id("lab"), events[1].id("lab"), "two different events, two ids");
+    let rx = Receiver::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (outbox, delivery) = start(tmp.path(), rx.url(), 1).await;
+    let stored = outbox.append(&events).await.unwrap();
+    assert_eq!(stored.appended, 2, "neither is taken for a duplicate of the other");
+    assert!(outbox.wait_drained(Duration::from_secs(10)).await);
+    delivery.shutdown().await.unwrap();
+    let got = rx.accepted_ids();
+    assert!(events.iter().all(|e| got.contains(&e.id("lab"))), "{got:?}");
+    check_delivery(&rx.requests(), &events, "lab");
+}

@@ -378,3 +378,33 @@ async fn an_agents_flips_in_the_same_microsecond_both_arrive() {
     assert!(events.iter().all(|e| got.contains(&e.id("lab"))), "{got:?}");
     check_delivery(&rx.requests(), &events, "lab");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_refused_past_its_retry_budget_becomes_a_dead_letter_and_the_call_goes_on() {
+    let rx = Receiver::start().await;
+    let events = a11_events();
+    // One call's second event gets 503 for ever.
+    let stuck = events.iter().filter(|e| e.call.is_some()).nth(1).unwrap().clone();
+    rx.refuse(&stuck.id("lab"), 503);
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["webhook".into()])).unwrap();
+    let sink = WebhookSink::new("webhook", settings(rx.url(), 1), SECRET)
+        .unwrap()
+        .with_retry_budget(Some(Duration::from_secs(1)));
+    let mut d = Runners::new(&outbox, RunnerOptions::default());
+    d.spawn(Arc::new(sink));
+    outbox.append(&events).await.unwrap();
+    assert!(outbox.wait_drained(Duration::from_secs(15)).await, "depth {}", outbox.depth());
+    d.shutdown().await.unwrap();
+    let dead = outbox.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(format!("{dead:?}").contains("retry budget"), "the reason says why: {dead:?}");
+    // Everything else arrived, the stuck call's later events included.
+    let got = rx.accepted_ids();
+    let others: Vec<String> = events.iter().map(|e| e.id("lab")).filter(|id| *id != stuck.id("lab")).collect();
+    assert!(
+        others.iter().all(|id| got.contains(id)),
+        "missing: {:?}",
+        others.iter().filter(|id| !got.contains(*id)).collect::<Vec<_>>()
+    );
+}

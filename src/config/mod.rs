@@ -520,6 +520,11 @@ pub enum SinkConfig {
         /// (a helpdesk behind an internal CA).
         #[serde(default)]
         ca_file: Option<String>,
+        /// How long one event is retried (5xx, network, timeouts) before it
+        /// is parked as a dead letter and the call's later events go on;
+        /// 0 retries for ever. Default: a day.
+        #[serde(default = "default_max_retry")]
+        max_retry_seconds: f64,
     },
     /// Zammad's Generic CTI (`POST {url}/api/v1/cti/{token}`).
     Zammad {
@@ -542,9 +547,16 @@ pub enum SinkConfig {
         /// PEM file of certificate authorities to trust besides the system's.
         #[serde(default)]
         ca_file: Option<String>,
+        /// How long one event is retried before it becomes a dead letter
+        /// (0: for ever). Default: a day.
+        #[serde(default = "default_max_retry")]
+        max_retry_seconds: f64,
     },
 }
 
+fn default_max_retry() -> f64 {
+    86_400.0
+}
 fn default_batch_size() -> usize {
     1
 }

@@ -368,12 +368,13 @@ static SINK_JSONL: TableSchema = TableSchema {
 };
 
 /// Request settings shared by the HTTP sinks (webhook, Zammad).
-const HTTP_SINK_FIELDS: [Field; 5] = [
+const HTTP_SINK_FIELDS: [Field; 6] = [
     opt("timeout_seconds", SECONDS),
     opt("connect_timeout_seconds", SECONDS),
     opt("max_backoff_seconds", SECONDS),
     opt("concurrency", Kind::Count { min: 1, why: "at least one request must be able to run" }),
     opt("ca_file", Kind::Str(Some(check_non_empty))),
+    opt("max_retry_seconds", Kind::SecondsOrOff),
 ];
 
 static SINK_WEBHOOK: TableSchema = TableSchema {
@@ -391,6 +392,7 @@ static SINK_WEBHOOK: TableSchema = TableSchema {
         HTTP_SINK_FIELDS[2],
         HTTP_SINK_FIELDS[3],
         HTTP_SINK_FIELDS[4],
+        HTTP_SINK_FIELDS[5],
     ],
     check: Some(check_secret_source),
 };
@@ -409,6 +411,7 @@ static SINK_ZAMMAD: TableSchema = TableSchema {
         HTTP_SINK_FIELDS[2],
         HTTP_SINK_FIELDS[3],
         HTTP_SINK_FIELDS[4],
+        HTTP_SINK_FIELDS[5],
     ],
     check: Some(check_secret_source),
 };

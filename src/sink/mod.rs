@@ -12,8 +12,10 @@
 //! - 408, 429, 5xx, network errors, timeouts: retried with capped exponential
 //!   backoff and jitter ([`retry_policy`]: uniform between half the initial
 //!   delay and the current cap, so retries of many calls spread out),
-//!   waiting at least what `Retry-After` asks (up to one hour), for as long
-//!   as it takes;
+//!   waiting at least what `Retry-After` asks (up to one hour), within the
+//!   sink's retry budget (`max_retry_seconds`, a day by default): an event
+//!   still refused past it is parked as a dead letter, so one refused event
+//!   never wedges its call for ever;
 //! - any other 4xx: the event is parked as a dead letter (listed and retried
 //!   through [`crate::outbox::Outbox`]); the key's later events go on. A
 //!   rejected batch is retried event by event so that only the refused
@@ -198,6 +200,11 @@ pub trait Sink: Send + Sync + 'static {
     /// Attempts in flight at once (different ordering keys).
     fn concurrency(&self) -> usize;
     fn retry_policy(&self) -> Backoff;
+    /// How long one event may be retried before it is parked as a dead
+    /// letter (listed and retried through the API); `None`: for ever.
+    fn retry_budget(&self) -> Option<Duration> {
+        None
+    }
     /// One attempt; the runner retries. Events of one key appear in order.
     fn deliver(&self, batch: &[Record]) -> impl Future<Output = Attempt> + Send;
 }
@@ -650,6 +657,8 @@ impl<S: Sink> Worker<'_, S> {
     /// and given back while sleeping in backoff.
     async fn deliver_with_retry(&self, batch: &[Record], mut slot: Option<OwnedSemaphorePermit>) -> Final {
         let policy = self.sink.retry_policy();
+        let budget = self.sink.retry_budget();
+        let first_try = Instant::now();
         let mut attempt: u32 = 0;
         loop {
             let held = match slot.take() {
@@ -673,6 +682,18 @@ impl<S: Sink> Worker<'_, S> {
                 Attempt::Reject { status, detail } => return Final::Rejected { status, detail },
                 Attempt::Retry { class, retry_after, detail } => {
                     let delay = retry_delay(&policy, attempt, retry_after, &mut rand::rng());
+                    if let Some(budget) = budget.filter(|b| first_try.elapsed() + delay > *b) {
+                        // Retrying for ever must not be the only outcome: the
+                        // event waits as a dead letter, the call goes on.
+                        let detail = format!(
+                            "gave up after {} attempts in {:.0} s (retry budget {} s): {}: {detail}",
+                            attempt + 1,
+                            first_try.elapsed().as_secs_f64(),
+                            budget.as_secs(),
+                            class.as_str()
+                        );
+                        return Final::Rejected { status: None, detail };
+                    }
                     self.m.retries.increment(1);
                     if attempt == 0 || attempt % 10 == 0 {
                         warn!(sink = %self.name, event = %batch[0].id, events = batch.len(), class = class.as_str(),

@@ -25,6 +25,15 @@ const CE_JSON: &str = "application/cloudevents+json";
 const CE_BATCH: &str = "application/cloudevents-batch+json";
 /// First retry delay; doubles up to `max_backoff_seconds`.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// How long one event is retried by default before it is parked as a dead
+/// letter (`max_retry_seconds`): a day, so that a helpdesk down over a
+/// night still gets everything, and nothing is retried for ever.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(24 * 3600);
+
+/// `max_retry_seconds` as a budget: 0 means retry for ever.
+pub(crate) fn retry_budget(seconds: f64) -> Option<Duration> {
+    Duration::try_from_secs_f64(seconds).ok().filter(|d| !d.is_zero())
+}
 /// Bytes of a refusal's response body kept in the dead letter's reason.
 const REASON_BYTES: usize = 512;
 /// Bytes read to make the excerpt: more than kept, so that a secret
@@ -43,6 +52,8 @@ pub struct WebhookSink {
     batch_size: usize,
     concurrency: usize,
     policy: Backoff,
+    /// How long one event is retried before it becomes a dead letter.
+    retry_budget: Option<Duration>,
 }
 
 /// Settings of a [`WebhookSink`] (from `[[sinks]] type = "webhook"`).
@@ -158,6 +169,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl WebhookSink {
+    /// How long one event is retried before it becomes a dead letter
+    /// (`None`: for ever). Default: [`DEFAULT_RETRY_BUDGET`].
+    pub fn with_retry_budget(mut self, budget: Option<Duration>) -> WebhookSink {
+        self.retry_budget = budget;
+        self
+    }
+
     pub fn new(name: &str, settings: WebhookSettings, secret: &str) -> Result<WebhookSink, String> {
         WebhookSink::with_roots(name, settings, secret, &[])
     }
@@ -188,6 +206,7 @@ impl WebhookSink {
             batch_size: settings.batch_size.max(1),
             concurrency: settings.concurrency.max(1),
             policy,
+            retry_budget: Some(DEFAULT_RETRY_BUDGET),
         })
     }
 
@@ -201,6 +220,7 @@ impl WebhookSink {
             max_backoff_seconds,
             concurrency,
             ca_file,
+            max_retry_seconds,
             ..
         } = config
         else {
@@ -217,7 +237,8 @@ impl WebhookSink {
             max_backoff: secs(index, name, "max_backoff_seconds", *max_backoff_seconds)?,
             concurrency: *concurrency,
         };
-        WebhookSink::with_roots(name, settings, &secret, &roots).map_err(err)
+        let sink = WebhookSink::with_roots(name, settings, &secret, &roots).map_err(err)?;
+        Ok(sink.with_retry_budget(retry_budget(*max_retry_seconds)))
     }
 
     /// The `webhook-id` of a batch: stable for the same events.
@@ -248,6 +269,10 @@ impl Sink for WebhookSink {
 
     fn retry_policy(&self) -> Backoff {
         self.policy
+    }
+
+    fn retry_budget(&self) -> Option<Duration> {
+        self.retry_budget
     }
 
     async fn deliver(&self, batch: &[Record]) -> Attempt {

@@ -29,7 +29,7 @@
 //! is part of the URL).
 
 use super::redact::Redactor;
-use super::webhook::{http_client, load_ca_file, secs, send, INITIAL_BACKOFF};
+use super::webhook::{http_client, load_ca_file, retry_budget, secs, send, DEFAULT_RETRY_BUDGET, INITIAL_BACKOFF};
 use super::{retry_policy, Attempt, Sink, SinkError};
 use crate::backoff::Backoff;
 use crate::config::{Config, SinkConfig};
@@ -84,6 +84,8 @@ pub struct ZammadSink {
     redactor: Redactor,
     concurrency: usize,
     policy: Backoff,
+    /// How long one event is retried before it becomes a dead letter.
+    retry_budget: Option<Duration>,
     /// Agent id → how Zammad knows the agent.
     agents: HashMap<String, ZammadAgent>,
 }
@@ -148,6 +150,13 @@ pub fn hangup_cause(
 }
 
 impl ZammadSink {
+    /// How long one event is retried before it becomes a dead letter
+    /// (`None`: for ever). Default: a day.
+    pub fn with_retry_budget(mut self, budget: Option<Duration>) -> ZammadSink {
+        self.retry_budget = budget;
+        self
+    }
+
     pub fn new(name: &str, settings: ZammadSettings, token: &str) -> Result<ZammadSink, String> {
         ZammadSink::with_roots(name, settings, token, &[])
     }
@@ -177,6 +186,7 @@ impl ZammadSink {
             redactor,
             concurrency: concurrency.max(1),
             policy: retry_policy(INITIAL_BACKOFF.min(max_backoff), max_backoff)?,
+            retry_budget: Some(DEFAULT_RETRY_BUDGET),
             agents,
         })
     }
@@ -190,6 +200,7 @@ impl ZammadSink {
             max_backoff_seconds,
             concurrency,
             ca_file,
+            max_retry_seconds,
             ..
         } = s
         else {
@@ -206,7 +217,8 @@ impl ZammadSink {
             concurrency: *concurrency,
             agents: agents_of(config),
         };
-        ZammadSink::with_roots(name, settings, &token, &roots).map_err(err)
+        let sink = ZammadSink::with_roots(name, settings, &token, &roots).map_err(err)?;
+        Ok(sink.with_retry_budget(retry_budget(*max_retry_seconds)))
     }
 
     /// How Zammad knows `agent` (an agent missing from the configuration:
@@ -286,6 +298,10 @@ impl Sink for ZammadSink {
 
     fn retry_policy(&self) -> Backoff {
         self.policy
+    }
+
+    fn retry_budget(&self) -> Option<Duration> {
+        self.retry_budget
     }
 
     async fn deliver(&self, batch: &[Record]) -> Attempt {

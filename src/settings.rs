@@ -19,7 +19,7 @@ use crate::config::SipTransport;
 use crate::config::{AmiAuth, AmiConfig};
 use crate::directory::{Agent, Directory, Group};
 use crate::ids::{AgentId, GroupId};
-use crate::normalize::{AlwaysOpen, Normalizer, Options, Rules, StuckLimits};
+use crate::normalize::{AlwaysOpen, Normalizer, Rules, SiteOptions, StuckLimits};
 use crate::routing::{Calendar, Routing, RoutingError};
 use crate::sip::{Mode as SipMode, SipSettings, Transport};
 use std::path::PathBuf;
@@ -56,8 +56,8 @@ pub fn directory(config: &Config) -> Directory {
 }
 
 /// The normalizer's options: ticket variable, recording links, dial prefix.
-pub fn normalizer_options(config: &Config) -> Options {
-    Options {
+pub fn normalizer_options(config: &Config) -> SiteOptions {
+    SiteOptions {
         ticket_variable: config.pbx.ticket_variable.clone(),
         recording_url_base: config.recordings.url_base.clone(),
         outbound_prefix: config.outbound.prefix.clone(),
@@ -111,7 +111,7 @@ pub fn rules(config: &Config, dir: Arc<Directory>) -> Arc<dyn Rules> {
 
 /// What a normalizer for `config` is made of: its directory, business
 /// rules and options (a new normalizer, or a reload of a running one).
-pub fn normalizer_parts(config: &Config) -> (Arc<Directory>, Arc<dyn Rules>, Options) {
+pub fn normalizer_parts(config: &Config) -> (Arc<Directory>, Arc<dyn Rules>, SiteOptions) {
     let dir = Arc::new(directory(config));
     (dir.clone(), rules(config, dir), normalizer_options(config))
 }

@@ -18,7 +18,7 @@ use super::headers::{
     VALUE, VARIABLE,
 };
 use super::input::AmiEvent;
-use super::{Options, PresenceMap, Rules, ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE};
+use super::{PresenceMap, Rules, SiteOptions, ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE};
 use crate::ami::Frame;
 use crate::directory::{is_local_channel, Agent, Directory, Group};
 use crate::event::{
@@ -246,7 +246,7 @@ struct MissEvidence {
 /// Borrowed context for one `Call::handle`.
 pub(super) struct Ctx<'a> {
     pub dir: &'a Directory,
-    pub opts: &'a Options,
+    pub opts: &'a SiteOptions,
     /// Agent presence now (for "was anybody available when the call arrived").
     pub presence: &'a PresenceMap,
     /// Channels this event added to the call (the normalizer indexes them).
@@ -327,7 +327,7 @@ fn first_parties(
     exten: &str,
     frame: &Frame,
     dir: &Directory,
-    opts: &Options,
+    opts: &SiteOptions,
 ) -> (Direction, Party, Party, Option<AgentId>) {
     match agent {
         Some(a) => {
@@ -358,7 +358,7 @@ fn first_parties(
 
 impl Call {
     /// Creates a call from its first channel and emits `call.started`.
-    pub fn start(first: FirstChannel<'_>, dir: &Directory, opts: &Options, out: &mut Vec<Event>) -> Call {
+    pub fn start(first: FirstChannel<'_>, dir: &Directory, opts: &SiteOptions, out: &mut Vec<Event>) -> Call {
         let FirstChannel { id, frame, channel, uniqueid, time } = first;
         let agent = dir.agent_for_channel(channel);
         let exten = frame.get(EXTEN).unwrap_or("");
@@ -999,7 +999,7 @@ impl Call {
     ) {
         self.emit_started(out);
         let mut added = Vec::new();
-        let opts = Options::default();
+        let opts = SiteOptions::default();
         // A call adopted at resync arrived while callbridge was not looking:
         // nobody knows who was available then.
         let presence = PresenceMap::default();
@@ -1129,7 +1129,7 @@ impl Call {
     }
 }
 
-fn strip_prefix(exten: &str, opts: &Options) -> String {
+fn strip_prefix(exten: &str, opts: &SiteOptions) -> String {
     if !opts.outbound_prefix.is_empty() && exten.len() > opts.outbound_prefix.len() {
         if let Some(rest) = exten.strip_prefix(opts.outbound_prefix.as_str()) {
             return rest.to_string();
@@ -1140,7 +1140,7 @@ fn strip_prefix(exten: &str, opts: &Options) -> String {
 
 /// `MIXMONITOR_FILENAME` as the helpdesk should see it: the file name
 /// appended to `url_base`, or the PBX path as is.
-fn recording_location(path: &str, opts: &Options) -> String {
+fn recording_location(path: &str, opts: &SiteOptions) -> String {
     match &opts.recording_url_base {
         Some(base) => {
             let file = path.rsplit('/').next().unwrap_or(path);

@@ -99,9 +99,10 @@ impl Rules for AlwaysOpen {
     }
 }
 
-/// Settings of the normalizer that come from the configuration.
+/// What the normalizer needs to know about the site: the ticket variable,
+/// where recordings are served, the outbound dial prefix.
 #[derive(Debug, Clone)]
-pub struct Options {
+pub struct SiteOptions {
     /// Channel variable carrying the ticket id.
     pub ticket_variable: String,
     /// Base URL the recording's file name is appended to.
@@ -110,9 +111,9 @@ pub struct Options {
     pub outbound_prefix: String,
 }
 
-impl Default for Options {
+impl Default for SiteOptions {
     fn default() -> Self {
-        Options {
+        SiteOptions {
             ticket_variable: "CALLBRIDGE_TICKET".into(),
             recording_url_base: None,
             outbound_prefix: String::new(),
@@ -128,7 +129,7 @@ const ENDED_MEMORY: usize = 16_384;
 pub struct Normalizer {
     dir: Arc<Directory>,
     rules: Arc<dyn Rules>,
-    opts: Options,
+    opts: SiteOptions,
     calls: HashMap<CallId, Call, ahash::RandomState>,
     /// Uniqueid → call, for channels whose Linkedid changes.
     channel_call: HashMap<Box<str>, CallId, ahash::RandomState>,
@@ -174,7 +175,7 @@ pub struct ExpectedOriginate {
 }
 
 impl Normalizer {
-    pub fn new(dir: Arc<Directory>, rules: Arc<dyn Rules>, opts: Options) -> Normalizer {
+    pub fn new(dir: Arc<Directory>, rules: Arc<dyn Rules>, opts: SiteOptions) -> Normalizer {
         Normalizer {
             dir,
             rules,
@@ -215,7 +216,7 @@ impl Normalizer {
 
     /// Replaces the directory, rules and options (configuration reload).
     /// Live calls keep the attribution they already have.
-    pub fn reconfigure(&mut self, dir: Arc<Directory>, rules: Arc<dyn Rules>, opts: Options) {
+    pub fn reconfigure(&mut self, dir: Arc<Directory>, rules: Arc<dyn Rules>, opts: SiteOptions) {
         self.dir = dir;
         self.rules = rules;
         self.opts = opts;

@@ -37,7 +37,7 @@ struct T {
 impl T {
     fn new() -> T {
         T {
-            n: Normalizer::new(Arc::new(directory()), Arc::new(AlwaysOpen), Options::default()),
+            n: Normalizer::new(Arc::new(directory()), Arc::new(AlwaysOpen), SiteOptions::default()),
             t: 1_800_000_000,
             out: Vec::new(),
         }
@@ -518,7 +518,7 @@ impl T {
     fn with_rules(rules: Option<MissedReason>) -> T {
         let mut t = T::new();
         let dir = t.n.directory().clone();
-        t.n.reconfigure(dir, Arc::new(Fixed(rules)), Options::default());
+        t.n.reconfigure(dir, Arc::new(Fixed(rules)), SiteOptions::default());
         t
     }
 

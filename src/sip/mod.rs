@@ -270,7 +270,7 @@ pub async fn spawn(
         Bound::Udp(socket) => Some(socket.clone()),
         Bound::Tcp(_) => None,
     };
-    let setup = ua::Setup {
+    let setup = ua::AgentSetup {
         password,
         pbx_addr,
         advertised: advertised.clone(),

@@ -25,7 +25,7 @@ const MAX_CHALLENGES: u32 = 2;
 
 /// Fixed settings of one subscription.
 #[derive(Debug, Clone)]
-pub struct Params {
+pub struct SubscribeParams {
     /// `sip:2000@pbx.example` (normalized as it will be rendered).
     pub uri: String,
     pub username: String,
@@ -119,7 +119,7 @@ struct Auth {
 /// The subscription of one extension.
 #[derive(Debug, Clone)]
 pub struct Subscription {
-    params: Params,
+    params: SubscribeParams,
     phase: Phase,
     dialog: Option<DialogIds>,
     /// The request in flight (resent as is, with credentials, on a challenge).
@@ -147,7 +147,7 @@ pub fn refresh_delay(granted: u32) -> Duration {
 
 impl Subscription {
     /// A subscription whose first SUBSCRIBE goes out at `start`.
-    pub fn new(params: Params, start: Instant) -> Subscription {
+    pub fn new(params: SubscribeParams, start: Instant) -> Subscription {
         Subscription {
             params,
             phase: Phase::Waiting(start),
@@ -454,8 +454,8 @@ impl Subscription {
 mod tests {
     use super::*;
 
-    fn params() -> Params {
-        Params {
+    fn params() -> SubscribeParams {
+        SubscribeParams {
             uri: "sip:2000@127.0.0.1:5060".into(),
             username: "callbridge".into(),
             password: "sub-s3cret".into(),

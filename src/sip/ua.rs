@@ -22,7 +22,7 @@ use super::dialog_info::{Applied, DialogInfo, DialogSet};
 use super::line::{LineTracker, Mode};
 use super::message::{new_branch, token, Framed, Lenient, Message, Name, Outgoing, SipCodec};
 use super::settings::{SipSettings, Transport};
-use super::subscription::{self, Params, SubscribeRequest, Subscription};
+use super::subscription::{self, SubscribeParams, SubscribeRequest, Subscription};
 use super::transaction::{Matched, Transactions};
 use super::{SipError, SipStatus};
 use crate::event::{Event, Micros};
@@ -72,7 +72,7 @@ pub(crate) enum Inbound {
 }
 
 /// Everything the user agent needs, resolved by `spawn`.
-pub(crate) struct Setup {
+pub(crate) struct AgentSetup {
     pub settings: SipSettings,
     pub password: String,
     pub pbx_addr: SocketAddr,
@@ -127,7 +127,7 @@ fn jitter() -> f64 {
 }
 
 impl Ua {
-    pub(crate) fn new(setup: Setup, udp: Option<Arc<UdpSocket>>) -> Result<Ua, SipError> {
+    pub(crate) fn new(setup: AgentSetup, udp: Option<Arc<UdpSocket>>) -> Result<Ua, SipError> {
         let now = Instant::now();
         let domain = setup.settings.domain.clone();
         let offer_wait = Micros::try_from(setup.settings.offer_identity_wait.as_micros()).unwrap_or(0);
@@ -137,7 +137,7 @@ impl Ua {
             let uri = super::message::sip_uri(&raw)
                 .map_err(|e| SipError::Config(vec![format!("sip.domain: agent {agent}'s URI: {e}")]))?
                 .to_string();
-            let params = Params {
+            let params = SubscribeParams {
                 uri,
                 username: setup.settings.username.clone(),
                 password: setup.password.clone(),

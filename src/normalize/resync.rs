@@ -146,9 +146,11 @@ impl Normalizer {
                 let in_state = seconds_between(c.state_since, now);
                 let silent = seconds_between(c.last_event_at, now);
                 let limit = limits.for_state(state);
-                let by = if in_state >= limit {
+                // Exact comparison: the rounded seconds reported would fire
+                // up to half a second early.
+                let by = if reached(c.state_since, now, limit) {
                     Some(StuckCause::State)
-                } else if silent >= limits.silence_seconds {
+                } else if reached(c.last_event_at, now, limits.silence_seconds) {
                     Some(StuckCause::Silence)
                 } else {
                     None
@@ -174,6 +176,12 @@ impl Normalizer {
             None => false,
         }
     }
+}
+
+/// Whether `limit_seconds` have passed from `since` to `now` (µs).
+fn reached(since: Micros, now: Micros, limit_seconds: u64) -> bool {
+    let limit = i64::try_from(limit_seconds).unwrap_or(i64::MAX).saturating_mul(1_000_000);
+    now.saturating_sub(since) >= limit
 }
 
 /// `CoreShowChannel`'s `Duration` is `HH:MM:SS` (or seconds).

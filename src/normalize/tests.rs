@@ -476,12 +476,15 @@ fn suspects_follow_per_state_limits_and_silence() {
     t.chan(0, "QueueCallerJoin", "SIP/carrier-01", "1.1", "1.1", &[("Queue", "700")]);
     let us = |s: i64| s * 1_000_000;
     assert!(t.n.suspects(us(t.t + 49), &limits).is_empty());
+    // The limit is compared exactly: 0.15 s short of it is not yet stuck.
+    assert!(t.n.suspects(us(t.t + 50) - 150_000, &limits).is_empty());
     let s = t.n.suspects(us(t.t + 50), &limits);
     assert_eq!(s.len(), 1);
     assert_eq!((s[0].state, s[0].cause), (CallState::Queued, StuckCause::State));
     // An agent answers: talking has a longer limit, but silence still counts.
     t.two(10, "AgentConnect", ("SIP/carrier-01", "1.1"), ("SIP/2000-02", "1.2"), "1.1", &[("Interface", "SIP/2000")]);
     assert!(t.n.suspects(us(t.t + 499), &limits).is_empty());
+    assert!(t.n.suspects(us(t.t + 500) - 1, &limits).is_empty());
     let s = t.n.suspects(us(t.t + 500), &limits);
     assert_eq!((s[0].state, s[0].cause), (CallState::Talking, StuckCause::Silence));
 }

@@ -252,22 +252,14 @@ async fn start_api(
     let addr = listener.local_addr()?;
     info!(addr = %addr, "HTTP API listening");
     let app = routes::router(shared.clone(), Auth::new(&token));
-    tasks.push(serve(listener, app, shutdown.clone()));
+    let limits = crate::api::server::ServeLimits::of(api);
+    tasks.push(crate::api::server::serve(listener, app, limits, shutdown.clone()));
     if let Some(m) = &api.metrics_listen {
         let listener = tokio::net::TcpListener::bind(m).await.with_context(|| format!("cannot listen on {m}"))?;
         info!(addr = %listener.local_addr()?, "metrics listening");
-        tasks.push(serve(listener, routes::metrics_router(), shutdown.clone()));
+        tasks.push(crate::api::server::serve(listener, routes::metrics_router(), limits, shutdown.clone()));
     }
     Ok(Some(addr))
-}
-
-fn serve(listener: tokio::net::TcpListener, app: axum::Router, shutdown: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let r = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
-        if let Err(e) = r {
-            error!(error = %e, "HTTP server failed");
-        }
-    })
 }
 
 /// Reads trace files into the source channel, paced by their timestamps.

@@ -9,10 +9,17 @@
 //!   checks and says so if it has fewer). `/healthz` must still answer in
 //!   under 100 ms.
 //! - Header-read timeout: a silent connection is closed.
+//! - Pagination of `GET /v1/calls` over 10,000 live calls: every call
+//!   exactly once, filters kept, bad cursors and limits refused with the
+//!   JSON error envelope, and a page's latency bounded.
 
 mod support;
 
 use callbridge::app::{self, RunOptions, SourceSpec};
+use callbridge::event::{CallId, CallSnapshot, CallState, Direction, Event, EventKind, Micros, Party};
+use callbridge::ids::{AgentId, GroupId};
+use serde_json::Value;
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -150,4 +157,125 @@ async fn a_silent_connection_is_closed_after_the_header_read_timeout() {
     assert_eq!(closed.0, Some(0), "the silent connection was not closed");
     assert!(closed.1 >= Duration::from_millis(400) && closed.1 < Duration::from_secs(3), "{:?}", closed.1);
     running.stop().await.expect("clean stop");
+}
+
+const S: Micros = 1_000_000;
+const T0: Micros = 1_795_471_023 * S;
+
+fn live_call(i: usize) -> Event {
+    let group = if i % 2 == 0 { "support" } else { "sales" };
+    let (state, agent) = match i % 3 {
+        0 => (CallState::Queued, None),
+        1 => (CallState::Ringing, Some("maria")),
+        _ => (CallState::Talking, Some("joao")),
+    };
+    let call = CallSnapshot {
+        id: CallId::new(&format!("1795471023.{i}")),
+        direction: Direction::Inbound,
+        state,
+        caller: Party { number: Some(format!("119876{i:05}")), name: Some(format!("Cliente {i}")) },
+        callee: Party { number: Some("1130001000".into()), name: None },
+        group: Some(GroupId::new(group)),
+        queue: Some("700".into()),
+        agent: agent.map(AgentId::new),
+        ticket_id: None,
+        // Many calls share a start time: the order must still be total.
+        started_at: T0 + (i / 7) as Micros * S,
+        answered_at: None,
+        ended_at: None,
+        recording: None,
+    };
+    Event { seq: 1, time: call.started_at, kind: EventKind::Started {}, call: Some(call) }
+}
+
+struct Api {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(format!("{}{path}", self.base)).bearer_auth(TOKEN).send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null))
+    }
+
+    /// Walks every page of `query`; the ids in order, and the slowest page.
+    async fn walk(&self, query: &str, limit: usize) -> (Vec<String>, Duration) {
+        let (mut ids, mut cursor, mut slowest) = (Vec::new(), None::<String>, Duration::ZERO);
+        loop {
+            let mut path = format!("/v1/calls?limit={limit}{query}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let t = Instant::now();
+            let (status, body) = self.get(&path).await;
+            slowest = slowest.max(t.elapsed());
+            assert_eq!(status, 200, "{path}: {body}");
+            let calls = body["calls"].as_array().expect("calls");
+            assert!(calls.len() <= limit);
+            assert_eq!(body["count"].as_u64(), Some(calls.len() as u64));
+            ids.extend(calls.iter().map(|c| c["id"].as_str().expect("id").to_string()));
+            match body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return (ids, slowest),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_listed_page_by_page() {
+    const CALLS: usize = 10_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = start(lab_config(dir.path(), "")).await;
+    for i in 0..CALLS {
+        running.shared.registry.apply(&live_call(i));
+    }
+    let addr = running.api_addr.expect("api");
+    let api = Api { client: reqwest::Client::new(), base: format!("http://{addr}") };
+
+    // Every call exactly once, in start order.
+    let (ids, slowest) = api.walk("", 1000).await;
+    assert_eq!(ids.len(), CALLS);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), CALLS, "a call was listed twice");
+    eprintln!("10 pages of 1000 out of {CALLS} live calls: slowest {slowest:?}");
+    assert!(slowest < Duration::from_millis(500), "a page took {slowest:?}");
+    let (small, _) = api.walk("", 333).await;
+    assert_eq!(small, ids, "the page size changed the order");
+
+    // Filters apply before paging.
+    let (talking, _) = api.walk("&state=talking&group=support", 250).await;
+    let expected: Vec<String> = ids
+        .iter()
+        .filter(|id| id.rsplit('.').next().and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n % 6 == 2))
+        .cloned()
+        .collect();
+    assert_eq!(talking, expected);
+
+    // The default page is 100 calls, and says where to go on.
+    let (status, body) = api.get("/v1/calls").await;
+    assert_eq!((status, body["count"].as_u64()), (200, Some(100)));
+    assert!(body["next_cursor"].is_string());
+
+    // Calls ended between two pages do not disturb the walk.
+    let (_, first) = api.get("/v1/calls?limit=10").await;
+    running.shared.registry.remove("1795471023.0");
+    running.shared.registry.remove(first["calls"][9]["id"].as_str().expect("id"));
+    let cursor = first["next_cursor"].as_str().expect("cursor").to_string();
+    let (_, next) = api.get(&format!("/v1/calls?limit=10&cursor={cursor}")).await;
+    assert_eq!(next["calls"][0]["id"], first_after(&ids, 10));
+
+    for bad in ["cursor=%%%", "cursor=bm90IGEgY3Vyc29y", "cursor=", "limit=0", "limit=1001", "limit=many"] {
+        let (status, body) = api.get(&format!("/v1/calls?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        let code = body["error"]["code"].as_str().unwrap_or_default();
+        assert!(["bad_cursor", "bad_limit"].contains(&code), "{bad}: {body}");
+        assert!(body["error"]["message"].is_string(), "{bad}: {body}");
+    }
+    running.stop().await.expect("clean stop");
+}
+
+fn first_after(ids: &[String], n: usize) -> Value {
+    Value::from(ids[n].clone())
 }

@@ -258,11 +258,12 @@ async fn start_api(
     let addr = listener.local_addr()?;
     info!(addr = %addr, "HTTP API listening");
     let app = routes::router(shared.clone(), Auth::new(&token));
-    tasks.watch("api", serve(listener, app, shutdown.clone()));
+    let limits = crate::api::server::ServeLimits::of(api);
+    tasks.watch("api", crate::api::server::serve(listener, app, limits, shutdown.clone()));
     if let Some(m) = &api.metrics_listen {
         let listener = tokio::net::TcpListener::bind(m).await.with_context(|| format!("cannot listen on {m}"))?;
         info!(addr = %listener.local_addr()?, "metrics listening");
-        tasks.watch("metrics", serve(listener, routes::metrics_router(), shutdown.clone()));
+        tasks.watch("metrics", crate::api::server::serve(listener, routes::metrics_router(), limits, shutdown.clone()));
     }
     Ok(Some(addr))
 }
@@ -318,15 +319,6 @@ fn task_ended(name: &'static str, panicked: bool, ended: &mpsc::Sender<&'static 
     error!(task = name, panicked, "an essential task stopped unexpectedly; stopping so that the service restarts");
     metrics::counter!("callbridge_task_exits_total", "task" => name).increment(1);
     let _ = ended.try_send(name);
-}
-
-fn serve(listener: tokio::net::TcpListener, app: axum::Router, shutdown: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let r = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
-        if let Err(e) = r {
-            error!(error = %e, "HTTP server failed");
-        }
-    })
 }
 
 /// A deadline that is never reached (tokio's own "far future").

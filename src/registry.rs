@@ -13,6 +13,9 @@
 //!   times for the sweeper: when the call entered its current state, when it
 //!   last had an event from the PBX, and when it was reported stuck. A call
 //!   stays here from its first event until its `call.ended`.
+//!   An ordered index of the live calls (`BTreeSet<(started_at, CallId)>`)
+//!   lets [`Registry::live_page`] list them page by page in a stable order
+//!   without copying or sorting the whole map per request.
 //! - **Ended calls** (`DashMap<CallId, EndedCall>`): the final snapshot, kept
 //!   for `registry.retention_seconds` (default 4 h) of PBX time after the
 //!   call ended, so the helpdesk can recover a ticket the agent forgot to
@@ -46,6 +49,9 @@
 //! [`Registry::scan_live`] runs under a shard's read lock, so it must be
 //! short and must not call back into the registry's write methods.
 //!
+//! Lock order: a `live` shard guard may be held while `by_start` is
+//! locked, never the other way round; `by_end` likewise after `ended`.
+//!
 //! This module must never emit events or call the normalizer, the outbox or
 //! the PBX: it is a read model, downstream of the normalizer.
 
@@ -55,8 +61,9 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::collections::BTreeSet;
 use std::fmt;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 /// A call in progress, as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,9 +160,31 @@ impl<'a> LiveFilter<'a> {
     }
 }
 
+/// A position in the order of [`Registry::live_page`]: start time, then id.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LiveCursor {
+    pub started_at: Micros,
+    pub id: CallId,
+}
+
+/// One page of live calls.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LivePage {
+    pub calls: Vec<CallSnapshot>,
+    /// Where the next page starts, when more matching calls remain.
+    pub next: Option<LiveCursor>,
+}
+
+/// How many index keys a page walk copies per read lock.
+const PAGE_CHUNK: usize = 256;
+
 /// Live calls and recently ended calls. Share it as `Arc<Registry>`.
 pub struct Registry {
     live: DashMap<CallId, LiveCall>,
+    /// Live calls ordered by `(started_at, id)`: the listing order of
+    /// [`Registry::live_page`]. Holds exactly the live calls (a key may
+    /// briefly outlive its call while it ends; readers skip it).
+    by_start: RwLock<BTreeSet<(Micros, CallId)>>,
     ended: DashMap<CallId, EndedCall>,
     /// Ended calls ordered by end time: what [`Registry::purge_expired`] and
     /// the cap remove first. Holds exactly the keys of `ended`.
@@ -193,6 +222,7 @@ impl Registry {
         let retention_micros = i64::try_from(config.retention_seconds).unwrap_or(i64::MAX / 1_000_000);
         Registry {
             live: DashMap::new(),
+            by_start: RwLock::new(BTreeSet::new()),
             ended: DashMap::new(),
             by_end: Mutex::new(BTreeSet::new()),
             retention: retention_micros.saturating_mul(1_000_000),
@@ -223,6 +253,11 @@ impl Registry {
                 if event.seq <= call.seq {
                     return Applied::Ignored(Ignored::Stale);
                 }
+                if call.snapshot.started_at != snapshot.started_at {
+                    let mut by_start = self.by_start_mut();
+                    by_start.remove(&(call.snapshot.started_at, snapshot.id.clone()));
+                    by_start.insert((snapshot.started_at, snapshot.id.clone()));
+                }
                 if call.snapshot.state != snapshot.state {
                     call.state_since = event.time;
                     call.stuck_since = None;
@@ -244,6 +279,8 @@ impl Registry {
                     last_event_at: event.time,
                     stuck_since: stuck.then_some(event.time),
                 });
+                // Still under the shard's lock: the index never misses a live call.
+                self.by_start_mut().insert((snapshot.started_at, snapshot.id.clone()));
                 Applied::Started
             }
         }
@@ -283,8 +320,26 @@ impl Registry {
                 self.evicted_early.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.live.remove(id);
+        self.remove_live(id.as_str());
         Applied::Ended
+    }
+
+    fn remove_live(&self, id: &str) -> Option<LiveCall> {
+        let (key, call) = self.live.remove(id)?;
+        self.by_start_mut().remove(&(call.snapshot.started_at, key));
+        Some(call)
+    }
+
+    fn by_start_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<(Micros, CallId)>> {
+        // Every mutation is a single insert/remove: a poisoned set is consistent.
+        self.by_start.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Up to `n` index keys after `after` (from the start if `None`).
+    fn keys_after(&self, after: Option<&(Micros, CallId)>, n: usize) -> Vec<(Micros, CallId)> {
+        let by_start = self.by_start.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        by_start.range((from, Bound::Unbounded)).take(n).cloned().collect()
     }
 
     fn by_end(&self) -> std::sync::MutexGuard<'_, BTreeSet<(Micros, CallId)>> {
@@ -317,6 +372,36 @@ impl Registry {
         let mut calls: Vec<CallSnapshot> = self.scan_live(|c| filter.matches(&c.snapshot).then(|| c.snapshot.clone()));
         calls.sort_by(|a, b| a.started_at.cmp(&b.started_at).then_with(|| a.id.cmp(&b.id)));
         calls
+    }
+
+    /// Up to `limit` live calls matching `filter` that come after `after`
+    /// in start order (then id), and where the next page starts if more
+    /// match. Cost: the calls visited up to one past the page, never the
+    /// whole registry (a very selective filter visits more).
+    ///
+    /// Calls started or ended between two pages may or may not appear; the
+    /// others appear exactly once over a walk of every page.
+    pub fn live_page(&self, filter: &LiveFilter<'_>, after: Option<&LiveCursor>, limit: usize) -> LivePage {
+        let limit = limit.max(1);
+        let mut pos = after.map(|c| (c.started_at, c.id.clone()));
+        let mut calls = Vec::with_capacity(limit.min(PAGE_CHUNK));
+        loop {
+            let keys = self.keys_after(pos.as_ref(), PAGE_CHUNK);
+            let Some(last) = keys.last().cloned() else { return LivePage { calls, next: None } };
+            for (started_at, id) in keys {
+                let Some(call) = self.live.get(&id) else { continue };
+                if call.snapshot.started_at != started_at || !filter.matches(&call.snapshot) {
+                    continue;
+                }
+                if calls.len() == limit {
+                    let next =
+                        calls.last().map(|c: &CallSnapshot| LiveCursor { started_at: c.started_at, id: c.id.clone() });
+                    return LivePage { calls, next };
+                }
+                calls.push(call.snapshot.clone());
+            }
+            pos = Some(last);
+        }
     }
 
     pub fn live_count(&self) -> usize {
@@ -386,7 +471,7 @@ impl Registry {
     /// after an operator's cleanup). Removing a live call for the helpdesk
     /// goes through the normalizer, which emits `call.ended`.
     pub fn remove(&self, id: &str) -> Option<CallSnapshot> {
-        if let Some((_, call)) = self.live.remove(id) {
+        if let Some(call) = self.remove_live(id) {
             return Some(call.snapshot);
         }
         let (key, ended) = self.ended.remove(id)?;
@@ -594,6 +679,49 @@ mod tests {
         assert_eq!(ids(LiveFilter::all().group("support").state(CallState::Talking)), ["b"]);
         assert!(ids(LiveFilter::all().group("nobody")).is_empty());
         assert_eq!(r.live_count(), 3);
+    }
+
+    #[test]
+    fn live_pages_walk_every_live_call_once_in_start_order() {
+        let r = Registry::default();
+        for i in 0..1000 {
+            let mut s =
+                snapshot(&format!("c{i}"), CallState::Queued, if i % 2 == 0 { "support" } else { "sales" }, None);
+            s.started_at = T0 + (i / 3) * S;
+            r.apply(&event(1, s.started_at, EventKind::Started {}, s));
+        }
+        r.apply(&ended("c5", 2, T0 + 999 * S));
+        // A start time corrected by a later event moves the call in the order.
+        let mut moved = snapshot("c7", CallState::Ringing, "sales", None);
+        moved.started_at = T0 - S;
+        r.apply(&event(2, T0 + 999 * S, EventKind::Started {}, moved));
+
+        let walk = |f: LiveFilter, limit: usize| {
+            let (mut ids, mut after, mut pages) = (Vec::new(), None, 0);
+            loop {
+                let page = r.live_page(&f, after.as_ref(), limit);
+                pages += 1;
+                ids.extend(page.calls.iter().map(|c| c.id.to_string()));
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => return (ids, pages),
+                }
+            }
+        };
+        let all: Vec<String> = r.live_calls(&LiveFilter::all()).into_iter().map(|c| c.id.to_string()).collect();
+        assert_eq!(all.len(), 999);
+        assert_eq!(all[0], "c7");
+        for limit in [1, 7, 100, 999, 5000] {
+            let (ids, pages) = walk(LiveFilter::all(), limit);
+            assert_eq!(ids, all, "limit {limit}");
+            assert_eq!(pages, 999usize.div_ceil(limit), "limit {limit}: no empty last page");
+        }
+        let support: Vec<String> =
+            r.live_calls(&LiveFilter::all().group("support")).into_iter().map(|c| c.id.to_string()).collect();
+        assert_eq!(walk(LiveFilter::all().group("support"), 33).0, support);
+        assert_eq!(walk(LiveFilter::all().group("nobody"), 10), (vec![], 1));
+        r.remove("c0");
+        assert_eq!(r.live_page(&LiveFilter::all(), None, 2000).calls.len(), 998);
     }
 
     #[test]

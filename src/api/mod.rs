@@ -10,6 +10,7 @@
 
 pub mod actions;
 pub mod routes;
+pub mod server;
 
 use crate::state::Readiness;
 use axum::extract::{Request, State};

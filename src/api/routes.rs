@@ -2,13 +2,14 @@
 
 use super::{healthz, metrics, readyz, require_bearer, ApiError, Auth};
 use crate::event::{CallSnapshot, CallState};
-use crate::registry::LiveFilter;
+use crate::registry::{LiveCursor, LiveFilter};
 use crate::state::{Command, Shared};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{middleware, Json, Router};
-use serde::Deserialize;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
@@ -44,6 +45,61 @@ struct CallsQuery {
     group: Option<String>,
     agent: Option<String>,
     state: Option<String>,
+    /// Page size (1..=[`MAX_PAGE`], default [`DEFAULT_PAGE`]); a string so
+    /// a bad value gets the JSON error envelope, not a plain-text rejection.
+    limit: Option<String>,
+    /// Opaque: the `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// Calls per page of `GET /v1/calls` unless `limit` says otherwise.
+pub const DEFAULT_PAGE: usize = 100;
+/// The largest `limit` accepted.
+pub const MAX_PAGE: usize = 1000;
+
+/// A page of `GET /v1/calls`.
+#[derive(Serialize)]
+struct CallsPage {
+    /// Calls in this page.
+    count: usize,
+    calls: Vec<CallSnapshot>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    next_cursor: Option<String>,
+}
+
+fn parse_limit(s: Option<&str>) -> Result<usize, ApiError> {
+    let Some(s) = s else { return Ok(DEFAULT_PAGE) };
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_limit",
+            format!("limit {s:?} is not a whole number from 1 to {MAX_PAGE}"),
+        )),
+    }
+}
+
+/// The cursor is `base64url("<started_at µs>:<call id>")`, opaque to clients.
+pub fn encode_cursor(c: &LiveCursor) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{}", c.started_at, c.id))
+}
+
+pub fn decode_cursor(s: &str) -> Result<LiveCursor, ApiError> {
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_cursor",
+            "cursor is not one this API returned: pass next_cursor from the previous page unchanged",
+        )
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (time, id) = text.split_once(':').ok_or_else(bad)?;
+    let started_at = time.parse().map_err(|_| bad())?;
+    if id.is_empty() {
+        return Err(bad());
+    }
+    Ok(LiveCursor { started_at, id: crate::event::CallId::new(id) })
 }
 
 fn parse_state(s: &str) -> Result<CallState, ApiError> {
@@ -62,10 +118,12 @@ fn parse_state(s: &str) -> Result<CallState, ApiError> {
     })
 }
 
+/// `GET /v1/calls[?group=&agent=&state=&limit=&cursor=]`: live calls,
+/// oldest first (then by id), one page at a time.
 async fn list_calls(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<CallsQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<CallsPage>, ApiError> {
     let mut filter = LiveFilter::all();
     if let Some(g) = q.group.as_deref() {
         filter = filter.group(g);
@@ -76,8 +134,11 @@ async fn list_calls(
     if let Some(s) = q.state.as_deref() {
         filter = filter.state(parse_state(s)?);
     }
-    let calls = shared.registry.live_calls(&filter);
-    Ok(Json(serde_json::json!({ "count": calls.len(), "calls": calls })))
+    let limit = parse_limit(q.limit.as_deref())?;
+    let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let page = shared.registry.live_page(&filter, after.as_ref(), limit);
+    let next_cursor = page.next.as_ref().map(encode_cursor);
+    Ok(Json(CallsPage { count: page.calls.len(), calls: page.calls, next_cursor }))
 }
 
 async fn get_call(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<CallSnapshot>, ApiError> {

@@ -98,6 +98,32 @@ pub struct ApiConfig {
     /// Serve `/metrics` on its own listener as well (e.g. `0.0.0.0:9464`).
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Most connections open at once on each API listener (default 512).
+    /// At the cap, a new connection closes the oldest one that has no
+    /// request in progress; if all are busy, it waits to be accepted. Keep
+    /// it well below the process's file-descriptor limit (`LimitNOFILE` in
+    /// the systemd unit, 65536) so the AMI and sink connections always
+    /// find a descriptor.
+    #[serde(default = "default_api_max_connections")]
+    pub max_connections: usize,
+    /// A connection must send a complete request head within this long of
+    /// being accepted, or it is closed (default 10 s).
+    #[serde(default = "default_api_header_read_timeout")]
+    pub header_read_timeout_seconds: f64,
+    /// A keep-alive connection idle this long between requests is closed
+    /// (default 60 s).
+    #[serde(default = "default_api_idle_timeout")]
+    pub idle_timeout_seconds: f64,
+}
+
+fn default_api_max_connections() -> usize {
+    512
+}
+fn default_api_header_read_timeout() -> f64 {
+    10.0
+}
+fn default_api_idle_timeout() -> f64 {
+    60.0
 }
 
 /// `[stuck]`: when a call is suspect (SPEC §7).

@@ -436,6 +436,9 @@ static API: TableSchema = TableSchema {
         SECRET_FIELDS[1],
         SECRET_FIELDS[2],
         opt("metrics_listen", Kind::Str(Some(check_bind_address))),
+        opt("max_connections", Kind::Count { min: 1, why: "the API needs at least one connection" }),
+        opt("header_read_timeout_seconds", SECONDS),
+        opt("idle_timeout_seconds", SECONDS),
     ],
     check: Some(check_secret_source),
 };

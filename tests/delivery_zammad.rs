@@ -5,12 +5,24 @@
 mod delivery_common;
 
 use callbridge::outbox::{Outbox, OutboxOptions};
-use callbridge::sink::zammad::{ZammadSettings, ZammadSink};
+use callbridge::sink::zammad::{ZammadAgent, ZammadSettings, ZammadSink};
 use callbridge::sink::{RunnerOptions, Runners};
 use delivery_common::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The sink's settings against the receiver: short timeouts and backoff.
+fn settings(rx: &Receiver, concurrency: usize, agents: HashMap<String, ZammadAgent>) -> ZammadSettings {
+    ZammadSettings {
+        url: format!("http://{}/", rx.addr),
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(1),
+        max_backoff: Duration::from_millis(200),
+        concurrency,
+        agents,
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_maps_to_generic_cti() {
@@ -18,14 +30,7 @@ async fn lifecycle_maps_to_generic_cti() {
     rx.fail_first([Reply::Status(502)]);
     let tmp = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["zammad".into()])).unwrap();
-    let settings = ZammadSettings {
-        url: format!("http://{}/", rx.addr),
-        timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(1),
-        max_backoff: Duration::from_millis(200),
-        concurrency: 8,
-        agents: callbridge::sink::zammad::agents_of(&lab()),
-    };
+    let settings = settings(&rx, 8, callbridge::sink::zammad::agents_of(&lab()));
     let mut d = Runners::new(&outbox, RunnerOptions::default());
     d.spawn(Arc::new(ZammadSink::new("zammad", settings, "s3cr3t-token").unwrap()));
     let events = a11_events();
@@ -75,14 +80,7 @@ async fn a_refusal_echoing_the_path_does_not_leak_the_token() {
     rx.fail_first([Reply::EchoPath(404)]);
     let tmp = tempfile::tempdir().unwrap();
     let outbox = Outbox::open(tmp.path(), OutboxOptions::new("lab", vec!["zammad".into()])).unwrap();
-    let settings = ZammadSettings {
-        url: format!("http://{}/", rx.addr),
-        timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(1),
-        max_backoff: Duration::from_millis(200),
-        concurrency: 1,
-        agents: HashMap::new(),
-    };
+    let settings = settings(&rx, 1, HashMap::new());
     let mut d = Runners::new(&outbox, RunnerOptions::default());
     d.spawn(Arc::new(ZammadSink::new("zammad", settings, TOKEN).unwrap()));
     outbox.append(&a11_events()).await.unwrap();

@@ -96,6 +96,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     let delivery = Delivery::for_config(&config, readiness.clone())?;
     let shared = Arc::new(Shared::new(
         config.clone(),
+        Arc::new(crate::settings::directory(&config)),
         registry,
         readiness.clone(),
         ami.clone(),
@@ -258,7 +259,7 @@ async fn start_api(
     let addr = listener.local_addr()?;
     info!(addr = %addr, "HTTP API listening");
     let app = routes::router(shared.clone(), Auth::new(&token));
-    let limits = crate::api::server::ServeLimits::of(api);
+    let limits = crate::settings::api_serve_limits(api);
     tasks.watch("api", crate::api::server::serve(listener, app, limits, shutdown.clone()));
     if let Some(m) = &api.metrics_listen {
         let listener = tokio::net::TcpListener::bind(m).await.with_context(|| format!("cannot listen on {m}"))?;
@@ -385,7 +386,7 @@ impl Running {
         let r = match result {
             Ok(new) => {
                 let new = Arc::new(new);
-                *self.shared.config.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+                self.shared.set_config(new.clone(), Arc::new(crate::settings::directory(&new)));
                 self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner()).reconfigure(&new);
                 if let Some(o) = &self.oracle {
                     match crate::settings::routing(&new).map(Arc::new) {

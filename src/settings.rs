@@ -14,9 +14,10 @@
 //! the conversions do not fail on values validation already checked.
 
 use crate::ami::{AuthMethod, ClientSettings, CodecLimits};
+use crate::api::server::ServeLimits;
 use crate::config::Config;
 use crate::config::SipTransport;
-use crate::config::{AmiAuth, AmiConfig};
+use crate::config::{AmiAuth, AmiConfig, ApiConfig};
 use crate::directory::{Agent, Directory, Group};
 use crate::ids::{AgentId, GroupId};
 use crate::normalize::{AlwaysOpen, Normalizer, Rules, SiteOptions, StuckLimits};
@@ -161,6 +162,20 @@ pub fn sip_settings(config: &Config) -> Option<SipSettings> {
 /// without `[pbx.ami]`, line states only when AMI reports the calls.
 pub fn sip_mode(config: &Config) -> SipMode {
     SipMode::with_ami(config.pbx.ami.is_some())
+}
+
+/// The limits `[api]` sets for each of its listeners.
+pub fn api_serve_limits(api: &ApiConfig) -> ServeLimits {
+    // The schema walk refuses non-finite or non-positive seconds; a value
+    // that still does not fit (a configuration built in code) falls back to
+    // the default.
+    let seconds = |s: f64, default: Duration| Duration::try_from_secs_f64(s).unwrap_or(default);
+    let d = ServeLimits::default();
+    ServeLimits {
+        max_connections: api.max_connections.max(1),
+        header_read_timeout: seconds(api.header_read_timeout_seconds, d.header_read_timeout),
+        idle_timeout: seconds(api.idle_timeout_seconds, d.idle_timeout),
+    }
 }
 
 /// The AMI client's settings for `[pbx.ami]`.

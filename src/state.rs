@@ -7,6 +7,7 @@
 
 use crate::ami::connection::AmiHandle;
 use crate::config::Config;
+use crate::directory::Directory;
 use crate::event::{CallSnapshot, Micros};
 use crate::ids::AgentId;
 use crate::indicators::Indicators;
@@ -45,6 +46,9 @@ pub struct Shared {
     pub readiness: Arc<Readiness>,
     pub indicators: Mutex<Indicators>,
     pub config: RwLock<Arc<Config>>,
+    /// The directory of `config`, built once per configuration (not per
+    /// request); replaced with it on reload.
+    directory: RwLock<Arc<Directory>>,
     pub ami: Option<AmiHandle>,
     pub commands: mpsc::Sender<Command>,
     /// Agents' presence as the normalizer knows it, for concurrent readers
@@ -61,6 +65,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: Arc<Config>,
+        directory: Arc<Directory>,
         registry: Arc<Registry>,
         readiness: Arc<Readiness>,
         ami: Option<AmiHandle>,
@@ -70,6 +75,7 @@ impl Shared {
         Shared {
             indicators: Mutex::new(Indicators::new(&config)),
             config: RwLock::new(config),
+            directory: RwLock::new(directory),
             registry,
             readiness,
             ami,
@@ -96,6 +102,17 @@ impl Shared {
             Some((last, at)) if t <= last + at.elapsed().as_micros() as i64 => {}
             _ => *c = Some((t, Instant::now())),
         }
+    }
+
+    /// The directory of the running configuration.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the configuration and its directory (reload).
+    pub fn set_config(&self, config: Arc<Config>, directory: Arc<Directory>) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        *self.directory.write().unwrap_or_else(|p| p.into_inner()) = directory;
     }
 
     pub fn config(&self) -> Arc<Config> {

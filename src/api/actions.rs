@@ -83,7 +83,7 @@ pub async fn click_to_call(
     let Json(req) = body.map_err(bad_body)?;
     let config = shared.config();
     let rules = OutboundRules::from_config(&config);
-    let dir = crate::settings::directory(&config);
+    let dir = shared.directory();
     let call_id = control::new_call_id();
     let planned = control::plan_click_to_call(&req, &dir, &rules, |a| agent_on_call(&shared, a).is_some(), &call_id)?;
     if config.outbound.context.is_none() {
@@ -210,8 +210,7 @@ pub async fn set_availability(
             "the reason contains control characters",
         ));
     }
-    let config = shared.config();
-    let dir = crate::settings::directory(&config);
+    let dir = shared.directory();
     let Some(agent) = dir.agent(&id).cloned() else {
         return Err(ApiError::not_found("agent_unknown", format!("no agent {id:?} in the configuration")));
     };
@@ -267,7 +266,7 @@ pub async fn set_availability(
 /// availability (as the PBX and the helpdesk said) and current call.
 pub async fn list_agents(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let config = shared.config();
-    let dir = crate::settings::directory(&config);
+    let dir = shared.directory();
     let agents: Vec<Value> = config
         .agents
         .iter()

@@ -57,21 +57,6 @@ impl Default for ServeLimits {
     }
 }
 
-impl ServeLimits {
-    /// The limits `[api]` sets for each of its listeners.
-    pub fn of(api: &crate::config::ApiConfig) -> ServeLimits {
-        // The schema walk refuses non-finite or non-positive seconds; a
-        // value that still does not fit falls back to the default.
-        let seconds = |s: f64, default: Duration| Duration::try_from_secs_f64(s).unwrap_or(default);
-        let d = ServeLimits::default();
-        ServeLimits {
-            max_connections: api.max_connections.max(1),
-            header_read_timeout: seconds(api.header_read_timeout_seconds, d.header_read_timeout),
-            idle_timeout: seconds(api.idle_timeout_seconds, d.idle_timeout),
-        }
-    }
-}
-
 /// One open connection, as the accept loop and the connection task see it.
 struct Conn {
     /// Requests whose handler has not returned yet.

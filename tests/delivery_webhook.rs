@@ -408,3 +408,23 @@ async fn an_event_refused_past_its_retry_budget_becomes_a_dead_letter_and_the_ca
         others.iter().filter(|id| !got.contains(*id)).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_landing_while_a_delivery_is_in_flight_are_never_missed() {
+    // The runner is caught up; a commit lands while a request is in flight;
+    // that request ends first. The new events must still be read (the
+    // commit notice must not be consumed without a read behind it).
+    let rx = Receiver::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (outbox, delivery) = start(tmp.path(), rx.url(), 1).await;
+    let events = many_events(2);
+    for pair in events.chunks(2) {
+        outbox.append(&pair[..1]).await.unwrap();
+        if let Some(second) = pair.get(1..) {
+            outbox.append(second).await.unwrap();
+        }
+        assert!(outbox.wait_drained(Duration::from_secs(5)).await, "depth {} left behind", outbox.depth());
+    }
+    delivery.shutdown().await.unwrap();
+    check_delivery(&rx.requests(), &events, "lab");
+}

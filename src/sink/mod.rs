@@ -477,10 +477,20 @@ struct Lanes {
 
 impl Lanes {
     /// Reads the next events of the sink's queue, if there is room.
-    async fn fill(&mut self, outbox: &Outbox, name: &str, opts: &RunnerOptions) -> Result<(), OutboxError> {
+    /// `committed` is marked seen just before the query, never when no
+    /// query runs: a commit seen without being read would wait for the
+    /// next one.
+    async fn fill(
+        &mut self,
+        outbox: &Outbox,
+        name: &str,
+        opts: &RunnerOptions,
+        committed: &mut tokio::sync::watch::Receiver<i64>,
+    ) -> Result<(), OutboxError> {
         if self.caught_up || self.buffered >= opts.max_buffered {
             return Ok(());
         }
+        committed.borrow_and_update();
         let limit = (opts.max_buffered - self.buffered).min(opts.fetch_limit).max(1);
         let records = outbox.pending(name, self.read_pos, limit).await?;
         self.caught_up = records.len() < limit;
@@ -534,8 +544,7 @@ async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationTok
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(sink = %name, "delivery started");
     loop {
-        committed.borrow_and_update();
-        if let Err(e) = lanes.fill(&outbox, &name, &opts).await {
+        if let Err(e) = lanes.fill(&outbox, &name, &opts, &mut committed).await {
             warn!(sink = %name, error = %e, "cannot read the outbox; retrying in 1 s");
             tokio::select! {
                 _ = cancel.cancelled() => break,

@@ -103,7 +103,10 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         cmd_tx,
         delivery.outbox().cloned(),
     ));
-    let pipeline = Pipeline::new(&config, shared.clone(), delivery);
+    // A live PBX carries its calls across restarts; a replayed trace is
+    // an incident reproduced from scratch.
+    let persist = matches!(opts.source, SourceSpec::Ami);
+    let pipeline = Pipeline::new(&config, shared.clone(), delivery, persist);
     let pipeline = tokio::spawn(pipeline.run(source_rx, sip_rx, cmd_rx, shutdown.clone()));
     let pipeline = tasks.watch_result("pipeline", pipeline);
 

@@ -10,6 +10,7 @@
 
 use crate::config::Config;
 use crate::event::Event;
+use crate::normalize::CallCheckpoint;
 use crate::outbox::{Outbox, OutboxOptions};
 use crate::sink;
 use crate::state::Readiness;
@@ -52,9 +53,14 @@ impl Delivery {
         }
     }
 
-    pub async fn deliver(&mut self, events: &[Event], pbx: &str) -> anyhow::Result<()> {
+    /// `checkpoints` (the calls' state after `events`, see
+    /// `normalize::persist`) are stored with the events in the outbox, and
+    /// dropped by the other deliveries, which do not survive a restart.
+    pub async fn deliver(&mut self, events: &[Event], checkpoints: &[CallCheckpoint], pbx: &str) -> anyhow::Result<()> {
         match self {
-            Delivery::Outbox { outbox, readiness, .. } => store(outbox, readiness, events, None).await.map(|_| ()),
+            Delivery::Outbox { outbox, readiness, .. } => {
+                store(outbox, readiness, events, checkpoints, None).await.map(|_| ())
+            }
             Delivery::Jsonl(w) => {
                 let mut buf = String::with_capacity(events.len() * 900);
                 for e in events {
@@ -79,8 +85,8 @@ impl Delivery {
         deadline: &OnceLock<tokio::time::Instant>,
     ) -> anyhow::Result<usize> {
         match self {
-            Delivery::Outbox { outbox, readiness, .. } => store(outbox, readiness, events, Some(deadline)).await,
-            _ => self.deliver(events, pbx).await.map(|()| events.len()),
+            Delivery::Outbox { outbox, readiness, .. } => store(outbox, readiness, events, &[], Some(deadline)).await,
+            _ => self.deliver(events, &[], pbx).await.map(|()| events.len()),
         }
     }
 
@@ -121,13 +127,16 @@ async fn store(
     outbox: &Outbox,
     readiness: &Readiness,
     events: &[Event],
+    checkpoints: &[CallCheckpoint],
     deadline: Option<&OnceLock<tokio::time::Instant>>,
 ) -> anyhow::Result<usize> {
     let mut rest = events;
     let mut delay = Duration::from_millis(100);
     let mut waiting = false;
-    while !rest.is_empty() {
-        match outbox.append_what_fits(rest).await {
+    // Checkpoints go in with the last event (or alone when there is none).
+    let states_pending = !checkpoints.is_empty();
+    while !rest.is_empty() || states_pending {
+        match outbox.append_what_fits(rest, checkpoints).await {
             Ok(p) => {
                 if p.outcome.conflicts > 0 {
                     // Retrying cannot help: the outbox keeps what it has

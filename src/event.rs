@@ -10,7 +10,7 @@
 
 pub use crate::ids::{AgentId, CallId, GroupId};
 use serde::ser::SerializeMap;
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Microseconds since the Unix epoch (the PBX's clock).
 pub type Micros = i64;
@@ -29,7 +29,7 @@ pub fn seconds_between(from: Micros, to: Micros) -> u64 {
     u64::try_from(((to - from).max(0) + 500_000) / 1_000_000).unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     Inbound,
@@ -38,7 +38,7 @@ pub enum Direction {
 }
 
 /// Where a call stands now (for the API, indicators and the stuck-call sweeper).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CallState {
     /// Started, not (yet) in a queue nor ringing an agent (IVR, dialling).
@@ -64,7 +64,7 @@ impl CallState {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Party {
     pub number: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,7 +112,7 @@ pub enum OfferEndReason {
     Other,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MissedReason {
     OutsideHours,
@@ -124,11 +124,16 @@ pub enum MissedReason {
     Busy,
     Cancelled,
     Failed,
+    /// The PBX lost the call (crash, restart) while it was queued or
+    /// ringing: found gone at a resync or by the stuck-call check.
+    Lost,
+    /// A click-to-call whose agent never answered their own phone.
+    AgentNoAnswer,
 }
 
 impl MissedReason {
     /// Every reason, in the precedence table's order of declaration.
-    pub const ALL: [MissedReason; 9] = [
+    pub const ALL: [MissedReason; 11] = [
         MissedReason::OutsideHours,
         MissedReason::Holiday,
         MissedReason::NoAgents,
@@ -138,6 +143,8 @@ impl MissedReason {
         MissedReason::Busy,
         MissedReason::Cancelled,
         MissedReason::Failed,
+        MissedReason::Lost,
+        MissedReason::AgentNoAnswer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -151,6 +158,8 @@ impl MissedReason {
             MissedReason::Busy => "busy",
             MissedReason::Cancelled => "cancelled",
             MissedReason::Failed => "failed",
+            MissedReason::Lost => "lost",
+            MissedReason::AgentNoAnswer => "agent_no_answer",
         }
     }
 
@@ -174,7 +183,7 @@ pub enum TransferKind {
     Attended,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HungUpBy {
     Caller,

@@ -26,6 +26,7 @@ use crate::event::{
     MissedReason, OfferEndReason, Party, TransferKind,
 };
 use crate::ids::AgentId;
+use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use std::collections::HashSet;
 
@@ -38,7 +39,7 @@ pub(super) const DIALSTATUS: &str = "DIALSTATUS";
 pub(super) const MIXMONITOR_FILENAME: &str = "MIXMONITOR_FILENAME";
 
 /// What a channel is to its call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChannelRole {
     /// The call's first channel: the caller (inbound) or the agent's phone
     /// that starts an outbound/internal call.
@@ -51,7 +52,7 @@ pub enum ChannelRole {
     External,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Channel {
     uniqueid: Box<str>,
     /// Channel name (`SIP/2000-0000000f`), for actions on it (transfer).
@@ -62,7 +63,7 @@ pub(super) struct Channel {
     hung_up: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Offer {
     agent: AgentId,
     open: bool,
@@ -70,7 +71,7 @@ struct Offer {
 }
 
 /// What the queue said about a caller who left it unanswered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum QueueOutcome {
     Abandoned,
     Timeout,
@@ -78,7 +79,7 @@ enum QueueOutcome {
 }
 
 /// Who the call is in conversation with now.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum Conversation {
     /// Nobody answered yet, or a blind transfer's target has not yet.
     Waiting,
@@ -108,7 +109,7 @@ impl Conversation {
 }
 
 /// The call and the PBX's queues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Queueing {
     /// Never joined a queue (IVR, direct dial, outbound).
     Never,
@@ -144,14 +145,14 @@ impl Queueing {
 
 /// Whether `call.started` went out. An originated call (the agent's phone
 /// rung by `Originate`) holds it back until its ticket variable is known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Started {
     Pending,
     Emitted,
 }
 
 /// The call's first channel dialling the customer (outbound, internal).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum OutboundDial {
     /// Not dialling (not yet, or the dial ended).
     Idle,
@@ -161,7 +162,7 @@ enum OutboundDial {
 
 /// The last `DialStatus` of the call's first channel, as far as the missed
 /// reason cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum DialStatus {
     NoAnswer,
     Busy,
@@ -187,7 +188,7 @@ impl DialStatus {
 
 /// Whether anybody of the call's group was available when the call arrived
 /// in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Staffing {
     /// Somebody was, or the group is not known.
     NoShortage,
@@ -206,24 +207,45 @@ impl Staffing {
 }
 
 /// The click-to-call's own leg: the PBX rings the agent's phone first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum OriginateLeg {
-    /// Not a click-to-call, or its first leg has not failed.
-    NotFailed,
-    /// The agent's phone never answered (or the PBX refused the originate):
-    /// an unanswered end is `failed`.
+    /// Not a click-to-call.
+    NotOriginated,
+    /// A click-to-call whose agent has not answered their phone (yet): an
+    /// unanswered end is `agent_no_answer`.
+    AgentRinging,
+    /// The agent answered; what follows is the customer's dial.
+    AgentAnswered,
+    /// The PBX could not ring the agent (unreachable, congestion): an
+    /// unanswered end is `failed`.
     Failed,
 }
 
+impl OriginateLeg {
+    /// The originated leg ended unanswered with this `DialStatus`, or this
+    /// `OriginateResponse` `Reason` (Asterisk's control frame: 1 hung up,
+    /// 3 rang out, 5 busy; 0 and 8 mean it could not ring at all).
+    fn unanswered(dial_status: Option<&str>, reason: Option<&str>) -> OriginateLeg {
+        let rang = dial_status.is_some_and(|s| {
+            matches!(DialStatus::parse(s), DialStatus::NoAnswer | DialStatus::Busy | DialStatus::Cancel)
+        }) || matches!(reason, Some("1" | "3" | "5"));
+        if rang {
+            OriginateLeg::AgentRinging
+        } else {
+            OriginateLeg::Failed
+        }
+    }
+}
+
 /// Whether the call's first channel (the caller, inbound) hung up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum OriginLeg {
     Present,
     HungUp,
 }
 
 /// Whether `call.stuck` was reported (it is, once per call).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum StuckReport {
     NotReported,
     Reported,
@@ -231,7 +253,7 @@ enum StuckReport {
 
 /// What is known about why the call would be missed if it ended unanswered
 /// now; [`Call::missed_reason`] weighs it when the call ends.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct MissEvidence {
     staffing: Staffing,
     /// The FastAGI router's missed reason (`CALLBRIDGE_REASON`), until the
@@ -277,16 +299,25 @@ pub(super) struct FirstChannel<'a> {
     pub uniqueid: &'a str,
     /// When the call started.
     pub time: Micros,
+    /// The last `seq` a previous run emitted under this id (0: none): the
+    /// call numbers its events after it.
+    pub after_seq: u64,
 }
 
+/// Everything here is what a restarted daemon needs to carry the call on
+/// (`persist.rs` stores it with the call's events); only `epoch` is not:
+/// a restored call belongs to no resync yet.
+#[derive(Serialize, Deserialize)]
 pub(super) struct Call {
     pub id: CallId,
-    seq: u64,
-    snap: CallSnapshot,
+    pub(super) seq: u64,
+    #[serde(with = "super::persist::SnapshotDef")]
+    pub(super) snap: CallSnapshot,
     channels: SmallVec<[Channel; 6]>,
     origin: Box<str>,
     pub last_event_at: Micros,
     /// The normalizer's resync epoch at this call's last event.
+    #[serde(skip)]
     pub epoch: u64,
     queue: Queueing,
     /// The queue the dialplan sent the call to (`Queue(…)`), joined or not.
@@ -359,7 +390,7 @@ fn first_parties(
 impl Call {
     /// Creates a call from its first channel and emits `call.started`.
     pub fn start(first: FirstChannel<'_>, dir: &Directory, opts: &SiteOptions, out: &mut Vec<Event>) -> Call {
-        let FirstChannel { id, frame, channel, uniqueid, time } = first;
+        let FirstChannel { id, frame, channel, uniqueid, time, after_seq } = first;
         let agent = dir.agent_for_channel(channel);
         let exten = frame.get(EXTEN).unwrap_or("");
         let (direction, caller, callee, snap_agent) = first_parties(agent, exten, frame, dir, opts);
@@ -379,6 +410,7 @@ impl Call {
             recording: None,
         };
         let mut call = Call::new(id, snap, uniqueid, time);
+        call.seq = after_seq;
         call.channels.push(Channel {
             uniqueid: uniqueid.into(),
             name: channel.into(),
@@ -392,7 +424,9 @@ impl Call {
         // right after the channel is created: start it on the next event so
         // that `call.started` already shows the ticket.
         let originated = direction == Direction::Outbound && !is_dialable(exten);
-        if !originated {
+        if originated {
+            call.evidence.originate = OriginateLeg::AgentRinging;
+        } else {
             call.emit_started(out);
         }
         call
@@ -415,7 +449,7 @@ impl Call {
                 routed: None,
                 queue: None,
                 dial: None,
-                originate: OriginateLeg::NotFailed,
+                originate: OriginateLeg::NotOriginated,
             },
             offers: SmallVec::new(),
             conversation: Conversation::Waiting,
@@ -478,6 +512,23 @@ impl Call {
 
     pub fn channel_ids(&self) -> impl Iterator<Item = &str> {
         self.channels.iter().map(|c| &*c.uniqueid)
+    }
+
+    /// Channels of the call that have not hung up.
+    pub fn live_channel_ids(&self) -> impl Iterator<Item = &str> {
+        self.channels.iter().filter(|c| !c.hung_up).map(|c| &*c.uniqueid)
+    }
+
+    /// Channels of the call that hung up.
+    pub fn gone_channel_ids(&self) -> impl Iterator<Item = &str> {
+        self.channels.iter().filter(|c| c.hung_up).map(|c| &*c.uniqueid)
+    }
+
+    /// The call as the helpdesk last saw it.
+    pub fn snapshot(&self) -> CallSnapshot {
+        let mut snap = self.snap.clone();
+        snap.state = self.state();
+        snap
     }
 
     fn channel(&self, uid: &str) -> Option<&Channel> {
@@ -570,6 +621,14 @@ impl Call {
         if let Some(c) = self.channel_mut(s.uid) {
             c.up = true;
         }
+        self.note_origin_up(s.uid, true);
+    }
+
+    /// The click-to-call's agent answered their phone.
+    fn note_origin_up(&mut self, uid: &str, up: bool) {
+        if up && uid == &*self.origin && self.evidence.originate == OriginateLeg::AgentRinging {
+            self.evidence.originate = OriginateLeg::AgentAnswered;
+        }
     }
 
     pub fn on_newstate(&mut self, s: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {
@@ -577,6 +636,7 @@ impl Call {
         if let Some(c) = self.channel_mut(s.uid) {
             c.up = up;
         }
+        self.note_origin_up(s.uid, up);
     }
 
     /// The first channel enters `Queue(…)`: the queue it was sent to.
@@ -713,10 +773,11 @@ impl Call {
         }
         let dest_agent = self.channel(dest).and_then(|c| c.agent.clone());
         if let Some(agent) = dest_agent.as_ref().and_then(|a| ctx.dir.agent(a.as_str())) {
-            self.open_offer(agent, dest, false, s.time, out);
             if src == &*self.origin {
                 self.evidence.dial = None;
+                self.dialled_agent(agent);
             }
+            self.open_offer(agent, dest, false, s.time, out);
             return;
         }
         if src == &*self.origin && self.snap.direction != Direction::Inbound {
@@ -736,12 +797,24 @@ impl Call {
         }
     }
 
+    /// An agent's call from their phone reaches another agent (the
+    /// extension was only known once dialled): agent to agent is internal.
+    fn dialled_agent(&mut self, callee: &Agent) {
+        let other = self.snap.agent.as_ref() != Some(&callee.id);
+        if self.snap.direction == Direction::Outbound && other && !self.conversation.is_talking() {
+            self.snap.direction = Direction::Internal;
+            self.snap.callee = Party { number: Some(callee.extension.clone()), name: callee.name.clone() };
+        }
+    }
+
     pub fn on_dial_end(&mut self, s: &Step<'_>, _: &Ctx<'_>, out: &mut Vec<Event>) {
         let (src, dest, time) = (s.uid, s.dest_uid, s.time);
         let status = s.frame.get(DIAL_STATUS);
         if dest == &*self.origin {
-            if !status_is(status, "ANSWER") {
-                self.evidence.originate = OriginateLeg::Failed;
+            if status_is(status, "ANSWER") {
+                self.note_origin_up(dest, true);
+            } else {
+                self.evidence.originate = OriginateLeg::unanswered(status, None);
             }
             return;
         }
@@ -937,8 +1010,24 @@ impl Call {
         self.emit(EventKind::Transferred { from_agent, to_agent, to_extension, kind }, time, out);
     }
 
-    pub fn originate_failed(&mut self) {
-        self.evidence.originate = OriginateLeg::Failed;
+    /// The PBX says the click-to-call failed (`OriginateResponse`
+    /// `Reason`). A failure after the agent answered changes nothing.
+    pub fn originate_failed(&mut self, reason: Option<&str>) {
+        if self.evidence.originate != OriginateLeg::AgentAnswered {
+            self.evidence.originate = OriginateLeg::unanswered(None, reason);
+        }
+    }
+
+    /// What the click-to-call request said about the call, for a call the
+    /// PBX started from it: the customer's number (kept even if the agent
+    /// never answers and nothing is dialled) and the ticket.
+    pub fn apply_originate(&mut self, number: &str, ticket: Option<&str>) {
+        if self.snap.callee.number.is_none() && !number.is_empty() {
+            self.snap.callee.number = Some(number.to_string());
+        }
+        if self.snap.ticket_id.is_none() {
+            self.snap.ticket_id = ticket.map(str::to_string);
+        }
     }
 
     /// The agent in conversation and the name of their channel in this
@@ -987,6 +1076,22 @@ impl Call {
         true
     }
 
+    /// After a resync: offers whose ringing channels are all gone ended
+    /// while nobody was looking.
+    pub fn close_offers_without_channels(&mut self, time: Micros, out: &mut Vec<Event>) {
+        let gone = |uid: &str| self.channels.iter().any(|c| &*c.uniqueid == uid && c.hung_up);
+        let ended: Vec<AgentId> = self
+            .offers
+            .iter()
+            .filter(|o| o.open && !o.channels.is_empty() && o.channels.iter().all(|c| gone(c)))
+            .map(|o| o.agent.clone())
+            .collect();
+        for agent in ended {
+            let reason = self.default_offer_end();
+            self.close_offer(&agent, reason, time, out);
+        }
+    }
+
     /// Adopts a channel listed by `CoreShowChannels` after a (re)connection.
     pub fn adopt_listed_channel(
         &mut self,
@@ -1010,7 +1115,10 @@ impl Call {
         };
         let up = f.get(CHANNEL_STATE_DESC) == Some("Up");
         let app = f.get(APPLICATION).unwrap_or("");
-        if uid == &*self.origin && app == "Queue" && !self.queue.is_waiting() {
+        // Only a call not queued before: a reconciled call that already
+        // left its queue (answered) is still in `Queue()` on the PBX.
+        let never_queued = self.queue.first_joined().is_none() && !self.conversation.is_talking();
+        if uid == &*self.origin && app == "Queue" && never_queued {
             let queue = f.get(APPLICATION_DATA).unwrap_or("").split(',').next().unwrap_or("").to_string();
             let group = dir.group_for_queue(&queue).map(|g| g.id.clone());
             self.snap.group = group.clone();
@@ -1047,8 +1155,13 @@ impl Call {
     /// `abandoned`/`queue_timeout`): the group's calendar when the call
     /// arrived (`closed`), the FastAGI router's verdict, nobody available
     /// when the call arrived, and what the queue said.
-    fn missed_reason(&self, closed: Option<MissedReason>) -> MissedReason {
+    ///
+    /// A call the PBX lost (`end` is `Lost`) that nothing had decided yet
+    /// (no queue verdict, no dial result) is missed as `lost`, not as
+    /// `abandoned`/`cancelled`: nobody gave up, the PBX dropped it.
+    fn missed_reason(&self, closed: Option<MissedReason>, end: EndReason) -> MissedReason {
         let dial = self.evidence.dial;
+        let lost = end == EndReason::Lost;
         match self.snap.direction {
             Direction::Inbound => {
                 let observed = match self.evidence.queue {
@@ -1058,6 +1171,7 @@ impl Call {
                     None => match dial {
                         Some(DialStatus::NoAnswer) => MissedReason::NoAnswer,
                         Some(DialStatus::Busy) => MissedReason::Busy,
+                        _ if lost => MissedReason::Lost,
                         _ => MissedReason::Abandoned,
                     },
                 };
@@ -1072,12 +1186,15 @@ impl Call {
                 if let Some(r) = closed {
                     return r;
                 }
-                if self.evidence.originate == OriginateLeg::Failed {
-                    return MissedReason::Failed;
+                match self.evidence.originate {
+                    OriginateLeg::Failed => return MissedReason::Failed,
+                    OriginateLeg::AgentRinging => return MissedReason::AgentNoAnswer,
+                    OriginateLeg::NotOriginated | OriginateLeg::AgentAnswered => {}
                 }
                 match dial {
                     Some(DialStatus::NoAnswer) => MissedReason::NoAnswer,
                     Some(DialStatus::Busy) => MissedReason::Busy,
+                    None if lost => MissedReason::Lost,
                     Some(DialStatus::Cancel) | None => MissedReason::Cancelled,
                     Some(_) => MissedReason::Failed,
                 }
@@ -1097,7 +1214,7 @@ impl Call {
         self.talking_end();
         let wait_from = self.queue.first_joined().unwrap_or(self.snap.started_at);
         if self.snap.answered_at.is_none() {
-            let missed = self.missed_reason(closed);
+            let missed = self.missed_reason(closed, reason);
             self.emit(EventKind::Missed { reason: missed, wait_seconds: seconds_between(wait_from, time) }, time, out);
         }
         self.snap.ended_at = Some(time);

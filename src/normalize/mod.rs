@@ -52,6 +52,7 @@
 mod call;
 pub mod headers;
 pub mod input;
+mod persist;
 mod presence;
 mod resync;
 
@@ -62,11 +63,12 @@ use crate::ids::{AgentId, GroupId};
 pub use call::ChannelRole;
 use call::{Call, CallHandler, FirstChannel};
 use headers::{
-    CHANNEL, DEST_CHANNEL, DEST_LINKEDID, DEST_UNIQUEID, EXTEN, LINKEDID, ORIG_TRANSFERER_LINKEDID, RESPONSE, RESULT,
-    TRANSFEREE_LINKEDID, TRANSFERER_LINKEDID, UNIQUEID, VARIABLE,
+    CHANNEL, DEST_CHANNEL, DEST_LINKEDID, DEST_UNIQUEID, EXTEN, LINKEDID, ORIG_TRANSFERER_LINKEDID, REASON, RESPONSE,
+    RESULT, TRANSFEREE_LINKEDID, TRANSFERER_LINKEDID, UNIQUEID, VARIABLE,
 };
 use input::AmiEvent;
 
+pub use persist::{CallCheckpoint, Restored, RestoredCall, CHECKPOINT_FORMAT};
 pub use presence::{device_state_unavailable, AgentPresence, PresenceMap};
 pub use resync::{PbxChannels, StuckCause, StuckLimits, Suspect};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -150,6 +152,11 @@ pub struct Normalizer {
     /// [`EXPECTED_ORIGINATES`].
     originates: HashMap<CallId, ExpectedOriginate>,
     originate_order: VecDeque<CallId>,
+    /// Live calls changed since the last checkpoint (`None`: not tracked).
+    changed: Option<HashSet<CallId, ahash::RandomState>>,
+    /// Last `seq` of calls a previous run left whose state could not be
+    /// restored: a call adopted under such an id goes on from there.
+    seq_floors: HashMap<CallId, u64>,
 }
 
 /// How many click-to-calls may wait for their `OriginateResponse` at once
@@ -192,6 +199,8 @@ impl Normalizer {
             presence_changed: BTreeSet::new(),
             originates: HashMap::new(),
             originate_order: VecDeque::new(),
+            changed: None,
+            seq_floors: HashMap::new(),
         }
     }
 
@@ -356,6 +365,7 @@ impl Normalizer {
         for uid in new_channels {
             self.channel_call.insert(uid, call.id.clone());
         }
+        self.touch(linkedid);
         if let Some(uid) = uniqueid {
             if event == AmiEvent::Hangup {
                 self.channel_call.remove(uid);
@@ -387,8 +397,12 @@ impl Normalizer {
         }
         let channel = frame.get(CHANNEL).or_else(|| frame.get(DEST_CHANNEL)).unwrap_or("");
         let uid = uniqueid.or_else(|| frame.get(DEST_UNIQUEID)).unwrap_or(linkedid);
-        let first = FirstChannel { id: CallId::new(linkedid), frame, channel, uniqueid: uid, time };
-        let call = Call::start(first, &self.dir, &self.opts, out);
+        let after_seq = self.seq_floors.remove(linkedid).unwrap_or(0);
+        let first = FirstChannel { id: CallId::new(linkedid), frame, channel, uniqueid: uid, time, after_seq };
+        let mut call = Call::start(first, &self.dir, &self.opts, out);
+        if let Some(o) = self.originates.get(linkedid) {
+            call.apply_originate(&o.number, o.ticket.as_deref());
+        }
         self.channel_call.insert(uid.into(), call.id.clone());
         self.calls.insert(call.id.clone(), call);
         true
@@ -402,9 +416,11 @@ impl Normalizer {
             return;
         };
         let old_empty = old.live_channel_count() == 0;
+        self.touch(from.as_str());
         if let Some(new) = self.calls.get_mut(to) {
             new.adopt_channel(ch);
             self.channel_call.insert(uid.into(), new.id.clone());
+            self.touch(to);
         } else {
             // The target call is not known (yet): let the next handle() create
             // it from this very event.
@@ -457,6 +473,8 @@ impl Normalizer {
         call.last_event_at = time;
         call.epoch = self.epoch;
         call.on_transfer(event, frame, time, &self.dir, out);
+        let id = call.id.clone();
+        self.touch(id.as_str());
     }
 
     /// `OriginateResponse`: success changes nothing (the channels' events
@@ -479,8 +497,9 @@ impl Normalizer {
             self.channel_call.get(uid).cloned().or_else(|| self.calls.contains_key(uid).then(|| CallId::new(uid)));
         if let Some(call) = live {
             if let Some(c) = self.calls.get_mut(call.as_str()) {
-                c.originate_failed();
+                c.originate_failed(frame.get(REASON));
             }
+            self.touch(call.as_str());
             return;
         }
         let Some(exp) = expected else { return };
@@ -496,6 +515,7 @@ impl Normalizer {
             channel: &exp.device,
             uniqueid: uid,
             time: started,
+            after_seq: self.seq_floors.remove(uid).unwrap_or(0),
         };
         let mut call = Call::start(first, &self.dir, &self.opts, out);
         let agent = self.dir.agent(exp.agent.as_str());

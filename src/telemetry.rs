@@ -129,7 +129,13 @@ pub const METRICS: &[MetricDoc] = &[
     doc("callbridge_lifecycle_events_total", Counter, None, "Lifecycle events emitted, by type"),
     doc("callbridge_calls_missed_total", Counter, None, "Missed calls, by reason"),
     doc("callbridge_calls_stuck_total", Counter, None, "Calls flagged stuck"),
-    doc("callbridge_calls_lost_total", Counter, None, "Calls ended as lost (vanished from the PBX)"),
+    doc(
+        "callbridge_calls_lost_total",
+        Counter,
+        None,
+        "Calls ended as lost (vanished from the PBX: at a resync or by the stuck-call check)",
+    ),
+    doc("callbridge_calls_restored_total", Counter, None, "Live calls of a previous run restored at start"),
     // The durable outbox.
     doc("callbridge_outbox_depth", Gauge, None, "Events not yet acknowledged by every sink"),
     doc("callbridge_outbox_oldest_age_seconds", Gauge, Some(Unit::Seconds), "Age of the oldest undelivered event"),
@@ -224,6 +230,7 @@ fn describe() {
 fn export_known_series() {
     for name in [
         "callbridge_calls_lost_total",
+        "callbridge_calls_restored_total",
         "callbridge_calls_stuck_total",
         "callbridge_ami_reconnects_total",
         "callbridge_ami_connect_attempts_total",

@@ -1092,9 +1092,11 @@ impl Call {
         }
     }
 
-    /// Adopts a channel listed by `CoreShowChannels` after a (re)connection.
+    /// Adopts a channel listed by `CoreShowChannels` after a (re)connection,
+    /// or reconciles one the call already had (`known`).
     pub fn adopt_listed_channel(
         &mut self,
+        known: bool,
         f: &Frame,
         name: &str,
         uid: &str,
@@ -1113,6 +1115,11 @@ impl Call {
         let Some(ch) = self.channel(uid).cloned() else {
             return;
         };
+        // A phone of the call known before says who answered only if it was
+        // ringing for it (an open offer); a transferer's phone still in its
+        // bridge says nothing new.
+        let ringing_for_it = ch.agent.as_ref().is_some_and(|a| self.offers.iter().any(|o| o.open && &o.agent == a));
+        let answered_unseen = !known || ringing_for_it;
         let up = f.get(CHANNEL_STATE_DESC) == Some("Up");
         let app = f.get(APPLICATION).unwrap_or("");
         // Only a call not queued before: a reconciled call that already
@@ -1128,7 +1135,7 @@ impl Call {
         }
         let bridged = f.get(BRIDGE_ID).is_some_and(|b| !b.is_empty());
         if let (ChannelRole::AgentPhone, Some(agent)) = (ch.role, ch.agent.as_ref()) {
-            if up && bridged {
+            if up && bridged && answered_unseen {
                 self.answer(Some(agent.clone()), now, out);
             } else if f.get(CHANNEL_STATE_DESC) == Some("Ringing") {
                 if let Some(a) = dir.agent(agent.as_str()) {

@@ -953,6 +953,37 @@ mod tests {
         assert_eq!(ob.oldest_undelivered_age().await.unwrap(), None);
     }
 
+    fn checkpoint(call: &str, seq: u64, state: &str) -> CallCheckpoint {
+        CallCheckpoint { call: crate::event::CallId::new(call), seq, state: state.as_bytes().to_vec() }
+    }
+
+    #[tokio::test]
+    async fn live_calls_follow_the_stored_events() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        let call = events[0].call.as_ref().unwrap().id.clone();
+        let of_call: Vec<Event> =
+            events.iter().filter(|e| e.call.as_ref().is_some_and(|c| c.id == call)).cloned().collect();
+        let ob = open(tmp.path(), &["a"]);
+        // Two events and the call's state: stored together.
+        ob.append_what_fits(&of_call[..2], &[checkpoint(call.as_str(), 2, "s2")]).await.unwrap();
+        let rows = ob.live_calls().await.unwrap();
+        assert_eq!(rows, vec![checkpoint(call.as_str(), 2, "s2")]);
+        // Events without a state raise the call's seq, keep its last state.
+        ob.append_what_fits(&of_call[2..3], &[]).await.unwrap();
+        assert_eq!(ob.live_calls().await.unwrap(), vec![checkpoint(call.as_str(), 3, "s2")]);
+        // A state alone (orderly shutdown).
+        ob.append_what_fits(&[], &[checkpoint(call.as_str(), 3, "s3")]).await.unwrap();
+        ob.close().await.unwrap();
+        let ob = open(tmp.path(), &["a"]);
+        assert_eq!(ob.live_calls().await.unwrap(), vec![checkpoint(call.as_str(), 3, "s3")]);
+        // The call's call.ended removes it, in the same append.
+        let last = of_call.len();
+        ob.append_what_fits(&of_call[3..], &[checkpoint("other", 1, "o")]).await.unwrap();
+        assert!(matches!(of_call[last - 1].kind, EventKind::Ended { .. }));
+        assert_eq!(ob.live_calls().await.unwrap(), vec![checkpoint("other", 1, "o")]);
+    }
+
     #[tokio::test]
     async fn an_event_leaves_only_when_every_sink_acknowledged_it() {
         let tmp = tempfile::tempdir().unwrap();

@@ -1098,12 +1098,12 @@ impl Call {
         &mut self,
         known: bool,
         f: &Frame,
-        name: &str,
         uid: &str,
         now: Micros,
         dir: &Directory,
         out: &mut Vec<Event>,
     ) {
+        let name = f.get(CHANNEL).unwrap_or("");
         self.emit_started(out);
         let mut added = Vec::new();
         let opts = SiteOptions::default();

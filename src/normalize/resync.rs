@@ -128,8 +128,7 @@ impl Normalizer {
                 // A channel of a call being reconciled: what it does now
                 // (answered, ringing) may have changed while nobody looked.
                 if let Some(call) = reconciled.get(owner).and_then(|o| self.calls.get_mut(o.as_str())) {
-                    let channel = f.get(CHANNEL).unwrap_or("");
-                    call.adopt_listed_channel(true, f, channel, uid, now, &self.dir, out);
+                    call.adopt_listed_channel(true, f, uid, now, &self.dir, out);
                 }
                 continue;
             }
@@ -154,7 +153,7 @@ impl Normalizer {
                     self.calls.entry(call.id.clone()).or_insert(call)
                 }
             };
-            call.adopt_listed_channel(false, f, channel, uid, now, &self.dir, out);
+            call.adopt_listed_channel(false, f, uid, now, &self.dir, out);
             let id = call.id.clone();
             self.touch(id.as_str());
             self.channel_call.insert(uid.into(), id);

@@ -13,6 +13,7 @@
 //! deadline. Reload (SIGHUP): the new file is validated first; a bad one is
 //! refused (logged, counted) and the old configuration stays.
 
+mod blocker;
 pub mod commands;
 
 use crate::ami::codec::{decode_all, AmiCodec, AmiMessage, CodecLimits};
@@ -93,7 +94,11 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     start_sip(&opts, &config, &readiness, sip_tx, &shutdown, &mut tasks).await?;
 
     readiness.set_outbox(true);
-    let delivery = Delivery::for_config(&config, readiness.clone())?;
+    // A caller the helpdesk rejects is hung up through the control path:
+    // the pipeline marks the call, then the PBX hangs the caller up.
+    let blocker = blocker::PbxBlocker::new(cmd_tx.clone(), ami.clone());
+    let sink_ctx = crate::sink::SinkContext { blocker: Some(Arc::new(blocker)) };
+    let delivery = Delivery::for_config(&config, readiness.clone(), &sink_ctx)?;
     let shared = Arc::new(Shared::new(
         config.clone(),
         Arc::new(crate::settings::directory(&config)),

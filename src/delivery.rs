@@ -31,11 +31,13 @@ pub enum Delivery {
 impl Delivery {
     /// The delivery the configuration asks for. The Prometheus recorder
     /// must be installed first (the outbox registers its metrics on open).
-    pub fn for_config(config: &Config, readiness: Arc<Readiness>) -> anyhow::Result<Delivery> {
+    /// `ctx`: what sinks may ask of the rest of callbridge (hanging up a
+    /// caller the helpdesk rejects).
+    pub fn for_config(config: &Config, readiness: Arc<Readiness>, ctx: &sink::SinkContext) -> anyhow::Result<Delivery> {
         if sink::only_stdout(config) {
             return Ok(Delivery::Jsonl(Box::new(std::io::stdout())));
         }
-        let sinks = sink::build_sinks(config)?;
+        let sinks = sink::build_sinks(config, ctx)?;
         let names = sink::sink_names(config)?;
         let outbox = Outbox::open(&config.outbox.path, OutboxOptions::from_config(config, names))
             .with_context(|| format!("opening the outbox at {}", config.outbox.path))?;

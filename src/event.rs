@@ -129,11 +129,14 @@ pub enum MissedReason {
     Lost,
     /// A click-to-call whose agent never answered their own phone.
     AgentNoAnswer,
+    /// The helpdesk refused the caller (Zammad's blocked caller ids) and
+    /// callbridge hung the call up.
+    Blocked,
 }
 
 impl MissedReason {
     /// Every reason, in the precedence table's order of declaration.
-    pub const ALL: [MissedReason; 11] = [
+    pub const ALL: [MissedReason; 12] = [
         MissedReason::OutsideHours,
         MissedReason::Holiday,
         MissedReason::NoAgents,
@@ -145,6 +148,7 @@ impl MissedReason {
         MissedReason::Failed,
         MissedReason::Lost,
         MissedReason::AgentNoAnswer,
+        MissedReason::Blocked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -160,18 +164,24 @@ impl MissedReason {
             MissedReason::Failed => "failed",
             MissedReason::Lost => "lost",
             MissedReason::AgentNoAnswer => "agent_no_answer",
+            MissedReason::Blocked => "blocked",
         }
     }
 
-    /// Rank in SPEC §4's precedence, strongest first: `holiday` (0) >
-    /// `outside_hours` (1) > `no_agents` (2) > everything else (3), which
-    /// describes what happened to a call that was deliverable.
+    /// Rank in SPEC §4's precedence, strongest first: `blocked` (0) >
+    /// `holiday` (1) > `outside_hours` (2) > `no_agents` (3) > everything
+    /// else (4), which describes what happened to a call that was
+    /// deliverable. `blocked` comes first: the helpdesk refused the caller
+    /// and callbridge hung up, so neither the hours nor the staffing is why
+    /// the call went unanswered — and a blocked caller must not land in the
+    /// call-backs a missed-call list asks for.
     pub fn precedence(self) -> u8 {
         match self {
-            MissedReason::Holiday => 0,
-            MissedReason::OutsideHours => 1,
-            MissedReason::NoAgents => 2,
-            _ => 3,
+            MissedReason::Blocked => 0,
+            MissedReason::Holiday => 1,
+            MissedReason::OutsideHours => 2,
+            MissedReason::NoAgents => 3,
+            _ => 4,
         }
     }
 }

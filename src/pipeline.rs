@@ -236,6 +236,10 @@ impl Pipeline {
             Command::TalkingChannel { call, reply } => {
                 let _ = reply.send(self.normalizer.talking_agent_channel(&call));
             }
+            Command::BlockCaller { call, reply } => {
+                let _ = reply.send(self.normalizer.block_caller(&call));
+            }
+            Command::UnblockCaller { call } => self.normalizer.unblock_caller(&call),
             Command::SetAvailable { agent, available, reason, queues, reply } => {
                 let known =
                     self.normalizer.apply_helpdesk_switch(&agent, available, reason, &queues, now, &mut self.out);

@@ -167,6 +167,12 @@ pub const METRICS: &[MetricDoc] = &[
     doc("callbridge_sink_retries_total", Counter, None, "Sink retries, by sink"),
     doc("callbridge_dead_letters_total", Counter, None, "Events parked in the dead-letter store, by sink"),
     doc(
+        "callbridge_zammad_rejects_total",
+        Counter,
+        None,
+        "Zammad's rejects of inbound callers (blocked caller ids), by sink and result (hung_up/ignored/too_late/failed)",
+    ),
+    doc(
         "callbridge_task_exits_total",
         Counter,
         None,

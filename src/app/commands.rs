@@ -215,7 +215,8 @@ fn replay_durable(config: &Config, opts: &ReplayOptions) -> Outcome {
         Err(e) => return Outcome::Failed(anyhow::Error::new(e).context("cannot start the runtime")),
     };
     let run = rt.block_on(async move {
-        let mut delivery = Delivery::for_config(config, Arc::new(Readiness::default()))?;
+        let mut delivery =
+            Delivery::for_config(config, Arc::new(Readiness::default()), &crate::sink::SinkContext::default())?;
         let normalizer = crate::settings::normalizer(config);
         let limits = crate::settings::codec_limits(config);
         let (speed, traces, pbx) = (opts.speed, opts.traces.clone(), config.pbx.name.clone());

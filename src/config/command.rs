@@ -196,9 +196,13 @@ impl Config {
                     secret.describe(),
                     batch_size
                 )?,
-                SinkConfig::Zammad { url, secret, .. } => {
-                    writeln!(s, "  zammad    {}, token {}", without_userinfo(url), secret.describe())?
-                }
+                SinkConfig::Zammad { url, secret, honour_reject, .. } => writeln!(
+                    s,
+                    "  zammad    {}, token {}, rejected callers {}",
+                    without_userinfo(url),
+                    secret.describe(),
+                    if *honour_reject { "hung up" } else { "not hung up" }
+                )?,
             }
         }
         Ok(())

@@ -577,6 +577,13 @@ pub enum SinkConfig {
         /// (0: for ever). Default: a day.
         #[serde(default = "default_max_retry")]
         max_retry_seconds: f64,
+        /// Hang up an inbound caller when Zammad answers its `newCall` with
+        /// `{"action": "reject"}` (Zammad's blocked caller ids): the call
+        /// ends `missed`/`blocked`. Off by default: hanging up a call is a
+        /// PBX action callbridge takes on nobody else's say, and it needs
+        /// the AMI user's `call` write permission.
+        #[serde(default)]
+        honour_reject: bool,
     },
 }
 

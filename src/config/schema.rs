@@ -412,6 +412,7 @@ static SINK_ZAMMAD: TableSchema = TableSchema {
         HTTP_SINK_FIELDS[3],
         HTTP_SINK_FIELDS[4],
         HTTP_SINK_FIELDS[5],
+        opt("honour_reject", Kind::Bool),
     ],
     check: Some(check_secret_source),
 };

@@ -196,6 +196,15 @@ enum Staffing {
     NobodyAvailable,
 }
 
+/// What the helpdesk said about the caller (Zammad's `reject` of a
+/// blocked caller id, honoured by hanging the caller up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum HelpdeskVerdict {
+    Admitted,
+    /// An unanswered end is `blocked`, whatever else is known.
+    Blocked,
+}
+
 impl Staffing {
     fn on_arrival(group: Option<&Group>, presence: &PresenceMap) -> Staffing {
         if group.is_some_and(|g| !presence.group_has_available_agent(g)) {
@@ -263,6 +272,7 @@ struct MissEvidence {
     queue: Option<QueueOutcome>,
     dial: Option<DialStatus>,
     originate: OriginateLeg,
+    helpdesk: HelpdeskVerdict,
 }
 
 /// Borrowed context for one `Call::handle`.
@@ -450,6 +460,7 @@ impl Call {
                 queue: None,
                 dial: None,
                 originate: OriginateLeg::NotOriginated,
+                helpdesk: HelpdeskVerdict::Admitted,
             },
             offers: SmallVec::new(),
             conversation: Conversation::Waiting,
@@ -1047,6 +1058,26 @@ impl Call {
         Some((agent, pick.name.to_string()))
     }
 
+    /// The helpdesk refused the caller: an inbound call not answered yet is
+    /// marked so that its unanswered end is `blocked`. Returns the caller's
+    /// channel (to hang up), or `None` when the call is not an inbound one
+    /// waiting for an answer (answered already, outbound) or its caller's
+    /// channel is gone — then nothing is marked.
+    pub fn block_caller(&mut self) -> Option<String> {
+        if self.snap.direction != Direction::Inbound || self.snap.answered_at.is_some() {
+            return None;
+        }
+        let caller = self.channels.iter().find(|c| *c.uniqueid == *self.origin && !c.hung_up)?;
+        let name = caller.name.to_string();
+        self.evidence.helpdesk = HelpdeskVerdict::Blocked;
+        Some(name)
+    }
+
+    /// Takes back [`Call::block_caller`] (the PBX did not hang up).
+    pub fn unblock_caller(&mut self) {
+        self.evidence.helpdesk = HelpdeskVerdict::Admitted;
+    }
+
     /// An originate whose first channel never came up: the call exists for
     /// the helpdesk only as this failure. Gives the not yet started call
     /// its ticket and number; `finish` then emits `call.started`,
@@ -1158,8 +1189,9 @@ impl Call {
     }
 
     /// Why an unanswered call was missed. Inbound, the strongest of what is
-    /// known wins (SPEC §4: `holiday` > `outside_hours` > `no_agents` >
-    /// `abandoned`/`queue_timeout`): the group's calendar when the call
+    /// known wins (SPEC §4: `blocked` > `holiday` > `outside_hours` >
+    /// `no_agents` > `abandoned`/`queue_timeout`): the helpdesk's refusal
+    /// of the caller, the group's calendar when the call
     /// arrived (`closed`), the FastAGI router's verdict, nobody available
     /// when the call arrived, and what the queue said.
     ///
@@ -1183,7 +1215,8 @@ impl Call {
                     },
                 };
                 let nobody = (self.evidence.staffing == Staffing::NobodyAvailable).then_some(MissedReason::NoAgents);
-                [closed, self.evidence.routed, nobody, Some(observed)]
+                let blocked = (self.evidence.helpdesk == HelpdeskVerdict::Blocked).then_some(MissedReason::Blocked);
+                [blocked, closed, self.evidence.routed, nobody, Some(observed)]
                     .into_iter()
                     .flatten()
                     .min_by_key(|r| r.precedence())

@@ -23,7 +23,9 @@
 //!   usable or not, switched on or off in the helpdesk ([`AgentPresence`]).
 //!   A call remembers whether anybody of its group was available when it
 //!   arrived: if not, an unanswered end is `no_agents` (SPEC §4 precedence:
-//!   `holiday` > `outside_hours` > `no_agents` > `abandoned`/`queue_timeout`).
+//!   `blocked` > `holiday` > `outside_hours` > `no_agents` >
+//!   `abandoned`/`queue_timeout`; `blocked`: the helpdesk refused the caller
+//!   and callbridge hung up, see [`Normalizer::block_caller`]).
 //! - **Missed or answered** is decided when the call ends, not when the queue
 //!   says so: `QueueCallerAbandon` is also sent when the queue times out (the
 //!   `QUEUESTATUS=TIMEOUT` that tells them apart comes after it), and a call
@@ -221,6 +223,22 @@ impl Normalizer {
     /// transferer's channel of a blind transfer).
     pub fn talking_agent_channel(&self, call: &str) -> Option<(AgentId, String)> {
         self.calls.get(call)?.talking_agent_channel()
+    }
+
+    /// The helpdesk refused the caller of `call` (Zammad's `reject`): if
+    /// the call is inbound and not answered, it is marked so that it ends
+    /// `missed` with reason `blocked`, and the caller's channel is returned
+    /// for the hangup. `None`: nothing marked (answered, outbound, ended).
+    /// Marked before the hangup is sent, so the PBX's hangup events find it.
+    pub fn block_caller(&mut self, call: &str) -> Option<String> {
+        self.calls.get_mut(call)?.block_caller()
+    }
+
+    /// Takes back [`Normalizer::block_caller`]: the PBX did not hang up.
+    pub fn unblock_caller(&mut self, call: &str) {
+        if let Some(c) = self.calls.get_mut(call) {
+            c.unblock_caller();
+        }
     }
 
     /// Replaces the directory, rules and options (configuration reload).

@@ -822,3 +822,43 @@ fn fastagi_verdict_reaches_a_call_that_never_queues() {
     assert_eq!(t.missed("3.1"), MissedReason::Abandoned);
     assert_eq!(t.last_of("3.1").call.as_ref().and_then(|c| c.group.clone()), None);
 }
+
+/// The helpdesk refused the caller (Zammad's `reject`): the waiting call is
+/// marked before the PBX hangs it up, and ends `blocked` — stronger than
+/// the hours or the staffing. Answered, outbound or ended calls are not
+/// marked; a mark taken back (the PBX did not hang up) leaves the reason
+/// the call would have had.
+#[test]
+fn a_blocked_caller_is_missed_as_blocked() {
+    let c = ("SIP/carrier-01", "1.1");
+    let mut t = T::with_rules(Some(MissedReason::OutsideHours));
+    t.pause("700", "2000", true);
+    t.pause("700", "2001", true);
+    t.inbound("1.1", c.0);
+    t.chan(0, "QueueCallerJoin", c.0, c.1, "1.1", &[("Queue", "700"), ("Position", "1")]);
+    assert_eq!(t.n.block_caller("1.1").as_deref(), Some(c.0), "the caller's channel, to hang up");
+    t.chan(1, "SoftHangupRequest", c.0, c.1, "1.1", &[("Cause", "21")]);
+    t.chan(0, "Hangup", c.0, c.1, "1.1", &[("Cause", "21"), ("Cause-txt", "Call Rejected")]);
+    assert_eq!(t.missed("1.1"), MissedReason::Blocked);
+    assert_eq!(t.n.block_caller("1.1"), None, "an ended call is not marked");
+
+    // Answered: too late to block.
+    let mut t = T::new();
+    let m = ("SIP/2000-02", "2.2");
+    t.inbound("2.1", "SIP/carrier-02");
+    t.chan(0, "QueueCallerJoin", "SIP/carrier-02", "2.1", "2.1", &[("Queue", "700")]);
+    t.two(1, "AgentCalled", ("SIP/carrier-02", "2.1"), m, "2.1", &[("Interface", "SIP/2000")]);
+    t.two(1, "AgentConnect", ("SIP/carrier-02", "2.1"), m, "2.1", &[("Interface", "SIP/2000")]);
+    assert_eq!(t.n.block_caller("2.1"), None);
+    assert_eq!(t.n.block_caller("9.9"), None, "unknown call");
+
+    // Taken back: the call ends as it would have.
+    let mut t = T::new();
+    t.inbound("3.1", "SIP/carrier-03");
+    t.chan(0, "QueueCallerJoin", "SIP/carrier-03", "3.1", "3.1", &[("Queue", "700")]);
+    assert!(t.n.block_caller("3.1").is_some());
+    t.n.unblock_caller("3.1");
+    t.chan(5, "QueueCallerAbandon", "SIP/carrier-03", "3.1", "3.1", &[("Queue", "700")]);
+    t.chan(0, "Hangup", "SIP/carrier-03", "3.1", "3.1", &[("Cause", "16")]);
+    assert_eq!(t.missed("3.1"), MissedReason::Abandoned);
+}

@@ -240,7 +240,8 @@ async fn start_agi(
 ) -> anyhow::Result<Option<Arc<crate::routing::RouteOracle>>> {
     let Some(agi) = &config.agi else { return Ok(None) };
     let routing = Arc::new(crate::settings::routing(config)?);
-    let oracle = Arc::new(crate::routing::RouteOracle::new(routing, shared.presence.clone()));
+    let lookup = crate::settings::caller_lookups(config).map_err(|e| anyhow::anyhow!(e))?;
+    let oracle = Arc::new(crate::routing::RouteOracle::new(routing, shared.presence.clone()).with_lookup(lookup));
     let limits = crate::routing::agi::AgiLimits::from_config(agi)?;
     let listener = crate::routing::agi::bind(agi).await?;
     info!(addr = %listener.local_addr()?, "FastAGI routing listening");
@@ -400,6 +401,10 @@ impl Running {
                     match crate::settings::routing(&new).map(Arc::new) {
                         Ok(r) => o.reconfigure(r),
                         Err(e) => error!(problems = %e, "routing rules not reloaded"),
+                    }
+                    match crate::settings::caller_lookups(&new) {
+                        Ok(l) => o.reconfigure_lookup(l),
+                        Err(e) => error!(problem = %e, "caller lookup not reloaded; keeping the running one"),
                     }
                 }
                 let _ = self.shared.commands.send(Command::Reload { config: new }).await;

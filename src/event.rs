@@ -90,6 +90,72 @@ pub struct CallSnapshot {
     #[serde(serialize_with = "ser_opt_time")]
     pub ended_at: Option<Micros>,
     pub recording: Option<String>,
+    /// How the FastAGI router moved the call away from the group asked
+    /// for (overflow, or the caller's identity); absent when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing: Option<CallRouting>,
+    /// What the helpdesk said about the caller's number when the router
+    /// looked it up (`[caller_lookup]`); absent when it did not ask, or
+    /// got no answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller_lookup: Option<CallerLookup>,
+}
+
+/// Why the router sent a call to another group than the one asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingReason {
+    /// The group asked for was closed, on holiday or had nobody available:
+    /// its overflow list took the call.
+    Overflow,
+    /// No contact has the caller's number: `redirect_unknown_to`.
+    CallerUnknown,
+    /// The caller's contact is inactive: `redirect_inactive_to`.
+    CallerInactive,
+}
+
+impl RoutingReason {
+    pub const ALL: [RoutingReason; 3] =
+        [RoutingReason::Overflow, RoutingReason::CallerUnknown, RoutingReason::CallerInactive];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingReason::Overflow => "overflow",
+            RoutingReason::CallerUnknown => "caller_unknown",
+            RoutingReason::CallerInactive => "caller_inactive",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RoutingReason> {
+        RoutingReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// A redirect by who is calling (not an overflow).
+    pub fn is_redirect(self) -> bool {
+        matches!(self, RoutingReason::CallerUnknown | RoutingReason::CallerInactive)
+    }
+}
+
+/// The router's last move of a call (`data.call.routing`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRouting {
+    pub reason: RoutingReason,
+    /// The group whose rule moved the call: the group asked for
+    /// (overflow), or the group that would have taken it but redirects
+    /// such callers.
+    pub from_group: Option<GroupId>,
+}
+
+/// The helpdesk's answer about the caller's number (`data.call.caller_lookup`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerLookup {
+    /// A contact has this number.
+    pub found: bool,
+    /// Whether that contact is active (`null` when not found, or when the
+    /// helpdesk did not say).
+    pub active: Option<bool>,
+    /// The helpdesk's id of the contact.
+    pub contact_id: Option<String>,
 }
 
 fn ser_time<S: Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {

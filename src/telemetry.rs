@@ -194,6 +194,34 @@ pub const METRICS: &[MetricDoc] = &[
         Some(Unit::Seconds),
         "FastAGI routing session duration, accept to close",
     ),
+    doc(
+        "callbridge_routing_redirects_total",
+        Counter,
+        None,
+        "Calls redirected by who is calling, by reason (caller_unknown/caller_inactive)",
+    ),
+    // Caller lookup (who is calling).
+    doc(
+        "callbridge_caller_lookup_requests_total",
+        Counter,
+        None,
+        "Caller lookups asked of the helpdesk, by result (found/not_found/timeout/error/busy)",
+    ),
+    doc(
+        "callbridge_caller_lookup_request_duration_seconds",
+        Histogram,
+        Some(Unit::Seconds),
+        "Caller lookup duration, a wait for a request slot included",
+    ),
+    doc("callbridge_caller_lookup_cache_hits_total", Counter, None, "Caller lookups answered from the cache"),
+    doc("callbridge_caller_lookup_in_flight", Gauge, None, "Caller lookup requests in flight"),
+    doc("callbridge_caller_lookup_failing", Gauge, None, "1 while caller lookups fail (an outage: calls fail open)"),
+    doc(
+        "callbridge_caller_lookup_fail_open_total",
+        Counter,
+        None,
+        "Calls routed without knowing the caller for lack of an answer, by cause (timeout/error/busy)",
+    ),
     // SIP dialog subscriptions.
     doc("callbridge_sip_pbx_reachable", Gauge, None, "1 while the PBX answers the SIP agent's OPTIONS"),
     doc("callbridge_sip_subscriptions_active", Gauge, None, "Dialog-event subscriptions the PBX has accepted"),

@@ -18,12 +18,15 @@ use super::headers::{
     VALUE, VARIABLE,
 };
 use super::input::AmiEvent;
-use super::{PresenceMap, Rules, SiteOptions, ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE};
+use super::{
+    PresenceMap, Rules, SiteOptions, CALLER_ACTIVE_VARIABLE, CALLER_FOUND_VARIABLE, CONTACT_ID_VARIABLE,
+    ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE, ROUTING_FROM_VARIABLE, ROUTING_REASON_VARIABLE,
+};
 use crate::ami::Frame;
 use crate::directory::{is_local_channel, Agent, Directory, Group};
 use crate::event::{
-    seconds_between, CallId, CallSnapshot, CallState, Direction, EndReason, Event, EventKind, HungUpBy, Micros,
-    MissedReason, OfferEndReason, Party, TransferKind,
+    seconds_between, CallId, CallRouting, CallSnapshot, CallState, CallerLookup, Direction, EndReason, Event,
+    EventKind, HungUpBy, Micros, MissedReason, OfferEndReason, Party, RoutingReason, TransferKind,
 };
 use crate::ids::AgentId;
 use serde::{Deserialize, Serialize};
@@ -418,6 +421,8 @@ impl Call {
             answered_at: None,
             ended_at: None,
             recording: None,
+            routing: None,
+            caller_lookup: None,
         };
         let mut call = Call::new(id, snap, uniqueid, time);
         call.seq = after_seq;
@@ -751,6 +756,38 @@ impl Call {
                 "no_agents" => Some(MissedReason::NoAgents),
                 _ => None,
             };
+        } else if uid == &*self.origin {
+            self.on_routing_varset(var, value, dir);
+        }
+    }
+
+    /// The router's move (`CALLBRIDGE_ROUTING_*`) and caller lookup
+    /// (`CALLBRIDGE_CALLER_*`, `CALLBRIDGE_CONTACT_ID`) onto the snapshot.
+    /// The router sets the reason before the group and `found` before the
+    /// rest; an empty reason or `found` (a later `AGI()` that moved nothing
+    /// or got no answer) clears what an earlier one said.
+    fn on_routing_varset(&mut self, var: &str, value: &str, dir: &Directory) {
+        let flag = |v: &str| match v {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        };
+        if var == ROUTING_REASON_VARIABLE {
+            self.snap.routing = RoutingReason::parse(value).map(|reason| CallRouting { reason, from_group: None });
+        } else if var == ROUTING_FROM_VARIABLE {
+            if let Some(r) = self.snap.routing.as_mut() {
+                r.from_group = dir.group(value).map(|g| g.id.clone());
+            }
+        } else if var == CALLER_FOUND_VARIABLE {
+            self.snap.caller_lookup = flag(value).map(|found| CallerLookup { found, active: None, contact_id: None });
+        } else if var == CALLER_ACTIVE_VARIABLE {
+            if let Some(l) = self.snap.caller_lookup.as_mut() {
+                l.active = flag(value);
+            }
+        } else if var == CONTACT_ID_VARIABLE {
+            if let Some(l) = self.snap.caller_lookup.as_mut() {
+                l.contact_id = (!value.is_empty()).then(|| value.to_string());
+            }
         }
     }
 

@@ -92,6 +92,22 @@ pub const ROUTE_GROUP_VARIABLE: &str = "CALLBRIDGE_GROUP";
 /// (`holiday`, `outside_hours`, `no_agents`) when it routes a call to
 /// "missed"; empty otherwise.
 pub const ROUTE_REASON_VARIABLE: &str = "CALLBRIDGE_REASON";
+/// Channel variable the FastAGI router sets to why it moved the call away
+/// from the group asked for (`overflow`, `caller_unknown`,
+/// `caller_inactive`); empty otherwise. Set before
+/// [`ROUTING_FROM_VARIABLE`].
+pub const ROUTING_REASON_VARIABLE: &str = "CALLBRIDGE_ROUTING_REASON";
+/// Channel variable: the group whose rule moved the call (with
+/// [`ROUTING_REASON_VARIABLE`]).
+pub const ROUTING_FROM_VARIABLE: &str = "CALLBRIDGE_ROUTING_FROM";
+/// Channel variable: `true`/`false` when the router looked the caller's
+/// number up and the helpdesk answered; empty otherwise. Set before
+/// [`CALLER_ACTIVE_VARIABLE`] and [`CONTACT_ID_VARIABLE`].
+pub const CALLER_FOUND_VARIABLE: &str = "CALLBRIDGE_CALLER_FOUND";
+/// Channel variable: `true`/`false`, whether the caller's contact is active.
+pub const CALLER_ACTIVE_VARIABLE: &str = "CALLBRIDGE_CALLER_ACTIVE";
+/// Channel variable: the helpdesk's id of the caller's contact.
+pub const CONTACT_ID_VARIABLE: &str = "CALLBRIDGE_CONTACT_ID";
 
 /// No business hours: every group is always open.
 #[derive(Debug, Default, Clone, Copy)]
@@ -287,7 +303,7 @@ impl Normalizer {
             E::Newstate => Call::on_newstate,
             // Dialplan step: `Queue(…)` names the queue even if the call never joins it.
             E::Newexten => Call::on_newexten,
-            // Ticket, recording, queue and dial status, the router's group and reason.
+            // Ticket, recording, queue and dial status, the router's group, reasons, caller lookup.
             E::VarSet if self.reads_variable(frame) => Call::on_varset,
             // Every other variable (most of the traffic) is noise.
             E::VarSet => return,
@@ -340,6 +356,11 @@ impl Normalizer {
                 || var == call::MIXMONITOR_FILENAME
                 || var == ROUTE_GROUP_VARIABLE
                 || var == ROUTE_REASON_VARIABLE
+                || var == ROUTING_REASON_VARIABLE
+                || var == ROUTING_FROM_VARIABLE
+                || var == CALLER_FOUND_VARIABLE
+                || var == CALLER_ACTIVE_VARIABLE
+                || var == CONTACT_ID_VARIABLE
                 || var == self.opts.ticket_variable
         })
     }

@@ -38,7 +38,7 @@
 
 use super::call::Call;
 use super::Normalizer;
-use crate::event::{CallId, CallSnapshot, CallState, Direction, Micros, Party};
+use crate::event::{CallId, CallRouting, CallSnapshot, CallState, CallerLookup, Direction, Micros, Party};
 use crate::ids::{AgentId, GroupId};
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +81,10 @@ pub(super) struct SnapshotDef {
     answered_at: Option<Micros>,
     ended_at: Option<Micros>,
     recording: Option<String>,
+    #[serde(default)]
+    routing: Option<CallRouting>,
+    #[serde(default)]
+    caller_lookup: Option<CallerLookup>,
 }
 
 /// A call put back by [`Normalizer::restore`], for the registry.

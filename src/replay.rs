@@ -12,6 +12,7 @@
 use crate::ami::codec::{decode_all, AmiCodec, AmiMessage, CodecLimits};
 use crate::event::{AgentIds, Event, EventKind, Micros, MissedReason};
 use crate::normalize::Normalizer;
+use crate::reconnect::TraceItem;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
@@ -124,35 +125,73 @@ pub fn replay_bytes(
     let mut codec = AmiCodec::new(limits);
     let mut out: Vec<Event> = Vec::with_capacity(16);
     let mut answered = std::collections::HashSet::new();
-    let started = Instant::now();
-    let mut first_ts: Option<Micros> = None;
-    let mut last_ts: Micros = 0;
     stats.bytes += data.len() as u64;
-    decode_all(&mut codec, data, |m| match m {
-        AmiMessage::Frame(f) => {
-            stats.frames += 1;
-            let ts = f.timestamp_micros();
-            if let (Speed::Factor(k), Some(ts)) = (speed, ts) {
-                let base = *first_ts.get_or_insert(ts);
-                let due = pacing_delay(ts.saturating_sub(base), k);
-                let elapsed = started.elapsed();
-                if due > elapsed {
-                    std::thread::sleep(due - elapsed);
+    let mut reader = crate::reconnect::TraceReader::new();
+    let mut items: Vec<TraceItem> = Vec::new();
+    let mut clock = Clock { speed, started: Instant::now(), first_ts: None, last_ts: 0 };
+    decode_all(&mut codec, data, |m| {
+        if matches!(m, AmiMessage::Malformed(_)) {
+            stats.malformed += 1;
+        }
+        reader.read(m, |item| items.push(item));
+        for item in items.drain(..) {
+            stats.frames += u64::from(matches!(item, TraceItem::Frame(_)));
+            clock.apply(item, normalizer, &mut out);
+        }
+        for mut e in out.drain(..) {
+            agent_ids.stamp(&mut e);
+            stats.count(&e, &mut answered);
+            sink(&e);
+        }
+    });
+    reader.finish(|item| items.push(item));
+    for item in items.drain(..) {
+        clock.apply(item, normalizer, &mut out);
+    }
+    for mut e in out.drain(..) {
+        agent_ids.stamp(&mut e);
+        stats.count(&e, &mut answered);
+        sink(&e);
+    }
+}
+
+/// A replay's pacing and PBX clock.
+struct Clock {
+    speed: Speed,
+    started: Instant,
+    first_ts: Option<Micros>,
+    /// The latest PBX time seen (the clock of frames without a `Timestamp`).
+    last_ts: Micros,
+}
+
+impl Clock {
+    /// Paces and applies one trace item: a frame, or what the live daemon
+    /// did at the same point of the recording (a reconnection, a resync).
+    fn apply(&mut self, item: TraceItem, normalizer: &mut Normalizer, out: &mut Vec<Event>) {
+        match item {
+            TraceItem::Frame(f) => {
+                let ts = f.timestamp_micros();
+                if let (Speed::Factor(k), Some(ts)) = (self.speed, ts) {
+                    let base = *self.first_ts.get_or_insert(ts);
+                    let due = pacing_delay(ts.saturating_sub(base), k);
+                    let elapsed = self.started.elapsed();
+                    if due > elapsed {
+                        std::thread::sleep(due - elapsed);
+                    }
                 }
+                if let Some(ts) = ts {
+                    self.last_ts = self.last_ts.max(ts);
+                }
+                normalizer.handle(&f, self.last_ts, out);
             }
-            if let Some(ts) = ts {
-                last_ts = last_ts.max(ts);
-            }
-            normalizer.handle(&f, last_ts, &mut out);
-            for mut e in out.drain(..) {
-                agent_ids.stamp(&mut e);
-                stats.count(&e, &mut answered);
-                sink(&e);
+            TraceItem::Reconnected => normalizer.begin_resync(),
+            TraceItem::Resync { channels, queue_items, at } => {
+                self.last_ts = self.last_ts.max(at);
+                normalizer.resync(&crate::normalize::PbxChannels { channels }, self.last_ts, out);
+                normalizer.resync_members(&queue_items, self.last_ts, out);
             }
         }
-        AmiMessage::Malformed(_) => stats.malformed += 1,
-        AmiMessage::Banner(_) => {}
-    });
+    }
 }
 
 /// Replays trace files in order.

@@ -224,7 +224,12 @@ pub const METRICS: &[MetricDoc] = &[
     ),
     // SIP dialog subscriptions.
     doc("callbridge_sip_pbx_reachable", Gauge, None, "1 while the PBX answers the SIP agent's OPTIONS"),
-    doc("callbridge_sip_subscriptions_active", Gauge, None, "Dialog-event subscriptions the PBX has accepted"),
+    doc(
+        "callbridge_sip_subscriptions_active",
+        Gauge,
+        None,
+        "Dialog-event subscriptions the PBX holds now (granted; not ended, forgotten, failed to refresh or lapsed)",
+    ),
     doc(
         "callbridge_sip_subscription_failures_total",
         Counter,

@@ -104,8 +104,9 @@ impl TraceReader {
         if event == RESYNC_MARKER {
             self.restarted = false;
             self.reconnecting = false;
+            // The recorder's reading of the PBX clock: not a PBX event time
+            // (before any frame it is the wall clock).
             let at = ts.or(self.last_ts).unwrap_or(0);
-            self.note_time(ts);
             self.listing = Some(Listing { channels: Vec::new(), queue_items: Vec::new(), at });
             return;
         }

@@ -185,10 +185,11 @@ impl Clock {
                 normalizer.handle(&f, self.last_ts, out);
             }
             TraceItem::Reconnected => normalizer.begin_resync(),
+            // Dated as the live daemon dated it; the frames' clock goes on
+            // from their own timestamps.
             TraceItem::Resync { channels, queue_items, at } => {
-                self.last_ts = self.last_ts.max(at);
-                normalizer.resync(&crate::normalize::PbxChannels { channels }, self.last_ts, out);
-                normalizer.resync_members(&queue_items, self.last_ts, out);
+                normalizer.resync(&crate::normalize::PbxChannels { channels }, at, out);
+                normalizer.resync_members(&queue_items, at, out);
             }
         }
     }

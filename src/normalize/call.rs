@@ -223,8 +223,11 @@ impl Staffing {
 enum OriginateLeg {
     /// Not a click-to-call.
     NotOriginated,
-    /// A click-to-call whose agent has not answered their phone (yet): an
-    /// unanswered end is `agent_no_answer`.
+    /// A click-to-call whose agent's phone has not rung (yet): an
+    /// unanswered end is `failed` (the PBX could not reach it).
+    Originated,
+    /// A click-to-call whose agent's phone rang (or was busy) and was not
+    /// answered (yet): an unanswered end is `agent_no_answer`.
     AgentRinging,
     /// The agent answered; what follows is the customer's dial.
     AgentAnswered,
@@ -440,7 +443,7 @@ impl Call {
         // that `call.started` already shows the ticket.
         let originated = direction == Direction::Outbound && !is_dialable(exten);
         if originated {
-            call.evidence.originate = OriginateLeg::AgentRinging;
+            call.evidence.originate = OriginateLeg::Originated;
         } else {
             call.emit_started(out);
         }
@@ -642,17 +645,22 @@ impl Call {
 
     /// The click-to-call's agent answered their phone.
     fn note_origin_up(&mut self, uid: &str, up: bool) {
-        if up && uid == &*self.origin && self.evidence.originate == OriginateLeg::AgentRinging {
+        let waiting = matches!(self.evidence.originate, OriginateLeg::Originated | OriginateLeg::AgentRinging);
+        if up && uid == &*self.origin && waiting {
             self.evidence.originate = OriginateLeg::AgentAnswered;
         }
     }
 
     pub fn on_newstate(&mut self, s: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {
-        let up = s.frame.get(CHANNEL_STATE_DESC) == Some("Up");
+        let state = s.frame.get(CHANNEL_STATE_DESC);
+        let up = state == Some("Up");
         if let Some(c) = self.channel_mut(s.uid) {
             c.up = up;
         }
         self.note_origin_up(s.uid, up);
+        if state == Some("Ringing") && s.uid == &*self.origin && self.evidence.originate == OriginateLeg::Originated {
+            self.evidence.originate = OriginateLeg::AgentRinging;
+        }
     }
 
     /// The first channel enters `Queue(…)`: the queue it was sent to.
@@ -1061,7 +1069,8 @@ impl Call {
     /// The PBX says the click-to-call failed (`OriginateResponse`
     /// `Reason`). A failure after the agent answered changes nothing.
     pub fn originate_failed(&mut self, reason: Option<&str>) {
-        if self.evidence.originate != OriginateLeg::AgentAnswered {
+        // Once the phone rang (or answered), the PBX's verdict adds nothing.
+        if !matches!(self.evidence.originate, OriginateLeg::AgentAnswered | OriginateLeg::AgentRinging) {
             self.evidence.originate = OriginateLeg::unanswered(None, reason);
         }
     }
@@ -1264,7 +1273,7 @@ impl Call {
                     return r;
                 }
                 match self.evidence.originate {
-                    OriginateLeg::Failed => return MissedReason::Failed,
+                    OriginateLeg::Failed | OriginateLeg::Originated => return MissedReason::Failed,
                     OriginateLeg::AgentRinging => return MissedReason::AgentNoAnswer,
                     OriginateLeg::NotOriginated | OriginateLeg::AgentAnswered => {}
                 }

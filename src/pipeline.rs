@@ -121,9 +121,14 @@ impl Pipeline {
                 self.flush().await?;
             }
         }
-        // The live calls' latest state, for the next start.
+        // The live calls' latest state, for the next start. Bounded: with a
+        // full disk the state of their last stored event stands (as after
+        // kill -9), and the resync at the next start fills in.
         if self.persist {
-            self.flush().await?;
+            match tokio::time::timeout(Duration::from_secs(2), self.flush()).await {
+                Ok(r) => r?,
+                Err(_) => warn!("could not store the live calls' last state at shutdown; their last stored state stands"),
+            }
         }
         // What the sinks have not taken by then stays in the outbox.
         let delivery = std::mem::replace(&mut self.delivery, Delivery::Discard);

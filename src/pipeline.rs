@@ -127,7 +127,9 @@ impl Pipeline {
         if self.persist {
             match tokio::time::timeout(Duration::from_secs(2), self.flush()).await {
                 Ok(r) => r?,
-                Err(_) => warn!("could not store the live calls' last state at shutdown; their last stored state stands"),
+                Err(_) => {
+                    warn!("could not store the live calls' last state at shutdown; their last stored state stands")
+                }
             }
         }
         // What the sinks have not taken by then stays in the outbox.

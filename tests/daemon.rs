@@ -218,15 +218,18 @@ impl Api {
         Api { base: format!("http://{addr}"), http: reqwest::Client::new() }
     }
 
+    /// One request; the answer is checked against the OpenAPI document.
     async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
         let resp = req.send().await.expect("HTTP request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        support::openapi::check(method.as_str(), path, status, &body);
+        (status, body)
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {

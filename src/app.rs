@@ -267,13 +267,17 @@ async fn start_api(
         tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     info!(addr = %addr, "HTTP API listening");
-    let app = routes::router(shared.clone(), Auth::new(&token));
+    let requests = crate::settings::api_request_limits(api);
+    let app = routes::router(shared.clone(), Auth::new(&token), requests);
     let limits = crate::settings::api_serve_limits(api);
     tasks.watch("api", crate::api::server::serve(listener, app, limits, shutdown.clone()));
     if let Some(m) = &api.metrics_listen {
         let listener = tokio::net::TcpListener::bind(m).await.with_context(|| format!("cannot listen on {m}"))?;
         info!(addr = %listener.local_addr()?, "metrics listening");
-        tasks.watch("metrics", crate::api::server::serve(listener, routes::metrics_router(), limits, shutdown.clone()));
+        tasks.watch(
+            "metrics",
+            crate::api::server::serve(listener, routes::metrics_router(requests), limits, shutdown.clone()),
+        );
     }
     Ok(Some(addr))
 }

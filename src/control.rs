@@ -83,18 +83,70 @@ impl Default for OutboundRules {
     }
 }
 
-/// Why a control request is refused; `code` is stable API, `status` the HTTP
-/// status the API answers with.
+/// Why a control request is refused. The HTTP API gives each reason its
+/// stable error code and status; this module knows nothing of HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refused {
+    /// The contact has not consented to be called.
+    ContactNotConsented,
+    /// No phone number to dial.
+    NumberMissing,
+    /// The number has characters or a length no phone number has.
+    NumberMalformed,
+    /// The ticket id has control characters.
+    TicketMalformed,
+    /// No agent with that id in the configuration.
+    AgentUnknown,
+    /// The agent has no extension to ring or transfer to.
+    AgentHasNoExtension,
+    /// The agent is on a call.
+    AgentBusy,
+    /// A transfer names neither `to_agent` nor `to_extension`.
+    TargetMissing,
+    /// A transfer names both `to_agent` and `to_extension`.
+    TargetAmbiguous,
+    /// The transfer target is no agent of the call's group.
+    TargetNotInGroup,
+    /// The transfer target is the agent who has the call.
+    TargetIsCurrentAgent,
+    /// No agent is talking on the call.
+    CallNotAnswered,
+    /// The call belongs to no (configured) group.
+    CallHasNoGroup,
+    /// The call's group does not allow transfers.
+    TransferNotAllowed,
+}
+
+impl Refused {
+    /// Every reason, for exhaustive checks.
+    pub const ALL: [Refused; 14] = [
+        Refused::ContactNotConsented,
+        Refused::NumberMissing,
+        Refused::NumberMalformed,
+        Refused::TicketMalformed,
+        Refused::AgentUnknown,
+        Refused::AgentHasNoExtension,
+        Refused::AgentBusy,
+        Refused::TargetMissing,
+        Refused::TargetAmbiguous,
+        Refused::TargetNotInGroup,
+        Refused::TargetIsCurrentAgent,
+        Refused::CallNotAnswered,
+        Refused::CallHasNoGroup,
+        Refused::TransferNotAllowed,
+    ];
+}
+
+/// A refused control request: why, and a message for a person.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct Refusal {
-    pub status: u16,
-    pub code: &'static str,
+    pub reason: Refused,
     pub message: String,
 }
 
-fn refuse(status: u16, code: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal { status, code, message: message.into() }
+fn refuse(reason: Refused, message: impl Into<String>) -> Refusal {
+    Refusal { reason, message: message.into() }
 }
 
 /// Normalises a human-written phone number into what the dialplan dials
@@ -103,7 +155,7 @@ fn refuse(status: u16, code: &'static str, message: impl Into<String>) -> Refusa
 pub fn normalize_number(raw: &str, rules: &OutboundRules) -> Result<String, Refusal> {
     let trimmed = raw.trim();
     if trimmed.is_empty() {
-        return Err(refuse(422, "number_missing", "the contact has no phone number"));
+        return Err(refuse(Refused::NumberMissing, "the contact has no phone number"));
     }
     let mut plus = false;
     let mut digits = String::with_capacity(trimmed.len());
@@ -113,7 +165,10 @@ pub fn normalize_number(raw: &str, rules: &OutboundRules) -> Result<String, Refu
             '+' if i == 0 => plus = true,
             ' ' | '-' | '.' | '(' | ')' | '/' => {}
             _ => {
-                return Err(refuse(422, "number_malformed", format!("{raw:?} is not a phone number (character {c:?})")))
+                return Err(refuse(
+                    Refused::NumberMalformed,
+                    format!("{raw:?} is not a phone number (character {c:?})"),
+                ))
             }
         }
     }
@@ -124,23 +179,29 @@ pub fn normalize_number(raw: &str, rules: &OutboundRules) -> Result<String, Refu
         }
     }
     if !(3..=20).contains(&digits.len()) {
-        return Err(refuse(422, "number_malformed", format!("{raw:?} has {} digits", digits.len())));
+        return Err(refuse(Refused::NumberMalformed, format!("{raw:?} has {} digits", digits.len())));
     }
     Ok(digits)
 }
 
 /// A click-to-call request (`POST /v1/calls`).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 pub struct ClickToCall {
+    /// The agent whose phone rings first (configured agent id).
     pub agent: String,
+    /// The customer's number as written (`+55 11 98765-0700`, `(11) 3000-1000`).
     pub number: Option<String>,
+    /// The helpdesk ticket the call is about; carried on every event.
     pub ticket_id: Option<String>,
     pub contact: Option<Contact>,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+/// The customer being called.
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 pub struct Contact {
+    /// Shown on the agent's phone when there is no ticket.
     pub name: Option<String>,
+    /// The contact agreed to be called; without it the call is refused.
     #[serde(default)]
     pub consent: bool,
 }
@@ -166,17 +227,17 @@ pub fn plan_click_to_call(
     call_id: &str,
 ) -> Result<PlannedAction, Refusal> {
     if !req.contact.as_ref().is_some_and(|c| c.consent) {
-        return Err(refuse(403, "contact_not_consented", "the contact has not consented to be called"));
+        return Err(refuse(Refused::ContactNotConsented, "the contact has not consented to be called"));
     }
     let number = normalize_number(req.number.as_deref().unwrap_or(""), rules)?;
     let agent = dir
         .agent(&req.agent)
-        .ok_or_else(|| refuse(404, "agent_unknown", format!("no agent {:?} in the configuration", req.agent)))?;
+        .ok_or_else(|| refuse(Refused::AgentUnknown, format!("no agent {:?} in the configuration", req.agent)))?;
     if agent.extension.trim().is_empty() {
-        return Err(refuse(409, "agent_has_no_extension", format!("agent {:?} has no extension", req.agent)));
+        return Err(refuse(Refused::AgentHasNoExtension, format!("agent {:?} has no extension", req.agent)));
     }
     if agent_busy(agent.id.as_str()) {
-        return Err(refuse(409, "agent_busy", format!("agent {:?} is on a call", req.agent)));
+        return Err(refuse(Refused::AgentBusy, format!("agent {:?} is on a call", req.agent)));
     }
     let channel = rules.agent_device(&agent.extension);
     let mut caller_name = match &req.ticket_id {
@@ -196,7 +257,7 @@ pub fn plan_click_to_call(
     ];
     if let Some(t) = &req.ticket_id {
         if t.chars().any(|c| c.is_control()) {
-            return Err(refuse(422, "ticket_malformed", "the ticket id contains control characters"));
+            return Err(refuse(Refused::TicketMalformed, "the ticket id contains control characters"));
         }
         headers.push(("Variable".to_string(), format!("{}={t}", rules.ticket_variable)));
     }
@@ -208,10 +269,12 @@ pub fn plan_click_to_call(
 pub const CORRELATION_VARIABLE: &str = "CALLBRIDGE_CORRELATION";
 
 /// A transfer request (`POST /v1/calls/{id}/transfer`): exactly one target.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransferRequest {
+    /// Another agent of the call's group.
     pub to_agent: Option<String>,
+    /// The extension of another agent of the call's group.
     pub to_extension: Option<String>,
 }
 
@@ -231,42 +294,41 @@ pub fn check_transfer(req: &TransferRequest, call: &CallSnapshot, config: &Confi
     let dir_agent = |id: &str| config.agents.iter().find(|a| a.id == id);
     let target = match (&req.to_agent, &req.to_extension) {
         (Some(_), Some(_)) => {
-            return Err(refuse(422, "target_ambiguous", "give either to_agent or to_extension, not both"));
+            return Err(refuse(Refused::TargetAmbiguous, "give either to_agent or to_extension, not both"));
         }
-        (None, None) => return Err(refuse(422, "target_missing", "give to_agent or to_extension")),
+        (None, None) => return Err(refuse(Refused::TargetMissing, "give to_agent or to_extension")),
         (Some(a), None) => {
-            dir_agent(a).ok_or_else(|| refuse(404, "agent_unknown", format!("no agent {a:?} in the configuration")))?
+            dir_agent(a).ok_or_else(|| refuse(Refused::AgentUnknown, format!("no agent {a:?} in the configuration")))?
         }
         (None, Some(e)) => {
             config.agents.iter().find(|a| a.extension.as_deref() == Some(e.as_str())).ok_or_else(|| {
-                refuse(409, "target_not_in_group", format!("extension {e:?} belongs to no agent of the call's group"))
+                refuse(Refused::TargetNotInGroup, format!("extension {e:?} belongs to no agent of the call's group"))
             })?
         }
     };
     let (CallState::Talking, Some(from)) = (call.state, call.agent.as_ref()) else {
-        return Err(refuse(409, "call_not_answered", "only a call an agent is talking on can be transferred"));
+        return Err(refuse(Refused::CallNotAnswered, "only a call an agent is talking on can be transferred"));
     };
     let Some(group_id) = call.group.as_ref() else {
-        return Err(refuse(409, "call_has_no_group", "the call belongs to no group, so no group allows its transfer"));
+        return Err(refuse(Refused::CallHasNoGroup, "the call belongs to no group, so no group allows its transfer"));
     };
     let Some(group) = config.groups.iter().find(|g| g.id == group_id.as_str()) else {
-        return Err(refuse(409, "call_has_no_group", format!("group {group_id} is no longer configured")));
+        return Err(refuse(Refused::CallHasNoGroup, format!("group {group_id} is no longer configured")));
     };
     if !group.allow_transfer {
-        return Err(refuse(409, "transfer_not_allowed", format!("group {} does not allow transfers", group.id)));
+        return Err(refuse(Refused::TransferNotAllowed, format!("group {} does not allow transfers", group.id)));
     }
     if !group.agents.contains(&target.id) {
         return Err(refuse(
-            409,
-            "target_not_in_group",
+            Refused::TargetNotInGroup,
             format!("agent {:?} is not an agent of group {}", target.id, group.id),
         ));
     }
     if target.id == from.as_str() {
-        return Err(refuse(409, "target_is_current_agent", format!("agent {:?} already has the call", target.id)));
+        return Err(refuse(Refused::TargetIsCurrentAgent, format!("agent {:?} already has the call", target.id)));
     }
     let Some(ext) = target.extension.clone().filter(|e| !e.trim().is_empty()) else {
-        return Err(refuse(409, "agent_has_no_extension", format!("agent {:?} has no extension", target.id)));
+        return Err(refuse(Refused::AgentHasNoExtension, format!("agent {:?} has no extension", target.id)));
     };
     Ok(TransferTarget { from_agent: from.to_string(), to_agent: target.id.clone(), to_extension: ext })
 }
@@ -331,10 +393,10 @@ mod tests {
         assert_eq!(normalize_number("+55 11 98765-0700", &r).as_deref(), Ok("11987650700"));
         assert_eq!(normalize_number("+44 20 7946 0000", &r).as_deref(), Ok("00442079460000"));
         assert_eq!(normalize_number("(11) 3000-1000", &r).as_deref(), Ok("1130001000"));
-        assert_eq!(normalize_number("", &r).map_err(|e| e.code), Err("number_missing"));
-        assert_eq!(normalize_number("11 9x", &r).map_err(|e| e.code), Err("number_malformed"));
-        assert_eq!(normalize_number("1+1", &r).map_err(|e| e.code), Err("number_malformed"));
-        assert_eq!(normalize_number("12", &r).map_err(|e| e.code), Err("number_malformed"));
+        assert_eq!(normalize_number("", &r).map_err(|e| e.reason), Err(Refused::NumberMissing));
+        assert_eq!(normalize_number("11 9x", &r).map_err(|e| e.reason), Err(Refused::NumberMalformed));
+        assert_eq!(normalize_number("1+1", &r).map_err(|e| e.reason), Err(Refused::NumberMalformed));
+        assert_eq!(normalize_number("12", &r).map_err(|e| e.reason), Err(Refused::NumberMalformed));
     }
 
     fn req(consent: bool, number: Option<&str>, agent: &str) -> ClickToCall {
@@ -349,12 +411,12 @@ mod tests {
     #[test]
     fn click_to_call_refusals() {
         let (d, r) = (dir(), rules());
-        let code = |q: &ClickToCall, busy: bool| plan_click_to_call(q, &d, &r, |_| busy, "c1").map_err(|e| e.code);
-        assert_eq!(code(&req(false, Some("11987650700"), "maria"), false), Err("contact_not_consented"));
-        assert_eq!(code(&req(true, None, "maria"), false), Err("number_missing"));
-        assert_eq!(code(&req(true, Some("abc"), "maria"), false), Err("number_malformed"));
-        assert_eq!(code(&req(true, Some("11987650700"), "nobody"), false), Err("agent_unknown"));
-        assert_eq!(code(&req(true, Some("11987650700"), "maria"), true), Err("agent_busy"));
+        let code = |q: &ClickToCall, busy: bool| plan_click_to_call(q, &d, &r, |_| busy, "c1").map_err(|e| e.reason);
+        assert_eq!(code(&req(false, Some("11987650700"), "maria"), false), Err(Refused::ContactNotConsented));
+        assert_eq!(code(&req(true, None, "maria"), false), Err(Refused::NumberMissing));
+        assert_eq!(code(&req(true, Some("abc"), "maria"), false), Err(Refused::NumberMalformed));
+        assert_eq!(code(&req(true, Some("11987650700"), "nobody"), false), Err(Refused::AgentUnknown));
+        assert_eq!(code(&req(true, Some("11987650700"), "maria"), true), Err(Refused::AgentBusy));
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub fn seconds_between(from: Micros, to: Micros) -> u64 {
     u64::try_from(((to - from).max(0) + 500_000) / 1_000_000).unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     Inbound,
@@ -38,7 +38,7 @@ pub enum Direction {
 }
 
 /// Where a call stands now (for the API, indicators and the stuck-call sweeper).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CallState {
     /// Started, not (yet) in a queue nor ringing an agent (IVR, dialling).
@@ -64,7 +64,7 @@ impl CallState {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Party {
     pub number: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -72,7 +72,7 @@ pub struct Party {
 }
 
 /// A call as the helpdesk sees it after an event (`data.call`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct CallSnapshot {
     pub id: CallId,
     pub direction: Direction,
@@ -83,11 +83,15 @@ pub struct CallSnapshot {
     pub queue: Option<String>,
     pub agent: Option<AgentId>,
     pub ticket_id: Option<String>,
+    /// RFC 3339, UTC, milliseconds (the PBX's clock).
     #[serde(serialize_with = "ser_time")]
+    #[schema(value_type = String, format = DateTime)]
     pub started_at: Micros,
     #[serde(serialize_with = "ser_opt_time")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub answered_at: Option<Micros>,
     #[serde(serialize_with = "ser_opt_time")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub ended_at: Option<Micros>,
     pub recording: Option<String>,
     /// How the FastAGI router moved the call away from the group asked
@@ -102,7 +106,7 @@ pub struct CallSnapshot {
 }
 
 /// Why the router sent a call to another group than the one asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RoutingReason {
     /// The group asked for was closed, on holiday or had nobody available:
@@ -137,7 +141,7 @@ impl RoutingReason {
 }
 
 /// The router's last move of a call (`data.call.routing`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CallRouting {
     pub reason: RoutingReason,
     /// The group whose rule moved the call: the group asked for
@@ -147,7 +151,7 @@ pub struct CallRouting {
 }
 
 /// The helpdesk's answer about the caller's number (`data.call.caller_lookup`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CallerLookup {
     /// A contact has this number.
     pub found: bool,

@@ -37,7 +37,7 @@ pub struct DayCounts {
     pub redirected_out: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct GroupIndicators {
     pub group: String,
     /// The group's local date the counts are for.

@@ -234,6 +234,15 @@ pub fn api_serve_limits(api: &ApiConfig) -> ServeLimits {
     }
 }
 
+/// What one API request may take (`[api]`).
+pub fn api_request_limits(api: &ApiConfig) -> crate::api::RequestLimits {
+    let d = crate::api::RequestLimits::default();
+    crate::api::RequestLimits {
+        timeout: Duration::try_from_secs_f64(api.request_timeout_seconds).unwrap_or(d.timeout),
+        max_body_bytes: api.max_body_bytes.max(1),
+    }
+}
+
 /// The AMI client's settings for `[pbx.ami]`.
 ///
 /// Infallible: validation accepted every duration as a finite number of

@@ -196,7 +196,14 @@ struct Api {
 }
 
 impl Api {
+    /// One GET; the answer is checked against the OpenAPI document.
     async fn get(&self, path: &str) -> (u16, Value) {
+        let (status, body) = self.fetch(path).await;
+        support::openapi::check("GET", path, status, &body);
+        (status, body)
+    }
+
+    async fn fetch(&self, path: &str) -> (u16, Value) {
         let r = self.client.get(format!("{}{path}", self.base)).bearer_auth(TOKEN).send().await.expect("request");
         let status = r.status().as_u16();
         (status, serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null))
@@ -211,8 +218,9 @@ impl Api {
                 path.push_str(&format!("&cursor={c}"));
             }
             let t = Instant::now();
-            let (status, body) = self.get(&path).await;
+            let (status, body) = self.fetch(&path).await;
             slowest = slowest.max(t.elapsed());
+            support::openapi::check("GET", &path, status, &body);
             assert_eq!(status, 200, "{path}: {body}");
             let calls = body["calls"].as_array().expect("calls");
             assert!(calls.len() <= limit);

@@ -173,7 +173,7 @@ impl Daemon {
         body: Option<Value>,
         token: Option<&str>,
     ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -183,7 +183,10 @@ impl Daemon {
         let resp = req.send().await.expect("HTTP request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        // Every answer of the suite fits the OpenAPI document.
+        support::openapi::check(method.as_str(), path, status, &body);
+        (status, body)
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {

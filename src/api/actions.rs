@@ -8,51 +8,40 @@
 //! only exception is the helpdesk's availability switch, which the
 //! pipeline records (and reports as `agent.availability`, `source: api`).
 
-use super::ApiError;
+use super::error::{ApiError, ErrorCode, ErrorDetail, Json, NoQuery, Path, Query};
 use crate::ami::{Action, ActionError, AmiHandle, Frame};
 use crate::control::{self, ClickToCall, OutboundRules, PlannedAction, TransferRequest};
-use crate::directory::Directory;
-use crate::ids::AgentId;
+use crate::directory::{Agent, Directory};
+use crate::event::{CallId, CallState, Direction};
+use crate::ids::{AgentId, GroupId};
 use crate::normalize::ExpectedOriginate;
 use crate::registry::LiveFilter;
 use crate::state::{Command, Shared};
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::sync::Arc;
 use tokio::sync::oneshot;
-
-fn stopping() -> ApiError {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "callbridge is stopping")
-}
-
-fn bad_body(e: JsonRejection) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
-}
+use utoipa::ToSchema;
 
 fn ami_of(shared: &Shared) -> Result<&AmiHandle, ApiError> {
-    shared.ami.as_ref().ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "pbx_not_configured", "no AMI connection is configured")
-    })
+    shared.ami.as_ref().ok_or_else(|| ApiError::new(ErrorCode::PbxNotConfigured, "no AMI connection is configured"))
 }
 
 /// What the API answers when the PBX did not accept an action.
 fn ami_error(e: ActionError) -> ApiError {
-    match e {
+    let code = match &e {
         ActionError::Rejected { action, message, .. } => {
-            ApiError::new(StatusCode::BAD_GATEWAY, "pbx_rejected", format!("the PBX rejected {action}: {message}"))
+            return ApiError::new(ErrorCode::PbxRejected, format!("the PBX rejected {action}: {message}"))
         }
         ActionError::NotConnected | ActionError::ConnectionLost { .. } | ActionError::Stopped => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "pbx_not_connected", e.to_string())
+            ErrorCode::PbxNotConnected
         }
-        ActionError::Timeout { .. } => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "pbx_timeout", e.to_string()),
-        ActionError::Busy(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "pbx_busy", e.to_string()),
-        ActionError::Invalid(_) | ActionError::ListTooLong { .. } => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_action", e.to_string())
-        }
-    }
+        ActionError::Timeout { .. } => ErrorCode::PbxTimeout,
+        ActionError::Busy(_) => ErrorCode::PbxBusy,
+        ActionError::Invalid(_) | ActionError::ListTooLong { .. } => ErrorCode::InvalidAction,
+    };
+    ApiError::new(code, e.to_string())
 }
 
 fn to_action(p: &PlannedAction) -> Action {
@@ -65,22 +54,40 @@ fn to_action(p: &PlannedAction) -> Action {
 
 async fn ask<T>(shared: &Shared, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, ApiError> {
     let (tx, rx) = oneshot::channel();
-    shared.commands.send(make(tx)).await.map_err(|_| stopping())?;
-    rx.await.map_err(|_| stopping())
+    shared.commands.send(make(tx)).await.map_err(|_| ApiError::stopping())?;
+    rx.await.map_err(|_| ApiError::stopping())
 }
 
 fn agent_on_call(shared: &Shared, agent: &str) -> Option<String> {
     shared.registry.live_calls(&LiveFilter::all().agent(agent)).into_iter().next().map(|c| c.id.to_string())
 }
 
-/// `POST /v1/calls`: click-to-call. `202 {"call_id": …}` once the PBX
-/// queued the `Originate`; the call id is the `ChannelId` of the agent's
-/// channel, so every lifecycle event of the call carries it.
+/// `202` of `POST /v1/calls`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClickToCallAccepted {
+    /// callbridge's id of the call: every lifecycle event of it carries it.
+    pub call_id: String,
+    pub agent: AgentId,
+    pub extension: String,
+    /// The number as normalised (national, or with the international prefix).
+    pub number: String,
+    /// What the dialplan dials: the outbound prefix and the number.
+    pub dialled: String,
+    pub ticket_id: Option<String>,
+}
+
+/// Click-to-call: the agent's phone rings first, then the customer's
+/// number is dialled. `202` once the PBX queued the `Originate`; the call
+/// id is the `ChannelId` of the agent's channel, so every lifecycle event
+/// of the call carries it.
+#[utoipa::path(post, path = "/v1/calls", tag = "control", request_body = ClickToCall, responses(
+    (status = 202, description = "The PBX queued the call", body = ClickToCallAccepted),
+))]
 pub async fn click_to_call(
     State(shared): State<Arc<Shared>>,
-    body: Result<Json<ClickToCall>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Json(req) = body.map_err(bad_body)?;
+    _: Query<NoQuery>,
+    Json(req): Json<ClickToCall>,
+) -> Result<(StatusCode, axum::Json<ClickToCallAccepted>), ApiError> {
     let config = shared.config();
     let rules = OutboundRules::from_config(&config);
     let dir = shared.directory();
@@ -88,8 +95,7 @@ pub async fn click_to_call(
     let planned = control::plan_click_to_call(&req, &dir, &rules, |a| agent_on_call(&shared, a).is_some(), &call_id)?;
     if config.outbound.context.is_none() {
         return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "click_to_call_not_configured",
+            ErrorCode::ClickToCallNotConfigured,
             "click-to-call needs [outbound] context in the configuration",
         ));
     }
@@ -111,32 +117,39 @@ pub async fn click_to_call(
     };
     ask(&shared, |reply| Command::ExpectOriginate { originate, reply }).await?;
     ami.send(to_action(&planned)).await.map_err(ami_error)?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "call_id": call_id,
-            "agent": agent,
-            "extension": extension,
-            "number": number,
-            "dialled": format!("{}{number}", rules.prefix),
-            "ticket_id": req.ticket_id,
-        })),
-    ))
+    let dialled = format!("{}{number}", rules.prefix);
+    let accepted = ClickToCallAccepted { call_id, agent, extension, number, dialled, ticket_id: req.ticket_id };
+    Ok((StatusCode::ACCEPTED, axum::Json(accepted)))
 }
 
-/// `POST /v1/calls/{id}/transfer`: blind transfer of the customer to
-/// another agent of the call's group. `202` once the PBX accepted it; the
-/// `call.transferred` event follows from the PBX's `BlindTransfer`.
+/// `202` of `POST /v1/calls/{id}/transfer`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransferAccepted {
+    pub call_id: String,
+    /// Always `blind`.
+    pub kind: &'static str,
+    pub from_agent: AgentId,
+    pub to_agent: String,
+    pub to_extension: String,
+}
+
+/// Blind transfer of the customer to another agent of the call's group.
+/// `202` once the PBX accepted it; the `call.transferred` event follows
+/// from the PBX's `BlindTransfer`.
+#[utoipa::path(post, path = "/v1/calls/{id}/transfer", tag = "control",
+    params(("id" = String, Path, description = "The call id")),
+    request_body = TransferRequest,
+    responses((status = 202, description = "The PBX accepted the transfer", body = TransferAccepted)))]
 pub async fn transfer(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
-    body: Result<Json<TransferRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Json(req) = body.map_err(bad_body)?;
+    _: Query<NoQuery>,
+    Json(req): Json<TransferRequest>,
+) -> Result<(StatusCode, axum::Json<TransferAccepted>), ApiError> {
     let Some(live) = shared.registry.get_live(&id) else {
         return Err(match shared.registry.get(&id) {
-            Some(_) => ApiError::new(StatusCode::CONFLICT, "call_ended", format!("call {id:?} has ended")),
-            None => ApiError::not_found("call_not_found", format!("no live call with id {id:?}")),
+            Some(_) => ApiError::new(ErrorCode::CallEnded, format!("call {id:?} has ended")),
+            None => ApiError::new(ErrorCode::CallNotFound, format!("no live call with id {id:?}")),
         });
     };
     let config = shared.config();
@@ -144,32 +157,55 @@ pub async fn transfer(
     let talking = ask(&shared, |reply| Command::TalkingChannel { call: id.clone(), reply }).await?;
     let Some((agent, channel)) = talking.filter(|(a, _)| a.as_str() == target.from_agent) else {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "call_not_answered",
+            ErrorCode::CallNotAnswered,
             format!("no channel of agent {:?} is in call {id:?}", target.from_agent),
         ));
     };
     let rules = OutboundRules::from_config(&config);
     let planned = control::plan_blind_transfer(&channel, &target, &rules);
     ami_of(&shared)?.send(to_action(&planned)).await.map_err(ami_error)?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "call_id": id,
-            "kind": "blind",
-            "from_agent": agent,
-            "to_agent": target.to_agent,
-            "to_extension": target.to_extension,
-        })),
-    ))
+    let accepted = TransferAccepted {
+        call_id: id,
+        kind: "blind",
+        from_agent: agent,
+        to_agent: target.to_agent,
+        to_extension: target.to_extension,
+    };
+    Ok((StatusCode::ACCEPTED, axum::Json(accepted)))
 }
 
 /// `PUT /v1/agents/{id}/availability` body.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AvailabilityRequest {
+    /// `false` pauses the agent in every queue of their groups.
+    pub available: bool,
+    /// Why (e.g. `lunch`); given to the PBX as the pause reason.
+    pub reason: Option<String>,
+}
+
+/// The answer of `PUT /v1/agents/{id}/availability`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AvailabilityResult {
+    pub agent: AgentId,
     pub available: bool,
     pub reason: Option<String>,
+    /// One entry per group of the agent.
+    pub queues: Vec<QueueResult>,
+}
+
+/// What one queue did with the switch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueResult {
+    pub group: GroupId,
+    pub queue: String,
+    /// How the queue lists the agent; absent when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    pub ok: bool,
+    /// Why the queue did not take it (`not_a_member`, `pbx_rejected`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
 }
 
 /// Finds how a queue lists the agent (its member interface), from
@@ -191,28 +227,31 @@ async fn member_interface(
     }))
 }
 
-/// `PUT /v1/agents/{id}/availability`: pauses or unpauses the agent in the
-/// queue of each of their groups (`QueuePause`) and records the helpdesk's
-/// switch. The answer lists the result per queue; `200` when every queue
-/// took it, `207` when some did not (the switch is recorded either way:
-/// it is what the agent asked for; the PBX's next member event or the
-/// resync after a reconnection corrects the queues it did not take).
+/// Pauses or unpauses the agent in the queue of each of their groups
+/// (`QueuePause`) and records the helpdesk's switch. The answer lists the
+/// result per queue; `200` when every queue took it, `207` when some did not
+/// (the switch is recorded either way: it is what the agent asked for; the
+/// PBX's next member event or the resync after a reconnection corrects the
+/// queues it did not take).
+#[utoipa::path(put, path = "/v1/agents/{id}/availability", tag = "control",
+    params(("id" = String, Path, description = "The agent id")),
+    request_body = AvailabilityRequest,
+    responses(
+        (status = 200, description = "Every queue took it", body = AvailabilityResult),
+        (status = 207, description = "Some queues did not take it (see `queues[].error`)", body = AvailabilityResult),
+    ))]
 pub async fn set_availability(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
-    body: Result<Json<AvailabilityRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Json(req) = body.map_err(bad_body)?;
+    _: Query<NoQuery>,
+    Json(req): Json<AvailabilityRequest>,
+) -> Result<(StatusCode, axum::Json<AvailabilityResult>), ApiError> {
     if req.reason.as_deref().is_some_and(|r| r.chars().any(char::is_control)) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "reason_malformed",
-            "the reason contains control characters",
-        ));
+        return Err(ApiError::new(ErrorCode::ReasonMalformed, "the reason contains control characters"));
     }
     let dir = shared.directory();
     let Some(agent) = dir.agent(&id).cloned() else {
-        return Err(ApiError::not_found("agent_unknown", format!("no agent {id:?} in the configuration")));
+        return Err(ApiError::new(ErrorCode::AgentUnknown, format!("no agent {id:?} in the configuration")));
     };
     let ami = ami_of(&shared)?;
     // Recorded before the PBX is told, so that the PBX's confirmation
@@ -223,72 +262,116 @@ pub async fn set_availability(
     let (available, reason) = (req.available, req.reason.clone().filter(|r| !r.is_empty()));
     ask(&shared, |reply| Command::SetAvailable { agent: id.clone(), available, reason, queues, reply }).await?;
     let mut results = Vec::new();
-    let mut all_ok = true;
     for group in &agent.groups {
         let Some(g) = dir.group(group.as_str()) else { continue };
-        let result = match member_interface(ami, &g.queue, &dir, agent.id.as_str()).await {
-            Ok(Some(interface)) => {
-                let mut action = Action::new("QueuePause")
-                    .header("Queue", g.queue.as_str())
-                    .header("Interface", interface.as_str())
-                    .header("Paused", if req.available { "false" } else { "true" });
-                if let Some(r) = req.reason.as_deref().filter(|r| !r.is_empty()) {
-                    action.push("Reason", r);
-                }
-                match ami.send(action).await {
-                    Ok(_) => json!({"group": group, "queue": g.queue, "interface": interface, "ok": true}),
-                    Err(e) => {
-                        all_ok = false;
-                        let e = ami_error(e);
-                        json!({"group": group, "queue": g.queue, "interface": interface, "ok": false,
-                               "error": {"code": e.code, "message": e.message}})
-                    }
-                }
-            }
-            Ok(None) => {
-                all_ok = false;
-                json!({"group": group, "queue": g.queue, "ok": false, "error": {"code": "not_a_member",
-                       "message": format!("agent {id:?} is not a member of queue {}", g.queue)}})
-            }
-            Err(e) => {
-                all_ok = false;
-                let e = ami_error(e);
-                json!({"group": group, "queue": g.queue, "ok": false, "error": {"code": e.code, "message": e.message}})
-            }
-        };
-        results.push(result);
+        results.push(pause_in_queue(ami, &dir, &agent, group, &g.queue, &req).await);
     }
-    let status = if all_ok { StatusCode::OK } else { StatusCode::MULTI_STATUS };
-    Ok((status, Json(json!({"agent": agent.id, "available": available, "reason": req.reason, "queues": results}))))
+    let status = if results.iter().all(|r| r.ok) { StatusCode::OK } else { StatusCode::MULTI_STATUS };
+    Ok((status, axum::Json(AvailabilityResult { agent: agent.id, available, reason: req.reason, queues: results })))
 }
 
-/// `GET /v1/agents`: every configured agent with extension, groups,
-/// availability (as the PBX and the helpdesk said) and current call.
-pub async fn list_agents(State(shared): State<Arc<Shared>>) -> Json<Value> {
+/// `QueuePause` of `agent` in one queue, with the interface the queue lists.
+async fn pause_in_queue(
+    ami: &AmiHandle,
+    dir: &Directory,
+    agent: &Agent,
+    group: &GroupId,
+    queue: &str,
+    req: &AvailabilityRequest,
+) -> QueueResult {
+    let result = |interface: Option<String>, error: Option<ApiError>| QueueResult {
+        group: group.clone(),
+        queue: queue.to_string(),
+        interface,
+        ok: error.is_none(),
+        error: error.map(|e| e.detail()),
+    };
+    let interface = match member_interface(ami, queue, dir, agent.id.as_str()).await {
+        Ok(Some(interface)) => interface,
+        Ok(None) => {
+            let message = format!("agent {:?} is not a member of queue {queue}", agent.id.as_str());
+            return result(None, Some(ApiError::new(ErrorCode::NotAMember, message)));
+        }
+        Err(e) => return result(None, Some(ami_error(e))),
+    };
+    let mut action = Action::new("QueuePause")
+        .header("Queue", queue)
+        .header("Interface", interface.as_str())
+        .header("Paused", if req.available { "false" } else { "true" });
+    if let Some(r) = req.reason.as_deref().filter(|r| !r.is_empty()) {
+        action.push("Reason", r);
+    }
+    let error = ami.send(action).await.err().map(ami_error);
+    result(Some(interface), error)
+}
+
+/// `GET /v1/agents`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentList {
+    pub count: usize,
+    pub agents: Vec<AgentView>,
+}
+
+/// An agent as `GET /v1/agents` shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentView {
+    pub id: AgentId,
+    pub name: Option<String>,
+    pub extension: String,
+    pub groups: Vec<GroupId>,
+    /// Takes calls: switched on in the helpdesk, device usable, not paused everywhere.
+    pub available: bool,
+    /// The helpdesk's switch.
+    pub helpdesk_available: bool,
+    /// Queues the PBX has the agent paused in.
+    pub paused_queues: Vec<String>,
+    /// The agent's phone is unregistered or unreachable.
+    pub device_unavailable: bool,
+    /// The agent's live call, if any.
+    pub current_call: Option<CurrentCall>,
+}
+
+/// The call an agent is on.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CurrentCall {
+    pub id: CallId,
+    pub state: CallState,
+    pub direction: Direction,
+    pub group: Option<GroupId>,
+}
+
+/// Every configured agent with extension, groups, availability (as the
+/// PBX and the helpdesk said) and current call.
+#[utoipa::path(get, path = "/v1/agents", tag = "control", responses(
+    (status = 200, description = "The agents", body = AgentList),
+))]
+pub async fn list_agents(State(shared): State<Arc<Shared>>, _: Query<NoQuery>) -> axum::Json<AgentList> {
     let config = shared.config();
     let dir = shared.directory();
-    let agents: Vec<Value> = config
+    let agents: Vec<AgentView> = config
         .agents
         .iter()
         .filter_map(|a| dir.agent(&a.id))
         .map(|a| {
             let call = shared.registry.live_calls(&LiveFilter::all().agent(a.id.as_str())).into_iter().next();
             let p = shared.presence.get(a.id.as_str());
-            let paused: Vec<&String> = p.paused.iter().filter(|(_, v)| **v).map(|(q, _)| q).collect();
-            json!({
-                "id": a.id,
-                "name": a.name,
-                "extension": a.extension,
-                "groups": a.groups,
-                "available": p.available(),
-                "helpdesk_available": !p.helpdesk_off,
-                "paused_queues": paused,
-                "device_unavailable": p.device_unavailable,
-                "current_call": call.map(|c| json!({
-                    "id": c.id, "state": c.state.as_str(), "direction": c.direction, "group": c.group,
-                })),
-            })
+            AgentView {
+                id: a.id.clone(),
+                name: a.name.clone(),
+                extension: a.extension.clone(),
+                groups: a.groups.clone(),
+                available: p.available(),
+                helpdesk_available: !p.helpdesk_off,
+                paused_queues: p.paused.iter().filter(|(_, v)| **v).map(|(q, _)| q.clone()).collect(),
+                device_unavailable: p.device_unavailable,
+                current_call: call.map(|c| CurrentCall {
+                    id: c.id,
+                    state: c.state,
+                    direction: c.direction,
+                    group: c.group,
+                }),
+            }
         })
         .collect();
-    Json(json!({ "count": agents.len(), "agents": agents }))
+    axum::Json(AgentList { count: agents.len(), agents })
 }

@@ -1,77 +1,108 @@
 //! The HTTP API (axum): health and readiness, Prometheus metrics, calls,
-//! indicators, control actions and dead letters (SPEC §8).
+//! indicators, control actions and dead letters (SPEC §8), described by the
+//! OpenAPI document at `/v1/openapi.json` ([`openapi`]).
 //!
-//! JSON everywhere; errors are `{"error": {"code": "...", "message": "..."}}`
-//! with a stable `code`. Every route but `/healthz`, `/readyz` and `/metrics`
-//! needs `Authorization: Bearer <token>`, compared in constant time.
+//! JSON everywhere; every error is `{"error": {"code": "...", "message":
+//! "..."}}` with a stable [`ErrorCode`] ([`error`]). Every route but
+//! `/healthz`, `/readyz`, `/metrics` and `/v1/openapi.json` needs
+//! `Authorization: Bearer <token>`, compared in constant time. Tracing, the
+//! request timeout and the body limit are in [`layers`].
 //!
 //! The API never changes call state itself: reads come from the registry,
 //! changes go to the pipeline task or the PBX as commands.
 
 pub mod actions;
+pub mod error;
+pub mod layers;
+pub mod openapi;
 pub mod routes;
 pub mod server;
 
-use crate::state::Readiness;
+pub use error::{ApiError, ErrorCode};
+pub use layers::RequestLimits;
+
+use crate::state::Shared;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use error::{Enveloped, ErrorDetail};
+use serde::Serialize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// An API error: HTTP status, stable code, human message.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
+/// `GET /healthz`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: &'static str,
 }
 
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+/// `GET /readyz` when ready.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    pub ready: bool,
+    /// AMI logged in (or, in SIP-only mode, the SIP side reachable).
+    pub pbx_connected: bool,
+    pub outbox_writable: bool,
+}
+
+/// `GET /readyz` when not ready: the error envelope (`not_ready`) with the
+/// same flags.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NotReady {
+    pub error: ErrorDetail,
+    pub ready: bool,
+    pub pbx_connected: bool,
+    pub outbox_writable: bool,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is up", body = Health)))]
+pub async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+/// Ready for work: the PBX is connected and the outbox accepts writes.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Ready", body = Readiness),
+    (status = 503, description = "Not ready (`not_ready`); the flags say why", body = NotReady),
+))]
+pub async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let r = &shared.readiness;
+    let (ready, pbx_connected, outbox_writable) =
+        (r.is_ready(), r.pbx.load(Ordering::Relaxed), r.outbox.load(Ordering::Relaxed));
+    if ready {
+        return axum::Json(Readiness { ready, pbx_connected, outbox_writable }).into_response();
     }
-
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, code, message)
-    }
+    let why: Vec<&str> =
+        [(!pbx_connected, "the PBX is not connected"), (!outbox_writable, "the outbox does not accept writes")]
+            .into_iter()
+            .filter_map(|(bad, what)| bad.then_some(what))
+            .collect();
+    let error = ErrorDetail { code: ErrorCode::NotReady, message: why.join("; ") };
+    let mut response =
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(NotReady { error, ready, pbx_connected, outbox_writable }))
+            .into_response();
+    response.extensions_mut().insert(Enveloped);
+    response
 }
 
-impl From<crate::control::Refusal> for ApiError {
-    fn from(r: crate::control::Refusal) -> Self {
-        ApiError {
-            status: StatusCode::from_u16(r.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
-            code: r.code,
-            message: r.message,
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
-    }
-}
-
-pub async fn healthz() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok"}))
-}
-
-pub async fn readyz(State(r): State<Arc<Readiness>>) -> Response {
-    let body = serde_json::json!({
-        "ready": r.is_ready(),
-        "pbx_connected": r.pbx.load(Ordering::Relaxed),
-        "outbox_writable": r.outbox.load(Ordering::Relaxed),
-    });
-    let status = if r.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(body)).into_response()
-}
-
+/// Prometheus metrics (text exposition format 0.0.4).
+#[utoipa::path(get, path = "/metrics", tag = "health", responses(
+    (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"),
+))]
 pub async fn metrics() -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::telemetry::render()).into_response()
+}
+
+/// This document (OpenAPI 3.1), without a token.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "health", responses(
+    (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object, content_type = "application/json"),
+))]
+pub async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi::json()).into_response()
 }
 
 /// Bearer-token check for the protected routes.
@@ -97,14 +128,8 @@ pub async fn require_bearer(State(auth): State<Auth>, req: Request, next: Next) 
     if auth.accepts(value) {
         next.run(req).await
     } else {
-        let mut r = ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token (Authorization: Bearer <token>)",
-        )
-        .into_response();
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        r
+        ApiError::new(ErrorCode::Unauthorized, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            .into_response()
     }
 }
 

@@ -118,6 +118,15 @@ pub struct ApiConfig {
     /// (default 60 s).
     #[serde(default = "default_api_idle_timeout")]
     pub idle_timeout_seconds: f64,
+    /// A request not answered within this long is abandoned with `503
+    /// request_timeout` (default 60 s; each AMI action has its own
+    /// `action_timeout_seconds` within it).
+    #[serde(default = "default_api_request_timeout")]
+    pub request_timeout_seconds: f64,
+    /// A larger request body is refused with `413 payload_too_large`
+    /// (default 65536).
+    #[serde(default = "default_api_max_body_bytes")]
+    pub max_body_bytes: usize,
 }
 
 fn default_api_max_connections() -> usize {
@@ -128,6 +137,12 @@ fn default_api_header_read_timeout() -> f64 {
 }
 fn default_api_idle_timeout() -> f64 {
     60.0
+}
+fn default_api_request_timeout() -> f64 {
+    60.0
+}
+fn default_api_max_body_bytes() -> usize {
+    64 * 1024
 }
 
 /// `[stuck]`: when a call is suspect (SPEC §7).

@@ -494,6 +494,8 @@ static API: TableSchema = TableSchema {
         opt("max_connections", Kind::Count { min: 1, why: "the API needs at least one connection" }),
         opt("header_read_timeout_seconds", SECONDS),
         opt("idle_timeout_seconds", SECONDS),
+        opt("request_timeout_seconds", SECONDS),
+        opt("max_body_bytes", Kind::Count { min: 1, why: "a request body of 0 bytes is no limit callbridge can use" }),
     ],
     check: Some(check_secret_source),
 };

@@ -374,7 +374,7 @@ pub struct Record {
 }
 
 /// An event a sink refused for good (4xx other than 408/429).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     pub sink: String,
     pub event_id: String,

@@ -27,6 +27,7 @@
 
 pub mod client;
 pub mod events;
+pub mod openapi;
 pub mod server;
 pub mod trace;
 

@@ -20,6 +20,10 @@
 //! The decoder never fails on content: `Err` is reserved for I/O errors of the
 //! underlying stream. It never panics on any input (see the property tests).
 
+// Fed by the network and by trace files: no indexing or slicing that
+// could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use super::frame::{Frame, HeaderPos};
 use bytes::{Buf, BytesMut};
 use smallvec::SmallVec;
@@ -163,18 +167,18 @@ impl AmiCodec {
                 },
                 Some(_) => {}
             }
-            let Some(nl) = memchr::memchr(b'\n', &src[pos..]) else {
+            let Some(nl) = src.get(pos..).and_then(|rest| memchr::memchr(b'\n', rest)) else {
                 break;
             };
             let line_end_nl = pos + nl;
             let mut line_end = line_end_nl;
-            if line_end > pos && src[line_end - 1] == b'\r' {
+            if line_end > pos && src.get(line_end - 1) == Some(&b'\r') {
                 line_end -= 1;
             }
             if self.pending.len() >= self.limits.max_headers {
                 return Scan::Overflow(MalformedReason::TooManyHeaders);
             }
-            let line = &src[pos..line_end];
+            let line = src.get(pos..line_end).unwrap_or_default();
             let header = match memchr::memchr(b':', line) {
                 Some(colon) => {
                     let key_end = pos + colon;
@@ -197,8 +201,8 @@ impl AmiCodec {
                 },
             };
             if self.pending.is_empty() {
-                self.pending_first_ok =
-                    is_header_key(&src[pos..header.key_end as usize]) && header.key_end > header.key_start;
+                self.pending_first_ok = is_header_key(src.get(pos..header.key_end as usize).unwrap_or_default())
+                    && header.key_end > header.key_start;
             }
             self.pending.push(header);
             pos = line_end_nl + 1;
@@ -239,7 +243,7 @@ impl AmiCodec {
 /// End (exclusive) of the first empty line ("\n\n" or "\n\r\n") in `bytes`.
 fn find_empty_line_end(bytes: &[u8]) -> Option<usize> {
     let mut search = 0;
-    while let Some(i) = memchr::memchr(b'\n', &bytes[search..]) {
+    while let Some(i) = bytes.get(search..).and_then(|rest| memchr::memchr(b'\n', rest)) {
         let nl = search + i;
         match bytes.get(nl + 1) {
             None => return None,
@@ -290,7 +294,7 @@ impl Decoder for AmiCodec {
                 return match memchr::memchr(b'\n', src) {
                     Some(nl) => {
                         let line = src.split_to(nl + 1);
-                        let text = String::from_utf8_lossy(&line[BANNER_PREFIX.len()..]);
+                        let text = String::from_utf8_lossy(line.get(BANNER_PREFIX.len()..).unwrap_or_default());
                         Ok(Some(AmiMessage::Banner(text.trim_end().to_string())))
                     }
                     None if src.len() > self.limits.max_frame_bytes => {
@@ -371,16 +375,38 @@ impl Decoder for AmiCodec {
     }
 }
 
-/// Decodes a whole in-memory byte slice (a trace file), calling `f` for each
-/// message. Used by replay, tests and benchmarks. The bytes are fed in
-/// socket-sized chunks, so memory stays bounded by the codec's limits rather
-/// than by the size of the trace.
-pub fn decode_all(codec: &mut AmiCodec, data: &[u8], mut f: impl FnMut(AmiMessage)) {
+/// Decodes a whole in-memory byte slice, calling `f` for each message.
+/// Used by tests, benchmarks and the fuzz targets. The bytes are fed in
+/// socket-sized chunks, as [`decode_reader`] feeds a file.
+pub fn decode_all(codec: &mut AmiCodec, data: &[u8], f: impl FnMut(AmiMessage)) {
+    // Reading from memory cannot fail.
+    let _ = decode_reader(codec, data, f);
+}
+
+/// Decodes what `reader` yields (a trace file) as it is read, calling `f`
+/// for each message; returns how many bytes were read. Memory stays
+/// bounded by the codec's limits plus one read, whatever the size of the
+/// trace. Fails only when reading fails (what was decoded before stays
+/// handed over).
+pub fn decode_reader(
+    codec: &mut AmiCodec,
+    mut reader: impl std::io::Read,
+    mut f: impl FnMut(AmiMessage),
+) -> std::io::Result<u64> {
     const CHUNK: usize = 64 * 1024;
     let mut buf = BytesMut::with_capacity(CHUNK * 2);
-    for chunk in data.chunks(CHUNK) {
-        buf.extend_from_slice(chunk);
-        // Decoding from memory cannot fail: errors only come from I/O.
+    let mut read = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut read) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        total += n as u64;
+        buf.extend_from_slice(read.get(..n).unwrap_or_default());
+        // Decoding cannot fail on content: errors only come from I/O.
         while let Ok(Some(m)) = codec.decode(&mut buf) {
             f(m);
         }
@@ -388,9 +414,11 @@ pub fn decode_all(codec: &mut AmiCodec, data: &[u8], mut f: impl FnMut(AmiMessag
     while let Ok(Some(m)) = codec.decode_eof(&mut buf) {
         f(m);
     }
+    Ok(total)
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::string_slice)]
 mod tests {
     use super::*;
 

@@ -236,14 +236,30 @@ fn check_overflow_cycles(groups: &[GroupEntry], out: &mut Vec<String>) {
         let Some(cycle) = shortest_cycle(start, &edges, &members) else {
             continue;
         };
-        let names: Vec<&str> = cycle.iter().map(|&n| nodes[n].id.unwrap_or("?")).collect();
+        let names: Vec<&str> = cycle.iter().map(|&n| nodes.get(n).and_then(|g| g.id).unwrap_or("?")).collect();
         let first_hop = cycle.get(1).copied().unwrap_or(start);
-        let j = edges[start].iter().find(|&&(_, m)| m == first_hop).map_or(0, |&(j, _)| j);
+        let j = out_edges(&edges, start).iter().find(|&&(_, m)| m == first_hop).map_or(0, |&(j, _)| j);
         out.push(format!(
             "groups[{}].overflow[{j}]: overflow cycle {} (a diverted call would come back to where it started)",
-            nodes[start].index,
+            nodes.get(start).map_or(0, |g| g.index),
             names.join(" → ")
         ));
+    }
+}
+
+/// The edges out of `node` (none for a node that does not exist).
+fn out_edges(edges: &[Vec<(usize, usize)>], node: usize) -> &[(usize, usize)] {
+    edges.get(node).map_or(&[], Vec::as_slice)
+}
+
+/// Marks `node` seen; false when it already was (or does not exist).
+fn mark(seen: &mut [bool], node: usize) -> bool {
+    match seen.get_mut(node) {
+        Some(s) if !*s => {
+            *s = true;
+            true
+        }
+        _ => false,
     }
 }
 
@@ -253,16 +269,14 @@ fn strongly_connected(edges: &[Vec<(usize, usize)>]) -> Vec<Vec<usize>> {
     let mut order = Vec::with_capacity(n);
     let mut visited = vec![false; n];
     for root in 0..n {
-        if visited[root] {
+        if !mark(&mut visited, root) {
             continue;
         }
-        visited[root] = true;
         let mut stack = vec![(root, 0usize)];
         while let Some(&mut (node, ref mut next)) = stack.last_mut() {
-            if let Some(&(_, m)) = edges[node].get(*next) {
+            if let Some(&(_, m)) = out_edges(edges, node).get(*next) {
                 *next += 1;
-                if !visited[m] {
-                    visited[m] = true;
+                if mark(&mut visited, m) {
                     stack.push((m, 0));
                 }
             } else {
@@ -274,23 +288,22 @@ fn strongly_connected(edges: &[Vec<(usize, usize)>]) -> Vec<Vec<usize>> {
     let mut reverse = vec![Vec::new(); n];
     for (from, out) in edges.iter().enumerate() {
         for &(_, to) in out {
-            reverse[to].push(from);
+            if let Some(r) = reverse.get_mut(to) {
+                r.push(from);
+            }
         }
     }
-    let mut component_of = vec![usize::MAX; n];
+    let mut assigned = vec![false; n];
     let mut components = Vec::new();
     for &root in order.iter().rev() {
-        if component_of[root] != usize::MAX {
+        if !mark(&mut assigned, root) {
             continue;
         }
-        let c = components.len();
         let mut members = vec![root];
-        component_of[root] = c;
         let mut stack = vec![root];
         while let Some(node) = stack.pop() {
-            for &m in &reverse[node] {
-                if component_of[m] == usize::MAX {
-                    component_of[m] = c;
+            for &m in reverse.get(node).map_or(&[][..], Vec::as_slice) {
+                if mark(&mut assigned, m) {
                     members.push(m);
                     stack.push(m);
                 }
@@ -307,7 +320,7 @@ fn shortest_cycle(start: usize, edges: &[Vec<(usize, usize)>], members: &HashSet
     let mut parent: HashMap<usize, usize> = HashMap::new();
     let mut queue = VecDeque::from([start]);
     while let Some(node) = queue.pop_front() {
-        for &(_, m) in &edges[node] {
+        for &(_, m) in out_edges(edges, node) {
             if !members.contains(&m) {
                 continue;
             }

@@ -110,7 +110,7 @@ def agi():
            "agi_version: 20.5.2\nagi_callerid: 11987650001\nagi_calleridname: Cliente 0001\n"
            "agi_context: from-pstn\nagi_extension: 1130001000\nagi_priority: 3\n")
     replies = "200 result=1\nHANGUP\n200 result=1\n511 Command Not Permitted on a dead channel\n"
-    write("agi_request", "queue", (env.format(script="route?queue=700") + "\n" + replies).encode())
+    write("agi_request", "route-queue", (env.format(script="route?queue=700") + "\n" + replies).encode())
     write("agi_request", "group-arg", (env.format(script="route") + "agi_arg_1: group=support\n\n200 result=1\n").encode())
     write("agi_request", "percent", (env.format(script="route?group=sup%70ort&x") + "\n520-Invalid\nusage\n520 End of proper usage.\n").encode())
     write("agi_request", "request-only", b"agi_network: yes\nagi_request: agi://127.0.0.1:4573/route?queue=701\n\n200 result=0\n")

@@ -211,8 +211,19 @@ impl AmiCodec {
             }
         }
         self.scan_from = pos;
-        if src.len() > self.limits.max_frame_bytes {
-            return Scan::Overflow(MalformedReason::TooLarge);
+        // Checked as a whole frame is (line by line, in order), so that
+        // where the reads end changes neither whether a frame is dropped
+        // nor why: a lone '\r' may start the closing empty line and is no
+        // content yet; a partial line beyond `max_headers` is the line the
+        // header count refuses, once it is complete.
+        let partial = src.get(pos..).unwrap_or_default();
+        let content = if partial == b"\r" { pos } else { src.len() };
+        if content > self.limits.max_frame_bytes {
+            return Scan::Overflow(if self.pending.len() >= self.limits.max_headers {
+                MalformedReason::TooManyHeaders
+            } else {
+                MalformedReason::TooLarge
+            });
         }
         Scan::Incomplete
     }
@@ -493,6 +504,56 @@ mod tests {
     fn invalid_utf8_values_are_replaced() {
         let out = all(b"Event: Newchannel\r\nCallerIDName: Jos\xe9\r\n\r\n");
         assert_eq!(frame(&out[0]).get("CallerIDName"), Some("Jos\u{fffd}"));
+    }
+
+    /// Decodes `data` fed in reads of `chunk` bytes.
+    fn in_reads(limits: CodecLimits, data: &[u8], chunk: usize) -> Vec<AmiMessage> {
+        let mut codec = AmiCodec::new(limits);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for c in data.chunks(chunk) {
+            buf.extend_from_slice(c);
+            while let Some(m) = codec.decode(&mut buf).unwrap() {
+                out.push(m);
+            }
+        }
+        while let Some(m) = codec.decode_eof(&mut buf).unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    /// Found by fuzzing (fuzz/crashes/ami_codec): a frame over both limits
+    /// was `TooLarge` when its last line arrived in pieces and
+    /// `TooManyHeaders` when it arrived whole.
+    #[test]
+    fn why_a_frame_is_dropped_does_not_depend_on_the_reads() {
+        let limits = CodecLimits { max_frame_bytes: 40, max_headers: 2 };
+        let data = b"Event: A\r\nB: 1\r\nC: a line long enough to pass the size limit\r\n\r\nEvent: Ok\r\n\r\n";
+        let whole = in_reads(limits, data, data.len());
+        assert!(
+            matches!(whole[0], AmiMessage::Malformed(Malformed { reason: MalformedReason::TooManyHeaders, bytes: 64 })),
+            "{whole:?}"
+        );
+        assert_eq!(frame(&whole[1]).event(), Some("Ok"));
+        for chunk in 1..data.len() {
+            assert_eq!(in_reads(limits, data, chunk), whole, "reads of {chunk}");
+        }
+    }
+
+    /// A frame of exactly `max_frame_bytes` is accepted however the reads
+    /// cut it; it was dropped when a read ended between the closing
+    /// empty line's '\r' and '\n'.
+    #[test]
+    fn a_frame_of_exactly_the_limit_is_kept_whatever_the_reads() {
+        let frame_bytes = b"Event: A\r\nX: 12345\r\n";
+        let limits = CodecLimits { max_frame_bytes: frame_bytes.len(), max_headers: 8 };
+        let data = [&frame_bytes[..], b"\r\nEvent: B\r\n\r\n"].concat();
+        for chunk in 1..=data.len() {
+            let out = in_reads(limits, &data, chunk);
+            assert_eq!(out.len(), 2, "reads of {chunk}: {out:?}");
+            assert_eq!(frame(&out[0]).get("X"), Some("12345"), "reads of {chunk}");
+        }
     }
 
     #[test]

@@ -69,6 +69,8 @@ fn live_call(i: usize) -> Event {
         answered_at: None,
         ended_at: None,
         recording: Some(format!("https://pbx.example/rec/1795471023.{i}.wav")),
+        routing: None,
+        caller_lookup: None,
     };
     Event { seq: 1, time: call.started_at, kind: EventKind::Started {}, call: Some(call) }
 }

@@ -83,6 +83,8 @@ fn snapshot(names: &Names, n: u64, state: CallState, started_at: Micros) -> Call
         started_at,
         answered_at: (state == CallState::Talking).then_some(started_at + 7 * S),
         ended_at: None,
+        routing: None,
+        caller_lookup: None,
     }
 }
 

@@ -13,6 +13,7 @@
 //! deadline. Reload (SIGHUP): the new file is validated first; a bad one is
 //! refused (logged, counted) and the old configuration stays.
 
+mod blocker;
 pub mod commands;
 
 use crate::ami::codec::{AmiCodec, AmiMessage, CodecLimits};
@@ -95,7 +96,11 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     start_sip(&opts, &config, &readiness, sip_tx, &shutdown, &mut tasks).await?;
 
     readiness.set_outbox(true);
-    let delivery = Delivery::for_config(&config, readiness.clone())?;
+    // A caller the helpdesk rejects is hung up through the control path:
+    // the pipeline marks the call, then the PBX hangs the caller up.
+    let blocker = blocker::PbxBlocker::new(cmd_tx.clone(), ami.clone());
+    let sink_ctx = crate::sink::SinkContext { blocker: Some(Arc::new(blocker)) };
+    let delivery = Delivery::for_config(&config, readiness.clone(), &sink_ctx)?;
     let shared = Arc::new(Shared::new(
         config.clone(),
         Arc::new(crate::settings::directory(&config)),
@@ -105,7 +110,10 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         cmd_tx,
         delivery.outbox().cloned(),
     ));
-    let pipeline = Pipeline::new(&config, shared.clone(), delivery);
+    // A live PBX carries its calls across restarts; a replayed trace is
+    // an incident reproduced from scratch.
+    let persist = matches!(opts.source, SourceSpec::Ami);
+    let pipeline = Pipeline::new(&config, shared.clone(), delivery, persist);
     let pipeline = tokio::spawn(pipeline.run(source_rx, sip_rx, cmd_rx, shutdown.clone()));
     let pipeline = tasks.watch_result("pipeline", pipeline);
 
@@ -234,7 +242,8 @@ async fn start_agi(
 ) -> anyhow::Result<Option<Arc<crate::routing::RouteOracle>>> {
     let Some(agi) = &config.agi else { return Ok(None) };
     let routing = Arc::new(crate::settings::routing(config)?);
-    let oracle = Arc::new(crate::routing::RouteOracle::new(routing, shared.presence.clone()));
+    let lookup = crate::settings::caller_lookups(config).map_err(|e| anyhow::anyhow!(e))?;
+    let oracle = Arc::new(crate::routing::RouteOracle::new(routing, shared.presence.clone()).with_lookup(lookup));
     let limits = crate::routing::agi::AgiLimits::from_config(agi)?;
     let listener = crate::routing::agi::bind(agi).await?;
     info!(addr = %listener.local_addr()?, "FastAGI routing listening");
@@ -405,6 +414,10 @@ impl Running {
                     match crate::settings::routing(&new).map(Arc::new) {
                         Ok(r) => o.reconfigure(r),
                         Err(e) => error!(problems = %e, "routing rules not reloaded"),
+                    }
+                    match crate::settings::caller_lookups(&new) {
+                        Ok(l) => o.reconfigure_lookup(l),
+                        Err(e) => error!(problem = %e, "caller lookup not reloaded; keeping the running one"),
                     }
                 }
                 let _ = self.shared.commands.send(Command::Reload { config: new }).await;

@@ -1,10 +1,12 @@
-//! The helpdesk drives the PBX: click-to-call, transfer, agent availability.
+//! The helpdesk drives the PBX: click-to-call, transfer, agent availability,
+//! and hanging up a caller the helpdesk refused (Zammad's `reject`).
 //!
 //! This module holds the pure part — validating a request against the
 //! directory and the live calls, normalising the number, and deciding the
 //! exact AMI action (name and headers) to send. Sending it and answering the
-//! HTTP request is the API's job; the resulting call lifecycle comes back
-//! through the normal pipeline (the PBX's events), never from here.
+//! HTTP request is the API's job (for a refused caller, the Zammad sink's,
+//! through `app`); the resulting call lifecycle comes back through the
+//! normal pipeline (the PBX's events), never from here.
 
 use crate::config::Config;
 use crate::directory::Directory;
@@ -283,6 +285,23 @@ pub fn plan_blind_transfer(agent_channel: &str, target: &TransferTarget, rules: 
     }
 }
 
+/// Q.850 cause "call rejected": what the caller's side is told when the
+/// helpdesk refused the caller.
+pub const CAUSE_CALL_REJECTED: &str = "21";
+
+/// Plans the hangup of a caller the helpdesk refused (Zammad's `reject`
+/// of a blocked caller id): `Hangup` of the caller's channel with cause 21.
+/// The AMI user needs write permission `call` (or `system`).
+pub fn plan_reject_hangup(caller_channel: &str) -> PlannedAction {
+    PlannedAction {
+        name: "Hangup",
+        headers: vec![
+            ("Channel".to_string(), caller_channel.to_string()),
+            ("Cause".to_string(), CAUSE_CALL_REJECTED.to_string()),
+        ],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +355,14 @@ mod tests {
         assert_eq!(code(&req(true, Some("abc"), "maria"), false), Err("number_malformed"));
         assert_eq!(code(&req(true, Some("11987650700"), "nobody"), false), Err("agent_unknown"));
         assert_eq!(code(&req(true, Some("11987650700"), "maria"), true), Err("agent_busy"));
+    }
+
+    #[test]
+    fn a_refused_caller_is_hung_up_as_rejected() {
+        let a = plan_reject_hangup("SIP/carrier00-0000001e");
+        assert_eq!(a.name, "Hangup");
+        let h: Vec<(&str, &str)> = a.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(h, [("Channel", "SIP/carrier00-0000001e"), ("Cause", "21")]);
     }
 
     #[test]

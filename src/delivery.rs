@@ -10,6 +10,7 @@
 
 use crate::config::Config;
 use crate::event::Event;
+use crate::normalize::CallCheckpoint;
 use crate::outbox::{Outbox, OutboxOptions};
 use crate::sink;
 use crate::state::Readiness;
@@ -30,11 +31,13 @@ pub enum Delivery {
 impl Delivery {
     /// The delivery the configuration asks for. The Prometheus recorder
     /// must be installed first (the outbox registers its metrics on open).
-    pub fn for_config(config: &Config, readiness: Arc<Readiness>) -> anyhow::Result<Delivery> {
+    /// `ctx`: what sinks may ask of the rest of callbridge (hanging up a
+    /// caller the helpdesk rejects).
+    pub fn for_config(config: &Config, readiness: Arc<Readiness>, ctx: &sink::SinkContext) -> anyhow::Result<Delivery> {
         if sink::only_stdout(config) {
             return Ok(Delivery::Jsonl(Box::new(std::io::stdout())));
         }
-        let sinks = sink::build_sinks(config)?;
+        let sinks = sink::build_sinks(config, ctx)?;
         let names = sink::sink_names(config)?;
         let outbox = Outbox::open(&config.outbox.path, OutboxOptions::from_config(config, names))
             .with_context(|| format!("opening the outbox at {}", config.outbox.path))?;
@@ -52,9 +55,14 @@ impl Delivery {
         }
     }
 
-    pub async fn deliver(&mut self, events: &[Event], pbx: &str) -> anyhow::Result<()> {
+    /// `checkpoints` (the calls' state after `events`, see
+    /// `normalize::persist`) are stored with the events in the outbox, and
+    /// dropped by the other deliveries, which do not survive a restart.
+    pub async fn deliver(&mut self, events: &[Event], checkpoints: &[CallCheckpoint], pbx: &str) -> anyhow::Result<()> {
         match self {
-            Delivery::Outbox { outbox, readiness, .. } => store(outbox, readiness, events, None).await.map(|_| ()),
+            Delivery::Outbox { outbox, readiness, .. } => {
+                store(outbox, readiness, events, checkpoints, None).await.map(|_| ())
+            }
             Delivery::Jsonl(w) => {
                 let mut buf = String::with_capacity(events.len() * 900);
                 for e in events {
@@ -79,8 +87,8 @@ impl Delivery {
         deadline: &OnceLock<tokio::time::Instant>,
     ) -> anyhow::Result<usize> {
         match self {
-            Delivery::Outbox { outbox, readiness, .. } => store(outbox, readiness, events, Some(deadline)).await,
-            _ => self.deliver(events, pbx).await.map(|()| events.len()),
+            Delivery::Outbox { outbox, readiness, .. } => store(outbox, readiness, events, &[], Some(deadline)).await,
+            _ => self.deliver(events, &[], pbx).await.map(|()| events.len()),
         }
     }
 
@@ -121,13 +129,16 @@ async fn store(
     outbox: &Outbox,
     readiness: &Readiness,
     events: &[Event],
+    checkpoints: &[CallCheckpoint],
     deadline: Option<&OnceLock<tokio::time::Instant>>,
 ) -> anyhow::Result<usize> {
     let mut rest = events;
     let mut delay = Duration::from_millis(100);
     let mut waiting = false;
-    while !rest.is_empty() {
-        match outbox.append_what_fits(rest).await {
+    // Checkpoints go in with the last event (or alone when there is none).
+    let states_pending = !checkpoints.is_empty();
+    while !rest.is_empty() || states_pending {
+        match outbox.append_what_fits(rest, checkpoints).await {
             Ok(p) => {
                 if p.outcome.conflicts > 0 {
                     // Retrying cannot help: the outbox keeps what it has

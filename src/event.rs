@@ -10,7 +10,7 @@
 
 pub use crate::ids::{AgentId, CallId, GroupId};
 use serde::ser::SerializeMap;
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Microseconds since the Unix epoch (the PBX's clock).
 pub type Micros = i64;
@@ -29,7 +29,7 @@ pub fn seconds_between(from: Micros, to: Micros) -> u64 {
     u64::try_from(((to - from).max(0) + 500_000) / 1_000_000).unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     Inbound,
@@ -38,7 +38,7 @@ pub enum Direction {
 }
 
 /// Where a call stands now (for the API, indicators and the stuck-call sweeper).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CallState {
     /// Started, not (yet) in a queue nor ringing an agent (IVR, dialling).
@@ -64,7 +64,7 @@ impl CallState {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Party {
     pub number: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +90,72 @@ pub struct CallSnapshot {
     #[serde(serialize_with = "ser_opt_time")]
     pub ended_at: Option<Micros>,
     pub recording: Option<String>,
+    /// How the FastAGI router moved the call away from the group asked
+    /// for (overflow, or the caller's identity); absent when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing: Option<CallRouting>,
+    /// What the helpdesk said about the caller's number when the router
+    /// looked it up (`[caller_lookup]`); absent when it did not ask, or
+    /// got no answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller_lookup: Option<CallerLookup>,
+}
+
+/// Why the router sent a call to another group than the one asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingReason {
+    /// The group asked for was closed, on holiday or had nobody available:
+    /// its overflow list took the call.
+    Overflow,
+    /// No contact has the caller's number: `redirect_unknown_to`.
+    CallerUnknown,
+    /// The caller's contact is inactive: `redirect_inactive_to`.
+    CallerInactive,
+}
+
+impl RoutingReason {
+    pub const ALL: [RoutingReason; 3] =
+        [RoutingReason::Overflow, RoutingReason::CallerUnknown, RoutingReason::CallerInactive];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingReason::Overflow => "overflow",
+            RoutingReason::CallerUnknown => "caller_unknown",
+            RoutingReason::CallerInactive => "caller_inactive",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RoutingReason> {
+        RoutingReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// A redirect by who is calling (not an overflow).
+    pub fn is_redirect(self) -> bool {
+        matches!(self, RoutingReason::CallerUnknown | RoutingReason::CallerInactive)
+    }
+}
+
+/// The router's last move of a call (`data.call.routing`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRouting {
+    pub reason: RoutingReason,
+    /// The group whose rule moved the call: the group asked for
+    /// (overflow), or the group that would have taken it but redirects
+    /// such callers.
+    pub from_group: Option<GroupId>,
+}
+
+/// The helpdesk's answer about the caller's number (`data.call.caller_lookup`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerLookup {
+    /// A contact has this number.
+    pub found: bool,
+    /// Whether that contact is active (`null` when not found, or when the
+    /// helpdesk did not say).
+    pub active: Option<bool>,
+    /// The helpdesk's id of the contact.
+    pub contact_id: Option<String>,
 }
 
 fn ser_time<S: Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
@@ -112,7 +178,7 @@ pub enum OfferEndReason {
     Other,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MissedReason {
     OutsideHours,
@@ -124,11 +190,19 @@ pub enum MissedReason {
     Busy,
     Cancelled,
     Failed,
+    /// The PBX lost the call (crash, restart) while it was queued or
+    /// ringing: found gone at a resync or by the stuck-call check.
+    Lost,
+    /// A click-to-call whose agent never answered their own phone.
+    AgentNoAnswer,
+    /// The helpdesk refused the caller (Zammad's blocked caller ids) and
+    /// callbridge hung the call up.
+    Blocked,
 }
 
 impl MissedReason {
     /// Every reason, in the precedence table's order of declaration.
-    pub const ALL: [MissedReason; 9] = [
+    pub const ALL: [MissedReason; 12] = [
         MissedReason::OutsideHours,
         MissedReason::Holiday,
         MissedReason::NoAgents,
@@ -138,6 +212,9 @@ impl MissedReason {
         MissedReason::Busy,
         MissedReason::Cancelled,
         MissedReason::Failed,
+        MissedReason::Lost,
+        MissedReason::AgentNoAnswer,
+        MissedReason::Blocked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -151,18 +228,26 @@ impl MissedReason {
             MissedReason::Busy => "busy",
             MissedReason::Cancelled => "cancelled",
             MissedReason::Failed => "failed",
+            MissedReason::Lost => "lost",
+            MissedReason::AgentNoAnswer => "agent_no_answer",
+            MissedReason::Blocked => "blocked",
         }
     }
 
-    /// Rank in SPEC §4's precedence, strongest first: `holiday` (0) >
-    /// `outside_hours` (1) > `no_agents` (2) > everything else (3), which
-    /// describes what happened to a call that was deliverable.
+    /// Rank in SPEC §4's precedence, strongest first: `blocked` (0) >
+    /// `holiday` (1) > `outside_hours` (2) > `no_agents` (3) > everything
+    /// else (4), which describes what happened to a call that was
+    /// deliverable. `blocked` comes first: the helpdesk refused the caller
+    /// and callbridge hung up, so neither the hours nor the staffing is why
+    /// the call went unanswered — and a blocked caller must not land in the
+    /// call-backs a missed-call list asks for.
     pub fn precedence(self) -> u8 {
         match self {
-            MissedReason::Holiday => 0,
-            MissedReason::OutsideHours => 1,
-            MissedReason::NoAgents => 2,
-            _ => 3,
+            MissedReason::Blocked => 0,
+            MissedReason::Holiday => 1,
+            MissedReason::OutsideHours => 2,
+            MissedReason::NoAgents => 3,
+            _ => 4,
         }
     }
 }
@@ -174,7 +259,7 @@ pub enum TransferKind {
     Attended,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HungUpBy {
     Caller,

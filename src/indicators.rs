@@ -1,7 +1,8 @@
 //! Group indicators for administrators (SPEC §1, §2): calls offered,
-//! answered and missed by reason today (in the group's time zone), average
-//! and maximum wait, and the service level — the share of answered calls
-//! answered within a threshold.
+//! answered and missed by reason today (in the group's time zone), calls
+//! redirected in and out by who was calling, average and maximum wait, and
+//! the service level — the share of answered calls answered within a
+//! threshold.
 //!
 //! Fed by the pipeline with every lifecycle event, in order; read by the API.
 //! "Waiting now" and "talking now" come from the registry's live calls, not
@@ -30,6 +31,10 @@ pub struct DayCounts {
     pub wait_seconds_total: u64,
     pub wait_seconds_max: u64,
     pub answered_within_service_level: u64,
+    /// Calls sent here from another group by who is calling.
+    pub redirected_in: u64,
+    /// Calls that would have come here, sent to another group by who is calling.
+    pub redirected_out: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -44,6 +49,11 @@ pub struct GroupIndicators {
     pub answered: u64,
     pub missed: u64,
     pub missed_by_reason: BTreeMap<&'static str, u64>,
+    /// Calls the router sent here because of who was calling
+    /// (`redirect_unknown_to` / `redirect_inactive_to` of another group).
+    pub redirected_in: u64,
+    /// Calls this group's redirects sent to another group.
+    pub redirected_out: u64,
     pub average_wait_seconds: f64,
     pub max_wait_seconds: u64,
     pub service_level_seconds: u64,
@@ -103,6 +113,7 @@ impl Indicators {
             if !seen.contains(&group) {
                 seen.push(group.clone());
                 self.days.entry((group.clone(), date)).or_default().offered += 1;
+                self.count_redirect(call, &group, date, e.time);
             }
         }
         match &e.kind {
@@ -132,6 +143,22 @@ impl Indicators {
         }
     }
 
+    /// A call arriving in `group` because another group redirected it:
+    /// in for `group`, out for the other (on its own local date).
+    fn count_redirect(&mut self, call: &crate::event::CallSnapshot, group: &str, date: Date, t: Micros) {
+        let Some(from) = call.routing.as_ref().filter(|r| r.reason.is_redirect()).and_then(|r| r.from_group.as_ref())
+        else {
+            return;
+        };
+        if from.as_str() == group {
+            return;
+        }
+        self.days.entry((group.to_string(), date)).or_default().redirected_in += 1;
+        if let Some(from_date) = self.local_date(from.as_str(), t) {
+            self.days.entry((from.to_string(), from_date)).or_default().redirected_out += 1;
+        }
+    }
+
     /// Drops days older than yesterday (relative to `now` in each zone).
     pub fn prune(&mut self, now: Micros) {
         let keep: HashMap<String, Date> = self
@@ -157,6 +184,8 @@ impl Indicators {
             answered: d.answered,
             missed: d.missed,
             missed_by_reason: d.missed_by_reason,
+            redirected_in: d.redirected_in,
+            redirected_out: d.redirected_out,
             average_wait_seconds: if d.answered == 0 { 0.0 } else { d.wait_seconds_total as f64 / d.answered as f64 },
             max_wait_seconds: d.wait_seconds_max,
             service_level_seconds: self.service_level_seconds,

@@ -19,6 +19,7 @@ use crate::event::{EndReason, Event, EventKind};
 use crate::normalize::{Normalizer, PbxChannels, StuckLimits};
 use crate::registry::Registry;
 use crate::state::{Command, Shared};
+use anyhow::Context;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,11 +37,19 @@ pub struct Pipeline {
     pbx: String,
     out: Vec<Event>,
     agent_ids: crate::event::AgentIds,
+    /// Live calls are checkpointed with their events and restored at start
+    /// (a live PBX with a durable outbox; see `normalize::persist`).
+    persist: bool,
 }
 
 impl Pipeline {
-    pub fn new(config: &Config, shared: Arc<Shared>, delivery: Delivery) -> Pipeline {
-        let normalizer = crate::settings::normalizer(config);
+    /// `persist`: carry live calls across restarts (only with an outbox).
+    pub fn new(config: &Config, shared: Arc<Shared>, delivery: Delivery, persist: bool) -> Pipeline {
+        let mut normalizer = crate::settings::normalizer(config);
+        let persist = persist && delivery.outbox().is_some();
+        if persist {
+            normalizer.track_changes();
+        }
         Pipeline {
             normalizer,
             shared,
@@ -51,6 +60,7 @@ impl Pipeline {
             pbx: config.pbx.name.clone(),
             out: Vec::with_capacity(64),
             agent_ids: crate::event::AgentIds::default(),
+            persist,
         }
     }
 
@@ -71,6 +81,9 @@ impl Pipeline {
         let mut watchdog = tokio::time::interval(watchdog_every);
         let mut source_open = true;
         let mut ready_open = true;
+        if self.persist {
+            self.restore().await?;
+        }
         loop {
             tokio::select! {
                 biased;
@@ -108,6 +121,17 @@ impl Pipeline {
                 self.flush().await?;
             }
         }
+        // The live calls' latest state, for the next start. Bounded: with a
+        // full disk the state of their last stored event stands (as after
+        // kill -9), and the resync at the next start fills in.
+        if self.persist {
+            match tokio::time::timeout(Duration::from_secs(2), self.flush()).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    warn!("could not store the live calls' last state at shutdown; their last stored state stands")
+                }
+            }
+        }
         // What the sinks have not taken by then stays in the outbox.
         let delivery = std::mem::replace(&mut self.delivery, Delivery::Discard);
         delivery.close(Duration::from_secs(3)).await?;
@@ -120,7 +144,8 @@ impl Pipeline {
         for e in &mut events {
             self.agent_ids.stamp(e);
         }
-        self.delivery.deliver(&events, &self.pbx).await?;
+        let checkpoints = self.normalizer.take_checkpoints();
+        self.delivery.deliver(&events, &checkpoints, &self.pbx).await?;
         let mut ind = self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner());
         for e in &events {
             self.shared.registry.apply(e);
@@ -130,6 +155,40 @@ impl Pipeline {
         drop(ind);
         self.out = events;
         self.out.clear();
+        Ok(())
+    }
+
+    /// Puts back the calls that were live when the previous run stopped;
+    /// the resync after the first connection decides which go on.
+    async fn restore(&mut self) -> anyhow::Result<()> {
+        let Some(outbox) = self.delivery.outbox() else {
+            return Ok(());
+        };
+        let rows = outbox.live_calls().await.context("reading the live calls of the previous run")?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let restored = self.normalizer.restore(rows);
+        for c in &restored.calls {
+            let e = Event {
+                seq: c.seq,
+                time: c.last_event_at,
+                kind: EventKind::Started {},
+                call: Some(c.snapshot.clone()),
+            };
+            self.shared.registry.apply(&e);
+        }
+        metrics::counter!("callbridge_calls_restored_total").increment(restored.calls.len() as u64);
+        for id in &restored.stale {
+            warn!(call = %id, "restored call state is older than its last stored event; the resync with the PBX fills in");
+        }
+        for (id, why) in &restored.unreadable {
+            warn!(call = %id, reason = %why, "cannot restore a live call's state; only its event numbering is kept");
+        }
+        info!(
+            calls = restored.calls.len(),
+            "live calls of the previous run restored; the resync with the PBX decides which go on"
+        );
         Ok(())
     }
 
@@ -184,6 +243,10 @@ impl Pipeline {
             Command::TalkingChannel { call, reply } => {
                 let _ = reply.send(self.normalizer.talking_agent_channel(&call));
             }
+            Command::BlockCaller { call, reply } => {
+                let _ = reply.send(self.normalizer.block_caller(&call));
+            }
+            Command::UnblockCaller { call } => self.normalizer.unblock_caller(&call),
             Command::SetAvailable { agent, available, reason, queues, reply } => {
                 let known =
                     self.normalizer.apply_helpdesk_switch(&agent, available, reason, &queues, now, &mut self.out);
@@ -198,7 +261,6 @@ impl Pipeline {
                     match &alive {
                         Some(alive) if !alive.contains(s.call.as_str()) => {
                             if self.normalizer.end_call(s.call.as_str(), EndReason::Lost, now, &mut self.out) {
-                                metrics::counter!("callbridge_calls_lost_total").increment(1);
                                 warn!(call = %s.call, state = s.state.as_str(), "call vanished from the PBX; ended as lost");
                             }
                         }
@@ -248,8 +310,15 @@ impl Pipeline {
 
 fn count(e: &Event) {
     metrics::counter!("callbridge_lifecycle_events_total", "type" => e.kind.type_name()).increment(1);
-    if let EventKind::Missed { reason, .. } = e.kind {
-        metrics::counter!("callbridge_calls_missed_total", "reason" => reason.as_str()).increment(1);
+    match e.kind {
+        EventKind::Missed { reason, .. } => {
+            metrics::counter!("callbridge_calls_missed_total", "reason" => reason.as_str()).increment(1);
+        }
+        // However it was found gone: at a resync, by the stuck-call check.
+        EventKind::Ended { end_reason: EndReason::Lost, .. } => {
+            metrics::counter!("callbridge_calls_lost_total").increment(1);
+        }
+        _ => {}
     }
 }
 

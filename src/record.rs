@@ -7,8 +7,12 @@
 //! sent it (the codec keeps each frame's raw bytes). What is never written:
 //! the login exchange itself (challenge, key or secret — the reply line is a
 //! fixed `Authentication accepted`), and the replies to callbridge's own
-//! actions (pings, resync listings). A reconnection starts with a new banner,
-//! which replay handles like the live codec does.
+//! actions (pings). A reconnection starts with a new banner; the resync
+//! listings the recorder asked for at each connection (`CoreShowChannels`,
+//! `QueueStatus`) are written between two markers, dated by the PBX's clock,
+//! so that `replay` runs the same resync at the same point (see
+//! `crate::reconnect`): a trace spanning a PBX crash ends the crashed calls
+//! `lost` exactly as the live daemon did.
 //!
 //! With `rotate_bytes`, a file that grew past the limit is closed at the next
 //! frame boundary and the next one starts (`trace.ami`, `trace.1.ami`, …),
@@ -40,6 +44,8 @@ struct Writer {
     written: u64,
     banner: String,
     stats: Recorded,
+    /// The PBX's clock: the latest frame `Timestamp` and when it was seen.
+    clock: Option<(i64, std::time::Instant)>,
 }
 
 impl Writer {
@@ -94,6 +100,16 @@ impl Writer {
         self.write(b"\r\n")?;
         self.stats.frames += 1;
         Ok(())
+    }
+
+    /// The PBX's time now, as the daemon's pipeline reckons it.
+    fn pbx_now(&self) -> i64 {
+        match self.clock {
+            Some((t, at)) => t.saturating_add(i64::try_from(at.elapsed().as_micros()).unwrap_or(i64::MAX)),
+            None => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+        }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -161,6 +177,7 @@ pub async fn record(
         written: 0,
         banner: String::new(),
         stats: Recorded::default(),
+        clock: None,
     };
     let mut flush = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
@@ -170,8 +187,17 @@ pub async fn record(
                     w.banner = banner;
                     if w.file.is_none() { w.open_next()?; } else { w.greet()?; }
                 }
-                Some(SourceItem::Frame(f)) => w.frame(f.as_bytes())?,
-                Some(SourceItem::Resync(_)) | Some(SourceItem::Disconnected { .. }) => {}
+                Some(SourceItem::Frame(f)) => {
+                    if let Some(t) = f.timestamp_micros() {
+                        w.clock = Some((t, std::time::Instant::now()));
+                    }
+                    w.frame(f.as_bytes())?
+                }
+                Some(SourceItem::Resync(r)) => {
+                    let at = w.pbx_now();
+                    w.write(&crate::reconnect::resync_frames(at, &r.channels, &r.queue_items))?;
+                }
+                Some(SourceItem::Disconnected { .. }) => {}
                 None => break,
             },
             _ = flush.tick() => w.flush()?,

@@ -504,6 +504,8 @@ mod tests {
             answered_at: None,
             ended_at: None,
             recording: None,
+            routing: None,
+            caller_lookup: None,
         }
     }
 

@@ -15,6 +15,7 @@
 use crate::ami::codec::{decode_reader, AmiCodec, AmiMessage, CodecLimits};
 use crate::event::{AgentIds, CallId, EndReason, Event, EventKind, Micros, MissedReason};
 use crate::normalize::Normalizer;
+use crate::reconnect::TraceItem;
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
 use std::path::Path;
@@ -220,38 +221,76 @@ pub fn replay_reader(
 ) -> std::io::Result<()> {
     let mut codec = AmiCodec::new(settings.limits);
     let mut out: Vec<Event> = Vec::with_capacity(16);
-    let started = Instant::now();
-    let mut first_ts: Option<Micros> = None;
-    let mut last_ts: Micros = 0;
-    let read = decode_reader(&mut codec, reader, |m| match m {
-        AmiMessage::Frame(f) => {
-            state.stats.frames += 1;
-            let ts = f.timestamp_micros();
-            if let (Speed::Factor(k), Some(ts)) = (settings.speed, ts) {
-                let base = *first_ts.get_or_insert(ts);
-                let due = pacing_delay(ts.saturating_sub(base), k);
-                let elapsed = started.elapsed();
-                if due > elapsed {
-                    std::thread::sleep(due - elapsed);
-                }
-            }
-            if let Some(ts) = ts {
-                last_ts = last_ts.max(ts);
-            }
-            normalizer.handle(&f, last_ts, &mut out);
+    let mut trace = crate::reconnect::TraceReader::new();
+    let mut items: Vec<TraceItem> = Vec::new();
+    let mut clock = Clock { speed: settings.speed, started: Instant::now(), first_ts: None, last_ts: 0 };
+    let max = settings.max_live_calls;
+    let read = decode_reader(&mut codec, reader, |m| {
+        if matches!(m, AmiMessage::Malformed(_)) {
+            state.stats.malformed += 1;
+        }
+        trace.read(m, |item| items.push(item));
+        for item in items.drain(..) {
+            state.stats.frames += u64::from(matches!(item, TraceItem::Frame(_)));
+            clock.apply(item, normalizer, &mut out);
             state.emit(&mut out, sink);
-            state.bound_live_calls(normalizer, settings.max_live_calls, last_ts, &mut out);
+            state.bound_live_calls(normalizer, max, clock.last_ts, &mut out);
             state.emit(&mut out, sink);
         }
-        AmiMessage::Malformed(_) => state.stats.malformed += 1,
-        AmiMessage::Banner(_) => {}
     });
+    trace.finish(|item| items.push(item));
+    for item in items.drain(..) {
+        clock.apply(item, normalizer, &mut out);
+        state.emit(&mut out, sink);
+        state.bound_live_calls(normalizer, max, clock.last_ts, &mut out);
+        state.emit(&mut out, sink);
+    }
     // Bytes decoded, also when reading failed part way.
     state.stats.bytes += match &read {
         Ok(n) => *n,
         Err(_) => 0,
     };
     read.map(|_| ())
+}
+
+/// A replay's pacing and PBX clock.
+struct Clock {
+    speed: Speed,
+    started: Instant,
+    first_ts: Option<Micros>,
+    /// The latest PBX time seen (the clock of frames without a `Timestamp`).
+    last_ts: Micros,
+}
+
+impl Clock {
+    /// Paces and applies one trace item: a frame, or what the live daemon
+    /// did at the same point of the recording (a reconnection, a resync).
+    fn apply(&mut self, item: TraceItem, normalizer: &mut Normalizer, out: &mut Vec<Event>) {
+        match item {
+            TraceItem::Frame(f) => {
+                let ts = f.timestamp_micros();
+                if let (Speed::Factor(k), Some(ts)) = (self.speed, ts) {
+                    let base = *self.first_ts.get_or_insert(ts);
+                    let due = pacing_delay(ts.saturating_sub(base), k);
+                    let elapsed = self.started.elapsed();
+                    if due > elapsed {
+                        std::thread::sleep(due - elapsed);
+                    }
+                }
+                if let Some(ts) = ts {
+                    self.last_ts = self.last_ts.max(ts);
+                }
+                normalizer.handle(&f, self.last_ts, out);
+            }
+            TraceItem::Reconnected => normalizer.begin_resync(),
+            // Dated as the live daemon dated it; the frames' clock goes on
+            // from their own timestamps.
+            TraceItem::Resync { channels, queue_items, at } => {
+                normalizer.resync(&crate::normalize::PbxChannels { channels }, at, out);
+                normalizer.resync_members(&queue_items, at, out);
+            }
+        }
+    }
 }
 
 /// [`replay_reader`] over a trace in memory.

@@ -21,7 +21,8 @@ use crate::config::{AmiAuth, AmiConfig, ApiConfig};
 use crate::directory::{Agent, Directory, Group};
 use crate::ids::{AgentId, GroupId};
 use crate::normalize::{AlwaysOpen, Normalizer, Rules, SiteOptions, StuckLimits};
-use crate::routing::{Calendar, Routing, RoutingError};
+use crate::routing::lookup::{LookupForm, NumberRules};
+use crate::routing::{Calendar, CallerLookups, LookupSettings, Redirects, Routing, RoutingError};
 use crate::sip::{Mode as SipMode, SipSettings, Transport};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,7 +93,62 @@ pub fn routing_with(config: &Config, dir: Arc<Directory>) -> Result<Routing, Rou
     if !problems.is_empty() {
         return Err(RoutingError { problems });
     }
-    Ok(Routing::new(dir, groups))
+    let redirects = config.groups.iter().map(|g| {
+        let redirects = Redirects {
+            unknown_to: g.redirect_unknown_to.as_deref().map(GroupId::new),
+            inactive_to: g.redirect_inactive_to.as_deref().map(GroupId::new),
+        };
+        (GroupId::new(&g.id), redirects)
+    });
+    Ok(Routing::new(dir, groups).with_redirects(redirects))
+}
+
+/// The caller lookup's settings for `[caller_lookup]` (numbers normalised
+/// with `[outbound]`'s country code and international prefix, as for
+/// click-to-call); `Ok(None)` without the section. Resolves the token and
+/// reads `ca_file`; the error names the field.
+pub fn caller_lookup(config: &Config) -> Result<Option<LookupSettings>, String> {
+    use crate::config::CallerLookupKind;
+    let Some(c) = &config.caller_lookup else { return Ok(None) };
+    let token = if c.secret.is_set() {
+        Some(c.secret.resolve().map_err(|e| format!("caller_lookup.{}: {e}", c.secret.field()))?)
+    } else {
+        None
+    };
+    let roots = match &c.ca_file {
+        Some(path) => crate::sink::webhook::load_ca_file(path).map_err(|e| format!("caller_lookup.{e}"))?,
+        None => Vec::new(),
+    };
+    let form = match c.kind {
+        CallerLookupKind::Generic => LookupForm::Generic {
+            url: c.url.clone(),
+            found_pointer: c.found_pointer.clone().unwrap_or_else(|| "/found".into()),
+            active_pointer: c.active_pointer.clone().unwrap_or_else(|| "/active".into()),
+            contact_id_pointer: c.contact_id_pointer.clone().unwrap_or_else(|| "/contact_id".into()),
+        },
+        CallerLookupKind::Zammad => LookupForm::Zammad { base_url: c.url.clone() },
+    };
+    Ok(Some(LookupSettings {
+        form,
+        token,
+        timeout: Duration::from_millis(c.timeout_ms.max(1)),
+        cache_ttl: Duration::from_secs(c.cache_ttl_seconds),
+        cache_max_entries: c.cache_max_entries.max(1),
+        max_concurrent: c.max_concurrent.max(1),
+        numbers: NumberRules {
+            country_code: config.outbound.country_code.clone(),
+            international_prefix: config.outbound.international_prefix.clone(),
+        },
+        roots,
+    }))
+}
+
+/// The caller lookup client of `[caller_lookup]`, if configured.
+pub fn caller_lookups(config: &Config) -> Result<Option<Arc<CallerLookups>>, String> {
+    match caller_lookup(config)? {
+        Some(s) => CallerLookups::new(s).map(|l| Some(Arc::new(l))).map_err(|e| e.to_string()),
+        None => Ok(None),
+    }
 }
 
 /// The business rules (hours, holidays) the normalizer consults.

@@ -139,6 +139,14 @@ pub enum Command {
     /// Which agent talks in a live call, and on which channel (for a
     /// transfer); `None` when nobody does.
     TalkingChannel { call: String, reply: oneshot::Sender<Option<(AgentId, String)>> },
+    /// The helpdesk refused the caller of an inbound call (Zammad's
+    /// `reject`): mark the call so that it ends `missed`/`blocked`, and
+    /// reply with the caller's channel to hang up; `None` when the call is
+    /// answered, outbound or gone (nothing is marked then).
+    BlockCaller { call: String, reply: oneshot::Sender<Option<String>> },
+    /// The PBX did not hang up a caller marked by [`Command::BlockCaller`]:
+    /// take the mark back.
+    UnblockCaller { call: String },
     /// The agent switched "available for calls" in the helpdesk
     /// (`agent.availability`, `source: api`); replies false for an unknown agent.
     /// `queues` are the agent's queues about to be (un)paused on the PBX.

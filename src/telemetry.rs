@@ -129,7 +129,13 @@ pub const METRICS: &[MetricDoc] = &[
     doc("callbridge_lifecycle_events_total", Counter, None, "Lifecycle events emitted, by type"),
     doc("callbridge_calls_missed_total", Counter, None, "Missed calls, by reason"),
     doc("callbridge_calls_stuck_total", Counter, None, "Calls flagged stuck"),
-    doc("callbridge_calls_lost_total", Counter, None, "Calls ended as lost (vanished from the PBX)"),
+    doc(
+        "callbridge_calls_lost_total",
+        Counter,
+        None,
+        "Calls ended as lost (vanished from the PBX: at a resync or by the stuck-call check)",
+    ),
+    doc("callbridge_calls_restored_total", Counter, None, "Live calls of a previous run restored at start"),
     // The durable outbox.
     doc("callbridge_outbox_depth", Gauge, None, "Events not yet acknowledged by every sink"),
     doc("callbridge_outbox_oldest_age_seconds", Gauge, Some(Unit::Seconds), "Age of the oldest undelivered event"),
@@ -161,6 +167,12 @@ pub const METRICS: &[MetricDoc] = &[
     doc("callbridge_sink_retries_total", Counter, None, "Sink retries, by sink"),
     doc("callbridge_dead_letters_total", Counter, None, "Events parked in the dead-letter store, by sink"),
     doc(
+        "callbridge_zammad_rejects_total",
+        Counter,
+        None,
+        "Zammad's rejects of inbound callers (blocked caller ids), by sink and result (hung_up/ignored/too_late/failed)",
+    ),
+    doc(
         "callbridge_task_exits_total",
         Counter,
         None,
@@ -182,9 +194,42 @@ pub const METRICS: &[MetricDoc] = &[
         Some(Unit::Seconds),
         "FastAGI routing session duration, accept to close",
     ),
+    doc(
+        "callbridge_routing_redirects_total",
+        Counter,
+        None,
+        "Calls redirected by who is calling, by reason (caller_unknown/caller_inactive)",
+    ),
+    // Caller lookup (who is calling).
+    doc(
+        "callbridge_caller_lookup_requests_total",
+        Counter,
+        None,
+        "Caller lookups asked of the helpdesk, by result (found/not_found/timeout/error/busy)",
+    ),
+    doc(
+        "callbridge_caller_lookup_request_duration_seconds",
+        Histogram,
+        Some(Unit::Seconds),
+        "Caller lookup duration, a wait for a request slot included",
+    ),
+    doc("callbridge_caller_lookup_cache_hits_total", Counter, None, "Caller lookups answered from the cache"),
+    doc("callbridge_caller_lookup_in_flight", Gauge, None, "Caller lookup requests in flight"),
+    doc("callbridge_caller_lookup_failing", Gauge, None, "1 while caller lookups fail (an outage: calls fail open)"),
+    doc(
+        "callbridge_caller_lookup_fail_open_total",
+        Counter,
+        None,
+        "Calls routed without knowing the caller for lack of an answer, by cause (timeout/error/busy)",
+    ),
     // SIP dialog subscriptions.
     doc("callbridge_sip_pbx_reachable", Gauge, None, "1 while the PBX answers the SIP agent's OPTIONS"),
-    doc("callbridge_sip_subscriptions_active", Gauge, None, "Dialog-event subscriptions the PBX has accepted"),
+    doc(
+        "callbridge_sip_subscriptions_active",
+        Gauge,
+        None,
+        "Dialog-event subscriptions the PBX holds now (granted; not ended, forgotten, failed to refresh or lapsed)",
+    ),
     doc(
         "callbridge_sip_subscription_failures_total",
         Counter,
@@ -224,6 +269,7 @@ fn describe() {
 fn export_known_series() {
     for name in [
         "callbridge_calls_lost_total",
+        "callbridge_calls_restored_total",
         "callbridge_calls_stuck_total",
         "callbridge_ami_reconnects_total",
         "callbridge_ami_connect_attempts_total",

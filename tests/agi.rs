@@ -214,7 +214,10 @@ fn variables(commands: &[Vec<String>]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The variables of an answer without a caller lookup: an overflow is
+/// also the routing reason.
 fn answer(route: &str, queue: &str, group: &str, reason: &str, from: &str, error: &str) -> Vec<(String, String)> {
+    let moved = if from.is_empty() { "" } else { "overflow" };
     [
         ("CALLBRIDGE_ROUTE", route),
         ("CALLBRIDGE_QUEUE", queue),
@@ -222,6 +225,11 @@ fn answer(route: &str, queue: &str, group: &str, reason: &str, from: &str, error
         ("CALLBRIDGE_REASON", reason),
         ("CALLBRIDGE_DIVERTED_FROM", from),
         ("CALLBRIDGE_ERROR", error),
+        ("CALLBRIDGE_ROUTING_REASON", moved),
+        ("CALLBRIDGE_ROUTING_FROM", from),
+        ("CALLBRIDGE_CALLER_FOUND", ""),
+        ("CALLBRIDGE_CALLER_ACTIVE", ""),
+        ("CALLBRIDGE_CONTACT_ID", ""),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -408,7 +416,7 @@ async fn sessions_beyond_the_cap_are_closed_at_once() {
 async fn shutdown_stops_accepting_and_returns() {
     let s = Server::start(AgiLimits::default()).await;
     let got = variables(&asterisk(s.addr, "route?queue=700", &[], Peer::Alive).await);
-    assert_eq!(got.len(), 6);
+    assert_eq!(got.len(), 11);
     s.shutdown.cancel();
     tokio::time::timeout(WAIT, s.task).await.expect("serve returns").expect("no panic");
     assert!(TcpStream::connect(s.addr).await.is_err(), "the listener is closed");

@@ -184,6 +184,8 @@ fn live_call(i: usize) -> Event {
         answered_at: None,
         ended_at: None,
         recording: None,
+        routing: None,
+        caller_lookup: None,
     };
     Event { seq: 1, time: call.started_at, kind: EventKind::Started {}, call: Some(call) }
 }

@@ -356,6 +356,12 @@ async fn click_to_call_outcomes_follow_the_recorded_traces() {
                 d["call"]["id"] = Value::Null;
                 d["call"]["recording"] = Value::Null;
             }
+            // Before anything is dialled the replayed trace knows no customer
+            // number; the click-to-call request does, and the call shows it.
+            if w["call"]["callee"]["number"].is_null() {
+                assert_eq!(g["call"]["callee"]["number"], "11987650700", "{name}");
+                g["call"]["callee"]["number"] = Value::Null;
+            }
             assert_eq!(g, w, "{name}");
         }
         assert_eq!(got[0]["data"]["call"]["direction"], "outbound");

@@ -85,7 +85,7 @@ async fn a_private_ca_in_ca_file_is_trusted() {
     let ca = tls_file("ca.pem");
     let (name, config) = webhook(addr, Some(&ca));
     let sink = WebhookSink::from_config(0, &name, &config).expect("sink builds");
-    assert_eq!(sink.deliver(&[record()]).await, Attempt::Delivered);
+    assert_eq!(sink.deliver(&[record()], 0).await, Attempt::Delivered);
 }
 
 #[tokio::test]
@@ -93,7 +93,7 @@ async fn an_unknown_ca_fails_with_the_certificate_problem() {
     let addr = https_receiver().await;
     let (name, config) = webhook(addr, None);
     let sink = WebhookSink::from_config(0, &name, &config).expect("sink builds");
-    match sink.deliver(&[record()]).await {
+    match sink.deliver(&[record()], 0).await {
         Attempt::Retry { detail, .. } => {
             assert!(detail.to_lowercase().contains("certificate"), "the error names the certificate problem: {detail}")
         }

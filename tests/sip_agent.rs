@@ -10,8 +10,9 @@ use callbridge::event::{Event, EventKind, LineState};
 use callbridge::settings;
 use callbridge::sip::{self, SipAgent};
 use md5::{Digest, Md5};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -110,6 +111,31 @@ fn check_digest(auth: &str, method: &str, password: &str) {
     assert_eq!(field("response"), expected, "digest of {auth}");
 }
 
+/// As [`check_digest`], for a PBX that answers `403` instead of failing the test.
+fn digest_valid(auth: &str, method: &str, password: &str) -> bool {
+    let field = |name: &str| -> Option<String> {
+        let start = auth.find(&format!("{name}="))? + name.len() + 1;
+        let rest = &auth[start..];
+        Some(match rest.strip_prefix('"') {
+            Some(q) => q[..q.find('"')?].to_string(),
+            None => rest.split(',').next()?.to_string(),
+        })
+    };
+    let check = || -> Option<bool> {
+        let ha1 = md5_hex(&format!("{}:{}:{password}", field("username")?, field("realm")?));
+        let ha2 = md5_hex(&format!("{method}:{}", field("uri")?));
+        let expected = md5_hex(&format!(
+            "{ha1}:{}:{}:{}:{}:{ha2}",
+            field("nonce")?,
+            field("nc")?,
+            field("cnonce")?,
+            field("qop")?
+        ));
+        Some(field("response")? == expected)
+    };
+    check().unwrap_or(false)
+}
+
 trait Wire {
     async fn recv(&mut self) -> Msg;
     async fn send(&mut self, to: SocketAddr, bytes: &[u8]);
@@ -159,22 +185,43 @@ impl Wire for TcpPeer {
     }
 }
 
-/// The scripted PBX: answers OPTIONS on its own, returns other requests.
+/// A refresh (in-dialog SUBSCRIBE that does not unsubscribe), such as
+/// the keepalive's check of the subscription confirmed longest ago.
+fn is_refresh(m: &Msg) -> bool {
+    m.method() == "SUBSCRIBE" && m.param("To", "tag").is_some() && m.header("Expires") != Some("0")
+}
+
+/// The scripted PBX: answers OPTIONS on its own (and refreshes, while
+/// `answer_refreshes`), returns other requests.
 struct Pbx<W: Wire> {
     wire: W,
     addr: SocketAddr,
     options_seen: usize,
     notify_cseq: u32,
+    answer_refreshes: bool,
 }
 
 impl<W: Wire> Pbx<W> {
+    /// Answers what the script leaves to the PBX; true when `m` was one.
+    async fn answered_on_its_own(&mut self, m: &Msg) -> bool {
+        if m.method() == "OPTIONS" {
+            self.options_seen += 1;
+            let r = m.response("200 OK", Some("pbx-opt"), &[]);
+            self.wire.send(m.from, r.as_bytes()).await;
+            return true;
+        }
+        if self.answer_refreshes && is_refresh(m) {
+            let r = m.response("200 OK", None, &["Expires: 600".into(), "Contact: <sip:2000@127.0.0.1>".into()]);
+            self.wire.send(m.from, r.as_bytes()).await;
+            return true;
+        }
+        false
+    }
+
     async fn request(&mut self, method: &str) -> Msg {
         loop {
             let m = self.wire.recv().await;
-            if m.method() == "OPTIONS" {
-                self.options_seen += 1;
-                let r = m.response("200 OK", Some("pbx-opt"), &[]);
-                self.wire.send(m.from, r.as_bytes()).await;
+            if self.answered_on_its_own(&m).await {
                 continue;
             }
             assert_eq!(m.method(), method, "expected {method}, got {m:?}");
@@ -185,9 +232,7 @@ impl<W: Wire> Pbx<W> {
     async fn response(&mut self) -> Msg {
         loop {
             let m = self.wire.recv().await;
-            if m.method() == "OPTIONS" {
-                let r = m.response("200 OK", Some("pbx-opt"), &[]);
-                self.wire.send(m.from, r.as_bytes()).await;
+            if self.answered_on_its_own(&m).await {
                 continue;
             }
             assert!(m.start.starts_with("SIP/2.0 "), "expected a response, got {m:?}");
@@ -260,11 +305,22 @@ const CONFIRMED: &str = "<dialog id=\"2000\">\n<state>confirmed</state>\n</dialo
 const TERMINATED: &str = "<dialog id=\"2000\">\n<state>terminated</state>\n</dialog>\n";
 
 fn config(pbx: SocketAddr, transport: &str, ami: bool, request_timeout: f64) -> Config {
+    config_with(pbx, transport, ami, request_timeout, 1.0, "[[agents]]\nid = \"maria\"\nextension = \"2000\"\n")
+}
+
+fn config_with(
+    pbx: SocketAddr,
+    transport: &str,
+    ami: bool,
+    request_timeout: f64,
+    options: f64,
+    agents: &str,
+) -> Config {
     let ami = if ami { "[pbx.ami]\naddress = \"127.0.0.1:5038\"\nusername = \"u\"\nsecret = \"s\"\n" } else { "" };
     let text = format!(
-        "[pbx]\nname = \"lab\"\n{ami}\n[[agents]]\nid = \"maria\"\nextension = \"2000\"\n\n\
+        "[pbx]\nname = \"lab\"\n{ami}\n{agents}\n\
          [sip]\nbind = \"127.0.0.1:0\"\npbx = \"{pbx}\"\ntransport = \"{transport}\"\nusername = \"callbridge\"\n\
-         secret = \"sub-s3cret\"\noptions_interval_seconds = 1\n\
+         secret = \"sub-s3cret\"\noptions_interval_seconds = {options}\n\
          request_timeout_seconds = {request_timeout}\noffer_identity_wait_seconds = 0\nmax_message_bytes = 8192\n"
     );
     Config::parse(&text, "test").unwrap()
@@ -277,7 +333,7 @@ async fn udp_pbx_and_agent(
 ) -> (Pbx<UdpPeer>, SipAgent, mpsc::Receiver<Event>, CancellationToken) {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
-    let pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100 };
+    let pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100, answer_refreshes: true };
     let (agent, rx, shutdown) = start(&config(addr, "udp", ami, request_timeout)).await;
     (pbx, agent, rx, shutdown)
 }
@@ -402,7 +458,12 @@ async fn udp_ring_answer_hangup_terminate_and_resubscribe() {
 
 #[tokio::test]
 async fn refresh_before_expiry_and_restart_after_481() {
-    let (mut pbx, agent, mut rx, shutdown) = udp_pbx_and_agent(true, 2.0).await;
+    // No keepalive: its check of the subscription would come before the refresh.
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut pbx = Pbx { wire: UdpPeer(socket), addr, options_seen: 0, notify_cseq: 100, answer_refreshes: false };
+    let agents = "[[agents]]\nid = \"maria\"\nextension = \"2000\"\n";
+    let (agent, mut rx, shutdown) = start(&config_with(addr, "udp", true, 2.0, 0.0, agents)).await;
     let sub = pbx.accept_subscription("n-1", 2).await;
     let granted_at = tokio::time::Instant::now();
     pbx.notify(&sub, "active;expires=2", &doc(0, CONFIRMED)).await;
@@ -417,9 +478,22 @@ async fn refresh_before_expiry_and_restart_after_481() {
     assert_eq!(refresh.param("To", "tag").as_deref(), Some("pbx-tag-1"));
     assert_eq!(refresh.uri(), "sip:2000@127.0.0.1", "in-dialog requests go to the PBX's Contact");
     // The PBX restarted and forgot the dialog.
-    pbx.reply(&refresh, "481 Call/Transaction Does Not Exist", &[]).await;
-    let fresh = pbx.accept_subscription("n-2", 600).await;
+    assert_eq!(agent.status.subscriptions_active(), 1, "a refresh in flight: still held");
+    pbx.reply(&refresh, "481 Subscription does not exist", &[]).await;
+    let first = pbx.request("SUBSCRIBE").await;
+    assert!(first.param("To", "tag").is_none(), "a new dialog: {first:?}");
+    assert_eq!(agent.status.subscriptions_active(), 0, "481: the PBX holds nothing");
+    let challenge = r#"WWW-Authenticate: Digest realm="lab", nonce="n-2", qop="auth", algorithm=MD5"#.to_string();
+    pbx.reply(&first, "401 Unauthorized", &[challenge]).await;
+    let fresh = pbx.request("SUBSCRIBE").await;
+    check_digest(fresh.h("Authorization"), "SUBSCRIBE", "sub-s3cret");
+    pbx.reply(&fresh, "200 OK", &["Expires: 600".into(), "Contact: <sip:2000@127.0.0.1>".into()]).await;
     assert_ne!(fresh.h("Call-ID"), sub.h("Call-ID"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while agent.status.subscriptions_active() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never active again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     shutdown.cancel();
     timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
 }
@@ -464,18 +538,34 @@ async fn tcp_transport_subscribes_and_reconnects() {
     let config = config(addr, "tcp", false, 2.0);
     let (agent, mut rx, shutdown) = start(&config).await;
     let (stream, peer_addr) = timeout(WAIT, listener.accept()).await.unwrap().unwrap();
-    let mut pbx =
-        Pbx { wire: TcpPeer { stream, buf: Vec::new(), addr: peer_addr }, addr, options_seen: 0, notify_cseq: 1 };
+    let mut pbx = Pbx {
+        wire: TcpPeer { stream, buf: Vec::new(), addr: peer_addr },
+        addr,
+        options_seen: 0,
+        notify_cseq: 1,
+        answer_refreshes: true,
+    };
     let sub = pbx.accept_subscription("t-1", 600).await;
     assert!(sub.h("Via").starts_with("SIP/2.0/TCP "), "{}", sub.h("Via"));
     assert!(sub.h("Contact").contains(";transport=tcp"));
     pbx.notify(&sub, "active", &doc(0, EARLY)).await;
     assert_eq!(types(&next_events(&mut rx, 3).await), ["agent.line", "call.started", "call.offered"]);
-    // The PBX drops the connection: callbridge reconnects and subscribes anew.
+    // The PBX restarts (the connection drops): callbridge reconnects and
+    // checks the subscription; the new PBX does not know it, so it
+    // subscribes anew.
     drop(pbx);
     let (stream, peer_addr) = timeout(WAIT, listener.accept()).await.unwrap().unwrap();
-    let mut pbx =
-        Pbx { wire: TcpPeer { stream, buf: Vec::new(), addr: peer_addr }, addr, options_seen: 0, notify_cseq: 1 };
+    let mut pbx = Pbx {
+        wire: TcpPeer { stream, buf: Vec::new(), addr: peer_addr },
+        addr,
+        options_seen: 0,
+        notify_cseq: 1,
+        answer_refreshes: false,
+    };
+    let check = pbx.request("SUBSCRIBE").await;
+    assert_eq!(check.h("Call-ID"), sub.h("Call-ID"), "a refresh of the known dialog");
+    assert!(check.param("To", "tag").is_some());
+    pbx.reply(&check, "481 Subscription does not exist", &[]).await;
     let again = pbx.accept_subscription("t-2", 600).await;
     assert_ne!(again.h("Call-ID"), sub.h("Call-ID"));
     pbx.notify(&again, "active", &doc(0, "")).await;
@@ -560,5 +650,346 @@ async fn unanswered_udp_requests_are_retransmitted() {
     shutdown.cancel();
     let bye = pbx.request("SUBSCRIBE").await;
     assert_eq!(bye.h("Expires"), "0");
+    timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
+}
+
+/// What the automatic PBX below does; a test changes it while it runs.
+#[derive(Debug)]
+struct Policy {
+    /// Drops everything: the PBX is down (or restarting).
+    silent: bool,
+    /// Drops new SUBSCRIBEs (no To tag): the PBX is still booting.
+    hold_new: bool,
+    /// Status line and `Server` of OPTIONS answers.
+    options_status: &'static str,
+    server: &'static str,
+    /// Dialog-info of the NOTIFY sent after each accepted SUBSCRIBE.
+    line: &'static str,
+}
+
+/// A PBX that runs by itself, the way Asterisk's chan_sip does: it
+/// challenges every SUBSCRIBE (initial, refresh and unsubscribe), accepts
+/// authenticated ones and sends a full-state NOTIFY after each, answers
+/// `481` to in-dialog SUBSCRIBEs of dialogs it does not hold, and answers
+/// OPTIONS. [`AutoPbx::restart`] forgets every dialog, like a restart.
+struct AutoPbx {
+    policy: Arc<Mutex<Policy>>,
+    /// Every request received, with when.
+    seen: Arc<Mutex<Vec<(tokio::time::Instant, Msg)>>>,
+    /// Dialogs held: Call-ID → next dialog-info version.
+    held: Arc<Mutex<HashMap<String, u32>>>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AutoPbx {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl AutoPbx {
+    async fn start(line: &'static str) -> AutoPbx {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let policy = Arc::new(Mutex::new(Policy {
+            silent: false,
+            hold_new: false,
+            options_status: "200 OK",
+            server: "Asterisk PBX 20.5.0",
+            line,
+        }));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let held = Arc::new(Mutex::new(HashMap::new()));
+        let (p, s, h) = (policy.clone(), seen.clone(), held.clone());
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 70_000];
+            let mut nonce = 0u32;
+            let mut cseq = 100u32;
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
+                let m = Msg::parse(&buf[..n], from);
+                if m.start.starts_with("SIP/2.0") {
+                    continue; // answers to our NOTIFYs
+                }
+                s.lock().unwrap().push((tokio::time::Instant::now(), m.clone()));
+                let (silent, hold_new, options_status, server, line) = {
+                    let p = p.lock().unwrap();
+                    (p.silent, p.hold_new, p.options_status, p.server, p.line)
+                };
+                if silent {
+                    continue;
+                }
+                let send = |bytes: String| {
+                    let socket = &socket;
+                    async move { socket.send_to(bytes.as_bytes(), from).await.unwrap() }
+                };
+                match m.method() {
+                    "OPTIONS" => {
+                        send(m.response(options_status, Some("opt"), &[format!("Server: {server}")])).await;
+                    }
+                    "SUBSCRIBE" => {
+                        let call_id = m.h("Call-ID").to_string();
+                        let in_dialog = m.param("To", "tag").is_some();
+                        if in_dialog && !h.lock().unwrap().contains_key(&call_id) {
+                            send(m.response("481 Subscription does not exist", None, &[])).await;
+                            continue;
+                        }
+                        if !in_dialog && hold_new {
+                            continue;
+                        }
+                        let Some(auth) = m.header("Authorization") else {
+                            nonce += 1;
+                            let challenge = format!(
+                                r#"WWW-Authenticate: Digest realm="lab", nonce="auto-{nonce}", qop="auth", algorithm=MD5"#
+                            );
+                            send(m.response("401 Unauthorized", Some("pbx-auto"), &[challenge])).await;
+                            continue;
+                        };
+                        if !digest_valid(auth, "SUBSCRIBE", "sub-s3cret") {
+                            send(m.response("403 Forbidden", Some("pbx-auto"), &[])).await;
+                            continue;
+                        }
+                        if m.header("Expires") == Some("0") {
+                            h.lock().unwrap().remove(&call_id);
+                            send(m.response("200 OK", Some("pbx-auto"), &["Expires: 0".into()])).await;
+                            continue;
+                        }
+                        let version = {
+                            let mut h = h.lock().unwrap();
+                            let v = h.entry(call_id.clone()).or_insert(0);
+                            *v += 1;
+                            *v - 1
+                        };
+                        let ok = ["Expires: 600".to_string(), format!("Contact: <sip:{}>", addr)];
+                        send(m.response("200 OK", Some("pbx-auto"), &ok)).await;
+                        // Full state after every (re)subscription, as chan_sip does.
+                        let contact = m.h("Contact");
+                        let target = &contact[contact.find('<').unwrap() + 1..contact.find('>').unwrap()];
+                        let to_user = m.h("To").split(";tag=").next().unwrap().to_string();
+                        let body = doc(version, line);
+                        cseq += 1;
+                        let notify = format!(
+                            "NOTIFY {target} SIP/2.0\r\nVia: SIP/2.0/UDP {addr};branch=z9hG4bKauto{cseq}\r\n\
+                             Max-Forwards: 70\r\nFrom: {to_user};tag=pbx-auto\r\nTo: {}\r\nCall-ID: {call_id}\r\n\
+                             CSeq: {cseq} NOTIFY\r\nEvent: dialog\r\nSubscription-State: active;expires=600\r\n\
+                             Content-Type: application/dialog-info+xml\r\nContent-Length: {}\r\n\r\n{body}",
+                            m.h("From"),
+                            body.len()
+                        );
+                        send(notify).await;
+                    }
+                    _ => {
+                        send(m.response("405 Method Not Allowed", Some("pbx-auto"), &[])).await;
+                    }
+                }
+            }
+        });
+        AutoPbx { policy, seen, held, addr, task }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Policy)) {
+        f(&mut self.policy.lock().unwrap());
+    }
+
+    /// Forgets every subscription, as a restarted PBX does.
+    fn restart(&self) {
+        self.held.lock().unwrap().clear();
+    }
+
+    fn held(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.held.lock().unwrap().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The SUBSCRIBEs received at or after `since`.
+    fn subscribes_since(&self, since: tokio::time::Instant) -> Vec<(tokio::time::Instant, Msg)> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().filter(|(t, m)| *t >= since && m.method() == "SUBSCRIBE").cloned().collect()
+    }
+
+    /// When the first OPTIONS at or after `since` arrived.
+    fn first_options_since(&self, since: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().find(|(t, m)| *t >= since && m.method() == "OPTIONS").map(|(t, _)| *t)
+    }
+}
+
+fn agents(n: usize) -> String {
+    (0..n).map(|i| format!("[[agents]]\nid = \"agent{i}\"\nextension = \"{}\"\n", 2000 + i)).collect()
+}
+
+async fn until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !ok() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `agent.line` states until `n` events, each with its arrival time.
+async fn lines(rx: &mut mpsc::Receiver<Event>, n: usize) -> Vec<(tokio::time::Instant, String, LineState)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let e = timeout(Duration::from_secs(8), rx.recv()).await.expect("no agent.line").expect("channel closed");
+        if let EventKind::AgentLine { agent, state, .. } = &e.kind {
+            out.push((tokio::time::Instant::now(), agent.to_string(), *state));
+        }
+    }
+    out
+}
+
+/// A PBX that restarts between two keepalives, quickly and silently (no
+/// NOTIFY, OPTIONS always answered, refreshes due in 8 minutes): the
+/// keepalive's check of the subscription confirmed longest ago gets `481`,
+/// every subscription is checked and subscribed anew within seconds,
+/// `agent.line` flows again, and the active count tells the truth
+/// throughout. Shutdown then unsubscribes each, answering the challenge.
+#[tokio::test]
+async fn a_quick_silent_pbx_restart_is_found_and_every_extension_resubscribed() {
+    let pbx = AutoPbx::start(TERMINATED).await;
+    let config = config_with(pbx.addr, "udp", true, 2.0, 1.0, &agents(2));
+    let (agent, mut rx, shutdown) = start(&config).await;
+    let idle = lines(&mut rx, 2).await;
+    assert!(idle.iter().all(|(_, _, s)| *s == LineState::Idle), "{idle:?}");
+    until("both active", WAIT, || agent.status.subscriptions_active() == 2).await;
+    let before = pbx.held();
+    assert_eq!(before.len(), 2);
+
+    // Restart: the PBX holds nothing, and answers new SUBSCRIBEs only
+    // once it has booted. Meanwhile, a phone starts ringing.
+    pbx.set(|p| {
+        p.hold_new = true;
+        p.line = EARLY;
+    });
+    pbx.restart();
+    let restarted = tokio::time::Instant::now();
+    until("the active count drops to 0 (481: not held)", WAIT, || agent.status.subscriptions_active() == 0).await;
+    let found = restarted.elapsed();
+    let checks: Vec<Msg> = pbx.subscribes_since(restarted).into_iter().map(|(_, m)| m).collect();
+    for call_id in &before {
+        assert!(
+            checks.iter().any(|m| m.h("Call-ID") == call_id && m.param("To", "tag").is_some()),
+            "{call_id} checked in its dialog: {checks:?}"
+        );
+    }
+    assert!(found < Duration::from_secs(3), "found after {found:?} (keepalive every 1 s)");
+
+    // Booted: both extensions are subscribed anew and report again.
+    pbx.set(|p| p.hold_new = false);
+    let booted = tokio::time::Instant::now();
+    let ringing = lines(&mut rx, 2).await;
+    assert!(ringing.iter().all(|(_, _, s)| *s == LineState::Ringing), "{ringing:?}");
+    let mut who: Vec<&str> = ringing.iter().map(|(_, a, _)| a.as_str()).collect();
+    who.sort();
+    assert_eq!(who, ["agent0", "agent1"]);
+    let flowing = ringing.iter().map(|(t, _, _)| *t - booted).max().unwrap();
+    assert!(flowing < Duration::from_secs(5), "agent.line again after {flowing:?}");
+    until("both active again", WAIT, || agent.status.subscriptions_active() == 2).await;
+    let after = pbx.held();
+    assert_eq!(after.len(), 2, "no stale subscription");
+    assert!(after.iter().all(|c| !before.contains(c)), "new dialogs");
+
+    // Shutdown: Expires: 0 in each dialog, challenged, then authenticated.
+    let stopping = tokio::time::Instant::now();
+    shutdown.cancel();
+    timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(1), "unsubscribed in {:?}", stopping.elapsed());
+    let byes: Vec<Msg> = pbx
+        .subscribes_since(stopping)
+        .into_iter()
+        .map(|(_, m)| m)
+        .filter(|m| m.header("Expires") == Some("0"))
+        .collect();
+    for call_id in &after {
+        let ours: Vec<&Msg> = byes.iter().filter(|m| m.h("Call-ID") == call_id).collect();
+        assert_eq!(ours.len(), 2, "{call_id}: {byes:?}");
+        assert!(ours[0].header("Authorization").is_none());
+        check_digest(ours[1].h("Authorization"), "SUBSCRIBE", "sub-s3cret");
+    }
+    assert!(pbx.held().is_empty(), "the PBX holds nothing after the shutdown: {:?}", pbx.held());
+}
+
+/// A PBX that stops answering (down, or restarting slowly) and comes back
+/// without its subscriptions: while it is silent the keepalive looks again
+/// every 1 s, 2 s…; its first answer checks every subscription at once
+/// (requests left unanswered are sent anew), so `agent.line` flows again
+/// within seconds instead of after the backoff or the refresh.
+#[tokio::test]
+async fn a_pbx_back_after_a_silence_gets_every_extension_resubscribed_within_seconds() {
+    let pbx = AutoPbx::start(TERMINATED).await;
+    let config = config_with(pbx.addr, "udp", true, 1.0, 1.0, &agents(1));
+    let (agent, mut rx, shutdown) = start(&config).await;
+    assert_eq!(lines(&mut rx, 1).await[0].2, LineState::Idle);
+    until("active", WAIT, || agent.status.subscriptions_active() == 1).await;
+    until("reachable", WAIT, || agent.status.reachable()).await;
+    let before = pbx.held();
+
+    pbx.set(|p| {
+        p.silent = true;
+        p.line = CONFIRMED;
+    });
+    pbx.restart();
+    until("unreachable", WAIT, || !agent.status.reachable()).await;
+    // Down long enough for the subscription's own retries to back off.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let back = tokio::time::Instant::now();
+    pbx.set(|p| p.silent = false);
+    let busy = lines(&mut rx, 1).await;
+    assert_eq!(busy[0].2, LineState::Busy);
+    let flowing = busy[0].0 - back;
+    assert!(flowing < Duration::from_secs(5), "agent.line again after {flowing:?}");
+    until("active again", WAIT, || agent.status.subscriptions_active() == 1).await;
+    until("reachable again", WAIT, || agent.status.reachable()).await;
+    let after = pbx.held();
+    assert_eq!(after.len(), 1);
+    assert_ne!(after, before);
+    shutdown.cancel();
+    timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
+    assert!(pbx.held().is_empty());
+}
+
+/// The PBX answering OPTIONS differently (`503` while Asterisk shuts down,
+/// then `200`; another `Server` after an upgrade) checks every
+/// subscription at once, not one per keepalive.
+#[tokio::test]
+async fn a_changed_options_answer_checks_every_subscription() {
+    let pbx = AutoPbx::start(TERMINATED).await;
+    let config = config_with(pbx.addr, "udp", true, 2.0, 1.0, &agents(3));
+    let (agent, mut rx, shutdown) = start(&config).await;
+    lines(&mut rx, 3).await;
+    until("all active", WAIT, || agent.status.subscriptions_active() == 3).await;
+    let held = pbx.held();
+    let changes: [fn(&mut Policy); 3] = [
+        |p| p.options_status = "503 Service Unavailable",
+        |p| p.options_status = "200 OK",
+        |p| p.server = "Asterisk PBX 22.1.0",
+    ];
+    for change in changes {
+        let since = tokio::time::Instant::now();
+        pbx.set(change);
+        let deadline = since + Duration::from_secs(3);
+        let answered = loop {
+            if let Some(t) = pbx.first_options_since(since) {
+                break t;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no OPTIONS");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // Within 0.9 s of that answer (the next keepalive is 1 s later, and
+        // checks one subscription at most): all three refreshed.
+        tokio::time::sleep_until(answered + Duration::from_millis(900)).await;
+        let refreshed: std::collections::HashSet<String> = pbx
+            .subscribes_since(answered)
+            .into_iter()
+            .filter(|(t, m)| *t <= answered + Duration::from_millis(900) && is_refresh(m))
+            .map(|(_, m)| m.h("Call-ID").to_string())
+            .collect();
+        assert_eq!(refreshed.len(), 3, "refreshed after the change: {refreshed:?}");
+    }
+    assert_eq!(pbx.held(), held, "the PBX kept them: same dialogs");
+    assert_eq!(agent.status.subscriptions_active(), 3);
+    shutdown.cancel();
     timeout(WAIT, agent.task).await.unwrap().unwrap().unwrap();
 }

@@ -41,13 +41,24 @@ struct Sipp {
 
 impl Sipp {
     fn start(scenario: &str, port: u16, calls: u32) -> Sipp {
+        Sipp::spawn(scenario, port, &["-m", &calls.to_string()])
+    }
+
+    /// A run that ends itself (the scenario's `stop_gracefully`), however
+    /// many calls the keepalive's OPTIONS make.
+    fn start_until_done(scenario: &str, port: u16) -> Sipp {
+        Sipp::spawn(scenario, port, &[])
+    }
+
+    fn spawn(scenario: &str, port: u16, limit: &[&str]) -> Sipp {
         let logs = tempfile::tempdir().unwrap();
         let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp").join(scenario);
         let out = std::fs::File::create(logs.path().join("stdout.log")).unwrap();
         let child = Command::new("sipp")
             .arg("-sf")
             .arg(&path)
-            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", &calls.to_string()])
+            .args(["-i", "127.0.0.1", "-p", &port.to_string()])
+            .args(limit)
             .args(["-nostdin", "-timeout", "20s", "-timeout_error"])
             .arg("-trace_msg")
             .arg("-message_file")
@@ -65,6 +76,12 @@ impl Sipp {
 
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.logs.path().join(name)).unwrap_or_default()
+    }
+
+    /// Kills this run at once (the PBX crashes: nothing is sent).
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits for sipp to finish its calls; prints its logs when it failed.
@@ -192,4 +209,84 @@ async fn sipp_pbx_answers_the_options_keepalive() {
     assert!(rtt < Duration::from_secs(1), "{rtt:?}");
     assert!(agent.status.ready(), "reachable and nothing to subscribe");
     assert!(stop(agent, rx, shutdown).await.is_empty());
+}
+
+/// Reads events until `n` more `agent.line`s, keeping every event in
+/// `all`; returns the `agent.line` states with their arrival times.
+async fn next_lines(
+    rx: &mut mpsc::Receiver<Event>,
+    n: usize,
+    all: &mut Vec<Event>,
+) -> Vec<(tokio::time::Instant, LineState)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let e = timeout(Duration::from_secs(10), rx.recv()).await.expect("no agent.line").expect("channel closed");
+        if let EventKind::AgentLine { state, .. } = &e.kind {
+            out.push((tokio::time::Instant::now(), *state));
+        }
+        all.push(e);
+    }
+    out
+}
+
+/// sipp plays a PBX that restarts the way Asterisk's chan_sip does: the
+/// first run is killed (no NOTIFY, no goodbye), a second run takes its
+/// port at once and knows nothing of the subscription (it answers `481` to
+/// the refresh). The subscription was granted for 600 s and every OPTIONS
+/// is answered, so only callbridge's keepalive refresh of the subscription
+/// confirmed longest ago can find it gone: it subscribes anew within
+/// seconds and
+/// `agent.line` flows again; at shutdown its unsubscribe is challenged
+/// (401) and answered with credentials, which ends the second run with
+/// success.
+#[tokio::test]
+async fn sipp_pbx_restart_is_found_resubscribed_and_unsubscribed_with_credentials() {
+    if !sipp_present("sipp_pbx_restart_is_found_resubscribed_and_unsubscribed_with_credentials") {
+        return;
+    }
+    let port = free_udp_port();
+    let first_life = Sipp::start_until_done("pbx-restart.xml", port);
+    let (agent, mut rx, shutdown) = start_callbridge(
+        port,
+        "[[agents]]\nid = \"maria\"\nextension = \"2000\"\n",
+        "options_interval_seconds = 1\nrequest_timeout_seconds = 5\n",
+    )
+    .await;
+    let mut all = Vec::new();
+    let before = next_lines(&mut rx, 2, &mut all).await;
+    assert_eq!(before.iter().map(|l| l.1).collect::<Vec<_>>(), [LineState::Ringing, LineState::Idle]);
+    assert_eq!(agent.status.subscriptions_active(), 1);
+
+    // A restart quicker than the keepalive's retransmissions: no OPTIONS
+    // goes unanswered, so only the keepalive's refresh can tell.
+    first_life.kill();
+    let second_life = Sipp::start_until_done("pbx-restart.xml", port);
+    let back = tokio::time::Instant::now();
+    let after = next_lines(&mut rx, 2, &mut all).await;
+    assert_eq!(after.iter().map(|l| l.1).collect::<Vec<_>>(), [LineState::Ringing, LineState::Idle]);
+    let flowing = after[0].0 - back;
+    assert!(flowing < Duration::from_secs(5), "agent.line again {flowing:?} after the PBX came back");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while agent.status.subscriptions_active() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never active again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Long enough for a keepalive refresh of the new dialog (challenged,
+    // answered with credentials, 200) before the shutdown.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(agent.status.subscriptions_active(), 1);
+
+    all.extend(stop(agent, rx, shutdown).await);
+    let status = second_life.wait().await;
+    assert!(status.success(), "the restarted PBX did not get an authenticated unsubscribe: {status}");
+    let lines: Vec<LineState> = all
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::AgentLine { state, .. } => Some(*state),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lines, [LineState::Ringing, LineState::Idle, LineState::Ringing, LineState::Idle]);
+    lifecycle_checks::check_invariants(&all, "lab").unwrap();
 }

@@ -228,7 +228,8 @@ fn replay_durable(config: &Config, opts: &ReplayOptions) -> Outcome {
         Err(e) => return Outcome::Failed(anyhow::Error::new(e).context("cannot start the runtime")),
     };
     let run = rt.block_on(async move {
-        let mut delivery = Delivery::for_config(config, Arc::new(Readiness::default()))?;
+        let mut delivery =
+            Delivery::for_config(config, Arc::new(Readiness::default()), &crate::sink::SinkContext::default())?;
         let normalizer = crate::settings::normalizer(config);
         let settings = opts.settings(config);
         let (traces, pbx) = (opts.traces.clone(), config.pbx.name.clone());

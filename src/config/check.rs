@@ -1,6 +1,7 @@
 //! Checks across entries of the configuration: agents without extension,
 //! duplicate ids, extensions and queues, groups without agents, references
-//! to unknown agents or groups, and overflow loops.
+//! to unknown agents or groups, redirects without a caller lookup, and
+//! loops through overflow and redirects.
 //!
 //! These run on the raw [`toml::Table`] after the key/type walk
 //! (`schema.rs`), reading leniently: a value of the wrong type was already
@@ -80,7 +81,38 @@ pub(crate) fn cross_check(root: &Table, out: &mut Vec<String>) {
 
     check_agents(&agents, out);
     check_groups(&groups, &agents, out);
-    check_overflow_cycles(&groups, out);
+    check_redirects(&groups, root.contains_key("caller_lookup"), out);
+    check_routing_cycles(&groups, out);
+}
+
+/// The keys of a group that redirect callers by who they are.
+const REDIRECT_KEYS: [&str; 2] = ["redirect_unknown_to", "redirect_inactive_to"];
+
+/// `redirect_unknown_to` / `redirect_inactive_to`: a known group other
+/// than this one, and a `[caller_lookup]` to tell who is calling.
+fn check_redirects(groups: &[GroupEntry], have_lookup: bool, out: &mut Vec<String>) {
+    let group_ids: Vec<&str> = {
+        let mut seen = HashSet::new();
+        groups.iter().filter_map(|g| g.id).filter(|id| seen.insert(*id)).collect()
+    };
+    for g in groups {
+        let i = g.index;
+        for key in REDIRECT_KEYS {
+            let Some(target) = g.table.get(key).and_then(Value::as_str).filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            if Some(target) == g.id {
+                out.push(format!("groups[{i}].{key}: group {target:?} redirects to itself"));
+            } else if !group_ids.contains(&target) {
+                out.push(format!("groups[{i}].{key}: {}", unknown("group", target, &group_ids)));
+            }
+            if !have_lookup {
+                out.push(format!(
+                    "groups[{i}].{key}: needs a [caller_lookup] section to tell who is calling (none is configured)"
+                ));
+            }
+        }
+    }
 }
 
 fn check_agents(agents: &[AgentEntry], out: &mut Vec<String>) {
@@ -198,9 +230,11 @@ fn check_groups(groups: &[GroupEntry], agents: &[AgentEntry], out: &mut Vec<Stri
     }
 }
 
-/// Reports one cycle per strongly connected component of the overflow graph
-/// (self-loops are reported on their own by `check_groups`).
-fn check_overflow_cycles(groups: &[GroupEntry], out: &mut Vec<String>) {
+/// Reports one cycle per strongly connected component of the routing
+/// graph: overflow lists and redirects (self-loops are reported on their
+/// own by `check_groups` and `check_redirects`). A call routed along such a
+/// cycle would come back to where it started.
+fn check_routing_cycles(groups: &[GroupEntry], out: &mut Vec<String>) {
     // Nodes: the first group with each id, in configuration order.
     let mut node_of: HashMap<&str, usize> = HashMap::new();
     let mut nodes: Vec<&GroupEntry> = Vec::new();
@@ -212,38 +246,59 @@ fn check_overflow_cycles(groups: &[GroupEntry], out: &mut Vec<String>) {
             }
         }
     }
-    // Edges, keeping the overflow index of each hop for the message.
-    let edges: Vec<Vec<(usize, usize)>> = nodes
+    // Edges, keeping the field of each hop for the message.
+    let edges: Vec<Vec<(String, usize)>> = nodes
         .iter()
         .enumerate()
         .map(|(n, g)| {
             let mut seen = HashSet::new();
-            strings(g.table, "overflow")
+            let overflow = strings(g.table, "overflow")
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(|(j, o)| node_of.get(o).map(|&m| (j, m)))
-                .filter(|&(_, m)| m != n && seen.insert(m))
+                .map(|(j, o)| (format!("overflow[{j}]"), o));
+            let redirects = REDIRECT_KEYS
+                .iter()
+                .filter_map(|k| g.table.get(*k).and_then(Value::as_str).map(|t| (k.to_string(), t)));
+            overflow
+                .chain(redirects)
+                .filter_map(|(field, o)| node_of.get(o).map(|&m| (field, m)))
+                .filter(|(_, m)| *m != n && seen.insert(*m))
                 .collect()
         })
         .collect();
+    let targets: Vec<Vec<(usize, usize)>> =
+        edges.iter().map(|e| e.iter().enumerate().map(|(k, (_, m))| (k, *m)).collect()).collect();
 
-    for component in strongly_connected(&edges) {
+    for component in strongly_connected(&targets) {
         if component.len() < 2 {
             continue;
         }
         let start = component.iter().copied().min().unwrap_or(0);
         let members: HashSet<usize> = component.iter().copied().collect();
-        let Some(cycle) = shortest_cycle(start, &edges, &members) else {
+        let Some(cycle) = shortest_cycle(start, &targets, &members) else {
             continue;
         };
         let names: Vec<&str> = cycle.iter().map(|&n| nodes.get(n).and_then(|g| g.id).unwrap_or("?")).collect();
-        let first_hop = cycle.get(1).copied().unwrap_or(start);
-        let j = out_edges(&edges, start).iter().find(|&&(_, m)| m == first_hop).map_or(0, |&(j, _)| j);
-        out.push(format!(
-            "groups[{}].overflow[{j}]: overflow cycle {} (a diverted call would come back to where it started)",
-            nodes.get(start).map_or(0, |g| g.index),
-            names.join(" → ")
-        ));
+        let hops: Vec<&str> = cycle
+            .iter()
+            .zip(cycle.iter().skip(1))
+            .filter_map(|(&from, &to)| edges.get(from)?.iter().find(|(_, m)| *m == to).map(|(field, _)| field.as_str()))
+            .collect();
+        let field = hops.first().copied().unwrap_or("overflow[0]");
+        if hops.iter().all(|h| h.starts_with("overflow")) {
+            out.push(format!(
+                "groups[{}].{field}: overflow cycle {} (a diverted call would come back to where it started)",
+                nodes.get(start).map_or(0, |g| g.index),
+                names.join(" → ")
+            ));
+        } else {
+            out.push(format!(
+                "groups[{}].{field}: routing cycle {} through overflow and redirects ({}; a routed call would come back to where it started)",
+                nodes.get(start).map_or(0, |g| g.index),
+                names.join(" → "),
+                hops.join(", ")
+            ));
+        }
     }
 }
 

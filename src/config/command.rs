@@ -128,6 +128,11 @@ impl Config {
             if !g.overflow.is_empty() {
                 writeln!(s, "    overflow  {}", g.overflow.join(" → "))?;
             }
+            for (who, to) in [("unknown", &g.redirect_unknown_to), ("inactive", &g.redirect_inactive_to)] {
+                if let Some(to) = to {
+                    writeln!(s, "    redirect  {who} callers → {to}")?;
+                }
+            }
             writeln!(s, "    transfer  {}", if g.allow_transfer { "allowed" } else { "not allowed" })?;
         }
         Ok(())
@@ -173,6 +178,19 @@ impl Config {
             )?,
             None => writeln!(s, "agi         FastAGI routing not configured")?,
         }
+        if let Some(l) = &self.caller_lookup {
+            let token = if l.secret.is_set() { format!(", token {}", l.secret.describe()) } else { String::new() };
+            writeln!(
+                s,
+                "lookup      {:?} {}{token}, {} ms, cache {} s × {}, {} at once",
+                l.kind,
+                without_userinfo(&l.url),
+                l.timeout_ms,
+                l.cache_ttl_seconds,
+                l.cache_max_entries,
+                l.max_concurrent
+            )?;
+        }
         writeln!(
             s,
             "registry    ended calls kept {} ({} s), at most {}",
@@ -196,9 +214,13 @@ impl Config {
                     secret.describe(),
                     batch_size
                 )?,
-                SinkConfig::Zammad { url, secret, .. } => {
-                    writeln!(s, "  zammad    {}, token {}", without_userinfo(url), secret.describe())?
-                }
+                SinkConfig::Zammad { url, secret, honour_reject, .. } => writeln!(
+                    s,
+                    "  zammad    {}, token {}, rejected callers {}",
+                    without_userinfo(url),
+                    secret.describe(),
+                    if *honour_reject { "hung up" } else { "not hung up" }
+                )?,
             }
         }
         Ok(())

@@ -81,6 +81,10 @@ pub struct Config {
     pub sip: Option<SipConfig>,
     /// The FastAGI routing endpoint (SPEC §8). Absent: no listener.
     pub agi: Option<AgiConfig>,
+    /// Who is calling: the helpdesk lookup the FastAGI router asks before
+    /// applying `redirect_unknown_to` / `redirect_inactive_to`.
+    #[serde(default)]
+    pub caller_lookup: Option<CallerLookupConfig>,
     /// The durable outbox between the normalizer and the sinks.
     #[serde(default)]
     pub outbox: OutboxConfig,
@@ -319,6 +323,14 @@ pub struct GroupConfig {
     /// Agents may transfer a call to another agent of the group.
     #[serde(default)]
     pub allow_transfer: bool,
+    /// Group to send callers to whose number no helpdesk contact has
+    /// (FastAGI routing; needs `[caller_lookup]`). Omitted: no redirection.
+    #[serde(default)]
+    pub redirect_unknown_to: Option<String>,
+    /// Group to send callers to whose contact is inactive (FastAGI
+    /// routing; needs `[caller_lookup]`). Omitted: no redirection.
+    #[serde(default)]
+    pub redirect_inactive_to: Option<String>,
 }
 
 fn default_timezone() -> String {
@@ -503,6 +515,81 @@ pub struct AgiConfig {
     pub session_timeout_seconds: f64,
 }
 
+/// `[caller_lookup]`: how the FastAGI router asks the helpdesk who is
+/// calling. Slow or failing lookups never hold a caller: the call takes its
+/// normal route ("fail open").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerLookupConfig {
+    /// `generic` (default): `GET url` with `{number}` replaced, JSON answer
+    /// read through the `*_pointer`s. `zammad`: Zammad's user search.
+    #[serde(rename = "type", default)]
+    pub kind: CallerLookupKind,
+    /// `generic`: the URL template, with `{number}` (the number as
+    /// click-to-call normalises it) or `{e164}` (`+` and the digits).
+    /// `zammad`: the base URL of the instance.
+    pub url: String,
+    /// The token: sent as `Authorization: Bearer <token>` (generic, where
+    /// it is optional) or `Authorization: Token token=<token>` (Zammad, an
+    /// access token with `ticket.agent` or `admin.user`). At most one of
+    /// `secret`, `secret_file`, `secret_env`.
+    #[serde(flatten)]
+    pub secret: SecretSource,
+    /// Longest a call waits for the answer (including a wait for a free
+    /// request slot); then it takes its normal route.
+    #[serde(default = "default_lookup_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How long an answer is reused for the same number (0: not cached).
+    #[serde(default = "default_lookup_cache_ttl")]
+    pub cache_ttl_seconds: u64,
+    /// Most numbers cached; the oldest answer is dropped beyond it.
+    #[serde(default = "default_lookup_cache_entries")]
+    pub cache_max_entries: usize,
+    /// Most lookups in flight at once (one per number: callers of the same
+    /// number share one request).
+    #[serde(default = "default_lookup_concurrency")]
+    pub max_concurrent: usize,
+    /// Generic form: JSON pointer (RFC 6901) to a boolean, whether a
+    /// contact has the number (default `/found`; missing or `null` is
+    /// false, and a 404 answer is "not found" too).
+    #[serde(default)]
+    pub found_pointer: Option<String>,
+    /// Generic form: JSON pointer to a boolean, whether the contact is
+    /// active (default `/active`; missing or `null`: the service does not
+    /// say, and the caller counts as active).
+    #[serde(default)]
+    pub active_pointer: Option<String>,
+    /// Generic form: JSON pointer to the contact's id, a string or a number
+    /// (default `/contact_id`).
+    #[serde(default)]
+    pub contact_id_pointer: Option<String>,
+    /// PEM file of certificate authorities to trust besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+}
+
+/// `[caller_lookup] type`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CallerLookupKind {
+    #[default]
+    Generic,
+    Zammad,
+}
+
+fn default_lookup_timeout_ms() -> u64 {
+    300
+}
+fn default_lookup_cache_ttl() -> u64 {
+    300
+}
+fn default_lookup_cache_entries() -> usize {
+    10_000
+}
+fn default_lookup_concurrency() -> usize {
+    16
+}
+
 fn default_agi_max_sessions() -> usize {
     64
 }
@@ -581,6 +668,13 @@ pub enum SinkConfig {
         /// (0: for ever). Default: a day.
         #[serde(default = "default_max_retry")]
         max_retry_seconds: f64,
+        /// Hang up an inbound caller when Zammad answers its `newCall` with
+        /// `{"action": "reject"}` (Zammad's blocked caller ids): the call
+        /// ends `missed`/`blocked`. Off by default: hanging up a call is a
+        /// PBX action callbridge takes on nobody else's say, and it needs
+        /// the AMI user's `call` write permission.
+        #[serde(default)]
+        honour_reject: bool,
     },
 }
 
@@ -735,6 +829,9 @@ impl Config {
         }
         if let Some(sip) = &self.sip {
             all.push(("sip".to_string(), &sip.secret, SecretUse::Password));
+        }
+        if let Some(lookup) = self.caller_lookup.as_ref().filter(|l| l.secret.is_set()) {
+            all.push(("caller_lookup".to_string(), &lookup.secret, SecretUse::Password));
         }
         for (i, sink) in self.sinks.iter().enumerate() {
             match sink {

@@ -272,6 +272,8 @@ static GROUP: TableSchema = TableSchema {
         opt("use_global_holidays", Kind::Bool),
         opt("overflow", Kind::Strings(None)),
         opt("allow_transfer", Kind::Bool),
+        opt("redirect_unknown_to", Kind::Str(Some(check_non_empty))),
+        opt("redirect_inactive_to", Kind::Str(Some(check_non_empty))),
     ],
     check: None,
 };
@@ -360,6 +362,58 @@ static AGI: TableSchema = TableSchema {
     check: None,
 };
 
+fn check_json_pointer(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.starts_with('/') {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not a JSON pointer (\"\" or starting with '/', e.g. \"/data/active\")"))
+    }
+}
+
+const LOOKUP_KINDS: &[&str] = &["generic", "zammad"];
+const POINTER_KEYS: [&str; 3] = ["found_pointer", "active_pointer", "contact_id_pointer"];
+
+/// `[caller_lookup]`: at most one secret source (exactly one for Zammad);
+/// the generic URL names the number; pointers belong to the generic form.
+fn check_caller_lookup(path: &str, table: &Table, out: &mut Vec<String>) {
+    let zammad = table.get("type").and_then(Value::as_str) == Some("zammad");
+    let secrets = SECRET_KEYS.iter().filter(|k| table.contains_key(**k)).count();
+    if zammad || secrets > 1 {
+        check_secret_source(path, table, out);
+    }
+    if zammad {
+        for key in POINTER_KEYS.iter().filter(|k| table.contains_key(**k)) {
+            out.push(format!("{path}.{key}: only for type = \"generic\" (Zammad's answer is read as documented)"));
+        }
+    } else if let Some(url) = table.get("url").and_then(Value::as_str) {
+        if !url.contains("{number}") && !url.contains("{e164}") {
+            out.push(format!(
+                "{path}.url: {url:?} does not contain {{number}} or {{e164}} (where the caller's number goes)"
+            ));
+        }
+    }
+}
+
+static CALLER_LOOKUP: TableSchema = TableSchema {
+    name: "caller_lookup",
+    fields: &[
+        opt("type", Kind::OneOf(LOOKUP_KINDS)),
+        req("url", Kind::Str(Some(check_http_url))),
+        SECRET_FIELDS[0],
+        SECRET_FIELDS[1],
+        SECRET_FIELDS[2],
+        opt("timeout_ms", Kind::Count { min: 1, why: "a lookup needs some time" }),
+        opt("cache_ttl_seconds", Kind::Count { min: 0, why: "0 turns the cache off" }),
+        opt("cache_max_entries", Kind::Count { min: 1, why: "the cache needs room for one number" }),
+        opt("max_concurrent", Kind::Count { min: 1, why: "at least one lookup must be able to run" }),
+        opt(POINTER_KEYS[0], Kind::Str(Some(check_json_pointer))),
+        opt(POINTER_KEYS[1], Kind::Str(Some(check_json_pointer))),
+        opt(POINTER_KEYS[2], Kind::Str(Some(check_json_pointer))),
+        opt("ca_file", Kind::Str(Some(check_non_empty))),
+    ],
+    check: Some(check_caller_lookup),
+};
+
 static SINK_JSONL: TableSchema = TableSchema {
     name: "sinks[] (type = \"jsonl\")",
     fields: &[req("type", STR), opt("name", Kind::Str(Some(check_id))), opt("path", Kind::Str(Some(check_non_empty)))],
@@ -411,6 +465,7 @@ static SINK_ZAMMAD: TableSchema = TableSchema {
         HTTP_SINK_FIELDS[3],
         HTTP_SINK_FIELDS[4],
         HTTP_SINK_FIELDS[5],
+        opt("honour_reject", Kind::Bool),
     ],
     check: Some(check_secret_source),
 };
@@ -502,6 +557,7 @@ pub(crate) static ROOT: TableSchema = TableSchema {
         opt("indicators", Kind::Table(&INDICATORS)),
         opt("sip", Kind::Table(&SIP)),
         opt("agi", Kind::Table(&AGI)),
+        opt("caller_lookup", Kind::Table(&CALLER_LOOKUP)),
         opt(
             "sinks",
             Kind::TaggedTables {
@@ -734,7 +790,9 @@ mod tests {
                     "days" => "mon-fri",
                     "from" => "08:00",
                     "to" => "18:00",
-                    "url" | "url_base" => "https://example.test/",
+                    "url" | "url_base" => "https://example.test/{number}",
+                    "found_pointer" | "active_pointer" | "contact_id_pointer" => "/x",
+                    "redirect_unknown_to" | "redirect_inactive_to" => "x",
                     "secret_env" => "SECRET_VAR",
                     "prefix" | "international_prefix" => "00",
                     "country_code" => "55",

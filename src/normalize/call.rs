@@ -18,14 +18,18 @@ use super::headers::{
     VALUE, VARIABLE,
 };
 use super::input::AmiEvent;
-use super::{PresenceMap, Rules, SiteOptions, ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE};
+use super::{
+    PresenceMap, Rules, SiteOptions, CALLER_ACTIVE_VARIABLE, CALLER_FOUND_VARIABLE, CONTACT_ID_VARIABLE,
+    ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE, ROUTING_FROM_VARIABLE, ROUTING_REASON_VARIABLE,
+};
 use crate::ami::Frame;
 use crate::directory::{is_local_channel, Agent, Directory, Group};
 use crate::event::{
-    seconds_between, CallId, CallSnapshot, CallState, Direction, EndReason, Event, EventKind, HungUpBy, Micros,
-    MissedReason, OfferEndReason, Party, TransferKind,
+    seconds_between, CallId, CallRouting, CallSnapshot, CallState, CallerLookup, Direction, EndReason, Event,
+    EventKind, HungUpBy, Micros, MissedReason, OfferEndReason, Party, RoutingReason, TransferKind,
 };
 use crate::ids::AgentId;
+use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use std::collections::HashSet;
 
@@ -38,7 +42,7 @@ pub(super) const DIALSTATUS: &str = "DIALSTATUS";
 pub(super) const MIXMONITOR_FILENAME: &str = "MIXMONITOR_FILENAME";
 
 /// What a channel is to its call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChannelRole {
     /// The call's first channel: the caller (inbound) or the agent's phone
     /// that starts an outbound/internal call.
@@ -51,7 +55,7 @@ pub enum ChannelRole {
     External,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Channel {
     uniqueid: Box<str>,
     /// Channel name (`SIP/2000-0000000f`), for actions on it (transfer).
@@ -62,7 +66,7 @@ pub(super) struct Channel {
     hung_up: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Offer {
     agent: AgentId,
     open: bool,
@@ -70,7 +74,7 @@ struct Offer {
 }
 
 /// What the queue said about a caller who left it unanswered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum QueueOutcome {
     Abandoned,
     Timeout,
@@ -78,7 +82,7 @@ enum QueueOutcome {
 }
 
 /// Who the call is in conversation with now.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum Conversation {
     /// Nobody answered yet, or a blind transfer's target has not yet.
     Waiting,
@@ -108,7 +112,7 @@ impl Conversation {
 }
 
 /// The call and the PBX's queues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Queueing {
     /// Never joined a queue (IVR, direct dial, outbound).
     Never,
@@ -144,14 +148,14 @@ impl Queueing {
 
 /// Whether `call.started` went out. An originated call (the agent's phone
 /// rung by `Originate`) holds it back until its ticket variable is known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Started {
     Pending,
     Emitted,
 }
 
 /// The call's first channel dialling the customer (outbound, internal).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum OutboundDial {
     /// Not dialling (not yet, or the dial ended).
     Idle,
@@ -161,7 +165,7 @@ enum OutboundDial {
 
 /// The last `DialStatus` of the call's first channel, as far as the missed
 /// reason cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum DialStatus {
     NoAnswer,
     Busy,
@@ -187,12 +191,21 @@ impl DialStatus {
 
 /// Whether anybody of the call's group was available when the call arrived
 /// in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Staffing {
     /// Somebody was, or the group is not known.
     NoShortage,
     /// Nobody was: an unanswered end is `no_agents`, whatever the queue said.
     NobodyAvailable,
+}
+
+/// What the helpdesk said about the caller (Zammad's `reject` of a
+/// blocked caller id, honoured by hanging the caller up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum HelpdeskVerdict {
+    Admitted,
+    /// An unanswered end is `blocked`, whatever else is known.
+    Blocked,
 }
 
 impl Staffing {
@@ -206,24 +219,48 @@ impl Staffing {
 }
 
 /// The click-to-call's own leg: the PBX rings the agent's phone first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum OriginateLeg {
-    /// Not a click-to-call, or its first leg has not failed.
-    NotFailed,
-    /// The agent's phone never answered (or the PBX refused the originate):
-    /// an unanswered end is `failed`.
+    /// Not a click-to-call.
+    NotOriginated,
+    /// A click-to-call whose agent's phone has not rung (yet): an
+    /// unanswered end is `failed` (the PBX could not reach it).
+    Originated,
+    /// A click-to-call whose agent's phone rang (or was busy) and was not
+    /// answered (yet): an unanswered end is `agent_no_answer`.
+    AgentRinging,
+    /// The agent answered; what follows is the customer's dial.
+    AgentAnswered,
+    /// The PBX could not ring the agent (unreachable, congestion): an
+    /// unanswered end is `failed`.
     Failed,
 }
 
+impl OriginateLeg {
+    /// The originated leg ended unanswered with this `DialStatus`, or this
+    /// `OriginateResponse` `Reason` (Asterisk's control frame: 1 hung up,
+    /// 3 rang out, 5 busy; 0 and 8 mean it could not ring at all).
+    fn unanswered(dial_status: Option<&str>, reason: Option<&str>) -> OriginateLeg {
+        let rang = dial_status.is_some_and(|s| {
+            matches!(DialStatus::parse(s), DialStatus::NoAnswer | DialStatus::Busy | DialStatus::Cancel)
+        }) || matches!(reason, Some("1" | "3" | "5"));
+        if rang {
+            OriginateLeg::AgentRinging
+        } else {
+            OriginateLeg::Failed
+        }
+    }
+}
+
 /// Whether the call's first channel (the caller, inbound) hung up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum OriginLeg {
     Present,
     HungUp,
 }
 
 /// Whether `call.stuck` was reported (it is, once per call).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum StuckReport {
     NotReported,
     Reported,
@@ -231,7 +268,7 @@ enum StuckReport {
 
 /// What is known about why the call would be missed if it ended unanswered
 /// now; [`Call::missed_reason`] weighs it when the call ends.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct MissEvidence {
     staffing: Staffing,
     /// The FastAGI router's missed reason (`CALLBRIDGE_REASON`), until the
@@ -241,6 +278,7 @@ struct MissEvidence {
     queue: Option<QueueOutcome>,
     dial: Option<DialStatus>,
     originate: OriginateLeg,
+    helpdesk: HelpdeskVerdict,
 }
 
 /// Borrowed context for one `Call::handle`.
@@ -277,16 +315,25 @@ pub(super) struct FirstChannel<'a> {
     pub uniqueid: &'a str,
     /// When the call started.
     pub time: Micros,
+    /// The last `seq` a previous run emitted under this id (0: none): the
+    /// call numbers its events after it.
+    pub after_seq: u64,
 }
 
+/// Everything here is what a restarted daemon needs to carry the call on
+/// (`persist.rs` stores it with the call's events); only `epoch` is not:
+/// a restored call belongs to no resync yet.
+#[derive(Serialize, Deserialize)]
 pub(super) struct Call {
     pub id: CallId,
-    seq: u64,
-    snap: CallSnapshot,
+    pub(super) seq: u64,
+    #[serde(with = "super::persist::SnapshotDef")]
+    pub(super) snap: CallSnapshot,
     channels: SmallVec<[Channel; 6]>,
     origin: Box<str>,
     pub last_event_at: Micros,
     /// The normalizer's resync epoch at this call's last event.
+    #[serde(skip)]
     pub epoch: u64,
     queue: Queueing,
     /// The queue the dialplan sent the call to (`Queue(…)`), joined or not.
@@ -359,7 +406,7 @@ fn first_parties(
 impl Call {
     /// Creates a call from its first channel and emits `call.started`.
     pub fn start(first: FirstChannel<'_>, dir: &Directory, opts: &SiteOptions, out: &mut Vec<Event>) -> Call {
-        let FirstChannel { id, frame, channel, uniqueid, time } = first;
+        let FirstChannel { id, frame, channel, uniqueid, time, after_seq } = first;
         let agent = dir.agent_for_channel(channel);
         let exten = frame.get(EXTEN).unwrap_or("");
         let (direction, caller, callee, snap_agent) = first_parties(agent, exten, frame, dir, opts);
@@ -377,8 +424,11 @@ impl Call {
             answered_at: None,
             ended_at: None,
             recording: None,
+            routing: None,
+            caller_lookup: None,
         };
         let mut call = Call::new(id, snap, uniqueid, time);
+        call.seq = after_seq;
         call.channels.push(Channel {
             uniqueid: uniqueid.into(),
             name: channel.into(),
@@ -392,7 +442,9 @@ impl Call {
         // right after the channel is created: start it on the next event so
         // that `call.started` already shows the ticket.
         let originated = direction == Direction::Outbound && !is_dialable(exten);
-        if !originated {
+        if originated {
+            call.evidence.originate = OriginateLeg::Originated;
+        } else {
             call.emit_started(out);
         }
         call
@@ -415,7 +467,8 @@ impl Call {
                 routed: None,
                 queue: None,
                 dial: None,
-                originate: OriginateLeg::NotFailed,
+                originate: OriginateLeg::NotOriginated,
+                helpdesk: HelpdeskVerdict::Admitted,
             },
             offers: SmallVec::new(),
             conversation: Conversation::Waiting,
@@ -478,6 +531,23 @@ impl Call {
 
     pub fn channel_ids(&self) -> impl Iterator<Item = &str> {
         self.channels.iter().map(|c| &*c.uniqueid)
+    }
+
+    /// Channels of the call that have not hung up.
+    pub fn live_channel_ids(&self) -> impl Iterator<Item = &str> {
+        self.channels.iter().filter(|c| !c.hung_up).map(|c| &*c.uniqueid)
+    }
+
+    /// Channels of the call that hung up.
+    pub fn gone_channel_ids(&self) -> impl Iterator<Item = &str> {
+        self.channels.iter().filter(|c| c.hung_up).map(|c| &*c.uniqueid)
+    }
+
+    /// The call as the helpdesk last saw it.
+    pub fn snapshot(&self) -> CallSnapshot {
+        let mut snap = self.snap.clone();
+        snap.state = self.state();
+        snap
     }
 
     fn channel(&self, uid: &str) -> Option<&Channel> {
@@ -570,12 +640,26 @@ impl Call {
         if let Some(c) = self.channel_mut(s.uid) {
             c.up = true;
         }
+        self.note_origin_up(s.uid, true);
+    }
+
+    /// The click-to-call's agent answered their phone.
+    fn note_origin_up(&mut self, uid: &str, up: bool) {
+        let waiting = matches!(self.evidence.originate, OriginateLeg::Originated | OriginateLeg::AgentRinging);
+        if up && uid == &*self.origin && waiting {
+            self.evidence.originate = OriginateLeg::AgentAnswered;
+        }
     }
 
     pub fn on_newstate(&mut self, s: &Step<'_>, _: &Ctx<'_>, _: &mut Vec<Event>) {
-        let up = s.frame.get(CHANNEL_STATE_DESC) == Some("Up");
+        let state = s.frame.get(CHANNEL_STATE_DESC);
+        let up = state == Some("Up");
         if let Some(c) = self.channel_mut(s.uid) {
             c.up = up;
+        }
+        self.note_origin_up(s.uid, up);
+        if state == Some("Ringing") && s.uid == &*self.origin && self.evidence.originate == OriginateLeg::Originated {
+            self.evidence.originate = OriginateLeg::AgentRinging;
         }
     }
 
@@ -680,6 +764,38 @@ impl Call {
                 "no_agents" => Some(MissedReason::NoAgents),
                 _ => None,
             };
+        } else if uid == &*self.origin {
+            self.on_routing_varset(var, value, dir);
+        }
+    }
+
+    /// The router's move (`CALLBRIDGE_ROUTING_*`) and caller lookup
+    /// (`CALLBRIDGE_CALLER_*`, `CALLBRIDGE_CONTACT_ID`) onto the snapshot.
+    /// The router sets the reason before the group and `found` before the
+    /// rest; an empty reason or `found` (a later `AGI()` that moved nothing
+    /// or got no answer) clears what an earlier one said.
+    fn on_routing_varset(&mut self, var: &str, value: &str, dir: &Directory) {
+        let flag = |v: &str| match v {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        };
+        if var == ROUTING_REASON_VARIABLE {
+            self.snap.routing = RoutingReason::parse(value).map(|reason| CallRouting { reason, from_group: None });
+        } else if var == ROUTING_FROM_VARIABLE {
+            if let Some(r) = self.snap.routing.as_mut() {
+                r.from_group = dir.group(value).map(|g| g.id.clone());
+            }
+        } else if var == CALLER_FOUND_VARIABLE {
+            self.snap.caller_lookup = flag(value).map(|found| CallerLookup { found, active: None, contact_id: None });
+        } else if var == CALLER_ACTIVE_VARIABLE {
+            if let Some(l) = self.snap.caller_lookup.as_mut() {
+                l.active = flag(value);
+            }
+        } else if var == CONTACT_ID_VARIABLE {
+            if let Some(l) = self.snap.caller_lookup.as_mut() {
+                l.contact_id = (!value.is_empty()).then(|| value.to_string());
+            }
         }
     }
 
@@ -713,10 +829,11 @@ impl Call {
         }
         let dest_agent = self.channel(dest).and_then(|c| c.agent.clone());
         if let Some(agent) = dest_agent.as_ref().and_then(|a| ctx.dir.agent(a.as_str())) {
-            self.open_offer(agent, dest, false, s.time, out);
             if src == &*self.origin {
                 self.evidence.dial = None;
+                self.dialled_agent(agent);
             }
+            self.open_offer(agent, dest, false, s.time, out);
             return;
         }
         if src == &*self.origin && self.snap.direction != Direction::Inbound {
@@ -736,12 +853,24 @@ impl Call {
         }
     }
 
+    /// An agent's call from their phone reaches another agent (the
+    /// extension was only known once dialled): agent to agent is internal.
+    fn dialled_agent(&mut self, callee: &Agent) {
+        let other = self.snap.agent.as_ref() != Some(&callee.id);
+        if self.snap.direction == Direction::Outbound && other && !self.conversation.is_talking() {
+            self.snap.direction = Direction::Internal;
+            self.snap.callee = Party { number: Some(callee.extension.clone()), name: callee.name.clone() };
+        }
+    }
+
     pub fn on_dial_end(&mut self, s: &Step<'_>, _: &Ctx<'_>, out: &mut Vec<Event>) {
         let (src, dest, time) = (s.uid, s.dest_uid, s.time);
         let status = s.frame.get(DIAL_STATUS);
         if dest == &*self.origin {
-            if !status_is(status, "ANSWER") {
-                self.evidence.originate = OriginateLeg::Failed;
+            if status_is(status, "ANSWER") {
+                self.note_origin_up(dest, true);
+            } else {
+                self.evidence.originate = OriginateLeg::unanswered(status, None);
             }
             return;
         }
@@ -937,8 +1066,25 @@ impl Call {
         self.emit(EventKind::Transferred { from_agent, to_agent, to_extension, kind }, time, out);
     }
 
-    pub fn originate_failed(&mut self) {
-        self.evidence.originate = OriginateLeg::Failed;
+    /// The PBX says the click-to-call failed (`OriginateResponse`
+    /// `Reason`). A failure after the agent answered changes nothing.
+    pub fn originate_failed(&mut self, reason: Option<&str>) {
+        // Once the phone rang (or answered), the PBX's verdict adds nothing.
+        if !matches!(self.evidence.originate, OriginateLeg::AgentAnswered | OriginateLeg::AgentRinging) {
+            self.evidence.originate = OriginateLeg::unanswered(None, reason);
+        }
+    }
+
+    /// What the click-to-call request said about the call, for a call the
+    /// PBX started from it: the customer's number (kept even if the agent
+    /// never answers and nothing is dialled) and the ticket.
+    pub fn apply_originate(&mut self, number: &str, ticket: Option<&str>) {
+        if self.snap.callee.number.is_none() && !number.is_empty() {
+            self.snap.callee.number = Some(number.to_string());
+        }
+        if self.snap.ticket_id.is_none() {
+            self.snap.ticket_id = ticket.map(str::to_string);
+        }
     }
 
     /// The agent in conversation and the name of their channel in this
@@ -956,6 +1102,26 @@ impl Call {
             .or_else(|| self.channels.iter().filter(live).find(|c| c.role == ChannelRole::AgentPhone))
             .or_else(|| self.channels.iter().filter(live).find(|c| c.role == ChannelRole::LocalHalf))?;
         Some((agent, pick.name.to_string()))
+    }
+
+    /// The helpdesk refused the caller: an inbound call not answered yet is
+    /// marked so that its unanswered end is `blocked`. Returns the caller's
+    /// channel (to hang up), or `None` when the call is not an inbound one
+    /// waiting for an answer (answered already, outbound) or its caller's
+    /// channel is gone — then nothing is marked.
+    pub fn block_caller(&mut self) -> Option<String> {
+        if self.snap.direction != Direction::Inbound || self.snap.answered_at.is_some() {
+            return None;
+        }
+        let caller = self.channels.iter().find(|c| *c.uniqueid == *self.origin && !c.hung_up)?;
+        let name = caller.name.to_string();
+        self.evidence.helpdesk = HelpdeskVerdict::Blocked;
+        Some(name)
+    }
+
+    /// Takes back [`Call::block_caller`] (the PBX did not hang up).
+    pub fn unblock_caller(&mut self) {
+        self.evidence.helpdesk = HelpdeskVerdict::Admitted;
     }
 
     /// An originate whose first channel never came up: the call exists for
@@ -987,16 +1153,34 @@ impl Call {
         true
     }
 
-    /// Adopts a channel listed by `CoreShowChannels` after a (re)connection.
+    /// After a resync: offers whose ringing channels are all gone ended
+    /// while nobody was looking.
+    pub fn close_offers_without_channels(&mut self, time: Micros, out: &mut Vec<Event>) {
+        let gone = |uid: &str| self.channels.iter().any(|c| &*c.uniqueid == uid && c.hung_up);
+        let ended: Vec<AgentId> = self
+            .offers
+            .iter()
+            .filter(|o| o.open && !o.channels.is_empty() && o.channels.iter().all(|c| gone(c)))
+            .map(|o| o.agent.clone())
+            .collect();
+        for agent in ended {
+            let reason = self.default_offer_end();
+            self.close_offer(&agent, reason, time, out);
+        }
+    }
+
+    /// Adopts a channel listed by `CoreShowChannels` after a (re)connection,
+    /// or reconciles one the call already had (`known`).
     pub fn adopt_listed_channel(
         &mut self,
+        known: bool,
         f: &Frame,
-        name: &str,
         uid: &str,
         now: Micros,
         dir: &Directory,
         out: &mut Vec<Event>,
     ) {
+        let name = f.get(CHANNEL).unwrap_or("");
         self.emit_started(out);
         let mut added = Vec::new();
         let opts = SiteOptions::default();
@@ -1008,9 +1192,17 @@ impl Call {
         let Some(ch) = self.channel(uid).cloned() else {
             return;
         };
+        // A phone of the call known before says who answered only if it was
+        // ringing for it (an open offer); a transferer's phone still in its
+        // bridge says nothing new.
+        let ringing_for_it = ch.agent.as_ref().is_some_and(|a| self.offers.iter().any(|o| o.open && &o.agent == a));
+        let answered_unseen = !known || ringing_for_it;
         let up = f.get(CHANNEL_STATE_DESC) == Some("Up");
         let app = f.get(APPLICATION).unwrap_or("");
-        if uid == &*self.origin && app == "Queue" && !self.queue.is_waiting() {
+        // Only a call not queued before: a reconciled call that already
+        // left its queue (answered) is still in `Queue()` on the PBX.
+        let never_queued = self.queue.first_joined().is_none() && !self.conversation.is_talking();
+        if uid == &*self.origin && app == "Queue" && never_queued {
             let queue = f.get(APPLICATION_DATA).unwrap_or("").split(',').next().unwrap_or("").to_string();
             let group = dir.group_for_queue(&queue).map(|g| g.id.clone());
             self.snap.group = group.clone();
@@ -1020,7 +1212,7 @@ impl Call {
         }
         let bridged = f.get(BRIDGE_ID).is_some_and(|b| !b.is_empty());
         if let (ChannelRole::AgentPhone, Some(agent)) = (ch.role, ch.agent.as_ref()) {
-            if up && bridged {
+            if up && bridged && answered_unseen {
                 self.answer(Some(agent.clone()), now, out);
             } else if f.get(CHANNEL_STATE_DESC) == Some("Ringing") {
                 if let Some(a) = dir.agent(agent.as_str()) {
@@ -1043,12 +1235,18 @@ impl Call {
     }
 
     /// Why an unanswered call was missed. Inbound, the strongest of what is
-    /// known wins (SPEC §4: `holiday` > `outside_hours` > `no_agents` >
-    /// `abandoned`/`queue_timeout`): the group's calendar when the call
+    /// known wins (SPEC §4: `blocked` > `holiday` > `outside_hours` >
+    /// `no_agents` > `abandoned`/`queue_timeout`): the helpdesk's refusal
+    /// of the caller, the group's calendar when the call
     /// arrived (`closed`), the FastAGI router's verdict, nobody available
     /// when the call arrived, and what the queue said.
-    fn missed_reason(&self, closed: Option<MissedReason>) -> MissedReason {
+    ///
+    /// A call the PBX lost (`end` is `Lost`) that nothing had decided yet
+    /// (no queue verdict, no dial result) is missed as `lost`, not as
+    /// `abandoned`/`cancelled`: nobody gave up, the PBX dropped it.
+    fn missed_reason(&self, closed: Option<MissedReason>, end: EndReason) -> MissedReason {
         let dial = self.evidence.dial;
+        let lost = end == EndReason::Lost;
         match self.snap.direction {
             Direction::Inbound => {
                 let observed = match self.evidence.queue {
@@ -1058,11 +1256,13 @@ impl Call {
                     None => match dial {
                         Some(DialStatus::NoAnswer) => MissedReason::NoAnswer,
                         Some(DialStatus::Busy) => MissedReason::Busy,
+                        _ if lost => MissedReason::Lost,
                         _ => MissedReason::Abandoned,
                     },
                 };
                 let nobody = (self.evidence.staffing == Staffing::NobodyAvailable).then_some(MissedReason::NoAgents);
-                [closed, self.evidence.routed, nobody, Some(observed)]
+                let blocked = (self.evidence.helpdesk == HelpdeskVerdict::Blocked).then_some(MissedReason::Blocked);
+                [blocked, closed, self.evidence.routed, nobody, Some(observed)]
                     .into_iter()
                     .flatten()
                     .min_by_key(|r| r.precedence())
@@ -1072,12 +1272,15 @@ impl Call {
                 if let Some(r) = closed {
                     return r;
                 }
-                if self.evidence.originate == OriginateLeg::Failed {
-                    return MissedReason::Failed;
+                match self.evidence.originate {
+                    OriginateLeg::Failed | OriginateLeg::Originated => return MissedReason::Failed,
+                    OriginateLeg::AgentRinging => return MissedReason::AgentNoAnswer,
+                    OriginateLeg::NotOriginated | OriginateLeg::AgentAnswered => {}
                 }
                 match dial {
                     Some(DialStatus::NoAnswer) => MissedReason::NoAnswer,
                     Some(DialStatus::Busy) => MissedReason::Busy,
+                    None if lost => MissedReason::Lost,
                     Some(DialStatus::Cancel) | None => MissedReason::Cancelled,
                     Some(_) => MissedReason::Failed,
                 }
@@ -1097,7 +1300,7 @@ impl Call {
         self.talking_end();
         let wait_from = self.queue.first_joined().unwrap_or(self.snap.started_at);
         if self.snap.answered_at.is_none() {
-            let missed = self.missed_reason(closed);
+            let missed = self.missed_reason(closed, reason);
             self.emit(EventKind::Missed { reason: missed, wait_seconds: seconds_between(wait_from, time) }, time, out);
         }
         self.snap.ended_at = Some(time);

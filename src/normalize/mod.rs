@@ -23,7 +23,9 @@
 //!   usable or not, switched on or off in the helpdesk ([`AgentPresence`]).
 //!   A call remembers whether anybody of its group was available when it
 //!   arrived: if not, an unanswered end is `no_agents` (SPEC §4 precedence:
-//!   `holiday` > `outside_hours` > `no_agents` > `abandoned`/`queue_timeout`).
+//!   `blocked` > `holiday` > `outside_hours` > `no_agents` >
+//!   `abandoned`/`queue_timeout`; `blocked`: the helpdesk refused the caller
+//!   and callbridge hung up, see [`Normalizer::block_caller`]).
 //! - **Missed or answered** is decided when the call ends, not when the queue
 //!   says so: `QueueCallerAbandon` is also sent when the queue times out (the
 //!   `QUEUESTATUS=TIMEOUT` that tells them apart comes after it), and a call
@@ -52,6 +54,7 @@
 mod call;
 pub mod headers;
 pub mod input;
+mod persist;
 mod presence;
 mod resync;
 
@@ -62,11 +65,12 @@ use crate::ids::{AgentId, GroupId};
 pub use call::ChannelRole;
 use call::{Call, CallHandler, FirstChannel};
 use headers::{
-    CHANNEL, DEST_CHANNEL, DEST_LINKEDID, DEST_UNIQUEID, EXTEN, LINKEDID, ORIG_TRANSFERER_LINKEDID, RESPONSE, RESULT,
-    TRANSFEREE_LINKEDID, TRANSFERER_LINKEDID, UNIQUEID, VARIABLE,
+    CHANNEL, DEST_CHANNEL, DEST_LINKEDID, DEST_UNIQUEID, EXTEN, LINKEDID, ORIG_TRANSFERER_LINKEDID, REASON, RESPONSE,
+    RESULT, TRANSFEREE_LINKEDID, TRANSFERER_LINKEDID, UNIQUEID, VARIABLE,
 };
 use input::AmiEvent;
 
+pub use persist::{CallCheckpoint, Restored, RestoredCall, CHECKPOINT_FORMAT};
 pub use presence::{device_state_unavailable, AgentPresence, PresenceMap};
 pub use resync::{PbxChannels, StuckCause, StuckLimits, Suspect};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -88,6 +92,22 @@ pub const ROUTE_GROUP_VARIABLE: &str = "CALLBRIDGE_GROUP";
 /// (`holiday`, `outside_hours`, `no_agents`) when it routes a call to
 /// "missed"; empty otherwise.
 pub const ROUTE_REASON_VARIABLE: &str = "CALLBRIDGE_REASON";
+/// Channel variable the FastAGI router sets to why it moved the call away
+/// from the group asked for (`overflow`, `caller_unknown`,
+/// `caller_inactive`); empty otherwise. Set before
+/// [`ROUTING_FROM_VARIABLE`].
+pub const ROUTING_REASON_VARIABLE: &str = "CALLBRIDGE_ROUTING_REASON";
+/// Channel variable: the group whose rule moved the call (with
+/// [`ROUTING_REASON_VARIABLE`]).
+pub const ROUTING_FROM_VARIABLE: &str = "CALLBRIDGE_ROUTING_FROM";
+/// Channel variable: `true`/`false` when the router looked the caller's
+/// number up and the helpdesk answered; empty otherwise. Set before
+/// [`CALLER_ACTIVE_VARIABLE`] and [`CONTACT_ID_VARIABLE`].
+pub const CALLER_FOUND_VARIABLE: &str = "CALLBRIDGE_CALLER_FOUND";
+/// Channel variable: `true`/`false`, whether the caller's contact is active.
+pub const CALLER_ACTIVE_VARIABLE: &str = "CALLBRIDGE_CALLER_ACTIVE";
+/// Channel variable: the helpdesk's id of the caller's contact.
+pub const CONTACT_ID_VARIABLE: &str = "CALLBRIDGE_CONTACT_ID";
 
 /// No business hours: every group is always open.
 #[derive(Debug, Default, Clone, Copy)]
@@ -150,6 +170,11 @@ pub struct Normalizer {
     /// [`EXPECTED_ORIGINATES`].
     originates: HashMap<CallId, ExpectedOriginate>,
     originate_order: VecDeque<CallId>,
+    /// Live calls changed since the last checkpoint (`None`: not tracked).
+    changed: Option<HashSet<CallId, ahash::RandomState>>,
+    /// Last `seq` of calls a previous run left whose state could not be
+    /// restored: a call adopted under such an id goes on from there.
+    seq_floors: HashMap<CallId, u64>,
 }
 
 /// How many click-to-calls may wait for their `OriginateResponse` at once
@@ -192,6 +217,8 @@ impl Normalizer {
             presence_changed: BTreeSet::new(),
             originates: HashMap::new(),
             originate_order: VecDeque::new(),
+            changed: None,
+            seq_floors: HashMap::new(),
         }
     }
 
@@ -212,6 +239,22 @@ impl Normalizer {
     /// transferer's channel of a blind transfer).
     pub fn talking_agent_channel(&self, call: &str) -> Option<(AgentId, String)> {
         self.calls.get(call)?.talking_agent_channel()
+    }
+
+    /// The helpdesk refused the caller of `call` (Zammad's `reject`): if
+    /// the call is inbound and not answered, it is marked so that it ends
+    /// `missed` with reason `blocked`, and the caller's channel is returned
+    /// for the hangup. `None`: nothing marked (answered, outbound, ended).
+    /// Marked before the hangup is sent, so the PBX's hangup events find it.
+    pub fn block_caller(&mut self, call: &str) -> Option<String> {
+        self.calls.get_mut(call)?.block_caller()
+    }
+
+    /// Takes back [`Normalizer::block_caller`]: the PBX did not hang up.
+    pub fn unblock_caller(&mut self, call: &str) {
+        if let Some(c) = self.calls.get_mut(call) {
+            c.unblock_caller();
+        }
     }
 
     /// Replaces the directory, rules and options (configuration reload).
@@ -275,7 +318,7 @@ impl Normalizer {
             E::Newstate => Call::on_newstate,
             // Dialplan step: `Queue(…)` names the queue even if the call never joins it.
             E::Newexten => Call::on_newexten,
-            // Ticket, recording, queue and dial status, the router's group and reason.
+            // Ticket, recording, queue and dial status, the router's group, reasons, caller lookup.
             E::VarSet if self.reads_variable(frame) => Call::on_varset,
             // Every other variable (most of the traffic) is noise.
             E::VarSet => return,
@@ -328,6 +371,11 @@ impl Normalizer {
                 || var == call::MIXMONITOR_FILENAME
                 || var == ROUTE_GROUP_VARIABLE
                 || var == ROUTE_REASON_VARIABLE
+                || var == ROUTING_REASON_VARIABLE
+                || var == ROUTING_FROM_VARIABLE
+                || var == CALLER_FOUND_VARIABLE
+                || var == CALLER_ACTIVE_VARIABLE
+                || var == CONTACT_ID_VARIABLE
                 || var == self.opts.ticket_variable
         })
     }
@@ -371,6 +419,7 @@ impl Normalizer {
         for uid in new_channels {
             self.channel_call.insert(uid, call.id.clone());
         }
+        self.touch(linkedid);
         if let Some(uid) = uniqueid {
             if event == AmiEvent::Hangup {
                 self.channel_call.remove(uid);
@@ -402,8 +451,12 @@ impl Normalizer {
         }
         let channel = frame.get(CHANNEL).or_else(|| frame.get(DEST_CHANNEL)).unwrap_or("");
         let uid = uniqueid.or_else(|| frame.get(DEST_UNIQUEID)).unwrap_or(linkedid);
-        let first = FirstChannel { id: CallId::new(linkedid), frame, channel, uniqueid: uid, time };
-        let call = Call::start(first, &self.dir, &self.opts, out);
+        let after_seq = self.seq_floors.remove(linkedid).unwrap_or(0);
+        let first = FirstChannel { id: CallId::new(linkedid), frame, channel, uniqueid: uid, time, after_seq };
+        let mut call = Call::start(first, &self.dir, &self.opts, out);
+        if let Some(o) = self.originates.get(linkedid) {
+            call.apply_originate(&o.number, o.ticket.as_deref());
+        }
         self.channel_call.insert(uid.into(), call.id.clone());
         self.calls.insert(call.id.clone(), call);
         true
@@ -417,9 +470,11 @@ impl Normalizer {
             return;
         };
         let old_empty = old.live_channel_count() == 0;
+        self.touch(from.as_str());
         if let Some(new) = self.calls.get_mut(to) {
             new.adopt_channel(ch);
             self.channel_call.insert(uid.into(), new.id.clone());
+            self.touch(to);
         } else {
             // The target call is not known (yet): let the next handle() create
             // it from this very event.
@@ -472,6 +527,8 @@ impl Normalizer {
         call.last_event_at = time;
         call.epoch = self.epoch;
         call.on_transfer(event, frame, time, &self.dir, out);
+        let id = call.id.clone();
+        self.touch(id.as_str());
     }
 
     /// `OriginateResponse`: success changes nothing (the channels' events
@@ -494,8 +551,9 @@ impl Normalizer {
             self.channel_call.get(uid).cloned().or_else(|| self.calls.contains_key(uid).then(|| CallId::new(uid)));
         if let Some(call) = live {
             if let Some(c) = self.calls.get_mut(call.as_str()) {
-                c.originate_failed();
+                c.originate_failed(frame.get(REASON));
             }
+            self.touch(call.as_str());
             return;
         }
         let Some(exp) = expected else { return };
@@ -511,6 +569,7 @@ impl Normalizer {
             channel: &exp.device,
             uniqueid: uid,
             time: started,
+            after_seq: self.seq_floors.remove(uid).unwrap_or(0),
         };
         let mut call = Call::start(first, &self.dir, &self.opts, out);
         let agent = self.dir.agent(exp.agent.as_str());

@@ -90,6 +90,7 @@ impl Normalizer {
     pub fn resync(&mut self, pbx: &PbxChannels, now: Micros, out: &mut Vec<Event>) {
         let alive: HashSet<&str> = pbx.channels.iter().filter_map(|f| f.get(UNIQUEID)).collect();
         let mut vanished: Vec<CallId> = Vec::new();
+        let mut reconciled: Vec<CallId> = Vec::new();
         let epoch = self.epoch;
         for (id, call) in self.calls.iter_mut() {
             if call.epoch == epoch && epoch > 0 {
@@ -98,12 +99,23 @@ impl Normalizer {
             call.forget_channels_not_in(&alive);
             if call.live_channel_count() == 0 {
                 vanished.push(id.clone());
+            } else {
+                reconciled.push(id.clone());
             }
         }
         vanished.sort();
-        for id in vanished {
+        reconciled.sort();
+        for id in &vanished {
             self.finish(id.as_str(), now, EndReason::Lost, out);
         }
+        // Calls that go on: offers whose phones are gone ended unseen.
+        for id in &reconciled {
+            if let Some(call) = self.calls.get_mut(id.as_str()) {
+                call.close_offers_without_channels(now, out);
+            }
+            self.touch(id.as_str());
+        }
+        let reconciled: HashSet<CallId> = reconciled.into_iter().collect();
         // Adopt, originating channels first so that each call starts from
         // its first channel when the listing has it.
         let mut items: Vec<&Frame> = pbx.channels.iter().collect();
@@ -112,8 +124,15 @@ impl Normalizer {
             let (Some(uid), Some(linkedid)) = (f.get(UNIQUEID), f.get(LINKEDID)) else {
                 continue;
             };
-            if self.channel_call.contains_key(uid) || self.gone_channels.contains(uid) || self.ended.contains(linkedid)
-            {
+            if let Some(owner) = self.channel_call.get(uid) {
+                // A channel of a call being reconciled: what it does now
+                // (answered, ringing) may have changed while nobody looked.
+                if let Some(call) = reconciled.get(owner).and_then(|o| self.calls.get_mut(o.as_str())) {
+                    call.adopt_listed_channel(true, f, uid, now, &self.dir, out);
+                }
+                continue;
+            }
+            if self.gone_channels.contains(uid) || self.ended.contains(linkedid) {
                 continue;
             }
             let channel = f.get(CHANNEL).unwrap_or("");
@@ -121,14 +140,22 @@ impl Normalizer {
             let call = match self.calls.get_mut(linkedid) {
                 Some(call) => call,
                 None => {
-                    let first =
-                        FirstChannel { id: CallId::new(linkedid), frame: f, channel, uniqueid: uid, time: started };
+                    let after_seq = self.seq_floors.remove(linkedid).unwrap_or(0);
+                    let first = FirstChannel {
+                        id: CallId::new(linkedid),
+                        frame: f,
+                        channel,
+                        uniqueid: uid,
+                        time: started,
+                        after_seq,
+                    };
                     let call = Call::start(first, &self.dir, &self.opts, out);
                     self.calls.entry(call.id.clone()).or_insert(call)
                 }
             };
-            call.adopt_listed_channel(f, channel, uid, now, &self.dir, out);
+            call.adopt_listed_channel(false, f, uid, now, &self.dir, out);
             let id = call.id.clone();
+            self.touch(id.as_str());
             self.channel_call.insert(uid.into(), id);
         }
     }
@@ -171,10 +198,14 @@ impl Normalizer {
 
     /// Emits `call.stuck` for a live call (once per call).
     pub fn mark_stuck(&mut self, id: &str, detected_by: &str, now: Micros, out: &mut Vec<Event>) -> bool {
-        match self.calls.get_mut(id) {
+        let marked = match self.calls.get_mut(id) {
             Some(call) => call.mark_stuck(detected_by, now, out),
             None => false,
+        };
+        if marked {
+            self.touch(id);
         }
+        marked
     }
 }
 

@@ -401,6 +401,7 @@ fn resync_ends_vanished_calls_as_lost_and_adopts_unknown_ones() {
             ("9.1", "call.offered"),
         ]
     );
+    assert!(matches!(out[0].kind, EventKind::Missed { reason: MissedReason::Lost, .. }), "{:?}", out[0].kind);
     assert!(matches!(out[1].kind, EventKind::Ended { end_reason: EndReason::Lost, .. }));
     assert_eq!(out[2].call.as_ref().map(|c| c.started_at), Some((t.t + 10 - 42) * 1_000_000));
     // The adopted call then ends normally.
@@ -821,4 +822,166 @@ fn fastagi_verdict_reaches_a_call_that_never_queues() {
     t.chan(1, "Hangup", c.0, c.1, "3.1", &[("Cause", "16")]);
     assert_eq!(t.missed("3.1"), MissedReason::Abandoned);
     assert_eq!(t.last_of("3.1").call.as_ref().and_then(|c| c.group.clone()), None);
+}
+
+/// The helpdesk refused the caller (Zammad's `reject`): the waiting call is
+/// marked before the PBX hangs it up, and ends `blocked` — stronger than
+/// the hours or the staffing. Answered, outbound or ended calls are not
+/// marked; a mark taken back (the PBX did not hang up) leaves the reason
+/// the call would have had.
+#[test]
+fn a_blocked_caller_is_missed_as_blocked() {
+    let c = ("SIP/carrier-01", "1.1");
+    let mut t = T::with_rules(Some(MissedReason::OutsideHours));
+    t.pause("700", "2000", true);
+    t.pause("700", "2001", true);
+    t.inbound("1.1", c.0);
+    t.chan(0, "QueueCallerJoin", c.0, c.1, "1.1", &[("Queue", "700"), ("Position", "1")]);
+    assert_eq!(t.n.block_caller("1.1").as_deref(), Some(c.0), "the caller's channel, to hang up");
+    t.chan(1, "SoftHangupRequest", c.0, c.1, "1.1", &[("Cause", "21")]);
+    t.chan(0, "Hangup", c.0, c.1, "1.1", &[("Cause", "21"), ("Cause-txt", "Call Rejected")]);
+    assert_eq!(t.missed("1.1"), MissedReason::Blocked);
+    assert_eq!(t.n.block_caller("1.1"), None, "an ended call is not marked");
+
+    // Answered: too late to block.
+    let mut t = T::new();
+    let m = ("SIP/2000-02", "2.2");
+    t.inbound("2.1", "SIP/carrier-02");
+    t.chan(0, "QueueCallerJoin", "SIP/carrier-02", "2.1", "2.1", &[("Queue", "700")]);
+    t.two(1, "AgentCalled", ("SIP/carrier-02", "2.1"), m, "2.1", &[("Interface", "SIP/2000")]);
+    t.two(1, "AgentConnect", ("SIP/carrier-02", "2.1"), m, "2.1", &[("Interface", "SIP/2000")]);
+    assert_eq!(t.n.block_caller("2.1"), None);
+    assert_eq!(t.n.block_caller("9.9"), None, "unknown call");
+
+    // Taken back: the call ends as it would have.
+    let mut t = T::new();
+    t.inbound("3.1", "SIP/carrier-03");
+    t.chan(0, "QueueCallerJoin", "SIP/carrier-03", "3.1", "3.1", &[("Queue", "700")]);
+    assert!(t.n.block_caller("3.1").is_some());
+    t.n.unblock_caller("3.1");
+    t.chan(5, "QueueCallerAbandon", "SIP/carrier-03", "3.1", "3.1", &[("Queue", "700")]);
+    t.chan(0, "Hangup", "SIP/carrier-03", "3.1", "3.1", &[("Cause", "16")]);
+    assert_eq!(t.missed("3.1"), MissedReason::Abandoned);
+}
+
+#[test]
+fn a_click_to_call_whose_agent_never_answers_keeps_the_customer_number() {
+    let mut t = T::new();
+    let at = t.t * 1_000_000;
+    t.n.expect_originate(ExpectedOriginate {
+        call_id: "5.1".into(),
+        agent: AgentId::new("maria"),
+        device: "SIP/2000".into(),
+        number: "11987650700".into(),
+        ticket: Some("4711".into()),
+        at,
+    });
+    // The PBX rings Maria's phone (no number dialled yet); it rings out.
+    t.ev(
+        0,
+        "Newchannel",
+        &[("Channel", "SIP/2000-0000000a"), ("Uniqueid", "5.1"), ("Linkedid", "5.1"), ("Exten", "s")],
+    );
+    t.chan(1, "Newstate", "SIP/2000-0000000a", "5.1", "5.1", &[("ChannelStateDesc", "Ringing")]);
+    t.chan(20, "Hangup", "SIP/2000-0000000a", "5.1", "5.1", &[("Cause", "19")]);
+    t.ev(0, "OriginateResponse", &[("Response", "Failure"), ("Uniqueid", "5.1"), ("Reason", "3")]);
+    assert_eq!(t.types("5.1"), ["call.started", "call.missed", "call.ended"]);
+    assert!(matches!(t.kind("5.1", "call.missed")[0], EventKind::Missed { reason: MissedReason::AgentNoAnswer, .. }));
+    let snap = t.last_of("5.1").call.clone().expect("snapshot");
+    assert_eq!(snap.callee.number.as_deref(), Some("11987650700"));
+    assert_eq!(snap.ticket_id.as_deref(), Some("4711"));
+    assert_eq!(snap.agent.as_ref().map(AgentId::as_str), Some("maria"));
+}
+
+#[test]
+fn a_click_to_call_the_pbx_cannot_ring_is_failed() {
+    let mut t = T::new();
+    t.ev(
+        0,
+        "Newchannel",
+        &[("Channel", "SIP/2000-0000000b"), ("Uniqueid", "5.2"), ("Linkedid", "5.2"), ("Exten", "s")],
+    );
+    t.chan(0, "Hangup", "SIP/2000-0000000b", "5.2", "5.2", &[("Cause", "20")]);
+    t.ev(0, "OriginateResponse", &[("Response", "Failure"), ("Uniqueid", "5.2"), ("Reason", "0")]);
+    // The phone never rang (unregistered): the PBX failed, not the agent.
+    assert!(matches!(t.kind("5.2", "call.missed")[0], EventKind::Missed { reason: MissedReason::Failed, .. }));
+    let mut t = T::new();
+    t.ev(
+        0,
+        "Newchannel",
+        &[("Channel", "SIP/2000-0000000c"), ("Uniqueid", "5.3"), ("Linkedid", "5.3"), ("Exten", "s")],
+    );
+    t.ev(0, "OriginateResponse", &[("Response", "Failure"), ("Uniqueid", "5.3"), ("Reason", "8")]);
+    t.chan(0, "Hangup", "SIP/2000-0000000c", "5.3", "5.3", &[("Cause", "34")]);
+    assert!(matches!(t.kind("5.3", "call.missed")[0], EventKind::Missed { reason: MissedReason::Failed, .. }));
+}
+
+#[test]
+fn an_agent_dialling_another_agents_extension_is_internal() {
+    let mut t = T::new();
+    // chan_sip/PJSIP may create the phone's channel before the dialplan
+    // knows the extension: Exten is empty at first.
+    t.ev(0, "Newchannel", &[("Channel", "SIP/2000-00000010"), ("Uniqueid", "6.1"), ("Linkedid", "6.1"), ("Exten", "")]);
+    t.ev(0, "Newchannel", &[("Channel", "SIP/2001-00000011"), ("Uniqueid", "6.2"), ("Linkedid", "6.1")]);
+    t.two(0, "DialBegin", ("SIP/2000-00000010", "6.1"), ("SIP/2001-00000011", "6.2"), "6.1", &[("DialString", "2001")]);
+    t.two(2, "DialEnd", ("SIP/2000-00000010", "6.1"), ("SIP/2001-00000011", "6.2"), "6.1", &[("DialStatus", "ANSWER")]);
+    t.chan(5, "Hangup", "SIP/2001-00000011", "6.2", "6.1", &[("Cause", "16")]);
+    t.chan(0, "Hangup", "SIP/2000-00000010", "6.1", "6.1", &[("Cause", "16")]);
+    let snap = t.last_of("6.1").call.clone().expect("snapshot");
+    assert_eq!(snap.direction, crate::event::Direction::Internal);
+    assert_eq!(snap.callee.number.as_deref(), Some("2001"));
+    assert_eq!(t.types("6.1"), ["call.started", "call.offered", "call.answered", "call.ended"]);
+}
+
+#[test]
+fn resync_reconciles_what_a_known_call_did_while_nobody_looked() {
+    let mut t = T::new();
+    t.inbound("7.1", "SIP/carrier-07");
+    t.chan(0, "QueueCallerJoin", "SIP/carrier-07", "7.1", "7.1", &[("Queue", "700")]);
+    t.ev(0, "Newchannel", &[("Channel", "SIP/2000-0000007a"), ("Uniqueid", "7.2"), ("Linkedid", "7.1")]);
+    t.ev(0, "Newchannel", &[("Channel", "SIP/2001-0000007b"), ("Uniqueid", "7.3"), ("Linkedid", "7.1")]);
+    t.two(
+        0,
+        "AgentCalled",
+        ("SIP/carrier-07", "7.1"),
+        ("SIP/2000-0000007a", "7.2"),
+        "7.1",
+        &[("Queue", "700"), ("MemberName", "SIP/2000"), ("Interface", "SIP/2000")],
+    );
+    t.two(
+        0,
+        "AgentCalled",
+        ("SIP/carrier-07", "7.1"),
+        ("SIP/2001-0000007b", "7.3"),
+        "7.1",
+        &[("Queue", "700"), ("MemberName", "SIP/2001"), ("Interface", "SIP/2001")],
+    );
+    assert_eq!(t.kind("7.1", "call.offered").len(), 2);
+    // Connection lost; meanwhile Maria answered and Joao's phone stopped.
+    t.n.begin_resync();
+    let listed = |uid: &str, chan: &str, state: &str, bridge: &str| {
+        Frame::from_pairs(&[
+            ("Event", "CoreShowChannel"),
+            ("Channel", chan),
+            ("Uniqueid", uid),
+            ("Linkedid", "7.1"),
+            ("ChannelStateDesc", state),
+            ("Application", "Queue"),
+            ("ApplicationData", "700"),
+            ("BridgeId", bridge),
+        ])
+    };
+    let listing = PbxChannels {
+        channels: vec![listed("7.1", "SIP/carrier-07", "Up", "b-1"), listed("7.2", "SIP/2000-0000007a", "Up", "b-1")],
+    };
+    let mut out = Vec::new();
+    t.n.resync(&listing, (t.t + 5) * 1_000_000, &mut out);
+    let types: Vec<&str> = out.iter().map(|e| e.kind.type_name()).collect();
+    assert_eq!(types, ["call.offer_ended", "call.answered"], "{out:#?}");
+    assert!(matches!(&out[1].kind, EventKind::Answered { agent: Some(a), .. } if a.as_str() == "maria"));
+    // A second resync with the same listing changes nothing.
+    t.n.begin_resync();
+    let mut again = Vec::new();
+    t.n.resync(&listing, (t.t + 6) * 1_000_000, &mut again);
+    assert!(again.is_empty(), "{again:#?}");
 }

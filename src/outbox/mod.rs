@@ -43,6 +43,9 @@
 //!        -- rows in `pos` order. pos = seq at append; a dead letter that is
 //!        -- retried gets a fresh pos after everything else.
 //! dead_letters(seq, sink, parked_at, status, reason, PRIMARY KEY(seq, sink))
+//! live_calls(call TEXT PRIMARY KEY,  -- calls live as of the stored events
+//!        seq INTEGER,                 -- highest seq stored for the call
+//!        state BLOB)                  -- its normalizer state (format ≥ 3)
 //! delivered(id TEXT PRIMARY KEY, done_at INTEGER, digest BLOB)
 //!        -- ids (and body digests) of events that left, kept for
 //!        -- de-duplication
@@ -102,6 +105,18 @@
 //! error to retry: retrying cannot succeed). Pending and parked events are
 //! compared by their JSON, delivered ones by its digest; ids delivered by a
 //! build that kept no digest count as duplicates.
+//!
+//! # Live calls
+//!
+//! Each append may carry checkpoints of the calls it concerns
+//! ([`CallCheckpoint`], see `crate::normalize::persist` for what they hold
+//! and why): they are written in the same savepoint as the events, so the
+//! stored state of a call always matches its last stored event. Every
+//! stored event of a call raises the call's `seq` in `live_calls`; its
+//! `call.ended` deletes the row; a piece of a split append writes the
+//! states only with its last piece (until then the rows keep their older
+//! state and the raised `seq`). [`Outbox::live_calls`] reads them back at
+//! start.
 //!
 //! # Compaction
 //!
@@ -188,7 +203,8 @@
 
 mod writer;
 
-use crate::event::Event;
+use crate::event::{Event, EventKind};
+use crate::normalize::CallCheckpoint;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -410,12 +426,25 @@ pub(crate) struct NewRecord {
     /// SHA-256 of `body`: kept with the id after delivery, to tell a
     /// repeated event from a different one under the same id.
     digest: [u8; 32],
+    /// The call event's call, for `live_calls`.
+    call: Option<CallMark>,
+}
+
+/// What a call event tells `live_calls`.
+#[derive(Debug, Clone)]
+pub(crate) struct CallMark {
+    call: String,
+    seq: u64,
+    /// `call.ended`: the call's row goes.
+    ended: bool,
 }
 
 pub(crate) enum Op {
     /// `split`: store the longest prefix that fits rather than all or nothing.
     Append {
         records: Vec<NewRecord>,
+        /// Written with the last of `records` (alone when there are none).
+        checkpoints: Vec<CallCheckpoint>,
         split: bool,
         reply: AppendReply,
     },
@@ -545,6 +574,11 @@ impl Outbox {
                     kind: e.kind.type_name(),
                     digest: digest(&body),
                     body,
+                    call: e.call.as_ref().map(|c| CallMark {
+                        call: c.id.to_string(),
+                        seq: e.seq,
+                        ended: matches!(e.kind, EventKind::Ended { .. }),
+                    }),
                 }
             })
             .collect()
@@ -559,7 +593,8 @@ impl Outbox {
         }
         let records = self.records(events);
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Op::Append { records, split: false, reply }).await.map_err(|_| OutboxError::Closed)?;
+        let op = Op::Append { records, checkpoints: Vec::new(), split: false, reply };
+        self.tx.send(op).await.map_err(|_| OutboxError::Closed)?;
         Ok(rx.await.map_err(|_| OutboxError::Closed)??.outcome)
     }
 
@@ -570,14 +605,31 @@ impl Outbox {
     /// [`OutboxError::DiskFull`] only when not even the first event fits.
     /// This is how a batch larger than the whole store gets in: piece by
     /// piece, while the sinks drain what went before.
-    pub async fn append_what_fits(&self, events: &[Event]) -> Result<PartialAppend, OutboxError> {
+    ///
+    /// `checkpoints` are stored with the piece that takes the last event
+    /// (or alone, when `events` is empty); when not every event fits, they
+    /// are not stored, and the caller offers them again with the rest.
+    pub async fn append_what_fits(
+        &self,
+        events: &[Event],
+        checkpoints: &[CallCheckpoint],
+    ) -> Result<PartialAppend, OutboxError> {
+        if events.is_empty() && !checkpoints.is_empty() {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Append { records: Vec::new(), checkpoints: checkpoints.to_vec(), split: false, reply };
+            self.tx.send(op).await.map_err(|_| OutboxError::Closed)?;
+            return rx.await.map_err(|_| OutboxError::Closed)?;
+        }
         let mut done = PartialAppend::default();
         let mut piece = events.len();
         while done.taken < events.len() {
-            let part = &events[done.taken..(done.taken + piece).min(events.len())];
+            let end = (done.taken + piece).min(events.len());
+            let part = &events[done.taken..end];
             let records = self.records(part);
+            let checkpoints = if end == events.len() { checkpoints.to_vec() } else { Vec::new() };
             let (reply, rx) = oneshot::channel();
-            self.tx.send(Op::Append { records, split: true, reply }).await.map_err(|_| OutboxError::Closed)?;
+            let op = Op::Append { records, checkpoints, split: true, reply };
+            self.tx.send(op).await.map_err(|_| OutboxError::Closed)?;
             match rx.await.map_err(|_| OutboxError::Closed)? {
                 Ok(p) => {
                     done.taken += p.taken;
@@ -606,7 +658,8 @@ impl Outbox {
         }
         let records = self.records(events);
         let (reply, rx) = oneshot::channel();
-        self.tx.blocking_send(Op::Append { records, split: false, reply }).map_err(|_| OutboxError::Closed)?;
+        let op = Op::Append { records, checkpoints: Vec::new(), split: false, reply };
+        self.tx.blocking_send(op).map_err(|_| OutboxError::Closed)?;
         Ok(rx.blocking_recv().map_err(|_| OutboxError::Closed)??.outcome)
     }
 
@@ -748,6 +801,23 @@ impl Outbox {
         .await
     }
 
+    /// The calls live as of the stored events, with their last `seq` and
+    /// state (see "Live calls"), by call id.
+    pub async fn live_calls(&self) -> Result<Vec<CallCheckpoint>, OutboxError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached("SELECT call, seq, state FROM live_calls ORDER BY call")?;
+            let rows = st.query_map([], |r| {
+                Ok(CallCheckpoint {
+                    call: crate::event::CallId::new(&r.get::<_, String>(0)?),
+                    seq: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    state: r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default(),
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// Age of the oldest event some sink has not acknowledged.
     pub async fn oldest_undelivered_age(&self) -> Result<Option<Duration>, OutboxError> {
         let at: Option<i64> = self
@@ -881,6 +951,37 @@ mod tests {
         assert_eq!(o.duplicates, events.len());
         assert!(ob.contains(&ids[0]).await.unwrap());
         assert_eq!(ob.oldest_undelivered_age().await.unwrap(), None);
+    }
+
+    fn checkpoint(call: &str, seq: u64, state: &str) -> CallCheckpoint {
+        CallCheckpoint { call: crate::event::CallId::new(call), seq, state: state.as_bytes().to_vec() }
+    }
+
+    #[tokio::test]
+    async fn live_calls_follow_the_stored_events() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        let call = events[0].call.as_ref().unwrap().id.clone();
+        let of_call: Vec<Event> =
+            events.iter().filter(|e| e.call.as_ref().is_some_and(|c| c.id == call)).cloned().collect();
+        let ob = open(tmp.path(), &["a"]);
+        // Two events and the call's state: stored together.
+        ob.append_what_fits(&of_call[..2], &[checkpoint(call.as_str(), 2, "s2")]).await.unwrap();
+        let rows = ob.live_calls().await.unwrap();
+        assert_eq!(rows, vec![checkpoint(call.as_str(), 2, "s2")]);
+        // Events without a state raise the call's seq, keep its last state.
+        ob.append_what_fits(&of_call[2..3], &[]).await.unwrap();
+        assert_eq!(ob.live_calls().await.unwrap(), vec![checkpoint(call.as_str(), 3, "s2")]);
+        // A state alone (orderly shutdown).
+        ob.append_what_fits(&[], &[checkpoint(call.as_str(), 3, "s3")]).await.unwrap();
+        ob.close().await.unwrap();
+        let ob = open(tmp.path(), &["a"]);
+        assert_eq!(ob.live_calls().await.unwrap(), vec![checkpoint(call.as_str(), 3, "s3")]);
+        // The call's call.ended removes it, in the same append.
+        let last = of_call.len();
+        ob.append_what_fits(&of_call[3..], &[checkpoint("other", 1, "o")]).await.unwrap();
+        assert!(matches!(of_call[last - 1].kind, EventKind::Ended { .. }));
+        assert_eq!(ob.live_calls().await.unwrap(), vec![checkpoint("other", 1, "o")]);
     }
 
     #[tokio::test]

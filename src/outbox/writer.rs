@@ -15,7 +15,9 @@ use super::{
     now_micros, publish_counters, AppendOutcome, AppendReply, NewRecord, Op, OutboxError, OutboxOptions, PartialAppend,
     Shared, StoreError,
 };
+use crate::normalize::CallCheckpoint;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -76,6 +78,10 @@ const MIGRATIONS: &[&str] = &[
     // Rows from before have none (NULL): their ids count as duplicates.
     "ALTER TABLE events ADD COLUMN digest BLOB;
      ALTER TABLE delivered ADD COLUMN digest BLOB;",
+    // 3: the calls live as of the stored events, with their last seq and
+    // state, so that a restart carries them on (`normalize::persist`).
+    "CREATE TABLE live_calls(
+         call TEXT PRIMARY KEY, seq INTEGER NOT NULL, state BLOB) WITHOUT ROWID;",
 ];
 
 /// The format version this build writes (and the newest it opens).
@@ -416,7 +422,7 @@ struct Delta {
 
 fn weight(op: &Op) -> usize {
     match op {
-        Op::Append { records, .. } => records.len(),
+        Op::Append { records, checkpoints, .. } => records.len().max(usize::from(!checkpoints.is_empty())),
         Op::Ack { acks, .. } => acks.len(),
         _ => 1,
     }
@@ -456,7 +462,7 @@ impl Batch {
             return;
         }
         match op {
-            Op::Append { records, split, reply } => self.append(c, &records, split, reply),
+            Op::Append { records, checkpoints, split, reply } => self.append(c, &records, &checkpoints, split, reply),
             Op::Ack { ref sink, ref acks } => match in_savepoint(c, |t| ack(t, sink, acks, self.now)) {
                 Ok(d) => {
                     self.delta.depth += d;
@@ -495,12 +501,19 @@ impl Batch {
         }
     }
 
-    fn append(&mut self, c: &Connection, records: &[NewRecord], split: bool, reply: AppendReply) {
+    fn append(
+        &mut self,
+        c: &Connection,
+        records: &[NewRecord],
+        checkpoints: &[CallCheckpoint],
+        split: bool,
+        reply: AppendReply,
+    ) {
         if self.full {
             let _ = reply.send(Err(OutboxError::DiskFull));
             return;
         }
-        let (a, taken, error) = self.store_prefix(c, records, split);
+        let (a, taken, error) = self.store_prefix(c, records, checkpoints, split);
         match error {
             None => {}
             // SQLite rolled the whole transaction back while a piece of
@@ -532,14 +545,23 @@ impl Batch {
         &mut self,
         c: &Connection,
         records: &[NewRecord],
+        checkpoints: &[CallCheckpoint],
         split: bool,
     ) -> (Appended, usize, Option<(StoreError, usize)>) {
         let mut total = Appended { outcome: AppendOutcome::default(), depth: 0, conflicts: Vec::new() };
+        if records.is_empty() {
+            return match in_savepoint(c, |t| store_live_calls(t, &[], checkpoints)) {
+                Ok(()) => (total, 0, None),
+                Err(e) => (total, 0, Some((e, 1))),
+            };
+        }
         let (mut taken, mut piece) = (0, records.len());
         let (sinks, next_pos, now) = (&self.sinks, &mut self.next_pos, self.now);
         while taken < records.len() {
-            let part = &records[taken..(taken + piece).min(records.len())];
-            match in_savepoint(c, |t| append(t, part, sinks, next_pos, now)) {
+            let end = (taken + piece).min(records.len());
+            let part = &records[taken..end];
+            let states = if end == records.len() { checkpoints } else { &[] };
+            match in_savepoint(c, |t| append(t, part, states, sinks, next_pos, now)) {
                 Ok(a) => {
                     total.outcome.appended += a.outcome.appended;
                     total.outcome.duplicates += a.outcome.duplicates;
@@ -978,6 +1000,7 @@ fn known_stored(c: &Connection, r: &NewRecord) -> Result<Known, rusqlite::Error>
 fn append(
     c: &Connection,
     records: &[NewRecord],
+    checkpoints: &[CallCheckpoint],
     sinks: &[Arc<str>],
     next_pos: &mut i64,
     now: i64,
@@ -1018,7 +1041,45 @@ fn append(
     }
     *next_pos = pos;
     out.depth = if no_sinks { 0 } else { out.outcome.appended as i64 };
+    store_live_calls(c, records, checkpoints)?;
     Ok(out)
+}
+
+/// `live_calls` after `records` (see "Live calls" in the module doc):
+/// each call's highest `seq` raised, ended calls removed, then the states
+/// of `checkpoints` written. Repeated and refused events count too: the
+/// normalizer did emit them.
+fn store_live_calls(
+    c: &Connection,
+    records: &[NewRecord],
+    checkpoints: &[CallCheckpoint],
+) -> Result<(), rusqlite::Error> {
+    let mut last: HashMap<&str, (u64, bool), ahash::RandomState> = HashMap::default();
+    for m in records.iter().filter_map(|r| r.call.as_ref()) {
+        let entry = last.entry(&m.call).or_insert((m.seq, m.ended));
+        entry.0 = entry.0.max(m.seq);
+        entry.1 |= m.ended;
+    }
+    let mut raise = c.prepare_cached(
+        "INSERT INTO live_calls(call, seq) VALUES (?1, ?2)
+         ON CONFLICT(call) DO UPDATE SET seq = max(seq, excluded.seq)",
+    )?;
+    let mut gone = c.prepare_cached("DELETE FROM live_calls WHERE call = ?1")?;
+    for (call, (seq, ended)) in last {
+        if ended {
+            gone.execute([call])?;
+        } else {
+            raise.execute(params![call, seq as i64])?;
+        }
+    }
+    let mut put = c.prepare_cached(
+        "INSERT INTO live_calls(call, seq, state) VALUES (?1, ?2, ?3)
+         ON CONFLICT(call) DO UPDATE SET seq = max(seq, excluded.seq), state = excluded.state",
+    )?;
+    for cp in checkpoints {
+        put.execute(params![cp.call.as_str(), cp.seq as i64, cp.state])?;
+    }
+    Ok(())
 }
 
 fn still_pending(c: &Connection, seq: i64) -> Result<bool, rusqlite::Error> {

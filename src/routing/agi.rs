@@ -22,8 +22,9 @@
 //! The request names a PBX queue (`?queue=700`) or a helpdesk group
 //! (`?group=support`), in the query string or as an argument
 //! (`AGI(agi://…/route,queue=700)`). callbridge works out the route with
-//! [`RouteOracle`] (hours, holidays, availability, overflow) and sets, with
-//! `SET VARIABLE`, always all six of:
+//! [`RouteOracle::decide`] (hours, holidays, availability, overflow, then
+//! who is calling: the caller lookup and the redirects of the group that
+//! would take the call) and sets, with `SET VARIABLE`, always all eleven of:
 //!
 //! | variable | value |
 //! | --- | --- |
@@ -33,6 +34,14 @@
 //! | `CALLBRIDGE_REASON` | `holiday`, `outside_hours` or `no_agents` (route `missed`) |
 //! | `CALLBRIDGE_DIVERTED_FROM` | the group asked for, when the call overflowed to another |
 //! | `CALLBRIDGE_ERROR` | why there is no route: `unknown_script`, `no_target`, `ambiguous_target`, `unknown_queue`, `unknown_group` |
+//! | `CALLBRIDGE_ROUTING_REASON` | why the call left the group asked for: `overflow`, `caller_unknown`, `caller_inactive` |
+//! | `CALLBRIDGE_ROUTING_FROM` | the group whose rule moved it |
+//! | `CALLBRIDGE_CALLER_FOUND` | `true`/`false` when the caller was looked up and the helpdesk answered |
+//! | `CALLBRIDGE_CALLER_ACTIVE` | `true`/`false`: the caller's contact is active |
+//! | `CALLBRIDGE_CONTACT_ID` | the contact's id in the helpdesk |
+//!
+//! The caller's number is the channel's caller ID (`agi_callerid`), or
+//! `caller=` when the request names one.
 //!
 //! Setting all of them every time means a second `AGI()` on the same channel
 //! never leaves a stale value behind. Then callbridge closes the connection:
@@ -64,9 +73,12 @@
 // Fed by the network: no indexing or slicing that could panic.
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
 
-use super::{Route, RouteOracle, Target};
+use super::{Decision, Route, RouteOracle, Target};
 use crate::config::AgiConfig;
-use crate::normalize::{ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE};
+use crate::normalize::{
+    CALLER_ACTIVE_VARIABLE, CALLER_FOUND_VARIABLE, CONTACT_ID_VARIABLE, ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE,
+    ROUTING_FROM_VARIABLE, ROUTING_REASON_VARIABLE,
+};
 use futures::StreamExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,6 +104,17 @@ pub const REASON_VARIABLE: &str = ROUTE_REASON_VARIABLE;
 pub const DIVERTED_FROM_VARIABLE: &str = "CALLBRIDGE_DIVERTED_FROM";
 /// Why there is no route.
 pub const ERROR_VARIABLE: &str = "CALLBRIDGE_ERROR";
+/// Why the call was moved away from the group asked for: `overflow`,
+/// `caller_unknown`, `caller_inactive`.
+pub const ROUTING_REASON: &str = ROUTING_REASON_VARIABLE;
+/// The group whose rule moved it.
+pub const ROUTING_FROM: &str = ROUTING_FROM_VARIABLE;
+/// `true`/`false`: a contact has the caller's number (when looked up).
+pub const CALLER_FOUND: &str = CALLER_FOUND_VARIABLE;
+/// `true`/`false`: that contact is active.
+pub const CALLER_ACTIVE: &str = CALLER_ACTIVE_VARIABLE;
+/// The contact's id in the helpdesk.
+pub const CONTACT_ID: &str = CONTACT_ID_VARIABLE;
 
 /// The one script this endpoint serves (`agi://host:port/route`).
 pub const SCRIPT: &str = "route";
@@ -342,10 +365,14 @@ async fn session(
     let request = Request::from_env(&env)?;
     let (outcome, vars) = match request.target() {
         Err(code) => (Outcome::Error, answer_error(code)),
-        Ok(target) => match oracle.route(&target) {
-            Ok(route) => {
-                let outcome = if matches!(route, Route::Queue { .. }) { Outcome::Queue } else { Outcome::Missed };
-                (outcome, answer_route(&route))
+        Ok(target) => match oracle.decide(&target, request.caller()).await {
+            Ok(decision) => {
+                if let Some(f) = decision.lookup_failed {
+                    debug!(channel = %request.channel, cause = f.as_str(), "caller lookup gave no answer; normal route");
+                }
+                let outcome =
+                    if matches!(decision.route, Route::Queue { .. }) { Outcome::Queue } else { Outcome::Missed };
+                (outcome, answer_decision(&decision))
             }
             Err(e) => (Outcome::Error, answer_error(e.code())),
         },
@@ -513,6 +540,8 @@ struct Request {
     /// `key=value` pairs of the query string, then of `agi_arg_N`.
     params: Vec<(String, String)>,
     channel: String,
+    /// `agi_callerid`: the caller's number as the channel has it.
+    callerid: String,
 }
 
 impl Request {
@@ -555,7 +584,20 @@ impl Request {
             script: path.trim_matches('/').to_string(),
             params,
             channel: get("agi_channel").unwrap_or("").to_string(),
+            callerid: get("agi_callerid").unwrap_or("").to_string(),
         })
+    }
+
+    /// The caller's number to look up: `caller=` when the dialplan passes
+    /// one (`route?queue=700&caller=${URIENCODE(${CALLERID(num)})}`), else
+    /// the channel's caller ID; `None` when there is neither.
+    fn caller(&self) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == "caller")
+            .map(|(_, v)| v.as_str())
+            .or(Some(self.callerid.as_str()))
+            .filter(|c| !c.trim().is_empty())
     }
 
     /// The queue or group asked about, or an error code.
@@ -573,9 +615,31 @@ impl Request {
     }
 }
 
-type Answer = [(&'static str, String); 6];
+type Answer = [(&'static str, String); 11];
 
-fn answer_route(route: &Route) -> Answer {
+/// The variables of a decision, in the order the normalizer reads them
+/// (a routing reason before its group, `found` before the rest).
+fn answer_decision(d: &Decision) -> Answer {
+    let flag = |b: bool| if b { "true" } else { "false" }.to_string();
+    let [route, queue, group, reason, diverted, error] = answer_route(&d.route);
+    let routing = d.routing.as_ref();
+    let caller = d.caller.as_ref();
+    [
+        route,
+        queue,
+        group,
+        reason,
+        diverted,
+        error,
+        (ROUTING_REASON, routing.map(|r| r.reason.as_str().to_string()).unwrap_or_default()),
+        (ROUTING_FROM, routing.and_then(|r| r.from_group.as_ref()).map(|g| g.to_string()).unwrap_or_default()),
+        (CALLER_FOUND, caller.map(|c| flag(c.found)).unwrap_or_default()),
+        (CALLER_ACTIVE, caller.and_then(|c| c.active).map(flag).unwrap_or_default()),
+        (CONTACT_ID, caller.and_then(|c| c.contact_id.clone()).unwrap_or_default()),
+    ]
+}
+
+fn answer_route(route: &Route) -> [(&'static str, String); 6] {
     match route {
         Route::Queue { group, queue, diverted_from } => [
             (ROUTE_VARIABLE, "queue".into()),
@@ -604,6 +668,11 @@ fn answer_error(code: &'static str) -> Answer {
         (REASON_VARIABLE, String::new()),
         (DIVERTED_FROM_VARIABLE, String::new()),
         (ERROR_VARIABLE, code.into()),
+        (ROUTING_REASON, String::new()),
+        (ROUTING_FROM, String::new()),
+        (CALLER_FOUND, String::new()),
+        (CALLER_ACTIVE, String::new()),
+        (CONTACT_ID, String::new()),
     ]
 }
 

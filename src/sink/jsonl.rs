@@ -55,7 +55,7 @@ impl Sink for JsonlSink {
         Backoff::clamped(Duration::from_millis(100), Duration::from_secs(10), Jitter::Wide)
     }
 
-    async fn deliver(&self, batch: &[Record]) -> Attempt {
+    async fn deliver(&self, batch: &[Record], _attempt: u32) -> Attempt {
         let mut text = String::with_capacity(batch.iter().map(|r| r.body.len() + 1).sum());
         for r in batch {
             text.push_str(&r.body);

@@ -21,6 +21,11 @@
 //!   rejected batch is retried event by event so that only the refused
 //!   events are parked.
 //!
+//! A sink may read more into its destination's answers than the status: the
+//! Zammad sink knows which of Zammad's 500s mean "already delivered" or "an
+//! unknown call" (see [`zammad`]); [`Sink::deliver`] gets the attempt number
+//! for that.
+//!
 //! A runner holds at most `max_buffered` events of its sink in memory; the
 //! rest waits on disk. (So one key with that many undelivered events would
 //! hold back reading the others: far beyond any call's event count.)
@@ -206,7 +211,10 @@ pub trait Sink: Send + Sync + 'static {
         None
     }
     /// One attempt; the runner retries. Events of one key appear in order.
-    fn deliver(&self, batch: &[Record]) -> impl Future<Output = Attempt> + Send;
+    /// `attempt` counts the earlier attempts of this batch (0 for the
+    /// first), for a sink whose destination's answers mean something else
+    /// once repeated (Zammad: an unknown call).
+    fn deliver(&self, batch: &[Record], attempt: u32) -> impl Future<Output = Attempt> + Send;
 }
 
 /// Tuning of the runners.
@@ -318,8 +326,16 @@ pub fn only_stdout(config: &Config) -> bool {
     config.sinks.iter().all(|s| matches!(s, SinkConfig::Jsonl { path, .. } if path == "-"))
 }
 
+/// What sinks may ask of the rest of callbridge, handed in by the wiring.
+#[derive(Clone, Default)]
+pub struct SinkContext {
+    /// Hangs up a caller the helpdesk rejects (the Zammad sink with
+    /// `honour_reject`); `None` where there is no PBX (a replay).
+    pub blocker: Option<Arc<dyn zammad::CallBlocker>>,
+}
+
 /// Builds every configured sink (resolving secrets; never logging them).
-pub fn build_sinks(config: &Config) -> Result<Vec<ConfiguredSink>, SinkError> {
+pub fn build_sinks(config: &Config, ctx: &SinkContext) -> Result<Vec<ConfiguredSink>, SinkError> {
     let names = sink_names(config)?;
     let mut out = Vec::new();
     for (index, (s, name)) in config.sinks.iter().zip(names).enumerate() {
@@ -336,7 +352,8 @@ pub fn build_sinks(config: &Config) -> Result<Vec<ConfiguredSink>, SinkError> {
                 ConfiguredSink::Webhook(Arc::new(webhook::WebhookSink::from_config(index, &name, s)?))
             }
             SinkConfig::Zammad { .. } => {
-                ConfiguredSink::Zammad(Arc::new(zammad::ZammadSink::from_config(index, &name, s, config)?))
+                let blocker = ctx.blocker.clone();
+                ConfiguredSink::Zammad(Arc::new(zammad::ZammadSink::from_config(index, &name, s, config, blocker)?))
             }
         });
     }
@@ -677,7 +694,7 @@ impl<S: Sink> Worker<'_, S> {
                     None => return Final::Cancelled,
                 },
             };
-            let result = self.attempt(batch).await;
+            let result = self.attempt(batch, attempt).await;
             drop(held);
             let Some(result) = result else { return Final::Cancelled };
             match result {
@@ -727,11 +744,11 @@ impl<S: Sink> Worker<'_, S> {
     }
 
     /// One request, counted by status class; `None` when cancelled.
-    async fn attempt(&self, batch: &[Record]) -> Option<Attempt> {
+    async fn attempt(&self, batch: &[Record], attempt: u32) -> Option<Attempt> {
         let t0 = Instant::now();
         let result = tokio::select! {
             _ = self.cancel.cancelled() => return None,
-            r = self.sink.deliver(batch) => r,
+            r = self.sink.deliver(batch, attempt) => r,
         };
         let class = match &result {
             Attempt::Skipped => None,
@@ -838,7 +855,7 @@ max_bytes = 1000000
         assert!(!only_stdout(&c));
         assert_eq!(c.outbox.max_bytes, 1_000_000);
         assert_eq!(c.outbox.dedup_retention_seconds, 86400);
-        let built = build_sinks(&c).unwrap();
+        let built = build_sinks(&c, &SinkContext::default()).unwrap();
         assert_eq!(built.len(), 3);
         assert!(matches!(&built[0], ConfiguredSink::Webhook(w) if w.batch_size() == 50));
     }

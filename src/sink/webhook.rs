@@ -35,7 +35,7 @@ pub(crate) fn retry_budget(seconds: f64) -> Option<Duration> {
     Duration::try_from_secs_f64(seconds).ok().filter(|d| !d.is_zero())
 }
 /// Bytes of a refusal's response body kept in the dead letter's reason.
-const REASON_BYTES: usize = 512;
+pub(crate) const REASON_BYTES: usize = 512;
 /// Bytes read to make the excerpt: more than kept, so that a secret
 /// straddling the cut is seen whole and masked.
 const EXCERPT_READ_BYTES: usize = REASON_BYTES + 1024;
@@ -136,11 +136,7 @@ pub(crate) async fn send(req: reqwest::RequestBuilder, redactor: &Redactor) -> A
     match req.send().await {
         Ok(resp) => {
             let status = resp.status().as_u16();
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_retry_after);
+            let retry_after = retry_after_of(&resp);
             if (200..300).contains(&status) {
                 // Drain the (usually empty) body so the connection is reused.
                 let _ = body_excerpt(resp).await;
@@ -149,12 +145,20 @@ pub(crate) async fn send(req: reqwest::RequestBuilder, redactor: &Redactor) -> A
             let excerpt = redactor.excerpt(&body_excerpt(resp).await, REASON_BYTES);
             classify_status(status, retry_after, || format!("HTTP {status}: {excerpt}"))
         }
-        Err(e) => {
-            let class = if e.is_timeout() { StatusClass::Timeout } else { StatusClass::Network };
-            // Without the URL: it may carry a token (Zammad).
-            Attempt::Retry { class, retry_after: None, detail: redactor.scrub(&error_chain(&e.without_url())) }
-        }
+        Err(e) => transport_failure(e, redactor),
     }
+}
+
+/// A response's `Retry-After`, if it has a readable one.
+pub(crate) fn retry_after_of(resp: &reqwest::Response) -> Option<Duration> {
+    resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after)
+}
+
+/// A request that got no answer (network, timeout): retried. The detail is
+/// the error chain without the URL (it may carry a token: Zammad's), scrubbed.
+pub(crate) fn transport_failure(e: reqwest::Error, redactor: &Redactor) -> Attempt {
+    let class = if e.is_timeout() { StatusClass::Timeout } else { StatusClass::Network };
+    Attempt::Retry { class, retry_after: None, detail: redactor.scrub(&error_chain(&e.without_url())) }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -275,7 +279,7 @@ impl Sink for WebhookSink {
         self.retry_budget
     }
 
-    async fn deliver(&self, batch: &[Record]) -> Attempt {
+    async fn deliver(&self, batch: &[Record], _attempt: u32) -> Attempt {
         let (id, content_type, body) = match batch {
             [one] if self.batch_size == 1 => (one.id.clone(), CE_JSON, one.body.clone()),
             _ => {

@@ -276,6 +276,8 @@ impl LineTracker {
             answered_at: None,
             ended_at: None,
             recording: None,
+            routing: None,
+            caller_lookup: None,
         };
         let mut call = Call { snapshot, seq: 0, phase: Phase::Setup };
         let unknown_caller = call.snapshot.caller.number.is_none();

@@ -50,6 +50,8 @@ pub enum Name {
     ProxyAuthenticate,
     MinExpires,
     RetryAfter,
+    Server,
+    UserAgent,
 }
 
 impl Name {
@@ -70,6 +72,8 @@ impl Name {
             Name::ProxyAuthenticate => "Proxy-Authenticate",
             Name::MinExpires => "Min-Expires",
             Name::RetryAfter => "Retry-After",
+            Name::Server => "Server",
+            Name::UserAgent => "User-Agent",
         }
     }
 
@@ -88,7 +92,7 @@ impl Name {
         })
     }
 
-    const ALL: [Name; 15] = [
+    const ALL: [Name; 17] = [
         Name::Via,
         Name::From,
         Name::To,
@@ -104,6 +108,8 @@ impl Name {
         Name::ProxyAuthenticate,
         Name::MinExpires,
         Name::RetryAfter,
+        Name::Server,
+        Name::UserAgent,
     ];
 
     fn from_wire(name: &str) -> Option<Name> {
@@ -130,6 +136,8 @@ impl Name {
             Name::ProxyAuthenticate => Header::ProxyAuthenticate(rsip::headers::ProxyAuthenticate::new(value)),
             Name::MinExpires => Header::MinExpires(rsip::headers::MinExpires::new(value)),
             Name::RetryAfter => Header::RetryAfter(rsip::headers::RetryAfter::new(value)),
+            Name::Server => Header::Server(rsip::headers::Server::new(value)),
+            Name::UserAgent => Header::UserAgent(rsip::headers::UserAgent::new(value)),
         }
     }
 }
@@ -152,6 +160,8 @@ fn name_value(h: &Header) -> Option<(Name, &str)> {
         Header::ProxyAuthenticate(v) => (Name::ProxyAuthenticate, v.value()),
         Header::MinExpires(v) => (Name::MinExpires, v.value()),
         Header::RetryAfter(v) => (Name::RetryAfter, v.value()),
+        Header::Server(v) => (Name::Server, v.value()),
+        Header::UserAgent(v) => (Name::UserAgent, v.value()),
         Header::Other(n, v) => (Name::from_wire(n)?, v.as_str()),
         _ => return None,
     })

@@ -22,10 +22,15 @@
 //! `digest.rs` and `message.rs` are pure (no I/O, no clock); only `ua.rs`
 //! owns sockets and timers. `ua.rs` takes [`SipSettings`] (plain values,
 //! built from the configuration file by `config/runtime.rs`); nothing here
-//! reads the configuration. Keepalive: `OPTIONS` every `options_interval_seconds`; the answer
-//! sets [`SipStatus::reachable`] and the round-trip time, and when the PBX
-//! answers again after a silence every extension is subscribed anew (a
-//! restarted PBX forgot its subscriptions; a `481` to a refresh says so too).
+//! reads the configuration. Keepalive: `OPTIONS` every `options_interval_seconds`
+//! (sooner while the PBX is silent); the answer sets [`SipStatus::reachable`]
+//! and the round-trip time. A PBX restart may forget subscriptions without a
+//! word; `ua.rs` notices it (the PBX answering again after a silence or
+//! differently, a `481` to a refresh, a keepalive refresh of the
+//! subscription confirmed longest ago) and checks every subscription at
+//! once. [`SipStatus::subscriptions_active`] counts what the PBX holds as
+//! far as callbridge knows: a `481`, `terminated`, a failed refresh or a
+//! lapsed grant take a subscription out at once.
 //!
 //! Metrics (label values from fixed sets):
 //! `callbridge_sip_messages_received_total{kind=notify|options|other|response}`,
@@ -131,7 +136,8 @@ impl SipStatus {
         }
     }
 
-    /// Extensions whose subscription is active now.
+    /// Extensions whose subscription the PBX holds now, as far as callbridge
+    /// knows (granted, and not dropped, failed to refresh or lapsed since).
     pub fn subscriptions_active(&self) -> usize {
         self.0.active.load(Ordering::Relaxed)
     }
@@ -166,8 +172,10 @@ impl SipStatus {
 /// A running SIP connector.
 #[derive(Debug)]
 pub struct SipAgent {
-    /// Ends after `shutdown` (having sent `Expires: 0` for every active
-    /// subscription), or with an error when the event channel closes.
+    /// Ends after `shutdown`, once every subscription the PBX may hold is
+    /// unsubscribed (`Expires: 0`, its digest challenge answered) or the
+    /// unsubscribe wait (2 s at most) has passed; or with an error when the
+    /// event channel closes.
     pub task: JoinHandle<Result<(), SipError>>,
     pub status: SipStatus,
     /// The bound SIP address (useful with port 0).
@@ -281,12 +289,15 @@ pub async fn spawn(
         settings: settings.clone(),
     };
     let ua = ua::Ua::new(setup, udp)?;
+    // The transport outlives `shutdown` (the unsubscribes need their
+    // answers) and stops with the user agent's task, however it ends.
+    let transport = CancellationToken::new();
     match bound {
         Bound::Udp(socket) => {
-            ua::spawn_udp_reader(socket, inbound_tx, settings.max_message_bytes, shutdown.clone());
+            ua::spawn_udp_reader(socket, inbound_tx, settings.max_message_bytes, transport.clone());
         }
         Bound::Tcp(listener) => {
-            ua::spawn_tcp(pbx_addr, listener, inbound_tx, &settings, shutdown.clone());
+            ua::spawn_tcp(pbx_addr, listener, inbound_tx, &settings, transport.clone());
         }
     }
     tracing::info!(
@@ -299,6 +310,9 @@ pub async fn spawn(
         sip_only = (mode == Mode::SipOnly),
         "SIP dialog-event connector started"
     );
-    let task = tokio::spawn(ua.run(inbound_rx, shutdown));
+    let task = tokio::spawn(async move {
+        let _transport = transport.drop_guard();
+        ua.run(inbound_rx, shutdown).await
+    });
     Ok(SipAgent { task, status, local_addr })
 }

@@ -1,9 +1,23 @@
 //! One extension's dialog-event subscription (RFC 6665) as a pure state
 //! machine: when to send the initial SUBSCRIBE, how to answer a digest
-//! challenge (once per challenge), when to refresh (at 85 % of the granted
-//! duration), and when and how to start over (after `Subscription-State:
-//! terminated`, an error response, a timeout, a `481` to a refresh, or the
-//! PBX coming back) with a capped exponential backoff and jitter.
+//! challenge (once per challenge, the unsubscribe's too), when to refresh
+//! (at 85 % of the granted duration), when the grant has lapsed, and when
+//! and how to start over (after `Subscription-State: terminated`, an error
+//! response, a timeout, a `481` to a refresh) with a capped exponential
+//! backoff and jitter.
+//!
+//! "Active" is what the PBX holds as far as callbridge can know: from the
+//! 2xx until the grant ends, a `481` or `terminated` says the PBX dropped
+//! it, or a refresh fails. A refresh in flight keeps the subscription
+//! active (the previous grant still holds); a new dialog in flight does not.
+//!
+//! A PBX that restarts may lose its subscriptions without a word (chan_sip
+//! keeps them in memory only; res_pjsip recreates the ones it stored). When
+//! the user agent suspects a restart it calls [`Subscription::verify`] on
+//! every subscription: an active one is
+//! refreshed at the given time (a PBX that forgot the dialog answers `481`,
+//! and the subscription starts over with a new dialog at once), one waiting
+//! for a retry retries then, with its backoff reset.
 //!
 //! It decides, it does not act: every method takes the time (`now`) and,
 //! where a delay is drawn, a `jitter` in `[0, 1)`, and returns at most one
@@ -68,11 +82,12 @@ pub struct Response<'a> {
 pub enum Failure {
     /// The PBX refused our credentials (or sent an unusable challenge).
     Auth,
-    /// No final response in time.
+    /// No final response in time, or the grant ended without a refresh.
     Timeout,
     /// An error response (4xx–6xx) or a zero-length grant.
     Rejected,
-    /// The PBX ended the subscription (`Subscription-State: terminated`).
+    /// The PBX ended the subscription (`Subscription-State: terminated`)
+    /// or no longer knows it (`481` to a refresh).
     Terminated,
 }
 
@@ -91,11 +106,15 @@ impl Failure {
 enum Phase {
     /// Start a new dialog at this time.
     Waiting(Instant),
-    /// A SUBSCRIBE is in flight.
-    InFlight,
-    /// Established: refresh at `refresh_at`.
-    Active { refresh_at: Instant },
-    /// Unsubscribed on shutdown: nothing more happens.
+    /// A SUBSCRIBE is in flight. `grant_ends`: a refresh, and the previous
+    /// grant still holds until then (active); `None`: a new dialog, or a
+    /// refresh whose previous grant has ended (not active).
+    InFlight { grant_ends: Option<Instant> },
+    /// Established: refresh at `refresh_at`; the PBX holds it until `grant_ends`.
+    Active { refresh_at: Instant, grant_ends: Instant },
+    /// The unsubscribe (`Expires: 0`) is in flight.
+    Closing,
+    /// Unsubscribed on shutdown (or nothing to unsubscribe): nothing more happens.
     Closed,
 }
 
@@ -130,6 +149,9 @@ pub struct Subscription {
     auth: Option<Auth>,
     failures: u32,
     last_failure: Option<Failure>,
+    /// When the PBX last showed it holds this dialog (a 2xx, or a NOTIFY
+    /// saying active or pending).
+    confirmed_at: Option<Instant>,
 }
 
 /// The delay before the `failures`-th consecutive retry: 1 s, 2 s, 4 s…
@@ -145,6 +167,10 @@ pub fn refresh_delay(granted: u32) -> Duration {
     Duration::from_secs(u64::from(granted)).mul_f64(0.85).max(Duration::from_millis(500))
 }
 
+fn retry_after(seconds: Option<u32>) -> Option<Duration> {
+    seconds.map(|s| Duration::from_secs(u64::from(s.min(3600))))
+}
+
 impl Subscription {
     /// A subscription whose first SUBSCRIBE goes out at `start`.
     pub fn new(params: SubscribeParams, start: Instant) -> Subscription {
@@ -158,11 +184,24 @@ impl Subscription {
             auth: None,
             failures: 0,
             last_failure: None,
+            confirmed_at: None,
         }
     }
 
+    /// The PBX holds this subscription, as far as callbridge knows: granted
+    /// and not yet lapsed, dropped (`481`, `terminated`) or failed to refresh.
     pub fn is_active(&self) -> bool {
-        matches!(self.phase, Phase::Active { .. })
+        matches!(self.phase, Phase::Active { .. } | Phase::InFlight { grant_ends: Some(_) })
+    }
+
+    /// The unsubscribe is in flight.
+    pub fn is_closing(&self) -> bool {
+        self.phase == Phase::Closing
+    }
+
+    /// Unsubscribed (or nothing to unsubscribe): shutdown is done with it.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
     }
 
     /// Why the subscription last failed (cleared by a success).
@@ -170,12 +209,30 @@ impl Subscription {
         self.last_failure
     }
 
-    /// When [`Subscription::poll`] has something to do.
+    /// When [`Subscription::poll`] has a request to send.
     pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
             Phase::Waiting(at) => Some(at),
-            Phase::Active { refresh_at } => Some(refresh_at),
-            Phase::InFlight | Phase::Closed => None,
+            Phase::Active { refresh_at, .. } => Some(refresh_at),
+            Phase::InFlight { .. } | Phase::Closing | Phase::Closed => None,
+        }
+    }
+
+    /// When the grant ends if nothing renews it ([`Subscription::lapse`]);
+    /// this happens whether or not requests can be sent.
+    pub fn lapse_deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Active { grant_ends, .. } | Phase::InFlight { grant_ends: Some(grant_ends) } => Some(grant_ends),
+            _ => None,
+        }
+    }
+
+    /// When the PBX last confirmed an active subscription (its 2xx or an
+    /// active NOTIFY): the oldest is the one worth probing.
+    pub fn last_confirmed(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Active { .. } => self.confirmed_at,
+            _ => None,
         }
     }
 
@@ -190,42 +247,84 @@ impl Subscription {
         self.in_flight.as_ref().map(|r| r.cseq)
     }
 
+    /// The grant ended with no refresh answered (the refresh could not be
+    /// sent, or is still unanswered): no longer active. Returns true when
+    /// this changed anything.
+    pub fn lapse(&mut self, now: Instant) -> bool {
+        match self.phase {
+            Phase::Active { grant_ends, .. } if now >= grant_ends => {
+                self.last_failure = Some(Failure::Timeout);
+                self.confirmed_at = None;
+                self.phase = Phase::Waiting(now);
+                true
+            }
+            Phase::InFlight { grant_ends: Some(g) } if now >= g => {
+                self.phase = Phase::InFlight { grant_ends: None };
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Timers: the initial SUBSCRIBE, a retry or a refresh.
     pub fn poll(&mut self, now: Instant) -> Option<SubscribeRequest> {
+        self.lapse(now);
         match self.phase {
             Phase::Waiting(at) if now >= at => Some(self.fresh()),
-            Phase::Active { refresh_at } if now >= refresh_at => Some(self.in_dialog(self.params.expires)),
+            Phase::Active { refresh_at, .. } if now >= refresh_at => Some(self.refresh()),
             _ => None,
         }
     }
 
-    /// Starts over with a new dialog now (the PBX came back, or the
-    /// subscriber wants full state after a version gap it cannot repair).
-    pub fn restart(&mut self, now: Instant) {
-        if self.phase != Phase::Closed {
-            self.failures = 0;
-            self.in_flight = None;
-            self.phase = Phase::Waiting(now);
+    /// The PBX may have lost its subscriptions (it answered again after a
+    /// silence, answered OPTIONS differently, or forgot another one): check
+    /// this one at `at`. Active: refresh then (the answer is `200`, or `481`
+    /// and a new dialog). Waiting for a retry: retry then, backoff reset.
+    /// In flight: nothing, unless `in_flight_lost` (the PBX was silent or
+    /// the connection carrying it closed), then the request is sent anew at
+    /// `at` (a refresh in the same dialog, a new dialog otherwise).
+    pub fn verify(&mut self, at: Instant, in_flight_lost: bool) {
+        match self.phase {
+            Phase::Waiting(t) => {
+                self.failures = 0;
+                self.phase = Phase::Waiting(t.min(at));
+            }
+            Phase::Active { refresh_at, grant_ends } => {
+                self.phase = Phase::Active { refresh_at: refresh_at.min(at), grant_ends };
+            }
+            Phase::InFlight { grant_ends: Some(grant_ends) } if in_flight_lost => {
+                self.in_flight = None;
+                self.phase = Phase::Active { refresh_at: at, grant_ends };
+            }
+            Phase::InFlight { grant_ends: None } if in_flight_lost => {
+                self.in_flight = None;
+                self.phase = Phase::Waiting(at);
+            }
+            Phase::InFlight { .. } | Phase::Closing | Phase::Closed => {}
         }
     }
 
     /// Asks for a refresh now (a version gap in partial state: the NOTIFY
-    /// that answers the refresh carries full state).
+    /// that answers the refresh carries full state; or a keepalive probe).
     pub fn refresh_now(&mut self, now: Instant) {
-        if let Phase::Active { .. } = self.phase {
-            self.phase = Phase::Active { refresh_at: now };
+        if let Phase::Active { grant_ends, .. } = self.phase {
+            self.phase = Phase::Active { refresh_at: now, grant_ends };
         }
     }
 
-    /// The unsubscribe (`Expires: 0`) for shutdown, if there is a dialog.
+    /// The unsubscribe (`Expires: 0`) for shutdown, when the PBX may hold
+    /// the dialog (granted, or a NOTIFY told its tag). Its challenge is
+    /// answered like any other; its final answer or timeout closes.
     pub fn close(&mut self) -> Option<SubscribeRequest> {
-        let active = self.is_active();
-        self.phase = Phase::Closed;
-        if active {
+        let held = matches!(self.phase, Phase::Active { .. } | Phase::InFlight { .. })
+            && self.dialog.as_ref().is_some_and(|d| d.remote_tag.is_some());
+        if held {
             let req = self.in_dialog(0);
-            self.phase = Phase::Closed;
+            self.phase = Phase::Closing;
             Some(req)
         } else {
+            self.in_flight = None;
+            self.phase = Phase::Closed;
             None
         }
     }
@@ -239,13 +338,22 @@ impl Subscription {
             cseq: 0,
         });
         self.auth = None;
+        self.confirmed_at = None;
         let mut req = self.in_dialog(self.params.expires);
         req.fresh = true;
+        self.phase = Phase::InFlight { grant_ends: None };
         req
     }
 
-    /// The next request of the current dialog (credentials added when a
-    /// challenge of this dialog is known and still applies).
+    fn refresh(&mut self) -> SubscribeRequest {
+        let grant_ends = self.lapse_deadline();
+        let req = self.in_dialog(self.params.expires);
+        self.phase = Phase::InFlight { grant_ends };
+        req
+    }
+
+    /// The next request of the current dialog, now in flight (the caller
+    /// sets the phase).
     fn in_dialog(&mut self, expires: u32) -> SubscribeRequest {
         let Some(d) = self.dialog.as_mut() else {
             return self.fresh();
@@ -263,7 +371,6 @@ impl Subscription {
         };
         self.challenges = 0;
         self.sent_nonce = None;
-        self.phase = Phase::InFlight;
         self.in_flight = Some(req.clone());
         req
     }
@@ -272,8 +379,14 @@ impl Subscription {
         self.failures = self.failures.saturating_add(1);
         self.last_failure = Some(why);
         self.in_flight = None;
+        self.confirmed_at = None;
         let delay = backoff(self.failures, self.params.retry_max, jitter).max(at_least.unwrap_or_default());
         self.phase = Phase::Waiting(now + delay);
+    }
+
+    fn closed(&mut self) {
+        self.in_flight = None;
+        self.phase = Phase::Closed;
     }
 
     /// A final or provisional response to the SUBSCRIBE in flight.
@@ -284,12 +397,26 @@ impl Subscription {
         if r.cseq != in_flight.cseq || r.status < 200 {
             return None;
         }
+        if self.phase == Phase::Closing {
+            // The unsubscribe: answer its challenge, anything else ends it.
+            let next = matches!(r.status, 401 | 407).then(|| self.answer_challenge(r, in_flight)).flatten();
+            if next.is_none() {
+                self.closed();
+            }
+            return next;
+        }
         match r.status {
             200..=299 => {
                 self.on_success(now, r, &in_flight, jitter);
                 None
             }
-            401 | 407 => self.on_challenge(now, r, in_flight, jitter),
+            401 | 407 => {
+                let next = self.answer_challenge(r, in_flight);
+                if next.is_none() {
+                    self.fail(now, Failure::Auth, jitter, None);
+                }
+                next
+            }
             423 => match r.min_expires {
                 Some(min) if min > in_flight.expires && min <= 86_400 => {
                     self.params.expires = min;
@@ -303,24 +430,19 @@ impl Subscription {
             // The PBX no longer knows the dialog (it restarted): start over.
             481 if in_flight.remote_tag.is_some() => {
                 self.in_flight = None;
+                self.last_failure = Some(Failure::Terminated);
                 Some(self.fresh())
             }
             _ => {
-                let retry_after = r.retry_after.map(|s| Duration::from_secs(u64::from(s.min(3600))));
-                self.fail(now, Failure::Rejected, jitter, retry_after);
+                self.fail(now, Failure::Rejected, jitter, retry_after(r.retry_after));
                 None
             }
         }
     }
 
-    /// A 2xx: the subscription is active (or closed, for an unsubscribe),
-    /// unless the PBX granted no time at all.
+    /// A 2xx: the subscription is active, unless the PBX granted no time at all.
     fn on_success(&mut self, now: Instant, r: &Response<'_>, in_flight: &SubscribeRequest, jitter: f64) {
         let granted = r.expires.unwrap_or(in_flight.expires);
-        if in_flight.expires == 0 {
-            self.phase = Phase::Closed;
-            return;
-        }
         if let Some(d) = self.dialog.as_mut() {
             if d.remote_tag.is_none() {
                 d.remote_tag = r.to_tag.map(str::to_string);
@@ -337,31 +459,22 @@ impl Subscription {
         }
         self.failures = 0;
         self.last_failure = None;
-        self.phase = Phase::Active { refresh_at: now + refresh_delay(granted) };
+        self.confirmed_at = Some(now);
+        self.phase = Phase::Active {
+            refresh_at: now + refresh_delay(granted),
+            grant_ends: now + Duration::from_secs(u64::from(granted)),
+        };
     }
 
     /// A 401/407: the same request again with credentials, once per
-    /// challenge; refused credentials or an unusable challenge fail.
-    fn on_challenge(
-        &mut self,
-        now: Instant,
-        r: &Response<'_>,
-        in_flight: SubscribeRequest,
-        jitter: f64,
-    ) -> Option<SubscribeRequest> {
+    /// challenge. `None`: refused credentials or an unusable challenge.
+    fn answer_challenge(&mut self, r: &Response<'_>, in_flight: SubscribeRequest) -> Option<SubscribeRequest> {
         let proxy = r.status == 407;
         let header = if proxy { r.proxy_authenticate } else { r.www_authenticate };
-        let challenge = match header.map(Challenge::parse) {
-            Some(Ok(c)) => c,
-            _ => {
-                self.fail(now, Failure::Auth, jitter, None);
-                return None;
-            }
-        };
+        let challenge = Challenge::parse(header?).ok()?;
         // Same nonce, not stale: the PBX refused these credentials.
         let refused = self.sent_nonce.as_deref() == Some(challenge.nonce.as_str()) && !challenge.stale;
         if refused || self.challenges >= MAX_CHALLENGES {
-            self.fail(now, Failure::Auth, jitter, None);
             return None;
         }
         let challenges = self.challenges + 1;
@@ -385,14 +498,18 @@ impl Subscription {
         req.authorization = Some((if proxy { "Proxy-Authorization" } else { "Authorization" }, value));
         self.sent_nonce = Some(auth.challenge.nonce.clone());
         self.challenges = challenges;
-        self.phase = Phase::InFlight;
         self.in_flight = Some(req.clone());
         Some(req)
     }
 
     /// The SUBSCRIBE in flight got no final response in time.
     pub fn on_timeout(&mut self, now: Instant, cseq: u32, jitter: f64) {
-        if self.in_flight_cseq() == Some(cseq) {
+        if self.in_flight_cseq() != Some(cseq) {
+            return;
+        }
+        if self.phase == Phase::Closing {
+            self.closed();
+        } else {
             self.fail(now, Failure::Timeout, jitter, None);
         }
     }
@@ -408,7 +525,7 @@ impl Subscription {
         remote_tag: Option<&str>,
         jitter: f64,
     ) -> Option<SubscribeRequest> {
-        if self.phase == Phase::Closed {
+        if matches!(self.phase, Phase::Closing | Phase::Closed) {
             return None;
         }
         if let Some(d) = self.dialog.as_mut() {
@@ -419,18 +536,20 @@ impl Subscription {
         let state = state?;
         match state.state {
             SubStateValue::Active | SubStateValue::Pending => {
-                if let (Some(expires), Phase::Active { refresh_at }) = (state.expires, &self.phase) {
-                    let sooner = now + refresh_delay(expires);
-                    if sooner < *refresh_at {
-                        self.phase = Phase::Active { refresh_at: sooner };
-                    }
+                self.confirmed_at = Some(now);
+                if let (Some(expires), Phase::Active { refresh_at, .. }) = (state.expires, &self.phase) {
+                    self.phase = Phase::Active {
+                        refresh_at: (*refresh_at).min(now + refresh_delay(expires)),
+                        grant_ends: now + Duration::from_secs(u64::from(expires)),
+                    };
                 }
                 None
             }
             SubStateValue::Terminated => {
                 self.in_flight = None;
-                let retry_after = state.retry_after.map(|s| Duration::from_secs(u64::from(s.min(3600))));
-                match (state.reason.as_deref(), retry_after) {
+                self.confirmed_at = None;
+                let after = retry_after(state.retry_after);
+                match (state.reason.as_deref(), after) {
                     (Some("deactivated" | "timeout"), None) => {
                         self.last_failure = Some(Failure::Terminated);
                         Some(self.fresh())
@@ -441,7 +560,7 @@ impl Subscription {
                         None
                     }
                     _ => {
-                        self.fail(now, Failure::Terminated, jitter, retry_after);
+                        self.fail(now, Failure::Terminated, jitter, after);
                         None
                     }
                 }
@@ -655,19 +774,171 @@ mod tests {
     }
 
     #[test]
-    fn refresh_answered_481_starts_over_and_restart_resets() {
+    fn refresh_answered_481_starts_over_and_is_no_longer_active() {
+        let t0 = Instant::now();
+        let mut s = Subscription::new(params(), t0);
+        let r = s.poll(t0).unwrap();
+        assert!(!s.is_active(), "a new dialog in flight is not active");
+        s.on_response(t0, &ok(r.cseq, 60), 0.0);
+        assert!(s.is_active());
+        let t1 = t0 + Duration::from_secs(51);
+        let refresh = s.poll(t1).unwrap();
+        assert!(!refresh.fresh);
+        assert!(s.is_active(), "a refresh in flight: the previous grant still holds");
+        let gone = Response { status: 481, cseq: refresh.cseq, ..Response::default() };
+        let fresh = s.on_response(t1, &gone, 0.0).unwrap();
+        assert!(fresh.fresh && fresh.call_id != r.call_id && fresh.remote_tag.is_none());
+        assert!(!s.is_active(), "481: the PBX holds nothing");
+        assert_eq!(s.last_failure(), Some(Failure::Terminated));
+        s.on_response(t1, &ok(fresh.cseq, 600), 0.0);
+        assert!(s.is_active());
+        assert_eq!(s.last_failure(), None);
+    }
+
+    #[test]
+    fn a_grant_that_ends_unrefreshed_is_no_longer_active() {
+        let t0 = Instant::now();
+        let mut s = Subscription::new(params(), t0);
+        let r = s.poll(t0).unwrap();
+        s.on_response(t0, &ok(r.cseq, 100), 0.0);
+        assert_eq!(s.lapse_deadline(), Some(t0 + Duration::from_secs(100)));
+        // The refresh cannot go out (no connection): the grant lapses.
+        assert!(!s.lapse(t0 + Duration::from_secs(99)));
+        assert!(s.lapse(t0 + Duration::from_secs(100)));
+        assert!(!s.is_active());
+        assert_eq!(s.last_failure(), Some(Failure::Timeout));
+        assert!(s.poll(t0 + Duration::from_secs(100)).unwrap().fresh);
+        // A refresh left unanswered past the grant: in flight, not active.
+        let mut s = Subscription::new(params(), t0);
+        let r = s.poll(t0).unwrap();
+        s.on_response(t0, &ok(r.cseq, 100), 0.0);
+        s.poll(t0 + Duration::from_secs(85)).unwrap();
+        assert!(s.is_active());
+        assert!(s.lapse(t0 + Duration::from_secs(100)));
+        assert!(!s.is_active());
+        assert_eq!(s.lapse_deadline(), None);
+    }
+
+    #[test]
+    fn verify_refreshes_active_retries_waiting_and_resends_lost_requests() {
+        let t0 = Instant::now();
+        let soon = t0 + Duration::from_millis(300);
+        // Active: refreshed at the given time, in the same dialog.
+        let mut s = Subscription::new(params(), t0);
+        let r = s.poll(t0).unwrap();
+        s.on_response(t0, &ok(r.cseq, 600), 0.0);
+        s.verify(soon, false);
+        assert_eq!(s.deadline(), Some(soon));
+        assert!(s.is_active());
+        let check = s.poll(soon).unwrap();
+        assert!(!check.fresh && check.call_id == r.call_id && check.remote_tag.is_some());
+        // A refresh in flight is left alone when the PBX answers…
+        s.verify(soon + Duration::from_secs(1), false);
+        assert_eq!(s.deadline(), None);
+        // …and sent anew when it was lost (the PBX was silent).
+        s.verify(soon + Duration::from_secs(1), true);
+        assert_eq!(s.deadline(), Some(soon + Duration::from_secs(1)));
+        assert!(s.is_active());
+        let again = s.poll(soon + Duration::from_secs(1)).unwrap();
+        assert_eq!((again.call_id.as_str(), again.cseq), (r.call_id.as_str(), check.cseq + 1));
+        assert!(s.on_response(soon, &ok(check.cseq, 600), 0.0).is_none(), "the answer to the lost one is ignored");
+        // Waiting after failures: retried at the given time, backoff reset.
+        let mut s = Subscription::new(params(), t0);
+        for _ in 0..5 {
+            let at = s.deadline().unwrap();
+            let r = s.poll(at).unwrap();
+            s.on_timeout(at, r.cseq, 1.0);
+        }
+        let t1 = s.deadline().unwrap() - Duration::from_secs(10);
+        s.verify(t1, false);
+        assert_eq!(s.deadline(), Some(t1));
+        let r = s.poll(t1).unwrap();
+        s.on_timeout(t1, r.cseq, 1.0);
+        assert_eq!(s.deadline(), Some(t1 + Duration::from_secs(1)), "first backoff again");
+        // A new dialog in flight and lost: a new dialog at the given time.
+        let first = s.poll(t1 + Duration::from_secs(1)).unwrap();
+        s.verify(t1 + Duration::from_secs(2), true);
+        let second = s.poll(t1 + Duration::from_secs(2)).unwrap();
+        assert!(second.fresh && second.call_id != first.call_id);
+    }
+
+    #[test]
+    fn the_oldest_confirmation_is_the_one_to_probe() {
+        let t0 = Instant::now();
+        let mut s = Subscription::new(params(), t0);
+        let r = s.poll(t0).unwrap();
+        assert_eq!(s.last_confirmed(), None);
+        s.on_response(t0, &ok(r.cseq, 600), 0.0);
+        assert_eq!(s.last_confirmed(), Some(t0));
+        let t1 = t0 + Duration::from_secs(20);
+        s.on_notify(t1, SubState::parse("active;expires=580").as_ref(), None, 0.0);
+        assert_eq!(s.last_confirmed(), Some(t1), "an active NOTIFY shows the PBX holds it");
+        s.refresh_now(t1);
+        s.poll(t1).unwrap();
+        assert_eq!(s.last_confirmed(), None, "being checked");
+    }
+
+    #[test]
+    fn unsubscribe_answers_its_challenge() {
+        let t0 = Instant::now();
+        let mut s = Subscription::new(params(), t0);
+        let r = s.poll(t0).unwrap();
+        s.on_response(t0, &ok(r.cseq, 600), 0.0);
+        let bye = s.close().unwrap();
+        assert_eq!((bye.expires, bye.cseq, bye.authorization.is_none()), (0, 2, true));
+        assert!(s.is_closing() && !s.is_active() && !s.is_closed());
+        // chan_sip challenges the unsubscribe like any SUBSCRIBE.
+        let retry = s.on_response(t0, &challenge(2, ASTERISK_CHALLENGE), 0.0).unwrap();
+        assert_eq!((retry.expires, retry.cseq, retry.call_id.as_str()), (0, 3, r.call_id.as_str()));
+        assert_eq!(retry.remote_tag.as_deref(), Some("as7435ba19"));
+        let (name, value) = retry.authorization.unwrap();
+        assert_eq!(name, "Authorization");
+        assert!(value.contains(r#"nonce="6f956b05""#) && value.contains(r#"uri="sip:2000@127.0.0.1:5060""#));
+        assert!(s.is_closing());
+        // NOTIFYs (the final terminated one) change nothing.
+        let st = SubState::parse("terminated;reason=timeout").unwrap();
+        assert!(s.on_notify(t0, Some(&st), None, 0.0).is_none());
+        assert!(s.on_response(t0, &ok(3, 0), 0.0).is_none());
+        assert!(s.is_closed());
+        assert!(s.poll(t0 + Duration::from_secs(10_000)).is_none());
+
+        // Refused credentials, an error or a timeout end it too.
+        for end in [401, 481, 0] {
+            let mut s = Subscription::new(params(), t0);
+            let r = s.poll(t0).unwrap();
+            s.on_response(t0, &ok(r.cseq, 600), 0.0);
+            s.close().unwrap();
+            s.on_response(t0, &challenge(2, ASTERISK_CHALLENGE), 0.0).unwrap();
+            match end {
+                0 => s.on_timeout(t0, 3, 0.0),
+                401 => assert!(s.on_response(t0, &challenge(3, ASTERISK_CHALLENGE), 0.0).is_none()),
+                status => {
+                    assert!(s.on_response(t0, &Response { status, cseq: 3, ..Response::default() }, 0.0).is_none())
+                }
+            }
+            assert!(s.is_closed(), "{end}");
+        }
+    }
+
+    #[test]
+    fn close_unsubscribes_a_dialog_whose_refresh_is_in_flight() {
         let t0 = Instant::now();
         let mut s = Subscription::new(params(), t0);
         let r = s.poll(t0).unwrap();
         s.on_response(t0, &ok(r.cseq, 60), 0.0);
         let refresh = s.poll(t0 + Duration::from_secs(51)).unwrap();
-        let gone = Response { status: 481, cseq: refresh.cseq, ..Response::default() };
-        let fresh = s.on_response(t0, &gone, 0.0).unwrap();
-        assert!(fresh.fresh && fresh.call_id != r.call_id);
-        s.on_timeout(t0, fresh.cseq, 0.0);
-        s.restart(t0);
-        assert_eq!(s.deadline(), Some(t0));
-        assert!(s.poll(t0).unwrap().fresh);
+        let bye = s.close().unwrap();
+        assert_eq!((bye.expires, bye.cseq), (0, refresh.cseq + 1));
+        assert!(
+            s.on_response(t0, &ok(refresh.cseq, 60), 0.0).is_none(),
+            "the refresh's answer is not the unsubscribe's"
+        );
+        assert!(s.is_closing());
+        // A new dialog the PBX never answered: nothing to unsubscribe.
+        let mut s = Subscription::new(params(), t0);
+        s.poll(t0).unwrap();
+        assert!(s.close().is_none());
+        assert!(s.is_closed());
     }
 
     #[test]

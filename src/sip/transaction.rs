@@ -128,6 +128,20 @@ impl<P: Clone> Transactions<P> {
         }
     }
 
+    /// The peer answers again after a silence: every request still waiting
+    /// (over UDP) is to be sent again now, not at its next timer E, which
+    /// may be up to T2 away; each one's timer E starts over at T1. The
+    /// timeouts stay. Returns the bytes to send.
+    pub fn resend_all(&mut self, now: Instant) -> Vec<Vec<u8>> {
+        let mut resend = Vec::new();
+        for t in self.txns.values_mut().filter(|t| t.retransmit_at.is_some()) {
+            t.interval = T1;
+            t.retransmit_at = Some(now + T1);
+            resend.push(t.bytes.clone());
+        }
+        resend
+    }
+
     /// Forgets the transactions whose purpose matches (a request
     /// superseded by a newer one); returns how many there were.
     pub fn abandon(&mut self, superseded: impl Fn(&P) -> bool) -> usize {
@@ -239,6 +253,25 @@ mod tests {
         txns.start("c".into(), "subscribe", b"SUBSCRIBE".to_vec(), t0);
         assert_eq!(txns.on_response("c", 180, t0 + MS), Matched::Provisional);
         assert!(matches!(txns.on_response("c", 481, t0 + 2 * MS), Matched::Final { purpose: "subscribe", .. }));
+    }
+
+    #[test]
+    fn resend_all_sends_waiting_requests_now_and_restarts_timer_e() {
+        let (mut txns, t0) = udp();
+        txns.start("a".into(), "subscribe", b"SUBSCRIBE".to_vec(), t0);
+        let (sends, _) = run(&mut txns, t0, Duration::from_secs(8));
+        assert_eq!(sends.len(), 4, "0.5, 1.5, 3.5, 7.5 s: the next one is at 11.5 s");
+        let now = t0 + Duration::from_secs(9);
+        assert_eq!(txns.resend_all(now), [b"SUBSCRIBE".to_vec()]);
+        assert_eq!(txns.next_deadline(), Some(now + T1));
+        let (sends, expired) = run(&mut txns, t0, Duration::from_secs(40));
+        let ms: Vec<u128> = sends.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [9500, 10_500, 12_500, 16_500, 20_500, 24_500, 28_500]);
+        assert_eq!(expired, [(Duration::from_secs(32), "subscribe")], "the timeout stays");
+        // Nothing to resend over a reliable transport.
+        let mut tcp = Transactions::new(false, Duration::from_secs(2));
+        tcp.start("b".into(), "options", b"OPTIONS".to_vec(), t0);
+        assert!(tcp.resend_all(t0).is_empty());
     }
 
     #[test]

@@ -12,6 +12,34 @@
 //! trackers are plain fields. Timers are found by scanning (O(agents) per
 //! wake-up, fine for the hundreds of extensions of a helpdesk).
 //!
+//! A PBX restart is noticed however the PBX shows it, and every
+//! subscription is then checked at once ([`Subscription::verify`]: a
+//! refresh, which a PBX that forgot the dialog answers `481`, and the
+//! subscription starts over with a new dialog):
+//!
+//! - the PBX answers OPTIONS again after a silence (the keepalive comes
+//!   sooner while it is silent: 1 s, 2 s, 4 s… up to the interval, jittered;
+//!   requests it left unanswered are retransmitted at once);
+//! - its OPTIONS answer changes (status, e.g. `503` while Asterisk shuts
+//!   down and `200` after, or `Server`/`User-Agent`, e.g. after an upgrade);
+//! - the TCP connection to it is made again;
+//! - one subscription's refresh is answered `481` (at most once per
+//!   [`RESYNC_HOLDOFF`], so that the others' `481`s do not cascade);
+//! - with every keepalive, the subscription the PBX confirmed longest ago
+//!   (and more than half an interval ago) is refreshed: a PBX that restarted
+//!   between two keepalives, silently and quickly, answers it `481`. Not an
+//!   in-dialog OPTIONS: chan_sip answers those by destroying the dialog.
+//!
+//! `Subscription-State: terminated` and a `481` to a refresh re-subscribe
+//! that one subscription (`subscription.rs`). Asterisk offers no boot
+//! identity over SIP (no header of its answers changes with a restart).
+//! Checks are spread over [`STAGGER`] per extension plus up to
+//! [`RESYNC_JITTER`].
+//!
+//! Shutdown unsubscribes (`Expires: 0`) every subscription the PBX may hold
+//! and keeps serving the transport until each is answered (its digest
+//! challenge too), times out, or [`UNSUBSCRIBE_WAIT`] passes.
+//!
 //! Invariant: every parse failure is counted and survived; only a closed
 //! event channel ends the task with an error. This module never decides
 //! what a SIP response means for a subscription (that is
@@ -25,6 +53,7 @@ use super::settings::{SipSettings, Transport};
 use super::subscription::{self, SubscribeParams, SubscribeRequest, Subscription};
 use super::transaction::{Matched, Transactions};
 use super::{SipError, SipStatus};
+use crate::backoff::{Backoff, Jitter, Retries};
 use crate::event::{Event, Micros};
 use crate::ids::AgentId;
 use futures::StreamExt;
@@ -51,6 +80,17 @@ const MAX_INBOUND_TCP: usize = 16;
 /// Delay between the first SUBSCRIBEs of successive extensions, so that a
 /// start with hundreds of agents does not burst at the PBX.
 const STAGGER: Duration = Duration::from_millis(10);
+/// Upper bound of the random delay added to each subscription's check
+/// after a suspected PBX restart.
+pub(crate) const RESYNC_JITTER: Duration = Duration::from_millis(500);
+/// A `481` to one refresh checks every subscription at most this often
+/// (after the previous checks are all out).
+pub(crate) const RESYNC_HOLDOFF: Duration = Duration::from_secs(5);
+/// Longest wait for the answers to the unsubscribes at shutdown (at most
+/// the request timeout).
+pub(crate) const UNSUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+/// First keepalive retry after an unanswered OPTIONS; doubled up to the interval.
+const OPTIONS_RETRY: Duration = Duration::from_secs(1);
 
 /// Where a response to an inbound request goes.
 #[derive(Debug, Clone)]
@@ -85,11 +125,43 @@ pub(crate) struct AgentSetup {
     pub status: SipStatus,
 }
 
+/// What a request in flight is for. SUBSCRIBEs (unsubscribes too) go
+/// back to their line's [`Subscription`], which knows its phase.
 #[derive(Debug, Clone, Copy)]
 enum Purpose {
     Subscribe { agent: usize, cseq: u32 },
     Options,
-    Unsubscribe,
+}
+
+/// What made the user agent check every subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resync {
+    /// The PBX answers OPTIONS again after a silence.
+    Reachable,
+    /// The PBX's OPTIONS answer (status, Server/User-Agent) changed.
+    OptionsChanged,
+    /// The TCP connection to the PBX was made again.
+    Reconnected,
+    /// A refresh was answered `481`.
+    Lost,
+}
+
+impl Resync {
+    fn as_str(self) -> &'static str {
+        match self {
+            Resync::Reachable => "the PBX answers again after a silence",
+            Resync::OptionsChanged => "the PBX answers OPTIONS differently",
+            Resync::Reconnected => "the connection to the PBX was made again",
+            Resync::Lost => "the PBX no longer knew a subscription",
+        }
+    }
+
+    /// Requests in flight went over a connection that closed: send them
+    /// anew. (Over UDP, those the PBX left unanswered are retransmitted at
+    /// once when it answers again, see [`Transactions::resend_all`].)
+    fn in_flight_lost(self) -> bool {
+        self == Resync::Reconnected
+    }
 }
 
 struct Line {
@@ -109,8 +181,16 @@ pub(crate) struct Ua {
     lines: Vec<Line>,
     txns: Transactions<Purpose>,
     options_at: Instant,
+    /// Keepalive retries while the PBX does not answer.
+    options_retry: Option<Retries>,
+    /// (status, `Server` or `User-Agent`) of the last OPTIONS answer.
+    options_answer: Option<(u16, Option<String>)>,
     /// `None` until the first OPTIONS answered or timed out.
     reachable: Option<bool>,
+    /// The last check of every subscription after a `481`.
+    last_resync: Option<Instant>,
+    /// Shutting down: unsubscribes in flight, NOTIFYs only answered.
+    closing: bool,
     events: mpsc::Sender<Event>,
     status: SipStatus,
     out: Vec<Event>,
@@ -164,7 +244,14 @@ impl Ua {
             lines,
             txns: Transactions::new(retransmit, setup.settings.request_timeout),
             options_at: now,
+            options_retry: setup
+                .settings
+                .options_interval
+                .map(|interval| Retries::new(Backoff::clamped(OPTIONS_RETRY, interval, Jitter::Equal))),
+            options_answer: None,
             reachable: None,
+            last_resync: None,
+            closing: false,
             events: setup.events,
             status: setup.status,
             out: Vec::new(),
@@ -184,7 +271,7 @@ impl Ua {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    self.unsubscribe_all().await;
+                    self.close(&mut inbound).await;
                     return Ok(());
                 }
                 item = inbound.recv() => match item {
@@ -212,6 +299,9 @@ impl Ua {
             if let Some(d) = l.sub.deadline().filter(|_| can_send) {
                 consider(d);
             }
+            if let Some(d) = l.sub.lapse_deadline() {
+                consider(d);
+            }
             if let Some(d) = l.tracker.next_deadline() {
                 consider(now + Duration::from_micros(u64::try_from(d.saturating_sub(wall)).unwrap_or(0)));
             }
@@ -229,10 +319,22 @@ impl Ua {
         for purpose in due.expired {
             self.on_txn_timeout(now, purpose).await;
         }
+        for l in &mut self.lines {
+            // (A refresh still in flight past the grant counts when it times out.)
+            if l.sub.lapse(now) && l.sub.in_flight_cseq().is_none() {
+                warn!(extension = %l.extension, "subscription lapsed: no refresh answered before it ended");
+                metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => "timeout").increment(1);
+            }
+        }
         if self.can_send() {
             if let Some(interval) = self.settings.options_interval.filter(|_| self.options_at <= now) {
-                self.options_at = now + interval;
+                let silent = self.reachable == Some(false);
+                let retry = self.options_retry.as_mut().filter(|_| silent).map(|r| r.next_delay(&mut rand::rng()));
+                self.options_at = now + retry.map_or(interval, |d| d.min(interval));
                 self.send_options(now).await;
+                if !silent {
+                    self.probe(now, interval);
+                }
             }
             for i in 0..self.lines.len() {
                 if let Some(req) = self.lines[i].sub.poll(now) {
@@ -246,21 +348,72 @@ impl Ua {
                 l.tracker.poll(wall, &mut self.out);
             }
         }
+        self.update_active();
         self.flush_events().await
+    }
+
+    /// With a keepalive: refresh the active subscription the PBX confirmed
+    /// longest ago, when that was more than half an interval ago (not one
+    /// just granted; a single subscription is checked at every keepalive).
+    /// A PBX that restarted since answers `481`, and [`Resync::Lost`]
+    /// checks the rest.
+    fn probe(&mut self, now: Instant, interval: Duration) {
+        let Some(cutoff) = now.checked_sub(interval / 2) else { return };
+        let oldest = self
+            .lines
+            .iter_mut()
+            .filter_map(|l| l.sub.last_confirmed().filter(|t| *t <= cutoff).map(|t| (t, l)))
+            .min_by_key(|(t, _)| *t);
+        if let Some((_, l)) = oldest {
+            debug!(extension = %l.extension, "keepalive: refreshing the subscription confirmed longest ago");
+            l.sub.refresh_now(now);
+        }
+    }
+
+    /// The PBX may have lost its subscriptions: check every one
+    /// ([`Subscription::verify`]), spread over the stagger and a jitter.
+    fn resync(&mut self, now: Instant, why: Resync) {
+        // The checks of one resync take up to `span`; their 481s are its own.
+        let span = STAGGER.saturating_mul(u32::try_from(self.lines.len()).unwrap_or(u32::MAX)) + RESYNC_JITTER;
+        if why == Resync::Lost && self.last_resync.is_some_and(|t| now < t + span + RESYNC_HOLDOFF) {
+            return;
+        }
+        if self.closing || self.lines.is_empty() {
+            return;
+        }
+        self.last_resync = Some(now);
+        info!(pbx = %self.pbx_addr, reason = why.as_str(), "checking every subscription (the PBX may have restarted)");
+        let spread = Backoff::clamped(RESYNC_JITTER, RESYNC_JITTER, Jitter::Full);
+        let mut rng = rand::rng();
+        for (i, l) in self.lines.iter_mut().enumerate() {
+            let at = now + STAGGER.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX)) + spread.delay(0, &mut rng);
+            l.sub.verify(at, why.in_flight_lost());
+        }
+        self.update_active();
     }
 
     async fn on_txn_timeout(&mut self, now: Instant, purpose: Purpose) {
         match purpose {
             Purpose::Subscribe { agent, cseq } => {
                 if let Some(l) = self.lines.get_mut(agent) {
-                    warn!(extension = %l.extension, "SUBSCRIBE timed out; retrying with backoff");
+                    if l.sub.is_closing() {
+                        debug!(extension = %l.extension, "unsubscribe unanswered");
+                    } else if l.sub.in_flight_cseq() == Some(cseq) {
+                        warn!(extension = %l.extension, "SUBSCRIBE timed out; retrying with backoff");
+                        metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => "timeout")
+                            .increment(1);
+                    }
                     l.sub.on_timeout(now, cseq, jitter());
-                    metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => "timeout").increment(1);
                 }
                 self.update_active();
             }
-            Purpose::Options => self.set_reachable(false, None, now),
-            Purpose::Unsubscribe => {}
+            Purpose::Options => {
+                self.set_reachable(false, None, now);
+                // Look again soon (1 s, 2 s, 4 s… up to the interval).
+                if let Some(retry) = self.options_retry.as_mut() {
+                    self.options_at = self.options_at.min(now + retry.next_delay(&mut rand::rng()));
+                }
+            }
         }
     }
 
@@ -270,27 +423,37 @@ impl Ua {
         self.udp.is_some() || self.tcp.is_some()
     }
 
-    fn set_reachable(&mut self, reachable: bool, rtt: Option<Duration>, now: Instant) {
+    /// Returns true when this checked every subscription (the PBX answers
+    /// again after a silence).
+    fn set_reachable(&mut self, reachable: bool, rtt: Option<Duration>, now: Instant) -> bool {
         let before = self.reachable.replace(reachable);
         self.status.set_reachable(reachable, rtt);
         metrics::gauge!("callbridge_sip_pbx_reachable").set(if reachable { 1.0 } else { 0.0 });
         if let Some(rtt) = rtt {
             metrics::histogram!("callbridge_sip_options_rtt_seconds").record(rtt.as_secs_f64());
         }
+        if reachable {
+            if let Some(retry) = self.options_retry.as_mut() {
+                retry.reset();
+            }
+        }
         match (before, reachable) {
             (Some(false), true) => {
                 // The PBX may have restarted and forgotten every subscription.
-                info!(pbx = %self.pbx_addr, "PBX reachable again; re-subscribing every extension");
-                for (i, l) in self.lines.iter_mut().enumerate() {
-                    l.sub.restart(now + STAGGER.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX)));
-                }
-                self.update_active();
+                info!(pbx = %self.pbx_addr, "PBX reachable again");
+                self.resync(now, Resync::Reachable);
+                true
             }
-            (Some(true) | None, false) => warn!(pbx = %self.pbx_addr, "PBX does not answer OPTIONS"),
-            _ => {}
+            (Some(true) | None, false) => {
+                warn!(pbx = %self.pbx_addr, "PBX does not answer OPTIONS");
+                false
+            }
+            _ => false,
         }
     }
 
+    /// Publishes how many subscriptions the PBX holds (the status and the
+    /// `callbridge_sip_subscriptions_active` gauge): after every change.
     fn update_active(&self) {
         let active = self.lines.iter().filter(|l| l.sub.is_active()).count();
         self.status.set_active(active);
@@ -366,14 +529,14 @@ impl Ua {
             line.dialogs.reset_version();
         }
         let extension = line.extension.clone();
-        // A request superseded by this one (auth retry, refresh) is over.
+        // A request superseded by this one (auth retry, refresh, unsubscribe) is over.
         self.txns.abandon(|p| matches!(p, Purpose::Subscribe { agent, .. } if *agent == i));
-        let purpose =
-            if req.expires == 0 { Purpose::Unsubscribe } else { Purpose::Subscribe { agent: i, cseq: req.cseq } };
+        let purpose = Purpose::Subscribe { agent: i, cseq: req.cseq };
         let out = self.subscribe_request(&extension, &req);
         let branch = header_branch(&out);
-        self.start_txn(purpose, out, branch, now).await;
+        // Published before the request leaves: whoever sees it sees the truth.
         self.update_active();
+        self.start_txn(purpose, out, branch, now).await;
     }
 
     fn subscribe_request(&self, extension: &str, req: &SubscribeRequest) -> Outgoing {
@@ -426,21 +589,60 @@ impl Ua {
             other: vec![("Max-Forwards", "70".to_string()), ("Accept", "application/sdp".to_string())],
         };
         // Only one keepalive at a time: a new one supersedes a lost one.
-        for _ in 0..self.txns.abandon(|p| matches!(p, Purpose::Options)) {
+        if self.txns.abandon(|p| matches!(p, Purpose::Options)) > 0 {
             self.set_reachable(false, None, now);
         }
         self.start_txn(Purpose::Options, out, branch, now).await;
     }
 
-    async fn unsubscribe_all(&mut self) {
+    /// Shutdown: unsubscribes every subscription the PBX may hold, then
+    /// serves the transport (challenges answered, NOTIFYs acknowledged but
+    /// not reported) until each unsubscribe is over or [`UNSUBSCRIBE_WAIT`]
+    /// (at most the request timeout) has passed.
+    async fn close(&mut self, inbound: &mut mpsc::Receiver<Inbound>) {
+        self.closing = true;
         let now = Instant::now();
         for i in 0..self.lines.len() {
             if let Some(req) = self.lines[i].sub.close() {
                 self.send_subscribe(i, req, now).await;
             }
         }
-        self.status.set_active(0);
-        metrics::gauge!("callbridge_sip_subscriptions_active").set(0.0);
+        self.update_active();
+        let deadline = now + UNSUBSCRIBE_WAIT.min(self.settings.request_timeout);
+        loop {
+            let pending = self.lines.iter().filter(|l| !l.sub.is_closed()).count();
+            if pending == 0 {
+                debug!("every subscription unsubscribed");
+                return;
+            }
+            let wake = self.txns.next_deadline().map_or(deadline, |t| t.min(deadline));
+            tokio::select! {
+                biased;
+                item = inbound.recv() => match item {
+                    Some(item) => {
+                        if let Err(e) = self.on_inbound(item).await {
+                            debug!(error = %e, "while unsubscribing");
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        warn!(pending, "unsubscribes not answered before the shutdown wait ended");
+                        return;
+                    }
+                    let due = self.txns.poll(now);
+                    for bytes in due.resend {
+                        self.send_to_pbx(&bytes).await;
+                    }
+                    for purpose in due.expired {
+                        self.on_txn_timeout(now, purpose).await;
+                    }
+                }
+            }
+        }
     }
 
     async fn on_inbound(&mut self, item: Inbound) -> Result<(), SipError> {
@@ -452,14 +654,13 @@ impl Ua {
             Inbound::Connected(tx) => {
                 info!(pbx = %self.pbx_addr, "TCP connection to the PBX up");
                 let now = Instant::now();
+                self.tcp = Some(tx);
                 if self.connected_before {
-                    // NOTIFYs of the old connection are lost; start over.
-                    for (i, l) in self.lines.iter_mut().enumerate() {
-                        l.sub.restart(now + STAGGER.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX)));
-                    }
+                    // Requests and NOTIFYs of the old connection are lost,
+                    // and the PBX may have restarted: check every subscription.
+                    self.resync(now, Resync::Reconnected);
                 }
                 self.connected_before = true;
-                self.tcp = Some(tx);
                 self.options_at = now;
             }
             Inbound::Disconnected => {
@@ -512,8 +713,23 @@ impl Ua {
             Matched::Final { purpose, elapsed } => (purpose, elapsed),
         };
         match purpose {
-            Purpose::Options => self.set_reachable(true, Some(elapsed), now),
-            Purpose::Unsubscribe => {}
+            Purpose::Options => {
+                let server = msg.header(Name::Server).or_else(|| msg.header(Name::UserAgent));
+                let answer = (status, server.map(|s| crate::text::shorten_owned(s.to_string(), 120)));
+                let changed = self.options_answer.as_ref().is_some_and(|before| *before != answer);
+                if changed {
+                    info!(pbx = %self.pbx_addr, status, server = ?answer.1, "the PBX answers OPTIONS differently");
+                }
+                self.options_answer = Some(answer);
+                if self.set_reachable(true, Some(elapsed), now) {
+                    // Back after a silence: what it left unanswered goes again now.
+                    for bytes in self.txns.resend_all(now) {
+                        self.send_to_pbx(&bytes).await;
+                    }
+                } else if changed {
+                    self.resync(now, Resync::OptionsChanged);
+                }
+            }
             Purpose::Subscribe { agent, .. } => {
                 let r = subscription::Response {
                     status,
@@ -529,8 +745,18 @@ impl Ua {
                         .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()),
                 };
                 let Some(line) = self.lines.get_mut(agent) else { return };
+                let closing = line.sub.is_closing();
                 let next = line.sub.on_response(now, &r, jitter());
-                if let Some(why) = line.sub.last_failure().filter(|_| next.is_none() && !line.sub.is_active()) {
+                let lost = status == 481 && next.as_ref().is_some_and(|n| n.fresh);
+                if closing {
+                    if line.sub.is_closed() {
+                        debug!(extension = %line.extension, status, "unsubscribed");
+                    }
+                } else if lost {
+                    info!(extension = %line.extension, "the PBX no longer knows the subscription (restarted?); subscribing anew");
+                    metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => "terminated")
+                        .increment(1);
+                } else if let Some(why) = line.sub.last_failure().filter(|_| next.is_none() && !line.sub.is_active()) {
                     warn!(extension = %line.extension, status, reason = why.as_str(), "SUBSCRIBE failed; retrying with backoff");
                     metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => why.as_str())
                         .increment(1);
@@ -541,6 +767,9 @@ impl Ua {
                     self.send_subscribe(agent, req, now).await;
                 }
                 self.update_active();
+                if lost {
+                    self.resync(now, Resync::Lost);
+                }
             }
         }
     }
@@ -576,6 +805,18 @@ impl Ua {
             self.reply(&reply, msg.response(489, "Bad Event", "", &[("Allow-Events", "dialog")])).await;
             return Ok(());
         }
+        if self.closing {
+            // Unsubscribing: the final NOTIFY is acknowledged, not reported.
+            // A dialog left without an unsubscribe (its SUBSCRIBE was still
+            // unanswered) gets 481, so that the PBX drops it.
+            let bytes = if self.lines[i].sub.is_closing() {
+                msg.response(200, "OK", "", &[])
+            } else {
+                msg.response(481, "Subscription Does Not Exist", "", &[])
+            };
+            self.reply(&reply, bytes).await;
+            return Ok(());
+        }
         let body = msg.body();
         let doc = if body.iter().all(u8::is_ascii_whitespace) {
             Ok(DialogInfo::parse(b""))
@@ -598,8 +839,20 @@ impl Ua {
             Ok(Ok(doc)) => doc,
         };
         self.reply(&reply, msg.response(200, "OK", "", &[])).await;
-        let state = msg.subscription_state();
-        if state.as_ref().is_some_and(|s| s.state == super::message::SubStateValue::Terminated) {
+        let mut state = msg.subscription_state();
+        if let Some(s) = state.as_mut().filter(|s| s.retry_after.is_none()) {
+            // chan_sip puts it in a header of its own (probation, Retry-After: 60).
+            s.retry_after =
+                msg.header(Name::RetryAfter).and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
+        }
+        let terminated = state.as_ref().filter(|s| s.state == super::message::SubStateValue::Terminated);
+        if let Some(s) = terminated {
+            warn!(
+                extension = %self.lines[i].extension,
+                reason = s.reason.as_deref().unwrap_or("none"),
+                retry_after = ?s.retry_after,
+                "the PBX ended the subscription"
+            );
             metrics::counter!("callbridge_sip_subscription_failures_total", "reason" => "terminated").increment(1);
         }
         let line = &mut self.lines[i];
@@ -615,7 +868,7 @@ impl Ua {
             }
         }
         if let Some(req) = next {
-            info!(extension = %self.lines[i].extension, "subscription terminated by the PBX; re-subscribing");
+            info!(extension = %self.lines[i].extension, "re-subscribing at once");
             self.send_subscribe(i, req, now).await;
         }
         self.update_active();

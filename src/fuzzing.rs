@@ -48,7 +48,8 @@ fn decode_in_chunks(limits: CodecLimits, data: &[u8], chunk: usize) -> Vec<AmiMe
         }
         // The bound the codec promises: a partial frame plus one read.
         assert!(codec.pending_bytes() <= limits.max_frame_bytes + chunk, "pending {}", codec.pending_bytes());
-        assert!(buf.len() <= limits.max_frame_bytes + chunk, "buffered {}", buf.len());
+        let bound = limits.max_frame_bytes.max(crate::ami::codec::BANNER_PREFIX.len());
+        assert!(buf.len() <= bound + chunk, "buffered {}", buf.len());
     }
     while let Ok(Some(m)) = codec.decode_eof(&mut buf) {
         out.push(m);

@@ -90,7 +90,7 @@ impl Default for CodecLimits {
     }
 }
 
-const BANNER_PREFIX: &[u8] = b"Asterisk Call Manager/";
+pub(crate) const BANNER_PREFIX: &[u8] = b"Asterisk Call Manager/";
 
 /// The AMI decoder. One per connection (or per trace file).
 #[derive(Debug)]
@@ -110,6 +110,9 @@ pub struct AmiCodec {
 struct Discard {
     reason: MalformedReason,
     dropped: u64,
+    /// Up to the end of the line (an oversized banner, which has no
+    /// closing empty line) rather than to the next empty line.
+    line: bool,
 }
 
 impl Default for AmiCodec {
@@ -139,7 +142,9 @@ impl AmiCodec {
     }
 
     /// Bytes of the current partial frame the decoder is holding on to
-    /// (for tests and metrics: it never exceeds `max_frame_bytes` + one read).
+    /// (for tests and metrics: it never exceeds `max_frame_bytes` + one read;
+    /// the buffer also holds up to 21 bytes that may start a banner, when
+    /// `max_frame_bytes` is smaller than that).
     pub fn pending_bytes(&self) -> usize {
         self.scan_from
     }
@@ -230,6 +235,15 @@ impl AmiCodec {
 
     /// Drops bytes of a skipped frame until its closing empty line.
     fn discard(&mut self, src: &mut BytesMut, mut d: Discard) -> Option<AmiMessage> {
+        if d.line {
+            if let Some(nl) = memchr::memchr(b'\n', src) {
+                return Some(self.finish_discard(src, d, nl + 1));
+            }
+            d.dropped += src.len() as u64;
+            src.clear();
+            self.discarding = Some(d);
+            return None;
+        }
         if let Some(upto) = find_empty_line_end(src) {
             return Some(self.finish_discard(src, d, upto));
         }
@@ -302,16 +316,17 @@ impl Decoder for AmiCodec {
                 return Ok(None);
             }
             if src.len() >= BANNER_PREFIX.len() && src.starts_with(BANNER_PREFIX) {
+                // A banner longer than a frame may be is dropped (that line
+                // only), whether its end came in this read or a later one.
+                let too_large = Discard { reason: MalformedReason::TooLarge, dropped: 0, line: true };
                 return match memchr::memchr(b'\n', src) {
+                    Some(nl) if nl + 1 > self.limits.max_frame_bytes => Ok(self.discard(src, too_large)),
                     Some(nl) => {
                         let line = src.split_to(nl + 1);
                         let text = String::from_utf8_lossy(line.get(BANNER_PREFIX.len()..).unwrap_or_default());
                         Ok(Some(AmiMessage::Banner(text.trim_end().to_string())))
                     }
-                    None if src.len() > self.limits.max_frame_bytes => {
-                        let d = Discard { reason: MalformedReason::TooLarge, dropped: 0 };
-                        Ok(self.discard(src, d))
-                    }
+                    None if src.len() > self.limits.max_frame_bytes => Ok(self.discard(src, too_large)),
                     None => Ok(None),
                 };
             }
@@ -323,7 +338,7 @@ impl Decoder for AmiCodec {
         match self.scan(src) {
             Scan::Incomplete => Ok(None),
             Scan::Overflow(reason) => {
-                let d = Discard { reason, dropped: 0 };
+                let d = Discard { reason, dropped: 0, line: false };
                 self.reset_pending();
                 Ok(self.discard(src, d))
             }
@@ -553,6 +568,32 @@ mod tests {
             let out = in_reads(limits, &data, chunk);
             assert_eq!(out.len(), 2, "reads of {chunk}: {out:?}");
             assert_eq!(frame(&out[0]).get("X"), Some("12345"), "reads of {chunk}");
+        }
+    }
+
+    /// Found by fuzzing (fuzz/crashes/ami_codec/9422c59711b81477): a banner
+    /// line longer than `max_frame_bytes` was accepted when it came in one
+    /// read, and dropped, together with the frame after it, when it came
+    /// in pieces. Now it is dropped alone, whatever the reads.
+    #[test]
+    fn an_oversized_banner_is_dropped_alone_whatever_the_reads() {
+        let limits = CodecLimits { max_frame_bytes: 24, max_headers: 8 };
+        let data = b"Asterisk Call Manager/9.0.0\r\nResponse: Success\r\n\r\n";
+        let whole = in_reads(limits, data, data.len());
+        assert_eq!(
+            whole[0],
+            AmiMessage::Malformed(Malformed { reason: MalformedReason::TooLarge, bytes: 29 }),
+            "{whole:?}"
+        );
+        assert_eq!(frame(&whole[1]).response(), Some("Success"));
+        assert_eq!(whole.len(), 2);
+        for chunk in 1..data.len() {
+            assert_eq!(in_reads(limits, data, chunk), whole, "reads of {chunk}");
+        }
+        // Within the limit it is a banner, whatever the reads.
+        let limits = CodecLimits { max_frame_bytes: 29, max_headers: 8 };
+        for chunk in 1..=data.len() {
+            assert_eq!(in_reads(limits, data, chunk)[0], AmiMessage::Banner("9.0.0".into()), "reads of {chunk}");
         }
     }
 

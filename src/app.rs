@@ -16,7 +16,7 @@
 mod blocker;
 pub mod commands;
 
-use crate::ami::codec::{decode_all, AmiCodec, AmiMessage, CodecLimits};
+use crate::ami::codec::{AmiCodec, AmiMessage, CodecLimits};
 use crate::ami::connection::{self, AmiHandle, SourceItem};
 use crate::api::{routes, Auth};
 use crate::config::Config;
@@ -27,12 +27,14 @@ use crate::replay::Speed;
 use crate::state::Readiness;
 use crate::state::{Command, Shared};
 use anyhow::{bail, Context};
+use futures::StreamExt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -339,6 +341,8 @@ fn task_ended(name: &'static str, panicked: bool, ended: &mpsc::Sender<&'static 
 const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 /// Reads trace files into the source channel, paced by their timestamps.
+/// Each file is decoded as it is read: memory holds the frames in the
+/// (bounded) channel and one read, never the trace.
 async fn feed_traces(
     paths: Vec<PathBuf>,
     speed: Speed,
@@ -347,22 +351,32 @@ async fn feed_traces(
     shutdown: CancellationToken,
 ) {
     for path in paths {
-        let data = match tokio::fs::read(&path).await {
-            Ok(d) => d,
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
             Err(e) => {
                 error!(trace = %path.display(), error = %e, "cannot read trace");
                 continue;
             }
         };
-        let mut frames = Vec::new();
-        decode_all(&mut AmiCodec::new(limits), &data, |m| {
-            if let AmiMessage::Frame(f) = m {
-                frames.push(f);
-            }
-        });
+        let mut messages = FramedRead::with_capacity(file, AmiCodec::new(limits), 64 * 1024);
         let start = tokio::time::Instant::now();
         let mut first: Option<i64> = None;
-        for f in frames {
+        loop {
+            let f = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = messages.next() => match m {
+                    Some(Ok(AmiMessage::Frame(f))) => f,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        error!(trace = %path.display(), error = %e, "cannot read the rest of the trace");
+                        break;
+                    }
+                    None => {
+                        info!(trace = %path.display(), "trace replayed");
+                        break;
+                    }
+                },
+            };
             if let (Speed::Factor(k), Some(ts)) = (speed, f.timestamp_micros()) {
                 let base = *first.get_or_insert(ts);
                 let delay = crate::replay::pacing_delay(ts.saturating_sub(base), k);
@@ -378,7 +392,6 @@ async fn feed_traces(
                 r = tx.send(SourceItem::Frame(f)) => if r.is_err() { return },
             }
         }
-        info!(trace = %path.display(), "trace replayed");
     }
 }
 

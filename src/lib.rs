@@ -76,3 +76,7 @@ pub mod tracegen;
 // Composition: the only modules that know the file and every component.
 pub mod app;
 pub mod settings;
+
+// The fuzz targets' bodies (`fuzz/`, `tests/fuzz_corpus.rs`).
+#[doc(hidden)]
+pub mod fuzzing;

@@ -63,6 +63,12 @@ enum Command {
         /// (shutdown has its own deadline).
         #[arg(long, default_value_t = 60.0, conflicts_with = "serve")]
         drain_timeout_seconds: f64,
+        /// Most calls live at once: past it, the calls silent the longest are
+        /// ended as `lost` (with a warning). Only a trace missing hangups
+        /// gets there. Not with --serve (the daemon's stuck-call sweeper
+        /// ends calls the PBX no longer has).
+        #[arg(long, default_value_t = callbridge::replay::DEFAULT_MAX_LIVE_CALLS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..), conflicts_with = "serve")]
+        max_live_calls: usize,
         /// Trace files, replayed in order.
         #[arg(required = true)]
         traces: Vec<PathBuf>,
@@ -110,17 +116,22 @@ fn main() -> ExitCode {
             api_listen,
             shutdown_deadline: Duration::from_secs(10),
         }),
-        Command::Replay { config, speed, summary, serve: false, drain_timeout_seconds, traces, .. } => {
-            match Duration::try_from_secs_f64(drain_timeout_seconds) {
-                Ok(drain_timeout) => {
-                    commands::replay(ReplayOptions { config_path: config, speed, summary, drain_timeout, traces })
-                }
-                Err(_) => {
-                    eprintln!("callbridge: --drain-timeout-seconds must be a non-negative number");
-                    Outcome::BadConfig
-                }
+        Command::Replay {
+            config, speed, summary, serve: false, drain_timeout_seconds, max_live_calls, traces, ..
+        } => match Duration::try_from_secs_f64(drain_timeout_seconds) {
+            Ok(drain_timeout) => commands::replay(ReplayOptions {
+                config_path: config,
+                speed,
+                summary,
+                drain_timeout,
+                max_live_calls,
+                traces,
+            }),
+            Err(_) => {
+                eprintln!("callbridge: --drain-timeout-seconds must be a non-negative number");
+                Outcome::BadConfig
             }
-        }
+        },
     };
     outcome.report();
     ExitCode::from(outcome.code())

@@ -20,6 +20,10 @@
 //! The decoder never fails on content: `Err` is reserved for I/O errors of the
 //! underlying stream. It never panics on any input (see the property tests).
 
+// Fed by the network and by trace files: no indexing or slicing that
+// could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use super::frame::{Frame, HeaderPos};
 use bytes::{Buf, BytesMut};
 use smallvec::SmallVec;
@@ -86,7 +90,7 @@ impl Default for CodecLimits {
     }
 }
 
-const BANNER_PREFIX: &[u8] = b"Asterisk Call Manager/";
+pub(crate) const BANNER_PREFIX: &[u8] = b"Asterisk Call Manager/";
 
 /// The AMI decoder. One per connection (or per trace file).
 #[derive(Debug)]
@@ -106,6 +110,9 @@ pub struct AmiCodec {
 struct Discard {
     reason: MalformedReason,
     dropped: u64,
+    /// Up to the end of the line (an oversized banner, which has no
+    /// closing empty line) rather than to the next empty line.
+    line: bool,
 }
 
 impl Default for AmiCodec {
@@ -135,7 +142,9 @@ impl AmiCodec {
     }
 
     /// Bytes of the current partial frame the decoder is holding on to
-    /// (for tests and metrics: it never exceeds `max_frame_bytes` + one read).
+    /// (for tests and metrics: it never exceeds `max_frame_bytes` + one read;
+    /// the buffer also holds up to 21 bytes that may start a banner, when
+    /// `max_frame_bytes` is smaller than that).
     pub fn pending_bytes(&self) -> usize {
         self.scan_from
     }
@@ -163,18 +172,18 @@ impl AmiCodec {
                 },
                 Some(_) => {}
             }
-            let Some(nl) = memchr::memchr(b'\n', &src[pos..]) else {
+            let Some(nl) = src.get(pos..).and_then(|rest| memchr::memchr(b'\n', rest)) else {
                 break;
             };
             let line_end_nl = pos + nl;
             let mut line_end = line_end_nl;
-            if line_end > pos && src[line_end - 1] == b'\r' {
+            if line_end > pos && src.get(line_end - 1) == Some(&b'\r') {
                 line_end -= 1;
             }
             if self.pending.len() >= self.limits.max_headers {
                 return Scan::Overflow(MalformedReason::TooManyHeaders);
             }
-            let line = &src[pos..line_end];
+            let line = src.get(pos..line_end).unwrap_or_default();
             let header = match memchr::memchr(b':', line) {
                 Some(colon) => {
                     let key_end = pos + colon;
@@ -197,8 +206,8 @@ impl AmiCodec {
                 },
             };
             if self.pending.is_empty() {
-                self.pending_first_ok =
-                    is_header_key(&src[pos..header.key_end as usize]) && header.key_end > header.key_start;
+                self.pending_first_ok = is_header_key(src.get(pos..header.key_end as usize).unwrap_or_default())
+                    && header.key_end > header.key_start;
             }
             self.pending.push(header);
             pos = line_end_nl + 1;
@@ -207,14 +216,34 @@ impl AmiCodec {
             }
         }
         self.scan_from = pos;
-        if src.len() > self.limits.max_frame_bytes {
-            return Scan::Overflow(MalformedReason::TooLarge);
+        // Checked as a whole frame is (line by line, in order), so that
+        // where the reads end changes neither whether a frame is dropped
+        // nor why: a lone '\r' may start the closing empty line and is no
+        // content yet; a partial line beyond `max_headers` is the line the
+        // header count refuses, once it is complete.
+        let partial = src.get(pos..).unwrap_or_default();
+        let content = if partial == b"\r" { pos } else { src.len() };
+        if content > self.limits.max_frame_bytes {
+            return Scan::Overflow(if self.pending.len() >= self.limits.max_headers {
+                MalformedReason::TooManyHeaders
+            } else {
+                MalformedReason::TooLarge
+            });
         }
         Scan::Incomplete
     }
 
     /// Drops bytes of a skipped frame until its closing empty line.
     fn discard(&mut self, src: &mut BytesMut, mut d: Discard) -> Option<AmiMessage> {
+        if d.line {
+            if let Some(nl) = memchr::memchr(b'\n', src) {
+                return Some(self.finish_discard(src, d, nl + 1));
+            }
+            d.dropped += src.len() as u64;
+            src.clear();
+            self.discarding = Some(d);
+            return None;
+        }
         if let Some(upto) = find_empty_line_end(src) {
             return Some(self.finish_discard(src, d, upto));
         }
@@ -239,7 +268,7 @@ impl AmiCodec {
 /// End (exclusive) of the first empty line ("\n\n" or "\n\r\n") in `bytes`.
 fn find_empty_line_end(bytes: &[u8]) -> Option<usize> {
     let mut search = 0;
-    while let Some(i) = memchr::memchr(b'\n', &bytes[search..]) {
+    while let Some(i) = bytes.get(search..).and_then(|rest| memchr::memchr(b'\n', rest)) {
         let nl = search + i;
         match bytes.get(nl + 1) {
             None => return None,
@@ -287,16 +316,17 @@ impl Decoder for AmiCodec {
                 return Ok(None);
             }
             if src.len() >= BANNER_PREFIX.len() && src.starts_with(BANNER_PREFIX) {
+                // A banner longer than a frame may be is dropped (that line
+                // only), whether its end came in this read or a later one.
+                let too_large = Discard { reason: MalformedReason::TooLarge, dropped: 0, line: true };
                 return match memchr::memchr(b'\n', src) {
+                    Some(nl) if nl + 1 > self.limits.max_frame_bytes => Ok(self.discard(src, too_large)),
                     Some(nl) => {
                         let line = src.split_to(nl + 1);
-                        let text = String::from_utf8_lossy(&line[BANNER_PREFIX.len()..]);
+                        let text = String::from_utf8_lossy(line.get(BANNER_PREFIX.len()..).unwrap_or_default());
                         Ok(Some(AmiMessage::Banner(text.trim_end().to_string())))
                     }
-                    None if src.len() > self.limits.max_frame_bytes => {
-                        let d = Discard { reason: MalformedReason::TooLarge, dropped: 0 };
-                        Ok(self.discard(src, d))
-                    }
+                    None if src.len() > self.limits.max_frame_bytes => Ok(self.discard(src, too_large)),
                     None => Ok(None),
                 };
             }
@@ -308,7 +338,7 @@ impl Decoder for AmiCodec {
         match self.scan(src) {
             Scan::Incomplete => Ok(None),
             Scan::Overflow(reason) => {
-                let d = Discard { reason, dropped: 0 };
+                let d = Discard { reason, dropped: 0, line: false };
                 self.reset_pending();
                 Ok(self.discard(src, d))
             }
@@ -371,16 +401,38 @@ impl Decoder for AmiCodec {
     }
 }
 
-/// Decodes a whole in-memory byte slice (a trace file), calling `f` for each
-/// message. Used by replay, tests and benchmarks. The bytes are fed in
-/// socket-sized chunks, so memory stays bounded by the codec's limits rather
-/// than by the size of the trace.
-pub fn decode_all(codec: &mut AmiCodec, data: &[u8], mut f: impl FnMut(AmiMessage)) {
+/// Decodes a whole in-memory byte slice, calling `f` for each message.
+/// Used by tests, benchmarks and the fuzz targets. The bytes are fed in
+/// socket-sized chunks, as [`decode_reader`] feeds a file.
+pub fn decode_all(codec: &mut AmiCodec, data: &[u8], f: impl FnMut(AmiMessage)) {
+    // Reading from memory cannot fail.
+    let _ = decode_reader(codec, data, f);
+}
+
+/// Decodes what `reader` yields (a trace file) as it is read, calling `f`
+/// for each message; returns how many bytes were read. Memory stays
+/// bounded by the codec's limits plus one read, whatever the size of the
+/// trace. Fails only when reading fails (what was decoded before stays
+/// handed over).
+pub fn decode_reader(
+    codec: &mut AmiCodec,
+    mut reader: impl std::io::Read,
+    mut f: impl FnMut(AmiMessage),
+) -> std::io::Result<u64> {
     const CHUNK: usize = 64 * 1024;
     let mut buf = BytesMut::with_capacity(CHUNK * 2);
-    for chunk in data.chunks(CHUNK) {
-        buf.extend_from_slice(chunk);
-        // Decoding from memory cannot fail: errors only come from I/O.
+    let mut read = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut read) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        total += n as u64;
+        buf.extend_from_slice(read.get(..n).unwrap_or_default());
+        // Decoding cannot fail on content: errors only come from I/O.
         while let Ok(Some(m)) = codec.decode(&mut buf) {
             f(m);
         }
@@ -388,9 +440,11 @@ pub fn decode_all(codec: &mut AmiCodec, data: &[u8], mut f: impl FnMut(AmiMessag
     while let Ok(Some(m)) = codec.decode_eof(&mut buf) {
         f(m);
     }
+    Ok(total)
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::string_slice)]
 mod tests {
     use super::*;
 
@@ -465,6 +519,82 @@ mod tests {
     fn invalid_utf8_values_are_replaced() {
         let out = all(b"Event: Newchannel\r\nCallerIDName: Jos\xe9\r\n\r\n");
         assert_eq!(frame(&out[0]).get("CallerIDName"), Some("Jos\u{fffd}"));
+    }
+
+    /// Decodes `data` fed in reads of `chunk` bytes.
+    fn in_reads(limits: CodecLimits, data: &[u8], chunk: usize) -> Vec<AmiMessage> {
+        let mut codec = AmiCodec::new(limits);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for c in data.chunks(chunk) {
+            buf.extend_from_slice(c);
+            while let Some(m) = codec.decode(&mut buf).unwrap() {
+                out.push(m);
+            }
+        }
+        while let Some(m) = codec.decode_eof(&mut buf).unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    /// Found by fuzzing (fuzz/crashes/ami_codec): a frame over both limits
+    /// was `TooLarge` when its last line arrived in pieces and
+    /// `TooManyHeaders` when it arrived whole.
+    #[test]
+    fn why_a_frame_is_dropped_does_not_depend_on_the_reads() {
+        let limits = CodecLimits { max_frame_bytes: 40, max_headers: 2 };
+        let data = b"Event: A\r\nB: 1\r\nC: a line long enough to pass the size limit\r\n\r\nEvent: Ok\r\n\r\n";
+        let whole = in_reads(limits, data, data.len());
+        assert!(
+            matches!(whole[0], AmiMessage::Malformed(Malformed { reason: MalformedReason::TooManyHeaders, bytes: 64 })),
+            "{whole:?}"
+        );
+        assert_eq!(frame(&whole[1]).event(), Some("Ok"));
+        for chunk in 1..data.len() {
+            assert_eq!(in_reads(limits, data, chunk), whole, "reads of {chunk}");
+        }
+    }
+
+    /// A frame of exactly `max_frame_bytes` is accepted however the reads
+    /// cut it; it was dropped when a read ended between the closing
+    /// empty line's '\r' and '\n'.
+    #[test]
+    fn a_frame_of_exactly_the_limit_is_kept_whatever_the_reads() {
+        let frame_bytes = b"Event: A\r\nX: 12345\r\n";
+        let limits = CodecLimits { max_frame_bytes: frame_bytes.len(), max_headers: 8 };
+        let data = [&frame_bytes[..], b"\r\nEvent: B\r\n\r\n"].concat();
+        for chunk in 1..=data.len() {
+            let out = in_reads(limits, &data, chunk);
+            assert_eq!(out.len(), 2, "reads of {chunk}: {out:?}");
+            assert_eq!(frame(&out[0]).get("X"), Some("12345"), "reads of {chunk}");
+        }
+    }
+
+    /// Found by fuzzing (fuzz/crashes/ami_codec/9422c59711b81477): a banner
+    /// line longer than `max_frame_bytes` was accepted when it came in one
+    /// read, and dropped, together with the frame after it, when it came
+    /// in pieces. Now it is dropped alone, whatever the reads.
+    #[test]
+    fn an_oversized_banner_is_dropped_alone_whatever_the_reads() {
+        let limits = CodecLimits { max_frame_bytes: 24, max_headers: 8 };
+        let data = b"Asterisk Call Manager/9.0.0\r\nResponse: Success\r\n\r\n";
+        let whole = in_reads(limits, data, data.len());
+        assert_eq!(
+            whole[0],
+            AmiMessage::Malformed(Malformed { reason: MalformedReason::TooLarge, bytes: 29 }),
+            "{whole:?}"
+        );
+        assert_eq!(frame(&whole[1]).response(), Some("Success"));
+        assert_eq!(whole.len(), 2);
+        for chunk in 1..data.len() {
+            assert_eq!(in_reads(limits, data, chunk), whole, "reads of {chunk}");
+        }
+        // Within the limit it is a banner, whatever the reads.
+        let limits = CodecLimits { max_frame_bytes: 29, max_headers: 8 };
+        for chunk in 1..=data.len() {
+            assert_eq!(in_reads(limits, data, chunk)[0], AmiMessage::Banner("9.0.0".into()), "reads of {chunk}");
+        }
     }
 
     #[test]

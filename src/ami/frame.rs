@@ -10,6 +10,10 @@
 //! This module must never touch a socket or a file: it only indexes bytes that
 //! the codec already cut out of the stream.
 
+// Reads bytes from the network and trace files: no indexing or slicing
+// that could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use bytestring::ByteString;
 use std::fmt;
 
@@ -183,6 +187,7 @@ impl fmt::Debug for Frame {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::string_slice)]
 mod tests {
     use super::*;
 

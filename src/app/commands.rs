@@ -7,7 +7,7 @@ use super::{RunOptions, SourceSpec};
 use crate::config::{Config, ConfigError};
 use crate::delivery::Delivery;
 use crate::exit;
-use crate::replay::{replay_files, Speed};
+use crate::replay::{replay_files, ReplaySettings, Speed};
 use crate::state::Readiness;
 use anyhow::Context;
 use std::io::Write;
@@ -155,7 +155,20 @@ pub struct ReplayOptions {
     /// With sinks other than stdout: how long to wait for delivery after
     /// the traces end.
     pub drain_timeout: Duration,
+    /// Most calls live at once; past it the calls silent the longest end
+    /// `lost` ([`crate::replay::DEFAULT_MAX_LIVE_CALLS`] by default).
+    pub max_live_calls: usize,
     pub traces: Vec<PathBuf>,
+}
+
+impl ReplayOptions {
+    fn settings(&self, config: &Config) -> ReplaySettings {
+        ReplaySettings {
+            speed: self.speed,
+            limits: crate::settings::codec_limits(config),
+            max_live_calls: self.max_live_calls,
+        }
+    }
 }
 
 /// `replay`: to stdout as JSON lines, or through the durable outbox when
@@ -174,13 +187,13 @@ pub fn replay(opts: ReplayOptions) -> Outcome {
 
 fn replay_to_stdout(config: &Config, opts: &ReplayOptions) -> anyhow::Result<()> {
     let mut normalizer = crate::settings::normalizer(config);
-    let limits = crate::settings::codec_limits(config);
+    let settings = opts.settings(config);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut write_error: Option<std::io::Error> = None;
     let pbx = config.pbx.name.clone();
     let paced = matches!(opts.speed, Speed::Factor(_));
-    let stats = replay_files(&opts.traces, &mut normalizer, opts.speed, limits, |e| {
+    let stats = replay_files(&opts.traces, &mut normalizer, settings, |e| {
         if write_error.is_none() {
             let line = e.to_cloudevent_json(&pbx);
             if let Err(err) = writeln!(out, "{line}") {
@@ -218,14 +231,14 @@ fn replay_durable(config: &Config, opts: &ReplayOptions) -> Outcome {
         let mut delivery =
             Delivery::for_config(config, Arc::new(Readiness::default()), &crate::sink::SinkContext::default())?;
         let normalizer = crate::settings::normalizer(config);
-        let limits = crate::settings::codec_limits(config);
-        let (speed, traces, pbx) = (opts.speed, opts.traces.clone(), config.pbx.name.clone());
+        let settings = opts.settings(config);
+        let (traces, pbx) = (opts.traces.clone(), config.pbx.name.clone());
         // Normalizer → delivery. Full means the replay waits (never drop).
         let (tx, rx) = tokio::sync::mpsc::channel::<crate::event::Event>(4096);
         let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
         let replay = tokio::task::spawn_blocking(move || {
             let mut normalizer = normalizer;
-            let stats = replay_files(&traces, &mut normalizer, speed, limits, |e| {
+            let stats = replay_files(&traces, &mut normalizer, settings, |e| {
                 // The receiver only goes away when delivery failed for good
                 // or the drain deadline passed.
                 let _ = tx.blocking_send(e.clone());

@@ -278,26 +278,43 @@ fn check_routing_cycles(groups: &[GroupEntry], out: &mut Vec<String>) {
         let Some(cycle) = shortest_cycle(start, &targets, &members) else {
             continue;
         };
-        let names: Vec<&str> = cycle.iter().map(|&n| nodes[n].id.unwrap_or("?")).collect();
+        let names: Vec<&str> = cycle.iter().map(|&n| nodes.get(n).and_then(|g| g.id).unwrap_or("?")).collect();
         let hops: Vec<&str> = cycle
-            .windows(2)
-            .filter_map(|w| edges[w[0]].iter().find(|(_, m)| *m == w[1]).map(|(field, _)| field.as_str()))
+            .iter()
+            .zip(cycle.iter().skip(1))
+            .filter_map(|(&from, &to)| edges.get(from)?.iter().find(|(_, m)| *m == to).map(|(field, _)| field.as_str()))
             .collect();
         let field = hops.first().copied().unwrap_or("overflow[0]");
         if hops.iter().all(|h| h.starts_with("overflow")) {
             out.push(format!(
                 "groups[{}].{field}: overflow cycle {} (a diverted call would come back to where it started)",
-                nodes[start].index,
+                nodes.get(start).map_or(0, |g| g.index),
                 names.join(" → ")
             ));
         } else {
             out.push(format!(
                 "groups[{}].{field}: routing cycle {} through overflow and redirects ({}; a routed call would come back to where it started)",
-                nodes[start].index,
+                nodes.get(start).map_or(0, |g| g.index),
                 names.join(" → "),
                 hops.join(", ")
             ));
         }
+    }
+}
+
+/// The edges out of `node` (none for a node that does not exist).
+fn out_edges(edges: &[Vec<(usize, usize)>], node: usize) -> &[(usize, usize)] {
+    edges.get(node).map_or(&[], Vec::as_slice)
+}
+
+/// Marks `node` seen; false when it already was (or does not exist).
+fn mark(seen: &mut [bool], node: usize) -> bool {
+    match seen.get_mut(node) {
+        Some(s) if !*s => {
+            *s = true;
+            true
+        }
+        _ => false,
     }
 }
 
@@ -307,16 +324,14 @@ fn strongly_connected(edges: &[Vec<(usize, usize)>]) -> Vec<Vec<usize>> {
     let mut order = Vec::with_capacity(n);
     let mut visited = vec![false; n];
     for root in 0..n {
-        if visited[root] {
+        if !mark(&mut visited, root) {
             continue;
         }
-        visited[root] = true;
         let mut stack = vec![(root, 0usize)];
         while let Some(&mut (node, ref mut next)) = stack.last_mut() {
-            if let Some(&(_, m)) = edges[node].get(*next) {
+            if let Some(&(_, m)) = out_edges(edges, node).get(*next) {
                 *next += 1;
-                if !visited[m] {
-                    visited[m] = true;
+                if mark(&mut visited, m) {
                     stack.push((m, 0));
                 }
             } else {
@@ -328,23 +343,22 @@ fn strongly_connected(edges: &[Vec<(usize, usize)>]) -> Vec<Vec<usize>> {
     let mut reverse = vec![Vec::new(); n];
     for (from, out) in edges.iter().enumerate() {
         for &(_, to) in out {
-            reverse[to].push(from);
+            if let Some(r) = reverse.get_mut(to) {
+                r.push(from);
+            }
         }
     }
-    let mut component_of = vec![usize::MAX; n];
+    let mut assigned = vec![false; n];
     let mut components = Vec::new();
     for &root in order.iter().rev() {
-        if component_of[root] != usize::MAX {
+        if !mark(&mut assigned, root) {
             continue;
         }
-        let c = components.len();
         let mut members = vec![root];
-        component_of[root] = c;
         let mut stack = vec![root];
         while let Some(node) = stack.pop() {
-            for &m in &reverse[node] {
-                if component_of[m] == usize::MAX {
-                    component_of[m] = c;
+            for &m in reverse.get(node).map_or(&[][..], Vec::as_slice) {
+                if mark(&mut assigned, m) {
                     members.push(m);
                     stack.push(m);
                 }
@@ -361,7 +375,7 @@ fn shortest_cycle(start: usize, edges: &[Vec<(usize, usize)>], members: &HashSet
     let mut parent: HashMap<usize, usize> = HashMap::new();
     let mut queue = VecDeque::from([start]);
     while let Some(node) = queue.pop_front() {
-        for &(_, m) in &edges[node] {
+        for &(_, m) in out_edges(edges, node) {
             if !members.contains(&m) {
                 continue;
             }

@@ -29,6 +29,10 @@
 //! The doc comments on the fields below are the user documentation of the
 //! configuration keys.
 
+// Reads the configuration file: no indexing or slicing that could panic
+// (here and in every submodule: check, command, schema, sip, values).
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 mod check;
 mod command;
 mod schema;

@@ -186,13 +186,12 @@ pub(crate) const SECRET_KEYS: [&str; 3] = ["secret", "secret_file", "secret_env"
 /// Exactly one of `secret`, `secret_file`, `secret_env`.
 fn check_secret_source(path: &str, table: &Table, out: &mut Vec<String>) {
     let present: Vec<&str> = SECRET_KEYS.iter().copied().filter(|k| table.contains_key(*k)).collect();
-    match present.len() {
-        1 => {}
-        0 => out.push(format!("{path}: no secret: set exactly one of secret, secret_file, secret_env")),
-        2 => out.push(format!(
-            "{path}: {} and {} are both set: set exactly one of secret, secret_file, secret_env",
-            present[0], present[1]
-        )),
+    match present.as_slice() {
+        [_] => {}
+        [] => out.push(format!("{path}: no secret: set exactly one of secret, secret_file, secret_env")),
+        [a, b] => {
+            out.push(format!("{path}: {a} and {b} are both set: set exactly one of secret, secret_file, secret_env"))
+        }
         _ => out.push(format!("{path}: secret, secret_file and secret_env are all set: set exactly one of them")),
     }
 }
@@ -745,27 +744,40 @@ pub(crate) fn suggest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
 /// Optimal-string-alignment distance (Levenshtein plus transpositions).
 fn edit_distance(a: &str, b: &str) -> usize {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut v = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                v = v.min(d[i - 2][j - 2] + 1);
+    // d[i][j]: the distance between the first i chars of a and the first j of b.
+    let mut d: Vec<Vec<usize>> = (0..=a.len())
+        .map(|i| {
+            (0..=b.len())
+                .map(|j| {
+                    if i == 0 {
+                        j
+                    } else if j == 0 {
+                        i
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let at = |d: &[Vec<usize>], i: usize, j: usize| d.get(i).and_then(|r| r.get(j)).copied().unwrap_or(usize::MAX / 2);
+    for (i, ca) in (1..).zip(&a) {
+        for (j, cb) in (1..).zip(&b) {
+            let cost = usize::from(ca != cb);
+            let mut v = (at(&d, i - 1, j) + 1).min(at(&d, i, j - 1) + 1).min(at(&d, i - 1, j - 1) + cost);
+            if i > 1 && j > 1 && b.get(j - 2) == Some(ca) && a.get(i - 2) == Some(cb) {
+                v = v.min(at(&d, i - 2, j - 2) + 1);
             }
-            d[i][j] = v;
+            if let Some(cell) = d.get_mut(i).and_then(|r| r.get_mut(j)) {
+                *cell = v;
+            }
         }
     }
-    d[a.len()][b.len()]
+    at(&d, a.len(), b.len())
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::string_slice)]
 mod tests {
     use super::*;
 

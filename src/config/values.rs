@@ -75,10 +75,11 @@ impl fmt::Display for Days {
                 f.write_str(",")?;
             }
             first = false;
+            let name = |d: usize| DAY_NAMES.get(d).map_or("?", |n| n.0);
             match i - start {
-                0 => f.write_str(DAY_NAMES[start].0)?,
-                1 => write!(f, "{},{}", DAY_NAMES[start].0, DAY_NAMES[i].0)?,
-                _ => write!(f, "{}-{}", DAY_NAMES[start].0, DAY_NAMES[i].0)?,
+                0 => f.write_str(name(start))?,
+                1 => write!(f, "{},{}", name(start), name(i))?,
+                _ => write!(f, "{}-{}", name(start), name(i))?,
             }
             i += 1;
         }
@@ -147,13 +148,13 @@ pub fn parse_clock(text: &str, end_of_day_ok: bool) -> Result<u16, InvalidValue>
 pub fn parse_date(text: &str) -> Result<Date, InvalidValue> {
     let b = text.as_bytes();
     let shape = b.len() == 10
-        && b[4] == b'-'
-        && b[7] == b'-'
+        && b.get(4) == Some(&b'-')
+        && b.get(7) == Some(&b'-')
         && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
     if !shape {
         return Err(invalid(format!("{text:?} is not a date (expected YYYY-MM-DD)")));
     }
-    let num = |r: std::ops::Range<usize>| text[r].parse::<i16>().unwrap_or(0);
+    let num = |r: std::ops::Range<usize>| text.get(r).and_then(|t| t.parse::<i16>().ok()).unwrap_or(0);
     let (y, m, d) = (num(0..4), num(5..7), num(8..10));
     // The shape check above makes every field fit its type.
     Date::new(y, m as i8, d as i8).map_err(|_| invalid(format!("{text:?} is not a calendar date")))
@@ -218,6 +219,7 @@ pub fn parse_host_port(text: &str) -> Result<(&str, u16), InvalidValue> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::string_slice)]
 mod tests {
     use super::*;
 

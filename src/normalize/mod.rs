@@ -279,6 +279,21 @@ impl Normalizer {
         self.calls.keys().cloned().collect()
     }
 
+    /// The `n` live calls silent the longest: oldest last event first, ties
+    /// by id (deterministic). What a bound on live calls ends first
+    /// (`replay --max-live-calls`). O(live calls).
+    pub fn oldest_live_calls(&self, n: usize) -> Vec<CallId> {
+        let mut all: Vec<(Micros, &CallId)> = self.calls.values().map(|c| (c.last_event_at, &c.id)).collect();
+        let n = n.min(all.len());
+        if n == 0 {
+            return Vec::new();
+        }
+        all.select_nth_unstable(n - 1);
+        all.truncate(n);
+        all.sort_unstable();
+        all.into_iter().map(|(_, id)| id.clone()).collect()
+    }
+
     /// Time of the last event seen for a live call.
     pub fn last_activity(&self, id: &str) -> Option<Micros> {
         self.calls.get(id).map(|c| c.last_event_at)

@@ -70,6 +70,9 @@
 //! answer reaches the call lifecycle through the PBX, as the `VarSet`
 //! events of the variables it sets.
 
+// Fed by the network: no indexing or slicing that could panic.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
+
 use super::{Decision, Route, RouteOracle, Target};
 use crate::config::AgiConfig;
 use crate::normalize::{
@@ -400,14 +403,55 @@ async fn read_env(lines: &mut Lines, max_lines: usize) -> Result<Vec<(String, St
         if env.len() >= max_lines {
             return Err(Stop::Malformed(format!("environment block longer than {max_lines} lines")));
         }
-        let Some((key, value)) = line.split_once(':') else {
-            return Err(Stop::Malformed("environment line without ':'".into()));
-        };
-        if !key.starts_with("agi_") || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(Stop::Malformed("environment line that is not agi_<name>: <value>".into()));
-        }
-        env.push((key.to_string(), value.strip_prefix(' ').unwrap_or(value).to_string()));
+        env.push(env_line(&line)?);
     }
+}
+
+/// One line of the environment block: `agi_<name>: <value>`.
+fn env_line(line: &str) -> Result<(String, String), Stop> {
+    let Some((key, value)) = line.split_once(':') else {
+        return Err(Stop::Malformed("environment line without ':'".into()));
+    };
+    if !key.starts_with("agi_") || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(Stop::Malformed("environment line that is not agi_<name>: <value>".into()));
+    }
+    Ok((key.to_string(), value.strip_prefix(' ').unwrap_or(value).to_string()))
+}
+
+/// What one line read after a command says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    /// An unsolicited `HANGUP` (the caller hung up): not the reply yet.
+    Hangup,
+    /// `520-`: a usage text follows, up to `520 End of proper usage.`
+    Usage,
+    /// `200 result=1`.
+    Success,
+    /// `511`: the channel is dead and refuses commands.
+    Dead,
+    /// Anything else: why, for the log.
+    Refused(String),
+}
+
+fn reply(line: &str) -> Reply {
+    let line = line.trim_end();
+    if line == "HANGUP" {
+        return Reply::Hangup;
+    }
+    if line.starts_with("520-") {
+        return Reply::Usage;
+    }
+    if let Some(rest) = line.strip_prefix("200 ") {
+        return if rest.split_whitespace().any(|w| w == "result=1") {
+            Reply::Success
+        } else {
+            Reply::Refused(format!("SET VARIABLE refused: {}", printable(line)))
+        };
+    }
+    if line.starts_with("511") {
+        return Reply::Dead;
+    }
+    Reply::Refused(format!("unexpected reply: {}", printable(line)))
 }
 
 /// Reads the reply to one command. `Ok(true)`: `200 result=1`. `Ok(false)`:
@@ -416,33 +460,59 @@ async fn read_env(lines: &mut Lines, max_lines: usize) -> Result<Vec<(String, St
 async fn await_success(lines: &mut Lines) -> Result<bool, Stop> {
     for _ in 0..MAX_REPLY_LINES {
         let line = lines.next().await.ok_or(Stop::Closed)??;
-        let line = line.trim_end();
-        if line == "HANGUP" {
-            continue;
-        }
-        if line.starts_with("520-") {
-            // A usage text: skip to its last line, `520 End of proper usage.`
-            for _ in 0..MAX_REPLY_LINES {
-                let line = lines.next().await.ok_or(Stop::Closed)??;
-                if line.starts_with("520 ") {
-                    break;
+        match reply(&line) {
+            Reply::Hangup => continue,
+            Reply::Usage => {
+                // A usage text: skip to its last line, `520 End of proper usage.`
+                for _ in 0..MAX_REPLY_LINES {
+                    let line = lines.next().await.ok_or(Stop::Closed)??;
+                    if line.starts_with("520 ") {
+                        break;
+                    }
                 }
+                return Err(Stop::Malformed("SET VARIABLE refused (520)".into()));
             }
-            return Err(Stop::Malformed("SET VARIABLE refused (520)".into()));
+            Reply::Success => return Ok(true),
+            Reply::Dead => return Ok(false),
+            Reply::Refused(why) => return Err(Stop::Malformed(why)),
         }
-        if let Some(rest) = line.strip_prefix("200 ") {
-            return if rest.split_whitespace().any(|w| w == "result=1") {
-                Ok(true)
-            } else {
-                Err(Stop::Malformed(format!("SET VARIABLE refused: {}", printable(line))))
-            };
-        }
-        if line.starts_with("511") {
-            return Ok(false);
-        }
-        return Err(Stop::Malformed(format!("unexpected reply: {}", printable(line))));
     }
     Err(Stop::Malformed(format!("more than {MAX_REPLY_LINES} reply lines to one command")))
+}
+
+/// The parsing half of a session, without a socket: `bytes` is everything
+/// the peer sent, cut into lines by the session's own codec and read as
+/// [`session`] reads them. Returns the target asked for (or the error code
+/// answered) and how many later lines read as `200 result=1`; `Err` is why
+/// the session would be closed as malformed. For the fuzz targets (`fuzz/`)
+/// and tests.
+#[doc(hidden)]
+pub fn parse_session(bytes: &[u8], limits: &AgiLimits) -> Result<(Result<Target, &'static str>, usize), String> {
+    use tokio_util::codec::Decoder;
+    let why = |e: Stop| match e {
+        Stop::Malformed(why) => why,
+        Stop::Closed => "closed".to_string(),
+    };
+    let mut codec = LinesCodec::new_with_max_length(limits.max_line_bytes);
+    let mut buf = bytes::BytesMut::from(bytes);
+    let mut next = move || codec.decode_eof(&mut buf).map_err(|e| why(Stop::from(e)));
+    let mut env = Vec::new();
+    loop {
+        let Some(line) = next()? else { return Err("closed inside the environment block".into()) };
+        if line.is_empty() {
+            break;
+        }
+        if env.len() >= limits.max_env_lines {
+            return Err("environment block too long".into());
+        }
+        env.push(env_line(&line).map_err(why)?);
+    }
+    let target = Request::from_env(&env).map_err(why)?.target();
+    let mut successes = 0;
+    while let Some(line) = next()? {
+        successes += usize::from(reply(&line) == Reply::Success);
+    }
+    Ok((target, successes))
 }
 
 /// Closes the session: FIN, then a short bounded drain so that input the
@@ -627,22 +697,21 @@ fn quote(value: &str) -> String {
 /// `%XX` sequences decoded (as the dialplan's `URIENCODE()` writes them);
 /// anything malformed is kept as it is.
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+    let hex = |c: Option<&u8>| c.and_then(|&c| (c as char).to_digit(16));
+    let mut out = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&c, tail)) = rest.split_first() {
+        if c == b'%' {
+            if let (Some(h), Some(l)) = (hex(tail.first()), hex(tail.get(1))) {
                 out.push((h * 16 + l) as u8);
-                i += 3;
+                rest = tail.get(2..).unwrap_or_default();
                 continue;
             }
         }
         // `+` stays `+`: ids may contain it, and Asterisk's URIENCODE()
         // writes a space as %20.
-        out.push(b[i]);
-        i += 1;
+        out.push(c);
+        rest = tail;
     }
     String::from_utf8_lossy(&out).into_owned()
 }
@@ -653,6 +722,7 @@ fn printable(s: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::string_slice)]
 mod tests {
     use super::*;
 

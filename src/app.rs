@@ -100,7 +100,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     // the pipeline marks the call, then the PBX hangs the caller up.
     let blocker = blocker::PbxBlocker::new(cmd_tx.clone(), ami.clone());
     let sink_ctx = crate::sink::SinkContext { blocker: Some(Arc::new(blocker)) };
-    let delivery = Delivery::for_config(&config, readiness.clone(), &sink_ctx)?;
+    let delivery = Delivery::for_daemon(&config, readiness.clone(), &sink_ctx).await?;
     let shared = Arc::new(Shared::new(
         config.clone(),
         Arc::new(crate::settings::directory(&config)),

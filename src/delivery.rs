@@ -47,6 +47,38 @@ impl Delivery {
         Ok(Delivery::Outbox { outbox, runners, readiness })
     }
 
+    /// [`Delivery::for_config`] for the daemon: when the outbox cannot be
+    /// opened for want of room on its disk (a format upgrade or a new
+    /// store to write, with no ballast left to release), it says so and
+    /// tries again every few seconds (keeping systemd's start timeout
+    /// from running out) instead of exiting into a restart loop. Every
+    /// other error ends the start as before.
+    pub async fn for_daemon(
+        config: &Config,
+        readiness: Arc<Readiness>,
+        ctx: &sink::SinkContext,
+    ) -> anyhow::Result<Delivery> {
+        const RETRY: Duration = Duration::from_secs(5);
+        let mut attempts = 0u64;
+        loop {
+            match Delivery::for_config(config, readiness.clone(), ctx) {
+                Err(e) if no_room(&e) => {
+                    if attempts % 12 == 0 {
+                        tracing::error!(error = %format!("{e:#}"), retry_in_seconds = RETRY.as_secs(),
+                            "cannot open the outbox for want of room on its disk; waiting for space (nothing stored is lost)");
+                    }
+                    attempts += 1;
+                    crate::systemd::waiting(
+                        &format!("waiting for room on the outbox's disk ({})", config.outbox.path),
+                        RETRY * 3,
+                    );
+                    tokio::time::sleep(RETRY).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The durable outbox, when there is one (dead letters, depth).
     pub fn outbox(&self) -> Option<&Outbox> {
         match self {
@@ -180,6 +212,12 @@ async fn store(
     }
     readiness.set_outbox(outbox.is_writable());
     Ok(events.len())
+}
+
+fn no_room(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<crate::outbox::OutboxError>(), Some(crate::outbox::OutboxError::NoRoom { .. }))
+    })
 }
 
 /// What [`Delivery::close`] left behind in the outbox.

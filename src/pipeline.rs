@@ -79,6 +79,10 @@ impl Pipeline {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let watchdog_every = crate::systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600));
         let mut watchdog = tokio::time::interval(watchdog_every);
+        // Readiness follows the outbox's writability within a second (a
+        // full disk ends without any delivery call noticing).
+        let mut readiness = tokio::time::interval(Duration::from_secs(1));
+        readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut source_open = true;
         let mut ready_open = true;
         if self.persist {
@@ -110,10 +114,8 @@ impl Pipeline {
                     Some(e) => self.out.push(e),
                     None => ready_open = false,
                 },
-                _ = sweep.tick() => {
-                    self.delivery.refresh_readiness();
-                    self.start_sweep();
-                }
+                _ = sweep.tick() => self.start_sweep(),
+                _ = readiness.tick() => self.delivery.refresh_readiness(),
                 _ = watchdog.tick() => crate::systemd::watchdog(),
             }
             self.shared.presence.sync_from(&mut self.normalizer);

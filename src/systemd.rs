@@ -27,6 +27,14 @@ pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
+/// Start-up is waiting (for room on the disk): a status line, and the
+/// start timeout extended by `extend` so systemd does not kill a start
+/// that waits on purpose.
+pub fn waiting(status: &str, extend: Duration) {
+    let usec = u32::try_from(extend.as_micros()).unwrap_or(u32::MAX);
+    send(&[NotifyState::Status(status), NotifyState::ExtendTimeoutUsec(usec)]);
+}
+
 /// The main loop is alive.
 pub fn watchdog() {
     send(&[NotifyState::Watchdog]);

@@ -150,10 +150,52 @@
 //! into the main file with the ballast's room) every 500 ms, and once the
 //! ballast can be written again (and the store is under 90 % of
 //! `max_bytes`, or delivery took the depth below what it was when the store
-//! filled up), appends are accepted again. An error
+//! filled up), appends are accepted again. "Room" is the same test at open
+//! and here: the ballast is in place (written if missing) and at least
+//! 1 MiB (one WAL's worth) is free beside it on the filesystem (`statvfs`,
+//! as an unprivileged user sees it). An error
 //! that rolls a whole transaction back fails every append in it (their
 //! callers keep the events) and keeps its acknowledgements for the next
 //! commit.
+//!
+//! ## Starting on a full disk
+//!
+//! A full disk never stops the outbox from opening a store at the current
+//! format, whether the disk filled while callbridge was stopped, or the
+//! outbox filled it and was killed (`kill -9`) or stopped then:
+//!
+//! - Opening writes nothing to an existing store: `auto_vacuum` is set only
+//!   on a new one (setting it writes the header, a WAL frame, each time:
+//!   that write was what failed), a store at the current format is only
+//!   read, and dropping the queues of sinks no longer configured waits for
+//!   the next start when it cannot be written.
+//! - When the disk has no room at open (the test above), or opening fails
+//!   for want of it (`SQLITE_FULL`, or an I/O error creating or growing the
+//!   `-shm` file while the disk is nearly full), the ballast is released
+//!   (and opening tried again): the store starts in its full state,
+//!   `is_writable()` false (`/readyz` 503, `callbridge_outbox_disk_full` 1),
+//!   logged once as `DISK FULL at start`. The sinks deliver what is stored,
+//!   which frees space, and appends are accepted again once there is room,
+//!   as above.
+//! - Stopped while the disk is full (the ballast released, or under 1 MiB
+//!   free), the writer leaves its connection open until the process exits:
+//!   SQLite would otherwise delete the `-wal` and `-shm` files at close,
+//!   and the next start would have to create the `-shm` file (32 KiB) on a
+//!   full disk with no ballast left. The store is then as after a crash,
+//!   which is safe by design (the WAL is replayed at the next open).
+//! - Only a store that *must* write to open — a format upgrade (the
+//!   migrations), a new store, a `-shm` file to create — on a disk with no
+//!   room even after releasing the ballast fails, with
+//!   [`OutboxError::NoRoom`] naming the file and the free bytes, leaving
+//!   the store untouched (the migrations run in one transaction). The
+//!   daemon does not exit then (a restart could not help and systemd would
+//!   loop): `Delivery::for_daemon` logs it (once a minute), shows it in
+//!   `systemctl status`, extends systemd's start timeout and tries again
+//!   every 5 s until there is room. `replay` exits with the error.
+//!
+//! A `max_bytes` cap does not reproduce the failure at start: the write at
+//! open went to the WAL, which `max_page_count` does not limit; a store at
+//! its cap opens, and finds itself full at its first write.
 //!
 //! With `max_bytes`, the released ballast's room is lent to the store (the
 //! page cap grows by `reserve_bytes`, at least 8 pages, until it has room
@@ -275,6 +317,16 @@ pub enum OutboxError {
     },
     #[error("outbox store {path:?} has format version {found}, newer than version {supported}, the newest this build understands; run a newer callbridge or move the file aside")]
     Format { path: PathBuf, found: String, supported: u32 },
+    /// Opening the store must write (a format upgrade, the `-shm` file of
+    /// a store closed cleanly, a new store) and the disk has no room for
+    /// it, not even with the ballast released.
+    #[error("no room on the disk to open the outbox store {path:?} ({}free): it must write to open (a format upgrade, its -shm file, a new store); free some space on that filesystem", .free.map(|f| format!("{f} bytes ")).unwrap_or_default())]
+    NoRoom {
+        path: PathBuf,
+        free: Option<u64>,
+        #[source]
+        source: StoreError,
+    },
     #[error("cannot start the outbox writer thread")]
     Spawn(#[source] std::io::Error),
     #[error("the outbox writer has stopped")]
@@ -538,19 +590,19 @@ impl Outbox {
         let dir = path.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|source| OutboxError::CreateDir { path: dir.clone(), source })?;
         let sinks: Vec<Arc<str>> = opts.sinks.iter().map(|s| Arc::from(s.as_str())).collect();
-        let (state, conn) = writer::open_store(&dir, &opts)?;
-        let (committed, _) = watch::channel(state.next_pos - 1);
+        let opened = writer::open_store(&dir, &opts)?;
+        let (committed, _) = watch::channel(opened.state.next_pos - 1);
         let shared = Arc::new(Shared {
-            writable: AtomicBool::new(true),
-            depth: AtomicI64::new(state.depth),
-            dead_letters: AtomicI64::new(state.dead_letters),
+            writable: AtomicBool::new(!opened.full),
+            depth: AtomicI64::new(opened.state.depth),
+            dead_letters: AtomicI64::new(opened.state.dead_letters),
             committed,
             sinks,
             gauges: Gauges::new(),
         });
         let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
         let db_path = dir.join(DB_FILE);
-        let handle = writer::spawn(conn, rx, shared.clone(), state, dir.clone(), opts.clone())?;
+        let handle = writer::spawn(opened, rx, shared.clone(), dir.clone(), opts.clone())?;
         let outbox = Outbox {
             tx,
             shared,

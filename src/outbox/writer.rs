@@ -97,27 +97,104 @@ fn storage(e: rusqlite::Error) -> OutboxError {
     OutboxError::from_store(e.into())
 }
 
-/// Opens or creates the store; returns its counters and the write connection.
-pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<(StoreState, Connection), OutboxError> {
+/// What [`open_store`] found.
+pub(crate) struct Opened {
+    pub state: StoreState,
+    pub conn: Connection,
+    /// The disk was full at open: the ballast is released, appends are
+    /// refused until room returns (see "When the disk is full").
+    pub full: bool,
+}
+
+/// Opens or creates the store; returns its counters and the write
+/// connection. Never fails for want of room when the store is already at
+/// the current format: a full disk only starts the store in its full state
+/// (ballast released, appends refused, acknowledgements still written).
+pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<Opened, OutboxError> {
     let path = dir.join(DB_FILE);
-    let conn = connect(&path, opts).map_err(storage)?;
-    migrate(&conn, &path)?;
-    drop_unconfigured_sinks(&conn, &opts.sinks).map_err(storage)?;
-    let state = load_state(&conn).map_err(storage)?;
+    let mut full = !disk_has_room(dir, opts.reserve_bytes);
+    if full {
+        release_reserve(dir);
+    }
+    let (state, conn) = match open_conn(&path, opts) {
+        Ok(opened) => opened,
+        // Opening needed room after all (the `-shm` file to create, a
+        // migration to write): the ballast is there for this.
+        Err(e) if !full && wants_room(&e, dir) => {
+            full = true;
+            release_reserve(dir);
+            open_conn(&path, opts).map_err(|e| no_room(e, dir, &path))?
+        }
+        Err(e) => return Err(no_room(e, dir, &path)),
+    };
+    if full {
+        let free = free_bytes(dir).map_or_else(|| "unknown".to_string(), |f| f.to_string());
+        error!(path = %dir.display(), free_bytes = %free, events = state.depth,
+            "outbox: DISK FULL at start; the ballast is released so that stored events can still be delivered; \
+             new events are refused (not ready) until space is freed");
+        let _ = set_page_cap(&conn, opts, true);
+    }
     if state.depth > 0 {
         info!(events = state.depth, "outbox: undelivered events from a previous run go first");
     }
-    write_reserve(dir, opts.reserve_bytes);
+    Ok(Opened { state, conn, full })
+}
+
+/// The connection, at the current format, with its counters.
+fn open_conn(path: &Path, opts: &OutboxOptions) -> Result<(StoreState, Connection), OutboxError> {
+    let conn = connect(path, opts).map_err(storage)?;
+    migrate(&conn, path)?;
+    if let Err(e) = drop_unconfigured_sinks(&conn, &opts.sinks) {
+        let e = StoreError::from(e);
+        if !e.is_full() {
+            return Err(OutboxError::Storage(e));
+        }
+        // Their rows only wait longer; no other sink is held up by them.
+        warn!(error = %e, "outbox: no room to drop the queues of sinks no longer configured; tried again at the next start");
+    }
+    let state = load_state(&conn).map_err(storage)?;
     Ok((state, conn))
 }
 
+/// An error of opening that more room on the disk would cure: a full disk
+/// (`SQLITE_FULL`), or an I/O error (creating or growing the `-shm` file,
+/// creating the database) while the filesystem is nearly full.
+fn wants_room(e: &OutboxError, dir: &Path) -> bool {
+    match e {
+        OutboxError::DiskFull => true,
+        OutboxError::Storage(s) => {
+            matches!(s.code(), Some(rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::CannotOpen))
+                && free_bytes(dir).is_some_and(|f| f < LOW_SPACE_BYTES)
+        }
+        _ => false,
+    }
+}
+
+/// `e` as [`OutboxError::NoRoom`] when room is what it lacks.
+fn no_room(e: OutboxError, dir: &Path, path: &Path) -> OutboxError {
+    if !wants_room(&e, dir) {
+        return e;
+    }
+    let source = match e {
+        OutboxError::Storage(s) => s,
+        _ => StoreError::Full { extended: rusqlite::ffi::SQLITE_FULL, message: "database or disk is full".into() },
+    };
+    OutboxError::NoRoom { path: path.to_path_buf(), free: free_bytes(dir), source }
+}
+
 /// Opens the write connection with the outbox's settings (WAL, fsync at
-/// commit, size cap).
+/// commit, size cap). Writes nothing to a store that exists: on a full
+/// disk, opening must not need room.
 fn connect(path: &Path, opts: &OutboxOptions) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    // auto_vacuum only takes effect before the first table exists.
-    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
+    // auto_vacuum only takes effect before the first table exists, and
+    // setting it writes the header (a transaction) every time: only for a
+    // new store.
+    let fresh: bool = conn.query_row("SELECT NOT EXISTS(SELECT 1 FROM sqlite_master)", [], |r| r.get(0))?;
+    if fresh {
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
+    }
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         warn!(mode = %mode, "outbox: WAL journal unavailable; commits are slower");
@@ -259,15 +336,44 @@ fn load_state(conn: &Connection) -> Result<StoreState, rusqlite::Error> {
     Ok(StoreState { next_pos: max_seq.max(max_pos) + 1, depth, dead_letters })
 }
 
+/// Free space the filesystem leaves beside the ballast before the disk
+/// counts as full: one WAL's worth, what commits need between checkpoints.
+const LOW_SPACE_BYTES: u64 = WAL_LIMIT_BYTES as u64;
+
+/// Bytes free on the filesystem of `dir` (as an unprivileged user sees
+/// it), when the filesystem says.
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// The ballast file is in place, at full size.
+fn has_reserve(dir: &Path, bytes: u64) -> bool {
+    bytes == 0 || std::fs::metadata(dir.join(RESERVE_FILE)).is_ok_and(|m| m.len() >= bytes)
+}
+
+fn release_reserve(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(RESERVE_FILE));
+}
+
+/// Whether the disk has room for the store, the same test at open and
+/// when a full store checks for room again: the ballast is in place (it is
+/// written if missing) and at least [`LOW_SPACE_BYTES`] are free beside it.
+fn disk_has_room(dir: &Path, reserve_bytes: u64) -> bool {
+    let free = free_bytes(dir);
+    let short = |extra: u64| free.is_some_and(|f| f < LOW_SPACE_BYTES.saturating_add(extra));
+    if has_reserve(dir, reserve_bytes) {
+        return !short(0);
+    }
+    !short(reserve_bytes) && write_reserve(dir, reserve_bytes)
+}
+
 /// Writes the ballast file if missing; false when there is no room for it.
 fn write_reserve(dir: &Path, bytes: u64) -> bool {
-    if bytes == 0 {
+    if has_reserve(dir, bytes) {
         return true;
     }
     let path = dir.join(RESERVE_FILE);
-    if std::fs::metadata(&path).map(|m| m.len() >= bytes).unwrap_or(false) {
-        return true;
-    }
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut f = std::fs::File::create(&path)?;
@@ -290,13 +396,13 @@ fn write_reserve(dir: &Path, bytes: u64) -> bool {
 }
 
 pub(crate) fn spawn(
-    conn: Connection,
+    opened: Opened,
     rx: mpsc::Receiver<Op>,
     shared: Arc<Shared>,
-    state: StoreState,
     dir: PathBuf,
     opts: OutboxOptions,
 ) -> Result<std::thread::JoinHandle<()>, OutboxError> {
+    let Opened { state, conn, full } = opened;
     let mut w = Writer {
         conn,
         rx,
@@ -305,18 +411,24 @@ pub(crate) fn spawn(
         dir,
         opts,
         deferred: Vec::new(),
-        full: false,
+        full,
         failing: false,
         last_compact: Instant::now(),
         last_recovery: Instant::now(),
-        last_full: None,
-        depth_at_full: 0,
+        last_full: full.then(Instant::now),
+        depth_at_full: if full { state.depth } else { 0 },
         probation: false,
         dirty: false,
         metrics: WriterMetrics::new(),
         sync_full: true,
     };
-    std::thread::Builder::new().name("outbox-writer".into()).spawn(move || w.run()).map_err(OutboxError::Spawn)
+    std::thread::Builder::new()
+        .name("outbox-writer".into())
+        .spawn(move || {
+            w.run();
+            w.finish();
+        })
+        .map_err(OutboxError::Spawn)
 }
 
 struct Writer {
@@ -639,6 +751,21 @@ impl Writer {
         }
     }
 
+    /// Closes the store, except while the disk is full: SQLite deletes
+    /// the `-wal` and `-shm` files when the last connection closes, and
+    /// a start on a full disk without the ballast could not create the
+    /// `-shm` file again (32 KiB). Then the connection is left open until
+    /// the process exits, which leaves the store as a crash would (safe by
+    /// design: the WAL is replayed at the next open).
+    fn finish(self) {
+        let keep = (self.opts.reserve_bytes > 0 && !has_reserve(&self.dir, self.opts.reserve_bytes))
+            || free_bytes(&self.dir).is_some_and(|f| f < LOW_SPACE_BYTES);
+        if keep {
+            info!("outbox: disk full at exit; the store is left as after a crash (its files kept for the next start)");
+            std::mem::forget(self.conn);
+        }
+    }
+
     fn write_error(&mut self, e: &StoreError, what: &str) {
         self.metrics.write_errors.increment(1);
         if e.is_full() {
@@ -654,7 +781,7 @@ impl Writer {
                 self.shared.writable.store(false, Ordering::Release);
                 // Free the ballast so acknowledgements can still commit (with
                 // a size cap, its room is lent to the store).
-                let _ = std::fs::remove_file(self.dir.join(RESERVE_FILE));
+                release_reserve(&self.dir);
                 let _ = set_page_cap(&self.conn, &self.opts, true);
                 publish_counters(&self.shared);
             }
@@ -857,7 +984,7 @@ impl Writer {
             self.last_recovery = Instant::now();
             let _ = self.compact();
             let freed = self.shared.depth.load(Ordering::Acquire) < self.depth_at_full;
-            if (freed || self.has_room()) && write_reserve(&self.dir, self.opts.reserve_bytes) {
+            if (freed || self.has_room()) && disk_has_room(&self.dir, self.opts.reserve_bytes) {
                 debug!("outbox: room again; accepting events");
                 let _ = set_page_cap(&self.conn, &self.opts, false);
                 self.full = false;

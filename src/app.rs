@@ -16,7 +16,7 @@
 mod blocker;
 pub mod commands;
 
-use crate::ami::codec::{AmiCodec, AmiMessage, CodecLimits};
+use crate::ami::codec::{AmiCodec, CodecLimits};
 use crate::ami::connection::{self, AmiHandle, SourceItem};
 use crate::api::{routes, Auth};
 use crate::config::Config;
@@ -359,38 +359,79 @@ async fn feed_traces(
             }
         };
         let mut messages = FramedRead::with_capacity(file, AmiCodec::new(limits), 64 * 1024);
-        let start = tokio::time::Instant::now();
-        let mut first: Option<i64> = None;
+        let mut pace = Pace { speed, start: tokio::time::Instant::now(), first: None };
+        // Reconnections and resyncs recorded in the trace reach the
+        // pipeline as they did live (see `crate::reconnect`).
+        let mut reader = crate::reconnect::TraceReader::new();
+        let mut items = Vec::new();
         loop {
-            let f = tokio::select! {
+            let m = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                m = messages.next() => match m {
-                    Some(Ok(AmiMessage::Frame(f))) => f,
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        error!(trace = %path.display(), error = %e, "cannot read the rest of the trace");
-                        break;
-                    }
-                    None => {
-                        info!(trace = %path.display(), "trace replayed");
-                        break;
-                    }
-                },
+                m = messages.next() => m,
             };
-            if let (Speed::Factor(k), Some(ts)) = (speed, f.timestamp_micros()) {
-                let base = *first.get_or_insert(ts);
-                let delay = crate::replay::pacing_delay(ts.saturating_sub(base), k);
-                // Past what an Instant can hold: as good as never.
-                let due = start.checked_add(delay).unwrap_or_else(|| start + FAR_FUTURE);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep_until(due) => {}
+            let done = m.is_none();
+            match m {
+                Some(Ok(m)) => reader.read(m, |i| items.push(i)),
+                Some(Err(e)) => {
+                    error!(trace = %path.display(), error = %e, "cannot read the rest of the trace");
+                    break;
+                }
+                None => {
+                    reader.finish(|i| items.push(i));
+                    info!(trace = %path.display(), "trace replayed");
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = tx.send(SourceItem::Frame(f)) => if r.is_err() { return },
+            for item in items.drain(..) {
+                if !pace.send(item, &tx, &shutdown).await {
+                    return;
+                }
             }
+            if done {
+                break;
+            }
+        }
+    }
+}
+
+/// A replayed trace's pacing by its frames' timestamps.
+struct Pace {
+    speed: Speed,
+    start: tokio::time::Instant,
+    first: Option<i64>,
+}
+
+impl Pace {
+    /// Waits until the item is due, then hands it to the pipeline. False
+    /// when shutting down or the pipeline is gone.
+    async fn send(
+        &mut self,
+        item: crate::reconnect::TraceItem,
+        tx: &mpsc::Sender<SourceItem>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        use crate::reconnect::TraceItem;
+        let item = match item {
+            TraceItem::Frame(f) => {
+                if let (Speed::Factor(k), Some(ts)) = (self.speed, f.timestamp_micros()) {
+                    let base = *self.first.get_or_insert(ts);
+                    let delay = crate::replay::pacing_delay(ts.saturating_sub(base), k);
+                    // Past what an Instant can hold: as good as never.
+                    let due = self.start.checked_add(delay).unwrap_or_else(|| self.start + FAR_FUTURE);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                SourceItem::Frame(f)
+            }
+            TraceItem::Reconnected => SourceItem::Connected { banner: "(replayed reconnection)".into() },
+            TraceItem::Resync { channels, queue_items, .. } => {
+                SourceItem::Resync(crate::ami::Resync { channels, queue_items })
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            r = tx.send(item) => r.is_ok(),
         }
     }
 }

@@ -523,3 +523,39 @@ async fn wrong_ami_credentials_exit_with_a_code_systemd_does_not_restart() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/callbridge.service")).expect("unit");
     assert!(unit.lines().any(|l| l.starts_with("RestartPreventExitStatus=") && l.contains("77")), "{unit}");
 }
+
+#[tokio::test]
+async fn a_served_replay_across_a_pbx_crash_ends_the_crashed_call_lost() {
+    // The daemon replaying a trace (`replay --serve`) reads its
+    // reconnections like `replay` does: a12's first call ends `lost` once,
+    // exactly as in the golden lifecycle.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), None, "");
+    let running =
+        start(config, SourceSpec::Traces { paths: vec![fixture("a12-pbx-crash-mid-call.ami")], speed: Speed::Max })
+            .await;
+    let ev =
+        wait_for("both calls ended", dir.path(), |ev| ev.iter().filter(|e| e["type"] == "call.ended").count() == 2)
+            .await;
+    let lost = of_call(&ev, "1796029357.4");
+    assert_eq!(types(&lost), ["call.started", "call.queued", "call.offered", "call.answered", "call.ended"]);
+    assert_eq!(lost.last().map(|e| e["data"]["end_reason"].clone()), Some(Value::from("lost")));
+    let golden = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/expected/a12-pbx-crash-mid-call.jsonl"),
+    )
+    .expect("golden");
+    let want: Vec<Value> = golden.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    // This configuration has no recordings URL (the golden one's lab.toml has).
+    let without_recording = |v: &[Value], call: &str| -> Vec<Value> {
+        of_call(v, call)
+            .into_iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e["data"]["call"]["recording"] = Value::Null;
+                e
+            })
+            .collect()
+    };
+    assert_eq!(without_recording(&ev, "1796029372.0"), without_recording(&want, "1796029372.0"), "after the crash");
+    running.stop().await.expect("clean stop");
+}

@@ -92,7 +92,10 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
 
     let (ended_tx, ended) = mpsc::channel(16);
     let mut tasks = Tasks { handles: Vec::new(), shutdown: shutdown.clone(), ended: ended_tx };
-    let (ami, ami_task) = start_source(&opts, &config, &readiness, source_tx, &shutdown, &mut tasks)?;
+    // The VarSets the normalizer ignores (30 % of a busy stream) stop at
+    // the AMI reader; the pipeline keeps the filter in step with reloads.
+    let ignored = crate::settings::ignored_frames(&config);
+    let (ami, ami_task) = start_source(&opts, &config, &readiness, &ignored, source_tx, &shutdown, &mut tasks)?;
     start_sip(&opts, &config, &readiness, sip_tx, &shutdown, &mut tasks).await?;
 
     readiness.set_outbox(true);
@@ -113,7 +116,8 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     // A live PBX carries its calls across restarts; a replayed trace is
     // an incident reproduced from scratch.
     let persist = matches!(opts.source, SourceSpec::Ami);
-    let pipeline = Pipeline::new(&config, shared.clone(), delivery, persist);
+    let mut pipeline = Pipeline::new(&config, shared.clone(), delivery, persist);
+    pipeline.share_ignored_frames(ignored);
     let pipeline = tokio::spawn(pipeline.run(source_rx, sip_rx, cmd_rx, shutdown.clone()));
     let pipeline = tasks.watch_result("pipeline", pipeline);
 
@@ -154,13 +158,16 @@ fn start_source(
     opts: &RunOptions,
     config: &Config,
     readiness: &Readiness,
+    ignored: &crate::normalize::IgnoredFrames,
     source_tx: mpsc::Sender<SourceItem>,
     shutdown: &CancellationToken,
     tasks: &mut Tasks,
 ) -> anyhow::Result<(Option<AmiHandle>, Option<AmiTask>)> {
     match &opts.source {
         SourceSpec::Ami => match config.pbx.ami.as_ref().map(crate::settings::ami_client) {
-            Some(settings) => {
+            Some(mut settings) => {
+                let ignored = ignored.clone();
+                settings.skip = Some(crate::ami::settings::FrameFilter::new(move |f| ignored.ignores(f)));
                 let (handle, task) = connection::spawn(settings, source_tx, shutdown.clone());
                 Ok((Some(handle), Some(task)))
             }

@@ -95,6 +95,13 @@ impl Delivery {
             Delivery::Outbox { outbox, readiness, .. } => {
                 store(outbox, readiness, events, checkpoints, None).await.map(|_| ())
             }
+            other => other.deliver_now(events, pbx),
+        }
+    }
+
+    /// The deliveries that are not durable: written (and flushed) at once.
+    fn deliver_now(&mut self, events: &[Event], pbx: &str) -> anyhow::Result<()> {
+        match self {
             Delivery::Jsonl(w) => {
                 let mut buf = String::with_capacity(events.len() * 900);
                 for e in events {
@@ -105,7 +112,34 @@ impl Delivery {
                 w.flush()?;
                 Ok(())
             }
-            Delivery::Discard => Ok(()),
+            Delivery::Outbox { .. } | Delivery::Discard => Ok(()),
+        }
+    }
+
+    /// [`Delivery::deliver`] without waiting for the outbox: the events
+    /// are stored by a task of their own, which returns them once they are
+    /// durable (the caller publishes them then, and stores nothing else
+    /// meanwhile, to keep the order). The other deliveries are done at
+    /// once.
+    pub fn deliver_in_task(
+        &mut self,
+        events: Vec<Event>,
+        checkpoints: Vec<CallCheckpoint>,
+        pbx: &str,
+    ) -> anyhow::Result<Delivering> {
+        match self {
+            Delivery::Outbox { outbox, readiness, .. } => {
+                let (outbox, readiness) = (outbox.clone(), readiness.clone());
+                Ok(Delivering::Task(tokio::spawn(async move {
+                    store(&outbox, &readiness, &events, &checkpoints, None).await?;
+                    Ok(events)
+                })))
+            }
+            // Not durable: nothing to overlap with.
+            other => {
+                other.deliver_now(&events, pbx)?;
+                Ok(Delivering::Done(events))
+            }
         }
     }
 
@@ -150,6 +184,14 @@ impl Delivery {
             Delivery::Discard => Ok(Closed::default()),
         }
     }
+}
+
+/// What [`Delivery::deliver_in_task`] did with a batch.
+pub enum Delivering {
+    /// Delivered already (stdout, discard): the events, to publish.
+    Done(Vec<Event>),
+    /// Being stored: the task returns the events once they are durable.
+    Task(tokio::task::JoinHandle<anyhow::Result<Vec<Event>>>),
 }
 
 /// Stores `events` in the outbox, waiting and retrying while it is full:

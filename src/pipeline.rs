@@ -10,11 +10,25 @@
 //!
 //! It must never block on the network: PBX checks run in their own tasks and
 //! come back as commands.
+//!
+//! # Overlap with the outbox
+//!
+//! With the durable outbox, storing a batch (one group commit: SQL and an
+//! fsync) runs in its own task while the pipeline goes on normalizing the
+//! next batch: at most one batch is being stored at a time, so batches are
+//! stored in the order they were made (per-call order holds), and a batch's
+//! events reach the registry and the indicators only once the outbox
+//! confirmed them durable. The next batch grows while the previous one is
+//! stored, up to `[outbox] max_batch_events` events (then the pipeline
+//! stops reading its sources until the commit returns: backpressure as
+//! before), so the batch size follows the commit time: small batches at
+//! low rates, large ones in a burst; an event waits at most for the
+//! commit in flight and its own.
 
 use crate::ami::connection::SourceItem;
 use crate::ami::Action;
 use crate::config::Config;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivering, Delivery};
 use crate::event::{EndReason, Event, EventKind};
 use crate::normalize::{Normalizer, PbxChannels, StuckLimits};
 use crate::registry::Registry;
@@ -36,6 +50,11 @@ pub struct Pipeline {
     sweep_running: bool,
     pbx: String,
     out: Vec<Event>,
+    /// The batch being stored (outbox): its task, and nothing else is
+    /// published or stored until it returns.
+    storing: Option<Storing>,
+    /// Most events in one batch (the next one waits for the one stored).
+    max_batch: usize,
     agent_ids: crate::event::AgentIds,
     /// Live calls are checkpointed with their events and restored at start
     /// (a live PBX with a durable outbox; see `normalize::persist`).
@@ -59,9 +78,17 @@ impl Pipeline {
             sweep_running: false,
             pbx: config.pbx.name.clone(),
             out: Vec::with_capacity(64),
+            storing: None,
+            max_batch: config.outbox.max_batch_events.max(1),
             agent_ids: crate::event::AgentIds::default(),
             persist,
         }
+    }
+
+    /// Keeps the AMI reader's filter (see [`crate::normalize::IgnoredFrames`])
+    /// in step with this pipeline's normalizer.
+    pub fn share_ignored_frames(&mut self, filter: crate::normalize::IgnoredFrames) {
+        self.normalizer.share_ignored_frames(filter);
     }
 
     /// Runs until shutdown; a source that ends (a trace fully replayed) is
@@ -89,16 +116,22 @@ impl Pipeline {
             self.restore().await?;
         }
         loop {
+            // The next batch is full: sources wait for the one being stored.
+            let room = self.out.len() < self.max_batch;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                stored = Storing::done(&mut self.storing) => self.on_stored(stored?),
                 Some(cmd) = commands.recv() => self.on_command(cmd),
-                item = source.recv(), if source_open => match item {
+                item = source.recv(), if source_open && room => match item {
                     Some(item) => {
                         self.on_source(item);
                         // Whatever else is queued joins this batch: one
                         // delivery (one outbox commit) for a burst.
                         for _ in 0..255 {
+                            if self.out.len() >= self.max_batch {
+                                break;
+                            }
                             match source.try_recv() {
                                 Ok(item) => self.on_source(item),
                                 Err(_) => break,
@@ -110,7 +143,7 @@ impl Pipeline {
                         info!("source ended; {} live calls remain", self.normalizer.live_calls());
                     }
                 },
-                e = ready_events.recv(), if ready_open => match e {
+                e = ready_events.recv(), if ready_open && room => match e {
                     Some(e) => self.out.push(e),
                     None => ready_open = false,
                 },
@@ -119,9 +152,16 @@ impl Pipeline {
                 _ = watchdog.tick() => crate::systemd::watchdog(),
             }
             self.shared.presence.sync_from(&mut self.normalizer);
-            if !self.out.is_empty() {
-                self.flush().await?;
+            if !self.out.is_empty() && self.storing.is_none() {
+                self.store()?;
             }
+        }
+        // What is being stored, then the rest.
+        if let Some(stored) = Storing::finish(&mut self.storing).await {
+            self.on_stored(stored?);
+        }
+        if !self.out.is_empty() {
+            self.flush().await?;
         }
         // The live calls' latest state, for the next start. Bounded: with a
         // full disk the state of their last stored event stands (as after
@@ -140,14 +180,35 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Delivers the pending events (durably), then publishes them.
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    /// Seals the pending events into a batch and hands it to delivery:
+    /// with the outbox, stored in a task of its own (published by
+    /// [`Pipeline::on_stored`] once durable); otherwise delivered and
+    /// published now.
+    fn store(&mut self) -> anyhow::Result<()> {
         let mut events = std::mem::take(&mut self.out);
         for e in &mut events {
             self.agent_ids.stamp(e);
         }
+        // The calls' state as of the last event of this batch.
         let checkpoints = self.normalizer.take_checkpoints();
-        self.delivery.deliver(&events, &checkpoints, &self.pbx).await?;
+        match self.delivery.deliver_in_task(events, checkpoints, &self.pbx)? {
+            Delivering::Done(events) => self.on_stored(events),
+            Delivering::Task(task) => self.storing = Some(Storing(task)),
+        }
+        Ok(())
+    }
+
+    /// Delivers the pending events (durably) and waits, then publishes them.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        self.store()?;
+        if let Some(stored) = Storing::finish(&mut self.storing).await {
+            self.on_stored(stored?);
+        }
+        Ok(())
+    }
+
+    /// A batch is safe: the registry and the indicators see it.
+    fn on_stored(&mut self, mut events: Vec<Event>) {
         let mut ind = self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner());
         for e in &events {
             self.shared.registry.apply(e);
@@ -155,9 +216,11 @@ impl Pipeline {
             count(e);
         }
         drop(ind);
-        self.out = events;
-        self.out.clear();
-        Ok(())
+        // The allocation serves the next batch.
+        if self.out.is_empty() && events.capacity() > self.out.capacity() {
+            events.clear();
+            self.out = events;
+        }
     }
 
     /// Puts back the calls that were live when the previous run stopped;
@@ -307,6 +370,32 @@ impl Pipeline {
             // The pipeline may be gone (shutdown): nothing to report then.
             let _ = commands.send(Command::SweepVerdict { suspects, alive }).await;
         });
+    }
+}
+
+/// The batch being stored, in its task.
+struct Storing(tokio::task::JoinHandle<anyhow::Result<Vec<Event>>>);
+
+impl Storing {
+    /// Resolves when the batch in flight is stored (never, when there is
+    /// none: for `select!`).
+    async fn done(storing: &mut Option<Storing>) -> anyhow::Result<Vec<Event>> {
+        match storing {
+            Some(s) => {
+                let r = (&mut s.0).await;
+                *storing = None;
+                r.context("the task storing events failed")?
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits for the batch in flight, if any.
+    async fn finish(storing: &mut Option<Storing>) -> Option<anyhow::Result<Vec<Event>>> {
+        match storing.is_some() {
+            true => Some(Storing::done(storing).await),
+            false => None,
+        }
     }
 }
 

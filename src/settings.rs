@@ -179,6 +179,11 @@ pub fn normalizer(config: &Config) -> Normalizer {
     Normalizer::new(dir, rules, opts)
 }
 
+/// The AMI reader's filter of the frames the normalizer ignores.
+pub fn ignored_frames(config: &Config) -> crate::normalize::IgnoredFrames {
+    crate::normalize::IgnoredFrames::new(&config.pbx.ticket_variable)
+}
+
 /// The stuck-call limits of `[stuck]`.
 pub fn stuck_limits(config: &Config) -> StuckLimits {
     let s = &config.stuck;
@@ -268,6 +273,7 @@ pub fn ami_client(c: &AmiConfig) -> ClientSettings {
         reconnect_max: seconds(c.reconnect_max_seconds),
         limits: CodecLimits { max_frame_bytes: c.max_frame_bytes, max_headers: c.max_headers },
         event_queue_capacity: c.event_queue_capacity,
+        skip: None,
     }
 }
 

@@ -470,6 +470,7 @@ impl Client {
     /// Carries out one output of the correlator.
     async fn emit(&mut self, output: Output<ReplyTx, ListTx>) -> Result<(), End> {
         match output {
+            Output::Event(f) if self.settings.skip.as_ref().is_some_and(|s| s.skips(&f)) => Ok(()),
             Output::Event(f) => self.deliver(SourceItem::Frame(f)).await,
             Output::Resync(r) => self.deliver(SourceItem::Resync(r)).await,
             answer_to_caller => {

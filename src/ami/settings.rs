@@ -12,6 +12,7 @@
 
 use super::codec::CodecLimits;
 use super::error::AmiError;
+use super::frame::Frame;
 use super::transport::{Transport, TransportError};
 use crate::secret::SecretSource;
 use std::path::PathBuf;
@@ -57,6 +58,31 @@ pub struct ClientSettings {
     /// Capacity the caller should give the events channel (full = the reader
     /// waits); the client itself only checks that it is not zero.
     pub event_queue_capacity: usize,
+    /// Events the consumer has no use for, dropped before the events
+    /// channel (the daemon: the `VarSet`s its normalizer ignores). `None`:
+    /// every event goes through (`record` captures them all).
+    pub skip: Option<FrameFilter>,
+}
+
+/// Which events the client need not pass on (see [`ClientSettings::skip`]).
+#[derive(Clone)]
+pub struct FrameFilter(std::sync::Arc<dyn Fn(&Frame) -> bool + Send + Sync>);
+
+impl FrameFilter {
+    /// `skip` returns true for the events to drop.
+    pub fn new(skip: impl Fn(&Frame) -> bool + Send + Sync + 'static) -> FrameFilter {
+        FrameFilter(std::sync::Arc::new(skip))
+    }
+
+    pub fn skips(&self, frame: &Frame) -> bool {
+        (self.0)(frame)
+    }
+}
+
+impl std::fmt::Debug for FrameFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameFilter")
+    }
 }
 
 impl ClientSettings {
@@ -122,6 +148,7 @@ mod tests {
             reconnect_max: Duration::from_secs(30),
             limits: CodecLimits::default(),
             event_queue_capacity: 8192,
+            skip: None,
         }
     }
 

@@ -75,19 +75,27 @@
 //! are never dropped). The writer takes the first request, then everything
 //! already queued (up to `max_batch_events`, optionally waiting
 //! `commit_interval` for more), applies them in one transaction and commits
-//! once: `synchronous=FULL` in WAL mode means one `fdatasync` of the WAL per
-//! commit, shared by every request in it. While a commit's fsync runs, new
+//! once, with one `fdatasync` of the WAL, shared by every request in it
+//! (the store runs `synchronous=NORMAL`, set once at open, and the writer
+//! fsyncs the WAL file itself right after `COMMIT` and before any reply:
+//! what `synchronous=FULL` does inside `COMMIT`, without switching the
+//! pragma per commit, which SQLite applies only when the statement is
+//! compiled, so it could not even be kept prepared). While a commit's fsync runs, new
 //! requests queue up and share the next one, so at high rates the cost per
 //! event falls with the batch size, and at low rates an event waits for at
 //! most one fsync. Each append is its own savepoint: a failing append fails
 //! alone, the others in the commit go through. Acknowledgements are not
 //! waited for by the runners (an ack lost in a crash only means a
 //! redelivery with the same id, which at-least-once allows), and a commit
-//! that holds only acknowledgements is not fsync'd (`synchronous=NORMAL` for
-//! that commit: it survives `kill -9`, and after a power loss costs at most
-//! redeliveries); the next fsync'd commit covers it, as the WAL is
-//! sequential. An ack that fails to commit is kept by the writer and applied
-//! again with the next commit.
+//! that holds only acknowledgements is not fsync'd (it survives `kill -9`,
+//! and after a power loss costs at most redeliveries); the next fsync'd
+//! commit covers it, as the WAL is sequential. An ack that fails to commit
+//! is kept by the writer and applied again with the next commit. A commit
+//! whose fsync fails is settled (its rows are in), but its appends are
+//! answered with the error: their callers offer them again and find them
+//! stored (duplicates), and the store counts as failing until a commit
+//! goes through. Every statement of the writer stays prepared (a cache of
+//! 64; the default 16 evicted some at every commit).
 //!
 //! # Idempotency
 //!

@@ -1,0 +1,432 @@
+//! The durable ingest path, end to end (issue 17): the real `callbridge run`
+//! binary with its outbox (on disk, fsync'd) and a webhook sink, fed the
+//! peer benchmark's 1,000,000-event AMI stream over TCP by its fake AMI
+//! server (`../shared/bench/peers/`), against a local receiver that
+//! answers 200 at once. Each run also reads the same stream with a raw
+//! socket read (the harness's `raw_read`, std blocking reads into 1 MiB,
+//! nothing parsed), before and after the daemon, so the ratio is measured
+//! in the same run on this noisy machine.
+//!
+//! ```text
+//! cargo bench --bench durable_ingest                       # 1M events, 3 runs
+//! cargo bench --bench durable_ingest -- --events 100000 --runs 5 --batch-size 100
+//! cargo bench --bench durable_ingest -- --runs 1 --perf /tmp/cb.perf.data   # daemon under `perf record`
+//!                                      (add --callgraph for DWARF call graphs)
+//! cargo bench --bench durable_ingest -- --bin /tmp/callbridge-before  # another build, for before/after
+//! ```
+//!
+//! The stream is `$AMIBENCH_DIR/data/events_<N>.ami` (default
+//! `/tmp/amibench`), generated with the harness's `gen_events.py` (seed 18)
+//! when missing; the harness is found at `$AMI_PEERS_DIR` or
+//! `../shared/bench/peers` beside the repository. Needs `python3`.
+//!
+//! What is measured, from `/metrics` polled every 10 ms:
+//! - **ingest**: from the first AMI event received (`callbridge_ami_frames_received_total`
+//!   moving) until every lifecycle event the stream makes is durable
+//!   (`callbridge_lifecycle_events_total`, counted after the outbox commit,
+//!   at its final value); `events/s` = AMI events / that time. This is the
+//!   target of issue 17 (≥ 1M events/s, ≥ 0.2 of the raw read).
+//! - **delivered**: until the receiver got every lifecycle event.
+//! - the raw read: first byte after login → `BenchEnd`.
+//!
+//! The machine is noisy: compare ratios from the same run, not absolute
+//! numbers across runs. Medians over the runs are printed last.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const END: &[u8] = b"UserEvent: BenchEnd\r\n\r\n";
+/// How often `/metrics` is read (rendering it costs the daemon a little).
+const POLL: Duration = Duration::from_millis(10);
+
+struct Args {
+    events: u64,
+    runs: usize,
+    batch_size: usize,
+    perf: Option<PathBuf>,
+    /// `perf record` with DWARF call graphs (inclusive costs; big files).
+    callgraph: bool,
+    keep: bool,
+    /// Another callbridge binary to measure (an older build, for before/after).
+    bin: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut a =
+        Args { events: 1_000_000, runs: 3, batch_size: 100, perf: None, callgraph: false, keep: false, bin: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--events" => a.events = it.next().and_then(|v| v.parse().ok()).expect("--events N"),
+            "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).expect("--runs N"),
+            "--batch-size" => a.batch_size = it.next().and_then(|v| v.parse().ok()).expect("--batch-size N"),
+            "--perf" => a.perf = it.next().map(PathBuf::from),
+            "--keep" => a.keep = true,
+            "--callgraph" => a.callgraph = true,
+            "--bin" => a.bin = it.next().map(PathBuf::from),
+            "--bench" => {}
+            other => eprintln!("ignoring argument {other}"),
+        }
+    }
+    a
+}
+
+fn peers_dir() -> PathBuf {
+    std::env::var_os("AMI_PEERS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/peers"))
+}
+
+/// The harness's event file, generated when missing.
+fn events_file(n: u64) -> PathBuf {
+    let work = std::env::var_os("AMIBENCH_DIR").map_or_else(|| PathBuf::from("/tmp/amibench"), PathBuf::from);
+    let file = work.join("data").join(format!("events_{n}.ami"));
+    if !file.exists() {
+        std::fs::create_dir_all(file.parent().expect("data dir")).expect("create the data dir");
+        eprintln!("generating {} (gen_events.py, seed 18)…", file.display());
+        let ok = Command::new("python3")
+            .arg(peers_dir().join("gen_events.py"))
+            .args(["--events", &n.to_string(), "--seed", "18", "--out"])
+            .arg(&file)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot generate {} with {}", file.display(), peers_dir().display());
+    }
+    file
+}
+
+/// The harness's fake AMI server, serving `file` to every connection.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(file: &Path, dir: &Path) -> Server {
+        let port_file = dir.join("ami.port");
+        let child = Command::new("python3")
+            .arg(peers_dir().join("fake_ami_server.py"))
+            .arg("--events-file")
+            .arg(file)
+            .args(["--port", "0", "--quiet", "--port-file"])
+            .arg(&port_file)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start fake_ami_server.py (python3)");
+        // Stopped on drop, also if it never says where it listens.
+        let mut server = Server { child, port: 0 };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
+                server.port = port;
+                return server;
+            }
+            assert!(Instant::now() < deadline, "the fake AMI server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The harness's `raw_read`: login, then blocking reads into 1 MiB until
+/// `BenchEnd`; seconds from the first event byte.
+fn raw_read(port: u16) -> f64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_nodelay(true).ok();
+    s.write_all(b"Action: Login\r\nActionID: raw-1\r\nUsername: bench\r\nSecret: bench\r\n\r\n").expect("login");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut head = Vec::new();
+    let mut t0 = None;
+    let rest = loop {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "closed during login");
+        head.extend_from_slice(&buf[..n]);
+        if let Some(i) = memchr::memmem::find(&head, b"\r\n\r\n") {
+            let rest = head.len() - (i + 4);
+            if rest > 0 {
+                t0 = Some(Instant::now());
+            }
+            break rest;
+        }
+    };
+    let mut tail: Vec<u8> = head[head.len() - rest..].to_vec();
+    loop {
+        if tail.ends_with(END) {
+            break;
+        }
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "server closed before BenchEnd");
+        t0.get_or_insert_with(Instant::now);
+        tail.extend_from_slice(&buf[n.saturating_sub(64)..n]);
+        let cut = tail.len().saturating_sub(64);
+        tail.drain(..cut);
+    }
+    t0.expect("events").elapsed().as_secs_f64()
+}
+
+/// A webhook receiver that answers 200 at once and counts the events.
+struct Receiver {
+    addr: SocketAddr,
+    events: Arc<AtomicU64>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let events = Arc::new(AtomicU64::new(0));
+        let counter = events.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+                    let counter = counter.clone();
+                    async move {
+                        let n = memchr::memmem::find_iter(&body, b"\"specversion\"").count();
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                        axum::http::StatusCode::OK
+                    }
+                });
+                axum::serve(listener, app).await.expect("serve");
+            });
+        });
+        Receiver { addr: rx.recv().expect("receiver address"), events }
+    }
+}
+
+fn config(dir: &Path, ami_port: u16, receiver: SocketAddr, batch_size: usize) -> PathBuf {
+    let mut text = format!(
+        "[pbx]\nname = \"bench\"\n\n[pbx.ami]\naddress = \"127.0.0.1:{ami_port}\"\nusername = \"bench\"\n\
+         secret = \"bench\"\nping_interval_seconds = 600.0\n\n"
+    );
+    // The generator's queues and their members (PJSIP/<extension>).
+    let groups =
+        [("sales", 1001..=1024), ("support", 2001..=2040), ("billing", 3001..=3012), ("retention", 4001..=4008)];
+    for (queue, exts) in &groups {
+        let agents: Vec<String> = exts.clone().map(|e| format!("\"a{e}\"")).collect();
+        text += &format!("[[groups]]\nid = \"{queue}\"\nqueue = \"{queue}\"\nagents = [{}]\n\n", agents.join(", "));
+    }
+    for (_, exts) in &groups {
+        for e in exts.clone() {
+            text += &format!("[[agents]]\nid = \"a{e}\"\nextension = \"{e}\"\n\n");
+        }
+    }
+    text += &format!(
+        "[[sinks]]\ntype = \"webhook\"\nurl = \"http://{receiver}/hook\"\nsecret = \"{SECRET}\"\nbatch_size = {batch_size}\n\n\
+         [outbox]\npath = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:0\"\nsecret = \"bench-token\"\n",
+        dir.join("outbox").display()
+    );
+    let path = dir.join("callbridge.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Sums of the samples of each named metric in `/metrics`.
+fn scrape(api: SocketAddr, names: &[&str]) -> Option<Vec<f64>> {
+    let mut s = TcpStream::connect_timeout(&api, Duration::from_secs(1)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let mut sums = vec![0.0; names.len()];
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            sums[i] += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        }
+    }
+    Some(sums)
+}
+
+struct Run {
+    raw_before: f64,
+    raw_after: f64,
+    ingest: f64,
+    delivered: f64,
+    lifecycle: u64,
+    commits: u64,
+    /// Time spent in group commits (SQL, fsync, checkpoints).
+    commit_seconds: f64,
+    cpu: f64,
+}
+
+/// The daemon's user+system CPU seconds so far (`/proc/<pid>/stat`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn daemon_run(a: &Args, server: &Server, receiver: &Receiver, run: usize) -> Run {
+    let dir = tempfile::Builder::new().prefix("callbridge-ingest-").tempdir().expect("tempdir");
+    let config = config(dir.path(), server.port, receiver.addr, a.batch_size);
+    let log = dir.path().join("callbridge.log");
+    let bin = a.bin.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_callbridge")));
+    let mut cmd = match &a.perf {
+        Some(out) => {
+            let mut c = Command::new("perf");
+            c.args(["record", "-F", "1999"]);
+            if a.callgraph {
+                c.args(["--call-graph", "dwarf,32768"]);
+            }
+            c.arg("-o")
+                .arg(if a.runs > 1 { out.with_extension(format!("{run}")) } else { out.clone() })
+                .arg("--")
+                .arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    let received_before = receiver.events.load(Ordering::Relaxed);
+    let mut child = cmd
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn,callbridge::app=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start callbridge");
+    let api = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(addr) = text
+            .lines()
+            .find(|l| l.contains("HTTP API listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+        {
+            break addr;
+        }
+        assert!(child.try_wait().expect("wait").is_none(), "callbridge exited:\n{text}");
+        std::thread::sleep(POLL);
+    };
+    let names = [
+        "callbridge_ami_frames_received_total",
+        "callbridge_lifecycle_events_total",
+        "callbridge_outbox_commits_total",
+        "callbridge_outbox_commit_duration_seconds_sum",
+    ];
+    let mut first: Option<Instant> = None;
+    let (mut last_lifecycle, mut last_change) = (0.0, Instant::now());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (ingest_end, lifecycle, commits, commit_seconds) = loop {
+        let now = Instant::now();
+        assert!(now < deadline, "the daemon never finished the stream; log: {}", log.display());
+        let Some(v) = scrape(api, &names) else {
+            std::thread::sleep(POLL);
+            continue;
+        };
+        if first.is_none() && v[0] > 100.0 {
+            first = Some(now);
+        }
+        if v[1] != last_lifecycle {
+            last_lifecycle = v[1];
+            last_change = now;
+        }
+        if v[0] >= a.events as f64 && now.duration_since(last_change) > Duration::from_millis(500) {
+            break (last_change, v[1] as u64, v[2] as u64, v[3]);
+        }
+        std::thread::sleep(POLL);
+    };
+    let first = first.expect("frames counted");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while receiver.events.load(Ordering::Relaxed) - received_before < lifecycle {
+        assert!(Instant::now() < deadline, "the receiver never got every event");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let delivered = first.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(child.id());
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    if a.keep {
+        eprintln!("kept {}", dir.keep().display());
+    }
+    Run {
+        raw_before: 0.0,
+        raw_after: 0.0,
+        ingest: ingest_end.duration_since(first).as_secs_f64(),
+        delivered,
+        lifecycle,
+        commits,
+        commit_seconds,
+        cpu,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let a = args();
+    let file = events_file(a.events);
+    let work = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&file, work.path());
+    let receiver = Receiver::start();
+    let n = a.events as f64;
+    if let Some(b) = &a.bin {
+        println!("binary: {}", b.display());
+    }
+    println!(
+        "durable ingest: callbridge run (outbox on disk, webhook batch_size {}) vs a raw socket read, {} AMI events ({} MB), {} runs",
+        a.batch_size,
+        a.events,
+        std::fs::metadata(&file).map(|m| m.len() / 1_000_000).unwrap_or(0),
+        a.runs
+    );
+    // Warm-up: the page cache, the loopback path.
+    raw_read(server.port);
+    let mut runs = Vec::new();
+    for r in 0..a.runs {
+        let raw_before = raw_read(server.port);
+        let run = daemon_run(&a, &server, &receiver, r);
+        let raw_after = raw_read(server.port);
+        let run = Run { raw_before, raw_after, ..run };
+        let raw = n / ((run.raw_before + run.raw_after) / 2.0);
+        println!(
+            "run {}: raw read {:>10.0} ev/s | ingest {:>9.0} ev/s ({:.3} s, ratio {:.3}) | delivered {:>9.0} ev/s ({:.3} s) | \
+             {} lifecycle events, {} commits ({:.0} events/commit, {:.1} ms each), daemon CPU {:.2} s",
+            r + 1,
+            raw,
+            n / run.ingest,
+            run.ingest,
+            (n / run.ingest) / raw,
+            n / run.delivered,
+            run.delivered,
+            run.lifecycle,
+            run.commits,
+            run.lifecycle as f64 / run.commits.max(1) as f64,
+            run.commit_seconds * 1000.0 / run.commits.max(1) as f64,
+            run.cpu
+        );
+        runs.push(run);
+    }
+    let raw = median(runs.iter().map(|r| n / ((r.raw_before + r.raw_after) / 2.0)).collect());
+    let ingest = median(runs.iter().map(|r| n / r.ingest).collect());
+    let ratio = median(runs.iter().map(|r| (n / r.ingest) / (n / ((r.raw_before + r.raw_after) / 2.0))).collect());
+    let delivered = median(runs.iter().map(|r| n / r.delivered).collect());
+    println!(
+        "median: raw read {raw:.0} ev/s | ingest {ingest:.0} ev/s | ratio {ratio:.3} | delivered {delivered:.0} ev/s"
+    );
+    println!(
+        "target (issue 17): ingest ≥ 1,000,000 ev/s: {} | ratio ≥ 0.2: {}",
+        if ingest >= 1e6 { "met" } else { "not met" },
+        if ratio >= 0.2 { "met" } else { "not met" }
+    );
+    let _ = std::io::stdout().flush();
+}

@@ -32,15 +32,19 @@
 //! The machine is noisy: compare ratios from the same run, not absolute
 //! numbers across runs. Medians over the runs are printed last.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use support::{
+    callbridge_bin, cpu_seconds, delivery_config, median, pbx_config, peers_dir, scrape, Daemon, FakeAmi, Receiver,
+};
 use std::time::{Duration, Instant};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const END: &[u8] = b"UserEvent: BenchEnd\r\n\r\n";
 /// How often `/metrics` is read (rendering it costs the daemon a little).
 const POLL: Duration = Duration::from_millis(10);
@@ -77,12 +81,6 @@ fn args() -> Args {
     a
 }
 
-fn peers_dir() -> PathBuf {
-    std::env::var_os("AMI_PEERS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/peers"))
-}
-
 /// The harness's event file, generated when missing.
 fn events_file(n: u64) -> PathBuf {
     let work = std::env::var_os("AMIBENCH_DIR").map_or_else(|| PathBuf::from("/tmp/amibench"), PathBuf::from);
@@ -99,45 +97,6 @@ fn events_file(n: u64) -> PathBuf {
         assert!(ok, "cannot generate {} with {}", file.display(), peers_dir().display());
     }
     file
-}
-
-/// The harness's fake AMI server, serving `file` to every connection.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(file: &Path, dir: &Path) -> Server {
-        let port_file = dir.join("ami.port");
-        let child = Command::new("python3")
-            .arg(peers_dir().join("fake_ami_server.py"))
-            .arg("--events-file")
-            .arg(file)
-            .args(["--port", "0", "--quiet", "--port-file"])
-            .arg(&port_file)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start fake_ami_server.py (python3)");
-        // Stopped on drop, also if it never says where it listens.
-        let mut server = Server { child, port: 0 };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
-                server.port = port;
-                return server;
-            }
-            assert!(Instant::now() < deadline, "the fake AMI server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The harness's `raw_read`: login, then blocking reads into 1 MiB until
@@ -176,43 +135,9 @@ fn raw_read(port: u16) -> f64 {
     t0.expect("events").elapsed().as_secs_f64()
 }
 
-/// A webhook receiver that answers 200 at once and counts the events.
-struct Receiver {
-    addr: SocketAddr,
-    events: Arc<AtomicU64>,
-}
-
-impl Receiver {
-    fn start() -> Receiver {
-        let events = Arc::new(AtomicU64::new(0));
-        let counter = events.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                tx.send(listener.local_addr().expect("addr")).expect("send addr");
-                let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
-                    let counter = counter.clone();
-                    async move {
-                        let n = memchr::memmem::find_iter(&body, b"\"specversion\"").count();
-                        counter.fetch_add(n as u64, Ordering::Relaxed);
-                        axum::http::StatusCode::OK
-                    }
-                });
-                axum::serve(listener, app).await.expect("serve");
-            });
-        });
-        Receiver { addr: rx.recv().expect("receiver address"), events }
-    }
-}
-
+/// The generator's queues and their members (PJSIP/<extension>).
 fn config(dir: &Path, ami_port: u16, receiver: SocketAddr, batch_size: usize) -> PathBuf {
-    let mut text = format!(
-        "[pbx]\nname = \"bench\"\n\n[pbx.ami]\naddress = \"127.0.0.1:{ami_port}\"\nusername = \"bench\"\n\
-         secret = \"bench\"\nping_interval_seconds = 600.0\n\n"
-    );
-    // The generator's queues and their members (PJSIP/<extension>).
+    let mut text = pbx_config("bench", ami_port);
     let groups =
         [("sales", 1001..=1024), ("support", 2001..=2040), ("billing", 3001..=3012), ("retention", 4001..=4008)];
     for (queue, exts) in &groups {
@@ -224,30 +149,10 @@ fn config(dir: &Path, ami_port: u16, receiver: SocketAddr, batch_size: usize) ->
             text += &format!("[[agents]]\nid = \"a{e}\"\nextension = \"{e}\"\n\n");
         }
     }
-    text += &format!(
-        "[[sinks]]\ntype = \"webhook\"\nurl = \"http://{receiver}/hook\"\nsecret = \"{SECRET}\"\nbatch_size = {batch_size}\n\n\
-         [outbox]\npath = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:0\"\nsecret = \"bench-token\"\n",
-        dir.join("outbox").display()
-    );
+    text += &delivery_config(dir, receiver, batch_size);
     let path = dir.join("callbridge.toml");
     std::fs::write(&path, text).expect("write config");
     path
-}
-
-/// Sums of the samples of each named metric in `/metrics`.
-fn scrape(api: SocketAddr, names: &[&str]) -> Option<Vec<f64>> {
-    let mut s = TcpStream::connect_timeout(&api, Duration::from_secs(1)).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    let mut sums = vec![0.0; names.len()];
-    for line in body.lines().filter(|l| !l.starts_with('#')) {
-        let name = line.split(['{', ' ']).next().unwrap_or("");
-        if let Some(i) = names.iter().position(|n| *n == name) {
-            sums[i] += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        }
-    }
-    Some(sums)
 }
 
 struct Run {
@@ -262,21 +167,11 @@ struct Run {
     cpu: f64,
 }
 
-/// The daemon's user+system CPU seconds so far (`/proc/<pid>/stat`).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn daemon_run(a: &Args, server: &Server, receiver: &Receiver, run: usize) -> Run {
+fn daemon_run(a: &Args, server: &FakeAmi, receiver: &Receiver, run: usize) -> Run {
     let dir = tempfile::Builder::new().prefix("callbridge-ingest-").tempdir().expect("tempdir");
     let config = config(dir.path(), server.port, receiver.addr, a.batch_size);
-    let log = dir.path().join("callbridge.log");
-    let bin = a.bin.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_callbridge")));
-    let mut cmd = match &a.perf {
+    let bin = a.bin.clone().unwrap_or_else(|| callbridge_bin());
+    let cmd = match &a.perf {
         Some(out) => {
             let mut c = Command::new("perf");
             c.args(["record", "-F", "1999"]);
@@ -292,28 +187,8 @@ fn daemon_run(a: &Args, server: &Server, receiver: &Receiver, run: usize) -> Run
         None => Command::new(&bin),
     };
     let received_before = receiver.events.load(Ordering::Relaxed);
-    let mut child = cmd
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn,callbridge::app=info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start callbridge");
-    let api = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(addr) = text
-            .lines()
-            .find(|l| l.contains("HTTP API listening"))
-            .and_then(|l| l.split("addr=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .and_then(|a| a.parse::<SocketAddr>().ok())
-        {
-            break addr;
-        }
-        assert!(child.try_wait().expect("wait").is_none(), "callbridge exited:\n{text}");
-        std::thread::sleep(POLL);
-    };
+    let daemon = Daemon::start(cmd, &config, dir.path());
+    let (api, log) = (daemon.api, daemon.log.clone());
     let names = [
         "callbridge_ami_frames_received_total",
         "callbridge_lifecycle_events_total",
@@ -349,9 +224,8 @@ fn daemon_run(a: &Args, server: &Server, receiver: &Receiver, run: usize) -> Run
         std::thread::sleep(Duration::from_millis(2));
     }
     let delivered = first.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(child.id());
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = child.wait();
+    let cpu = cpu_seconds(daemon.pid());
+    daemon.stop();
     if a.keep {
         eprintln!("kept {}", dir.keep().display());
     }
@@ -367,16 +241,11 @@ fn daemon_run(a: &Args, server: &Server, receiver: &Receiver, run: usize) -> Run
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let a = args();
     let file = events_file(a.events);
     let work = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&file, work.path());
+    let server = FakeAmi::start(&file, work.path());
     let receiver = Receiver::start();
     let n = a.events as f64;
     if let Some(b) = &a.bin {

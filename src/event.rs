@@ -17,9 +17,26 @@ pub type Micros = i64;
 
 /// Formats a PBX time as RFC 3339 UTC with milliseconds.
 pub fn format_time(t: Micros) -> String {
-    match jiff::Timestamp::from_microsecond(t) {
-        Ok(ts) => format!("{ts:.3}"),
-        Err(_) => "1970-01-01T00:00:00.000Z".to_string(),
+    Rfc3339(t).to_string()
+}
+
+/// A PBX time as RFC 3339 UTC with milliseconds, written where it goes
+/// (JSON output without an intermediate `String`).
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339(pub Micros);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match jiff::Timestamp::from_microsecond(self.0) {
+            Ok(ts) => write!(f, "{ts:.3}"),
+            Err(_) => f.write_str("1970-01-01T00:00:00.000Z"),
+        }
+    }
+}
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -163,12 +180,12 @@ pub struct CallerLookup {
 }
 
 fn ser_time<S: Serializer>(t: &Micros, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_time(*t))
+    s.collect_str(&Rfc3339(*t))
 }
 
 fn ser_opt_time<S: Serializer>(t: &Option<Micros>, s: S) -> Result<S::Ok, S::Error> {
     match t {
-        Some(t) => s.serialize_str(&format_time(*t)),
+        Some(t) => s.collect_str(&Rfc3339(*t)),
         None => s.serialize_none(),
     }
 }
@@ -295,15 +312,16 @@ pub enum LineState {
     Busy,
 }
 
-/// The type-specific part of an event.
+/// The type-specific part of an event. Fields are declared in
+/// alphabetical order: the order they are written in (`Data`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum EventKind {
     Started {},
     Queued {
         group: Option<GroupId>,
-        queue: String,
         position: Option<u32>,
+        queue: String,
     },
     Offered {
         agent: AgentId,
@@ -319,29 +337,29 @@ pub enum EventKind {
     },
     Transferred {
         from_agent: Option<AgentId>,
+        kind: TransferKind,
         #[serde(skip_serializing_if = "Option::is_none")]
         to_agent: Option<AgentId>,
         #[serde(skip_serializing_if = "Option::is_none")]
         to_extension: Option<String>,
-        kind: TransferKind,
     },
     Missed {
         reason: MissedReason,
         wait_seconds: u64,
     },
     Stuck {
-        state: CallState,
-        silent_seconds: u64,
         detected_by: String,
+        silent_seconds: u64,
+        state: CallState,
     },
     Ended {
         duration_seconds: u64,
-        talk_seconds: u64,
-        wait_seconds: u64,
+        end_reason: EndReason,
         hangup_cause: Option<u32>,
         hangup_cause_text: Option<String>,
         hung_up_by: HungUpBy,
-        end_reason: EndReason,
+        talk_seconds: u64,
+        wait_seconds: u64,
     },
     AgentAvailability {
         agent: AgentId,
@@ -351,9 +369,9 @@ pub enum EventKind {
     },
     AgentLine {
         agent: AgentId,
-        state: LineState,
         #[serde(skip_serializing_if = "Option::is_none")]
         remote: Option<String>,
+        state: LineState,
     },
 }
 
@@ -418,23 +436,60 @@ impl Event {
 
     /// The deterministic CloudEvents `id`.
     pub fn id(&self, pbx: &str) -> String {
-        match (&self.call, &self.kind) {
-            (Some(c), _) => format!("{pbx}:{}:{}", c.id, self.seq),
-            // `seq` tells apart events of one agent in the same µs
-            // ([`AgentIds`]); the first keeps the plain form.
-            (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => match self.seq {
-                0 => format!("{pbx}:agent:{agent}:{}", self.time),
-                n => format!("{pbx}:agent:{agent}:{}:{n}", self.time),
-            },
-            (None, _) => format!("{pbx}:event:{}", self.time),
-        }
+        EventId { event: self, pbx }.to_string()
     }
 
     /// The event in CloudEvents 1.0 structured JSON (one line).
     pub fn to_cloudevent_json(&self, pbx: &str) -> String {
+        let mut out = Vec::with_capacity(512);
+        self.write_cloudevent_json(pbx, &mut out);
+        // serde_json writes UTF-8 only.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Appends the CloudEvents JSON of this event to `out`, written
+    /// straight into it (no intermediate values or strings).
+    pub fn write_cloudevent_json(&self, pbx: &str, out: &mut Vec<u8>) {
         let envelope = Envelope { event: self, pbx };
-        // Serializing plain data into a String cannot fail.
-        serde_json::to_string(&envelope).unwrap_or_default()
+        // Serializing plain data into memory cannot fail.
+        let _ = serde_json::to_writer(out, &envelope);
+    }
+}
+
+/// The deterministic CloudEvents `id`, written where it goes.
+struct EventId<'a> {
+    event: &'a Event,
+    pbx: &'a str,
+}
+
+impl std::fmt::Display for EventId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (e, pbx) = (self.event, self.pbx);
+        match (&e.call, &e.kind) {
+            (Some(c), _) => write!(f, "{pbx}:{}:{}", c.id, e.seq),
+            // `seq` tells apart events of one agent in the same µs
+            // ([`AgentIds`]); the first keeps the plain form.
+            (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => match e.seq {
+                0 => write!(f, "{pbx}:agent:{agent}:{}", e.time),
+                n => write!(f, "{pbx}:agent:{agent}:{}:{n}", e.time),
+            },
+            (None, _) => write!(f, "{pbx}:event:{}", e.time),
+        }
+    }
+}
+
+impl Serialize for EventId<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `callbridge/<pbx>`.
+struct Source<'a>(&'a str);
+
+impl Serialize for Source<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("callbridge/{}", self.0))
     }
 }
 
@@ -445,36 +500,31 @@ struct Envelope<'a> {
 
 impl Serialize for Envelope<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.event;
         let mut m = s.serialize_map(Some(7))?;
         m.serialize_entry("specversion", "1.0")?;
-        m.serialize_entry("id", &self.event.id(self.pbx))?;
-        m.serialize_entry("source", &format!("callbridge/{}", self.pbx))?;
-        m.serialize_entry("type", self.event.kind.type_name())?;
-        m.serialize_entry("time", &format_time(self.event.time))?;
+        m.serialize_entry("id", &EventId { event: e, pbx: self.pbx })?;
+        m.serialize_entry("source", &Source(self.pbx))?;
+        m.serialize_entry("type", e.kind.type_name())?;
+        m.serialize_entry("time", &Rfc3339(e.time))?;
         m.serialize_entry("datacontenttype", "application/json")?;
-        m.serialize_entry("data", &Data(self.event))?;
+        // `seq`, `call` and the type-specific fields in one object.
+        m.serialize_entry("data", &Data { seq: e.call.as_ref().map(|_| e.seq), call: e.call.as_ref(), kind: &e.kind })?;
         m.end()
     }
 }
 
-struct Data<'a>(&'a Event);
-
-impl Serialize for Data<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // Flatten `seq`, `call` and the type-specific fields into one object.
-        let kind = serde_json::to_value(&self.0.kind).map_err(serde::ser::Error::custom)?;
-        let mut m = s.serialize_map(None)?;
-        if self.0.call.is_some() {
-            m.serialize_entry("seq", &self.0.seq)?;
-            m.serialize_entry("call", &self.0.call)?;
-        }
-        if let serde_json::Value::Object(fields) = kind {
-            for (k, v) in fields {
-                m.serialize_entry(&k, &v)?;
-            }
-        }
-        m.end()
-    }
+/// The event's `data`: the type-specific fields follow `seq` and `call`
+/// in the order [`EventKind`] declares them (alphabetical, as the format
+/// has always had them).
+#[derive(Serialize)]
+struct Data<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    call: Option<&'a CallSnapshot>,
+    #[serde(flatten)]
+    kind: &'a EventKind,
 }
 
 /// Makes agent event ids unique by construction: the id of an agent event

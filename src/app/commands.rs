@@ -193,10 +193,13 @@ fn replay_to_stdout(config: &Config, opts: &ReplayOptions) -> anyhow::Result<()>
     let mut write_error: Option<std::io::Error> = None;
     let pbx = config.pbx.name.clone();
     let paced = matches!(opts.speed, Speed::Factor(_));
+    let mut line = Vec::with_capacity(1024);
     let stats = replay_files(&opts.traces, &mut normalizer, settings, |e| {
         if write_error.is_none() {
-            let line = e.to_cloudevent_json(&pbx);
-            if let Err(err) = writeln!(out, "{line}") {
+            line.clear();
+            e.write_cloudevent_json(&pbx, &mut line);
+            line.push(b'\n');
+            if let Err(err) = out.write_all(&line) {
                 write_error = Some(err);
             } else if paced {
                 // Paced replays are watched live: do not sit on events.

@@ -195,9 +195,7 @@ fn main() {
         let mut done: Vec<Measure> = Vec::new();
         for &n in &sizes {
             let m = measure(scenario, n, &receiver);
-            let per_call = done.first().map(|f| {
-                (m.rss as f64 - f.rss as f64) / (m.calls - f.calls) as f64
-            });
+            let per_call = done.first().map(|f| (m.rss as f64 - f.rss as f64) / (m.calls - f.calls) as f64);
             println!(
                 "  {:>7} calls: RSS {:>6.1} MB, peak {:>6.1} MB, in {:.1} s{}",
                 m.calls,

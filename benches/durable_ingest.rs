@@ -40,10 +40,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 use support::{
     callbridge_bin, cpu_seconds, delivery_config, median, pbx_config, peers_dir, scrape, Daemon, FakeAmi, Receiver,
 };
-use std::time::{Duration, Instant};
 
 const END: &[u8] = b"UserEvent: BenchEnd\r\n\r\n";
 /// How often `/metrics` is read (rendering it costs the daemon a little).

@@ -180,7 +180,9 @@ const PAGE_CHUNK: usize = 256;
 
 /// Live calls and recently ended calls. Share it as `Arc<Registry>`.
 pub struct Registry {
-    live: DashMap<CallId, LiveCall>,
+    /// Boxed: the shards keep spare buckets, and a spare bucket costs the
+    /// size of what it holds.
+    live: DashMap<CallId, Box<LiveCall>>,
     /// Live calls ordered by `(started_at, id)`: the listing order of
     /// [`Registry::live_page`]. Holds exactly the live calls (a key may
     /// briefly outlive its call while it ends; readers skip it).
@@ -272,13 +274,13 @@ impl Registry {
                 Applied::Updated
             }
             Entry::Vacant(e) => {
-                e.insert(LiveCall {
+                e.insert(Box::new(LiveCall {
                     snapshot: snapshot.clone(),
                     seq: event.seq,
                     state_since: event.time,
                     last_event_at: event.time,
                     stuck_since: stuck.then_some(event.time),
-                });
+                }));
                 // Still under the shard's lock: the index never misses a live call.
                 self.by_start_mut().insert((snapshot.started_at, snapshot.id.clone()));
                 Applied::Started
@@ -327,7 +329,7 @@ impl Registry {
     fn remove_live(&self, id: &str) -> Option<LiveCall> {
         let (key, call) = self.live.remove(id)?;
         self.by_start_mut().remove(&(call.snapshot.started_at, key));
-        Some(call)
+        Some(*call)
     }
 
     fn by_start_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<(Micros, CallId)>> {
@@ -360,7 +362,7 @@ impl Registry {
 
     /// A live call with the sweeper's bookkeeping.
     pub fn get_live(&self, id: &str) -> Option<LiveCall> {
-        self.live.get(id).map(|c| c.clone())
+        self.live.get(id).map(|c| LiveCall::clone(&c))
     }
 
     pub fn is_live(&self, id: &str) -> bool {

@@ -183,7 +183,6 @@ impl AmiCodec {
             if self.pending.len() >= self.limits.max_headers {
                 return Scan::Overflow(MalformedReason::TooManyHeaders);
             }
-            let line = src.get(pos..line_end).unwrap_or_default();
             let header = match colon.filter(|&c| pos + c < line_end) {
                 Some(colon) => {
                     let key_end = pos + colon;

@@ -329,7 +329,7 @@ pub(super) struct Call {
     pub(super) seq: u64,
     #[serde(with = "super::persist::SnapshotDef")]
     pub(super) snap: CallSnapshot,
-    channels: SmallVec<[Channel; 6]>,
+    channels: SmallVec<[Channel; 2]>,
     origin: Box<str>,
     pub last_event_at: Micros,
     /// The normalizer's resync epoch at this call's last event.
@@ -339,7 +339,7 @@ pub(super) struct Call {
     /// The queue the dialplan sent the call to (`Queue(…)`), joined or not.
     queue_app: Option<String>,
     evidence: MissEvidence,
-    offers: SmallVec<[Offer; 4]>,
+    offers: Vec<Offer>,
     conversation: Conversation,
     /// When the current wait started (queue join, start, or a transfer).
     wait_base: Micros,
@@ -470,7 +470,7 @@ impl Call {
                 originate: OriginateLeg::NotOriginated,
                 helpdesk: HelpdeskVerdict::Admitted,
             },
-            offers: SmallVec::new(),
+            offers: Vec::new(),
             conversation: Conversation::Waiting,
             wait_base: time,
             dialing: OutboundDial::Idle,

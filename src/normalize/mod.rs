@@ -150,7 +150,9 @@ pub struct Normalizer {
     dir: Arc<Directory>,
     rules: Arc<dyn Rules>,
     opts: SiteOptions,
-    calls: HashMap<CallId, Call, ahash::RandomState>,
+    /// Boxed: the table keeps spare buckets (up to half of them after it
+    /// grows), and a spare bucket costs the size of what it holds.
+    calls: HashMap<CallId, Box<Call>, ahash::RandomState>,
     /// Uniqueid → call, for channels whose Linkedid changes.
     channel_call: HashMap<Box<str>, CallId, ahash::RandomState>,
     ended: BoundedSet,
@@ -460,7 +462,7 @@ impl Normalizer {
             call.apply_originate(&o.number, o.ticket.as_deref());
         }
         self.channel_call.insert(uid.into(), call.id.clone());
-        self.calls.insert(call.id.clone(), call);
+        self.calls.insert(call.id.clone(), Box::new(call));
         true
     }
 
@@ -576,7 +578,7 @@ impl Normalizer {
         let mut call = Call::start(first, &self.dir, &self.opts, out);
         let agent = self.dir.agent(exp.agent.as_str());
         call.prepare_failed_originate(agent, exp.ticket, Some(exp.number));
-        self.calls.insert(call.id.clone(), call);
+        self.calls.insert(call.id.clone(), Box::new(call));
         self.finish(uid, time, EndReason::Normal, out);
     }
 }

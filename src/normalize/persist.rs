@@ -131,7 +131,7 @@ impl Normalizer {
         };
         let mut ids: Vec<CallId> = changed.drain().collect();
         ids.sort();
-        ids.iter().filter_map(|id| self.calls.get(id.as_str())).map(checkpoint).collect()
+        ids.iter().filter_map(|id| self.calls.get(id.as_str())).map(|c| checkpoint(c)).collect()
     }
 
     /// Puts back the live calls of a previous run (see the module doc).
@@ -168,7 +168,7 @@ impl Normalizer {
                 seq: call.seq,
                 last_event_at: call.last_event_at,
             });
-            self.calls.insert(call.id.clone(), call);
+            self.calls.insert(call.id.clone(), Box::new(call));
         }
         done
     }

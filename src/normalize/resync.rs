@@ -150,7 +150,7 @@ impl Normalizer {
                         after_seq,
                     };
                     let call = Call::start(first, &self.dir, &self.opts, out);
-                    self.calls.entry(call.id.clone()).or_insert(call)
+                    self.calls.entry(call.id.clone()).or_insert(Box::new(call))
                 }
             };
             call.adopt_listed_channel(false, f, uid, now, &self.dir, out);

@@ -112,6 +112,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         ami.clone(),
         cmd_tx,
         delivery.outbox().cloned(),
+        Arc::new(crate::feed::Feed::new(crate::settings::feed(&config))),
     ));
     // A live PBX carries its calls across restarts; a replayed trace is
     // an incident reproduced from scratch.

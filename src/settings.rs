@@ -239,6 +239,14 @@ pub fn api_serve_limits(api: &ApiConfig) -> ServeLimits {
     }
 }
 
+/// The live event feed: its window and each reader's buffer (`[api]`).
+pub fn feed(config: &Config) -> crate::feed::FeedSettings {
+    let d = crate::feed::FeedSettings::default();
+    let (window, client_buffer) =
+        config.api.as_ref().map_or((d.window, d.client_buffer), |a| (a.events_window, a.events_client_buffer));
+    crate::feed::FeedSettings { pbx: config.pbx.name.clone(), window: window.max(1), client_buffer: client_buffer.max(1) }
+}
+
 /// What one API request may take (`[api]`).
 pub fn api_request_limits(api: &ApiConfig) -> crate::api::RequestLimits {
     let d = crate::api::RequestLimits::default();

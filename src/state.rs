@@ -43,6 +43,8 @@ impl Readiness {
 /// State shared with the API (read-mostly).
 pub struct Shared {
     pub registry: Arc<Registry>,
+    /// Durable events as they come, for the event stream (`GET /v1/events`).
+    pub feed: Arc<crate::feed::Feed>,
     pub readiness: Arc<Readiness>,
     pub indicators: Mutex<Indicators>,
     pub config: RwLock<Arc<Config>>,
@@ -71,12 +73,14 @@ impl Shared {
         ami: Option<AmiHandle>,
         commands: mpsc::Sender<Command>,
         outbox: Option<crate::outbox::Outbox>,
+        feed: Arc<crate::feed::Feed>,
     ) -> Shared {
         Shared {
             indicators: Mutex::new(Indicators::new(&config)),
             config: RwLock::new(config),
             directory: RwLock::new(directory),
             registry,
+            feed,
             readiness,
             ami,
             commands,

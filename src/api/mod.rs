@@ -13,6 +13,7 @@
 
 pub mod actions;
 pub mod error;
+pub mod events;
 pub mod layers;
 pub mod openapi;
 pub mod routes;

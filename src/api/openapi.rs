@@ -35,6 +35,7 @@ pub const REFUSALS: &[(&str, &[ErrorCode])] = {
         ("openapi_json", &[]),
         ("list_calls", &[BadState, BadLimit, BadCursor]),
         ("get_call", &[CallNotFound]),
+        ("events", &[GroupNotFound, AgentUnknown, BadType]),
         ("remove_call", &[CallNotLive, ShuttingDown]),
         (
             "click_to_call",

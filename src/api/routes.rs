@@ -34,6 +34,7 @@ pub fn protected_routes() -> OpenApiRouter<Arc<Shared>> {
     OpenApiRouter::new()
         .routes(routes!(list_calls, super::actions::click_to_call))
         .routes(routes!(get_call, remove_call))
+        .routes(routes!(super::events::events))
         .routes(routes!(super::actions::transfer))
         .routes(routes!(super::actions::list_agents))
         .routes(routes!(super::actions::set_availability))

@@ -13,8 +13,10 @@
 //! It must never slow the pipeline: publishing takes one short lock per
 //! batch, moves the events in (no copy, no serialization: the JSON is made
 //! once, by the first reader that needs it) and never waits for a reader.
-//! A reader that does not keep up falls out of the window and must notice
-//! it ([`Lapsed`]); what it does then is its own business.
+//! The window is the only buffer readers share: a reader holds its place
+//! as a position, not as copies, so a slow reader costs no memory until it
+//! is a whole window behind; then it has lost events and must notice
+//! ([`Lapsed`], [`Feed::lapsed`]); what it does then is its own business.
 
 use crate::event::Event;
 use std::collections::VecDeque;
@@ -27,22 +29,19 @@ use tokio_util::sync::CancellationToken;
 pub struct FeedSettings {
     /// The PBX's name: event ids and CloudEvents `source`.
     pub pbx: String,
-    /// Events kept for readers that resume (`Last-Event-ID`).
+    /// Events kept for readers that resume (`Last-Event-ID`), and how far
+    /// behind the newest event a reader may fall before it is dropped.
     pub window: usize,
-    /// Events one reader may have waiting to be sent before it is dropped.
-    pub client_buffer: usize,
 }
 
 impl Default for FeedSettings {
     fn default() -> Self {
-        FeedSettings { pbx: String::new(), window: DEFAULT_WINDOW, client_buffer: DEFAULT_CLIENT_BUFFER }
+        FeedSettings { pbx: String::new(), window: DEFAULT_WINDOW }
     }
 }
 
 /// Default `[api] events_window`: about 10 MB of events at most.
 pub const DEFAULT_WINDOW: usize = 10_000;
-/// Default `[api] events_client_buffer`.
-pub const DEFAULT_CLIENT_BUFFER: usize = 1024;
 
 /// One event as the feed keeps it.
 #[derive(Debug)]
@@ -103,7 +102,7 @@ impl Feed {
     pub fn new(settings: FeedSettings) -> Feed {
         let window = settings.window.max(1);
         Feed {
-            settings: FeedSettings { window, client_buffer: settings.client_buffer.max(1), ..settings },
+            settings: FeedSettings { window, ..settings },
             ring: Mutex::new(Ring { events: VecDeque::with_capacity(window.min(4096)), newest: 0 }),
             newest: watch::Sender::new(0),
             closed: CancellationToken::new(),
@@ -157,6 +156,12 @@ impl Feed {
         Ok(ring.events.iter().skip(skip).take(max).cloned().collect())
     }
 
+    /// Whether the event at `position` has fallen out of the window.
+    pub fn lapsed(&self, position: u64) -> bool {
+        let ring = self.ring();
+        position + (ring.events.len() as u64) <= ring.newest
+    }
+
     /// Position of the newest event published (0: none yet).
     pub fn newest(&self) -> u64 {
         *self.newest.borrow()
@@ -199,7 +204,7 @@ mod tests {
     }
 
     fn feed(window: usize) -> Feed {
-        Feed::new(FeedSettings { pbx: "lab".into(), window, client_buffer: 8 })
+        Feed::new(FeedSettings { pbx: "lab".into(), window })
     }
 
     #[test]
@@ -217,6 +222,7 @@ mod tests {
         assert_eq!(f.start(Some(&id4)), Start { after: 4, reset: false });
         assert_eq!(f.start(Some("lab:agent:maria:1")), Start { after: 5, reset: true });
         assert_eq!(f.start(None), Start { after: 5, reset: false });
+        assert!(f.lapsed(2) && !f.lapsed(3));
     }
 
     #[test]

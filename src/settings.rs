@@ -239,12 +239,13 @@ pub fn api_serve_limits(api: &ApiConfig) -> ServeLimits {
     }
 }
 
-/// The live event feed: its window and each reader's buffer (`[api]`).
+/// The live event feed (`[api] events_window`). The pipeline publishes a
+/// whole batch at once: a window of less than two batches would drop a
+/// reader that keeps up.
 pub fn feed(config: &Config) -> crate::feed::FeedSettings {
-    let d = crate::feed::FeedSettings::default();
-    let (window, client_buffer) =
-        config.api.as_ref().map_or((d.window, d.client_buffer), |a| (a.events_window, a.events_client_buffer));
-    crate::feed::FeedSettings { pbx: config.pbx.name.clone(), window: window.max(1), client_buffer: client_buffer.max(1) }
+    let window = config.api.as_ref().map_or(crate::feed::DEFAULT_WINDOW, |a| a.events_window);
+    let floor = config.outbox.max_batch_events.max(1).saturating_mul(2);
+    crate::feed::FeedSettings { pbx: config.pbx.name.clone(), window: window.max(floor) }
 }
 
 /// What one API request may take (`[api]`).

@@ -8,10 +8,14 @@
 //! reset` (the client re-reads `/v1/calls`), then goes on live.
 //!
 //! A slow client never slows the pipeline or the other clients: each has a
-//! task that copies matching events from the feed into the client's own
-//! bounded queue (`[api] events_client_buffer`) without ever waiting; when
-//! the queue is full the client is disconnected at once and counted
-//! (`callbridge_api_event_clients_dropped_total`). Comments keep idle
+//! task of its own that hands matching events from the feed to the
+//! client's connection through a small bounded queue, waiting for the
+//! client, never for the pipeline. A client's backlog is its position in
+//! the feed, bounded by the window (`[api] events_window`): once the
+//! client is a whole window behind it has lost events, and its connection
+//! is closed at once (even when its socket is full and nothing is being
+//! written) and counted (`callbridge_api_event_clients_dropped_total`); it
+//! may reconnect with `Last-Event-ID` and gets `reset`. Comments keep idle
 //! streams alive through proxies.
 
 use super::error::{ApiError, ErrorCode, Query};
@@ -38,6 +42,9 @@ use utoipa::IntoParams;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Events copied from the feed per lock.
 const SLICE: usize = 256;
+/// Events handed to a client's connection ahead of what it has sent; the
+/// rest of its backlog stays in the feed (shared), as a position.
+const CLIENT_QUEUE: usize = 64;
 
 /// Query of `GET /v1/events`.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -143,9 +150,8 @@ fn filter_of(shared: &Shared, q: &EventsQuery) -> Result<Filter, ApiError> {
 /// Each event: `id` the event id, `event` its type, `data` the CloudEvents
 /// JSON the sinks get. With `Last-Event-ID`, the events after that one
 /// first (from the last `[api] events_window` events); if it is older, an
-/// `event: reset` first: re-read `/v1/calls`. A client that does not read
-/// fast enough to keep within `[api] events_client_buffer` events is
-/// disconnected.
+/// `event: reset` first: re-read `/v1/calls`. A client that falls a whole
+/// window behind is disconnected.
 #[utoipa::path(get, path = "/v1/events", tag = "calls", params(
     EventsQuery,
     ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id"),
@@ -162,7 +168,7 @@ pub async fn events(
     let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty());
     let feed = shared.feed.clone();
     let start = feed.start(last_id);
-    let (tx, rx) = mpsc::channel(feed.settings().client_buffer);
+    let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
     tokio::spawn(forward(feed.clone(), filter, start.after, tx, close.map(|Extension(c)| c)));
     let reset = start.reset.then(|| {
         Ok(SseEvent::default().event("reset").data(
@@ -204,8 +210,9 @@ impl Drop for Connected {
     }
 }
 
-/// Copies the client's events from the feed into its queue until the
-/// client goes, the feed closes, or the client falls behind.
+/// Hands the client's events from the feed to its connection, waiting for
+/// the client as long as it is less than the feed's window behind, until
+/// the client goes or the feed closes.
 async fn forward(
     feed: Arc<Feed>,
     filter: Filter,
@@ -217,41 +224,53 @@ async fn forward(
     let mut newest = feed.watch();
     loop {
         newest.borrow_and_update();
-        loop {
-            let Ok(slice) = feed.since(after, SLICE) else {
-                return drop_slow(close.as_ref(), "fell behind the feed's window");
-            };
-            if slice.is_empty() {
-                break;
-            }
-            for e in slice {
-                after = e.position;
-                if !filter.matches(&e.event) {
-                    continue;
+        let Ok(slice) = feed.since(after, SLICE) else {
+            return drop_slow(close.as_ref());
+        };
+        if slice.is_empty() {
+            tokio::select! {
+                changed = newest.changed() => if changed.is_err() { return },
+                _ = tx.closed() => {
+                    debug!("event stream client went away");
+                    return;
                 }
-                match tx.try_send(e) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        return drop_slow(close.as_ref(), "its buffer ([api] events_client_buffer) is full");
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                }
+                _ = feed.closed() => return,
             }
+            continue;
         }
-        tokio::select! {
-            changed = newest.changed() => if changed.is_err() { return },
-            _ = tx.closed() => {
-                debug!("event stream client went away");
-                return;
+        for e in slice {
+            if filter.matches(&e.event) {
+                // Room in the client's queue, or the window moves past it.
+                let permit = loop {
+                    tokio::select! {
+                        biased;
+                        permit = tx.reserve() => match permit {
+                            Ok(p) => break p,
+                            Err(_) => return,
+                        },
+                        changed = newest.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            if feed.lapsed(e.position) {
+                                return drop_slow(close.as_ref());
+                            }
+                        }
+                        _ = feed.closed() => return,
+                    }
+                };
+                after = e.position;
+                permit.send(e);
+            } else {
+                after = e.position;
             }
-            _ = feed.closed() => return,
         }
     }
 }
 
-fn drop_slow(close: Option<&CloseConnection>, why: &str) {
+fn drop_slow(close: Option<&CloseConnection>) {
     metrics::counter!("callbridge_api_event_clients_dropped_total").increment(1);
-    warn!(reason = why, "event stream client too slow; disconnected (it may reconnect with Last-Event-ID)");
+    warn!("event stream client a whole [api] events_window behind; disconnected (it may reconnect with Last-Event-ID)");
     if let Some(c) = close {
         c.now();
     }

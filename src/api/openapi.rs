@@ -81,7 +81,7 @@ pub const REFUSALS: &[(&str, &[ErrorCode])] = {
             ],
         ),
         ("list_agents", &[]),
-        ("set_availability", &[ReasonMalformed, AgentUnknown, PbxNotConfigured, ShuttingDown]),
+        ("set_availability", &[ReasonMalformed, AgentUnknown, ShuttingDown]),
         ("indicators", &[GroupNotFound]),
         ("dead_letters", &[NoOutbox, OutboxUnavailable]),
         ("retry_dead_letter", &[NoOutbox, SinkNotFound, DeadLetterNotFound, OutboxUnavailable]),

@@ -131,22 +131,17 @@ pub struct ApiConfig {
     /// (default 65536).
     #[serde(default = "default_api_max_body_bytes")]
     pub max_body_bytes: usize,
-    /// Lifecycle events kept in memory for `GET /v1/events` clients that
-    /// reconnect with `Last-Event-ID` (default 10000); a client asking for
-    /// an older event is told to re-read `/v1/calls` (`event: reset`).
+    /// Lifecycle events kept in memory for `GET /v1/events` (default
+    /// 10000, at least twice `[outbox] max_batch_events`): a client that
+    /// reconnects with `Last-Event-ID` resumes from them (an older id gets
+    /// `event: reset`: re-read `/v1/calls`), and a client that falls this
+    /// far behind is disconnected.
     #[serde(default = "default_api_events_window")]
     pub events_window: usize,
-    /// Events one `GET /v1/events` client may have waiting to be sent
-    /// (default 1024); a client that falls further behind is disconnected.
-    #[serde(default = "default_api_events_client_buffer")]
-    pub events_client_buffer: usize,
 }
 
 fn default_api_events_window() -> usize {
     10_000
-}
-fn default_api_events_client_buffer() -> usize {
-    1024
 }
 
 fn default_api_max_connections() -> usize {

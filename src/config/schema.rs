@@ -496,7 +496,6 @@ static API: TableSchema = TableSchema {
         opt("request_timeout_seconds", SECONDS),
         opt("max_body_bytes", Kind::Count { min: 1, why: "a request body of 0 bytes is no limit callbridge can use" }),
         opt("events_window", Kind::Count { min: 1, why: "a reconnecting client resumes from at least the last event" }),
-        opt("events_client_buffer", Kind::Count { min: 1, why: "a client must be able to hold one event" }),
     ],
     check: Some(check_secret_source),
 };

@@ -27,6 +27,7 @@ pub fn open_routes() -> OpenApiRouter<Arc<Shared>> {
         .routes(routes!(super::readyz))
         .routes(routes!(super::metrics))
         .routes(routes!(super::openapi_json))
+        .routes(routes!(super::ui::ui))
 }
 
 /// The routes behind the bearer token.

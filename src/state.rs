@@ -73,14 +73,13 @@ impl Shared {
         ami: Option<AmiHandle>,
         commands: mpsc::Sender<Command>,
         outbox: Option<crate::outbox::Outbox>,
-        feed: Arc<crate::feed::Feed>,
     ) -> Shared {
         Shared {
             indicators: Mutex::new(Indicators::new(&config)),
             config: RwLock::new(config),
             directory: RwLock::new(directory),
             registry,
-            feed,
+            feed: Arc::new(crate::feed::Feed::new(crate::feed::FeedSettings::default())),
             readiness,
             ami,
             commands,
@@ -88,6 +87,12 @@ impl Shared {
             outbox,
             clock: Mutex::new(None),
         }
+    }
+
+    /// With the feed of the event stream (`[api] events_window`).
+    pub fn with_feed(mut self, feed: Arc<crate::feed::Feed>) -> Shared {
+        self.feed = feed;
+        self
     }
 
     /// The PBX's current time: its last timestamp plus the time since.

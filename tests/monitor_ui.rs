@@ -176,6 +176,21 @@ async fn the_page_follows_a11_live_matches_the_indicators_and_switches_an_agent(
             let early = b.eval("return document.querySelectorAll('#calls tbody tr').length", json!([])).await;
             assert_eq!(early, 0, "calls began before the page was ready: the lead-in is too short");
 
+            // The README's picture of the page, taken while calls are live:
+            // CALLBRIDGE_UPDATE_SCREENSHOT=1 cargo test --test monitor_ui
+            if std::env::var_os("CALLBRIDGE_UPDATE_SCREENSHOT").is_some() {
+                b.wait_for(
+                    "live and ended calls together",
+                    Duration::from_secs(30),
+                    "return document.querySelectorAll('#calls tbody tr:not([data-state=\"ended\"])').length >= 4
+                       && document.querySelectorAll('#calls tbody tr[data-state=\"ended\"]').length >= 2",
+                )
+                .await;
+                let png = b.screenshot("monitor_readme.png").await;
+                let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/monitor.png");
+                std::fs::copy(png, docs).expect("docs/monitor.png");
+            }
+
             // The 12 calls appear and end.
             b.wait_for(
                 "12 ended calls on the page",

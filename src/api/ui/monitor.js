@@ -16,6 +16,7 @@
     ended: [],
     stuck: new Set(),
     missed: new Map(),
+    offered: new Map(),
     lines: new Map(),
     lastId: null,
     clock: null,
@@ -238,11 +239,14 @@
       if (!c) return;
       if (e.type === 'call.missed') st.missed.set(c.id, d.reason);
       if (e.type === 'call.stuck') st.stuck.add(c.id);
+      if (e.type === 'call.offered') st.offered.set(c.id, d.agent);
+      if (e.type === 'call.offer_ended' || e.type === 'call.answered') st.offered.delete(c.id);
       if (e.type === 'call.ended') {
         st.live.delete(c.id);
         st.stuck.delete(c.id);
         st.ended.unshift({ call: c, endReason: d.end_reason, missed: st.missed.get(c.id) });
         st.missed.delete(c.id);
+        st.offered.delete(c.id);
         st.ended.length = Math.min(st.ended.length, ENDED_KEPT);
       } else {
         st.live.set(c.id, c);
@@ -350,7 +354,8 @@
     else if (ended && ended.endReason && ended.endReason !== 'normal') text = 'ended: ' + ended.endReason;
     state.append(document.createTextNode(text));
     if (stuck) state.append(' ', el('span', 'stuck', 'badge stuck'));
-    tr.append(state, el('td', c.agent || '—'));
+    const ringing = !ended && !c.agent ? st.offered.get(c.id) : null;
+    tr.append(state, el('td', c.agent || (ringing ? ringing + ' (offered)' : '—')));
     const time = el('td', null, 'num');
     time.dataset.started = c.started_at;
     if (c.ended_at) time.dataset.ended = c.ended_at;

@@ -404,8 +404,8 @@
       const b = el('button', a.helpdesk_available ? 'Switch off' : 'Switch on');
       b.type = 'button';
       b.dataset.toggle = a.id;
-      b.setAttribute('aria-pressed', a.helpdesk_available ? 'true' : 'false');
-      b.setAttribute('aria-label', 'Available for calls: ' + (a.name || a.id));
+      // The name says what a press does, and to whom (it starts with the visible text).
+      b.setAttribute('aria-label', b.textContent + ' ' + (a.name || a.id) + ' (available for calls)');
       b.addEventListener('click', () => toggle(a, b));
       const actions = el('td');
       actions.append(b);

@@ -9,8 +9,8 @@
 //!   group's indicators as `GET /v1/groups/support/indicators` has them at
 //!   the end, and an agent's switch produces `agent.availability`.
 //! - A call left hanging (a01 cut before its hang-up) with small `[stuck]`
-//!   limits: highlighted as stuck, removed through its button after the
-//!   confirmation (cancelling first keeps it).
+//!   limits: highlighted as stuck, its time ticking on, removed through
+//!   its button after the confirmation (cancelling first keeps it).
 //!
 //! The traces start with a frame dated 40 s before their first one: at
 //! speed 10, four quiet seconds in which the browser opens the page.
@@ -323,6 +323,18 @@ async fn a_stuck_call_is_highlighted_and_removed_through_its_button() {
                 .await;
             let id = id.as_str().expect("call id").to_string();
             assert_eq!(events_of_type(&dir_path, "call.stuck").len(), 1);
+
+            // Its time ticks on with no event coming (m:ss).
+            let time =
+                "const t = document.querySelector('#calls tbody tr.stuck td[data-started]').textContent.split(':');
+                        return Number(t[0]) * 60 + Number(t[1]);";
+            let before = b.eval(time, json!([])).await.as_u64().expect("m:ss");
+            tokio::time::sleep(Duration::from_millis(2200)).await;
+            let after = b.eval(time, json!([])).await.as_u64().expect("m:ss");
+            assert!(
+                (before + 2..=before + 3).contains(&after),
+                "the elapsed time went from {before} s to {after} s in 2.2 s"
+            );
 
             // Cancelling keeps the call.
             b.click("#calls tbody tr.stuck button[data-remove]").await;

@@ -40,7 +40,8 @@ impl Default for FeedSettings {
     }
 }
 
-/// Default `[api] events_window`: about 10 MB of events at most.
+/// Default `[api] events_window`: some 10 to 20 MB of events at most (an
+/// event and, once a reader needed it, its JSON).
 pub const DEFAULT_WINDOW: usize = 10_000;
 
 /// One event as the feed keeps it.

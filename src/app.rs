@@ -104,15 +104,18 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     let blocker = blocker::PbxBlocker::new(cmd_tx.clone(), ami.clone());
     let sink_ctx = crate::sink::SinkContext { blocker: Some(Arc::new(blocker)) };
     let delivery = Delivery::for_daemon(&config, readiness.clone(), &sink_ctx).await?;
-    let shared = Arc::new(Shared::new(
-        config.clone(),
-        Arc::new(crate::settings::directory(&config)),
-        registry,
-        readiness.clone(),
-        ami.clone(),
-        cmd_tx,
-        delivery.outbox().cloned(),
-    ));
+    let shared = Arc::new(
+        Shared::new(
+            config.clone(),
+            Arc::new(crate::settings::directory(&config)),
+            registry,
+            readiness.clone(),
+            ami.clone(),
+            cmd_tx,
+            delivery.outbox().cloned(),
+        )
+        .with_feed(Arc::new(crate::feed::Feed::new(crate::settings::feed(&config)))),
+    );
     // A live PBX carries its calls across restarts; a replayed trace is
     // an incident reproduced from scratch.
     let persist = matches!(opts.source, SourceSpec::Ami);

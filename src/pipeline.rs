@@ -174,6 +174,8 @@ impl Pipeline {
                 }
             }
         }
+        // Readers of the stream end: nothing more will come.
+        self.shared.feed.close();
         // What the sinks have not taken by then stays in the outbox.
         let delivery = std::mem::replace(&mut self.delivery, Delivery::Discard);
         delivery.close(Duration::from_secs(3)).await?;
@@ -207,7 +209,7 @@ impl Pipeline {
         Ok(())
     }
 
-    /// A batch is safe: the registry and the indicators see it.
+    /// A batch is safe: the registry, the indicators and the feed see it.
     fn on_stored(&mut self, mut events: Vec<Event>) {
         let mut ind = self.shared.indicators.lock().unwrap_or_else(|p| p.into_inner());
         for e in &events {
@@ -216,9 +218,10 @@ impl Pipeline {
             count(e);
         }
         drop(ind);
+        // Moved, not copied: the feed keeps the last events for the stream.
+        self.shared.feed.publish(events.drain(..));
         // The allocation serves the next batch.
         if self.out.is_empty() && events.capacity() > self.out.capacity() {
-            events.clear();
             self.out = events;
         }
     }

@@ -239,6 +239,15 @@ pub fn api_serve_limits(api: &ApiConfig) -> ServeLimits {
     }
 }
 
+/// The live event feed (`[api] events_window`). The pipeline publishes a
+/// whole batch at once: a window of less than two batches would drop a
+/// reader that keeps up.
+pub fn feed(config: &Config) -> crate::feed::FeedSettings {
+    let window = config.api.as_ref().map_or(crate::feed::DEFAULT_WINDOW, |a| a.events_window);
+    let floor = config.outbox.max_batch_events.max(1).saturating_mul(2);
+    crate::feed::FeedSettings { pbx: config.pbx.name.clone(), window: window.max(floor) }
+}
+
 /// What one API request may take (`[api]`).
 pub fn api_request_limits(api: &ApiConfig) -> crate::api::RequestLimits {
     let d = crate::api::RequestLimits::default();

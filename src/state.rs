@@ -43,6 +43,8 @@ impl Readiness {
 /// State shared with the API (read-mostly).
 pub struct Shared {
     pub registry: Arc<Registry>,
+    /// Durable events as they come, for the event stream (`GET /v1/events`).
+    pub feed: Arc<crate::feed::Feed>,
     pub readiness: Arc<Readiness>,
     pub indicators: Mutex<Indicators>,
     pub config: RwLock<Arc<Config>>,
@@ -77,6 +79,7 @@ impl Shared {
             config: RwLock::new(config),
             directory: RwLock::new(directory),
             registry,
+            feed: Arc::new(crate::feed::Feed::new(crate::feed::FeedSettings::default())),
             readiness,
             ami,
             commands,
@@ -84,6 +87,12 @@ impl Shared {
             outbox,
             clock: Mutex::new(None),
         }
+    }
+
+    /// With the feed of the event stream (`[api] events_window`).
+    pub fn with_feed(mut self, feed: Arc<crate::feed::Feed>) -> Shared {
+        self.feed = feed;
+        self
     }
 
     /// The PBX's current time: its last timestamp plus the time since.

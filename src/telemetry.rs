@@ -126,6 +126,14 @@ pub const METRICS: &[MetricDoc] = &[
     doc("callbridge_ami_action_duration_seconds", Histogram, Some(Unit::Seconds), "AMI action round trip, by action"),
     // Calls.
     doc("callbridge_calls_active", Gauge, None, "Live calls, by group and state"),
+    // The event stream (`GET /v1/events`).
+    doc("callbridge_api_event_clients", Gauge, None, "Clients connected to the event stream"),
+    doc(
+        "callbridge_api_event_clients_dropped_total",
+        Counter,
+        None,
+        "Event stream clients disconnected for reading too slowly",
+    ),
     doc("callbridge_lifecycle_events_total", Counter, None, "Lifecycle events emitted, by type"),
     doc("callbridge_calls_missed_total", Counter, None, "Missed calls, by reason"),
     doc("callbridge_calls_stuck_total", Counter, None, "Calls flagged stuck"),
@@ -273,9 +281,11 @@ fn export_known_series() {
         "callbridge_calls_stuck_total",
         "callbridge_ami_reconnects_total",
         "callbridge_ami_connect_attempts_total",
+        "callbridge_api_event_clients_dropped_total",
     ] {
         metrics::counter!(name).increment(0);
     }
+    metrics::gauge!("callbridge_api_event_clients").set(0.0);
     for t in crate::event::EventKind::TYPE_NAMES {
         metrics::counter!("callbridge_lifecycle_events_total", "type" => t).increment(0);
     }

@@ -233,6 +233,11 @@ fn table() -> Vec<Case> {
         case("unknown call", "GET", "/v1/calls/no.such", 404, "call_not_found"),
         case("unknown group", "GET", "/v1/groups/nope/indicators", 404, "group_not_found"),
         case("unknown sink", "POST", "/v1/dead-letters/e1/retry?sink=nope", 404, "sink_not_found"),
+        case("event stream: unknown event type", "GET", "/v1/events?type=call.flying", 400, "bad_type"),
+        case("event stream: unknown group", "GET", "/v1/events?group=nope", 404, "group_not_found"),
+        case("event stream: unknown agent", "GET", "/v1/events?agent=nope", 404, "agent_unknown"),
+        case("event stream: no token", "GET", "/v1/events", 401, "unauthorized").token(None),
+        case("monitor page: unknown method", "POST", "/ui", 405, "method_not_allowed").token(None),
         case("refused by the control layer", "POST", "/v1/calls", 403, "contact_not_consented")
             .json("{\"agent\": \"maria\", \"number\": \"11987650700\"}"),
         case("request timeout (the PBX never answers)", "PUT", "/v1/agents/maria/availability", 503, "request_timeout")

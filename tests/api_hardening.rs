@@ -8,7 +8,8 @@
 //!   test process keeps its own limit (it needs ~1,100 descriptors; it
 //!   checks and says so if it has fewer). `/healthz` must still answer in
 //!   under 100 ms.
-//! - Header-read timeout: a silent connection is closed.
+//! - Header-read timeout: a silent connection is closed; an event stream
+//!   is not (it is a request in progress) and ends at shutdown.
 //! - Pagination of `GET /v1/calls` over 10,000 live calls: every call
 //!   exactly once, filters kept, bad cursors and limits refused with the
 //!   JSON error envelope, and a page's latency bounded.
@@ -157,6 +158,35 @@ async fn a_silent_connection_is_closed_after_the_header_read_timeout() {
     assert_eq!(closed.0, Some(0), "the silent connection was not closed");
     assert!(closed.1 >= Duration::from_millis(400) && closed.1 < Duration::from_secs(3), "{:?}", closed.1);
     running.stop().await.expect("clean stop");
+}
+
+/// An event stream is a request in progress as long as it is open: the
+/// idle timeout does not close it, and it ends promptly when the daemon
+/// stops (not after the forced-close grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_outlives_the_idle_timeout_and_ends_at_shutdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = start(lab_config(dir.path(), "header_read_timeout_seconds = 0.5\nidle_timeout_seconds = 0.5")).await;
+    let base = format!("http://{}", running.api_addr.expect("api"));
+    let mut stream = support::sse::SseReader::open(&format!("{base}/v1/events"), TOKEN, None).await;
+    // Idle long enough for an idle connection to be closed, forced close included.
+    tokio::time::sleep(callbridge::api::server::CLOSE_GRACE + Duration::from_secs(1)).await;
+    let resp = reqwest::Client::new()
+        .put(format!("{base}/v1/agents/ana/availability"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(r#"{"available": false, "reason": "lunch"}"#)
+        .send()
+        .await
+        .expect("PUT availability");
+    // No AMI here: the switch is recorded, no queue can be told.
+    assert_eq!(resp.status().as_u16(), 207);
+    let event = stream.next("agent.availability after the idle timeout and the close grace").await;
+    assert_eq!(event.event.as_deref(), Some("agent.availability"));
+    let t = Instant::now();
+    running.stop().await.expect("clean stop");
+    assert_eq!(stream.next_within(Duration::from_secs(2)).await, None, "the stream ends at shutdown");
+    assert!(t.elapsed() < Duration::from_secs(4), "stopping took {:?}", t.elapsed());
 }
 
 const S: Micros = 1_000_000;

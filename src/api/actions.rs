@@ -232,7 +232,9 @@ async fn member_interface(
 /// result per queue; `200` when every queue took it, `207` when some did not
 /// (the switch is recorded either way: it is what the agent asked for; the
 /// PBX's next member event or the resync after a reconnection corrects the
-/// queues it did not take).
+/// queues it did not take). Without AMI (SIP-only, a served replay) every
+/// queue answers `pbx_not_configured`: the switch still reaches the
+/// helpdesk and the FastAGI routing.
 #[utoipa::path(put, path = "/v1/agents/{id}/availability", tag = "control",
     params(("id" = String, Path, description = "The agent id")),
     request_body = AvailabilityRequest,
@@ -253,7 +255,6 @@ pub async fn set_availability(
     let Some(agent) = dir.agent(&id).cloned() else {
         return Err(ApiError::new(ErrorCode::AgentUnknown, format!("no agent {id:?} in the configuration")));
     };
-    let ami = ami_of(&shared)?;
     // Recorded before the PBX is told, so that the PBX's confirmation
     // (`QueueMemberPause`) finds the change made and the helpdesk hears of
     // it once, as `source: api`.
@@ -264,7 +265,18 @@ pub async fn set_availability(
     let mut results = Vec::new();
     for group in &agent.groups {
         let Some(g) = dir.group(group.as_str()) else { continue };
-        results.push(pause_in_queue(ami, &dir, &agent, group, &g.queue, &req).await);
+        // Without AMI (SIP-only, a served replay) the switch still counts
+        // for routing and reaches the helpdesk; no queue can be told.
+        results.push(match &shared.ami {
+            Some(ami) => pause_in_queue(ami, &dir, &agent, group, &g.queue, &req).await,
+            None => QueueResult {
+                group: group.clone(),
+                queue: g.queue.clone(),
+                interface: None,
+                ok: false,
+                error: Some(ApiError::new(ErrorCode::PbxNotConfigured, "no AMI connection is configured").detail()),
+            },
+        });
     }
     let status = if results.iter().all(|r| r.ok) { StatusCode::OK } else { StatusCode::MULTI_STATUS };
     Ok((status, axum::Json(AvailabilityResult { agent: agent.id, available, reason: req.reason, queues: results })))

@@ -80,6 +80,7 @@ error_codes! {
     CallNotAnswered = "call_not_answered", CONFLICT, "no agent is talking on the call";
     CallHasNoGroup = "call_has_no_group", CONFLICT, "the call belongs to no configured group, so no group allows its transfer";
     GroupNotFound = "group_not_found", NOT_FOUND, "no group with this id";
+    BadType = "bad_type", BAD_REQUEST, "`type` names an event type callbridge does not emit";
     // Control: click-to-call, transfer, availability.
     ContactNotConsented = "contact_not_consented", FORBIDDEN, "the contact has not consented to be called (`contact.consent`)";
     NumberMissing = "number_missing", UNPROCESSABLE_ENTITY, "no phone number to dial";

@@ -2,9 +2,10 @@
 //! indicators, control actions and dead letters (SPEC §8), described by the
 //! OpenAPI document at `/v1/openapi.json` ([`openapi`]).
 //!
-//! JSON everywhere; every error is `{"error": {"code": "...", "message":
+//! JSON everywhere (but the event stream, [`events`], and the monitor
+//! page, [`ui`]); every error is `{"error": {"code": "...", "message":
 //! "..."}}` with a stable [`ErrorCode`] ([`error`]). Every route but
-//! `/healthz`, `/readyz`, `/metrics` and `/v1/openapi.json` needs
+//! `/healthz`, `/readyz`, `/metrics`, `/v1/openapi.json` and `/ui` needs
 //! `Authorization: Bearer <token>`, compared in constant time. Tracing, the
 //! request timeout and the body limit are in [`layers`].
 //!
@@ -13,10 +14,12 @@
 
 pub mod actions;
 pub mod error;
+pub mod events;
 pub mod layers;
 pub mod openapi;
 pub mod routes;
 pub mod server;
+pub mod ui;
 
 pub use error::{ApiError, ErrorCode};
 pub use layers::RequestLimits;

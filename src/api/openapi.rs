@@ -33,8 +33,10 @@ pub const REFUSALS: &[(&str, &[ErrorCode])] = {
         ("readyz", &[]),
         ("metrics", &[]),
         ("openapi_json", &[]),
+        ("ui", &[]),
         ("list_calls", &[BadState, BadLimit, BadCursor]),
         ("get_call", &[CallNotFound]),
+        ("events", &[GroupNotFound, AgentUnknown, BadType]),
         ("remove_call", &[CallNotLive, ShuttingDown]),
         (
             "click_to_call",
@@ -80,7 +82,7 @@ pub const REFUSALS: &[(&str, &[ErrorCode])] = {
             ],
         ),
         ("list_agents", &[]),
-        ("set_availability", &[ReasonMalformed, AgentUnknown, PbxNotConfigured, ShuttingDown]),
+        ("set_availability", &[ReasonMalformed, AgentUnknown, ShuttingDown]),
         ("indicators", &[GroupNotFound]),
         ("dead_letters", &[NoOutbox, OutboxUnavailable]),
         ("retry_dead_letter", &[NoOutbox, SinkNotFound, DeadLetterNotFound, OutboxUnavailable]),
@@ -100,10 +102,11 @@ pub const REFUSALS: &[(&str, &[ErrorCode])] = {
     components(schemas(ErrorBody, ErrorDetail, ErrorCode)),
     tags(
         (name = "health", description = "Liveness, readiness, metrics and this document: no token"),
-        (name = "calls", description = "Live calls and calls ended within retention"),
+        (name = "calls", description = "Live calls, calls ended within retention, and the event stream"),
         (name = "groups", description = "Group indicators"),
         (name = "control", description = "Agents, click-to-call, transfer, availability"),
         (name = "dead letters", description = "Events a sink refused for good"),
+        (name = "monitor", description = "The live monitor page: no token (the page asks for one)"),
     ),
 )]
 struct Base;
@@ -228,7 +231,7 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_str(json()).expect("JSON");
         for (path, item) in doc["paths"].as_object().expect("paths") {
             for (method, op) in item.as_object().expect("item") {
-                let open = ["/healthz", "/readyz", "/metrics", "/v1/openapi.json"].contains(&path.as_str());
+                let open = ["/healthz", "/readyz", "/metrics", "/v1/openapi.json", "/ui"].contains(&path.as_str());
                 assert_eq!(op.get("security").is_none(), open, "{method} {path}");
                 assert_eq!(op["responses"].get("401").is_none(), open, "{method} {path}");
             }

@@ -27,6 +27,7 @@ pub fn open_routes() -> OpenApiRouter<Arc<Shared>> {
         .routes(routes!(super::readyz))
         .routes(routes!(super::metrics))
         .routes(routes!(super::openapi_json))
+        .routes(routes!(super::ui::ui))
 }
 
 /// The routes behind the bearer token.
@@ -34,6 +35,7 @@ pub fn protected_routes() -> OpenApiRouter<Arc<Shared>> {
     OpenApiRouter::new()
         .routes(routes!(list_calls, super::actions::click_to_call))
         .routes(routes!(get_call, remove_call))
+        .routes(routes!(super::events::events))
         .routes(routes!(super::actions::transfer))
         .routes(routes!(super::actions::list_agents))
         .routes(routes!(super::actions::set_availability))

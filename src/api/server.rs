@@ -15,8 +15,16 @@
 //! - On shutdown, accepting stops and every connection finishes its
 //!   request in progress, then closes.
 //!
-//! Closing is always hyper's graceful close (a response being written is
-//! finished first), forced after [`CLOSE_GRACE`].
+//! - A request is in progress until its response body has been sent (or
+//!   dropped), not only until its handler returns: a long response (the
+//!   event stream) keeps its connection busy, never idle.
+//! - A handler may close its connection at once, without the graceful
+//!   close, through the [`CloseConnection`] request extension: the event
+//!   stream does so for a client too slow to read, whose socket buffers are
+//!   full and whose response body hyper therefore no longer polls.
+//!
+//! Closing is otherwise hyper's graceful close (a response being written
+//! is finished first), forced after [`CLOSE_GRACE`].
 
 use axum::Router;
 use hyper::body::Incoming;
@@ -65,6 +73,66 @@ struct Conn {
     last_done_ms: AtomicU64,
     /// Asks the connection to close (eviction or shutdown).
     close: Notify,
+    /// Asks the connection to close now, dropping what is being written.
+    close_now: Arc<Notify>,
+}
+
+/// A request extension: closes the request's connection at once (what is
+/// being written is dropped). Absent when the router is called without
+/// this server (tests calling it in process).
+#[derive(Clone)]
+pub struct CloseConnection(Arc<Notify>);
+
+impl CloseConnection {
+    pub fn now(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Counts a request as in progress until dropped (with its response body).
+struct InFlight {
+    conn: Arc<Conn>,
+    epoch: Instant,
+}
+
+impl InFlight {
+    fn new(conn: Arc<Conn>, epoch: Instant) -> InFlight {
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight { conn, epoch }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.conn.last_done_ms.store(millis_since(self.epoch).max(1), Ordering::Release);
+        self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until it ends.
+struct Tracked {
+    body: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The open connections by accept order (oldest first).
@@ -82,8 +150,12 @@ impl Conns {
 
     fn add(&self) -> (u64, Arc<Conn>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn =
-            Arc::new(Conn { in_flight: AtomicUsize::new(0), last_done_ms: AtomicU64::new(0), close: Notify::new() });
+        let conn = Arc::new(Conn {
+            in_flight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(0),
+            close: Notify::new(),
+            close_now: Arc::new(Notify::new()),
+        });
         self.lock().insert(id, conn.clone());
         (id, conn)
     }
@@ -191,15 +263,13 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let accepted_ms = millis_since(epoch);
     let tracked = conn.clone();
-    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         let app = app.clone();
-        let conn = tracked.clone();
-        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        let in_flight = InFlight::new(tracked.clone(), epoch);
+        req.extensions_mut().insert(CloseConnection(tracked.close_now.clone()));
         async move {
-            let response = app.oneshot(req.map(axum::body::Body::new)).await;
-            conn.last_done_ms.store(millis_since(epoch).max(1), Ordering::Release);
-            conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-            response
+            let response = app.oneshot(req.map(axum::body::Body::new)).await?;
+            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked { body, _in_flight: in_flight }))
         }
     });
     let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -219,6 +289,7 @@ async fn connection(
                 }
             }
             _ = conn.close.notified() => {}
+            _ = conn.close_now.notified() => return,
             _ = shutdown.cancelled() => {}
         }
         served.as_mut().graceful_shutdown();

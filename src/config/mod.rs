@@ -131,6 +131,17 @@ pub struct ApiConfig {
     /// (default 65536).
     #[serde(default = "default_api_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Lifecycle events kept in memory for `GET /v1/events` (default
+    /// 10000, at least twice `[outbox] max_batch_events`): a client that
+    /// reconnects with `Last-Event-ID` resumes from them (an older id gets
+    /// `event: reset`: re-read `/v1/calls`), and a client that falls this
+    /// far behind is disconnected.
+    #[serde(default = "default_api_events_window")]
+    pub events_window: usize,
+}
+
+fn default_api_events_window() -> usize {
+    10_000
 }
 
 fn default_api_max_connections() -> usize {

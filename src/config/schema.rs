@@ -495,6 +495,7 @@ static API: TableSchema = TableSchema {
         opt("idle_timeout_seconds", SECONDS),
         opt("request_timeout_seconds", SECONDS),
         opt("max_body_bytes", Kind::Count { min: 1, why: "a request body of 0 bytes is no limit callbridge can use" }),
+        opt("events_window", Kind::Count { min: 1, why: "a reconnecting client resumes from at least the last event" }),
     ],
     check: Some(check_secret_source),
 };

@@ -14,6 +14,8 @@
 //!   against a server and reads what it sends into the pipeline.
 //! - [`events`] reads what a daemon under test delivered to its JSON-lines
 //!   sink and waits for it.
+//! - [`browser::Browser`] drives headless Chromium through chromedriver.
+//! - [`sse::SseReader`] reads `GET /v1/events` as Server-Sent Events.
 //! - [`trace`] loads `fixtures/ami/*.ami` and strips a trace's own banner and
 //!   login reply so its events can be streamed after a live login.
 //!
@@ -25,10 +27,12 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod browser;
 pub mod client;
 pub mod events;
 pub mod openapi;
 pub mod server;
+pub mod sse;
 pub mod trace;
 
 use std::time::Duration;

@@ -68,7 +68,8 @@ pub fn verify(method: &str, uri: &str, status: u16, body: &Value) -> Result<(), 
             }
         }
         Ok(())
-    } else if content.keys().any(|k| k.starts_with("text/plain")) {
+    } else if content.keys().any(|k| ["text/plain", "text/event-stream", "text/html"].iter().any(|t| k.starts_with(t)))
+    {
         body.is_string().then_some(()).ok_or_else(|| "a text body was expected".into())
     } else {
         Err(format!("{status} documents no content type the test knows: {:?}", content.keys()))

@@ -116,3 +116,9 @@ pub fn frames(messages: &[AmiMessage]) -> Vec<Frame> {
         })
         .collect()
 }
+
+/// How many lifecycle events a fixture trace makes (`fixtures/expected/<name>.jsonl`).
+pub fn expected_events(name: &str) -> usize {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/expected").join(format!("{name}.jsonl"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).lines().count()
+}

@@ -31,6 +31,7 @@ pub use text::render_text;
 use crate::ami::codec::{AmiCodec, AmiMessage, CodecLimits};
 use crate::ami::Frame;
 use crate::event::{CallId, CallSnapshot, EndReason, Event, EventKind, Micros};
+use crate::ids::AgentId;
 use crate::normalize::headers::{
     DEST_LINKEDID, LINKEDID, ORIG_TRANSFERER_LINKEDID, TRANSFEREE_LINKEDID, TRANSFERER_LINKEDID, UNIQUEID,
 };
@@ -162,6 +163,9 @@ pub struct Product {
     pub rule: String,
     /// What decided a `call.missed` (the normalizer's own verdict).
     pub miss_rule: Option<MissRule>,
+    /// For a `call.missed` decided by nobody being available: the last
+    /// presence frame of each of the group's agents when the call arrived.
+    pub presence: Vec<String>,
 }
 
 /// Explains the trace at `path` with `normalizer` (fresh, built from the
@@ -201,6 +205,8 @@ pub fn explain_bytes(data: &[u8], normalizer: &mut Normalizer, settings: Explain
         ladders: Vec::new(),
         index: HashMap::new(),
         verdicts: HashMap::new(),
+        presence: Vec::new(),
+        presence_at_arrival: HashMap::new(),
         context: TraceContext::default(),
         malformed: Vec::new(),
         frames: 0,
@@ -294,6 +300,10 @@ struct Driver<'n> {
     /// The normalizer's verdict for each live unanswered call as of its
     /// last frame: what `call.missed` says if the call ends now.
     verdicts: HashMap<CallId, MissRule>,
+    /// Per agent, the last presence frame seen (pause, device state).
+    presence: Vec<(AgentId, String)>,
+    /// Per call judged as arriving when nobody was available: `presence` then.
+    presence_at_arrival: HashMap<CallId, Vec<(AgentId, String)>>,
     context: TraceContext,
     malformed: Vec<u64>,
     frames: u64,
@@ -326,6 +336,7 @@ impl Driver<'_> {
                 // The normalizer's time for the frame (a frame without a
                 // `Timestamp` takes the latest seen).
                 let time = f.timestamp_micros().unwrap_or(self.clock.now());
+                self.note_presence(&f, line, time);
                 let frame = f.clone();
                 let products = self.apply(TraceItem::Frame(f));
                 self.record_frame(&frame, line, time, before, products);
@@ -353,6 +364,39 @@ impl Driver<'_> {
         self.state.bound_live_calls(self.n, self.max, now, &mut self.out);
         let products = self.take_products();
         self.record(products, 0, now, &Cause::LiveBound { max: self.max });
+    }
+
+    /// Remembers an agent's presence frame (`QueueMemberPause`,
+    /// `QueueMemberStatus`…): the evidence when a call finds nobody available.
+    fn note_presence(&mut self, f: &Frame, line: u64, time: Micros) {
+        let Some(name) = f.event() else { return };
+        let event = AmiEvent::parse(name);
+        let is_presence = matches!(
+            event,
+            AmiEvent::QueueMemberPause
+                | AmiEvent::QueueMemberStatus
+                | AmiEvent::QueueMember
+                | AmiEvent::QueueMemberPaused
+        );
+        if !is_presence {
+            return;
+        }
+        let dir = self.n.directory();
+        let Some(agent) = dir.agent_for_member(f.get("Interface"), f.get("StateInterface"), f.get("MemberName")) else {
+            return;
+        };
+        let mut said: Vec<String> = Vec::new();
+        for key in ["Queue", "Paused", "PausedReason", "Status"] {
+            if let Some(v) = f.get(key).filter(|v| !v.is_empty()) {
+                said.push(format!("{key}={v}"));
+            }
+        }
+        let cited = format!("{name} at {} (line {line}): {}", rule::clock_time(time), said.join(", "));
+        let id = agent.id.clone();
+        match self.presence.iter_mut().find(|(a, _)| *a == id) {
+            Some(entry) => entry.1 = cited,
+            None => self.presence.push((id, cited)),
+        }
     }
 
     fn apply(&mut self, item: TraceItem) -> Vec<Event> {
@@ -473,11 +517,24 @@ impl Driver<'_> {
             }
             if matches!(event.kind, EventKind::Ended { .. }) {
                 self.verdicts.remove(id);
+                self.presence_at_arrival.remove(id);
             }
             let miss_rule = missed.and_then(|reason| {
                 verdict.or_else(|| rule::implied_miss_rule(&cause)).filter(|r| r.reason() == reason)
             });
-            products.push(Product { event, lane: String::new(), rule: String::new(), miss_rule });
+            let arrival = (miss_rule == Some(MissRule::NobodyAvailable)).then(|| self.presence_at_arrival.remove(id));
+            let presence = match arrival.flatten() {
+                Some(then) => {
+                    let group = event.call.as_ref().and_then(|c| c.group.as_ref());
+                    let agents = group.and_then(|g| self.n.directory().group(g.as_str())).map(|g| g.agents.clone());
+                    then.into_iter()
+                        .filter(|(a, _)| agents.as_ref().is_none_or(|list| list.contains(a)))
+                        .map(|(a, cited)| format!("{a}: {cited}"))
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
+            products.push(Product { event, lane: String::new(), rule: String::new(), miss_rule, presence });
         }
         ladder.rungs.push(Rung { line, time, cause, lane: String::new(), products });
     }
@@ -485,7 +542,10 @@ impl Driver<'_> {
     fn refresh(&mut self, id: &CallId, end: EndReason) {
         match self.n.miss_rule(id.as_str(), end) {
             Some(r) => {
-                self.verdicts.insert(id.clone(), r);
+                let before = self.verdicts.insert(id.clone(), r);
+                if r == MissRule::NobodyAvailable && before != Some(r) {
+                    self.presence_at_arrival.insert(id.clone(), self.presence.clone());
+                }
             }
             None => {
                 self.verdicts.remove(id);

@@ -267,10 +267,15 @@ fn product_rule(
         EventKind::Stuck { detected_by, .. } => format!("the stuck-call sweeper ({detected_by})"),
         EventKind::Missed { reason, .. } => match p.miss_rule {
             Some(rule) => format!(
-                "missed: {} — {}; evidence: {}",
+                "missed: {} — {}; evidence: {}{}",
                 reason.as_str(),
                 rule.describe(),
-                miss_evidence(rule, rung, earlier, origin, group)
+                miss_evidence(rule, rung, earlier, origin, group),
+                if p.presence.is_empty() {
+                    String::new()
+                } else {
+                    format!("; the group's agents then: {}", p.presence.join("; "))
+                }
             ),
             None => format!("missed: {} — no rule recorded; ended by {}", reason.as_str(), cite(rung)),
         },
@@ -300,9 +305,13 @@ fn miss_evidence(rule: MissRule, end: &Rung, rungs: &[Rung], origin: &str, group
         }),
         MissRule::QueueEmpty => last(rungs, |r| is_var(r, "QUEUESTATUS"))
             .map(|r| format!("QUEUESTATUS={}: {}", r.cause.detail("Value").unwrap_or("?"), cite(r))),
-        MissRule::NobodyAvailable => last(rungs, |r| is_event(r, "QueueCallerJoin"))
-            .or_else(|| last(rungs, |r| is_var(r, "QUEUESTATUS")))
-            .map(|r| format!("nobody of group {} available at {}", group.unwrap_or("?"), cite(r))),
+        MissRule::NobodyAvailable => {
+            let arrival = last(rungs, |r| is_event(r, "QueueCallerJoin")).map(cite).or_else(|| {
+                last(rungs, |r| is_var(r, "QUEUESTATUS"))
+                    .map(|r| format!("QUEUESTATUS={}: {}", r.cause.detail("Value").unwrap_or("?"), cite(r)))
+            });
+            arrival.map(|a| format!("nobody of group {} available on arrival: {a}", group.unwrap_or("?")))
+        }
         MissRule::Routed(_) => last(rungs, |r| is_var(r, "CALLBRIDGE_REASON"))
             .map(|r| format!("CALLBRIDGE_REASON={}: {}", r.cause.detail("Value").unwrap_or("?"), cite(r))),
         MissRule::Closed(_) => last(rungs, |r| is_event(r, "QueueCallerJoin"))

@@ -314,3 +314,26 @@ fn a_queue_timeout_is_told_apart_from_an_abandon_with_both_frames() {
         assert_eq!(lines.get(n - 1).copied(), Some(format!("Event: {event}").as_str()), "{outcome}");
     }
 }
+
+/// Calls that never hang up, past `--max-live-calls`: the ones ended
+/// `lost` say the bound ended them, the others are still live at the end.
+#[test]
+fn calls_ended_by_the_live_call_bound_say_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trace = dir.path().join("endless.ami");
+    let mut t = String::from("Asterisk Call Manager/9.0.0\r\n");
+    for n in 0..30 {
+        t.push_str(&format!(
+            "Event: Newchannel\r\nTimestamp: {}.000000\r\nChannel: SIP/carrier-{n:08}\r\nChannelStateDesc: Ring\r\n\
+             CallerIDNum: 1198765{n:04}\r\nExten: 1130001000\r\nUniqueid: 100.{n}\r\nLinkedid: 100.{n}\r\n\r\n",
+            1_800_000_000 + n
+        ));
+    }
+    std::fs::write(&trace, t).expect("write");
+    let text = stdout_of(&explain(&["--max-live-calls", "10", trace.to_str().expect("utf-8")]));
+    let lost: Vec<&str> = text.lines().filter(|l| l.starts_with("  outcome: missed: lost — ")).collect();
+    assert_eq!(lost.len(), 20, "{text}");
+    assert!(lost.iter().all(|l| l.contains("evidence: more than --max-live-calls (10) calls live at ")), "{lost:#?}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("  end: ended: lost — ")).count(), 20);
+    assert_eq!(text.lines().filter(|l| *l == "  end: still live at the end of the trace").count(), 10);
+}

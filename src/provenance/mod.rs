@@ -354,16 +354,22 @@ impl Driver<'_> {
                 };
                 let products = self.apply(TraceItem::Resync { channels, queue_items, at });
                 self.record(products, line, at, &cause);
-                self.refresh_live();
+                self.refresh_all(EndReason::Normal);
             }
         }
-        if self.n.live_calls() > self.max {
+        // Past the bound, the calls silent the longest end `lost`; the
+        // others are judged as usual again afterwards.
+        let over = self.n.live_calls() > self.max;
+        if over {
             self.refresh_all(EndReason::Lost);
         }
         let now = self.clock.now();
         self.state.bound_live_calls(self.n, self.max, now, &mut self.out);
         let products = self.take_products();
         self.record(products, 0, now, &Cause::LiveBound { max: self.max });
+        if over {
+            self.refresh_all(EndReason::Normal);
+        }
     }
 
     /// Remembers an agent's presence frame (`QueueMemberPause`,
@@ -558,11 +564,6 @@ impl Driver<'_> {
         for id in self.n.live_call_ids() {
             self.refresh(&id, end);
         }
-    }
-
-    /// After a resync: the calls that go on are judged as usual again.
-    fn refresh_live(&mut self) {
-        self.refresh_all(EndReason::Normal);
     }
 
     fn finish(self) -> Explanation {

@@ -47,6 +47,8 @@
 //! - [`input`]: the AMI event names, parsed once per frame;
 //! - [`headers`]: the AMI header names read;
 //! - `call.rs`: one call's state machine;
+//! - `miss_rule.rs`: which evidence decided a missed call's reason (read
+//!   by `callbridge explain` through [`Normalizer::miss_rule`]);
 //! - `presence.rs`: agent presence and `agent.availability`;
 //! - `resync.rs`: reconciling with the PBX (resync after a reconnection,
 //!   the stuck-call sweeper's suspects).

@@ -67,6 +67,7 @@ pub mod state;
 // Tasks and interfaces.
 pub mod api;
 pub mod pipeline;
+pub mod provenance;
 pub mod reconnect;
 pub mod record;
 pub mod replay;

@@ -4,7 +4,7 @@
 
 #![deny(clippy::too_many_lines)]
 
-use callbridge::app::commands::{self, Outcome, ReplayOptions};
+use callbridge::app::commands::{self, ExplainOptions, Outcome, ReplayOptions};
 use callbridge::app::{RunOptions, SourceSpec};
 use callbridge::config::CheckOptions;
 use callbridge::replay::Speed;
@@ -73,6 +73,25 @@ enum Command {
         #[arg(required = true)]
         traces: Vec<PathBuf>,
     },
+    /// Explain a trace: per call, the AMI frames that touched it (with their
+    /// line in the file), the lifecycle events they produced, and the rule
+    /// that decided each outcome. Replays the trace as `replay` does.
+    Explain {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this call (its id: the Linkedid).
+        #[arg(long)]
+        call: Option<String>,
+        /// Also write one self-contained HTML page with a swimlane per call.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// As `replay --max-live-calls`.
+        #[arg(long, default_value_t = callbridge::replay::DEFAULT_MAX_LIVE_CALLS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        max_live_calls: usize,
+        /// The trace file.
+        trace: PathBuf,
+    },
     /// Capture the live PBX's AMI stream into traces that `replay` reads
     /// (no credentials are written). Stops on SIGINT/SIGTERM.
     Record {
@@ -110,6 +129,9 @@ fn main() -> ExitCode {
             commands::run(config, api_listen, Duration::from_secs(shutdown_seconds))
         }
         Command::Record { config, out, rotate_mb } => commands::record(&config, out, rotate_mb),
+        Command::Explain { config, call, html, max_live_calls, trace } => {
+            commands::explain(ExplainOptions { config_path: config, trace, call, html, max_live_calls })
+        }
         Command::Replay { config, speed, serve: true, api_listen, traces, .. } => commands::daemon(RunOptions {
             config_path: config,
             source: SourceSpec::Traces { paths: traces, speed },

@@ -144,7 +144,7 @@ impl ReplayState {
     }
 
     /// Stamps, counts and hands over the events in `out`.
-    fn emit(&mut self, out: &mut Vec<Event>, sink: &mut impl FnMut(&Event)) {
+    pub(crate) fn emit(&mut self, out: &mut Vec<Event>, sink: &mut impl FnMut(&Event)) {
         for mut e in out.drain(..) {
             self.agent_ids.stamp(&mut e);
             self.count(&e);
@@ -156,7 +156,13 @@ impl ReplayState {
     /// down to `max` less a 1% margin (so that the O(live calls) search
     /// runs once per many new calls, not for each). Warns on the first,
     /// then once per `max` calls ended this way.
-    fn bound_live_calls(&mut self, normalizer: &mut Normalizer, max: usize, now: Micros, out: &mut Vec<Event>) {
+    pub(crate) fn bound_live_calls(
+        &mut self,
+        normalizer: &mut Normalizer,
+        max: usize,
+        now: Micros,
+        out: &mut Vec<Event>,
+    ) {
         let live = normalizer.live_calls();
         if live <= max {
             return;
@@ -253,8 +259,9 @@ pub fn replay_reader(
     read.map(|_| ())
 }
 
-/// A replay's pacing and PBX clock.
-struct Clock {
+/// A replay's pacing and PBX clock (also `callbridge explain`'s, which
+/// applies a trace's items one by one as a replay does).
+pub(crate) struct Clock {
     speed: Speed,
     started: Instant,
     first_ts: Option<Micros>,
@@ -263,9 +270,19 @@ struct Clock {
 }
 
 impl Clock {
+    /// A clock for a replay starting now at `speed`.
+    pub(crate) fn new(speed: Speed) -> Clock {
+        Clock { speed, started: Instant::now(), first_ts: None, last_ts: 0 }
+    }
+
+    /// The latest PBX time seen (the clock of frames without a `Timestamp`).
+    pub(crate) fn now(&self) -> Micros {
+        self.last_ts
+    }
+
     /// Paces and applies one trace item: a frame, or what the live daemon
     /// did at the same point of the recording (a reconnection, a resync).
-    fn apply(&mut self, item: TraceItem, normalizer: &mut Normalizer, out: &mut Vec<Event>) {
+    pub(crate) fn apply(&mut self, item: TraceItem, normalizer: &mut Normalizer, out: &mut Vec<Event>) {
         match item {
             TraceItem::Frame(f) => {
                 let ts = f.timestamp_micros();

@@ -146,6 +146,50 @@ pub fn record(config_path: &Path, out: PathBuf, rotate_mb: Option<u64>) -> Outco
     })
 }
 
+/// What `explain` does.
+pub struct ExplainOptions {
+    pub config_path: PathBuf,
+    pub trace: PathBuf,
+    /// Only this call.
+    pub call: Option<String>,
+    /// Where to write the HTML page, if wanted.
+    pub html: Option<PathBuf>,
+    /// As `replay --max-live-calls`.
+    pub max_live_calls: usize,
+}
+
+/// `explain`: the trace's ladders as text on stdout, and as a page.
+pub fn explain(opts: ExplainOptions) -> Outcome {
+    let config = match load(&opts.config_path) {
+        Ok(c) => c,
+        Err(o) => return o,
+    };
+    explain_to_stdout(&config, &opts).into()
+}
+
+fn explain_to_stdout(config: &Config, opts: &ExplainOptions) -> anyhow::Result<()> {
+    use crate::provenance::{explain_file, render_html, render_text, ExplainSettings};
+    let mut normalizer = crate::settings::normalizer(config);
+    let settings =
+        ExplainSettings { limits: crate::settings::codec_limits(config), max_live_calls: opts.max_live_calls };
+    let explanation = explain_file(&opts.trace, &mut normalizer, settings, opts.call.as_deref())?;
+    if let (Some(id), true) = (&opts.call, explanation.calls.is_empty()) {
+        anyhow::bail!("no call {id} in trace {} (a call's id is its Linkedid)", opts.trace.display());
+    }
+    for line in &explanation.malformed {
+        eprintln!("warning: {}:{line}: malformed frame skipped (as replay skips it)", opts.trace.display());
+    }
+    if let Some(path) = &opts.html {
+        std::fs::write(path, render_html(&explanation))
+            .with_context(|| format!("cannot write the page {}", path.display()))?;
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_all(render_text(&explanation).as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the explanation to stdout"),
+        _ => Ok(()),
+    }
+}
+
 /// What `replay` without `--serve` does.
 pub struct ReplayOptions {
     pub config_path: PathBuf,

@@ -19,7 +19,7 @@ use super::headers::{
 };
 use super::input::AmiEvent;
 use super::{
-    PresenceMap, Rules, SiteOptions, CALLER_ACTIVE_VARIABLE, CALLER_FOUND_VARIABLE, CONTACT_ID_VARIABLE,
+    MissRule, PresenceMap, Rules, SiteOptions, CALLER_ACTIVE_VARIABLE, CALLER_FOUND_VARIABLE, CONTACT_ID_VARIABLE,
     ROUTE_GROUP_VARIABLE, ROUTE_REASON_VARIABLE, ROUTING_FROM_VARIABLE, ROUTING_REASON_VARIABLE,
 };
 use crate::ami::Frame;
@@ -1245,44 +1245,61 @@ impl Call {
     /// (no queue verdict, no dial result) is missed as `lost`, not as
     /// `abandoned`/`cancelled`: nobody gave up, the PBX dropped it.
     fn missed_reason(&self, closed: Option<MissedReason>, end: EndReason) -> MissedReason {
+        self.miss_rule(closed, end).reason()
+    }
+
+    /// Whether the call was never answered (so far).
+    pub fn unanswered(&self) -> bool {
+        self.snap.answered_at.is_none()
+    }
+
+    /// The rule behind [`Call::missed_reason`]: which evidence won.
+    pub fn miss_rule(&self, closed: Option<MissedReason>, end: EndReason) -> MissRule {
         let dial = self.evidence.dial;
         let lost = end == EndReason::Lost;
         match self.snap.direction {
             Direction::Inbound => {
                 let observed = match self.evidence.queue {
-                    Some(QueueOutcome::NoAgents) => MissedReason::NoAgents,
-                    Some(QueueOutcome::Timeout) => MissedReason::QueueTimeout,
-                    Some(QueueOutcome::Abandoned) => MissedReason::Abandoned,
+                    Some(QueueOutcome::NoAgents) => MissRule::QueueEmpty,
+                    Some(QueueOutcome::Timeout) => MissRule::QueueTimeout,
+                    Some(QueueOutcome::Abandoned) => MissRule::QueueAbandoned,
                     None => match dial {
-                        Some(DialStatus::NoAnswer) => MissedReason::NoAnswer,
-                        Some(DialStatus::Busy) => MissedReason::Busy,
-                        _ if lost => MissedReason::Lost,
-                        _ => MissedReason::Abandoned,
+                        Some(DialStatus::NoAnswer) => MissRule::DialNoAnswer,
+                        Some(DialStatus::Busy) => MissRule::DialBusy,
+                        _ if lost => MissRule::Lost,
+                        _ => MissRule::CallerHungUp,
                     },
                 };
-                let nobody = (self.evidence.staffing == Staffing::NobodyAvailable).then_some(MissedReason::NoAgents);
-                let blocked = (self.evidence.helpdesk == HelpdeskVerdict::Blocked).then_some(MissedReason::Blocked);
-                [blocked, closed, self.evidence.routed, nobody, Some(observed)]
-                    .into_iter()
-                    .flatten()
-                    .min_by_key(|r| r.precedence())
-                    .unwrap_or(observed)
+                let nobody = (self.evidence.staffing == Staffing::NobodyAvailable).then_some(MissRule::NobodyAvailable);
+                let blocked = (self.evidence.helpdesk == HelpdeskVerdict::Blocked).then_some(MissRule::Blocked);
+                [
+                    blocked,
+                    closed.map(MissRule::Closed),
+                    self.evidence.routed.map(MissRule::Routed),
+                    nobody,
+                    Some(observed),
+                ]
+                .into_iter()
+                .flatten()
+                .min_by_key(|r| r.reason().precedence())
+                .unwrap_or(observed)
             }
             Direction::Outbound | Direction::Internal => {
                 if let Some(r) = closed {
-                    return r;
+                    return MissRule::Closed(r);
                 }
                 match self.evidence.originate {
-                    OriginateLeg::Failed | OriginateLeg::Originated => return MissedReason::Failed,
-                    OriginateLeg::AgentRinging => return MissedReason::AgentNoAnswer,
+                    OriginateLeg::Failed | OriginateLeg::Originated => return MissRule::OriginateFailed,
+                    OriginateLeg::AgentRinging => return MissRule::AgentNoAnswer,
                     OriginateLeg::NotOriginated | OriginateLeg::AgentAnswered => {}
                 }
                 match dial {
-                    Some(DialStatus::NoAnswer) => MissedReason::NoAnswer,
-                    Some(DialStatus::Busy) => MissedReason::Busy,
-                    None if lost => MissedReason::Lost,
-                    Some(DialStatus::Cancel) | None => MissedReason::Cancelled,
-                    Some(_) => MissedReason::Failed,
+                    Some(DialStatus::NoAnswer) => MissRule::DialNoAnswer,
+                    Some(DialStatus::Busy) => MissRule::DialBusy,
+                    None if lost => MissRule::Lost,
+                    Some(DialStatus::Cancel) => MissRule::DialCancelled,
+                    None => MissRule::NothingDialled,
+                    Some(_) => MissRule::DialFailed,
                 }
             }
         }

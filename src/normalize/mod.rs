@@ -47,6 +47,8 @@
 //! - [`input`]: the AMI event names, parsed once per frame;
 //! - [`headers`]: the AMI header names read;
 //! - `call.rs`: one call's state machine;
+//! - `miss_rule.rs`: which evidence decided a missed call's reason (read
+//!   by `callbridge explain` through [`Normalizer::miss_rule`]);
 //! - `presence.rs`: agent presence and `agent.availability`;
 //! - `resync.rs`: reconciling with the PBX (resync after a reconnection,
 //!   the stuck-call sweeper's suspects).
@@ -54,6 +56,7 @@
 mod call;
 pub mod headers;
 pub mod input;
+mod miss_rule;
 mod persist;
 mod presence;
 mod resync;
@@ -70,6 +73,7 @@ use headers::{
 };
 use input::AmiEvent;
 
+pub use miss_rule::MissRule;
 pub use persist::{CallCheckpoint, Restored, RestoredCall, CHECKPOINT_FORMAT};
 pub use presence::{device_state_unavailable, AgentPresence, PresenceMap};
 pub use resync::{PbxChannels, StuckCause, StuckLimits, Suspect};
@@ -305,6 +309,21 @@ impl Normalizer {
     /// Time of the last event seen for a live call.
     pub fn last_activity(&self, id: &str) -> Option<Micros> {
         self.calls.get(id).map(|c| c.last_event_at)
+    }
+
+    /// The live call a channel (`Uniqueid`) belongs to (read-only; for
+    /// `callbridge explain`, which attributes frames to calls).
+    pub fn call_of_channel(&self, uniqueid: &str) -> Option<&CallId> {
+        self.channel_call.get(uniqueid)
+    }
+
+    /// The rule that would decide the live call `id`'s missed reason if
+    /// it ended unanswered now, with `end`; `None` when it is not live or
+    /// was answered. Computed on demand from the evidence the call keeps
+    /// anyway: the normalizer records nothing for it.
+    pub fn miss_rule(&self, id: &str, end: EndReason) -> Option<MissRule> {
+        let call = self.calls.get(id)?;
+        call.unanswered().then(|| call.miss_rule(call.closed_reason(self.rules.as_ref()), end))
     }
 
     /// Handles one AMI frame; appends the resulting events to `out`.

@@ -133,8 +133,12 @@ fn queue_timeout_is_not_an_abandon() {
     t.chan(0, "QueueCallerAbandon", c.0, c.1, "1.1", &[("Queue", "700")]);
     t.chan(0, "QueueCallerLeave", c.0, c.1, "1.1", &[("Queue", "700")]);
     t.chan(0, "VarSet", c.0, c.1, "1.1", &[("Variable", "QUEUESTATUS"), ("Value", "TIMEOUT")]);
+    // The rule is the timeout that came after the abandon; lost, still the timeout.
+    assert_eq!(t.n.miss_rule("1.1", EndReason::Normal), Some(MissRule::QueueTimeout));
+    assert_eq!(t.n.miss_rule("1.1", EndReason::Lost), Some(MissRule::QueueTimeout));
     t.chan(0, "SoftHangupRequest", c.0, c.1, "1.1", &[("Cause", "16")]);
     t.chan(0, "Hangup", c.0, c.1, "1.1", &[("Cause", "16"), ("Cause-txt", "Normal Clearing")]);
+    assert_eq!(t.n.miss_rule("1.1", EndReason::Normal), None, "ended: no longer live");
     assert_eq!(
         t.types("1.1"),
         ["call.started", "call.queued", "call.offered", "call.offer_ended", "call.missed", "call.ended"]
@@ -662,8 +666,11 @@ fn missed_reason_precedence() {
                 t.chan(0, "VarSet", c.0, c.1, "1.1", &[("Variable", "QUEUESTATUS"), ("Value", "LEAVEEMPTY")]);
             }
         }
+        // The rule read before the last hangup is the one the hangup applies.
+        let rule = t.n.miss_rule("1.1", EndReason::Normal).expect("live and unanswered");
         t.chan(0, "Hangup", c.0, c.1, "1.1", &[("Cause", "16")]);
         assert_eq!(t.missed("1.1"), *want, "{case}");
+        assert_eq!(rule.reason(), *want, "{case}: {rule:?}");
     }
 }
 

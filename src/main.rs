@@ -86,6 +86,13 @@ enum Command {
         #[arg(long)]
         rotate_mb: Option<u64>,
     },
+    /// Create the JetStream stream of each NATS sink, or check the existing
+    /// one, and print what exists. Never changes or deletes a stream.
+    NatsSetup {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Validate a configuration file: every problem (exit 64), or a summary.
     CheckConfig {
         /// Configuration file (TOML).
@@ -110,6 +117,7 @@ fn main() -> ExitCode {
             commands::run(config, api_listen, Duration::from_secs(shutdown_seconds))
         }
         Command::Record { config, out, rotate_mb } => commands::record(&config, out, rotate_mb),
+        Command::NatsSetup { config } => commands::nats_setup(&config),
         Command::Replay { config, speed, serve: true, api_listen, traces, .. } => commands::daemon(RunOptions {
             config_path: config,
             source: SourceSpec::Traces { paths: traces, speed },

@@ -339,3 +339,20 @@ pub fn nats_setup(config_path: &Path) -> Outcome {
         Err(e) => Outcome::Failed(e),
     }
 }
+
+/// `callbridge tail --nats URL`: prints the stream's events as JSON lines
+/// until interrupted (see `crate::sink::nats_tail`).
+pub fn tail(opts: crate::sink::nats_tail::TailOptions) -> Outcome {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(o) => return o,
+    };
+    let result = rt.block_on(async {
+        let mut out = std::io::stdout();
+        tokio::select! {
+            r = crate::sink::nats_tail::tail(&opts, &mut out) => r.map(|_| ()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    });
+    result.into()
+}

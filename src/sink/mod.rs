@@ -45,6 +45,7 @@
 pub mod jsonl;
 pub mod nats;
 pub mod nats_setup;
+pub mod nats_tail;
 pub mod redact;
 pub mod signature;
 pub mod webhook;

@@ -5,6 +5,8 @@
 //! outbox), and a nats-server killed with SIGKILL and restarted on its file
 //! store in the middle of a 100,000-event replay loses and doubles nothing.
 //! `callbridge tail` reads the stream back (ephemeral and durable consumers).
+//! Events published before the stream exists wait (retried) and go once
+//! `nats-setup` created it.
 
 mod delivery_common;
 mod nats_common;
@@ -160,4 +162,37 @@ async fn nats_server_killed_mid_run_loses_and_doubles_nothing() {
     eprintln!("replay done in {:.1} s", started.elapsed().as_secs_f64());
     let stored = read_stream(&nats.url(), STREAM).await;
     check_exactly_once_in_order(&stored, &expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wait_for_a_missing_stream_and_go_once_it_exists() {
+    if !nats_present("events_wait_for_a_missing_stream_and_go_once_it_exists") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(tmp.path());
+    let config = write_config(tmp.path(), &nats.url(), "outbox");
+    let log_path = tmp.path().join("callbridge.log");
+    let mut child = callbridge(&["replay", "--drain-timeout-seconds", "60"], &config)
+        .arg(a11())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("start callbridge");
+    // No stream captures the subjects yet: the server has no responders,
+    // and the sink retries instead of dropping or parking anything.
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("no stream captures the subject") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no retry logged:\n{}",
+            std::fs::read_to_string(&log_path).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ok("nats-setup", callbridge(&["nats-setup"], &config).output().unwrap());
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "replay failed ({status}):\n{}", std::fs::read_to_string(&log_path).unwrap());
+    let expected: Vec<String> = a11_events().iter().map(|e| e.id("lab")).collect();
+    check_exactly_once_in_order(&read_stream(&nats.url(), STREAM).await, &expected);
 }

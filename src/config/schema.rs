@@ -492,8 +492,8 @@ fn check_nats_url(s: &str) -> Result<(), String> {
 }
 
 fn without_credentials(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(i), Some(j)) if j > i => format!("{}***{}", &url[..i + 3], &url[j..]),
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, rest)), Some((_, host))) if rest.contains('@') => format!("{scheme}://***@{host}"),
         _ => url.to_string(),
     }
 }

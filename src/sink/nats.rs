@@ -440,7 +440,7 @@ mod tests {
         let sink = NatsSink::from_config(0, "nats", &c, &c.sinks[0]).unwrap();
         let (subject, h, _) = sink.message(&rec(7, "1.0"));
         assert_eq!(subject, "cb.lab.support.call.answered");
-        assert_eq!(h.get("Nats-Msg-Id").map(|v| v.as_str()), Some("lab:1.0:7"));
+        assert_eq!(h.get(async_nats::header::NATS_MESSAGE_ID).map(|v| v.as_str()), Some("lab:1.0:7"));
         assert_eq!(h.get("ce-id").map(|v| v.as_str()), Some("lab:1.0:7"));
         assert_eq!(h.get("ce-type").map(|v| v.as_str()), Some("call.answered"));
         assert_eq!(h.get("ce-source").map(|v| v.as_str()), Some("callbridge/lab"));

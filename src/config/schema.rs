@@ -971,7 +971,39 @@ mod tests {
         if let Some((k, v)) = tag {
             t.insert(k.to_string(), Value::String(v.to_string()));
         }
+        if tag == Some(("type", "nats")) {
+            // One way to authenticate at a time: creds_file here; the
+            // others are checked by `nats_auth_variants`.
+            t.insert("url".into(), Value::String("nats://127.0.0.1:4222".into()));
+            for k in NATS_OTHER_AUTH {
+                t.remove(k);
+            }
+        }
         t
+    }
+
+    const NATS_OTHER_AUTH: [&str; 3] = ["user", "secret", "nkey_seed_file"];
+
+    /// The whole document with the NATS sink authenticating each other way.
+    fn nats_auth_variants(doc: &Table) -> Vec<Table> {
+        let auths: [&[(&str, &str)]; 3] =
+            [&[("user", "u"), ("secret", "p")], &[("secret", "token")], &[("nkey_seed_file", "/run/seed")]];
+        auths
+            .iter()
+            .map(|auth| {
+                let mut doc = doc.clone();
+                let sinks = doc.get_mut("sinks").and_then(Value::as_array_mut).expect("sinks");
+                for sink in sinks.iter_mut().filter_map(Value::as_table_mut) {
+                    if sink.get("type").and_then(Value::as_str) == Some("nats") {
+                        sink.remove("creds_file");
+                        for (k, v) in auth.iter() {
+                            sink.insert((*k).into(), Value::String((*v).into()));
+                        }
+                    }
+                }
+                doc
+            })
+            .collect()
     }
 
     #[test]
@@ -994,6 +1026,13 @@ mod tests {
         }
         let parsed: Result<super::super::Config, _> = doc2.try_into();
         assert!(parsed.is_ok(), "{parsed:?}");
+        for variant in nats_auth_variants(&doc) {
+            let mut problems = Vec::new();
+            walk("", &variant, &ROOT, &mut problems);
+            assert!(problems.is_empty(), "{problems:#?}");
+            let parsed: Result<super::super::Config, _> = variant.try_into();
+            assert!(parsed.is_ok(), "{parsed:?}");
+        }
     }
 
     #[test]

@@ -105,6 +105,39 @@ enum Command {
         #[arg(long)]
         rotate_mb: Option<u64>,
     },
+    /// Create the JetStream stream of each NATS sink, or check the existing
+    /// one, and print what exists. Never changes or deletes a stream.
+    NatsSetup {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the events of a NATS stream as JSON lines (watch a site's calls).
+    Tail {
+        /// NATS server(s), comma-separated (nats://host:4222).
+        #[arg(long)]
+        nats: String,
+        /// Subject filter: every site's call events by default; one site:
+        /// callbridge.<pbx>.>
+        #[arg(long, default_value = "callbridge.*.call.>")]
+        subject: String,
+        /// The stream.
+        #[arg(long, default_value = "CALLBRIDGE")]
+        stream: String,
+        /// A durable consumer of this name (acknowledges what it printed; a
+        /// restart goes on from there). Without it: an ephemeral one.
+        #[arg(long)]
+        durable: Option<String>,
+        /// Start with the oldest event the stream holds, not the next new one.
+        #[arg(long)]
+        all: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// A .creds file for the connection.
+        #[arg(long)]
+        creds_file: Option<String>,
+    },
     /// Validate a configuration file: every problem (exit 64), or a summary.
     CheckConfig {
         /// Configuration file (TOML).
@@ -131,6 +164,18 @@ fn main() -> ExitCode {
         Command::Record { config, out, rotate_mb } => commands::record(&config, out, rotate_mb),
         Command::Explain { config, call, html, max_live_calls, trace } => {
             commands::explain(ExplainOptions { config_path: config, trace, call, html, max_live_calls })
+        }
+        Command::NatsSetup { config } => commands::nats_setup(&config),
+        Command::Tail { nats, subject, stream, durable, all, count, creds_file } => {
+            commands::tail(callbridge::sink::nats_tail::TailOptions {
+                url: nats,
+                stream,
+                subject,
+                durable,
+                all,
+                creds_file,
+                count,
+            })
         }
         Command::Replay { config, speed, serve: true, api_listen, traces, .. } => commands::daemon(RunOptions {
             config_path: config,

@@ -359,3 +359,47 @@ async fn store_replayed(
 pub fn run(config_path: PathBuf, api_listen: Option<String>, shutdown_deadline: Duration) -> Outcome {
     daemon(RunOptions { config_path, source: SourceSpec::Ami, api_listen, shutdown_deadline })
 }
+
+/// `callbridge nats-setup`: creates or checks the JetStream stream of every
+/// NATS sink (see `crate::sink::nats_setup`); prints what exists. Fails
+/// when a stream exists but does not fit the configuration.
+pub fn nats_setup(config_path: &Path) -> Outcome {
+    let config = match load(config_path) {
+        Ok(c) => c,
+        Err(o) => return o,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(o) => return o,
+    };
+    match rt.block_on(crate::sink::nats_setup::setup(&config)) {
+        Ok((report, fits)) => {
+            print!("{report}");
+            if fits {
+                Outcome::Done
+            } else {
+                Outcome::Failed(anyhow::anyhow!(
+                    "a stream does not fit the configuration (see above); nothing was changed"
+                ))
+            }
+        }
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// `callbridge tail --nats URL`: prints the stream's events as JSON lines
+/// until interrupted (see `crate::sink::nats_tail`).
+pub fn tail(opts: crate::sink::nats_tail::TailOptions) -> Outcome {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(o) => return o,
+    };
+    let result = rt.block_on(async {
+        let mut out = std::io::stdout();
+        tokio::select! {
+            r = crate::sink::nats_tail::tail(&opts, &mut out) => r.map(|_| ()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    });
+    result.into()
+}

@@ -83,6 +83,31 @@ pub(crate) fn cross_check(root: &Table, out: &mut Vec<String>) {
     check_groups(&groups, &agents, out);
     check_redirects(&groups, root.contains_key("caller_lookup"), out);
     check_routing_cycles(&groups, out);
+    check_nats_subjects(root, &groups, out);
+}
+
+/// A NATS sink's subject puts the PBX name and group ids in as tokens:
+/// they must not split the subject or act as wildcards.
+fn check_nats_subjects(root: &Table, groups: &[GroupEntry], out: &mut Vec<String>) {
+    for (index, sink) in entries(root, "sinks") {
+        if sink.get("type").and_then(Value::as_str) != Some("nats") {
+            continue;
+        }
+        let subject = sink.get("subject").and_then(Value::as_str).unwrap_or("callbridge.{pbx}.{type}");
+        let pbx = root.get("pbx").and_then(Value::as_table).and_then(|p| p.get("name")).and_then(Value::as_str);
+        if let Some(name) = pbx.filter(|_| subject.split('.').any(|t| t == "{pbx}")) {
+            if let Err(why) = super::schema::check_subject_token(name) {
+                out.push(format!("pbx.name: used as a token of sinks[{index}].subject: {why}"));
+            }
+        }
+        if subject.split('.').any(|t| t == "{group}") {
+            for g in groups {
+                if let Some(Err(why)) = g.id.map(super::schema::check_subject_token) {
+                    out.push(format!("groups[{}].id: used as a token of sinks[{index}].subject: {why}", g.index));
+                }
+            }
+        }
+    }
 }
 
 /// The keys of a group that redirect callers by who they are.

@@ -221,6 +221,11 @@ impl Config {
                     secret.describe(),
                     if *honour_reject { "hung up" } else { "not hung up" }
                 )?,
+                SinkConfig::Nats { connection, subject, stream, batch_size, .. } => writeln!(
+                    s,
+                    "  nats      {}, subject {subject}, stream {stream}, {batch_size} event(s) per batch",
+                    connection.url.split(',').map(|u| without_userinfo(u.trim())).collect::<Vec<_>>().join(",")
+                )?,
             }
         }
         Ok(())

@@ -702,6 +702,107 @@ pub enum SinkConfig {
         #[serde(default)]
         honour_reject: bool,
     },
+    /// CloudEvents published into a NATS JetStream stream (see
+    /// `crate::sink::nats`): acknowledged by the stream's `PubAck`.
+    Nats {
+        /// Default: `nats`. Must be unique among the sinks.
+        name: Option<String>,
+        #[serde(flatten)]
+        connection: NatsConnectionConfig,
+        /// The password (with `user`) or the token: `secret`, `secret_file`
+        /// or `secret_env`; none without authentication or with a file.
+        #[serde(flatten)]
+        secret: SecretSource,
+        /// Subject of each event: `{pbx}`, `{type}` (`call.answered`, two
+        /// tokens) and `{group}` (the call's group, `_` without one) are
+        /// replaced. Default `callbridge.{pbx}.{type}`.
+        #[serde(default = "default_nats_subject")]
+        subject: String,
+        /// The stream that captures the subjects (`nats-setup` creates it).
+        #[serde(default = "default_nats_stream")]
+        stream: String,
+        /// Subjects of the stream (`nats-setup`); default: the subject
+        /// template's literal prefix followed by `>` (`callbridge.>`), so
+        /// one stream carries every site.
+        #[serde(default)]
+        stream_subjects: Vec<String>,
+        /// Copies of each message in a cluster (1, 3 or 5; `nats-setup`).
+        #[serde(default = "default_nats_replicas")]
+        replicas: usize,
+        /// How long the stream remembers message ids to drop duplicates
+        /// (`nats-setup`). Default: 2 minutes, and at least three lease
+        /// periods plus a minute when `[ha]` is set (a new leader delivers
+        /// again what the old one may have published in its last period).
+        #[serde(default)]
+        duplicate_window_seconds: Option<f64>,
+        /// How long the stream keeps messages (`nats-setup`; 0: until
+        /// removed by other limits). Default: 7 days.
+        #[serde(default = "default_nats_max_age")]
+        max_age_seconds: f64,
+        /// Events of one attempt at most (published together, acknowledged
+        /// together; a call's events within it wait for each other's
+        /// PubAck).
+        #[serde(default = "default_nats_batch")]
+        batch_size: usize,
+        /// How long a batch may wait for its PubAcks.
+        #[serde(default = "default_sink_timeout")]
+        timeout_seconds: f64,
+        #[serde(default = "default_max_backoff")]
+        max_backoff_seconds: f64,
+        /// Batches in flight at once (different calls).
+        #[serde(default = "default_sink_concurrency")]
+        concurrency: usize,
+        /// How long one event is retried before it becomes a dead letter
+        /// (0: for ever). Default: a day.
+        #[serde(default = "default_max_retry")]
+        max_retry_seconds: f64,
+    },
+}
+
+/// How to reach a NATS server (the NATS sink, `[ha]`): the servers and the
+/// credentials. One of `creds_file`, `nkey_seed_file`, or the secret
+/// (`secret`/`secret_file`/`secret_env`: the password with `user`, the
+/// token without); none for a server without authentication.
+///
+/// The secret is a field beside it (serde cannot flatten a flattened
+/// struct's flattened fields under `deny_unknown_fields`). No
+/// `deny_unknown_fields` here: it is flattened into `[[sinks]]`, where that
+/// would refuse the sink's own keys; the schema walk refuses unknown keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct NatsConnectionConfig {
+    /// One server or several, comma-separated
+    /// (`nats://a:4222,nats://b:4222`; `tls://` for TLS).
+    pub url: String,
+    /// A user name (the password is the secret beside it).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// A `.creds` file (JWT and NKey seed, as `nsc` writes it).
+    #[serde(default)]
+    pub creds_file: Option<String>,
+    /// A file holding an NKey seed (`SU…`).
+    #[serde(default)]
+    pub nkey_seed_file: Option<String>,
+    /// PEM file of certificate authorities to trust (TLS is then required).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    #[serde(default = "default_sink_connect_timeout")]
+    pub connect_timeout_seconds: f64,
+}
+
+fn default_nats_subject() -> String {
+    "callbridge.{pbx}.{type}".to_string()
+}
+fn default_nats_stream() -> String {
+    "CALLBRIDGE".to_string()
+}
+fn default_nats_replicas() -> usize {
+    1
+}
+fn default_nats_max_age() -> f64 {
+    7.0 * 86_400.0
+}
+fn default_nats_batch() -> usize {
+    256
 }
 
 fn default_max_retry() -> f64 {
@@ -776,6 +877,7 @@ impl SinkConfig {
             SinkConfig::Jsonl { .. } => "jsonl",
             SinkConfig::Webhook { .. } => "webhook",
             SinkConfig::Zammad { .. } => "zammad",
+            SinkConfig::Nats { .. } => "nats",
         }
     }
 }
@@ -863,7 +965,10 @@ impl Config {
             match sink {
                 SinkConfig::Webhook { secret, .. } => all.push((format!("sinks[{i}]"), secret, SecretUse::SigningKey)),
                 SinkConfig::Zammad { secret, .. } => all.push((format!("sinks[{i}]"), secret, SecretUse::PathToken)),
-                SinkConfig::Jsonl { .. } => {}
+                SinkConfig::Nats { secret, .. } if secret.is_set() => {
+                    all.push((format!("sinks[{i}]"), secret, SecretUse::Password))
+                }
+                SinkConfig::Jsonl { .. } | SinkConfig::Nats { .. } => {}
             }
         }
         all

@@ -470,6 +470,142 @@ static SINK_ZAMMAD: TableSchema = TableSchema {
     check: Some(check_secret_source),
 };
 
+/// A NATS server list: `nats://`, `tls://`, `ws://` URLs or `host:port`,
+/// comma-separated.
+fn check_nats_url(s: &str) -> Result<(), String> {
+    for part in s.split(',').map(str::trim) {
+        let rest = ["nats://", "tls://", "ws://", "wss://"].iter().find_map(|p| part.strip_prefix(p)).unwrap_or(part);
+        let host_port = rest.rsplit('@').next().unwrap_or(rest);
+        if host_port.is_empty() || host_port.contains('/') || host_port.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "{part:?} is not a NATS server (e.g. \"nats://127.0.0.1:4222\", several separated by commas)"
+            ));
+        }
+        if part.contains("://") && rest.contains('@') {
+            return Err(format!(
+                "{:?}: put credentials in user/secret, creds_file or nkey_seed_file, not in the URL",
+                without_credentials(part)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn without_credentials(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, rest)), Some((_, host))) if rest.contains('@') => format!("{scheme}://***@{host}"),
+        _ => url.to_string(),
+    }
+}
+
+/// A NATS subject token taken from configuration: no `.`, wildcards or
+/// white space.
+pub(crate) fn check_subject_token(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.chars().any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control()) {
+        Err(format!("{s:?} cannot be one NATS subject token (no '.', '*', '>' or white space)"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The placeholders a NATS subject template may hold.
+pub(crate) const SUBJECT_PLACEHOLDERS: [&str; 3] = ["{pbx}", "{type}", "{group}"];
+
+/// `callbridge.{pbx}.{type}`: dot-separated tokens, each literal or one
+/// placeholder; no wildcards.
+pub(crate) fn check_subject_template(s: &str) -> Result<(), String> {
+    for token in s.split('.') {
+        if SUBJECT_PLACEHOLDERS.contains(&token) {
+            continue;
+        }
+        if token.contains('{') || token.contains('}') {
+            return Err(format!(
+                "{s:?}: {token:?} is not a placeholder: a token is literal or one of {{pbx}}, {{type}}, {{group}}"
+            ));
+        }
+        check_subject_token(token).map_err(|e| format!("{s:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A subject filter (`callbridge.>`): tokens, `*` or a final `>`.
+fn check_subject_filter(s: &str) -> Result<(), String> {
+    let tokens: Vec<&str> = s.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        let wildcard = *token == "*" || (*token == ">" && i + 1 == tokens.len());
+        if !wildcard {
+            check_subject_token(token).map_err(|e| format!("{s:?}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// One way to authenticate: `creds_file`, `nkey_seed_file`, or the secret
+/// (a password with `user`, a token without); `user` needs a password.
+fn check_nats_auth(path: &str, table: &Table, out: &mut Vec<String>) {
+    let secrets = SECRET_KEYS.iter().filter(|k| table.contains_key(**k)).count();
+    if secrets > 1 || table.contains_key("user") {
+        check_secret_source(path, table, out);
+    }
+    let mut ways: Vec<&str> = ["creds_file", "nkey_seed_file"].into_iter().filter(|k| table.contains_key(*k)).collect();
+    if secrets > 0 {
+        ways.push(if table.contains_key("user") { "user/secret" } else { "secret (token)" });
+    }
+    if ways.len() > 1 {
+        out.push(format!("{path}: {} are all set: choose one way to authenticate", ways.join(", ")));
+    }
+    if table.contains_key("user") && ways.len() > 1 {
+        out.push(format!("{path}.user: a user name goes with a password (secret) only"));
+    }
+}
+
+const NATS_CONNECTION_FIELDS: [Field; 8] = [
+    req("url", Kind::Str(Some(check_nats_url))),
+    opt("user", Kind::Str(Some(check_non_empty))),
+    SECRET_FIELDS[0],
+    SECRET_FIELDS[1],
+    SECRET_FIELDS[2],
+    opt("creds_file", Kind::Str(Some(check_non_empty))),
+    opt("nkey_seed_file", Kind::Str(Some(check_non_empty))),
+    opt("ca_file", Kind::Str(Some(check_non_empty))),
+];
+
+static SINK_NATS: TableSchema = TableSchema {
+    name: "sinks[] (type = \"nats\")",
+    fields: &[
+        req("type", STR),
+        opt("name", Kind::Str(Some(check_id))),
+        NATS_CONNECTION_FIELDS[0],
+        NATS_CONNECTION_FIELDS[1],
+        NATS_CONNECTION_FIELDS[2],
+        NATS_CONNECTION_FIELDS[3],
+        NATS_CONNECTION_FIELDS[4],
+        NATS_CONNECTION_FIELDS[5],
+        NATS_CONNECTION_FIELDS[6],
+        NATS_CONNECTION_FIELDS[7],
+        opt("connect_timeout_seconds", SECONDS),
+        opt("subject", Kind::Str(Some(check_subject_template))),
+        opt("stream", Kind::Str(Some(check_subject_token))),
+        opt("stream_subjects", Kind::Strings(Some(check_subject_filter))),
+        opt("replicas", Kind::Count { min: 1, why: "a stream keeps at least one copy" }),
+        opt("duplicate_window_seconds", SECONDS),
+        opt("max_age_seconds", Kind::SecondsOrOff),
+        opt("batch_size", Kind::Count { min: 1, why: "an attempt carries at least one event" }),
+        opt("timeout_seconds", SECONDS),
+        opt("max_backoff_seconds", SECONDS),
+        opt("concurrency", Kind::Count { min: 1, why: "at least one batch must be able to be in flight" }),
+        opt("max_retry_seconds", Kind::SecondsOrOff),
+    ],
+    check: Some(check_nats_sink),
+};
+
+fn check_nats_sink(path: &str, table: &Table, out: &mut Vec<String>) {
+    check_nats_auth(path, table, out);
+    if let Some(n) = table.get("replicas").and_then(Value::as_integer).filter(|n| *n > 5) {
+        out.push(format!("{path}.replicas: {n} copies; JetStream keeps at most 5 (use 1, 3 or 5)"));
+    }
+}
+
 static OUTBOX: TableSchema = TableSchema {
     name: "outbox",
     fields: &[
@@ -565,7 +701,12 @@ pub(crate) static ROOT: TableSchema = TableSchema {
             "sinks",
             Kind::TaggedTables {
                 tag: "type",
-                variants: &[("jsonl", &SINK_JSONL), ("webhook", &SINK_WEBHOOK), ("zammad", &SINK_ZAMMAD)],
+                variants: &[
+                    ("jsonl", &SINK_JSONL),
+                    ("webhook", &SINK_WEBHOOK),
+                    ("zammad", &SINK_ZAMMAD),
+                    ("nats", &SINK_NATS),
+                ],
             },
         ),
     ],
@@ -831,7 +972,39 @@ mod tests {
         if let Some((k, v)) = tag {
             t.insert(k.to_string(), Value::String(v.to_string()));
         }
+        if tag == Some(("type", "nats")) {
+            // One way to authenticate at a time: creds_file here; the
+            // others are checked by `nats_auth_variants`.
+            t.insert("url".into(), Value::String("nats://127.0.0.1:4222".into()));
+            for k in NATS_OTHER_AUTH {
+                t.remove(k);
+            }
+        }
         t
+    }
+
+    const NATS_OTHER_AUTH: [&str; 3] = ["user", "secret", "nkey_seed_file"];
+
+    /// The whole document with the NATS sink authenticating each other way.
+    fn nats_auth_variants(doc: &Table) -> Vec<Table> {
+        let auths: [&[(&str, &str)]; 3] =
+            [&[("user", "u"), ("secret", "p")], &[("secret", "token")], &[("nkey_seed_file", "/run/seed")]];
+        auths
+            .iter()
+            .map(|auth| {
+                let mut doc = doc.clone();
+                let sinks = doc.get_mut("sinks").and_then(Value::as_array_mut).expect("sinks");
+                for sink in sinks.iter_mut().filter_map(Value::as_table_mut) {
+                    if sink.get("type").and_then(Value::as_str) == Some("nats") {
+                        sink.remove("creds_file");
+                        for (k, v) in auth.iter() {
+                            sink.insert((*k).into(), Value::String((*v).into()));
+                        }
+                    }
+                }
+                doc
+            })
+            .collect()
     }
 
     #[test]
@@ -854,6 +1027,13 @@ mod tests {
         }
         let parsed: Result<super::super::Config, _> = doc2.try_into();
         assert!(parsed.is_ok(), "{parsed:?}");
+        for variant in nats_auth_variants(&doc) {
+            let mut problems = Vec::new();
+            walk("", &variant, &ROOT, &mut problems);
+            assert!(problems.is_empty(), "{problems:#?}");
+            let parsed: Result<super::super::Config, _> = variant.try_into();
+            assert!(parsed.is_ok(), "{parsed:?}");
+        }
     }
 
     #[test]

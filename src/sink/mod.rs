@@ -1,5 +1,6 @@
 //! Sinks deliver the outbox's events to the helpdesk (SPEC §6): the delivery
-//! runner here, one module per destination (`webhook`, `zammad`, `jsonl`),
+//! runner here, one module per destination (`webhook`, `zammad`, `jsonl`,
+//! `nats`),
 //! and the Standard Webhooks signature (`signature`).
 //!
 //! One runner per configured sink reads that sink's queue in the outbox in
@@ -42,6 +43,9 @@
 //! `callbridge_sink_retries_total{sink}`, `callbridge_dead_letters_total{sink}`.
 
 pub mod jsonl;
+pub mod nats;
+pub mod nats_setup;
+pub mod nats_tail;
 pub mod redact;
 pub mod signature;
 pub mod webhook;
@@ -278,6 +282,7 @@ impl Runners {
                 ConfiguredSink::Webhook(s) => self.spawn(s),
                 ConfiguredSink::Zammad(s) => self.spawn(s),
                 ConfiguredSink::Jsonl(s) => self.spawn(s),
+                ConfiguredSink::Nats(s) => self.spawn(s),
             }
         }
     }
@@ -300,6 +305,7 @@ pub enum ConfiguredSink {
     Webhook(Arc<webhook::WebhookSink>),
     Zammad(Arc<zammad::ZammadSink>),
     Jsonl(Arc<jsonl::JsonlSink>),
+    Nats(Arc<nats::NatsSink>),
 }
 
 /// The name of each `[[sinks]]` entry (`name`, or the type); an error when
@@ -311,6 +317,7 @@ pub fn sink_names(config: &Config) -> Result<Vec<String>, SinkError> {
             SinkConfig::Jsonl { name, .. } => name.clone().unwrap_or_else(|| "jsonl".into()),
             SinkConfig::Webhook { name, .. } => name.clone().unwrap_or_else(|| "webhook".into()),
             SinkConfig::Zammad { name, .. } => name.clone().unwrap_or_else(|| "zammad".into()),
+            SinkConfig::Nats { name, .. } => name.clone().unwrap_or_else(|| "nats".into()),
         };
         if names.contains(&name) {
             return Err(SinkError::DuplicateName { index, name });
@@ -354,6 +361,9 @@ pub fn build_sinks(config: &Config, ctx: &SinkContext) -> Result<Vec<ConfiguredS
             SinkConfig::Zammad { .. } => {
                 let blocker = ctx.blocker.clone();
                 ConfiguredSink::Zammad(Arc::new(zammad::ZammadSink::from_config(index, &name, s, config, blocker)?))
+            }
+            SinkConfig::Nats { .. } => {
+                ConfiguredSink::Nats(Arc::new(nats::NatsSink::from_config(index, &name, config, s)?))
             }
         });
     }

@@ -4,7 +4,7 @@
 //! webhook sink, at 5,000 and at 50,000 frames/s.
 //!
 //! The AMI side is a scripted server in this benchmark: it logs the daemon
-//! in, answers its actions (anything but `Ping` with an error: no resync
+//! in (any credentials), answers its actions (anything but `Ping` with an error: no resync
 //! listing), then writes whole real calls — copies of
 //! `fixtures/ami/a01-inbound-answered.ami` and of the outbound
 //! `a07-outbound-answered.ami`, each with its own ids — paced on
@@ -95,6 +95,7 @@ fn answer_actions(read: TcpStream, write: Arc<Mutex<TcpStream>>, logged_in: std:
         }
         let reply = match action.as_str() {
             "login" => format!("Response: Success\r\nActionID: {id}\r\nMessage: Authentication accepted\r\n\r\n"),
+            "challenge" => format!("Response: Success\r\nActionID: {id}\r\nChallenge: 840415273\r\n\r\n"),
             "ping" => format!("Response: Success\r\nActionID: {id}\r\nPing: Pong\r\n\r\n"),
             _ => format!("Response: Error\r\nActionID: {id}\r\nMessage: not in this benchmark\r\n\r\n"),
         };
@@ -120,7 +121,10 @@ fn serve(listener: TcpListener, rate: u64, seconds: u64) -> u64 {
     let (tx, rx) = std::sync::mpsc::channel();
     let w = writer.clone();
     std::thread::spawn(move || answer_actions(stream, w, tx));
-    rx.recv_timeout(Duration::from_secs(30)).expect("the daemon logs in");
+    if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        eprintln!("the daemon did not log in");
+        return 0;
+    }
     // Its resync actions come and go first.
     std::thread::sleep(Duration::from_millis(300));
     let start = Instant::now();
@@ -214,6 +218,10 @@ fn main() {
         let daemon = Daemon::start(Command::new(callbridge_bin()), &config, dir.path());
         let first = now_us() + WARM_UP_US;
         let frames = server.join().expect("the AMI side");
+        if frames == 0 {
+            let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+            panic!("nothing was streamed; the daemon's log:\n{log}");
+        }
         // The last events on their way.
         std::thread::sleep(Duration::from_secs(2));
         daemon.stop();

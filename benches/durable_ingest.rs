@@ -170,7 +170,7 @@ struct Run {
 fn daemon_run(a: &Args, server: &FakeAmi, receiver: &Receiver, run: usize) -> Run {
     let dir = tempfile::Builder::new().prefix("callbridge-ingest-").tempdir().expect("tempdir");
     let config = config(dir.path(), server.port, receiver.addr, a.batch_size);
-    let bin = a.bin.clone().unwrap_or_else(|| callbridge_bin());
+    let bin = a.bin.clone().unwrap_or_else(callbridge_bin);
     let cmd = match &a.perf {
         Some(out) => {
             let mut c = Command::new("perf");

@@ -102,8 +102,18 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     // A caller the helpdesk rejects is hung up through the control path:
     // the pipeline marks the call, then the PBX hangs the caller up.
     let blocker = blocker::PbxBlocker::new(cmd_tx.clone(), ami.clone());
-    let sink_ctx = crate::sink::SinkContext { blocker: Some(Arc::new(blocker)) };
+    // A hot-standby pair delivers only while it holds the lease.
+    let leadership = Arc::new(match &config.ha {
+        Some(ha) => crate::ha::Leadership::paired(&ha.node_name()),
+        None => crate::ha::Leadership::single(),
+    });
+    let gate = config.ha.is_some().then(|| leadership.gate());
+    let sink_ctx = crate::sink::SinkContext { blocker: Some(Arc::new(blocker)), gate };
     let delivery = Delivery::for_daemon(&config, readiness.clone(), &sink_ctx).await?;
+    if let (Some(settings), Some(outbox)) = (crate::settings::ha(&config), delivery.outbox()) {
+        let task = tokio::spawn(crate::ha::run(settings, leadership.clone(), outbox.clone(), shutdown.clone()));
+        tasks.watch("hot standby", task);
+    }
     let shared = Arc::new(
         Shared::new(
             config.clone(),
@@ -114,7 +124,8 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
             cmd_tx,
             delivery.outbox().cloned(),
         )
-        .with_feed(Arc::new(crate::feed::Feed::new(crate::settings::feed(&config)))),
+        .with_feed(Arc::new(crate::feed::Feed::new(crate::settings::feed(&config))))
+        .with_leadership(leadership),
     );
     // A live PBX carries its calls across restarts; a replayed trace is
     // an incident reproduced from scratch.

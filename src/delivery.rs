@@ -42,6 +42,9 @@ impl Delivery {
         let outbox = Outbox::open(&config.outbox.path, OutboxOptions::from_config(config, names))
             .with_context(|| format!("opening the outbox at {}", config.outbox.path))?;
         let mut runners = sink::Runners::new(&outbox, sink::RunnerOptions::default());
+        if let Some(gate) = &ctx.gate {
+            runners = runners.with_gate(gate.clone());
+        }
         runners.spawn_configured(sinks);
         readiness.set_outbox(outbox.is_writable());
         Ok(Delivery::Outbox { outbox, runners, readiness })

@@ -59,6 +59,7 @@ pub mod routing;
 // State and delivery.
 pub mod delivery;
 pub mod feed;
+pub mod ha;
 pub mod outbox;
 pub mod registry;
 pub mod sink;

@@ -248,6 +248,17 @@ pub fn feed(config: &Config) -> crate::feed::FeedSettings {
     crate::feed::FeedSettings { pbx: config.pbx.name.clone(), window: window.max(floor) }
 }
 
+/// The hot-standby controller's settings (`[ha]`), when paired.
+pub fn ha(config: &Config) -> Option<crate::ha::HaSettings> {
+    let ha = config.ha.as_ref()?;
+    Some(crate::ha::HaSettings {
+        config: ha.clone(),
+        key: ha.key(config).to_string(),
+        node: ha.node_name(),
+        pbx: config.pbx.name.clone(),
+    })
+}
+
 /// What one API request may take (`[api]`).
 pub fn api_request_limits(api: &ApiConfig) -> crate::api::RequestLimits {
     let d = crate::api::RequestLimits::default();

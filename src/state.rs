@@ -45,6 +45,9 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Durable events as they come, for the event stream (`GET /v1/events`).
     pub feed: Arc<crate::feed::Feed>,
+    /// Whether this instance delivers and controls (a hot-standby pair's
+    /// leader, or alone).
+    pub leadership: Arc<crate::ha::Leadership>,
     pub readiness: Arc<Readiness>,
     pub indicators: Mutex<Indicators>,
     pub config: RwLock<Arc<Config>>,
@@ -80,6 +83,7 @@ impl Shared {
             directory: RwLock::new(directory),
             registry,
             feed: Arc::new(crate::feed::Feed::new(crate::feed::FeedSettings::default())),
+            leadership: Arc::new(crate::ha::Leadership::single()),
             readiness,
             ami,
             commands,
@@ -92,6 +96,12 @@ impl Shared {
     /// With the feed of the event stream (`[api] events_window`).
     pub fn with_feed(mut self, feed: Arc<crate::feed::Feed>) -> Shared {
         self.feed = feed;
+        self
+    }
+
+    /// With the role of a hot-standby pair (`[ha]`).
+    pub fn with_leadership(mut self, leadership: Arc<crate::ha::Leadership>) -> Shared {
+        self.leadership = leadership;
         self
     }
 

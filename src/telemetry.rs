@@ -144,6 +144,20 @@ pub const METRICS: &[MetricDoc] = &[
         "Calls ended as lost (vanished from the PBX: at a resync or by the stuck-call check)",
     ),
     doc("callbridge_calls_restored_total", Counter, None, "Live calls of a previous run restored at start"),
+    // The hot-standby pair.
+    doc("callbridge_ha_leader", Gauge, None, "1 while this instance delivers and controls (the leader, or alone)"),
+    doc(
+        "callbridge_ha_transitions_total",
+        Counter,
+        None,
+        "Role changes of a hot-standby instance, by the role taken (leader, standby)",
+    ),
+    doc(
+        "callbridge_ha_settled_total",
+        Counter,
+        None,
+        "Deliveries a standby marked done because the leader reported them delivered",
+    ),
     // The durable outbox.
     doc("callbridge_outbox_depth", Gauge, None, "Events not yet acknowledged by every sink"),
     doc("callbridge_outbox_oldest_age_seconds", Gauge, Some(Unit::Seconds), "Age of the oldest undelivered event"),

@@ -70,6 +70,7 @@ error_codes! {
     InternalError = "internal_error", INTERNAL_SERVER_ERROR, "a bug in callbridge (logged)";
     ShuttingDown = "shutting_down", SERVICE_UNAVAILABLE, "callbridge is stopping";
     NotReady = "not_ready", SERVICE_UNAVAILABLE, "`/readyz`: the PBX is not connected or the outbox does not accept writes";
+    NotLeader = "not_leader", SERVICE_UNAVAILABLE, "this instance is a hot standby: only the leader changes anything (the message names it)";
     // Calls.
     BadState = "bad_state", BAD_REQUEST, "`state` is not one of started, queued, ringing, talking";
     BadLimit = "bad_limit", BAD_REQUEST, "`limit` is not a whole number from 1 to 1000";

@@ -48,6 +48,14 @@ pub struct Readiness {
     /// AMI logged in (or, in SIP-only mode, the SIP side reachable).
     pub pbx_connected: bool,
     pub outbox_writable: bool,
+    /// `single` (no hot standby), `leader` or `standby` (`[ha]`). A
+    /// standby is ready: it is warm and takes over by itself; only the
+    /// leader (or an instance alone) delivers and controls.
+    #[schema(example = "leader")]
+    pub role: &'static str,
+    /// The leader's `[ha] node`, when known (itself when leading).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// `GET /readyz` when not ready: the error envelope (`not_ready`) with the
@@ -58,6 +66,33 @@ pub struct NotReady {
     pub ready: bool,
     pub pbx_connected: bool,
     pub outbox_writable: bool,
+    /// `single` (no hot standby), `leader` or `standby` (`[ha]`). A
+    /// standby is ready: it is warm and takes over by itself; only the
+    /// leader (or an instance alone) delivers and controls.
+    #[schema(example = "leader")]
+    pub role: &'static str,
+    /// The leader's `[ha] node`, when known (itself when leading).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+}
+
+/// Which part this instance plays (`[ha]`): `role` and `leader` of
+/// [`Readiness`].
+struct RoleInfo {
+    role: &'static str,
+    leader: Option<String>,
+}
+
+impl RoleInfo {
+    fn of(l: &crate::ha::Leadership) -> RoleInfo {
+        let role = l.role();
+        let leader = match &role {
+            crate::ha::Role::Single => None,
+            crate::ha::Role::Leader { .. } => l.node().map(str::to_string),
+            crate::ha::Role::Standby { leader } => leader.as_ref().map(|l| l.node.clone()),
+        };
+        RoleInfo { role: role.name(), leader }
+    }
 }
 
 /// The process is up.
@@ -76,8 +111,10 @@ pub async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let r = &shared.readiness;
     let (ready, pbx_connected, outbox_writable) =
         (r.is_ready(), r.pbx.load(Ordering::Relaxed), r.outbox.load(Ordering::Relaxed));
+    let role = RoleInfo::of(&shared.leadership);
     if ready {
-        return axum::Json(Readiness { ready, pbx_connected, outbox_writable }).into_response();
+        let RoleInfo { role, leader } = role;
+        return axum::Json(Readiness { ready, pbx_connected, outbox_writable, role, leader }).into_response();
     }
     let why: Vec<&str> =
         [(!pbx_connected, "the PBX is not connected"), (!outbox_writable, "the outbox does not accept writes")]
@@ -85,9 +122,11 @@ pub async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
             .filter_map(|(bad, what)| bad.then_some(what))
             .collect();
     let error = ErrorDetail { code: ErrorCode::NotReady, message: why.join("; ") };
-    let mut response =
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(NotReady { error, ready, pbx_connected, outbox_writable }))
-            .into_response();
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(NotReady { error, ready, pbx_connected, outbox_writable, role: role.role, leader: role.leader }),
+    )
+        .into_response();
     response.extensions_mut().insert(Enveloped);
     response
 }
@@ -134,6 +173,25 @@ pub async fn require_bearer(State(auth): State<Auth>, req: Request, next: Next) 
         ApiError::new(ErrorCode::Unauthorized, "missing or wrong bearer token (Authorization: Bearer <token>)")
             .into_response()
     }
+}
+
+/// A hot standby changes nothing: every request that could (any method
+/// but GET and HEAD on the protected routes) is refused with `503
+/// not_leader`, naming the leader as the standby last read it.
+pub async fn require_leader(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let reads = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if reads || shared.leadership.leads() {
+        return next.run(req).await;
+    }
+    let leader = match shared.leadership.role() {
+        crate::ha::Role::Standby { leader: Some(l) } => match &l.advertise {
+            Some(url) => format!("the leader is {} ({url})", l.node),
+            None => format!("the leader is {}", l.node),
+        },
+        _ => "no instance holds the lease now".to_string(),
+    };
+    let me = shared.leadership.node().unwrap_or("this instance");
+    ApiError::new(ErrorCode::NotLeader, format!("{me} is the standby of a hot-standby pair; {leader}")).into_response()
 }
 
 #[cfg(test)]

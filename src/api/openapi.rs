@@ -37,7 +37,7 @@ pub const REFUSALS: &[(&str, &[ErrorCode])] = {
         ("list_calls", &[BadState, BadLimit, BadCursor]),
         ("get_call", &[CallNotFound]),
         ("events", &[GroupNotFound, AgentUnknown, BadType]),
-        ("remove_call", &[CallNotLive, ShuttingDown]),
+        ("remove_call", &[CallNotLive, ShuttingDown, NotLeader]),
         (
             "click_to_call",
             &[
@@ -56,6 +56,7 @@ pub const REFUSALS: &[(&str, &[ErrorCode])] = {
                 PBX[4],
                 PBX[5],
                 ShuttingDown,
+                NotLeader,
             ],
         ),
         (
@@ -79,13 +80,14 @@ pub const REFUSALS: &[(&str, &[ErrorCode])] = {
                 PBX[4],
                 PBX[5],
                 ShuttingDown,
+                NotLeader,
             ],
         ),
         ("list_agents", &[]),
-        ("set_availability", &[ReasonMalformed, AgentUnknown, ShuttingDown]),
+        ("set_availability", &[ReasonMalformed, AgentUnknown, ShuttingDown, NotLeader]),
         ("indicators", &[GroupNotFound]),
         ("dead_letters", &[NoOutbox, OutboxUnavailable]),
-        ("retry_dead_letter", &[NoOutbox, SinkNotFound, DeadLetterNotFound, OutboxUnavailable]),
+        ("retry_dead_letter", &[NoOutbox, SinkNotFound, DeadLetterNotFound, OutboxUnavailable, NotLeader]),
     ]
 };
 

@@ -6,7 +6,7 @@
 
 use super::error::{not_found, ApiError, ErrorCode, NoQuery, Path, Query};
 use super::layers::{harden, RequestLimits};
-use super::{require_bearer, Auth};
+use super::{require_bearer, require_leader, Auth};
 use crate::event::{CallSnapshot, CallState};
 use crate::registry::{LiveCursor, LiveFilter};
 use crate::state::{Command, Shared};
@@ -50,7 +50,11 @@ pub fn router(shared: Arc<Shared>, auth: Auth, limits: RequestLimits) -> Router 
     let (open, _) = open_routes().split_for_parts();
     let (protected, _) = protected_routes().split_for_parts();
     let app = open
-        .merge(protected.route_layer(middleware::from_fn_with_state(auth, require_bearer)))
+        .merge(
+            protected
+                .route_layer(middleware::from_fn_with_state(shared.clone(), require_leader))
+                .route_layer(middleware::from_fn_with_state(auth, require_bearer)),
+        )
         .fallback(not_found)
         .with_state(shared);
     harden(app, limits)

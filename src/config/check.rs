@@ -84,6 +84,32 @@ pub(crate) fn cross_check(root: &Table, out: &mut Vec<String>) {
     check_redirects(&groups, root.contains_key("caller_lookup"), out);
     check_routing_cycles(&groups, out);
     check_nats_subjects(root, &groups, out);
+    check_ha(root, out);
+}
+
+/// A hot-standby pair hands over what its outbox holds: it needs one (a
+/// sink other than JSON lines on stdout), and the PBX name as the lease's
+/// default key must be a valid key.
+fn check_ha(root: &Table, out: &mut Vec<String>) {
+    let Some(ha) = root.get("ha").and_then(Value::as_table) else { return };
+    let durable = entries(root, "sinks").iter().any(|(_, sink)| {
+        let stdout = sink.get("type").and_then(Value::as_str) == Some("jsonl")
+            && sink.get("path").and_then(Value::as_str).unwrap_or("-") == "-";
+        !stdout
+    });
+    if !durable {
+        out.push(
+            "ha: a hot standby takes over the leader's deliveries from its outbox; configure a sink other than \
+             JSON lines on stdout"
+                .to_string(),
+        );
+    }
+    if !ha.contains_key("key") {
+        let pbx = root.get("pbx").and_then(Value::as_table).and_then(|p| p.get("name")).and_then(Value::as_str);
+        if let Some(Err(why)) = pbx.map(super::schema::check_kv_key) {
+            out.push(format!("pbx.name: the lease's key when [ha] sets none: {why}; set ha.key"));
+        }
+    }
 }
 
 /// A NATS sink's subject puts the PBX name and group ids in as tokens:

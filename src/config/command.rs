@@ -228,6 +228,17 @@ impl Config {
                 )?,
             }
         }
+        if let Some(ha) = &self.ha {
+            writeln!(
+                s,
+                "\nhot standby: lease {}/{} on {}, {} s, this node {}",
+                ha.bucket,
+                ha.key(self),
+                ha.connection.url.split(',').map(|u| without_userinfo(u.trim())).collect::<Vec<_>>().join(","),
+                ha.lease_seconds,
+                ha.node_name()
+            )?;
+        }
         Ok(())
     }
 }

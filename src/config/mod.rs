@@ -91,6 +91,86 @@ pub struct Config {
     /// Where lifecycle events are delivered.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
+    /// A hot-standby pair: two instances beside one PBX, of which only the
+    /// holder of a lease in a NATS key-value bucket delivers and controls
+    /// (see `crate::ha`). Absent: this instance is alone and always
+    /// delivers.
+    #[serde(default)]
+    pub ha: Option<HaConfig>,
+}
+
+/// `[ha]`: the lease that makes one of two instances the leader.
+///
+/// No `deny_unknown_fields`: the connection is flattened in; the schema
+/// walk refuses unknown keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct HaConfig {
+    /// The NATS servers holding the lease (`url`, credentials, CA): the same
+    /// keys as a NATS sink's.
+    #[serde(flatten)]
+    pub connection: NatsConnectionConfig,
+    /// The password (with `user`) or the token.
+    #[serde(flatten)]
+    pub secret: SecretSource,
+    /// The key-value bucket of the leases (created when missing, with a
+    /// maximum age of `lease_seconds`). Default `callbridge_leader`.
+    #[serde(default = "default_ha_bucket")]
+    pub bucket: String,
+    /// The lease's key: one per PBX. Default: `pbx.name`.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// How long a lease lasts without renewal; the leader renews it every
+    /// third of this, and a standby takes over at most this long (plus its
+    /// polling) after the leader stopped renewing. Default 10.
+    #[serde(default = "default_ha_lease")]
+    pub lease_seconds: u64,
+    /// This instance's name, as the lease and the standby's `not_leader`
+    /// answers show it. Default: the host name. The two instances of a pair
+    /// need different names.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// This instance's API as clients reach it (`https://cb-a.example:8080`),
+    /// named in the standby's `not_leader` answers. Optional.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// A new leader delivers again every event stored less than this long
+    /// before the oldest event its predecessor had not delivered (clock
+    /// differences between the two machines, and events stored in a
+    /// different order). Default 30.
+    #[serde(default = "default_ha_overlap")]
+    pub overlap_seconds: u64,
+    /// Copies of the lease bucket in a NATS cluster (1, 3 or 5).
+    #[serde(default = "default_nats_replicas")]
+    pub replicas: usize,
+}
+
+fn default_ha_bucket() -> String {
+    "callbridge_leader".to_string()
+}
+fn default_ha_lease() -> u64 {
+    10
+}
+fn default_ha_overlap() -> u64 {
+    30
+}
+
+impl HaConfig {
+    /// `node`, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "callbridge".to_string())
+        })
+    }
+
+    /// The lease's key.
+    pub fn key<'a>(&'a self, config: &'a Config) -> &'a str {
+        self.key.as_deref().unwrap_or(&config.pbx.name)
+    }
 }
 
 /// `[api]`: the HTTP API.
@@ -957,6 +1037,9 @@ impl Config {
         }
         if let Some(sip) = &self.sip {
             all.push(("sip".to_string(), &sip.secret, SecretUse::Password));
+        }
+        if let Some(ha) = self.ha.as_ref().filter(|h| h.secret.is_set()) {
+            all.push(("ha".to_string(), &ha.secret, SecretUse::Password));
         }
         if let Some(lookup) = self.caller_lookup.as_ref().filter(|l| l.secret.is_set()) {
             all.push(("caller_lookup".to_string(), &lookup.secret, SecretUse::Password));

@@ -606,6 +606,55 @@ fn check_nats_sink(path: &str, table: &Table, out: &mut Vec<String>) {
     }
 }
 
+/// A KV bucket name: letters, digits, `-` and `_`.
+fn check_bucket(s: &str) -> Result<(), String> {
+    if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        Err(format!("{s:?} is not a bucket name (letters, digits, '-' and '_')"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A KV key: letters, digits and `-_/=.`, not starting or ending with `.`.
+pub(crate) fn check_kv_key(s: &str) -> Result<(), String> {
+    let chars_ok = s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/' | '=' | '.'));
+    if s.is_empty() || !chars_ok || s.starts_with('.') || s.ends_with('.') {
+        Err(format!("{s:?} is not a key-value key (letters, digits and '-_/=.', not starting or ending with '.')"))
+    } else {
+        Ok(())
+    }
+}
+
+static HA: TableSchema = TableSchema {
+    name: "ha",
+    fields: &[
+        NATS_CONNECTION_FIELDS[0],
+        NATS_CONNECTION_FIELDS[1],
+        NATS_CONNECTION_FIELDS[2],
+        NATS_CONNECTION_FIELDS[3],
+        NATS_CONNECTION_FIELDS[4],
+        NATS_CONNECTION_FIELDS[5],
+        NATS_CONNECTION_FIELDS[6],
+        NATS_CONNECTION_FIELDS[7],
+        opt("connect_timeout_seconds", SECONDS),
+        opt("bucket", Kind::Str(Some(check_bucket))),
+        opt("key", Kind::Str(Some(check_kv_key))),
+        opt("lease_seconds", Kind::Count { min: 3, why: "the leader renews every third of the lease" }),
+        opt("node", Kind::Str(Some(check_id))),
+        opt("advertise", Kind::Str(Some(check_non_empty))),
+        opt("overlap_seconds", Kind::Count { min: 0, why: "0 redelivers only what the leader had not delivered" }),
+        opt("replicas", Kind::Count { min: 1, why: "a bucket keeps at least one copy" }),
+    ],
+    check: Some(check_ha),
+};
+
+fn check_ha(path: &str, table: &Table, out: &mut Vec<String>) {
+    check_nats_auth(path, table, out);
+    if let Some(n) = table.get("replicas").and_then(Value::as_integer).filter(|n| *n > 5) {
+        out.push(format!("{path}.replicas: {n} copies; JetStream keeps at most 5 (use 1, 3 or 5)"));
+    }
+}
+
 static OUTBOX: TableSchema = TableSchema {
     name: "outbox",
     fields: &[
@@ -697,6 +746,7 @@ pub(crate) static ROOT: TableSchema = TableSchema {
         opt("sip", Kind::Table(&SIP)),
         opt("agi", Kind::Table(&AGI)),
         opt("caller_lookup", Kind::Table(&CALLER_LOOKUP)),
+        opt("ha", Kind::Table(&HA)),
         opt(
             "sinks",
             Kind::TaggedTables {
@@ -972,7 +1022,7 @@ mod tests {
         if let Some((k, v)) = tag {
             t.insert(k.to_string(), Value::String(v.to_string()));
         }
-        if tag == Some(("type", "nats")) {
+        if tag == Some(("type", "nats")) || schema.name == "ha" {
             // One way to authenticate at a time: creds_file here; the
             // others are checked by `nats_auth_variants`.
             t.insert("url".into(), Value::String("nats://127.0.0.1:4222".into()));

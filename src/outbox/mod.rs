@@ -880,17 +880,86 @@ impl Outbox {
 
     /// Age of the oldest event some sink has not acknowledged.
     pub async fn oldest_undelivered_age(&self) -> Result<Option<Duration>, OutboxError> {
-        let at: Option<i64> = self
-            .read(|c| {
-                c.query_row(
-                    "SELECT e.appended_at FROM pending p JOIN events e ON e.seq = p.seq ORDER BY p.seq LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()
+        let at = self.oldest_undelivered_at().await?;
+        Ok(at.map(|t| Duration::from_micros((now_micros() - t).max(0) as u64)))
+    }
+
+    /// When the oldest event some sink has not acknowledged was stored
+    /// (µs since the epoch, this machine's clock); `None` when everything
+    /// was delivered. Dead letters do not count: they wait for an operator.
+    pub async fn oldest_undelivered_at(&self) -> Result<Option<i64>, OutboxError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT e.appended_at FROM pending p JOIN events e ON e.seq = p.seq ORDER BY p.seq LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// Marks as delivered, for every sink, each pending event stored before
+    /// `before` (µs since the epoch): what another instance is known to
+    /// have delivered (a hot standby following its leader, see
+    /// `crate::ha`). Dead letters stay. Returns how many deliveries were
+    /// settled; everything is committed on return.
+    ///
+    /// Events are stored in time order, so the cut is found by a binary
+    /// search on `seq` (a few point reads) and the pending rows before it
+    /// are read by their `seq` index, a bounded batch at a time.
+    pub async fn settle_before(&self, before: i64) -> Result<usize, OutboxError> {
+        const BATCH: i64 = 4096;
+        let cut: i64 = self
+            .read(move |c| {
+                let bounds: (Option<i64>, Option<i64>) =
+                    c.query_row("SELECT min(seq), max(seq) FROM events", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let (Some(mut lo), Some(hi)) = bounds else { return Ok(0) };
+                // The first seq stored at or after `before` (hi + 1: none).
+                let mut hi = hi + 1;
+                let mut at = c.prepare_cached("SELECT appended_at FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1")?;
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    let t: Option<i64> = at.query_row([mid], |r| r.get(0)).optional()?;
+                    match t {
+                        Some(t) if t < before => lo = mid + 1,
+                        _ => hi = mid,
+                    }
+                }
+                Ok(lo)
             })
             .await?;
-        Ok(at.map(|t| Duration::from_micros((now_micros() - t).max(0) as u64)))
+        let mut settled = 0;
+        loop {
+            let rows: Vec<(String, i64, i64)> = self
+                .read(move |c| {
+                    let mut st =
+                        c.prepare_cached("SELECT sink, pos, seq FROM pending WHERE seq < ?1 ORDER BY seq LIMIT ?2")?;
+                    let rows =
+                        st.query_map(rusqlite::params![cut, BATCH], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                    rows.collect()
+                })
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut n = 0;
+            for sink in &self.shared.sinks {
+                let acks: Vec<(i64, i64)> =
+                    rows.iter().filter(|(s, _, _)| **s == **sink).map(|&(_, pos, seq)| (pos, seq)).collect();
+                if !acks.is_empty() {
+                    n += acks.len();
+                    self.ack(sink, acks).await?;
+                }
+            }
+            self.flush().await?;
+            settled += n;
+            // A row of a sink no longer configured would come back for ever.
+            if n == 0 || (rows.len() as i64) < BATCH {
+                break;
+            }
+        }
+        Ok(settled)
     }
 
     /// Every dead letter, oldest first.
@@ -1011,6 +1080,41 @@ mod tests {
         assert_eq!(o.duplicates, events.len());
         assert!(ob.contains(&ids[0]).await.unwrap());
         assert_eq!(ob.oldest_undelivered_age().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn settling_marks_what_was_stored_before_a_time_delivered_for_every_sink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        let ob = open(tmp.path(), &["a", "b"]);
+        assert_eq!(ob.settle_before(now_micros()).await.unwrap(), 0, "an empty outbox");
+        ob.append(&events[..40]).await.unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let cut = now_micros();
+        std::thread::sleep(Duration::from_millis(5));
+        ob.append(&events[40..]).await.unwrap();
+        // Sink b already took the first ten of the older ones.
+        let b: Arc<str> = Arc::from("b");
+        let first = ob.pending("b", 0, 10).await.unwrap();
+        ob.ack(&b, first.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+        ob.flush().await.unwrap();
+        assert_eq!(ob.oldest_undelivered_at().await.unwrap().map(|t| t < cut), Some(true));
+
+        assert_eq!(ob.settle_before(cut).await.unwrap(), 40 + 30);
+        assert_eq!(ob.depth(), (events.len() - 40) as u64);
+        for sink in ["a", "b"] {
+            let ids: Vec<String> = ob.pending(sink, 0, 1000).await.unwrap().into_iter().map(|r| r.id).collect();
+            let newer: Vec<String> = events[40..].iter().map(|e| e.id("lab")).collect();
+            assert_eq!(ids, newer, "{sink}: only what was stored after the cut is pending");
+        }
+        assert!(ob.oldest_undelivered_at().await.unwrap().is_some_and(|t| t >= cut));
+        // Settled ids are remembered as delivered: appending them again is a no-op.
+        assert_eq!(ob.append(&events[..40]).await.unwrap().duplicates, 40);
+        // Again: nothing more before the cut.
+        assert_eq!(ob.settle_before(cut).await.unwrap(), 0);
+        assert_eq!(ob.settle_before(now_micros() + 1).await.unwrap(), 2 * (events.len() - 40));
+        assert_eq!(ob.depth(), 0);
+        assert_eq!(ob.oldest_undelivered_at().await.unwrap(), None);
     }
 
     fn checkpoint(call: &str, seq: u64, state: &str) -> CallCheckpoint {

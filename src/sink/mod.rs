@@ -60,7 +60,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -246,6 +246,9 @@ pub struct Runners {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     opts: RunnerOptions,
+    /// When set, the runners deliver only while it is open (a hot
+    /// standby's lease, see `crate::ha`).
+    gate: Option<watch::Receiver<bool>>,
 }
 
 impl Runners {
@@ -265,13 +268,26 @@ impl Runners {
                 }
             })
         };
-        Runners { outbox: outbox.clone(), cancel, tasks: vec![gauges], opts }
+        Runners { outbox: outbox.clone(), cancel, tasks: vec![gauges], opts, gate: None }
+    }
+
+    /// The runners spawned from now on deliver only while `gate` is open:
+    /// closing it stops them at once (requests in flight are abandoned,
+    /// their events stay pending); opening it starts them again from what
+    /// the outbox holds then.
+    pub fn with_gate(mut self, gate: watch::Receiver<bool>) -> Runners {
+        self.gate = Some(gate);
+        self
     }
 
     /// Starts the runner of one sink: it delivers what its queue already
     /// holds (undelivered events of earlier runs) first, in order.
     pub fn spawn<S: Sink>(&mut self, sink: Arc<S>) {
-        let task = tokio::spawn(run_sink(self.outbox.clone(), sink, self.cancel.child_token(), self.opts));
+        let (outbox, cancel, opts) = (self.outbox.clone(), self.cancel.child_token(), self.opts);
+        let task = match self.gate.clone() {
+            None => tokio::spawn(run_sink(outbox, sink, cancel, opts)),
+            Some(gate) => tokio::spawn(run_gated(outbox, sink, cancel, opts, gate)),
+        };
         self.tasks.push(task);
     }
 
@@ -339,6 +355,9 @@ pub struct SinkContext {
     /// Hangs up a caller the helpdesk rejects (the Zammad sink with
     /// `honour_reject`); `None` where there is no PBX (a replay).
     pub blocker: Option<Arc<dyn zammad::CallBlocker>>,
+    /// Deliver only while this is open (a hot standby; see
+    /// [`Runners::with_gate`]); `None`: always.
+    pub gate: Option<watch::Receiver<bool>>,
 }
 
 /// Builds every configured sink (resolving secrets; never logging them).
@@ -551,6 +570,43 @@ impl Lanes {
             } else {
                 self.lanes.remove(&key);
             }
+        }
+    }
+}
+
+/// [`run_sink`] while `gate` is open, stopped (its requests in flight
+/// abandoned) as soon as it closes, started again when it opens.
+async fn run_gated<S: Sink>(
+    outbox: Outbox,
+    sink: Arc<S>,
+    cancel: CancellationToken,
+    opts: RunnerOptions,
+    mut gate: watch::Receiver<bool>,
+) {
+    loop {
+        while !*gate.borrow_and_update() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = gate.changed() => if changed.is_err() { return },
+            }
+        }
+        let stint = cancel.child_token();
+        let run = run_sink(outbox.clone(), sink.clone(), stint.clone(), opts);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                () = &mut run => return,
+                changed = gate.changed() => {
+                    if changed.is_err() || !*gate.borrow_and_update() {
+                        stint.cancel();
+                        run.as_mut().await;
+                        break;
+                    }
+                }
+            }
+        }
+        if cancel.is_cancelled() {
+            return;
         }
     }
 }

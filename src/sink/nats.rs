@@ -8,7 +8,8 @@
 //! duplicate window and answers it with a duplicate `PubAck`, which
 //! acknowledges too), `Content-Type: application/cloudevents+json`, and
 //! `ce-specversion`, `ce-id`, `ce-type`, `ce-source`, `ce-time` so that
-//! consumers can route without parsing the body.
+//! consumers can route without parsing the body; with `[ha]`,
+//! `Callbridge-Node`: which instance of the pair published it.
 //!
 //! **Ordering.** The runner hands a batch holding several calls' events,
 //! each call's in order, and never two batches of one call at once. A batch
@@ -192,6 +193,9 @@ pub struct NatsSink {
     timeout: Duration,
     policy: Backoff,
     retry_budget: Option<Duration>,
+    /// `[ha] node`: which instance of a hot-standby pair published
+    /// (header `Callbridge-Node`).
+    node: Option<String>,
 }
 
 impl std::fmt::Debug for NatsSink {
@@ -258,6 +262,7 @@ impl NatsSink {
             timeout: super::webhook::secs(index, name, "timeout_seconds", *timeout_seconds)?,
             policy,
             retry_budget: super::webhook::retry_budget(*max_retry_seconds),
+            node: config.ha.as_ref().map(|h| h.node_name()),
         })
     }
 
@@ -297,6 +302,9 @@ impl NatsSink {
         if let Some(h) = &head {
             headers.insert("ce-source", h.source.as_ref());
             headers.insert("ce-time", h.time.as_ref());
+        }
+        if let Some(node) = &self.node {
+            headers.insert("Callbridge-Node", node.as_str());
         }
         (subject, headers, Bytes::from(r.body.clone()))
     }

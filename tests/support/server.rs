@@ -357,6 +357,23 @@ impl AmiServer {
         let _ = self.current().send(Out::Bytes(Bytes::copy_from_slice(bytes)));
     }
 
+    /// Writes raw bytes to every connection (several clients following
+    /// one PBX, as a hot-standby pair does); a closed one is skipped.
+    pub fn broadcast_bytes(&self, bytes: &[u8]) {
+        (self.broadcast_handle())(bytes)
+    }
+
+    /// [`AmiServer::broadcast_bytes`] for another task.
+    pub fn broadcast_handle(&self) -> impl Fn(&[u8]) + Send + Sync + 'static {
+        let inner = self.inner.clone();
+        move |bytes| {
+            let bytes = Bytes::copy_from_slice(bytes);
+            for c in lock(&inner.conns).iter() {
+                let _ = c.out.send(Out::Bytes(bytes.clone()));
+            }
+        }
+    }
+
     /// Writes one frame to the latest connection.
     pub fn send_frame(&self, pairs: &[(&str, &str)]) {
         self.send_bytes(&encode(&headers(pairs)));

@@ -11,8 +11,8 @@
 //! The bucket keeps one revision per key and drops a value `lease_seconds`
 //! after it was written (the stream's maximum age). The leader renews its
 //! value every third of that with *update at revision* (compare-and-set).
-//! A standby polls the key four times a second and *creates* it once it is
-//! gone; create fails while any value is there, so there is one holder at a
+//! A standby reads the key every twelfth of the lease (a quarter of a
+//! second to a second) and *creates* it once it is gone; create fails while any value is there, so there is one holder at a
 //! time.
 //!
 //! # Never two deliverers
@@ -46,7 +46,7 @@
 //! Without NATS nobody holds the lease: both instances keep storing and
 //! nothing is delivered until one of them gets it again. A leader that
 //! shuts down cleanly stops delivering, then deletes its lease, so the
-//! standby takes over within a quarter of a second instead of a lease.
+//! standby takes over at its next look instead of after a lease.
 
 use crate::config::HaConfig;
 use crate::outbox::Outbox;
@@ -58,8 +58,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-/// How often a standby looks at the lease.
-pub const POLL: Duration = Duration::from_millis(250);
+/// How often a standby looks at the lease: a twelfth of the lease, from a
+/// quarter of a second to a second (the takeover comes at most this long
+/// after the lease expired; 10,000 standbys read 10,000 times a second at
+/// most).
+pub fn poll_interval(lease: Duration) -> Duration {
+    (lease / 12).clamp(Duration::from_millis(250), Duration::from_secs(1))
+}
 
 /// The value of the lease key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,7 +293,7 @@ impl State<'_> {
         let client = options.connect(servers.as_slice()).await.map_err(|e| SessionError::Connect(e.to_string()))?;
         let js = async_nats::jetstream::context::ContextBuilder::new().timeout(s.third()).build(client);
         let bucket = open_bucket(&js, s).await?;
-        let mut tick = tokio::time::interval(POLL);
+        let mut tick = tokio::time::interval(poll_interval(s.lease()));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -527,6 +532,34 @@ async fn open_bucket(js: &async_nats::jetstream::Context, s: &HaSettings) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_looks_more_often_with_a_shorter_lease_within_bounds() {
+        assert_eq!(poll_interval(Duration::from_secs(3)), Duration::from_millis(250));
+        assert_eq!(poll_interval(Duration::from_secs(6)), Duration::from_millis(500));
+        assert_eq!(poll_interval(Duration::from_secs(10)).as_millis(), 833);
+        assert_eq!(poll_interval(Duration::from_secs(60)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn ha_settings_are_checked_with_the_field_named() {
+        let parse = |rest: &str| crate::config::Config::parse(&format!("[pbx]\nname = \"lab\"\n{rest}"), "t");
+        let webhook = "[[sinks]]\ntype = \"webhook\"\nurl = \"https://h.example/cti\"\nsecret = \"s\"\n";
+        let c = parse(&format!("{webhook}[ha]\nurl = \"nats://127.0.0.1:4222\"\nnode = \"cb-a\"\n")).unwrap();
+        let ha = c.ha.as_ref().unwrap();
+        assert_eq!((ha.key(&c), ha.bucket.as_str(), ha.lease_seconds), ("lab", "callbridge_leader", 10));
+        assert_eq!((ha.node_name(), ha.overlap_seconds), ("cb-a".to_string(), 30));
+        let e = parse("[ha]\nurl = \"nats://127.0.0.1:4222\"\n").unwrap_err().to_string();
+        assert!(e.contains("ha: a hot standby") && e.contains("sink other than"), "{e}");
+        let e = parse(&format!("{webhook}[ha]\nurl = \"nats://x:4222\"\nlease_seconds = 1\n")).unwrap_err().to_string();
+        assert!(e.contains("ha.lease_seconds"), "{e}");
+        let e = parse(&format!("{webhook}[ha]\nurl = \"nats://x:4222\"\nbucket = \"a.b\"\n")).unwrap_err().to_string();
+        assert!(e.contains("ha.bucket"), "{e}");
+        let e = parse(&format!("{webhook}[ha]\nurl = \"nats://x:4222\"\nleas_seconds = 5\n")).unwrap_err().to_string();
+        assert!(e.contains("ha.leas_seconds") && e.contains("lease_seconds"), "{e}");
+        let e = parse(&format!("{webhook}[ha]\nurl = \"nats://x:4222\"\nuser = \"u\"\n")).unwrap_err().to_string();
+        assert!(e.contains("ha"), "{e}");
+    }
 
     #[test]
     fn a_lease_round_trips_and_reads_without_optional_fields() {

@@ -14,6 +14,9 @@
 //!   heals the old leader comes back as the standby; the stream again holds
 //!   everything exactly once.
 //!
+//! - The leader stopped with SIGTERM: it releases the lease and the standby
+//!   takes over at its next look, well before the lease would expire.
+//!
 //! Without `nats-server` the tests print why and pass (CI installs it).
 
 mod delivery_common;
@@ -115,6 +118,13 @@ impl Instance {
             c.kill().expect("SIGKILL");
             c.wait().unwrap();
         }
+    }
+
+    /// SIGTERM, then waits for the exit; whether it exited cleanly.
+    fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill -TERM");
+        c.wait().unwrap().success()
     }
 
     fn log_tail(&self) -> String {
@@ -399,4 +409,29 @@ async fn a_leader_cut_off_from_nats_stops_before_the_other_starts_and_comes_back
     assert!(last_a < first_b, "cb-a published after cb-b started ({last_a} ≥ {first_b})");
     assert!(a.log_tail().contains("stopped delivering"), "{}", a.log_tail());
     assert!(b.log_tail().contains("took over the lease"), "{}", b.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_cleanly_hands_over_at_once() {
+    if !nats_present("a_leader_stopped_cleanly_hands_over_at_once") {
+        return;
+    }
+    let lab = lab_setup().await;
+    let (ami, url) = (lab.ami.addr().to_string(), lab.nats.url());
+    let mut a = Instance::start(lab.tmp.path(), "cb-a", &ami, &url, &url);
+    a.wait_role("leader", Duration::from_secs(30)).await;
+    let b = Instance::start(lab.tmp.path(), "cb-b", &ami, &url, &url);
+    b.wait_role("standby", Duration::from_secs(30)).await;
+    let stopping = Instant::now();
+    let stopped = tokio::task::spawn_blocking(move || {
+        let ok = a.stop();
+        (ok, a.log_tail())
+    });
+    let took_over = b.wait_role("leader", Duration::from_secs(LEASE + 10)).await;
+    let (ok, log) = stopped.await.unwrap();
+    assert!(ok, "cb-a did not stop cleanly:\n{log}");
+    assert!(log.contains("released the lease"), "{log}");
+    let handover = took_over.duration_since(stopping);
+    eprintln!("cb-b took over {:.0} ms after SIGTERM to the leader", handover.as_secs_f64() * 1000.0);
+    assert!(handover < Duration::from_millis(LEASE * 1000 / 2), "no release: the takeover took {handover:?}");
 }

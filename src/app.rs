@@ -102,15 +102,18 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     // A caller the helpdesk rejects is hung up through the control path:
     // the pipeline marks the call, then the PBX hangs the caller up.
     let blocker = blocker::PbxBlocker::new(cmd_tx.clone(), ami.clone());
-    // A hot-standby pair delivers only while it holds the lease.
-    let leadership = Arc::new(match &config.ha {
+    // A hot-standby pair delivers only while it holds the lease. A replayed
+    // trace is never part of a pair (an incident reproduced beside the
+    // live instances must not take their lease).
+    let paired = config.ha.as_ref().filter(|_| matches!(opts.source, SourceSpec::Ami));
+    let leadership = Arc::new(match paired {
         Some(ha) => crate::ha::Leadership::paired(&ha.node_name()),
         None => crate::ha::Leadership::single(),
     });
-    let gate = config.ha.is_some().then(|| leadership.gate());
+    let gate = paired.map(|_| leadership.gate());
     let sink_ctx = crate::sink::SinkContext { blocker: Some(Arc::new(blocker)), gate };
     let delivery = Delivery::for_daemon(&config, readiness.clone(), &sink_ctx).await?;
-    if let (Some(settings), Some(outbox)) = (crate::settings::ha(&config), delivery.outbox()) {
+    if let (Some(settings), Some(outbox), true) = (crate::settings::ha(&config), delivery.outbox(), paired.is_some()) {
         let task = tokio::spawn(crate::ha::run(settings, leadership.clone(), outbox.clone(), shutdown.clone()));
         tasks.watch("hot standby", task);
     }

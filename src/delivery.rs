@@ -174,7 +174,10 @@ impl Delivery {
     pub async fn close(self, deadline: Duration) -> anyhow::Result<Closed> {
         match self {
             Delivery::Outbox { outbox, runners, .. } => {
-                outbox.wait_drained(deadline).await;
+                // A hot standby delivers nothing: nothing to wait for.
+                if runners.delivering() {
+                    outbox.wait_drained(deadline).await;
+                }
                 let closed = Closed { undelivered: outbox.depth(), dead_letters: outbox.dead_letter_count() };
                 runners.shutdown().await?;
                 outbox.close().await?;

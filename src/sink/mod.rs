@@ -291,6 +291,11 @@ impl Runners {
         self.tasks.push(task);
     }
 
+    /// Whether the runners deliver now (always, without a gate).
+    pub fn delivering(&self) -> bool {
+        self.gate.as_ref().is_none_or(|g| *g.borrow())
+    }
+
     /// Starts every sink of the configuration.
     pub fn spawn_configured(&mut self, sinks: Vec<ConfiguredSink>) {
         for s in sinks {

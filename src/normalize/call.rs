@@ -332,7 +332,8 @@ pub(super) struct Call {
     /// the registry and the feed): written through [`Call::snap_mut`].
     #[serde(with = "super::persist::shared_snapshot")]
     pub(super) snap: Arc<CallSnapshot>,
-    channels: SmallVec<[Channel; 2]>,
+    /// One inline: a queued caller has one channel; more spill to the heap.
+    channels: SmallVec<[Channel; 1]>,
     origin: Box<str>,
     pub last_event_at: Micros,
     /// The normalizer's resync epoch at this call's last event.
@@ -340,7 +341,7 @@ pub(super) struct Call {
     pub epoch: u64,
     queue: Queueing,
     /// The queue the dialplan sent the call to (`Queue(…)`), joined or not.
-    queue_app: Option<String>,
+    queue_app: Option<Box<str>>,
     evidence: MissEvidence,
     offers: Vec<Offer>,
     conversation: Conversation,
@@ -349,7 +350,7 @@ pub(super) struct Call {
     dialing: OutboundDial,
     origin_leg: OriginLeg,
     hung_up_by: Option<HungUpBy>,
-    cause: Option<(u32, String)>,
+    cause: Option<(u32, Box<str>)>,
     stuck: StuckReport,
     started: Started,
     /// The state as of the last event, and since when.
@@ -681,7 +682,7 @@ impl Call {
         }
         let queue = s.frame.get(APP_DATA).unwrap_or("").split(',').next().unwrap_or("").trim();
         if !queue.is_empty() {
-            self.queue_app = Some(queue.to_string());
+            self.queue_app = Some(queue.into());
         }
     }
 
@@ -827,7 +828,7 @@ impl Call {
                 let group = ctx.dir.group_for_queue(&q);
                 self.evidence.staffing = Staffing::on_arrival(group, ctx.presence);
                 self.snap_mut().group = group.map(|g| g.id.clone());
-                self.snap_mut().queue = Some(q);
+                self.snap_mut().queue = Some(q.into());
             }
         }
     }
@@ -958,7 +959,7 @@ impl Call {
         let is_origin = uid == &*self.origin;
         if let Some(c) = cause {
             if c != 0 && (is_origin || self.cause.is_none()) {
-                self.cause = Some((c, f.get(CAUSE_TXT).unwrap_or("").to_string()));
+                self.cause = Some((c, f.get(CAUSE_TXT).unwrap_or("").into()));
             }
         }
         if is_origin {
@@ -1337,7 +1338,7 @@ impl Call {
         let started = self.snap.started_at;
         let answered = self.snap.answered_at;
         let (hangup_cause, hangup_cause_text) = match &self.cause {
-            Some((c, t)) => (Some(*c), (!t.is_empty()).then(|| t.clone())),
+            Some((c, t)) => (Some(*c), (!t.is_empty()).then(|| t.to_string())),
             None => (None, None),
         };
         let hung_up_by = match reason {

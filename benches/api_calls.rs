@@ -72,7 +72,7 @@ fn live_call(i: usize) -> Event {
         routing: None,
         caller_lookup: None,
     };
-    Event { seq: 1, time: call.started_at, kind: EventKind::Started {}, call: Some(call) }
+    Event { seq: 1, time: call.started_at, kind: EventKind::Started {}, call: Some(call.into()) }
 }
 
 fn config(dir: &std::path::Path) -> std::path::PathBuf {

@@ -67,7 +67,7 @@ fn events(n: usize) -> Vec<Event> {
         for e in &base {
             let mut e = e.clone();
             match e.call.as_mut() {
-                Some(c) => c.id = CallId::new(&format!("{}-{i}", c.id)),
+                Some(c) => std::sync::Arc::make_mut(c).id = CallId::new(&format!("{}-{i}", c.id)),
                 None => e.time += i as i64 * 1_000_000_000,
             }
             out.push(e);

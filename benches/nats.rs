@@ -75,7 +75,7 @@ fn events(config: &Config, n: usize) -> Vec<Event> {
         for e in &base {
             let mut e = e.clone();
             match e.call.as_mut() {
-                Some(c) => c.id = CallId::new(&format!("{}-{i}", c.id)),
+                Some(c) => std::sync::Arc::make_mut(c).id = CallId::new(&format!("{}-{i}", c.id)),
                 None => e.time += i as i64 * 1_000_000_000,
             }
             out.push(e);
@@ -264,7 +264,7 @@ fn main() {
         .cloned()
         .map(|mut e| {
             if let Some(c) = e.call.as_mut() {
-                c.id = CallId::new(&format!("o-{}", c.id));
+                std::sync::Arc::make_mut(c).id = CallId::new(&format!("o-{}", c.id));
             }
             e
         })

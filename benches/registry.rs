@@ -171,7 +171,7 @@ fn main() {
             seq: 1,
             time: started_at,
             kind: kind_for(state, &names, n),
-            call: Some(snapshot(&names, n, state, started_at)),
+            call: Some(snapshot(&names, n, state, started_at).into()),
         };
         registry.apply(&event);
     }
@@ -221,7 +221,7 @@ fn main() {
                             seq: seq + 1,
                             time,
                             kind: kind_for(state, &names, n),
-                            call: Some(snapshot(&names, n, state, time - 60 * S)),
+                            call: Some(snapshot(&names, n, state, time - 60 * S).into()),
                         };
                         registry.apply(&event);
                         slots[slot] = (n, seq + 1, state);
@@ -229,14 +229,14 @@ fn main() {
                     None => {
                         let mut last = snapshot(&names, n, CallState::Ended, time - 600 * S);
                         last.ended_at = Some(time);
-                        registry.apply(&Event { seq: seq + 1, time, kind: ended_kind(), call: Some(last) });
+                        registry.apply(&Event { seq: seq + 1, time, kind: ended_kind(), call: Some(last.into()) });
                         let n = next_call;
                         next_call += 1;
                         let event = Event {
                             seq: 1,
                             time,
                             kind: EventKind::Started {},
-                            call: Some(snapshot(&names, n, CallState::Started, time)),
+                            call: Some(snapshot(&names, n, CallState::Started, time).into()),
                         };
                         registry.apply(&event);
                         slots[slot] = (n, 1, CallState::Started);

@@ -96,7 +96,7 @@ impl Delivery {
     pub async fn deliver(&mut self, events: &[Event], checkpoints: &[CallCheckpoint], pbx: &str) -> anyhow::Result<()> {
         match self {
             Delivery::Outbox { outbox, readiness, .. } => {
-                store(outbox, readiness, events, checkpoints, None).await.map(|_| ())
+                store(outbox, readiness, events, &Arc::from(checkpoints), None).await.map(|_| ())
             }
             other => other.deliver_now(events, pbx),
         }
@@ -133,6 +133,8 @@ impl Delivery {
         match self {
             Delivery::Outbox { outbox, readiness, .. } => {
                 let (outbox, readiness) = (outbox.clone(), readiness.clone());
+                // Moved, not copied: the states (JSON) go to the outbox as they are.
+                let checkpoints: Arc<[CallCheckpoint]> = checkpoints.into();
                 Ok(Delivering::Task(tokio::spawn(async move {
                     store(&outbox, &readiness, &events, &checkpoints, None).await?;
                     Ok(events)
@@ -156,7 +158,9 @@ impl Delivery {
         deadline: &OnceLock<tokio::time::Instant>,
     ) -> anyhow::Result<usize> {
         match self {
-            Delivery::Outbox { outbox, readiness, .. } => store(outbox, readiness, events, &[], Some(deadline)).await,
+            Delivery::Outbox { outbox, readiness, .. } => {
+                store(outbox, readiness, events, &Arc::from([]), Some(deadline)).await
+            }
             _ => self.deliver(events, &[], pbx).await.map(|()| events.len()),
         }
     }
@@ -209,7 +213,7 @@ async fn store(
     outbox: &Outbox,
     readiness: &Readiness,
     events: &[Event],
-    checkpoints: &[CallCheckpoint],
+    checkpoints: &Arc<[CallCheckpoint]>,
     deadline: Option<&OnceLock<tokio::time::Instant>>,
 ) -> anyhow::Result<usize> {
     let mut rest = events;
@@ -218,7 +222,7 @@ async fn store(
     // Checkpoints go in with the last event (or alone when there is none).
     let states_pending = !checkpoints.is_empty();
     while !rest.is_empty() || states_pending {
-        match outbox.append_what_fits(rest, checkpoints).await {
+        match outbox.append_what_fits_shared(rest, checkpoints).await {
             Ok(p) => {
                 if p.outcome.conflicts > 0 {
                     // Retrying cannot help: the outbox keeps what it has

@@ -417,8 +417,10 @@ pub struct Event {
     /// PBX time of the event.
     pub time: Micros,
     pub kind: EventKind,
-    /// The call after this event; `None` for agent events.
-    pub call: Option<CallSnapshot>,
+    /// The call after this event; `None` for agent events. Shared: the
+    /// normalizer, the registry and the feed hold the same snapshot as
+    /// long as the call does not change.
+    pub call: Option<std::sync::Arc<CallSnapshot>>,
 }
 
 impl Event {
@@ -509,7 +511,10 @@ impl Serialize for Envelope<'_> {
         m.serialize_entry("time", &Rfc3339(e.time))?;
         m.serialize_entry("datacontenttype", "application/json")?;
         // `seq`, `call` and the type-specific fields in one object.
-        m.serialize_entry("data", &Data { seq: e.call.as_ref().map(|_| e.seq), call: e.call.as_ref(), kind: &e.kind })?;
+        m.serialize_entry(
+            "data",
+            &Data { seq: e.call.as_ref().map(|_| e.seq), call: e.call.as_deref(), kind: &e.kind },
+        )?;
         m.end()
     }
 }

@@ -13,10 +13,11 @@
 //! dropped.
 
 use crate::config::Config;
-use crate::event::{Event, EventKind, Micros};
+use crate::event::{CallId, Event, EventKind, GroupId, Micros};
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use serde::Serialize;
+use smallvec::SmallVec;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// One group's day.
@@ -66,9 +67,10 @@ pub struct Indicators {
     zones: HashMap<String, TimeZone>,
     service_level_seconds: u64,
     days: HashMap<(String, Date), DayCounts>,
-    /// Live calls already counted as offered, and for which groups.
-    offered_seen: HashMap<String, Vec<String>>,
-    answered_seen: HashSet<String>,
+    /// Live calls already counted as offered, and for which groups (shared
+    /// ids, not copies: one entry per live call, 100,000 at a time and more).
+    offered_seen: HashMap<CallId, SmallVec<[GroupId; 1]>, ahash::RandomState>,
+    answered_seen: HashSet<CallId, ahash::RandomState>,
 }
 
 impl Indicators {
@@ -85,8 +87,8 @@ impl Indicators {
             zones,
             service_level_seconds: config.indicators.service_level_seconds,
             days: HashMap::new(),
-            offered_seen: HashMap::new(),
-            answered_seen: HashSet::new(),
+            offered_seen: HashMap::default(),
+            answered_seen: HashSet::default(),
         }
     }
 
@@ -106,19 +108,20 @@ impl Indicators {
     /// Counts one lifecycle event.
     pub fn apply(&mut self, e: &Event) {
         let Some(call) = &e.call else { return };
-        let Some(group) = call.group.as_ref().map(|g| g.as_str().to_string()) else { return };
-        let Some(date) = self.local_date(&group, e.time) else { return };
+        let Some(group_id) = call.group.as_ref() else { return };
+        let Some(date) = self.local_date(group_id.as_str(), e.time) else { return };
+        let group = group_id.as_str().to_string();
         if matches!(e.kind, EventKind::Queued { .. } | EventKind::Missed { .. }) {
-            let seen = self.offered_seen.entry(call.id.to_string()).or_default();
-            if !seen.contains(&group) {
-                seen.push(group.clone());
+            let seen = self.offered_seen.entry(call.id.clone()).or_default();
+            if !seen.contains(group_id) {
+                seen.push(group_id.clone());
                 self.days.entry((group.clone(), date)).or_default().offered += 1;
                 self.count_redirect(call, &group, date, e.time);
             }
         }
         match &e.kind {
             EventKind::Answered { wait_seconds, .. } => {
-                if !self.answered_seen.insert(call.id.to_string()) {
+                if !self.answered_seen.insert(call.id.clone()) {
                     return; // a transfer's second answer is not a second call
                 }
                 let sl = self.service_level_seconds;

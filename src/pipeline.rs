@@ -242,7 +242,7 @@ impl Pipeline {
                 seq: c.seq,
                 time: c.last_event_at,
                 kind: EventKind::Started {},
-                call: Some(c.snapshot.clone()),
+                call: Some(Arc::new(c.snapshot.clone())),
             };
             self.shared.registry.apply(&e);
         }
@@ -295,7 +295,7 @@ impl Pipeline {
         match cmd {
             Command::RemoveCall { id, reply } => {
                 let ok = self.normalizer.end_call(&id, EndReason::Removed, now, &mut self.out);
-                let last = ok.then(|| self.out.last().and_then(|e| e.call.clone())).flatten();
+                let last = ok.then(|| self.out.last().and_then(|e| e.call.as_deref().cloned())).flatten();
                 let _ = reply.send(last);
             }
             Command::Reload { config } => {

@@ -63,13 +63,14 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A call in progress, as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveCall {
-    /// The call after its last event.
-    pub snapshot: CallSnapshot,
+    /// The call after its last event: the event's own snapshot, shared
+    /// with the normalizer until the call changes again (not a copy).
+    pub snapshot: Arc<CallSnapshot>,
     /// `seq` of the last event applied.
     pub seq: u64,
     /// PBX time the call entered its current state.
@@ -83,7 +84,7 @@ pub struct LiveCall {
 
 #[derive(Debug, Clone)]
 struct EndedCall {
-    snapshot: CallSnapshot,
+    snapshot: Arc<CallSnapshot>,
     seq: u64,
     ended_at: Micros,
 }
@@ -269,13 +270,13 @@ impl Registry {
                 } else {
                     call.last_event_at = event.time;
                 }
-                call.snapshot.clone_from(snapshot);
+                call.snapshot = Arc::clone(snapshot);
                 call.seq = event.seq;
                 Applied::Updated
             }
             Entry::Vacant(e) => {
                 e.insert(Box::new(LiveCall {
-                    snapshot: snapshot.clone(),
+                    snapshot: Arc::clone(snapshot),
                     seq: event.seq,
                     state_since: event.time,
                     last_event_at: event.time,
@@ -288,12 +289,16 @@ impl Registry {
         }
     }
 
-    fn end(&self, snapshot: &CallSnapshot, event: &Event) -> Applied {
+    fn end(&self, snapshot: &Arc<CallSnapshot>, event: &Event) -> Applied {
         let id = &snapshot.id;
         let ended_at = snapshot.ended_at.unwrap_or(event.time);
-        let mut snapshot = snapshot.clone();
-        snapshot.state = CallState::Ended;
-        snapshot.ended_at = Some(ended_at);
+        let mut snapshot = Arc::clone(snapshot);
+        // Shared as it is when it says so already (the normalizer's `call.ended`).
+        if snapshot.state != CallState::Ended || snapshot.ended_at != Some(ended_at) {
+            let s = Arc::make_mut(&mut snapshot);
+            s.state = CallState::Ended;
+            s.ended_at = Some(ended_at);
+        }
         // Insert into `ended` before removing from `live`, so a concurrent
         // `get` finds the call in one map or the other, never in neither.
         let replaced = match self.ended.entry(id.clone()) {
@@ -354,10 +359,10 @@ impl Registry {
     /// clock, [`Registry::pbx_now`]).
     pub fn get(&self, id: &str) -> Option<CallSnapshot> {
         if let Some(call) = self.live.get(id) {
-            return Some(call.snapshot.clone());
+            return Some(CallSnapshot::clone(&call.snapshot));
         }
         let ended = self.ended.get(id)?;
-        (ended.ended_at.saturating_add(self.retention) > self.pbx_now()).then(|| ended.snapshot.clone())
+        (ended.ended_at.saturating_add(self.retention) > self.pbx_now()).then(|| CallSnapshot::clone(&ended.snapshot))
     }
 
     /// A live call with the sweeper's bookkeeping.
@@ -371,7 +376,8 @@ impl Registry {
 
     /// Live calls matching `filter`, oldest first (then by id).
     pub fn live_calls(&self, filter: &LiveFilter<'_>) -> Vec<CallSnapshot> {
-        let mut calls: Vec<CallSnapshot> = self.scan_live(|c| filter.matches(&c.snapshot).then(|| c.snapshot.clone()));
+        let mut calls: Vec<CallSnapshot> =
+            self.scan_live(|c| filter.matches(&c.snapshot).then(|| CallSnapshot::clone(&c.snapshot)));
         calls.sort_by(|a, b| a.started_at.cmp(&b.started_at).then_with(|| a.id.cmp(&b.id)));
         calls
     }
@@ -400,7 +406,7 @@ impl Registry {
                         calls.last().map(|c: &CallSnapshot| LiveCursor { started_at: c.started_at, id: c.id.clone() });
                     return LivePage { calls, next };
                 }
-                calls.push(call.snapshot.clone());
+                calls.push(CallSnapshot::clone(&call.snapshot));
             }
             pos = Some(last);
         }
@@ -474,11 +480,11 @@ impl Registry {
     /// goes through the normalizer, which emits `call.ended`.
     pub fn remove(&self, id: &str) -> Option<CallSnapshot> {
         if let Some(call) = self.remove_live(id) {
-            return Some(call.snapshot);
+            return Some(Arc::unwrap_or_clone(call.snapshot));
         }
         let (key, ended) = self.ended.remove(id)?;
         self.by_end().remove(&(ended.ended_at, key));
-        Some(ended.snapshot)
+        Some(Arc::unwrap_or_clone(ended.snapshot))
     }
 }
 
@@ -512,7 +518,7 @@ mod tests {
     }
 
     fn event(seq: u64, time: Micros, kind: EventKind, call: CallSnapshot) -> Event {
-        Event { seq, time, kind, call: Some(call) }
+        Event { seq, time, kind, call: Some(Arc::new(call)) }
     }
 
     fn started(id: &str, time: Micros) -> Event {

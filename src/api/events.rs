@@ -287,7 +287,7 @@ mod tests {
             seq: 1,
             time: 0,
             kind: EventKind::Started {},
-            call: Some(CallSnapshot {
+            call: Some(std::sync::Arc::new(CallSnapshot {
                 id: CallId::new("1.1"),
                 direction: Direction::Inbound,
                 state: CallState::Started,
@@ -303,7 +303,7 @@ mod tests {
                 recording: None,
                 routing: None,
                 caller_lookup: None,
-            }),
+            })),
         }
     }
 

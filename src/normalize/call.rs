@@ -32,6 +32,7 @@ use crate::ids::AgentId;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use std::collections::HashSet;
+use std::sync::Arc;
 
 /// Channel variable: the queue's verdict for the caller (`TIMEOUT`, `JOINEMPTY`…).
 pub(super) const QUEUESTATUS: &str = "QUEUESTATUS";
@@ -327,9 +328,12 @@ pub(super) struct FirstChannel<'a> {
 pub(super) struct Call {
     pub id: CallId,
     pub(super) seq: u64,
-    #[serde(with = "super::persist::SnapshotDef")]
-    pub(super) snap: CallSnapshot,
-    channels: SmallVec<[Channel; 2]>,
+    /// Shared with the events emitted since it last changed (and so with
+    /// the registry and the feed): written through [`Call::snap_mut`].
+    #[serde(with = "super::persist::shared_snapshot")]
+    pub(super) snap: Arc<CallSnapshot>,
+    /// One inline: a queued caller has one channel; more spill to the heap.
+    channels: SmallVec<[Channel; 1]>,
     origin: Box<str>,
     pub last_event_at: Micros,
     /// The normalizer's resync epoch at this call's last event.
@@ -337,7 +341,7 @@ pub(super) struct Call {
     pub epoch: u64,
     queue: Queueing,
     /// The queue the dialplan sent the call to (`Queue(…)`), joined or not.
-    queue_app: Option<String>,
+    queue_app: Option<Box<str>>,
     evidence: MissEvidence,
     offers: Vec<Offer>,
     conversation: Conversation,
@@ -346,7 +350,7 @@ pub(super) struct Call {
     dialing: OutboundDial,
     origin_leg: OriginLeg,
     hung_up_by: Option<HungUpBy>,
-    cause: Option<(u32, String)>,
+    cause: Option<(u32, Box<str>)>,
     stuck: StuckReport,
     started: Started,
     /// The state as of the last event, and since when.
@@ -455,7 +459,7 @@ impl Call {
         Call {
             id,
             seq: 0,
-            snap,
+            snap: Arc::new(snap),
             channels: SmallVec::new(),
             origin: origin.into(),
             last_event_at: time,
@@ -494,8 +498,16 @@ impl Call {
 
     fn emit(&mut self, kind: EventKind, time: Micros, out: &mut Vec<Event>) {
         self.seq += 1;
-        self.snap.state = self.state();
-        out.push(Event { seq: self.seq, time, kind, call: Some(self.snap.clone()) });
+        let state = self.state();
+        if self.snap.state != state {
+            self.snap_mut().state = state;
+        }
+        out.push(Event { seq: self.seq, time, kind, call: Some(Arc::clone(&self.snap)) });
+    }
+
+    /// The snapshot to change: copied first if an event still shares it.
+    fn snap_mut(&mut self) -> &mut CallSnapshot {
+        Arc::make_mut(&mut self.snap)
     }
 
     /// Notes a state change at `time` (for the stuck-call limits).
@@ -545,7 +557,7 @@ impl Call {
 
     /// The call as the helpdesk last saw it.
     pub fn snapshot(&self) -> CallSnapshot {
-        let mut snap = self.snap.clone();
+        let mut snap = CallSnapshot::clone(&self.snap);
         snap.state = self.state();
         snap
     }
@@ -670,7 +682,7 @@ impl Call {
         }
         let queue = s.frame.get(APP_DATA).unwrap_or("").split(',').next().unwrap_or("").trim();
         if !queue.is_empty() {
-            self.queue_app = Some(queue.to_string());
+            self.queue_app = Some(queue.into());
         }
     }
 
@@ -682,8 +694,8 @@ impl Call {
         self.evidence.routed = None;
         let group = dir_group.map(|g| g.id.clone());
         let position = f.get(POSITION).and_then(|p| p.parse().ok());
-        self.snap.group = group.clone();
-        self.snap.queue = Some(queue.clone());
+        self.snap_mut().group = group.clone();
+        self.snap_mut().queue = Some(queue.clone());
         self.queue.join(time);
         if !self.conversation.is_talking() {
             self.wait_base = self.queue.first_joined().unwrap_or(time);
@@ -744,9 +756,9 @@ impl Call {
             return;
         };
         if var == opts.ticket_variable {
-            self.snap.ticket_id = (!value.is_empty()).then(|| value.to_string());
+            self.snap_mut().ticket_id = (!value.is_empty()).then(|| value.to_string());
         } else if var == MIXMONITOR_FILENAME && !value.is_empty() {
-            self.snap.recording = Some(recording_location(value, opts));
+            self.snap_mut().recording = Some(recording_location(value, opts));
         } else if var == QUEUESTATUS && uid == &*self.origin {
             self.on_queue_status(value, ctx);
         } else if var == ROUTE_GROUP_VARIABLE && uid == &*self.origin {
@@ -754,7 +766,7 @@ impl Call {
             // to "missed" never joins a queue but belongs to this group.
             if self.queue.first_joined().is_none() {
                 if let Some(g) = dir.group(value) {
-                    self.snap.group = Some(g.id.clone());
+                    self.snap_mut().group = Some(g.id.clone());
                 }
             }
         } else if var == ROUTE_REASON_VARIABLE && uid == &*self.origin {
@@ -781,19 +793,21 @@ impl Call {
             _ => None,
         };
         if var == ROUTING_REASON_VARIABLE {
-            self.snap.routing = RoutingReason::parse(value).map(|reason| CallRouting { reason, from_group: None });
+            self.snap_mut().routing =
+                RoutingReason::parse(value).map(|reason| CallRouting { reason, from_group: None });
         } else if var == ROUTING_FROM_VARIABLE {
-            if let Some(r) = self.snap.routing.as_mut() {
+            if let Some(r) = self.snap_mut().routing.as_mut() {
                 r.from_group = dir.group(value).map(|g| g.id.clone());
             }
         } else if var == CALLER_FOUND_VARIABLE {
-            self.snap.caller_lookup = flag(value).map(|found| CallerLookup { found, active: None, contact_id: None });
+            self.snap_mut().caller_lookup =
+                flag(value).map(|found| CallerLookup { found, active: None, contact_id: None });
         } else if var == CALLER_ACTIVE_VARIABLE {
-            if let Some(l) = self.snap.caller_lookup.as_mut() {
+            if let Some(l) = self.snap_mut().caller_lookup.as_mut() {
                 l.active = flag(value);
             }
         } else if var == CONTACT_ID_VARIABLE {
-            if let Some(l) = self.snap.caller_lookup.as_mut() {
+            if let Some(l) = self.snap_mut().caller_lookup.as_mut() {
                 l.contact_id = (!value.is_empty()).then(|| value.to_string());
             }
         }
@@ -813,8 +827,8 @@ impl Call {
             if let Some(q) = self.queue_app.clone() {
                 let group = ctx.dir.group_for_queue(&q);
                 self.evidence.staffing = Staffing::on_arrival(group, ctx.presence);
-                self.snap.group = group.map(|g| g.id.clone());
-                self.snap.queue = Some(q);
+                self.snap_mut().group = group.map(|g| g.id.clone());
+                self.snap_mut().queue = Some(q.into());
             }
         }
     }
@@ -847,7 +861,7 @@ impl Call {
                     .map(|e| strip_prefix(e, ctx.opts))
                     .or_else(|| f.get(DIAL_STRING).and_then(|d| d.rsplit('/').next()).map(str::to_string));
                 if number.is_some() {
-                    self.snap.callee.number = number;
+                    self.snap_mut().callee.number = number;
                 }
             }
         }
@@ -858,8 +872,8 @@ impl Call {
     fn dialled_agent(&mut self, callee: &Agent) {
         let other = self.snap.agent.as_ref() != Some(&callee.id);
         if self.snap.direction == Direction::Outbound && other && !self.conversation.is_talking() {
-            self.snap.direction = Direction::Internal;
-            self.snap.callee = Party { number: Some(callee.extension.clone()), name: callee.name.clone() };
+            self.snap_mut().direction = Direction::Internal;
+            self.snap_mut().callee = Party { number: Some(callee.extension.clone()), name: callee.name.clone() };
         }
     }
 
@@ -945,7 +959,7 @@ impl Call {
         let is_origin = uid == &*self.origin;
         if let Some(c) = cause {
             if c != 0 && (is_origin || self.cause.is_none()) {
-                self.cause = Some((c, f.get(CAUSE_TXT).unwrap_or("").to_string()));
+                self.cause = Some((c, f.get(CAUSE_TXT).unwrap_or("").into()));
             }
         }
         if is_origin {
@@ -1023,9 +1037,9 @@ impl Call {
         self.conversation = Conversation::answered_by(agent.clone());
         self.dialing = OutboundDial::Idle;
         self.queue.leave();
-        self.snap.answered_at.get_or_insert(time);
+        self.snap_mut().answered_at.get_or_insert(time);
         if agent.is_some() {
-            self.snap.agent = agent.clone();
+            self.snap_mut().agent = agent.clone();
         }
         self.hung_up_by = None;
         let wait_seconds = seconds_between(self.wait_base, time);
@@ -1061,7 +1075,7 @@ impl Call {
             }
             TransferKind::Attended => self.conversation = Conversation::answered_by(to_agent.clone()),
         }
-        self.snap.agent = to_agent.clone();
+        self.snap_mut().agent = to_agent.clone();
         self.hung_up_by = None;
         self.emit(EventKind::Transferred { from_agent, to_agent, to_extension, kind }, time, out);
     }
@@ -1080,10 +1094,10 @@ impl Call {
     /// never answers and nothing is dialled) and the ticket.
     pub fn apply_originate(&mut self, number: &str, ticket: Option<&str>) {
         if self.snap.callee.number.is_none() && !number.is_empty() {
-            self.snap.callee.number = Some(number.to_string());
+            self.snap_mut().callee.number = Some(number.to_string());
         }
         if self.snap.ticket_id.is_none() {
-            self.snap.ticket_id = ticket.map(str::to_string);
+            self.snap_mut().ticket_id = ticket.map(str::to_string);
         }
     }
 
@@ -1130,13 +1144,13 @@ impl Call {
     /// `call.missed` (`failed`) and `call.ended`.
     pub fn prepare_failed_originate(&mut self, agent: Option<&Agent>, ticket: Option<String>, number: Option<String>) {
         if let Some(a) = agent {
-            self.snap.direction = Direction::Outbound;
-            self.snap.agent = Some(a.id.clone());
-            self.snap.caller = Party { number: Some(a.extension.clone()), name: a.name.clone() };
+            self.snap_mut().direction = Direction::Outbound;
+            self.snap_mut().agent = Some(a.id.clone());
+            self.snap_mut().caller = Party { number: Some(a.extension.clone()), name: a.name.clone() };
         }
-        self.snap.ticket_id = ticket;
+        self.snap_mut().ticket_id = ticket;
         if number.is_some() {
-            self.snap.callee.number = number;
+            self.snap_mut().callee.number = number;
         }
         self.evidence.originate = OriginateLeg::Failed;
     }
@@ -1205,8 +1219,8 @@ impl Call {
         if uid == &*self.origin && app == "Queue" && never_queued {
             let queue = f.get(APPLICATION_DATA).unwrap_or("").split(',').next().unwrap_or("").to_string();
             let group = dir.group_for_queue(&queue).map(|g| g.id.clone());
-            self.snap.group = group.clone();
-            self.snap.queue = Some(queue.clone());
+            self.snap_mut().group = group.clone();
+            self.snap_mut().queue = Some(queue.clone());
             self.queue.join(now);
             self.emit(EventKind::Queued { group, queue, position: None }, now, out);
         }
@@ -1320,11 +1334,11 @@ impl Call {
             let missed = self.missed_reason(closed, reason);
             self.emit(EventKind::Missed { reason: missed, wait_seconds: seconds_between(wait_from, time) }, time, out);
         }
-        self.snap.ended_at = Some(time);
+        self.snap_mut().ended_at = Some(time);
         let started = self.snap.started_at;
         let answered = self.snap.answered_at;
         let (hangup_cause, hangup_cause_text) = match &self.cause {
-            Some((c, t)) => (Some(*c), (!t.is_empty()).then(|| t.clone())),
+            Some((c, t)) => (Some(*c), (!t.is_empty()).then(|| t.to_string())),
             None => (None, None),
         };
         let hung_up_by = match reason {

@@ -87,6 +87,22 @@ pub(super) struct SnapshotDef {
     caller_lookup: Option<CallerLookup>,
 }
 
+/// [`SnapshotDef`] for the call's shared snapshot (the same JSON).
+pub(super) mod shared_snapshot {
+    use super::SnapshotDef;
+    use crate::event::CallSnapshot;
+    use serde::{Deserializer, Serializer};
+    use std::sync::Arc;
+
+    pub fn serialize<S: Serializer>(snap: &Arc<CallSnapshot>, s: S) -> Result<S::Ok, S::Error> {
+        SnapshotDef::serialize(snap, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<CallSnapshot>, D::Error> {
+        SnapshotDef::deserialize(d).map(Arc::new)
+    }
+}
+
 /// A call put back by [`Normalizer::restore`], for the registry.
 #[derive(Debug, Clone)]
 pub struct RestoredCall {

@@ -504,7 +504,9 @@ pub(crate) enum Op {
     Append {
         records: Vec<NewRecord>,
         /// Written with the last of `records` (alone when there are none).
-        checkpoints: Vec<CallCheckpoint>,
+        /// Shared with the caller, which offers them again if they could
+        /// not be stored (no copy of a batch's states per attempt).
+        checkpoints: Arc<[CallCheckpoint]>,
         split: bool,
         reply: AppendReply,
     },
@@ -653,7 +655,7 @@ impl Outbox {
         }
         let records = self.records(events);
         let (reply, rx) = oneshot::channel();
-        let op = Op::Append { records, checkpoints: Vec::new(), split: false, reply };
+        let op = Op::Append { records, checkpoints: Arc::new([]), split: false, reply };
         self.tx.send(op).await.map_err(|_| OutboxError::Closed)?;
         Ok(rx.await.map_err(|_| OutboxError::Closed)??.outcome)
     }
@@ -674,9 +676,19 @@ impl Outbox {
         events: &[Event],
         checkpoints: &[CallCheckpoint],
     ) -> Result<PartialAppend, OutboxError> {
+        self.append_what_fits_shared(events, &Arc::from(checkpoints)).await
+    }
+
+    /// [`Outbox::append_what_fits`] with checkpoints the caller keeps for
+    /// another attempt: handed over without copying them.
+    pub async fn append_what_fits_shared(
+        &self,
+        events: &[Event],
+        checkpoints: &Arc<[CallCheckpoint]>,
+    ) -> Result<PartialAppend, OutboxError> {
         if events.is_empty() && !checkpoints.is_empty() {
             let (reply, rx) = oneshot::channel();
-            let op = Op::Append { records: Vec::new(), checkpoints: checkpoints.to_vec(), split: false, reply };
+            let op = Op::Append { records: Vec::new(), checkpoints: Arc::clone(checkpoints), split: false, reply };
             self.tx.send(op).await.map_err(|_| OutboxError::Closed)?;
             return rx.await.map_err(|_| OutboxError::Closed)?;
         }
@@ -686,7 +698,7 @@ impl Outbox {
             let end = (done.taken + piece).min(events.len());
             let part = &events[done.taken..end];
             let records = self.records(part);
-            let checkpoints = if end == events.len() { checkpoints.to_vec() } else { Vec::new() };
+            let checkpoints = if end == events.len() { Arc::clone(checkpoints) } else { Arc::new([]) };
             let (reply, rx) = oneshot::channel();
             let op = Op::Append { records, checkpoints, split: true, reply };
             self.tx.send(op).await.map_err(|_| OutboxError::Closed)?;
@@ -718,7 +730,7 @@ impl Outbox {
         }
         let records = self.records(events);
         let (reply, rx) = oneshot::channel();
-        let op = Op::Append { records, checkpoints: Vec::new(), split: false, reply };
+        let op = Op::Append { records, checkpoints: Arc::new([]), split: false, reply };
         self.tx.blocking_send(op).map_err(|_| OutboxError::Closed)?;
         Ok(rx.blocking_recv().map_err(|_| OutboxError::Closed)??.outcome)
     }

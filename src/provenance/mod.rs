@@ -519,7 +519,7 @@ impl Driver<'_> {
                 _ => None,
             };
             if let Some(s) = &event.call {
-                ladder.snapshot = Some(s.clone());
+                ladder.snapshot = Some(CallSnapshot::clone(s));
             }
             if matches!(event.kind, EventKind::Ended { .. }) {
                 self.verdicts.remove(id);

@@ -310,7 +310,7 @@ fn call_id(extension: &str, d: &Dialog, first_seen: Micros) -> CallId {
 
 fn emit(call: &mut Call, time: Micros, kind: EventKind, out: &mut Vec<Event>) {
     call.seq += 1;
-    out.push(Event { seq: call.seq, time, kind, call: Some(call.snapshot.clone()) });
+    out.push(Event { seq: call.seq, time, kind, call: Some(std::sync::Arc::new(call.snapshot.clone())) });
 }
 
 /// `call.started` (and `call.offered`, inbound) at the time the dialog was

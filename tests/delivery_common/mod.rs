@@ -288,7 +288,7 @@ pub fn many_events(copies: usize) -> Vec<Event> {
         for e in &base {
             let mut e = e.clone();
             match e.call.as_mut() {
-                Some(c) => c.id = callbridge::event::CallId::new(&format!("{}-{i}", c.id)),
+                Some(c) => std::sync::Arc::make_mut(c).id = callbridge::event::CallId::new(&format!("{}-{i}", c.id)),
                 None => e.time += i as i64 * 1_000_000_000,
             }
             out.push(e);

@@ -31,11 +31,15 @@
 //!
 //! # Memory
 //!
-//! Only snapshots: no per-channel bookkeeping (that lives in the
-//! normalizer), no event history. `benches/registry.rs` measures about
-//! 690 bytes of resident memory per live call with realistic snapshots
-//! (numbers, caller name, group, queue, agent, ticket, recording URL), map
-//! overhead included: 100,000 live calls take about 66 MB. An ended call
+//! Only snapshots, and those shared: an event's `Arc<CallSnapshot>` is the
+//! one the normalizer made (copy on write), so a live call's snapshot
+//! exists once for the normalizer, the registry and the event feed. No
+//! per-channel bookkeeping (that lives in the normalizer), no event
+//! history. `benches/registry.rs` measured about 690 bytes of resident
+//! memory per live call when the registry held its own copy (numbers,
+//! caller name, group, queue, agent, ticket, recording URL), map overhead
+//! included; the daemon as a whole (`benches/daemon_memory.rs`) now takes
+//! about 1.8 KB per queued call. An ended call
 //! costs about the same plus the end-time index entry (estimated ~60 bytes),
 //! so the default cap of 200,000 ended calls bounds that part at roughly
 //! 150 MB.

@@ -214,12 +214,21 @@ fn live_stream() -> (Vec<Vec<u8>>, Vec<String>) {
     (frames, expected)
 }
 
-/// Streams `frames[range]` to every AMI client, about 2,000 frames a second.
+/// Streams `frames` to every AMI client, about 2,000 frames a second, from
+/// a task of its own.
+fn stream_in_task(ami: &AmiServer, frames: &[Vec<u8>]) -> tokio::task::JoinHandle<()> {
+    let (frames, send) = (frames.to_vec(), ami.broadcast_handle());
+    tokio::spawn(async move {
+        for chunk in frames.chunks(50) {
+            send(&chunk.concat());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+}
+
+/// [`stream_in_task`], waiting until everything was sent.
 async fn stream(ami: &AmiServer, frames: &[Vec<u8>]) {
-    for chunk in frames.chunks(50) {
-        ami.broadcast_bytes(&chunk.concat());
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    stream_in_task(ami, frames).await.unwrap();
 }
 
 /// Waits until the stream holds `n` messages and stops growing.
@@ -261,17 +270,25 @@ async fn lab_setup() -> Lab {
     Lab { tmp, nats, ami }
 }
 
+/// cb-a (reaching NATS at `a_nats`) as the leader, then cb-b (straight to
+/// the lab's server) as its standby.
+async fn start_pair(lab: &Lab, a_nats: &str) -> (Instance, Instance) {
+    let (ami, url) = (lab.ami.addr().to_string(), lab.nats.url());
+    let a = Instance::start(lab.tmp.path(), "cb-a", &ami, a_nats, a_nats);
+    a.wait_role("leader", Duration::from_secs(30)).await;
+    let b = Instance::start(lab.tmp.path(), "cb-b", &ami, &url, &url);
+    b.wait_role("standby", Duration::from_secs(30)).await;
+    (a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_a_killed_leader_within_the_lease_and_nothing_is_lost_or_doubled() {
     if !nats_present("the_standby_takes_over_a_killed_leader_within_the_lease_and_nothing_is_lost_or_doubled") {
         return;
     }
     let lab = lab_setup().await;
-    let (ami, url) = (lab.ami.addr().to_string(), lab.nats.url());
-    let mut a = Instance::start(lab.tmp.path(), "cb-a", &ami, &url, &url);
-    a.wait_role("leader", Duration::from_secs(30)).await;
-    let b = Instance::start(lab.tmp.path(), "cb-b", &ami, &url, &url);
-    b.wait_role("standby", Duration::from_secs(30)).await;
+    let url = lab.nats.url();
+    let (mut a, b) = start_pair(&lab, &url).await;
     lab.ami.wait_logins(2).await;
 
     // Roles as /readyz and the gauge tell them.
@@ -312,16 +329,7 @@ async fn the_standby_takes_over_a_killed_leader_within_the_lease_and_nothing_is_
     assert_eq!(b.sink_requests().await, 0.0, "the standby delivers nothing");
     a.kill9();
     let killed = Instant::now();
-    let feeding = {
-        let rest: Vec<Vec<u8>> = frames[cut..].to_vec();
-        let ami = lab.ami.broadcast_handle();
-        tokio::spawn(async move {
-            for chunk in rest.chunks(50) {
-                ami(&chunk.concat());
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-    };
+    let feeding = stream_in_task(&lab.ami, &frames[cut..]);
     let took_over = b.wait_role("leader", Duration::from_secs(LEASE + 10)).await;
     let handover = took_over.duration_since(killed);
     eprintln!("the standby took over {:.0} ms after the kill (lease {LEASE} s)", handover.as_secs_f64() * 1000.0);
@@ -344,13 +352,10 @@ async fn a_leader_cut_off_from_nats_stops_before_the_other_starts_and_comes_back
         return;
     }
     let lab = lab_setup().await;
-    let (ami, url) = (lab.ami.addr().to_string(), lab.nats.url());
+    let url = lab.nats.url();
     let proxy = Proxy::start(lab.nats.port).await;
     // cb-a reaches NATS (lease and stream) only through the proxy.
-    let a = Instance::start(lab.tmp.path(), "cb-a", &ami, &proxy.url(), &proxy.url());
-    a.wait_role("leader", Duration::from_secs(30)).await;
-    let b = Instance::start(lab.tmp.path(), "cb-b", &ami, &url, &url);
-    b.wait_role("standby", Duration::from_secs(30)).await;
+    let (a, b) = start_pair(&lab, &proxy.url()).await;
     lab.ami.wait_logins(2).await;
 
     let (frames, expected) = live_stream();
@@ -362,16 +367,7 @@ async fn a_leader_cut_off_from_nats_stops_before_the_other_starts_and_comes_back
     proxy.cut();
     let cut_at = Instant::now();
     // Calls go on during the partition; both instances keep normalizing.
-    let feeding = {
-        let middle: Vec<Vec<u8>> = frames[third..2 * third].to_vec();
-        let ami = lab.ami.broadcast_handle();
-        tokio::spawn(async move {
-            for chunk in middle.chunks(50) {
-                ami(&chunk.concat());
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-    };
+    let feeding = stream_in_task(&lab.ami, &frames[third..2 * third]);
     // The cut-off leader stops at once; the other takes over once the
     // lease has expired.
     a.wait_role("standby", Duration::from_secs(2)).await;
@@ -417,11 +413,7 @@ async fn a_leader_stopped_cleanly_hands_over_at_once() {
         return;
     }
     let lab = lab_setup().await;
-    let (ami, url) = (lab.ami.addr().to_string(), lab.nats.url());
-    let mut a = Instance::start(lab.tmp.path(), "cb-a", &ami, &url, &url);
-    a.wait_role("leader", Duration::from_secs(30)).await;
-    let b = Instance::start(lab.tmp.path(), "cb-b", &ami, &url, &url);
-    b.wait_role("standby", Duration::from_secs(30)).await;
+    let (mut a, b) = start_pair(&lab, &lab.nats.url()).await;
     let stopping = Instant::now();
     let stopped = tokio::task::spawn_blocking(move || {
         let ok = a.stop();

@@ -645,15 +645,10 @@ static HA: TableSchema = TableSchema {
         opt("overlap_seconds", Kind::Count { min: 0, why: "0 redelivers only what the leader had not delivered" }),
         opt("replicas", Kind::Count { min: 1, why: "a bucket keeps at least one copy" }),
     ],
-    check: Some(check_ha),
+    // The same rules as a NATS sink's connection: one way to authenticate,
+    // at most 5 replicas.
+    check: Some(check_nats_sink),
 };
-
-fn check_ha(path: &str, table: &Table, out: &mut Vec<String>) {
-    check_nats_auth(path, table, out);
-    if let Some(n) = table.get("replicas").and_then(Value::as_integer).filter(|n| *n > 5) {
-        out.push(format!("{path}.replicas: {n} copies; JetStream keeps at most 5 (use 1, 3 or 5)"));
-    }
-}
 
 static OUTBOX: TableSchema = TableSchema {
     name: "outbox",

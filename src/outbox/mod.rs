@@ -131,7 +131,12 @@
 //! When the last sink acknowledges an event, the same transaction deletes
 //! its row (unless a dead letter still needs it) and records its id in
 //! `delivered`: deleting, rather than blanking the body, lets SQLite merge
-//! and free the pages, so the live data is only what is undelivered. At most
+//! and free the pages, so the live data is only what is undelivered. An
+//! acknowledgement request moves its done events a run of consecutive
+//! `seq`s at a time (two range statements per run instead of three per
+//! event); with a single sink, whose rows are the only ones queued, an
+//! acknowledged event is done without looking for other pending rows, and
+//! the dead letters are looked at only while some exist. At most
 //! every `compact_interval`, after a commit, the writer checkpoints the WAL,
 //! deletes `delivered` ids older than `dedup_retention` and gives free pages
 //! back to the filesystem (`auto_vacuum=INCREMENTAL`, `incremental_vacuum`).

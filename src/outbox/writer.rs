@@ -91,6 +91,9 @@ pub(crate) struct StoreState {
     pub next_pos: i64,
     pub depth: i64,
     pub dead_letters: i64,
+    /// Rows of sinks no longer configured are still queued (there was no
+    /// room to drop them at open).
+    pub foreign_rows: bool,
 }
 
 fn storage(e: rusqlite::Error) -> OutboxError {
@@ -159,7 +162,8 @@ fn open_conn(path: &Path, opts: &OutboxOptions) -> Result<(StoreState, Connectio
         // Their rows only wait longer; no other sink is held up by them.
         warn!(error = %e, "outbox: no room to drop the queues of sinks no longer configured; tried again at the next start");
     }
-    let state = load_state(&conn).map_err(storage)?;
+    let mut state = load_state(&conn).map_err(storage)?;
+    state.foreign_rows = has_foreign_rows(&conn, &opts.sinks).map_err(storage)?;
     Ok((state, conn))
 }
 
@@ -314,11 +318,7 @@ pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<usize, OutboxErr
 /// Sinks no longer configured: their queues go (the events stay for the
 /// others, or become tombstones).
 fn drop_unconfigured_sinks(conn: &Connection, sinks: &[String]) -> Result<(), rusqlite::Error> {
-    let known: Vec<String> = {
-        let mut st = conn.prepare("SELECT DISTINCT sink FROM pending")?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
-        rows.collect::<Result<_, _>>()?
-    };
+    let known = queued_sinks(conn)?;
     let mut dropped = 0usize;
     for s in known.iter().filter(|s| !sinks.iter().any(|x| x == *s)) {
         let n = conn.execute("DELETE FROM pending WHERE sink = ?1", [s])?;
@@ -347,7 +347,19 @@ fn load_state(conn: &Connection) -> Result<StoreState, rusqlite::Error> {
     let dead_letters = count("SELECT COUNT(*) FROM dead_letters")?;
     let max_seq = count("SELECT COALESCE(MAX(seq), 0) FROM events")?;
     let max_pos = count("SELECT COALESCE(MAX(pos), 0) FROM pending")?;
-    Ok(StoreState { next_pos: max_seq.max(max_pos) + 1, depth, dead_letters })
+    Ok(StoreState { next_pos: max_seq.max(max_pos) + 1, depth, dead_letters, foreign_rows: false })
+}
+
+/// The sinks that have rows in `pending`.
+fn queued_sinks(conn: &Connection) -> Result<Vec<String>, rusqlite::Error> {
+    let mut st = conn.prepare("SELECT DISTINCT sink FROM pending")?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    rows.collect()
+}
+
+/// Whether `pending` holds rows of sinks other than `sinks`.
+fn has_foreign_rows(conn: &Connection, sinks: &[String]) -> Result<bool, rusqlite::Error> {
+    Ok(queued_sinks(conn)?.iter().any(|s| !sinks.contains(s)))
 }
 
 /// Free space the filesystem leaves beside the ballast before the disk
@@ -418,6 +430,7 @@ pub(crate) fn spawn(
 ) -> Result<std::thread::JoinHandle<()>, OutboxError> {
     let Opened { state, conn, full } = opened;
     let wal = WalSync::new(&path_of(&dir));
+    let sole_sink = shared.sinks.len() == 1 && !state.foreign_rows;
     let mut w = Writer {
         conn,
         rx,
@@ -432,6 +445,7 @@ pub(crate) fn spawn(
         last_recovery: Instant::now(),
         last_full: full.then(Instant::now),
         depth_at_full: if full { state.depth } else { 0 },
+        sole_sink,
         probation: false,
         dirty: false,
         metrics: WriterMetrics::new(),
@@ -468,6 +482,9 @@ struct Writer {
     /// room (however small the cap, and however much of it the tables'
     /// own pages take), and appends are tried again.
     depth_at_full: i64,
+    /// One sink, and only its rows are queued: an event whose row it
+    /// acknowledged has no other pending row.
+    sole_sink: bool,
     /// Room again after a full episode: appends are accepted, but the store
     /// reports writable only once the episode is over.
     probation: bool,
@@ -563,6 +580,11 @@ struct Batch {
     sinks: Vec<Arc<str>>,
     /// The store was full when the batch started: appends are refused.
     full: bool,
+    /// See [`Writer::sole_sink`].
+    sole_sink: bool,
+    /// Dead letters may exist (some did at the start, or a request of this
+    /// batch parked one): a done event must be checked against them.
+    dead_letters: bool,
     next_pos: i64,
     delta: Delta,
     /// Replies to send if the transaction commits.
@@ -590,7 +612,7 @@ impl Batch {
         }
         match op {
             Op::Append { records, checkpoints, split, reply } => self.append(c, &records, &checkpoints, split, reply),
-            Op::Ack { ref sink, ref acks } => match in_savepoint(c, |t| ack(t, sink, acks, self.now)) {
+            Op::Ack { ref sink, ref acks } => match in_savepoint(c, |t| self.ack(t, sink, acks)) {
                 Ok(d) => {
                     self.delta.depth += d;
                     self.applied.push(op);
@@ -598,6 +620,7 @@ impl Batch {
                 Err(e) => self.defer(op, e, "recording acknowledgements"),
             },
             Op::Park { ref sink, pos, seq, status, ref reason } => {
+                self.dead_letters = true;
                 match in_savepoint(c, |t| park(t, sink, pos, seq, status, reason, self.now)) {
                     Ok(d) => {
                         self.delta.depth += d.depth;
@@ -862,6 +885,8 @@ impl Writer {
             now: now_micros(),
             sinks: self.shared.sinks.clone(),
             full: self.full,
+            sole_sink: self.sole_sink,
+            dead_letters: self.shared.dead_letters.load(Ordering::Acquire) != 0,
             next_pos: self.next_pos,
             delta: Delta::default(),
             after: Vec::new(),
@@ -1292,32 +1317,69 @@ fn still_pending(c: &Connection, seq: i64) -> Result<bool, rusqlite::Error> {
     c.prepare_cached("SELECT EXISTS(SELECT 1 FROM pending WHERE seq = ?1)")?.query_row([seq], |r| r.get(0))
 }
 
-/// The event has no pending row left: unless a dead letter still needs it,
-/// it leaves, and only its id stays (for de-duplication).
-fn mark_done(c: &Connection, seq: i64, now: i64) -> Result<(), rusqlite::Error> {
-    let parked: bool =
-        c.prepare_cached("SELECT EXISTS(SELECT 1 FROM dead_letters WHERE seq = ?1)")?.query_row([seq], |r| r.get(0))?;
-    if parked {
-        return Ok(());
+/// Whether a dead letter of some sink still needs the event.
+fn parked(c: &Connection, seq: i64) -> Result<bool, rusqlite::Error> {
+    c.prepare_cached("SELECT EXISTS(SELECT 1 FROM dead_letters WHERE seq = ?1)")?.query_row([seq], |r| r.get(0))
+}
+
+/// The events `seqs` (ascending) have no pending row and no dead letter
+/// left: they leave, and only their ids stay (for de-duplication). Each run
+/// of consecutive seqs is one range for SQLite, instead of three statements
+/// per event.
+fn mark_done(c: &Connection, seqs: &[i64], now: i64) -> Result<(), rusqlite::Error> {
+    let mut keep = c.prepare_cached(
+        "INSERT OR IGNORE INTO delivered(id, done_at, digest)
+         SELECT id, ?3, digest FROM events WHERE seq BETWEEN ?1 AND ?2",
+    )?;
+    let mut delete = c.prepare_cached("DELETE FROM events WHERE seq BETWEEN ?1 AND ?2")?;
+    for (first, last) in runs(seqs) {
+        keep.execute(params![first, last, now])?;
+        delete.execute(params![first, last])?;
     }
-    c.prepare_cached(
-        "INSERT OR IGNORE INTO delivered(id, done_at, digest) SELECT id, ?2, digest FROM events WHERE seq = ?1",
-    )?
-    .execute(params![seq, now])?;
-    c.prepare_cached("DELETE FROM events WHERE seq = ?1")?.execute([seq])?;
     Ok(())
 }
 
-fn ack(c: &Connection, sink: &str, acks: &[(i64, i64)], now: i64) -> Result<i64, rusqlite::Error> {
-    let mut del = c.prepare_cached("DELETE FROM pending WHERE sink = ?1 AND pos = ?2")?;
-    let mut depth = 0;
-    for &(pos, seq) in acks {
-        if del.execute(params![sink, pos])? == 1 && !still_pending(c, seq)? {
-            mark_done(c, seq, now)?;
-            depth -= 1;
+/// The runs of consecutive values of the ascending `seqs`, as (first, last).
+fn runs(seqs: &[i64]) -> impl Iterator<Item = (i64, i64)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *seqs.get(i)?;
+        let mut last = first;
+        i += 1;
+        while seqs.get(i) == Some(&(last + 1)) {
+            last += 1;
+            i += 1;
         }
+        Some((first, last))
+    })
+}
+
+impl Batch {
+    /// A sink's acknowledgements: its pending rows go; events that no sink
+    /// has pending any more leave (see [`mark_done`]) unless a dead letter
+    /// still needs them. Returns the change of the depth.
+    fn ack(&self, c: &Connection, sink: &str, acks: &[(i64, i64)]) -> Result<i64, rusqlite::Error> {
+        let mut del = c.prepare_cached("DELETE FROM pending WHERE sink = ?1 AND pos = ?2")?;
+        let mut done = Vec::with_capacity(acks.len());
+        for &(pos, seq) in acks {
+            if del.execute(params![sink, pos])? == 1 && (self.sole_sink || !still_pending(c, seq)?) {
+                done.push(seq);
+            }
+        }
+        let depth = -(done.len() as i64);
+        if self.dead_letters {
+            let mut free = Vec::with_capacity(done.len());
+            for seq in done {
+                if !parked(c, seq)? {
+                    free.push(seq);
+                }
+            }
+            done = free;
+        }
+        done.sort_unstable();
+        mark_done(c, &done, self.now)?;
+        Ok(depth)
     }
-    Ok(depth)
 }
 
 fn park(
@@ -1380,4 +1442,19 @@ fn retry(
         n += 1;
     }
     Ok((n, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_split_ascending_seqs_where_they_are_not_consecutive() {
+        let all = |s: &[i64]| runs(s).collect::<Vec<_>>();
+        assert_eq!(all(&[]), vec![]);
+        assert_eq!(all(&[7]), vec![(7, 7)]);
+        assert_eq!(all(&[1, 2, 3, 4]), vec![(1, 4)]);
+        assert_eq!(all(&[1, 2, 4, 5, 9]), vec![(1, 2), (4, 5), (9, 9)]);
+        assert_eq!(all(&[-3, -2, 0]), vec![(-3, -2), (0, 0)]);
+    }
 }

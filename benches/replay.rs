@@ -1,13 +1,60 @@
 //! Decode + normalize throughput on one core, over a large trace built from
-//! the real fixture traces (renamed copies), and resident memory over the run.
+//! the real fixture traces (renamed copies), and resident memory over the run;
+//! then the real `callbridge replay` of the same trace, written to a file,
+//! with its JSON lines on stdout (into `/dev/null`): frames/s and peak RSS.
 //!
-//! `cargo bench --bench replay` (env `COPIES`, default 400 ≈ 900k frames).
+//! `cargo bench --bench replay` (env `COPIES`, default 400 ≈ 900k frames,
+//! 418 MB; `COPIES=454` makes the 474 MB trace of issue 17).
+//!
+//! Targets (issue 17), printed with whether each is met: decode+normalize
+//! ≥ 3,000,000 frames/s; `replay` ≥ 2,000,000 frames/s to JSON lines, with
+//! a peak RSS under 60 MB.
+
+#[path = "support/mod.rs"]
+mod support;
 
 use callbridge::ami::codec::{decode_all, AmiCodec, AmiMessage};
 use callbridge::config::Config;
 use callbridge::normalize::{AlwaysOpen, Normalizer};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+const TARGET_DECODE_NORMALIZE_FPS: f64 = 3_000_000.0;
+const TARGET_REPLAY_FPS: f64 = 2_000_000.0;
+const TARGET_REPLAY_PEAK_RSS: u64 = 60_000_000;
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "not met"
+    }
+}
+
+/// `callbridge replay` of `trace` with JSON lines to `/dev/null`: seconds
+/// and peak RSS (`VmHWM`, read every 5 ms until it exits).
+fn replay_binary(trace: &std::path::Path, config: &std::path::Path) -> (f64, u64) {
+    let t = Instant::now();
+    let mut child = Command::new(support::callbridge_bin())
+        .args(["replay", "--config"])
+        .arg(config)
+        .arg(trace)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start callbridge replay");
+    let mut peak = 0;
+    loop {
+        peak = peak.max(support::proc_status_bytes(child.id(), "VmHWM"));
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "callbridge replay failed: {status}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (t.elapsed().as_secs_f64(), peak)
+}
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -129,5 +176,32 @@ fn main() {
         frames as f64 / best_cp,
         100.0 * best / best_cp,
         bytes / checkpoints.max(1)
+    );
+
+    // The whole `callbridge replay`, reading the trace from a file as it goes.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let trace = tmp.path().join("trace.ami");
+    std::fs::write(&trace, &data).expect("write the trace");
+    drop(data);
+    let lab = std::path::PathBuf::from(format!("{root}/config/lab.toml"));
+    let (mut best_replay, mut peak) = (f64::MAX, 0);
+    for _ in 0..3 {
+        let (secs, hwm) = replay_binary(&trace, &lab);
+        best_replay = best_replay.min(secs);
+        peak = peak.max(hwm);
+    }
+    let replay_fps = frames as f64 / best_replay;
+    println!(
+        "callbridge replay: {frames} frames, {mb:.1} MB file -> JSON lines on stdout in {best_replay:.3} s = \
+         {replay_fps:.0} frames/s, peak RSS {:.1} MB",
+        peak as f64 / 1e6
+    );
+    let fps = frames as f64 / best;
+    println!(
+        "targets (issue 17): decode+normalize ≥ 3,000,000 frames/s: {} | replay ≥ 2,000,000 frames/s: {} | \
+         replay peak RSS < 60 MB: {}",
+        met(fps >= TARGET_DECODE_NORMALIZE_FPS),
+        met(replay_fps >= TARGET_REPLAY_FPS),
+        met(peak > 0 && peak < TARGET_REPLAY_PEAK_RSS)
     );
 }

@@ -157,14 +157,30 @@ fn key_matches(k: &[u8], want: &[u8]) -> bool {
 
 /// Parses Asterisk's `seconds.micros` timestamp into microseconds.
 pub fn parse_timestamp_micros(s: &str) -> Option<i64> {
-    let (secs, frac) = match s.split_once('.') {
-        Some((a, b)) => (a, b),
-        None => (s, ""),
-    };
-    let secs: i64 = secs.parse().ok()?;
+    // Every frame's `Timestamp` comes through here: the shape Asterisk
+    // writes (`1795471080.044838`) is read in one pass; anything else (a
+    // sign, no digits) the general way below.
+    let b = s.as_bytes();
+    let mut secs: i64 = 0;
+    let mut i = 0;
+    while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
+        secs = secs.checked_mul(10)?.checked_add(i64::from(c - b'0'))?;
+        i += 1;
+    }
+    match b.get(i) {
+        _ if i == 0 => parse_timestamp_general(s),
+        None => secs.checked_mul(1_000_000),
+        Some(b'.') => secs.checked_mul(1_000_000)?.checked_add(fraction_micros(b.get(i + 1..).unwrap_or_default())?),
+        Some(_) => None,
+    }
+}
+
+/// The digits after the decimal point as µs (the first six count; more are
+/// cut, fewer are padded); `None` if any byte is not a digit.
+fn fraction_micros(frac: &[u8]) -> Option<i64> {
     let mut micros: i64 = 0;
     let mut digits = 0;
-    for c in frac.bytes() {
+    for &c in frac {
         if !c.is_ascii_digit() {
             return None;
         }
@@ -177,7 +193,17 @@ pub fn parse_timestamp_micros(s: &str) -> Option<i64> {
         micros *= 10;
         digits += 1;
     }
-    secs.checked_mul(1_000_000)?.checked_add(micros)
+    Some(micros)
+}
+
+/// [`parse_timestamp_micros`] for any shape `i64` parsing takes (a sign).
+fn parse_timestamp_general(s: &str) -> Option<i64> {
+    let (secs, frac) = match s.split_once('.') {
+        Some((a, b)) => (a, b),
+        None => (s, ""),
+    };
+    let secs: i64 = secs.parse().ok()?;
+    secs.checked_mul(1_000_000)?.checked_add(fraction_micros(frac.as_bytes())?)
 }
 
 impl fmt::Debug for Frame {
@@ -208,5 +234,24 @@ mod tests {
         assert_eq!(parse_timestamp_micros("1795471080"), Some(1_795_471_080_000_000));
         assert_eq!(parse_timestamp_micros("17x"), None);
         assert_eq!(parse_timestamp_micros("1.2x"), None);
+        assert_eq!(parse_timestamp_micros("-1.5"), Some(-500_000));
+        assert_eq!(parse_timestamp_micros("+2"), Some(2_000_000));
+        assert_eq!(parse_timestamp_micros("1."), Some(1_000_000));
+        assert_eq!(parse_timestamp_micros("1.2.3"), None);
+        assert_eq!(parse_timestamp_micros("99999999999999999999"), None);
+        assert_eq!(parse_timestamp_micros(""), None);
+    }
+
+    proptest::proptest! {
+        /// The one-pass reading agrees with the general one on any text,
+        /// and on text shaped like timestamps (digits, a point, digits).
+        #[test]
+        fn the_fast_timestamp_path_agrees_with_the_general_one(
+            any in "\\PC{0,24}",
+            shaped in "[+-]?[0-9]{0,20}(\\.[0-9x]{0,9})?",
+        ) {
+            proptest::prop_assert_eq!(parse_timestamp_micros(&any), parse_timestamp_general(&any));
+            proptest::prop_assert_eq!(parse_timestamp_micros(&shaped), parse_timestamp_general(&shaped));
+        }
     }
 }

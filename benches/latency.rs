@@ -21,6 +21,7 @@
 //! ```text
 //! cargo bench --bench latency                       # 5,000 and 50,000 frames/s, 10 s each
 //! cargo bench --bench latency -- --rates 5000 --seconds 30
+//! cargo bench --bench latency -- --bin /tmp/callbridge-before   # another build, for before/after
 //! ```
 //!
 //! Target (issue 17): p99 < 5 ms at both rates. Exits non-zero if missed.
@@ -187,6 +188,8 @@ fn percentile(sorted: &[i64], p: f64) -> f64 {
 
 fn main() {
     let (mut rates, mut seconds) = (vec![5_000u64, 50_000], 10u64);
+    // Another callbridge binary to measure (an older build, for before/after).
+    let mut bin = callbridge_bin();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -194,6 +197,7 @@ fn main() {
                 rates = it.next().expect("--rates A,B").split(',').map(|r| r.parse().expect("a rate")).collect()
             }
             "--seconds" => seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
+            "--bin" => bin = it.next().map(PathBuf::from).expect("--bin PATH"),
             "--bench" => {}
             other => eprintln!("ignoring argument {other}"),
         }
@@ -215,7 +219,7 @@ fn main() {
         let port = listener.local_addr().expect("addr").port();
         let config = config(dir.path(), port, receiver.addr);
         let server = std::thread::spawn(move || serve(listener, rate, seconds));
-        let daemon = Daemon::start(Command::new(callbridge_bin()), &config, dir.path());
+        let daemon = Daemon::start(Command::new(&bin), &config, dir.path());
         let first = now_us() + WARM_UP_US;
         let frames = server.join().expect("the AMI side");
         if frames == 0 {

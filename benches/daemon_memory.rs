@@ -23,6 +23,12 @@
 //! cargo bench --bench daemon_memory -- --calls 100000 --scenario queued
 //! ```
 //!
+//! Profiling: `CALLBRIDGE_BIN=wrapper` runs a script in place of the
+//! daemon (it must `exec` the binary, e.g. with heaptrack's preload
+//! library set, so that the measured process is the daemon);
+//! `CALLBRIDGE_MEASURE_HOOK='shell command'` runs at each measurement with
+//! the daemon's process id in `$DAEMON_PID` (e.g. to keep its `smaps`).
+//!
 //! Targets (issue 17): 100,000 queued calls < 150 MB at peak; 100,000
 //! talking calls with a Local-channel member < 250 MB. Exits non-zero if
 //! one is missed. Needs `python3` (the fake AMI server).
@@ -126,6 +132,8 @@ struct Measure {
     calls: u64,
     rss: u64,
     peak: u64,
+    /// Anonymous resident memory: the heap, stacks (not the mapped binary).
+    anon: u64,
     seconds: f64,
 }
 
@@ -160,8 +168,25 @@ fn measure(scenario: Scenario, calls: u64, receiver: &Receiver) -> Measure {
         calls,
         rss: proc_status_bytes(daemon.pid(), "VmRSS"),
         peak: proc_status_bytes(daemon.pid(), "VmHWM"),
+        anon: proc_status_bytes(daemon.pid(), "RssAnon"),
         seconds,
     };
+    // `CALLBRIDGE_MEASURE_HOOK='command'`: run (by `sh -c`, the daemon's
+    // process id in `$DAEMON_PID`, the scenario and calls in `$SCENARIO`
+    // and `$CALLS`) at the measurement, e.g. to keep `/proc/$DAEMON_PID/smaps`
+    // or ask the allocator for its statistics.
+    if let Some(hook) = std::env::var_os("CALLBRIDGE_MEASURE_HOOK") {
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(hook)
+            .env("DAEMON_PID", daemon.pid().to_string())
+            .env("SCENARIO", scenario.name())
+            .env("CALLS", calls.to_string())
+            .status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("CALLBRIDGE_MEASURE_HOOK failed: {status:?}");
+        }
+    }
     daemon.stop();
     m
 }
@@ -197,9 +222,10 @@ fn main() {
             let m = measure(scenario, n, &receiver);
             let per_call = done.first().map(|f| (m.rss as f64 - f.rss as f64) / (m.calls - f.calls) as f64);
             println!(
-                "  {:>7} calls: RSS {:>6.1} MB, peak {:>6.1} MB, in {:.1} s{}",
+                "  {:>7} calls: RSS {:>6.1} MB (anonymous {:.1} MB), peak {:>6.1} MB, in {:.1} s{}",
                 m.calls,
                 m.rss as f64 / MB,
+                m.anon as f64 / MB,
                 m.peak as f64 / MB,
                 m.seconds,
                 per_call.map(|b| format!(", {b:.0} bytes per call over {} calls", done[0].calls)).unwrap_or_default()

@@ -203,7 +203,7 @@ fn live_call(i: usize) -> Event {
         id: CallId::new(&format!("1795471023.{i}")),
         direction: Direction::Inbound,
         state,
-        caller: Party { number: Some(format!("119876{i:05}")), name: Some(format!("Cliente {i}")) },
+        caller: Party { number: Some(format!("119876{i:05}").into()), name: Some(format!("Cliente {i}").into()) },
         callee: Party { number: Some("1130001000".into()), name: None },
         group: Some(GroupId::new(group)),
         queue: Some("700".into()),

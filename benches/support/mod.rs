@@ -128,9 +128,14 @@ pub fn delivery_config(dir: &Path, receiver: SocketAddr, batch_size: usize) -> S
     )
 }
 
-/// The callbridge binary built with this benchmark.
+/// The callbridge binary built with this benchmark, or `$CALLBRIDGE_BIN`
+/// when set: a wrapper that `exec`s the daemon under a profiler (e.g.
+/// heaptrack's preload library) keeps the process id the benchmark reads
+/// `/proc` and sends signals to.
 pub fn callbridge_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_callbridge"))
+    std::env::var_os("CALLBRIDGE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_callbridge")))
 }
 
 /// `callbridge run` (or whatever `cmd` starts) with its log in `dir`;

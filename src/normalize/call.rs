@@ -31,6 +31,7 @@ use crate::event::{
 use crate::ids::AgentId;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
+use smol_str::SmolStr;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -56,11 +57,17 @@ pub enum ChannelRole {
     External,
 }
 
+/// Ids and names are [`SmolStr`]s: an Asterisk `Uniqueid`
+/// (`1795471080.4`, or with a system name `pbx1-1795471080.4`) and most
+/// channel names (`SIP/2000-0000000f`) fit in it without a heap
+/// allocation, and a longer one is shared, not copied, when the same id is
+/// also the call's origin or a key of the normalizer's channel index.
+/// Stored as the same JSON strings as before.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct Channel {
-    uniqueid: Box<str>,
+    uniqueid: SmolStr,
     /// Channel name (`SIP/2000-0000000f`), for actions on it (transfer).
-    name: Box<str>,
+    name: SmolStr,
     role: ChannelRole,
     agent: Option<AgentId>,
     up: bool,
@@ -71,7 +78,7 @@ pub(super) struct Channel {
 struct Offer {
     agent: AgentId,
     open: bool,
-    channels: SmallVec<[Box<str>; 3]>,
+    channels: SmallVec<[SmolStr; 3]>,
 }
 
 /// What the queue said about a caller who left it unanswered.
@@ -289,7 +296,7 @@ pub(super) struct Ctx<'a> {
     /// Agent presence now (for "was anybody available when the call arrived").
     pub presence: &'a PresenceMap,
     /// Channels this event added to the call (the normalizer indexes them).
-    pub new_channels: &'a mut Vec<Box<str>>,
+    pub new_channels: &'a mut Vec<SmolStr>,
 }
 
 /// One frame as a call's handler sees it.
@@ -334,14 +341,15 @@ pub(super) struct Call {
     pub(super) snap: Arc<CallSnapshot>,
     /// One inline: a queued caller has one channel; more spill to the heap.
     channels: SmallVec<[Channel; 1]>,
-    origin: Box<str>,
+    /// The first channel's `Uniqueid` (that channel may have moved on).
+    origin: SmolStr,
     pub last_event_at: Micros,
     /// The normalizer's resync epoch at this call's last event.
     #[serde(skip)]
     pub epoch: u64,
     queue: Queueing,
     /// The queue the dialplan sent the call to (`Queue(…)`), joined or not.
-    queue_app: Option<Box<str>>,
+    queue_app: Option<SmolStr>,
     evidence: MissEvidence,
     offers: Vec<Offer>,
     conversation: Conversation,
@@ -362,8 +370,13 @@ fn is_dialable(exten: &str) -> bool {
     !exten.is_empty() && exten.bytes().all(|c| c.is_ascii_digit() || matches!(c, b'+' | b'*' | b'#'))
 }
 
-fn known(s: Option<&str>) -> Option<String> {
-    s.filter(|v| !v.is_empty() && *v != "<unknown>").map(str::to_string)
+fn known(s: Option<&str>) -> Option<SmolStr> {
+    s.filter(|v| !v.is_empty() && *v != "<unknown>").map(SmolStr::from)
+}
+
+/// An agent as a party of a call: their extension and name.
+fn agent_party(a: &Agent) -> Party {
+    Party { number: Some(a.extension.as_str().into()), name: a.name.as_deref().map(SmolStr::from) }
 }
 
 fn status_is(s: Option<&str>, v: &str) -> bool {
@@ -382,14 +395,9 @@ fn first_parties(
 ) -> (Direction, Party, Party, Option<AgentId>) {
     match agent {
         Some(a) => {
-            let caller = Party { number: Some(a.extension.clone()), name: a.name.clone() };
+            let caller = agent_party(a);
             match dir.agent_for_extension(exten) {
-                Some(b) => (
-                    Direction::Internal,
-                    caller,
-                    Party { number: Some(b.extension.clone()), name: b.name.clone() },
-                    Some(a.id.clone()),
-                ),
+                Some(b) => (Direction::Internal, caller, agent_party(b), Some(a.id.clone())),
                 None => (
                     Direction::Outbound,
                     caller,
@@ -401,7 +409,7 @@ fn first_parties(
         None => (
             Direction::Inbound,
             Party { number: known(frame.get(CALLER_ID_NUM)), name: known(frame.get(CALLER_ID_NAME)) },
-            Party { number: is_dialable(exten).then(|| exten.to_string()), name: None },
+            Party { number: is_dialable(exten).then(|| exten.into()), name: None },
             None,
         ),
     }
@@ -431,10 +439,11 @@ impl Call {
             routing: None,
             caller_lookup: None,
         };
-        let mut call = Call::new(id, snap, uniqueid, time);
+        let uniqueid = SmolStr::from(uniqueid);
+        let mut call = Call::new(id, snap, uniqueid.clone(), time);
         call.seq = after_seq;
         call.channels.push(Channel {
-            uniqueid: uniqueid.into(),
+            uniqueid,
             name: channel.into(),
             role: ChannelRole::Origin,
             agent: agent.map(|a| a.id.clone()),
@@ -455,13 +464,13 @@ impl Call {
     }
 
     /// A call that nothing has happened to yet.
-    fn new(id: CallId, snap: CallSnapshot, origin: &str, time: Micros) -> Call {
+    fn new(id: CallId, snap: CallSnapshot, origin: SmolStr, time: Micros) -> Call {
         Call {
             id,
             seq: 0,
             snap: Arc::new(snap),
             channels: SmallVec::new(),
-            origin: origin.into(),
+            origin,
             last_event_at: time,
             epoch: 0,
             queue: Queueing::Never,
@@ -583,15 +592,16 @@ impl Call {
         } else {
             ChannelRole::External
         };
+        let uniqueid = SmolStr::from(uid);
+        ctx.new_channels.push(uniqueid.clone());
         self.channels.push(Channel {
-            uniqueid: uid.into(),
+            uniqueid,
             name: name.into(),
             role,
             agent,
             up: state == Some("Up"),
             hung_up: false,
         });
-        ctx.new_channels.push(uid.into());
     }
 
     pub fn take_channel(&mut self, uid: &str) -> Option<Channel> {
@@ -695,7 +705,7 @@ impl Call {
         let group = dir_group.map(|g| g.id.clone());
         let position = f.get(POSITION).and_then(|p| p.parse().ok());
         self.snap_mut().group = group.clone();
-        self.snap_mut().queue = Some(queue.clone());
+        self.snap_mut().queue = Some(queue.as_str().into());
         self.queue.join(time);
         if !self.conversation.is_talking() {
             self.wait_base = self.queue.first_joined().unwrap_or(time);
@@ -756,7 +766,7 @@ impl Call {
             return;
         };
         if var == opts.ticket_variable {
-            self.snap_mut().ticket_id = (!value.is_empty()).then(|| value.to_string());
+            self.snap_mut().ticket_id = (!value.is_empty()).then(|| value.into());
         } else if var == MIXMONITOR_FILENAME && !value.is_empty() {
             self.snap_mut().recording = Some(recording_location(value, opts));
         } else if var == QUEUESTATUS && uid == &*self.origin {
@@ -828,7 +838,7 @@ impl Call {
                 let group = ctx.dir.group_for_queue(&q);
                 self.evidence.staffing = Staffing::on_arrival(group, ctx.presence);
                 self.snap_mut().group = group.map(|g| g.id.clone());
-                self.snap_mut().queue = Some(q.into());
+                self.snap_mut().queue = Some(q);
             }
         }
     }
@@ -859,7 +869,7 @@ impl Call {
                     .get(EXTEN)
                     .filter(|e| is_dialable(e))
                     .map(|e| strip_prefix(e, ctx.opts))
-                    .or_else(|| f.get(DIAL_STRING).and_then(|d| d.rsplit('/').next()).map(str::to_string));
+                    .or_else(|| f.get(DIAL_STRING).and_then(|d| d.rsplit('/').next()).map(SmolStr::from));
                 if number.is_some() {
                     self.snap_mut().callee.number = number;
                 }
@@ -873,7 +883,7 @@ impl Call {
         let other = self.snap.agent.as_ref() != Some(&callee.id);
         if self.snap.direction == Direction::Outbound && other && !self.conversation.is_talking() {
             self.snap_mut().direction = Direction::Internal;
-            self.snap_mut().callee = Party { number: Some(callee.extension.clone()), name: callee.name.clone() };
+            self.snap_mut().callee = agent_party(callee);
         }
     }
 
@@ -1094,10 +1104,10 @@ impl Call {
     /// never answers and nothing is dialled) and the ticket.
     pub fn apply_originate(&mut self, number: &str, ticket: Option<&str>) {
         if self.snap.callee.number.is_none() && !number.is_empty() {
-            self.snap_mut().callee.number = Some(number.to_string());
+            self.snap_mut().callee.number = Some(number.into());
         }
         if self.snap.ticket_id.is_none() {
-            self.snap_mut().ticket_id = ticket.map(str::to_string);
+            self.snap_mut().ticket_id = ticket.map(SmolStr::from);
         }
     }
 
@@ -1146,11 +1156,11 @@ impl Call {
         if let Some(a) = agent {
             self.snap_mut().direction = Direction::Outbound;
             self.snap_mut().agent = Some(a.id.clone());
-            self.snap_mut().caller = Party { number: Some(a.extension.clone()), name: a.name.clone() };
+            self.snap_mut().caller = agent_party(a);
         }
-        self.snap_mut().ticket_id = ticket;
-        if number.is_some() {
-            self.snap_mut().callee.number = number;
+        self.snap_mut().ticket_id = ticket.map(SmolStr::from);
+        if let Some(number) = number {
+            self.snap_mut().callee.number = Some(number.into());
         }
         self.evidence.originate = OriginateLeg::Failed;
     }
@@ -1220,7 +1230,7 @@ impl Call {
             let queue = f.get(APPLICATION_DATA).unwrap_or("").split(',').next().unwrap_or("").to_string();
             let group = dir.group_for_queue(&queue).map(|g| g.id.clone());
             self.snap_mut().group = group.clone();
-            self.snap_mut().queue = Some(queue.clone());
+            self.snap_mut().queue = Some(queue.as_str().into());
             self.queue.join(now);
             self.emit(EventKind::Queued { group, queue, position: None }, now, out);
         }
@@ -1363,13 +1373,13 @@ impl Call {
     }
 }
 
-fn strip_prefix(exten: &str, opts: &SiteOptions) -> String {
+fn strip_prefix(exten: &str, opts: &SiteOptions) -> SmolStr {
     if !opts.outbound_prefix.is_empty() && exten.len() > opts.outbound_prefix.len() {
         if let Some(rest) = exten.strip_prefix(opts.outbound_prefix.as_str()) {
-            return rest.to_string();
+            return rest.into();
         }
     }
-    exten.to_string()
+    exten.into()
 }
 
 /// `MIXMONITOR_FILENAME` as the helpdesk should see it: the file name

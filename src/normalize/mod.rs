@@ -77,6 +77,7 @@ pub use miss_rule::MissRule;
 pub use persist::{CallCheckpoint, Restored, RestoredCall, CHECKPOINT_FORMAT};
 pub use presence::{device_state_unavailable, AgentPresence, PresenceMap};
 pub use resync::{PbxChannels, StuckCause, StuckLimits, Suspect};
+use smol_str::SmolStr;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -157,8 +158,9 @@ pub struct Normalizer {
     /// Boxed: the table keeps spare buckets (up to half of them after it
     /// grows), and a spare bucket costs the size of what it holds.
     calls: HashMap<CallId, Box<Call>, ahash::RandomState>,
-    /// Uniqueid → call, for channels whose Linkedid changes.
-    channel_call: HashMap<Box<str>, CallId, ahash::RandomState>,
+    /// Uniqueid → call, for channels whose Linkedid changes. Keys are
+    /// inline (see `call::Channel`): no allocation per live channel.
+    channel_call: HashMap<SmolStr, CallId, ahash::RandomState>,
     ended: BoundedSet,
     gone_channels: BoundedSet,
     /// What the PBX and the helpdesk say about each agent.
@@ -434,7 +436,7 @@ impl Normalizer {
         };
         call.last_event_at = time;
         call.epoch = self.epoch;
-        let mut new_channels: Vec<Box<str>> = Vec::new();
+        let mut new_channels: Vec<SmolStr> = Vec::new();
         let ctx =
             call::Ctx { dir: &self.dir, opts: &self.opts, presence: &self.presence, new_channels: &mut new_channels };
         let finished = call.handle(on, event, frame, time, ctx, out);
@@ -602,10 +604,12 @@ impl Normalizer {
     }
 }
 
-/// A set that forgets its oldest members beyond a capacity.
+/// A set that forgets its oldest members beyond a capacity. Members are
+/// [`SmolStr`]s: a call or channel id is stored inline in both the order
+/// and the set, without an allocation (a long one is shared by the two).
 struct BoundedSet {
-    order: VecDeque<Box<str>>,
-    set: HashSet<Box<str>, ahash::RandomState>,
+    order: VecDeque<SmolStr>,
+    set: HashSet<SmolStr, ahash::RandomState>,
     cap: usize,
 }
 
@@ -622,8 +626,9 @@ impl BoundedSet {
                 self.set.remove(&old);
             }
         }
-        self.order.push_back(s.into());
-        self.set.insert(s.into());
+        let s = SmolStr::from(s);
+        self.order.push_back(s.clone());
+        self.set.insert(s);
     }
     fn contains(&self, s: &str) -> bool {
         self.set.contains(s)

@@ -50,6 +50,7 @@ use crate::event::{
 };
 use crate::ids::{AgentId, CallId};
 use md5::{Digest, Md5};
+use smol_str::SmolStr;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -171,7 +172,7 @@ impl LineTracker {
             return None;
         }
         let name = remote.display.clone().filter(|n| !n.is_empty() && n != number);
-        Some(Party { number: Some(number.to_string()), name })
+        Some(Party { number: Some(number.into()), name: name.map(SmolStr::from) })
     }
 
     fn update_line(&mut self, now: Micros, dialogs: &DialogSet, out: &mut Vec<Event>) {
@@ -184,7 +185,7 @@ impl LineTracker {
             (None, Some(d)) => (LineState::Ringing, Some(d)),
             (None, None) => (LineState::Idle, None),
         };
-        let remote = dialog.and_then(|d| self.remotes.get(&d.id)).and_then(|p| p.number.clone());
+        let remote = dialog.and_then(|d| self.remotes.get(&d.id)).and_then(|p| p.number.as_deref().map(str::to_string));
         let now_line = (state, remote);
         if self.line.as_ref() == Some(&now_line) {
             return;
@@ -256,7 +257,7 @@ impl LineTracker {
             (None, DialogState::Confirmed) => Direction::Outbound,
             (None, _) => Direction::Inbound,
         };
-        let me = Party { number: Some(self.extension.clone()), name: None };
+        let me = Party { number: Some(self.extension.as_str().into()), name: None };
         let other = remote.unwrap_or_default();
         let (caller, callee) = match direction {
             Direction::Outbound => (me, other),

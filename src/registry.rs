@@ -39,8 +39,9 @@
 //! memory per live call when the registry held its own copy (numbers,
 //! caller name, group, queue, agent, ticket, recording URL), map overhead
 //! included; the daemon as a whole (`benches/daemon_memory.rs`) takes
-//! about 1.5 KB of resident memory per queued call (1.9 KB before the
-//! calls' short strings were stored inline). An ended call
+//! about 1.25 KB of resident memory per queued call (1.9 KB before the
+//! calls' short strings were stored inline and the allocator kept to two
+//! arenas). An ended call
 //! costs about the same plus the end-time index entry (estimated ~60 bytes),
 //! so the default cap of 200,000 ended calls bounds that part at roughly
 //! 150 MB.

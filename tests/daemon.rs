@@ -559,3 +559,46 @@ async fn a_served_replay_across_a_pbx_crash_ends_the_crashed_call_lost() {
     assert_eq!(without_recording(&ev, "1796029372.0"), without_recording(&want, "1796029372.0"), "after the crash");
     running.stop().await.expect("clean stop");
 }
+
+/// `MALLOC_ARENA_MAX` in the environment of process `pid`, once it has one
+/// (the daemon sets it by starting itself again in place, early).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn arena_max_of(pid: u32) -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let found = environ
+            .split(|b| *b == 0)
+            .find_map(|v| v.strip_prefix(b"MALLOC_ARENA_MAX=").map(|x| String::from_utf8_lossy(x).into_owned()));
+        if found.is_some() {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[tokio::test]
+async fn run_keeps_to_two_malloc_arenas_unless_told_otherwise() {
+    // The same process (the id systemd and the tests know) runs with two
+    // arenas; a value set by the operator is kept.
+    let server = AmiServer::start(ServerOptions::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), Some(&server), "");
+    for (preset, expected) in [(None, "2"), (Some("4"), "4")] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callbridge"));
+        cmd.args(["run", "--config"]).arg(&config).env_remove("MALLOC_ARENA_MAX");
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        if let Some(v) = preset {
+            cmd.env("MALLOC_ARENA_MAX", v);
+        }
+        let mut child = cmd.spawn().expect("callbridge starts");
+        let seen = arena_max_of(child.id());
+        let still_running = child.try_wait().expect("status").is_none();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(seen.as_deref(), Some(expected), "preset {preset:?}");
+        assert!(still_running, "the daemon exited (preset {preset:?})");
+    }
+}

@@ -124,13 +124,15 @@ pub struct CallSnapshot {
     pub recording: Option<String>,
     /// How the FastAGI router moved the call away from the group asked
     /// for (overflow, or the caller's identity); absent when it did not.
+    // Boxed, like `caller_lookup`: most calls have neither, and every live
+    // call's snapshot would carry their room.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub routing: Option<CallRouting>,
+    pub routing: Option<Box<CallRouting>>,
     /// What the helpdesk said about the caller's number when the router
     /// looked it up (`[caller_lookup]`); absent when it did not ask, or
     /// got no answer.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub caller_lookup: Option<CallerLookup>,
+    pub caller_lookup: Option<Box<CallerLookup>>,
 }
 
 /// Why the router sent a call to another group than the one asked for.

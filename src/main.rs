@@ -208,16 +208,19 @@ fn main() -> ExitCode {
 /// glibc's allocator gives every thread that allocates a malloc arena of
 /// its own (up to eight per core). The daemon's threads pass call data and
 /// batches between them, and each arena kept its own free holes: 100,000
-/// live calls held 158 MB resident with the default arenas and 145 MB with
-/// two (`benches/daemon_memory.rs`), ingesting as fast
-/// (`benches/durable_ingest.rs`). The limit is read from the environment
-/// when the process starts, so the daemon starts itself again in place
-/// (`exec`: same process id, same arguments) with `MALLOC_ARENA_MAX=2`,
-/// unless the variable is set already (then it decides).
+/// live calls held 158 MB resident with the default arenas and 146 MB with
+/// four (`benches/daemon_memory.rs`), ingesting as fast
+/// (`benches/durable_ingest.rs`; two arenas saved 3 MB more but ingested
+/// 15-20% slower, the outbox writer waiting for the arena's lock). The
+/// limit is read from the environment when the process starts, so the
+/// daemon starts itself again in place (`exec`: same process id, same
+/// arguments) with `MALLOC_ARENA_MAX=4`, unless the variable is set
+/// already (then it decides).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn few_malloc_arenas() {
     use std::os::unix::process::CommandExt;
     const VAR: &str = "MALLOC_ARENA_MAX";
+    const ARENAS: &str = "4";
     if std::env::var_os(VAR).is_some() {
         return;
     }
@@ -229,8 +232,8 @@ fn few_malloc_arenas() {
     }
     // Returns only if the exec failed (e.g. the binary was replaced on
     // disk): the daemon then runs as it is.
-    let error = again.args(args).env(VAR, "2").exec();
-    tracing::warn!(%error, "cannot restart with {VAR}=2; running with the allocator's default arenas");
+    let error = again.args(args).env(VAR, ARENAS).exec();
+    tracing::warn!(%error, "cannot restart with {VAR}={ARENAS}; running with the allocator's default arenas");
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

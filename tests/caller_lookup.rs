@@ -634,12 +634,12 @@ fn the_decision_reaches_the_snapshot_and_the_indicators() {
     let call = queued[0].call.as_ref().expect("snapshot");
     assert!(matches!(&queued[0].kind, EventKind::Queued { group: Some(g), .. } if g.as_str() == "former"));
     assert_eq!(
-        call.routing,
-        Some(CallRouting { reason: RoutingReason::CallerInactive, from_group: Some(GroupId::new("support")) })
+        call.routing.as_deref(),
+        Some(&CallRouting { reason: RoutingReason::CallerInactive, from_group: Some(GroupId::new("support")) })
     );
     assert_eq!(
-        call.caller_lookup,
-        Some(CallerLookup { found: true, active: Some(false), contact_id: Some("c-2".into()) })
+        call.caller_lookup.as_deref(),
+        Some(&CallerLookup { found: true, active: Some(false), contact_id: Some("c-2".into()) })
     );
     let json: serde_json::Value = serde_json::from_str(&queued[0].to_cloudevent_json("t")).expect("json");
     assert_eq!(json["data"]["call"]["routing"], json!({"reason": "caller_inactive", "from_group": "support"}));

@@ -580,13 +580,13 @@ fn arena_max_of(pid: u32) -> Option<String> {
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[tokio::test]
-async fn run_keeps_to_two_malloc_arenas_unless_told_otherwise() {
-    // The same process (the id systemd and the tests know) runs with two
+async fn run_keeps_to_four_malloc_arenas_unless_told_otherwise() {
+    // The same process (the id systemd and the tests know) runs with four
     // arenas; a value set by the operator is kept.
     let server = AmiServer::start(ServerOptions::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), Some(&server), "");
-    for (preset, expected) in [(None, "2"), (Some("4"), "4")] {
+    for (preset, expected) in [(None, "4"), (Some("2"), "2")] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callbridge"));
         cmd.args(["run", "--config"]).arg(&config).env_remove("MALLOC_ARENA_MAX");
         cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());

@@ -804,14 +804,14 @@ impl Call {
         };
         if var == ROUTING_REASON_VARIABLE {
             self.snap_mut().routing =
-                RoutingReason::parse(value).map(|reason| CallRouting { reason, from_group: None });
+                RoutingReason::parse(value).map(|reason| Box::new(CallRouting { reason, from_group: None }));
         } else if var == ROUTING_FROM_VARIABLE {
             if let Some(r) = self.snap_mut().routing.as_mut() {
                 r.from_group = dir.group(value).map(|g| g.id.clone());
             }
         } else if var == CALLER_FOUND_VARIABLE {
             self.snap_mut().caller_lookup =
-                flag(value).map(|found| CallerLookup { found, active: None, contact_id: None });
+                flag(value).map(|found| Box::new(CallerLookup { found, active: None, contact_id: None }));
         } else if var == CALLER_ACTIVE_VARIABLE {
             if let Some(l) = self.snap_mut().caller_lookup.as_mut() {
                 l.active = flag(value);

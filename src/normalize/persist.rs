@@ -82,9 +82,9 @@ pub(super) struct SnapshotDef {
     ended_at: Option<Micros>,
     recording: Option<String>,
     #[serde(default)]
-    routing: Option<CallRouting>,
+    routing: Option<Box<CallRouting>>,
     #[serde(default)]
-    caller_lookup: Option<CallerLookup>,
+    caller_lookup: Option<Box<CallerLookup>>,
 }
 
 /// [`SnapshotDef`] for the call's shared snapshot (the same JSON).

@@ -591,9 +591,15 @@ pub(crate) fn digest(body: &str) -> [u8; 32] {
     sha2::Sha256::digest(body.as_bytes()).into()
 }
 
+/// Page cache of each read connection, KiB. Reads are sinks fetching the
+/// newest events, just written and still in the operating system's cache:
+/// SQLite's default 2 MiB per connection held a few MB of duplicates.
+const READER_CACHE_KIB: i64 = 512;
+
 fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "cache_size", -READER_CACHE_KIB)?;
     Ok(conn)
 }
 

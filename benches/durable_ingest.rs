@@ -173,6 +173,12 @@ struct Run {
     written: u64,
 }
 
+/// The first child of process `pid` (Linux's `/proc/PID/task/PID/children`).
+fn first_child(pid: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
 fn daemon_run(a: &Args, server: &FakeAmi, receiver: &Receiver, run: usize) -> Run {
     let dir = tempfile::Builder::new().prefix("callbridge-ingest-").tempdir().expect("tempdir");
     let config = config(dir.path(), server.port, receiver.addr, a.batch_size);
@@ -230,9 +236,11 @@ fn daemon_run(a: &Args, server: &FakeAmi, receiver: &Receiver, run: usize) -> Ru
         std::thread::sleep(Duration::from_millis(2));
     }
     let delivered = first.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(daemon.pid());
-    let writer_cpu = thread_cpu_seconds(daemon.pid(), "outbox-writer");
-    let written = written_bytes(daemon.pid());
+    // Under `perf record` the process started is perf: the daemon is its child.
+    let pid = if a.perf.is_some() { first_child(daemon.pid()).unwrap_or(daemon.pid()) } else { daemon.pid() };
+    let cpu = cpu_seconds(pid);
+    let writer_cpu = thread_cpu_seconds(pid, "outbox-writer");
+    let written = written_bytes(pid);
     daemon.stop();
     if a.keep {
         eprintln!("kept {}", dir.keep().display());

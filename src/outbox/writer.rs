@@ -103,9 +103,12 @@ fn storage(e: rusqlite::Error) -> OutboxError {
 /// Page cache of the write connection, KiB. A group commit of a few
 /// thousand events touches more than SQLite's default 2 MiB: the cache then
 /// spilled dirty pages into the WAL mid-transaction and read them back.
-/// 4 MiB holds such a commit; 16 MiB did not ingest measurably faster
-/// (`benches/durable_ingest.rs`) and stayed resident for good, a tenth of
-/// the daemon's memory at 100,000 live calls.
+/// 4 MiB holds such a commit. 16 MiB saved the writer about a tenth of its
+/// CPU (3.8 against 4.25 s per 1M-event run of `benches/durable_ingest.rs`,
+/// means of 7 and 9 runs; ingest rates within the machine's noise) but
+/// stays resident for good: 100,000 queued calls then peaked at 158 MB
+/// instead of 146 (`benches/daemon_memory.rs`). `cache_spill = false`
+/// (let the cache grow within a commit instead) measured no better.
 const CACHE_KIB: u64 = 4 << 10;
 /// Prepared statements kept by the write connection (it uses about 30).
 const STATEMENT_CACHE: usize = 64;

@@ -160,16 +160,21 @@ pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<Opened, Out
 fn open_conn(path: &Path, opts: &OutboxOptions) -> Result<(StoreState, Connection), OutboxError> {
     let conn = connect(path, opts).map_err(storage)?;
     migrate(&conn, path)?;
-    if let Err(e) = drop_unconfigured_sinks(&conn, &opts.sinks) {
-        let e = StoreError::from(e);
-        if !e.is_full() {
-            return Err(OutboxError::Storage(e));
+    // Dropped, no other sink's rows are left; only when the drop failed
+    // is `pending` read again to know.
+    let foreign_rows = match drop_unconfigured_sinks(&conn, &opts.sinks) {
+        Ok(()) => false,
+        Err(e) => {
+            let e = StoreError::from(e);
+            if !e.is_full() {
+                return Err(OutboxError::Storage(e));
+            }
+            // Their rows only wait longer; no other sink is held up by them.
+            warn!(error = %e, "outbox: no room to drop the queues of sinks no longer configured; tried again at the next start");
+            has_foreign_rows(&conn, &opts.sinks).map_err(storage)?
         }
-        // Their rows only wait longer; no other sink is held up by them.
-        warn!(error = %e, "outbox: no room to drop the queues of sinks no longer configured; tried again at the next start");
-    }
-    let mut state = load_state(&conn).map_err(storage)?;
-    state.foreign_rows = has_foreign_rows(&conn, &opts.sinks).map_err(storage)?;
+    };
+    let state = StoreState { foreign_rows, ..load_state(&conn).map_err(storage)? };
     Ok((state, conn))
 }
 

@@ -41,8 +41,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::{
-    call_frames, callbridge_bin, delivery_config, pbx_config, proc_status_bytes, scrape, write_copy, Daemon, FakeAmi,
-    Receiver,
+    call_frames, callbridge_bin, delivery_config, met, pbx_config, proc_status_bytes, scrape, write_copy, Daemon,
+    FakeAmi, Receiver,
 };
 
 #[derive(Clone, Copy, PartialEq)]
@@ -239,7 +239,7 @@ fn main() {
                 "  target (issue 17): 100,000 {} calls < {:.0} MB at peak: {} ({:.1} MB)",
                 scenario.name(),
                 scenario.target_mb(),
-                if ok { "met" } else { "not met" },
+                met(ok),
                 m.peak as f64 / MB
             );
         }

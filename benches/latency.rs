@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::{call_frames, callbridge_bin, delivery_config, pbx_config, write_copy, Daemon, Receiver};
+use support::{call_frames, callbridge_bin, delivery_config, met, pbx_config, write_copy, Daemon, Receiver};
 
 const TARGET_P99_MS: f64 = 5.0;
 const WARM_UP_US: i64 = 500_000;
@@ -250,7 +250,7 @@ fn main() {
             p99,
             percentile(&lat, 0.999),
             percentile(&lat, 1.0),
-            if ok { "met" } else { "not met" }
+            met(ok)
         );
         println!(
             "         outbound call.started (waits for the ticket variable, not counted above): {} events, p50 {:.2} ms, p99 {:.2} ms",

@@ -24,14 +24,6 @@ const TARGET_DECODE_NORMALIZE_FPS: f64 = 3_000_000.0;
 const TARGET_REPLAY_FPS: f64 = 2_000_000.0;
 const TARGET_REPLAY_PEAK_RSS: u64 = 60_000_000;
 
-fn met(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "not met"
-    }
-}
-
 /// `callbridge replay` of `trace` with JSON lines to `/dev/null`: seconds
 /// and peak RSS (`VmHWM`, read every 5 ms until it exits).
 fn replay_binary(trace: &std::path::Path, config: &std::path::Path) -> (f64, u64) {
@@ -200,8 +192,8 @@ fn main() {
     println!(
         "targets (issue 17): decode+normalize ≥ 3,000,000 frames/s: {} | replay ≥ 2,000,000 frames/s: {} | \
          replay peak RSS < 60 MB: {}",
-        met(fps >= TARGET_DECODE_NORMALIZE_FPS),
-        met(replay_fps >= TARGET_REPLAY_FPS),
-        met(peak > 0 && peak < TARGET_REPLAY_PEAK_RSS)
+        support::met(fps >= TARGET_DECODE_NORMALIZE_FPS),
+        support::met(replay_fps >= TARGET_REPLAY_FPS),
+        support::met(peak > 0 && peak < TARGET_REPLAY_PEAK_RSS)
     );
 }

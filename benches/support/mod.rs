@@ -260,6 +260,16 @@ pub fn thread_cpu_seconds(pid: u32, name: &str) -> f64 {
         .sum()
 }
 
+/// How a target line reads its verdict.
+#[allow(dead_code)]
+pub fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "not met"
+    }
+}
+
 /// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in bytes.
 pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

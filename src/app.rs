@@ -81,7 +81,8 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let readiness = Arc::new(Readiness::default());
     let registry = Arc::new(Registry::new(&config.registry));
-    let capacity = config.pbx.ami.as_ref().map_or(1024, |a| a.event_queue_capacity.max(1));
+    let capacity =
+        config.pbx.ami.as_ref().map_or_else(crate::config::default_event_queue, |a| a.event_queue_capacity.max(1));
     // Full source channel: the reader (socket or trace) waits; nothing is dropped.
     let (source_tx, source_rx) = mpsc::channel::<SourceItem>(capacity);
     // Full command channel: the API request waits.

@@ -392,7 +392,7 @@ fn default_max_headers() -> usize {
 /// fed (it takes at most a few hundred per batch); the 8192 of before held
 /// about 10 MB of frames during a burst, left as free holes in the heap
 /// afterwards (`benches/daemon_memory.rs`), without ingesting faster.
-fn default_event_queue() -> usize {
+pub(crate) fn default_event_queue() -> usize {
     1024
 }
 

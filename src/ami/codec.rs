@@ -24,7 +24,7 @@
 // could panic.
 #![deny(clippy::indexing_slicing, clippy::string_slice)]
 
-use super::frame::{Frame, HeaderPos};
+use super::frame::{Frame, HeaderPos, HotIndex};
 use bytes::{Buf, BytesMut};
 use smallvec::SmallVec;
 use tokio_util::codec::Decoder;
@@ -100,6 +100,11 @@ pub struct AmiCodec {
     scan_from: usize,
     /// Header positions of the pending frame found so far.
     pending: SmallVec<[HeaderPos; 40]>,
+    /// Where the pending frame's hot names are.
+    pending_hot: HotIndex,
+    /// A byte of the pending frame (or one next to it) is not ASCII: its
+    /// UTF-8 may be invalid.
+    pending_non_ascii: bool,
     /// Whether the first line of the pending frame was a header.
     pending_first_ok: bool,
     /// Set while dropping an oversized frame up to its closing empty line.
@@ -134,7 +139,15 @@ enum Scan {
 
 impl AmiCodec {
     pub fn new(limits: CodecLimits) -> Self {
-        AmiCodec { limits, scan_from: 0, pending: SmallVec::new(), pending_first_ok: false, discarding: None }
+        AmiCodec {
+            limits,
+            scan_from: 0,
+            pending: SmallVec::new(),
+            pending_hot: HotIndex::default(),
+            pending_non_ascii: false,
+            pending_first_ok: false,
+            discarding: None,
+        }
     }
 
     pub fn limits(&self) -> CodecLimits {
@@ -152,30 +165,36 @@ impl AmiCodec {
     fn reset_pending(&mut self) {
         self.scan_from = 0;
         self.pending.clear();
+        self.pending_hot = HotIndex::default();
+        self.pending_non_ascii = false;
         self.pending_first_ok = false;
     }
 
     /// Scans lines of the pending frame from `scan_from`, recording headers.
     fn scan(&mut self, src: &[u8]) -> Scan {
         let mut pos = self.scan_from;
+        let mut lines = Lines::new(src);
         loop {
             // `pos` is the start of a line. Is it the closing empty line?
             match src.get(pos) {
                 None => break,
                 Some(b'\n') if pos > 0 => {
+                    self.pending_non_ascii |= lines.non_ascii;
                     return Scan::Complete { content_end: pos, consumed: pos + 1 };
                 }
                 Some(b'\r') if pos > 0 => match src.get(pos + 1) {
                     None => break,
-                    Some(b'\n') => return Scan::Complete { content_end: pos, consumed: pos + 2 },
+                    Some(b'\n') => {
+                        self.pending_non_ascii |= lines.non_ascii;
+                        return Scan::Complete { content_end: pos, consumed: pos + 2 };
+                    }
                     Some(_) => {}
                 },
                 Some(_) => {}
             }
-            let (colon, Some(nl)) = scan_line(src.get(pos..).unwrap_or_default()) else {
+            let (colon, Some(line_end_nl)) = lines.line(pos) else {
                 break;
             };
-            let line_end_nl = pos + nl;
             let mut line_end = line_end_nl;
             if line_end > pos && src.get(line_end - 1) == Some(&b'\r') {
                 line_end -= 1;
@@ -183,9 +202,9 @@ impl AmiCodec {
             if self.pending.len() >= self.limits.max_headers {
                 return Scan::Overflow(MalformedReason::TooManyHeaders);
             }
-            let header = match colon.filter(|&c| pos + c < line_end) {
-                Some(colon) => {
-                    let key_end = pos + colon;
+            let header = match colon.filter(|&c| c < line_end) {
+                Some(key_end) => {
+                    self.pending_hot.note(self.pending.len(), src.get(pos..key_end).unwrap_or_default());
                     let mut value_start = key_end + 1;
                     if src.get(value_start) == Some(&b' ') && value_start < line_end {
                         value_start += 1;
@@ -215,6 +234,7 @@ impl AmiCodec {
             }
         }
         self.scan_from = pos;
+        self.pending_non_ascii |= lines.non_ascii;
         // Checked as a whole frame is (line by line, in order), so that
         // where the reads end changes neither whether a frame is dropped
         // nor why: a lone '\r' may start the closing empty line and is no
@@ -264,61 +284,94 @@ impl AmiCodec {
     }
 }
 
-const LO: u64 = 0x0101_0101_0101_0101;
-const HI: u64 = 0x8080_8080_8080_8080;
-
-/// Flags (high bit) the bytes of `w` equal to the byte repeated in `pat`;
-/// the lowest flag is exact (flags above it may not be).
-#[inline(always)]
-fn flag_bytes(w: u64, pat: u64) -> u64 {
-    let x = w ^ pat;
-    x.wrapping_sub(LO) & !x & HI
+/// The line structure of a frame's bytes, 64 at a time: for each block of
+/// 64 bytes, one bit per byte that is a `\n` and one per byte that is a
+/// `:` (SSE2 compares on x86-64, through `wide`'s safe vectors). Lines are
+/// then found by counting bits, without a branch per byte or per word:
+/// AMI lines are short (20–40 bytes), so a block holds two or three.
+struct Lines<'a> {
+    src: &'a [u8],
+    /// Start of the block whose masks are loaded (`usize::MAX`: none yet).
+    base: usize,
+    nl: u64,
+    colon: u64,
+    /// A block loaded so far had a byte that is not ASCII.
+    non_ascii: bool,
 }
 
-/// One header line at the start of `hay`: where its first `:` is (if
-/// before the line's end) and where its `\n` is. Header lines are short
-/// (20–40 bytes): one word-at-a-time pass finds both without the call and
-/// dispatch overhead of vectorised searches; a vectorised search takes
-/// over for the rest of a long value.
-#[inline]
-fn scan_line(hay: &[u8]) -> (Option<usize>, Option<usize>) {
-    const NL: u64 = LO * b'\n' as u64;
-    const COLON: u64 = LO * b':' as u64;
-    let mut colon = None;
-    let mut base = 0;
-    let mut words = hay.chunks_exact(8);
-    for w in &mut words {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(w);
-        let w = u64::from_le_bytes(bytes);
-        let nl = flag_bytes(w, NL);
-        let nl_at = (nl != 0).then(|| base + (nl.trailing_zeros() / 8) as usize);
-        if colon.is_none() {
-            let c = flag_bytes(w, COLON);
-            if c != 0 {
-                let at = base + (c.trailing_zeros() / 8) as usize;
-                if nl_at.is_none_or(|n| at < n) {
-                    colon = Some(at);
+impl<'a> Lines<'a> {
+    fn new(src: &'a [u8]) -> Self {
+        Lines { src, base: usize::MAX, nl: 0, colon: 0, non_ascii: false }
+    }
+
+    /// Loads the masks of the block starting at `base`; bytes past the end
+    /// of `src` count as neither.
+    fn load(&mut self, base: usize) {
+        let rest = self.src.get(base..).unwrap_or_default();
+        let (nl, colon, high) = match rest.first_chunk::<64>() {
+            Some(block) => block_masks(block),
+            None => {
+                let mut block = [0u8; 64];
+                if let Some(dst) = block.get_mut(..rest.len()) {
+                    dst.copy_from_slice(rest);
+                }
+                block_masks(&block)
+            }
+        };
+        (self.base, self.nl, self.colon) = (base, nl, colon);
+        self.non_ascii |= high;
+    }
+
+    /// The line starting at `from`: where its first `:` is (if before the
+    /// line's end) and where its `\n` is (`None`: not in `src` yet).
+    #[inline]
+    fn line(&mut self, from: usize) -> (Option<usize>, Option<usize>) {
+        let mut colon = None;
+        let mut base = from & !63;
+        let mut keep = !0u64 << (from & 63);
+        loop {
+            if base >= self.src.len() {
+                return (colon, None);
+            }
+            if self.base != base {
+                self.load(base);
+            }
+            let nl = self.nl & keep;
+            let nl_at = (nl != 0).then(|| base + nl.trailing_zeros() as usize);
+            if colon.is_none() {
+                let c = self.colon & keep;
+                if c != 0 {
+                    let at = base + c.trailing_zeros() as usize;
+                    if nl_at.is_none_or(|n| at < n) {
+                        colon = Some(at);
+                    }
                 }
             }
-        }
-        if nl_at.is_some() {
-            return (colon, nl_at);
-        }
-        base += 8;
-        if base >= 64 && colon.is_some() {
-            let nl = hay.get(base..).and_then(|rest| memchr::memchr(b'\n', rest)).map(|i| base + i);
-            return (colon, nl);
+            if nl_at.is_some() {
+                return (colon, nl_at);
+            }
+            base += 64;
+            keep = !0;
         }
     }
-    for (i, &c) in words.remainder().iter().enumerate() {
-        match c {
-            b'\n' => return (colon, Some(base + i)),
-            b':' if colon.is_none() => colon = Some(base + i),
-            _ => {}
-        }
+}
+
+/// Bit `i` of the first mask: `block[i]` is `\n`; of the second: it is
+/// `:`; and whether any byte of the block is not ASCII.
+#[inline]
+fn block_masks(block: &[u8; 64]) -> (u64, u64, bool) {
+    use wide::u8x16;
+    let (nl_v, colon_v) = (u8x16::splat(b'\n'), u8x16::splat(b':'));
+    let (mut nl, mut colon, mut high) = (0u64, 0u64, 0u32);
+    for (k, q) in block.chunks_exact(16).enumerate() {
+        let mut lane = [0u8; 16];
+        lane.copy_from_slice(q);
+        let v = u8x16::new(lane);
+        nl |= u64::from(v.simd_eq(nl_v).to_bitmask()) << (16 * k);
+        colon |= u64::from(v.simd_eq(colon_v).to_bitmask()) << (16 * k);
+        high |= v.to_bitmask();
     }
-    (colon, None)
+    (nl, colon, high != 0)
 }
 
 /// End (exclusive) of the first empty line ("\n\n" or "\n\r\n") in `bytes`.
@@ -409,26 +462,40 @@ impl Decoder for AmiCodec {
                 }
                 // The scratch index keeps its inline storage for the next frame.
                 let headers = self.pending.to_vec();
+                let (hot, ascii) = (self.pending_hot, !self.pending_non_ascii);
                 self.reset_pending();
                 let mut chunk = src.split_to(consumed);
                 chunk.truncate(content_end);
                 let bytes = chunk.freeze();
-                // The clone is a reference count, not a copy.
-                let buf = if let Ok(text) = bytestring::ByteString::try_from(bytes.clone()) {
-                    text
-                } else {
-                    // Latin-1 names from old phones: replace invalid bytes and
-                    // re-index, so every value is valid UTF-8.
-                    let fixed = String::from_utf8_lossy(&bytes).into_owned();
-                    let mut again = AmiCodec::new(CodecLimits { max_frame_bytes: usize::MAX, max_headers: usize::MAX });
-                    let mut b = BytesMut::from(fixed.as_bytes());
-                    b.extend_from_slice(b"\n\n");
-                    return Ok(again.decode(&mut b)?.or(Some(AmiMessage::Malformed(Malformed {
-                        reason: MalformedReason::Garbage,
-                        bytes: consumed as u64,
-                    }))));
+                // ASCII is valid UTF-8: the bytes are not needed again. Else
+                // they are kept (a reference count, not a copy) to repair.
+                let text = match ascii {
+                    true => bytestring::ByteString::try_from(bytes).map_err(|_| None),
+                    false => bytestring::ByteString::try_from(bytes.clone()).map_err(|_| Some(bytes)),
                 };
-                Ok(Some(AmiMessage::Frame(Frame::from_parts(buf, headers))))
+                let buf = match text {
+                    Ok(text) => text,
+                    Err(None) => {
+                        return Ok(Some(AmiMessage::Malformed(Malformed {
+                            reason: MalformedReason::Garbage,
+                            bytes: consumed as u64,
+                        })))
+                    }
+                    Err(Some(bytes)) => {
+                        // Latin-1 names from old phones: replace invalid bytes and
+                        // re-index, so every value is valid UTF-8.
+                        let fixed = String::from_utf8_lossy(&bytes).into_owned();
+                        let mut again =
+                            AmiCodec::new(CodecLimits { max_frame_bytes: usize::MAX, max_headers: usize::MAX });
+                        let mut b = BytesMut::from(fixed.as_bytes());
+                        b.extend_from_slice(b"\n\n");
+                        return Ok(again.decode(&mut b)?.or(Some(AmiMessage::Malformed(Malformed {
+                            reason: MalformedReason::Garbage,
+                            bytes: consumed as u64,
+                        }))));
+                    }
+                };
+                Ok(Some(AmiMessage::Frame(Frame::from_parts(buf, headers, hot))))
             }
         }
     }
@@ -519,7 +586,7 @@ mod tests {
 
     #[test]
     fn line_scan_finds_what_a_plain_search_finds() {
-        // Every length up to past the vectorised hand-over, a ':' and a
+        // Every length over two blocks and a bit, every start, a ':' and a
         // '\n' at every pair of positions, among bytes that trip naive
         // word tricks (0x0b, 0x3b, 0xba, 0x8a, 0x00 next to the ones searched).
         let fill = [b'a', 0x0b, 0x3b, 0xba, 0x8a, 0x09, 0xff, 0x00];
@@ -528,7 +595,7 @@ mod tests {
             let colon = h.iter().take(nl.unwrap_or(h.len())).position(|&c| c == b':');
             (colon, nl)
         };
-        for len in 0..100 {
+        for len in 0..140 {
             for nl in (0..len).step_by(3).chain([usize::MAX]) {
                 for colon in (0..len).step_by(5).chain([usize::MAX]) {
                     for &f in &fill {
@@ -539,7 +606,12 @@ mod tests {
                         if nl < len {
                             hay[nl] = b'\n';
                         }
-                        assert_eq!(scan_line(&hay), plain(&hay), "{hay:?}");
+                        for from in [0, 1, 7, 63, 64, 65] {
+                            let Some(rest) = hay.get(from..) else { continue };
+                            let (c, n) = plain(rest);
+                            let want = (c.map(|c| c + from), n.map(|n| n + from));
+                            assert_eq!(Lines::new(&hay).line(from), want, "{hay:?} from {from}");
+                        }
                     }
                 }
             }
@@ -604,6 +676,23 @@ mod tests {
     fn invalid_utf8_values_are_replaced() {
         let out = all(b"Event: Newchannel\r\nCallerIDName: Jos\xe9\r\n\r\n");
         assert_eq!(frame(&out[0]).get("CallerIDName"), Some("Jos\u{fffd}"));
+    }
+
+    /// Whether a frame may need repair is known from every read it came
+    /// in, not only the last one; valid UTF-8 is kept as it is.
+    #[test]
+    fn non_ascii_bytes_in_any_read_of_a_frame_are_checked() {
+        let data = b"Event: Newchannel\r\nCallerIDName: Jos\xe9\r\nUniqueid: 1.2\r\n\r\n\
+                     Event: Newchannel\r\nCallerIDName: Zo\xc3\xab\r\n\r\n\
+                     Event: Hangup\r\nChannel: PJSIP/1-00000001\r\nCause-txt: Normal\r\n\r\n";
+        for chunk in 1..=data.len() {
+            let out = in_reads(CodecLimits::default(), data, chunk);
+            assert_eq!(out.len(), 3, "reads of {chunk}");
+            assert_eq!(frame(&out[0]).get("CallerIDName"), Some("Jos\u{fffd}"), "reads of {chunk}");
+            assert_eq!(frame(&out[0]).get("Uniqueid"), Some("1.2"), "reads of {chunk}");
+            assert_eq!(frame(&out[1]).get("CallerIDName"), Some("Zo\u{eb}"), "reads of {chunk}");
+            assert_eq!(frame(&out[2]).get("Channel"), Some("PJSIP/1-00000001"), "reads of {chunk}");
+        }
     }
 
     /// Decodes `data` fed in reads of `chunk` bytes.

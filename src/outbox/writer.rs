@@ -860,6 +860,30 @@ impl Writer {
     /// one transaction), settle (reply, count, keep what must be retried).
     fn apply(&mut self, ops: Vec<Op>) {
         let Some((ops, must_sync)) = self.plan(ops) else { return };
+        if self.full && ops.len() > 1 {
+            // A failed commit keeps its acknowledgements for the next one,
+            // and delivery goes on acknowledging meanwhile: on a full disk,
+            // all of them in one transaction could soon never fit in the
+            // room left, and nothing would ever be freed. One request per
+            // transaction instead: each one that fits frees room for the
+            // next; the first that does not waits with those after it.
+            let mut ops = ops.into_iter();
+            while let Some(op) = ops.next() {
+                let sync = matches!(op, Op::Append { .. } | Op::Retry { .. });
+                let waiting = self.deferred.len();
+                self.commit(vec![op], sync);
+                if self.deferred.len() > waiting {
+                    self.deferred.extend(ops);
+                    return;
+                }
+            }
+            return;
+        }
+        self.commit(ops, must_sync);
+    }
+
+    /// [`Writer::apply`]'s one transaction.
+    fn commit(&mut self, ops: Vec<Op>, must_sync: bool) {
         if let Some((mut batch, committed)) = self.execute(ops) {
             if committed.is_ok() && must_sync {
                 if let Err(e) = self.wal.sync(&self.dir) {

@@ -170,24 +170,27 @@ impl AmiCodec {
         self.pending_first_ok = false;
     }
 
-    /// Scans lines of the pending frame from `scan_from`, recording headers.
+    /// Scans lines of the pending frame from `scan_from`, recording headers
+    /// and whether any byte seen may not be ASCII.
     fn scan(&mut self, src: &[u8]) -> Scan {
-        let mut pos = self.scan_from;
         let mut lines = Lines::new(src);
+        let scan = self.scan_lines(src, &mut lines);
+        self.pending_non_ascii |= lines.non_ascii;
+        scan
+    }
+
+    fn scan_lines(&mut self, src: &[u8], lines: &mut Lines) -> Scan {
+        let mut pos = self.scan_from;
         loop {
             // `pos` is the start of a line. Is it the closing empty line?
             match src.get(pos) {
                 None => break,
                 Some(b'\n') if pos > 0 => {
-                    self.pending_non_ascii |= lines.non_ascii;
                     return Scan::Complete { content_end: pos, consumed: pos + 1 };
                 }
                 Some(b'\r') if pos > 0 => match src.get(pos + 1) {
                     None => break,
-                    Some(b'\n') => {
-                        self.pending_non_ascii |= lines.non_ascii;
-                        return Scan::Complete { content_end: pos, consumed: pos + 2 };
-                    }
+                    Some(b'\n') => return Scan::Complete { content_end: pos, consumed: pos + 2 },
                     Some(_) => {}
                 },
                 Some(_) => {}
@@ -234,7 +237,6 @@ impl AmiCodec {
             }
         }
         self.scan_from = pos;
-        self.pending_non_ascii |= lines.non_ascii;
         // Checked as a whole frame is (line by line, in order), so that
         // where the reads end changes neither whether a frame is dropped
         // nor why: a lone '\r' may start the closing empty line and is no

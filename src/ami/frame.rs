@@ -279,9 +279,10 @@ fn key_matches(k: &[u8], want: &[u8]) -> bool {
 
 /// Parses Asterisk's `seconds.micros` timestamp into microseconds.
 pub fn parse_timestamp_micros(s: &str) -> Option<i64> {
-    // Every frame's `Timestamp` comes through here: the shape Asterisk
-    // writes (`1795471080.044838`) is read in one pass; anything else (a
-    // sign, no digits) the general way below.
+    // Every frame's `Timestamp` comes through here: the exact shape
+    // Asterisk writes (`1795471080.044838`) eight digits at a time, other
+    // runs of digits in one pass, anything else (a sign, no digits) the
+    // general way below.
     let b = s.as_bytes();
     if let Some(micros) = asterisk_timestamp(b) {
         return Some(micros);

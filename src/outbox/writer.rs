@@ -575,6 +575,13 @@ struct Delta {
     dead_letters: i64,
 }
 
+/// Whether a commit holding `op` must be fsync'd: appends and dead-letter
+/// retries must survive a power loss; acknowledgements and parks alone need
+/// not (see [`Writer::plan`]).
+fn needs_sync(op: &Op) -> bool {
+    matches!(op, Op::Append { .. } | Op::Retry { .. })
+}
+
 fn weight(op: &Op) -> usize {
     match op {
         Op::Append { records, checkpoints, .. } => records.len().max(usize::from(!checkpoints.is_empty())),
@@ -869,7 +876,7 @@ impl Writer {
             // next; the first that does not waits with those after it.
             let mut ops = ops.into_iter();
             while let Some(op) = ops.next() {
-                let sync = matches!(op, Op::Append { .. } | Op::Retry { .. });
+                let sync = needs_sync(&op);
                 let waiting = self.deferred.len();
                 self.commit(vec![op], sync);
                 if self.deferred.len() > waiting {
@@ -907,7 +914,7 @@ impl Writer {
         // fsync (it survives a process crash; after a power loss it may be
         // lost, which means a redelivery, never a loss). The next fsync'd
         // commit makes it durable too: the WAL is sequential.
-        let must_sync = all.iter().any(|op| matches!(op, Op::Append { .. } | Op::Retry { .. }));
+        let must_sync = all.iter().any(needs_sync);
         Some((all, must_sync))
     }
 

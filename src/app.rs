@@ -72,11 +72,34 @@ pub struct Running {
     ami_task: Option<JoinHandle<Result<(), crate::ami::AmiError>>>,
     config_path: PathBuf,
     deadline: Duration,
+    signals: Signals,
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught from the start: `READY=1` and the
+/// first `WATCHDOG=1` go out from tasks while `start` is still running,
+/// and a SIGTERM that follows them at once (`systemctl stop` right after
+/// a start) must shut down cleanly, not kill the process mid-flush.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn catch() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
 }
 
 /// Starts every component; returns once the API listens (if any).
 pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
     let config = Arc::new(Config::load(&opts.config_path)?);
+    let signals = Signals::catch().context("cannot catch SIGTERM/SIGINT/SIGHUP")?;
     crate::telemetry::metrics();
     let shutdown = CancellationToken::new();
     let readiness = Arc::new(Readiness::default());
@@ -166,6 +189,7 @@ pub async fn start(opts: RunOptions) -> anyhow::Result<Running> {
         ami_task,
         config_path: opts.config_path,
         deadline: opts.shutdown_deadline,
+        signals,
     })
 }
 
@@ -508,16 +532,12 @@ impl Running {
     /// Runs until SIGTERM/SIGINT (or the AMI client gives up for good),
     /// reloading on SIGHUP; then shuts down within the deadline.
     pub async fn wait(mut self) -> anyhow::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         let mut fatal: Option<anyhow::Error> = None;
         loop {
             tokio::select! {
-                _ = term.recv() => { info!("SIGTERM: shutting down"); break }
-                _ = int.recv() => { info!("SIGINT: shutting down"); break }
-                _ = hup.recv() => { let _ = self.reload().await; }
+                _ = self.signals.term.recv() => { info!("SIGTERM: shutting down"); break }
+                _ = self.signals.int.recv() => { info!("SIGINT: shutting down"); break }
+                _ = self.signals.hup.recv() => { let _ = self.reload().await; }
                 Some(name) = self.ended.recv() => {
                     fatal = Some(anyhow::anyhow!("the {name} task stopped unexpectedly"));
                     break;

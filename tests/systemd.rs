@@ -4,6 +4,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -67,49 +68,107 @@ fn notify_protocol_reaches_the_socket() {
     assert_eq!(got[2], "STOPPING=1\nSTATUS=stopping\n");
 }
 
+/// `callbridge replay --serve` of a01 under a notify socket, watchdog on.
+struct Daemon {
+    dir: tempfile::TempDir,
+    sock: UnixDatagram,
+    child: std::process::Child,
+    deadline: Instant,
+}
+
+impl Daemon {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock_path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&sock_path).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let config = std::fs::read_to_string(root().join("config/lab.toml")).expect("lab config");
+        let config = config
+            .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
+            .replace("path = \"-\"", &format!("path = {:?}", dir.path().join("events.jsonl")))
+            + &format!("\n[outbox]\npath = {:?}\n", dir.path().join("outbox"));
+        let config_path = dir.path().join("callbridge.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_callbridge"))
+            .args(["replay", "--serve", "--config"])
+            .arg(&config_path)
+            .arg(root().join("fixtures/ami/a01-inbound-answered.ami"))
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "2000000")
+            .env("WATCHDOG_PID", "")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start callbridge");
+        Self { dir, sock, child, deadline: Instant::now() + Duration::from_secs(10) }
+    }
+
+    /// The next datagram, before the deadline.
+    fn message(&self) -> String {
+        assert!(Instant::now() < self.deadline, "out of time waiting for a notify datagram");
+        let mut buf = [0u8; 512];
+        let n = self.sock.recv(&mut buf).expect("a notify datagram");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    }
+
+    fn wait_for(&self, what: &str) {
+        while !self.message().contains(what) {}
+    }
+
+    fn events(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("events.jsonl"))
+            .map(|e| e.lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// SIGTERM: `STOPPING=1` (the watchdog keeps pinging until then, so a
+    /// missed SIGTERM runs into the deadline) and a clean exit.
+    fn terminate(mut self) -> Vec<String> {
+        self.deadline = Instant::now() + Duration::from_secs(10);
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        self.wait_for("STOPPING=1");
+        let exit = self.child.wait().expect("exit");
+        assert!(exit.success(), "callbridge exited with {exit:?}");
+        self.events()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn the_daemon_speaks_the_notify_protocol() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).expect("bind");
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
-    let config = std::fs::read_to_string(root().join("config/lab.toml")).expect("lab config");
-    let config = config
-        .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"")
-        .replace("path = \"-\"", &format!("path = {:?}", dir.path().join("events.jsonl")))
-        + &format!("\n[outbox]\npath = {:?}\n", dir.path().join("outbox"));
-    let config_path = dir.path().join("callbridge.toml");
-    std::fs::write(&config_path, config).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_callbridge"))
-        .args(["replay", "--serve", "--config"])
-        .arg(&config_path)
-        .arg(root().join("fixtures/ami/a01-inbound-answered.ami"))
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "2000000")
-        .env("WATCHDOG_PID", "")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start callbridge");
-    let mut buf = [0u8; 512];
+    let daemon = Daemon::start();
     let mut seen = Vec::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !(seen.iter().any(|m: &String| m.contains("READY=1")) && seen.iter().any(|m| m.contains("WATCHDOG=1"))) {
-        assert!(std::time::Instant::now() < deadline, "no READY/WATCHDOG: {seen:?}");
-        let n = sock.recv(&mut buf).expect("a notify datagram");
-        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        seen.push(daemon.message());
     }
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-    assert!(status.success());
-    loop {
-        let n = sock.recv(&mut buf).expect("STOPPING after SIGTERM");
-        let m = String::from_utf8_lossy(&buf[..n]).to_string();
-        if m.contains("STOPPING=1") {
-            break;
-        }
+    // The trace is read at full speed once READY is out; a SIGTERM before
+    // its last frame would stop the reader there (as it must), so wait for
+    // the whole call before stopping.
+    while daemon.events().len() < 5 {
+        assert!(Instant::now() < daemon.deadline, "a01 not delivered: {:?}", daemon.events());
+        std::thread::sleep(Duration::from_millis(10));
     }
-    let exit = child.wait().expect("exit");
-    assert!(exit.success(), "callbridge exited with {exit:?}");
-    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).expect("events");
-    assert_eq!(events.lines().count(), 5, "a01 gives five events: {events}");
+    let events = daemon.terminate();
+    assert_eq!(events.len(), 5, "a01 gives five events, once each: {events:?}");
+}
+
+/// `READY=1` and the first `WATCHDOG=1` leave from tasks while start-up is
+/// still running; a SIGTERM at once (`systemctl stop` right after a start)
+/// must still be a clean shutdown, not the default action (killed mid-flush)
+/// nor a signal nobody was listening for yet (a daemon that never stops).
+#[test]
+fn a_sigterm_right_after_ready_stops_cleanly() {
+    for _ in 0..5 {
+        let daemon = Daemon::start();
+        daemon.wait_for("READY=1");
+        let events = daemon.terminate();
+        assert!(events.len() <= 5, "at most a01's five events: {events:?}");
+    }
 }

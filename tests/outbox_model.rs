@@ -184,6 +184,13 @@ fn options(max_bytes: u64, sinks: usize) -> OutboxOptions {
     let mut opts = OutboxOptions::new(PBX, SINKS[..sinks].iter().map(|s| s.to_string()).collect());
     opts.max_bytes = max_bytes;
     opts.reserve_bytes = 64 * 1024;
+    // One sink: a tail of recent events that holds only a few of them, so
+    // reads fall back to the store at every turn. Two sinks: the default,
+    // and only the first sink reads as a runner (see `check`), so the tail
+    // keeps what the second has not read, acknowledged or not by the first.
+    if sinks == 1 {
+        opts.tail_bytes = 1500;
+    }
     opts
 }
 
@@ -212,6 +219,18 @@ async fn check(dir: &Path, ob: &Outbox, m: &Model) -> Result<(), TestCaseError> 
         prop_assert_eq!(ids.len(), recs.len(), "an event twice in sink {}'s queue", name);
         prop_assert_eq!(&ids, &m.pending[s], "pending events of sink {}", name);
         prop_assert!(recs.windows(2).all(|w| w[0].pos < w[1].pos), "queue out of order");
+        // As a sink's runner reads: a few at a time after its cursor.
+        if s > 0 {
+            continue;
+        }
+        let (mut walked, mut after) = (Vec::new(), 0);
+        loop {
+            let next = ob.pending(name, after, 3).await.expect("pending");
+            let Some(last) = next.last() else { break };
+            after = last.pos;
+            walked.extend(next);
+        }
+        prop_assert_eq!(&walked, &recs, "sink {}'s queue read a few at a time", name);
         for r in &recs {
             let n = r.id.rsplit(':').next().and_then(|t| t.parse::<i64>().ok()).map(|t| t - 1_700_000_000_000_000);
             let body = n.map(|n| event(n, false).to_cloudevent_json(PBX));

@@ -256,6 +256,7 @@
 //! dropped at open (logged); a sink added later receives events appended
 //! from then on.
 
+mod tail;
 mod writer;
 
 use crate::event::{Event, EventKind};
@@ -389,6 +390,9 @@ pub struct OutboxOptions {
     pub reserve_bytes: u64,
     /// Least time between two compactions.
     pub compact_interval: Duration,
+    /// JSON of the events just committed kept in memory, for the sinks to
+    /// read without a query (see `tail.rs`), bytes at most.
+    pub tail_bytes: usize,
 }
 
 impl OutboxOptions {
@@ -403,6 +407,7 @@ impl OutboxOptions {
             dedup_retention: Duration::from_secs(24 * 3600),
             reserve_bytes: 2 << 20,
             compact_interval: Duration::from_secs(5),
+            tail_bytes: tail::TAIL_BYTES,
         }
     }
 
@@ -544,6 +549,8 @@ pub(crate) struct Shared {
     /// Highest position committed so far (sinks wait on it for new work).
     committed: watch::Sender<i64>,
     sinks: Vec<Arc<str>>,
+    /// The events just committed, for the sinks to read without a query.
+    tail: tail::Tail,
     gauges: Gauges,
 }
 
@@ -618,6 +625,7 @@ impl Outbox {
             depth: AtomicI64::new(opened.state.depth),
             dead_letters: AtomicI64::new(opened.state.dead_letters),
             committed,
+            tail: tail::Tail::new(&sinks, opened.state.next_pos, opts.tail_bytes),
             sinks,
             gauges: Gauges::new(),
         });
@@ -861,6 +869,14 @@ impl Outbox {
 
     /// Up to `limit` events pending for `sink` after position `after`, in order.
     pub async fn pending(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<Record>, OutboxError> {
+        match self.shared.tail.pending(sink, after, limit) {
+            Some(records) => Ok(records),
+            None => self.pending_stored(sink, after, limit).await,
+        }
+    }
+
+    /// [`Outbox::pending`] as the store has it, never from the tail.
+    async fn pending_stored(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<Record>, OutboxError> {
         let sink = sink.to_string();
         self.read(move |c| {
             let mut st = c.prepare_cached(

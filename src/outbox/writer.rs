@@ -13,7 +13,7 @@
 
 use super::{
     now_micros, publish_counters, AppendOutcome, AppendReply, NewRecord, Op, OutboxError, OutboxOptions, PartialAppend,
-    Shared, StoreError,
+    Record, Shared, StoreError,
 };
 use crate::normalize::CallCheckpoint;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -605,6 +605,10 @@ struct Batch {
     dead_letters: bool,
     next_pos: i64,
     delta: Delta,
+    /// The records stored, for the tail (see `tail.rs`) once committed.
+    tail: Vec<Record>,
+    /// The tail cannot follow this transaction: it starts again after it.
+    tail_reset: bool,
     /// Replies to send if the transaction commits.
     after: Vec<After>,
     /// Acks and parks applied in the transaction (deferred if it does not commit).
@@ -629,7 +633,7 @@ impl Batch {
             return;
         }
         match op {
-            Op::Append { records, checkpoints, split, reply } => self.append(c, &records, &checkpoints, split, reply),
+            Op::Append { records, checkpoints, split, reply } => self.append(c, records, &checkpoints, split, reply),
             Op::Ack { ref sink, ref acks } => match in_savepoint(c, |t| self.ack(t, sink, acks)) {
                 Ok(d) => {
                     self.delta.depth += d;
@@ -654,6 +658,7 @@ impl Batch {
                     Ok((n, d)) => {
                         self.delta.depth += d.depth;
                         self.delta.dead_letters += d.dead_letters;
+                        self.tail_reset |= n > 0;
                         self.after.push(After::Retry(reply, n));
                     }
                     Err(e) => {
@@ -672,7 +677,7 @@ impl Batch {
     fn append(
         &mut self,
         c: &Connection,
-        records: &[NewRecord],
+        records: Vec<NewRecord>,
         checkpoints: &[CallCheckpoint],
         split: bool,
         reply: AppendReply,
@@ -681,7 +686,8 @@ impl Batch {
             let _ = reply.send(Err(OutboxError::DiskFull));
             return;
         }
-        let (a, taken, error) = self.store_prefix(c, records, checkpoints, split);
+        let (mut a, taken, error) = self.store_prefix(c, &records, checkpoints, split);
+        self.keep_for_tail(records, std::mem::take(&mut a.stored));
         match error {
             None => {}
             // SQLite rolled the whole transaction back while a piece of
@@ -703,6 +709,24 @@ impl Batch {
         self.after.push(After::Append(reply, PartialAppend { outcome: a.outcome, taken }, a.conflicts));
     }
 
+    /// The records stored (index in `records`, position), as sinks read
+    /// them, for the tail once the transaction commits.
+    fn keep_for_tail(&mut self, records: Vec<NewRecord>, stored: Vec<(usize, i64)>) {
+        let mut stored = stored.into_iter().peekable();
+        for (i, r) in records.into_iter().enumerate() {
+            let Some((_, pos)) = stored.next_if(|&(k, _)| k == i) else { continue };
+            self.tail.push(Record {
+                pos,
+                seq: pos,
+                id: r.id,
+                key: r.key,
+                kind: r.kind.to_string(),
+                body: r.body,
+                appended_at: self.now,
+            });
+        }
+    }
+
     /// Stores `records` in savepoints: all at once, or (with `split`, when
     /// they do not fit) in halving pieces, as many in order as fit. Returns
     /// what was stored, how many records were taken, and the error that
@@ -716,7 +740,8 @@ impl Batch {
         checkpoints: &[CallCheckpoint],
         split: bool,
     ) -> (Appended, usize, Option<(StoreError, usize)>) {
-        let mut total = Appended { outcome: AppendOutcome::default(), depth: 0, conflicts: Vec::new() };
+        let mut total =
+            Appended { outcome: AppendOutcome::default(), stored: Vec::new(), depth: 0, conflicts: Vec::new() };
         if records.is_empty() {
             return match in_savepoint(c, |t| store_live_calls(t, &[], checkpoints)) {
                 Ok(()) => (total, 0, None),
@@ -736,6 +761,7 @@ impl Batch {
                     total.outcome.conflicts += a.outcome.conflicts;
                     total.depth += a.depth;
                     total.conflicts.extend(a.conflicts);
+                    total.stored.extend(a.stored.into_iter().map(|(i, pos)| (taken + i, pos)));
                     taken += part.len();
                 }
                 Err(e) if split && e.is_full() && part.len() > 1 && !c.is_autocommit() => piece = part.len() / 2,
@@ -749,6 +775,7 @@ impl Batch {
     /// and retries fail (their callers try again; the events are then
     /// found stored, as duplicates), the store counts as failing.
     fn unsynced(&mut self, e: StoreError) {
+        self.tail_reset = true;
         let mut after = Vec::with_capacity(self.after.len());
         for a in std::mem::take(&mut self.after) {
             match a {
@@ -931,6 +958,8 @@ impl Writer {
             dead_letters: self.shared.dead_letters.load(Ordering::Acquire) != 0,
             next_pos: self.next_pos,
             delta: Delta::default(),
+            tail: Vec::new(),
+            tail_reset: false,
             after: Vec::new(),
             applied: Vec::new(),
             deferred: Vec::new(),
@@ -961,7 +990,7 @@ impl Writer {
     /// Records the errors, then replies: the results on commit; on failure
     /// an error to every append and retry, and the acks and parks are kept
     /// for the next commit.
-    fn settle(&mut self, batch: Batch, committed: Result<(), StoreError>) {
+    fn settle(&mut self, mut batch: Batch, committed: Result<(), StoreError>) {
         for (e, what) in &batch.errors {
             if *what == PIECE_TOO_LARGE {
                 self.metrics.write_errors.increment(1);
@@ -996,6 +1025,7 @@ impl Writer {
                     self.depth_at_full = depth;
                 }
                 self.shared.dead_letters.fetch_add(batch.delta.dead_letters, Ordering::AcqRel);
+                self.follow_in_tail(&batch.applied, std::mem::take(&mut batch.tail), batch.tail_reset, batch.next_pos);
                 if batch.next_pos != self.next_pos {
                     self.next_pos = batch.next_pos;
                     self.shared.committed.send_replace(batch.next_pos - 1);
@@ -1021,6 +1051,24 @@ impl Writer {
             }
         }
         publish_counters(&self.shared);
+    }
+
+    /// The tail after a commit, before the sinks hear of it: the rows the
+    /// commit stored, and those its acknowledgements and parks removed.
+    fn follow_in_tail(&self, applied: &[Op], stored: Vec<Record>, reset: bool, next_pos: i64) {
+        let tail = &self.shared.tail;
+        for op in applied {
+            match op {
+                Op::Ack { sink, acks } => tail.done(sink, acks.iter().map(|&(pos, _)| pos)),
+                Op::Park { sink, pos, .. } => tail.done(sink, std::iter::once(*pos)),
+                _ => {}
+            }
+        }
+        if reset {
+            tail.reset(next_pos);
+        } else {
+            tail.appended(stored);
+        }
     }
 
     fn reply_committed(&self, a: After) {
@@ -1228,6 +1276,8 @@ fn in_savepoint<T>(
 /// What one append request did.
 struct Appended {
     outcome: AppendOutcome,
+    /// Index in the request and position of each record stored.
+    stored: Vec<(usize, i64)>,
     /// Change of the depth (events some sink has pending).
     depth: i64,
     /// Ids refused because the outbox has them with other content.
@@ -1284,10 +1334,10 @@ fn append(
     )?;
     let mut done = c.prepare_cached("INSERT OR IGNORE INTO delivered(id, done_at, digest) VALUES (?1, ?2, ?3)")?;
     let mut pend = c.prepare_cached("INSERT INTO pending(sink, pos, seq) VALUES (?1, ?2, ?2)")?;
-    let mut out = Appended { outcome: AppendOutcome::default(), depth: 0, conflicts: Vec::new() };
+    let mut out = Appended { outcome: AppendOutcome::default(), stored: Vec::new(), depth: 0, conflicts: Vec::new() };
     let mut pos = *next_pos;
     let no_sinks = sinks.is_empty();
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         let mut known = known_delivered(c, r)?;
         if known == Known::New && no_sinks {
             // Nobody to deliver to: remembered as delivered.
@@ -1298,6 +1348,7 @@ fn append(
             for s in sinks {
                 pend.execute(params![&**s, pos])?;
             }
+            out.stored.push((i, pos));
             pos += 1;
             out.outcome.appended += 1;
             continue;

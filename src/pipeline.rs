@@ -263,10 +263,7 @@ impl Pipeline {
     fn on_source(&mut self, item: SourceItem) {
         match item {
             SourceItem::Frame(f) => {
-                let now = self.shared.pbx_now();
-                if let Some(ts) = f.timestamp_micros() {
-                    self.shared.saw_pbx_time(ts);
-                }
+                let now = self.shared.pbx_now_then_saw(f.timestamp_micros());
                 self.normalizer.handle(&f, now, &mut self.out);
             }
             SourceItem::Connected { banner } => {

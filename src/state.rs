@@ -108,19 +108,25 @@ impl Shared {
     /// The PBX's current time: its last timestamp plus the time since.
     /// A replayed trace brings its own time, a live PBX its own clock.
     pub fn pbx_now(&self) -> Micros {
-        match *self.clock.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some((t, at)) => t + at.elapsed().as_micros() as i64,
-            None => wall_micros(),
-        }
+        self.pbx_now_then_saw(None)
     }
 
-    pub(crate) fn saw_pbx_time(&self, t: Micros) {
+    /// [`Shared::pbx_now`], then a frame's timestamp `seen` taken as the
+    /// PBX's time: one lock and one clock read per frame for both.
+    pub(crate) fn pbx_now_then_saw(&self, seen: Option<Micros>) -> Micros {
         let mut c = self.clock.lock().unwrap_or_else(|p| p.into_inner());
+        let at_now = Instant::now();
+        let now = match *c {
+            Some((t, at)) => t + at_now.saturating_duration_since(at).as_micros() as i64,
+            None => wall_micros(),
+        };
         // Frames of one PBX are in time order; never move the clock back.
-        match *c {
-            Some((last, at)) if t <= last + at.elapsed().as_micros() as i64 => {}
-            _ => *c = Some((t, Instant::now())),
+        match (seen, *c) {
+            (Some(t), Some(_)) if t <= now => {}
+            (Some(t), _) => *c = Some((t, at_now)),
+            (None, _) => {}
         }
+        now
     }
 
     /// The directory of the running configuration.

@@ -366,8 +366,12 @@ impl Client {
                     None => requests_open = false,
                 },
                 m = s.conn.next() => {
+                    // One clock read for the burst: what an action's answer
+                    // took is measured to its start, and the PBX counts as
+                    // heard when the burst is delivered.
+                    let now = Instant::now();
                     match m {
-                        Some(Ok(m)) => self.on_message(s, m).await?,
+                        Some(Ok(m)) => self.on_message(s, m, now).await?,
                         Some(Err(e)) => return Err(AmiError::Io(e).into()),
                         None => return Err(AmiError::Closed.into()),
                     }
@@ -377,12 +381,16 @@ impl Client {
                     // Bounded, so actions and timers wait at most this many.
                     for _ in 0..BURST {
                         match s.conn.next().now_or_never() {
-                            Some(Some(Ok(m))) => self.on_message(s, m).await?,
+                            Some(Some(Ok(m))) => self.on_message(s, m, now).await?,
                             Some(Some(Err(e))) => return Err(AmiError::Io(e).into()),
                             Some(None) => return Err(AmiError::Closed.into()),
                             None => break,
                         }
                     }
+                    // Taken after delivering: time spent waiting on a full
+                    // events channel is ours, not the PBX's silence (see
+                    // `Correlator::on_timer`).
+                    s.book.heard(Instant::now());
                 }
                 _ = &mut s.timer => self.on_timer(s).await?,
             }
@@ -423,11 +431,11 @@ impl Client {
         Ok(())
     }
 
-    async fn on_message(&mut self, s: &mut Session, m: AmiMessage) -> Result<(), End> {
-        let r = match m {
+    async fn on_message(&mut self, s: &mut Session, m: AmiMessage, now: Instant) -> Result<(), End> {
+        match m {
             AmiMessage::Frame(f) => {
                 self.frames_received.increment(1);
-                let routed = s.book.on_frame(f, Instant::now());
+                let routed = s.book.on_frame(f, now);
                 if let Some(a) = routed.answered {
                     record_duration(a);
                 }
@@ -444,11 +452,7 @@ impl Client {
                 debug!(banner = %b, "unexpected AMI banner mid-stream ignored");
                 Ok(())
             }
-        };
-        // Taken after delivering: time spent waiting on a full events
-        // channel is ours, not the PBX's silence (see `Correlator::on_timer`).
-        s.book.heard(Instant::now());
-        r
+        }
     }
 
     /// Expires overdue actions and runs the keepalive.

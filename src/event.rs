@@ -456,8 +456,14 @@ impl Event {
 
     /// The event in CloudEvents 1.0 structured JSON (one line).
     pub fn to_cloudevent_json(&self, pbx: &str) -> String {
-        let mut out = Vec::with_capacity(512);
+        // Room for a call event at once (0.5–1.3 KB) instead of growing
+        // 512 → 1024 → 2048, then trimmed to its size: the string stays until
+        // every sink has it. Growing past 1 KiB took glibc's slow path at
+        // each step; at full rate that was a tenth of the daemon's CPU
+        // (`benches/durable_ingest.rs`: 7.3 against 6.2 s per 1M AMI events).
+        let mut out = Vec::with_capacity(2048);
         self.write_cloudevent_json(pbx, &mut out);
+        out.shrink_to_fit();
         // serde_json writes UTF-8 only.
         String::from_utf8(out).unwrap_or_default()
     }

@@ -99,7 +99,7 @@ fn records(events: &[Event], run: &str) -> Vec<Record> {
                 key: e.ordering_key(),
                 kind: e.kind.type_name().to_string(),
                 id,
-                body,
+                body: body.into(),
                 appended_at: 0,
             }
         })

@@ -234,7 +234,7 @@ async fn check(dir: &Path, ob: &Outbox, m: &Model) -> Result<(), TestCaseError> 
         for r in &recs {
             let n = r.id.rsplit(':').next().and_then(|t| t.parse::<i64>().ok()).map(|t| t - 1_700_000_000_000_000);
             let body = n.map(|n| event(n, false).to_cloudevent_json(PBX));
-            prop_assert_eq!(Some(&r.body), body.as_ref(), "content of {}", r.id);
+            prop_assert_eq!(Some(&*r.body), body.as_deref(), "content of {}", r.id);
         }
     }
     let dead: BTreeSet<(usize, String)> = ob

@@ -437,8 +437,8 @@ pub struct Record {
     pub key: String,
     /// CloudEvents type (`call.answered`).
     pub kind: String,
-    /// CloudEvents JSON.
-    pub body: String,
+    /// CloudEvents JSON, shared by the sinks that read it (no copy each).
+    pub body: Arc<str>,
     /// When it was appended (µs since the epoch, local wall clock).
     pub appended_at: i64,
 }
@@ -492,7 +492,7 @@ pub(crate) struct NewRecord {
     id: String,
     key: String,
     kind: &'static str,
-    body: String,
+    body: Arc<str>,
     /// SHA-256 of `body`: kept with the id after delivery, to tell a
     /// repeated event from a different one under the same id.
     digest: [u8; 32],
@@ -645,10 +645,16 @@ impl Outbox {
     }
 
     fn records(&self, events: &[Event]) -> Vec<NewRecord> {
+        // Each event's JSON is written into one buffer, then copied once into
+        // the block the writer, the tail and every sink share.
+        let mut scratch = Vec::with_capacity(2048);
         events
             .iter()
             .map(|e| {
-                let body = e.to_cloudevent_json(&self.pbx);
+                scratch.clear();
+                e.write_cloudevent_json(&self.pbx, &mut scratch);
+                // serde_json writes UTF-8 only.
+                let body: Arc<str> = Arc::from(std::str::from_utf8(&scratch).unwrap_or_default());
                 NewRecord {
                     id: e.id(&self.pbx),
                     key: e.ordering_key(),
@@ -891,7 +897,7 @@ impl Outbox {
                     id: r.get(2)?,
                     key: r.get(3)?,
                     kind: r.get(4)?,
-                    body: r.get(5)?,
+                    body: Arc::from(r.get::<_, String>(5)?),
                     appended_at: r.get(6)?,
                 })
             })?;
@@ -1107,7 +1113,7 @@ mod tests {
         let recs = ob.pending("a", 0, 1000).await.unwrap();
         let ids: Vec<String> = events.iter().map(|e| e.id("lab")).collect();
         assert_eq!(recs.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
-        assert_eq!(recs[3].body, events[3].to_cloudevent_json("lab"));
+        assert_eq!(*recs[3].body, events[3].to_cloudevent_json("lab"));
         assert_eq!(recs[3].key, events[3].ordering_key());
         let name: Arc<str> = Arc::from("a");
         ob.ack(&name, recs.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
@@ -1285,7 +1291,7 @@ mod tests {
         assert_eq!(o, AppendOutcome { appended: 1, duplicates: 1, conflicts: 1 });
         let recs = ob.pending("a", 0, 10).await.unwrap();
         assert_eq!(recs.len(), 4);
-        assert_eq!(recs[1].body, events[1].to_cloudevent_json("lab"));
+        assert_eq!(*recs[1].body, events[1].to_cloudevent_json("lab"));
         assert_eq!(ob.depth(), 4);
 
         // Within one batch: the second, different event under a new id is refused.
@@ -1364,7 +1370,7 @@ mod tests {
             let recs = ob.pending("a", 0, 10).await.unwrap();
             assert_eq!(recs.len(), 1);
             assert_eq!(
-                (recs[0].id.clone(), recs[0].body.clone()),
+                (recs[0].id.clone(), recs[0].body.to_string()),
                 (events[0].id("lab"), events[0].to_cloudevent_json("lab"))
             );
             let dl = ob.dead_letters().await.unwrap();

@@ -313,7 +313,7 @@ impl NatsSink {
         if let Some(node) = &self.node {
             headers.insert("Callbridge-Node", node.as_str());
         }
-        (subject, headers, Bytes::from(r.body.clone()))
+        (subject, headers, Bytes::copy_from_slice(r.body.as_bytes()))
     }
 
     /// Publishes one wave (at most one event per call) and waits for every
@@ -437,7 +437,8 @@ mod tests {
             kind: "call.answered".into(),
             body: format!(
                 r#"{{"id":"lab:{key}:{pos}","source":"callbridge/lab","time":"2026-11-23T21:57:06.478Z","data":{{"call":{{"group":"support"}}}}}}"#
-            ),
+            )
+            .into(),
             appended_at: 0,
         }
     }

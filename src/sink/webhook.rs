@@ -281,7 +281,7 @@ impl Sink for WebhookSink {
 
     async fn deliver(&self, batch: &[Record], _attempt: u32) -> Attempt {
         let (id, content_type, body) = match batch {
-            [one] if self.batch_size == 1 => (one.id.clone(), CE_JSON, one.body.clone()),
+            [one] if self.batch_size == 1 => (one.id.clone(), CE_JSON, one.body.to_string()),
             _ => {
                 let mut body = String::with_capacity(batch.iter().map(|r| r.body.len() + 1).sum::<usize>() + 2);
                 body.push('[');

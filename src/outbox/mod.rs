@@ -443,6 +443,22 @@ pub struct Record {
     pub appended_at: i64,
 }
 
+#[cfg(test)]
+impl Record {
+    /// A record at `pos` (also its seq) with id `lab:<key>:<pos>`.
+    pub(crate) fn for_test(pos: i64, key: &str, kind: &str, body: &str) -> Record {
+        Record {
+            pos,
+            seq: pos,
+            id: format!("lab:{key}:{pos}"),
+            key: key.into(),
+            kind: kind.into(),
+            body: body.into(),
+            appended_at: 0,
+        }
+    }
+}
+
 /// An event a sink refused for good (4xx other than 408/429).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {

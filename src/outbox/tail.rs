@@ -168,15 +168,7 @@ mod tests {
     use super::*;
 
     fn rec(pos: i64, body: &str) -> Record {
-        Record {
-            pos,
-            seq: pos,
-            id: format!("lab:c:{pos}"),
-            key: "c".into(),
-            kind: "call.started".into(),
-            body: body.into(),
-            appended_at: 0,
-        }
+        Record::for_test(pos, "c", "call.started", body)
     }
 
     fn sinks(names: &[&str]) -> Vec<Arc<str>> {

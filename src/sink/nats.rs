@@ -429,18 +429,10 @@ mod tests {
     use super::*;
 
     fn rec(pos: i64, key: &str) -> Record {
-        Record {
-            pos,
-            seq: pos,
-            id: format!("lab:{key}:{pos}"),
-            key: key.into(),
-            kind: "call.answered".into(),
-            body: format!(
-                r#"{{"id":"lab:{key}:{pos}","source":"callbridge/lab","time":"2026-11-23T21:57:06.478Z","data":{{"call":{{"group":"support"}}}}}}"#
-            )
-            .into(),
-            appended_at: 0,
-        }
+        let body = format!(
+            r#"{{"id":"lab:{key}:{pos}","source":"callbridge/lab","time":"2026-11-23T21:57:06.478Z","data":{{"call":{{"group":"support"}}}}}}"#
+        );
+        Record::for_test(pos, key, "call.answered", &body)
     }
 
     #[test]

@@ -131,7 +131,13 @@ async fn play_a12_crash(
     tokio::time::sleep_until(crash_at).await;
     server.cut();
     server.wait_logins(2).await;
+    // The restarted PBX speaks once both resync listings are answered, for
+    // every client alike: otherwise its first events (16 s later on its
+    // clock) race the listings, and the call cut by the crash ends at the
+    // time of whichever came first, which may differ between two runs.
     server.wait_actions("CoreShowChannels", 2).await;
+    server.wait_actions("QueueStatus", 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     server.send_bytes(after);
 }
 

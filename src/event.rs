@@ -456,16 +456,21 @@ impl Event {
 
     /// The event in CloudEvents 1.0 structured JSON (one line).
     pub fn to_cloudevent_json(&self, pbx: &str) -> String {
-        // Room for a call event at once (0.5–1.3 KB) instead of growing
-        // 512 → 1024 → 2048, then trimmed to its size: the string stays until
-        // every sink has it. Growing past 1 KiB took glibc's slow path at
-        // each step; at full rate that was a tenth of the daemon's CPU
-        // (`benches/durable_ingest.rs`: 7.3 against 6.2 s per 1M AMI events).
-        let mut out = Vec::with_capacity(2048);
-        self.write_cloudevent_json(pbx, &mut out);
-        out.shrink_to_fit();
+        // Room for a call event at once (0.5–1.3 KB), then a string of its
+        // size: growing 512 → 1024 → 2048 took glibc's slow path at each step
+        // past 1 KiB.
+        self.cloudevent_json_in(pbx, &mut Vec::with_capacity(2048)).to_owned()
+    }
+
+    /// The CloudEvents JSON written into `scratch` (emptied first): callers
+    /// rendering many events reuse one buffer, the outbox among them (at
+    /// full rate, growing a fresh buffer per event was a tenth of the
+    /// daemon's CPU in `benches/durable_ingest.rs`).
+    pub fn cloudevent_json_in<'a>(&self, pbx: &str, scratch: &'a mut Vec<u8>) -> &'a str {
+        scratch.clear();
+        self.write_cloudevent_json(pbx, scratch);
         // serde_json writes UTF-8 only.
-        String::from_utf8(out).unwrap_or_default()
+        std::str::from_utf8(scratch).unwrap_or_default()
     }
 
     /// Appends the CloudEvents JSON of this event to `out`, written

@@ -667,10 +667,7 @@ impl Outbox {
         events
             .iter()
             .map(|e| {
-                scratch.clear();
-                e.write_cloudevent_json(&self.pbx, &mut scratch);
-                // serde_json writes UTF-8 only.
-                let body: Arc<str> = Arc::from(std::str::from_utf8(&scratch).unwrap_or_default());
+                let body: Arc<str> = Arc::from(e.cloudevent_json_in(&self.pbx, &mut scratch));
                 NewRecord {
                     id: e.id(&self.pbx),
                     key: e.ordering_key(),

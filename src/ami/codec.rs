@@ -26,7 +26,6 @@
 
 use super::frame::{Frame, HeaderPos, HotIndex};
 use bytes::{Buf, BytesMut};
-use smallvec::SmallVec;
 use tokio_util::codec::Decoder;
 
 /// What the decoder yields.
@@ -98,8 +97,10 @@ pub struct AmiCodec {
     limits: CodecLimits,
     /// Where the next line of the pending frame starts.
     scan_from: usize,
-    /// Header positions of the pending frame found so far.
-    pending: SmallVec<[HeaderPos; 40]>,
+    /// Header positions of the pending frame found so far. A `Vec` that
+    /// keeps its room from frame to frame: its push is one compare, where
+    /// an inline `SmallVec`'s asks first where its items are.
+    pending: Vec<HeaderPos>,
     /// Where the pending frame's hot names are.
     pending_hot: HotIndex,
     /// A byte of the pending frame (or one next to it) is not ASCII: its
@@ -142,7 +143,7 @@ impl AmiCodec {
         AmiCodec {
             limits,
             scan_from: 0,
-            pending: SmallVec::new(),
+            pending: Vec::with_capacity(64),
             pending_hot: HotIndex::default(),
             pending_non_ascii: false,
             pending_first_ok: false,
@@ -546,17 +547,23 @@ pub fn decode_reader(
 ) -> std::io::Result<u64> {
     const CHUNK: usize = 64 * 1024;
     let mut buf = BytesMut::with_capacity(CHUNK * 2);
-    let mut read = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
-        let n = match reader.read(&mut read) {
+        // Read straight into the decode buffer, after the partial frame
+        // left by the last read (as the live connection's reads do): one
+        // copy of each byte, not two. The room is zeroed first, which costs
+        // less than a copy, and the code forbids `unsafe`.
+        let held = buf.len();
+        buf.resize(held + CHUNK, 0);
+        let read = reader.read(buf.get_mut(held..).unwrap_or_default());
+        buf.truncate(held + *read.as_ref().unwrap_or(&0));
+        let n = match read {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         total += n as u64;
-        buf.extend_from_slice(read.get(..n).unwrap_or_default());
         // Decoding cannot fail on content: errors only come from I/O.
         while let Ok(Some(m)) = codec.decode(&mut buf) {
             f(m);

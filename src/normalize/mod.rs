@@ -428,11 +428,19 @@ impl Normalizer {
             }
         }
 
-        if !self.calls.contains_key(linkedid) && !self.start_call(event, frame, linkedid, uniqueid, time, out) {
-            return;
-        }
-        let Some(call) = self.calls.get_mut(linkedid) else {
-            return;
+        // One lookup for a known call (most frames); an unknown one is
+        // started first.
+        let call = match self.calls.get_mut(linkedid) {
+            Some(call) => call,
+            None => {
+                if !self.start_call(event, frame, linkedid, uniqueid, time, out) {
+                    return;
+                }
+                let Some(call) = self.calls.get_mut(linkedid) else {
+                    return;
+                };
+                call
+            }
         };
         call.last_event_at = time;
         call.epoch = self.epoch;

@@ -15,10 +15,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The smallest cap the outbox accepts: `max_bytes` is enforced as SQLite's
-/// `max_page_count`, at least 16 pages of 4 KiB (the empty store's tables
-/// and indexes take about half of that). The a11 replay (57 events, 34 kB of
-/// JSON) is one append batch of the replay, larger than the cap.
-const MAX_BYTES: u64 = 16 * 4096;
+/// `max_page_count`, at least 16 pages, of 8 KiB in a new store (the empty
+/// store's tables and indexes take about half of that). The replay's first
+/// append batch (57 events, 34 kB of JSON each trace) is larger than the
+/// room left.
+const MAX_BYTES: u64 = 16 * 8192;
 
 fn config(dir: &std::path::Path, url: &str, extra: &str) -> std::path::PathBuf {
     let config = dir.join("callbridge.toml");
@@ -91,7 +92,7 @@ async fn a_batch_larger_than_the_outbox_is_split_and_delivered() {
     let rx = Receiver::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let config = config(tmp.path(), &rx.url(), "");
-    let traces = traces(tmp.path(), 3);
+    let traces = traces(tmp.path(), 8);
     let expected = callbridge::replay::events_of(&lab(), &traces).expect("replays");
     let ids: std::collections::HashSet<String> = expected.iter().map(|e| e.id("lab")).collect();
     assert_eq!(ids.len(), expected.len(), "the copies are other calls");

@@ -141,8 +141,12 @@
 //! deletes `delivered` ids older than `dedup_retention` and gives free pages
 //! back to the filesystem (`auto_vacuum=INCREMENTAL`, `incremental_vacuum`).
 //! SQLite reuses freed pages before growing the file, so a steady state
-//! keeps a steady size. The WAL is checkpointed every 256 pages and truncated
-//! back to 1 MiB, so the data lives in the main file.
+//! keeps a steady size. The WAL is checkpointed once it holds 1 MiB of
+//! pages and truncated back to 1 MiB, so the data lives in the main file.
+//! A new store has 8 KiB pages (`NEW_PAGE_BYTES` in `writer.rs`: half the
+//! b-tree splits and WAL frames per event of SQLite's default 4 KiB); a
+//! store made with 4 KiB pages by an older build keeps them, and both
+//! kinds open in either build.
 //!
 //! # When the disk is full
 //!
@@ -1413,6 +1417,32 @@ mod tests {
             assert_eq!(o, AppendOutcome { appended: 0, duplicates: 1, conflicts: 1 });
             assert_eq!(ob.dead_letter_count(), 1);
         }
+    }
+
+    /// (page size, WAL checkpoint threshold in pages) of the store in `dir`,
+    /// as the writer's connection sets them up.
+    fn pages(dir: &Path) -> (i64, i64) {
+        let conn = writer::connect(&dir.join(DB_FILE), &OutboxOptions::new("lab", vec!["a".into()])).unwrap();
+        let page = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        (page, conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0)).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_new_store_has_8_kib_pages_and_an_older_one_keeps_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ob = open(tmp.path(), &["a"]);
+        assert_eq!(ob.append(&a11()).await.unwrap().appended, a11().len());
+        ob.close().await.unwrap();
+        // 1 MiB of WAL either way.
+        assert_eq!(pages(tmp.path()), (8192, 128));
+        let events: Vec<Event> = a11().into_iter().filter(|e| e.call.is_some()).collect();
+        let tmp = tempfile::tempdir().unwrap();
+        old_store(tmp.path(), Some("1"), &events);
+        let ob = open(tmp.path(), &["a"]);
+        assert_eq!(ob.append(&events[3..5]).await.unwrap().appended, 2);
+        assert_eq!(ob.depth(), 3);
+        ob.close().await.unwrap();
+        assert_eq!(pages(tmp.path()), (4096, 256));
     }
 
     #[test]

@@ -239,16 +239,22 @@ pub(crate) fn connect(path: &Path, opts: &OutboxOptions) -> Result<Connection, r
     // A small WAL, checkpointed often and truncated back to WAL_LIMIT_BYTES,
     // keeps the data in the main file: on a full disk the ballast then covers
     // what a checkpoint and the acknowledgements need.
-    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let page = page_bytes(&conn)?;
     conn.execute_batch(&format!(
         "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY;
          PRAGMA cache_size = {cache}; PRAGMA wal_autocheckpoint = {wal};",
         cache = -(CACHE_KIB as i64),
-        wal = WAL_LIMIT_BYTES / page.max(512),
+        wal = WAL_LIMIT_BYTES / page,
     ))?;
     let _: i64 = conn.query_row(&format!("PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}"), [], |r| r.get(0))?;
     set_page_cap(&conn, opts, false)?;
     Ok(conn)
+}
+
+/// The store's page size in bytes (never below SQLite's smallest, 512).
+fn page_bytes(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(page.max(512))
 }
 
 /// Fewest pages of the size cap: `max_bytes` below 16 pages (128 KiB at
@@ -269,8 +275,7 @@ fn set_page_cap(conn: &Connection, opts: &OutboxOptions, full: bool) -> Result<(
     if opts.max_bytes == 0 {
         return Ok(());
     }
-    let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-    let page = page.max(512);
+    let page = page_bytes(conn)?;
     let mut pages = (i64::try_from(opts.max_bytes).unwrap_or(i64::MAX) / page).max(MIN_CAP_PAGES);
     if full {
         let reserve = i64::try_from(opts.reserve_bytes).unwrap_or(i64::MAX) / page;

@@ -50,6 +50,11 @@ const END: &[u8] = b"UserEvent: BenchEnd\r\n\r\n";
 /// How often `/metrics` is read (rendering it costs the daemon a little: at
 /// 100 Hz, 5–10 % of its CPU in this benchmark).
 const POLL: Duration = Duration::from_millis(25);
+/// The stream is taken as done once every frame is in and no lifecycle
+/// event was counted for this long. Ingest ends at the last count, so a
+/// longer wait costs the measurement nothing; a shorter one ended a run
+/// early when a commit stalled on this machine's disk for half a second.
+const QUIET: Duration = Duration::from_secs(2);
 
 struct Args {
     events: u64,
@@ -224,7 +229,7 @@ fn daemon_run(a: &Args, server: &FakeAmi, receiver: &Receiver, run: usize) -> Ru
             last_lifecycle = v[1];
             last_change = now;
         }
-        if v[0] >= a.events as f64 && now.duration_since(last_change) > Duration::from_millis(500) {
+        if v[0] >= a.events as f64 && now.duration_since(last_change) > QUIET {
             break (last_change, v[1] as u64, v[2] as u64, v[3]);
         }
         std::thread::sleep(POLL);

@@ -97,8 +97,8 @@ fn records(events: &[Event], run: &str) -> Vec<Record> {
                 pos: i as i64,
                 seq: i as i64,
                 key: e.ordering_key(),
-                kind: e.kind.type_name().to_string(),
-                id,
+                kind: e.kind.type_name().into(),
+                id: id.into(),
                 body: body.into(),
                 appended_at: 0,
             }

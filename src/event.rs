@@ -12,6 +12,7 @@ pub use crate::ids::{AgentId, CallId, GroupId};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use smol_str::SmolStr;
+use std::sync::Arc;
 
 /// Microseconds since the Unix epoch (the PBX's clock).
 pub type Micros = i64;
@@ -26,8 +27,58 @@ pub fn format_time(t: Micros) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Rfc3339(pub Micros);
 
+/// Microseconds at jiff's latest timestamp, 9999-12-30T22:00:00Z (its
+/// range leaves room for any UTC offset); later times print as the epoch.
+const LATEST: Micros = 253_402_207_200_000_000;
+
+impl Rfc3339 {
+    /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for times from 1970 to 9999 (every PBX
+    /// clock), written digit by digit: a call event holds up to four times
+    /// and this runs for each at full rate. Other times go through `jiff`,
+    /// which prints the very same text for these (tested below).
+    fn ascii(self) -> Option<[u8; 24]> {
+        if !(0..=LATEST).contains(&self.0) {
+            return None;
+        }
+        let secs = self.0 / 1_000_000;
+        let millis = (self.0 % 1_000_000) / 1000;
+        let (days, day_secs) = (secs / 86_400, secs % 86_400);
+        // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm,
+        // shifted so that years start on 1 March; every value here is
+        // non-negative).
+        let z = days + 719_468;
+        let (era, doe) = (z / 146_097, z % 146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut v: i64| {
+            for i in (at..at + width).rev() {
+                // A digit: 0..=9.
+                out[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, month);
+        put(8, 2, day);
+        put(11, 2, day_secs / 3600);
+        put(14, 2, day_secs / 60 % 60);
+        put(17, 2, day_secs % 60);
+        put(20, 3, millis);
+        Some(out)
+    }
+}
+
 impl std::fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(text) = self.ascii() {
+            // ASCII digits and separators only.
+            return f.write_str(std::str::from_utf8(&text).unwrap_or_default());
+        }
         match jiff::Timestamp::from_microsecond(self.0) {
             Ok(ts) => write!(f, "{ts:.3}"),
             Err(_) => f.write_str("1970-01-01T00:00:00.000Z"),
@@ -37,7 +88,10 @@ impl std::fmt::Display for Rfc3339 {
 
 impl Serialize for Rfc3339 {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self.ascii() {
+            Some(text) => s.serialize_str(std::str::from_utf8(&text).unwrap_or_default()),
+            None => s.collect_str(self),
+        }
     }
 }
 
@@ -439,19 +493,28 @@ pub struct Event {
 impl Event {
     /// Events of one key must be delivered in order; different keys are
     /// independent. Call events: the call id; agent events: the agent.
-    pub fn ordering_key(&self) -> String {
+    pub fn ordering_key(&self) -> Arc<str> {
         match (&self.call, &self.kind) {
-            (Some(c), _) => c.id.to_string(),
+            // The call id's own block: no copy per event.
+            (Some(c), _) => c.id.shared(),
             (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => {
-                format!("agent:{agent}")
+                Arc::from(format!("agent:{agent}"))
             }
-            (None, _) => String::new(),
+            (None, _) => Arc::from(""),
         }
     }
 
     /// The deterministic CloudEvents `id`.
     pub fn id(&self, pbx: &str) -> String {
         EventId { event: self, pbx }.to_string()
+    }
+
+    /// The deterministic CloudEvents `id`, appended to `out` (callers
+    /// naming many events reuse one buffer).
+    pub fn write_id(&self, pbx: &str, out: &mut String) {
+        use std::fmt::Write;
+        // Writing into a String cannot fail.
+        let _ = write!(out, "{}", EventId { event: self, pbx });
     }
 
     /// The event in CloudEvents 1.0 structured JSON (one line).
@@ -492,7 +555,15 @@ impl std::fmt::Display for EventId<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (e, pbx) = (self.event, self.pbx);
         match (&e.call, &e.kind) {
-            (Some(c), _) => write!(f, "{pbx}:{}:{}", c.id, e.seq),
+            // Every event of a call: pieces written as they are (this runs
+            // twice per event at full rate; `write!` parses its format).
+            (Some(c), _) => {
+                f.write_str(pbx)?;
+                f.write_str(":")?;
+                f.write_str(c.id.as_str())?;
+                f.write_str(":")?;
+                f.write_str(itoa::Buffer::new().format(e.seq))
+            }
             // `seq` tells apart events of one agent in the same µs
             // ([`AgentIds`]); the first keeps the plain form.
             (None, EventKind::AgentAvailability { agent, .. } | EventKind::AgentLine { agent, .. }) => match e.seq {
@@ -618,5 +689,52 @@ mod agent_id_tests {
             got,
             ["lab:agent:ana:10", "lab:agent:ana:10:1", "lab:agent:joao:10", "lab:agent:ana:10:2", "lab:agent:ana:11"]
         );
+    }
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What `Rfc3339` printed before it wrote digits itself.
+    fn by_jiff(t: Micros) -> String {
+        match jiff::Timestamp::from_microsecond(t) {
+            Ok(ts) => format!("{ts:.3}"),
+            Err(_) => "1970-01-01T00:00:00.000Z".to_string(),
+        }
+    }
+
+    #[test]
+    fn times_print_as_jiff_prints_them_at_the_edges() {
+        for t in [
+            0,
+            999,
+            999_999,
+            1_000_000,
+            86_399_999_999,
+            // Leap days, century and 400-year rules, the last µs of a year.
+            951_782_400_000_000,     // 2000-02-29
+            4_107_542_400_000_000,   // 2100-03-01
+            1_795_471_952_380_123,   // a trace's time
+            253_402_207_199_999_999, // the last µs jiff takes, and
+            LATEST,                  // that one
+        ] {
+            assert_eq!(Rfc3339(t).to_string(), by_jiff(t), "{t}");
+        }
+        // Outside 1970–9999: jiff's own text.
+        for t in [-1, -86_400_000_001, LATEST + 1, 253_402_300_800_000_000, Micros::MIN, Micros::MAX] {
+            assert_eq!(Rfc3339(t).to_string(), by_jiff(t), "{t}");
+            assert!(Rfc3339(t).ascii().is_none());
+        }
+        assert_eq!(serde_json::to_string(&Rfc3339(999_999)).unwrap(), "\"1970-01-01T00:00:00.999Z\"");
+    }
+
+    proptest! {
+        #[test]
+        fn times_print_as_jiff_prints_them(t in 0..=LATEST) {
+            prop_assert_eq!(Rfc3339(t).to_string(), by_jiff(t));
+            prop_assert_eq!(serde_json::to_string(&Rfc3339(t)).unwrap(), format!("\"{}\"", by_jiff(t)));
+        }
     }
 }

@@ -203,7 +203,7 @@ async fn calls_in_backoff_do_not_hold_the_concurrency_slots() {
     let rx = Receiver::start().await;
     rx.refuse_type("call.missed", 503);
     let events = many_events(4);
-    let missed_keys: std::collections::HashSet<String> =
+    let missed_keys: std::collections::HashSet<std::sync::Arc<str>> =
         events.iter().filter(|e| e.kind.type_name() == "call.missed").map(|e| e.ordering_key()).collect();
     assert!(missed_keys.len() > 2, "the trace must have more missed calls than slots");
     let others: Vec<String> =

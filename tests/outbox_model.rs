@@ -215,7 +215,7 @@ fn stored_ids(dir: &Path) -> BTreeSet<String> {
 async fn check(dir: &Path, ob: &Outbox, m: &Model) -> Result<(), TestCaseError> {
     for (s, name) in m.sink_names().iter().enumerate() {
         let recs = ob.pending(name, 0, 1_000_000).await.expect("pending");
-        let ids: BTreeSet<String> = recs.iter().map(|r| r.id.clone()).collect();
+        let ids: BTreeSet<String> = recs.iter().map(|r| r.id.to_string()).collect();
         prop_assert_eq!(ids.len(), recs.len(), "an event twice in sink {}'s queue", name);
         prop_assert_eq!(&ids, &m.pending[s], "pending events of sink {}", name);
         prop_assert!(recs.windows(2).all(|w| w[0].pos < w[1].pos), "queue out of order");
@@ -275,7 +275,7 @@ async fn ack(ob: &Outbox, m: &mut Model, sink: usize, n: usize, twice: bool) -> 
     }
     ob.flush().await.expect("flush");
     for r in recs {
-        prop_assert!(m.pending[sink].remove(&r.id), "{} was not pending", r.id);
+        prop_assert!(m.pending[sink].remove(&*r.id), "{} was not pending", r.id);
     }
     Ok(())
 }
@@ -287,8 +287,8 @@ async fn park(ob: &Outbox, m: &mut Model, sink: usize, nth: usize) -> Result<(),
     if let Some(r) = recs.get(nth) {
         ob.park(&name, r, Some(400), "HTTP 400: refused".into()).await.expect("park");
         ob.flush().await.expect("flush");
-        prop_assert!(m.pending[sink].remove(&r.id));
-        m.dead.insert((sink, r.id.clone()));
+        prop_assert!(m.pending[sink].remove(&*r.id));
+        m.dead.insert((sink, r.id.to_string()));
     }
     Ok(())
 }

@@ -266,6 +266,7 @@ mod writer;
 use crate::event::{Event, EventKind};
 use crate::normalize::CallCheckpoint;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -435,12 +436,14 @@ pub struct Record {
     pub pos: i64,
     /// The event's place in the outbox.
     pub seq: i64,
-    /// CloudEvents id.
-    pub id: String,
+    /// CloudEvents id. The id, key and body are shared blocks: the tail,
+    /// every sink and their lanes hold them without a copy each.
+    pub id: Arc<str>,
     /// Ordering key: events with the same key are delivered in order.
-    pub key: String,
-    /// CloudEvents type (`call.answered`).
-    pub kind: String,
+    pub key: Arc<str>,
+    /// CloudEvents type (`call.answered`): static for events appended by
+    /// this process, owned when read back from the store.
+    pub kind: Cow<'static, str>,
     /// CloudEvents JSON, shared by the sinks that read it (no copy each).
     pub body: Arc<str>,
     /// When it was appended (µs since the epoch, local wall clock).
@@ -454,9 +457,9 @@ impl Record {
         Record {
             pos,
             seq: pos,
-            id: format!("lab:{key}:{pos}"),
+            id: format!("lab:{key}:{pos}").into(),
             key: key.into(),
-            kind: kind.into(),
+            kind: Cow::Owned(kind.to_string()),
             body: body.into(),
             appended_at: 0,
         }
@@ -509,8 +512,8 @@ pub(crate) type AppendReply = oneshot::Sender<Result<PartialAppend, OutboxError>
 /// An event ready to be stored.
 #[derive(Debug, Clone)]
 pub(crate) struct NewRecord {
-    id: String,
-    key: String,
+    id: Arc<str>,
+    key: Arc<str>,
     kind: &'static str,
     body: Arc<str>,
     /// SHA-256 of `body`: kept with the id after delivery, to tell a
@@ -523,7 +526,7 @@ pub(crate) struct NewRecord {
 /// What a call event tells `live_calls`.
 #[derive(Debug, Clone)]
 pub(crate) struct CallMark {
-    call: String,
+    call: crate::ids::CallId,
     seq: u64,
     /// `call.ended`: the call's row goes.
     ended: bool,
@@ -668,18 +671,21 @@ impl Outbox {
         // Each event's JSON is written into one buffer, then copied once into
         // the block the writer, the tail and every sink share.
         let mut scratch = Vec::with_capacity(2048);
+        let mut id = String::with_capacity(64);
         events
             .iter()
             .map(|e| {
                 let body: Arc<str> = Arc::from(e.cloudevent_json_in(&self.pbx, &mut scratch));
+                id.clear();
+                e.write_id(&self.pbx, &mut id);
                 NewRecord {
-                    id: e.id(&self.pbx),
+                    id: Arc::from(id.as_str()),
                     key: e.ordering_key(),
                     kind: e.kind.type_name(),
                     digest: digest(&body),
                     body,
                     call: e.call.as_ref().map(|c| CallMark {
-                        call: c.id.to_string(),
+                        call: c.id.clone(),
                         seq: e.seq,
                         ended: matches!(e.kind, EventKind::Ended { .. }),
                     }),
@@ -911,9 +917,9 @@ impl Outbox {
                 Ok(Record {
                     pos: r.get(0)?,
                     seq: r.get(1)?,
-                    id: r.get(2)?,
-                    key: r.get(3)?,
-                    kind: r.get(4)?,
+                    id: Arc::from(r.get::<_, String>(2)?),
+                    key: Arc::from(r.get::<_, String>(3)?),
+                    kind: Cow::Owned(r.get(4)?),
                     body: Arc::from(r.get::<_, String>(5)?),
                     appended_at: r.get(6)?,
                 })
@@ -1129,7 +1135,7 @@ mod tests {
         assert_eq!(ob.depth(), events.len() as u64);
         let recs = ob.pending("a", 0, 1000).await.unwrap();
         let ids: Vec<String> = events.iter().map(|e| e.id("lab")).collect();
-        assert_eq!(recs.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
+        assert_eq!(recs.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(), ids);
         assert_eq!(*recs[3].body, events[3].to_cloudevent_json("lab"));
         assert_eq!(recs[3].key, events[3].ordering_key());
         let name: Arc<str> = Arc::from("a");
@@ -1165,7 +1171,8 @@ mod tests {
         assert_eq!(ob.settle_before(cut).await.unwrap(), 40 + 30);
         assert_eq!(ob.depth(), (events.len() - 40) as u64);
         for sink in ["a", "b"] {
-            let ids: Vec<String> = ob.pending(sink, 0, 1000).await.unwrap().into_iter().map(|r| r.id).collect();
+            let ids: Vec<String> =
+                ob.pending(sink, 0, 1000).await.unwrap().into_iter().map(|r| r.id.to_string()).collect();
             let newer: Vec<String> = events[40..].iter().map(|e| e.id("lab")).collect();
             assert_eq!(ids, newer, "{sink}: only what was stored after the cut is pending");
         }
@@ -1244,7 +1251,7 @@ mod tests {
         assert_eq!((ob.depth(), ob.dead_letter_count()), (3, 1));
         let dl = ob.dead_letters().await.unwrap();
         assert_eq!(dl.len(), 1);
-        assert_eq!((dl[0].event_id.as_str(), dl[0].status), (recs[1].id.as_str(), Some(400)));
+        assert_eq!((dl[0].event_id.as_str(), dl[0].status), (&*recs[1].id, Some(400)));
         assert!(matches!(ob.retry_dead_letters(Some("zz"), None).await, Err(OutboxError::UnknownSink(_))));
         assert_eq!(ob.retry_dead_letters(None, Some(&recs[1].id)).await.unwrap(), 1);
         assert_eq!((ob.depth(), ob.dead_letter_count()), (4, 0));
@@ -1388,7 +1395,7 @@ mod tests {
             assert_eq!(recs.len(), 1);
             assert_eq!(
                 (recs[0].id.clone(), recs[0].body.to_string()),
-                (events[0].id("lab"), events[0].to_cloudevent_json("lab"))
+                (Arc::from(events[0].id("lab")), events[0].to_cloudevent_json("lab"))
             );
             let dl = ob.dead_letters().await.unwrap();
             assert_eq!((dl[0].event_id.clone(), dl[0].status), (events[1].id("lab"), Some(400)));

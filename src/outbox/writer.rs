@@ -736,7 +736,7 @@ impl Batch {
                 seq: pos,
                 id: r.id,
                 key: r.key,
-                kind: r.kind.to_string(),
+                kind: std::borrow::Cow::Borrowed(r.kind),
                 body: r.body,
                 appended_at: self.now,
             });
@@ -1374,7 +1374,7 @@ fn append(
         }
         if known == Known::Different {
             out.outcome.conflicts += 1;
-            out.conflicts.push(r.id.clone());
+            out.conflicts.push(r.id.to_string());
         } else {
             out.outcome.duplicates += 1;
         }
@@ -1396,7 +1396,7 @@ fn store_live_calls(
 ) -> Result<(), rusqlite::Error> {
     let mut last: HashMap<&str, (u64, bool), ahash::RandomState> = HashMap::default();
     for m in records.iter().filter_map(|r| r.call.as_ref()) {
-        let entry = last.entry(&m.call).or_insert((m.seq, m.ended));
+        let entry = last.entry(m.call.as_str()).or_insert((m.seq, m.ended));
         entry.0 = entry.0.max(m.seq);
         entry.1 |= m.ended;
     }

@@ -425,7 +425,7 @@ impl SinkMetrics {
 /// Returned by a worker when its batch is finished (delivered, parked or
 /// abandoned at shutdown).
 struct Done {
-    keys: Vec<String>,
+    keys: Vec<Arc<str>>,
     count: usize,
 }
 
@@ -516,11 +516,11 @@ impl Flow {
 #[derive(Default)]
 struct Lanes {
     /// Per key, the events read but not yet handed to a worker, in order.
-    lanes: HashMap<String, VecDeque<Record>>,
+    lanes: HashMap<Arc<str>, VecDeque<Record>, ahash::RandomState>,
     /// Keys with a batch in flight: their next events wait.
-    busy: HashSet<String>,
+    busy: HashSet<Arc<str>, ahash::RandomState>,
     /// Keys not busy with events waiting, oldest first.
-    ready: VecDeque<String>,
+    ready: VecDeque<Arc<str>>,
     buffered: usize,
     read_pos: i64,
     caught_up: bool,
@@ -558,7 +558,7 @@ impl Lanes {
     }
 
     /// The next batch of ready keys, marked busy; `None` when none is ready.
-    fn next_batch(&mut self, batch_size: usize) -> Option<(Vec<Record>, Vec<String>)> {
+    fn next_batch(&mut self, batch_size: usize) -> Option<(Vec<Record>, Vec<Arc<str>>)> {
         let first = self.ready.pop_front()?;
         let (batch, keys) = take_batch(first, batch_size, &mut self.lanes, &mut self.ready);
         self.busy.extend(keys.iter().cloned());
@@ -681,11 +681,11 @@ async fn run_sink<S: Sink>(outbox: Outbox, sink: Arc<S>, cancel: CancellationTok
 /// Takes up to `batch_size` events, starting with key `first` and going on
 /// with other ready keys; each key's events stay in order.
 fn take_batch(
-    first: String,
+    first: Arc<str>,
     batch_size: usize,
-    lanes: &mut HashMap<String, VecDeque<Record>>,
-    ready: &mut VecDeque<String>,
-) -> (Vec<Record>, Vec<String>) {
+    lanes: &mut HashMap<Arc<str>, VecDeque<Record>, ahash::RandomState>,
+    ready: &mut VecDeque<Arc<str>>,
+) -> (Vec<Record>, Vec<Arc<str>>) {
     let mut batch = Vec::with_capacity(batch_size.min(64));
     let mut keys = Vec::new();
     let mut key = first;
@@ -952,7 +952,7 @@ max_bytes = 1000000
         Record {
             pos,
             seq: pos,
-            id: format!("x:{key}:{pos}"),
+            id: format!("x:{key}:{pos}").into(),
             key: key.into(),
             kind: "call.started".into(),
             body: "{}".into(),
@@ -962,15 +962,15 @@ max_bytes = 1000000
 
     #[test]
     fn batches_keep_each_key_in_order_and_mix_keys() {
-        let mut lanes: HashMap<String, VecDeque<Record>> = HashMap::new();
+        let mut lanes: HashMap<Arc<str>, VecDeque<Record>, ahash::RandomState> = HashMap::default();
         lanes.insert("a".into(), [rec(1, "a"), rec(3, "a"), rec(4, "a")].into());
         lanes.insert("b".into(), [rec(2, "b")].into());
-        let mut ready: VecDeque<String> = ["b".to_string()].into();
+        let mut ready: VecDeque<Arc<str>> = [Arc::from("b")].into();
         let (batch, keys) = take_batch("a".into(), 3, &mut lanes, &mut ready);
         assert_eq!(batch.iter().map(|r| r.pos).collect::<Vec<_>>(), vec![1, 3, 4]);
-        assert_eq!(keys, vec!["a".to_string()]);
+        assert_eq!(keys, vec![Arc::<str>::from("a")]);
         let (batch, keys) = take_batch("b".into(), 1, &mut lanes, &mut ready);
         assert_eq!(batch.iter().map(|r| r.pos).collect::<Vec<_>>(), vec![2]);
-        assert_eq!(keys, vec!["b".to_string()]);
+        assert_eq!(keys, vec![Arc::<str>::from("b")]);
     }
 }

@@ -296,11 +296,11 @@ impl NatsSink {
         let group = head.as_ref().and_then(|h| h.data.as_ref()?.call.as_ref()?.group.as_deref());
         let subject = self.subject.render(&r.kind, group);
         let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, r.id.as_str());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, &*r.id);
         headers.insert("Content-Type", "application/cloudevents+json");
         headers.insert("ce-specversion", "1.0");
-        headers.insert("ce-id", r.id.as_str());
-        headers.insert("ce-type", r.kind.as_str());
+        headers.insert("ce-id", &*r.id);
+        headers.insert("ce-type", &*r.kind);
         let head_str =
             |key: &str, parsed: Option<&str>| parsed.map(str::to_string).or_else(|| top_level_str(&r.body, key));
         let parsed = head.as_ref();
@@ -375,7 +375,7 @@ pub fn waves(batch: &[Record]) -> Vec<Vec<&Record>> {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     let mut waves: Vec<Vec<&Record>> = Vec::new();
     for r in batch {
-        let n = seen.entry(r.key.as_str()).or_insert(0);
+        let n = seen.entry(&*r.key).or_insert(0);
         if waves.len() <= *n {
             waves.push(Vec::new());
         }

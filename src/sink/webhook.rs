@@ -253,8 +253,14 @@ impl WebhookSink {
             h.update(b"\n");
         }
         let digest = h.finalize();
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("batch_{hex}")
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = String::with_capacity(6 + 32);
+        id.push_str("batch_");
+        for b in &digest[..16] {
+            id.push(char::from(HEX[usize::from(b >> 4)]));
+            id.push(char::from(HEX[usize::from(b & 15)]));
+        }
+        id
     }
 }
 
@@ -281,7 +287,7 @@ impl Sink for WebhookSink {
 
     async fn deliver(&self, batch: &[Record], _attempt: u32) -> Attempt {
         let (id, content_type, body) = match batch {
-            [one] if self.batch_size == 1 => (one.id.clone(), CE_JSON, one.body.to_string()),
+            [one] if self.batch_size == 1 => (one.id.to_string(), CE_JSON, one.body.to_string()),
             _ => {
                 let mut body = String::with_capacity(batch.iter().map(|r| r.body.len() + 1).sum::<usize>() + 2);
                 body.push('[');

@@ -213,7 +213,7 @@ impl Receiver {
 /// byte-identical. Returns how many deliveries were duplicates.
 pub fn check_delivery(requests: &[Received], expected: &[Event], pbx: &str) -> usize {
     let want: HashMap<String, (String, String)> =
-        expected.iter().map(|e| (e.id(pbx), (e.ordering_key(), e.to_cloudevent_json(pbx)))).collect();
+        expected.iter().map(|e| (e.id(pbx), (e.ordering_key().to_string(), e.to_cloudevent_json(pbx)))).collect();
     let mut first_seen: Vec<String> = Vec::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut accepted: HashSet<String> = HashSet::new();

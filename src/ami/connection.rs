@@ -292,12 +292,6 @@ impl Client {
 
     /// Sends an item into the pipeline, waiting while the channel is full.
     async fn deliver(&self, item: SourceItem) -> Result<(), End> {
-        // Room in the queue (the usual case): no wait to set up per frame.
-        let item = match self.events.try_send(item) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Failed(AmiError::EventsClosed)),
-            Err(mpsc::error::TrySendError::Full(item)) => item,
-        };
         tokio::select! {
             biased;
             r = self.events.send(item) => r.map_err(|_| End::Failed(AmiError::EventsClosed)),

@@ -1,5 +1,5 @@
 //! Shortening text for logs and error messages without splitting a
-//! character.
+//! character; lowercase hex of digests (ids, AMI and SIP digest logins).
 //!
 //! Error texts often quote input from outside (a SIP message, an XML body,
 //! a header value). Cutting such a string at a byte count panics when the
@@ -35,9 +35,26 @@ pub fn prefix_chars(s: &str, max_chars: usize) -> &str {
     }
 }
 
+/// Appends `bytes` to `out` as lowercase hex, two digits per byte.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_two_lowercase_digits_per_byte() {
+        let mut s = String::from("x-");
+        push_hex(&mut s, &[0x00, 0x0f, 0xa5, 0xff]);
+        assert_eq!(s, "x-000fa5ff");
+    }
 
     #[test]
     fn short_strings_are_unchanged() {

@@ -161,7 +161,9 @@ impl Opener<'_> {
 
 fn md5_key(challenge: &str, secret: &str) -> String {
     let digest = Md5::new().chain_update(challenge.as_bytes()).chain_update(secret.as_bytes()).finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    let mut key = String::with_capacity(32);
+    crate::text::push_hex(&mut key, &digest);
+    key
 }
 
 /// Logs malformed frames at `warn` at most every [`MALFORMED_WARN_EVERY`]

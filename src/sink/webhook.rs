@@ -253,13 +253,8 @@ impl WebhookSink {
             h.update(b"\n");
         }
         let digest = h.finalize();
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut id = String::with_capacity(6 + 32);
-        id.push_str("batch_");
-        for b in &digest[..16] {
-            id.push(char::from(HEX[usize::from(b >> 4)]));
-            id.push(char::from(HEX[usize::from(b & 15)]));
-        }
+        let mut id = String::from("batch_");
+        crate::text::push_hex(&mut id, &digest[..16]);
         id
     }
 }

@@ -177,9 +177,7 @@ fn md5_hex(parts: &[&[u8]]) -> String {
         h.update(p);
     }
     let mut s = String::with_capacity(32);
-    for b in h.finalize() {
-        let _ = write!(s, "{b:02x}");
-    }
+    crate::text::push_hex(&mut s, &h.finalize());
     s
 }
 

@@ -52,7 +52,6 @@ use crate::ids::{AgentId, CallId};
 use md5::{Digest, Md5};
 use smol_str::SmolStr;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 /// What a tracker emits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,9 +302,7 @@ fn call_id(extension: &str, d: &Dialog, first_seen: Micros) -> CallId {
         h.update([0u8]);
     }
     let mut id = String::from("sip-");
-    for b in &h.finalize()[..8] {
-        let _ = write!(id, "{b:02x}");
-    }
+    crate::text::push_hex(&mut id, &h.finalize()[..8]);
     CallId::new(&id)
 }
 

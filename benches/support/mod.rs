@@ -73,6 +73,8 @@ impl Drop for FakeAmi {
 pub struct Receiver {
     pub addr: SocketAddr,
     pub events: Arc<AtomicU64>,
+    /// When the last request with events arrived.
+    pub last_at: Arc<Mutex<Option<Instant>>>,
 }
 
 pub type OnBody = Arc<Mutex<Option<Box<dyn FnMut(&[u8]) + Send>>>>;
@@ -85,6 +87,8 @@ impl Receiver {
     pub fn start_with(on_body: OnBody) -> Receiver {
         let events = Arc::new(AtomicU64::new(0));
         let counter = events.clone();
+        let last_at = Arc::new(Mutex::new(None));
+        let stamp = last_at.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -94,11 +98,16 @@ impl Receiver {
                 let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
                     let counter = counter.clone();
                     let on_body = on_body.clone();
+                    let stamp = stamp.clone();
                     async move {
                         if let Some(f) = on_body.lock().expect("receiver callback").as_mut() {
                             f(&body);
                         }
                         let n = memchr::memmem::find_iter(&body, b"\"specversion\"").count();
+                        if n > 0 {
+                            // Stamped before the count: whoever sees the count sees this time or a later one.
+                            *stamp.lock().expect("receiver clock") = Some(Instant::now());
+                        }
                         counter.fetch_add(n as u64, Ordering::Relaxed);
                         axum::http::StatusCode::OK
                     }
@@ -106,7 +115,7 @@ impl Receiver {
                 axum::serve(listener, app).await.expect("serve");
             });
         });
-        Receiver { addr: rx.recv().expect("receiver address"), events }
+        Receiver { addr: rx.recv().expect("receiver address"), events, last_at }
     }
 }
 

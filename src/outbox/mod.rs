@@ -133,16 +133,17 @@
 //! `delivered`: deleting, rather than blanking the body, lets SQLite merge
 //! and free the pages, so the live data is only what is undelivered. A
 //! commit gathers each sink's acknowledgements into one request (except on
-//! a full disk, where requests commit one at a time), which deletes its
-//! pending rows and moves its done events a run of consecutive positions
-//! at a time (one range statement per run for the rows, two for the
-//! events, instead of three statements per event): a runner's request
-//! alone has hardly any runs, a commit's gathered requests about eight
-//! positions per run, which took about an eighth off the writer's CPU
-//! (`benches/durable_ingest.rs`); with a single sink, whose rows are the only ones queued, an
-//! acknowledged event is done without looking for other pending rows, and
-//! the dead letters are looked at only while some exist. At most
-//! every `compact_interval`, after a commit, the writer checkpoints the WAL,
+//! a full disk, where requests commit one at a time, of at most 100
+//! acknowledgements each), which deletes its pending rows and moves its
+//! done events a run of consecutive positions at a time (one range
+//! statement per run for the rows, two for the events, instead of three
+//! statements per event): a runner's request alone has hardly any runs, a
+//! commit's gathered requests about eight positions per run, which took
+//! about an eighth off the writer's CPU (`benches/durable_ingest.rs`); with
+//! a single sink, whose rows are the only ones queued, an acknowledged
+//! event is done without looking for other pending rows, and the dead
+//! letters are looked at only while some exist. At most every
+//! `compact_interval`, after a commit, the writer checkpoints the WAL,
 //! deletes `delivered` ids older than `dedup_retention` and gives free pages
 //! back to the filesystem (`auto_vacuum=INCREMENTAL`, `incremental_vacuum`).
 //! SQLite reuses freed pages before growing the file, so a steady state

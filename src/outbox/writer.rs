@@ -958,11 +958,10 @@ impl Writer {
         // lost, which means a redelivery, never a loss). The next fsync'd
         // commit makes it durable too: the WAL is sequential.
         let must_sync = all.iter().any(needs_sync);
-        // On a full disk, requests commit one at a time (see `apply`): a
-        // sink's acknowledgements stay in their requests then.
-        if !self.full {
-            all = coalesce_acks(all);
-        }
+        // On a full disk, requests commit one at a time (see `apply`), and
+        // each must be small: acknowledgements gathered by a commit that
+        // failed as the disk filled are cut up again.
+        all = if self.full { split_acks(all, FULL_DISK_ACKS) } else { coalesce_acks(all) };
         Some((all, must_sync))
     }
 
@@ -1484,6 +1483,26 @@ fn coalesce_acks(ops: Vec<Op>) -> Vec<Op> {
     out
 }
 
+/// Most acknowledgements one transaction takes on a full disk: about what
+/// one runner's request holds (one event by default, a webhook batch often
+/// 100).
+const FULL_DISK_ACKS: usize = 100;
+
+/// `ops` with every acknowledgement request of more than `n` cut into
+/// requests of at most `n`, in order.
+fn split_acks(ops: Vec<Op>, n: usize) -> Vec<Op> {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            Op::Ack { sink, acks } if acks.len() > n => {
+                out.extend(acks.chunks(n).map(|part| Op::Ack { sink: sink.clone(), acks: part.to_vec() }));
+            }
+            op => out.push(op),
+        }
+    }
+    out
+}
+
 /// The runs of consecutive values of the ascending `seqs`, as (first, last).
 fn runs(seqs: &[i64]) -> impl Iterator<Item = (i64, i64)> + '_ {
     let mut i = 0;
@@ -1607,7 +1626,7 @@ fn retry(
 
 #[cfg(test)]
 mod tests {
-    use super::{coalesce_acks, runs, Op};
+    use super::{coalesce_acks, runs, split_acks, Op};
     use std::sync::Arc;
 
     #[test]
@@ -1623,15 +1642,34 @@ mod tests {
             ack(&b, &[(7, 7)]),
             ack(&a, &[(1, 1)]),
         ];
-        let out: Vec<String> = coalesce_acks(ops)
-            .iter()
+        assert_eq!(shown(&coalesce_acks(ops)), vec!["a[(5, 5), (1, 1), (3, 3), (1, 1)]", "b[(2, 2), (7, 7)]", "flush"]);
+    }
+
+    /// Requests as text: acknowledgements as `<sink>[(pos, seq), …]`.
+    fn shown(ops: &[Op]) -> Vec<String> {
+        ops.iter()
             .map(|op| match op {
                 Op::Ack { sink, acks } => format!("{sink}{acks:?}"),
                 Op::Flush { .. } => "flush".into(),
                 _ => "other".into(),
             })
-            .collect();
-        assert_eq!(out, vec!["a[(5, 5), (1, 1), (3, 3), (1, 1)]", "b[(2, 2), (7, 7)]", "flush"]);
+            .collect()
+    }
+
+    #[test]
+    fn on_a_full_disk_gathered_acknowledgements_are_cut_up_again_in_order() {
+        let a: Arc<str> = Arc::from("a");
+        let acks: Vec<(i64, i64)> = (1..=5).map(|p| (p, p)).collect();
+        let (flush, _rx) = tokio::sync::oneshot::channel();
+        let ops = vec![
+            Op::Ack { sink: a.clone(), acks },
+            Op::Flush { reply: flush },
+            Op::Ack { sink: a, acks: vec![(9, 9)] },
+        ];
+        assert_eq!(
+            shown(&split_acks(ops, 2)),
+            vec!["a[(1, 1), (2, 2)]", "a[(3, 3), (4, 4)]", "a[(5, 5)]", "flush", "a[(9, 9)]"]
+        );
     }
 
     #[test]

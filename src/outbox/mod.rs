@@ -1524,6 +1524,21 @@ mod tests {
     }
 
     #[test]
+    fn sqlite_is_built_with_the_options_of_the_repository_build_settings() {
+        // `.cargo/config.toml` (`LIBSQLITE3_FLAGS`): a build without them
+        // is slower, not wrong, but should not pass unnoticed.
+        let conn = Connection::open_in_memory().unwrap();
+        let mut st = conn.prepare("SELECT compile_options FROM pragma_compile_options").unwrap();
+        let options: Vec<String> = st.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        for wanted in ["DEFAULT_MEMSTATUS=0", "OMIT_SHARED_CACHE", "USE_ALLOCA"] {
+            assert!(options.iter().any(|o| o == wanted), "{wanted} missing from {options:?}");
+        }
+        for unwanted in ["ENABLE_MEMORY_MANAGEMENT", "ENABLE_API_ARMOR"] {
+            assert!(!options.iter().any(|o| o == unwanted), "{unwanted} in {options:?}");
+        }
+    }
+
+    #[test]
     fn store_errors_are_values_that_keep_disk_full_recognisable() {
         // A real SQLITE_FULL: a store capped at its current size.
         let conn = Connection::open_in_memory().unwrap();

@@ -11,7 +11,7 @@
 use crate::config::Config;
 use crate::event::Event;
 use crate::normalize::CallCheckpoint;
-use crate::outbox::{Outbox, OutboxOptions};
+use crate::outbox::{NewRecord, Outbox, OutboxOptions};
 use crate::sink;
 use crate::state::Readiness;
 use anyhow::Context;
@@ -96,7 +96,7 @@ impl Delivery {
     pub async fn deliver(&mut self, events: &[Event], checkpoints: &[CallCheckpoint], pbx: &str) -> anyhow::Result<()> {
         match self {
             Delivery::Outbox { outbox, readiness, .. } => {
-                store(outbox, readiness, events, &Arc::from(checkpoints), None).await.map(|_| ())
+                store(outbox, readiness, events, Vec::new(), &Arc::from(checkpoints), None).await.map(|_| ())
             }
             other => other.deliver_now(events, pbx),
         }
@@ -123,10 +123,12 @@ impl Delivery {
     /// are stored by a task of their own, which returns them once they are
     /// durable (the caller publishes them then, and stores nothing else
     /// meanwhile, to keep the order). The other deliveries are done at
-    /// once.
-    pub fn deliver_in_task(
+    /// once. `prepared`: the events' records, built ahead with
+    /// [`Outbox::prepare`] (or empty: built here).
+    pub(crate) fn deliver_in_task(
         &mut self,
         events: Vec<Event>,
+        prepared: Vec<NewRecord>,
         checkpoints: Vec<CallCheckpoint>,
         pbx: &str,
     ) -> anyhow::Result<Delivering> {
@@ -136,7 +138,7 @@ impl Delivery {
                 // Moved, not copied: the states (JSON) go to the outbox as they are.
                 let checkpoints: Arc<[CallCheckpoint]> = checkpoints.into();
                 Ok(Delivering::Task(tokio::spawn(async move {
-                    store(&outbox, &readiness, &events, &checkpoints, None).await?;
+                    store(&outbox, &readiness, &events, prepared, &checkpoints, None).await?;
                     Ok(events)
                 })))
             }
@@ -159,7 +161,7 @@ impl Delivery {
     ) -> anyhow::Result<usize> {
         match self {
             Delivery::Outbox { outbox, readiness, .. } => {
-                store(outbox, readiness, events, &Arc::from([]), Some(deadline)).await
+                store(outbox, readiness, events, Vec::new(), &Arc::from([]), Some(deadline)).await
             }
             _ => self.deliver(events, &[], pbx).await.map(|()| events.len()),
         }
@@ -213,16 +215,23 @@ async fn store(
     outbox: &Outbox,
     readiness: &Readiness,
     events: &[Event],
+    prepared: Vec<NewRecord>,
     checkpoints: &Arc<[CallCheckpoint]>,
     deadline: Option<&OnceLock<tokio::time::Instant>>,
 ) -> anyhow::Result<usize> {
     let mut rest = events;
+    let mut prepared = Some(prepared);
     let mut delay = Duration::from_millis(100);
     let mut waiting = false;
     // Checkpoints go in with the last event (or alone when there is none).
     let states_pending = !checkpoints.is_empty();
     while !rest.is_empty() || states_pending {
-        match outbox.append_what_fits_shared(rest, checkpoints).await {
+        // The records built ahead serve the first attempt (all of the events).
+        let attempt = match prepared.take() {
+            Some(p) => outbox.append_prepared_what_fits(rest, p, checkpoints).await,
+            None => outbox.append_what_fits_shared(rest, checkpoints).await,
+        };
+        match attempt {
             Ok(p) => {
                 if p.outcome.conflicts > 0 {
                     // Retrying cannot help: the outbox keeps what it has

@@ -24,6 +24,12 @@
 //! before), so the batch size follows the commit time: small batches at
 //! low rates, large ones in a burst; an event waits at most for the
 //! commit in flight and its own.
+//!
+//! While a batch is stored, the events of the next one are stamped and
+//! their records (CloudEvents JSON, id, digest) built as they come, and
+//! when the commit returns the next batch goes to the outbox before the
+//! stored one is published: the writer starts its next commit at once
+//! instead of waiting for the records and the publishing.
 
 use crate::ami::connection::SourceItem;
 use crate::ami::Action;
@@ -50,6 +56,12 @@ pub struct Pipeline {
     sweep_running: bool,
     pbx: String,
     out: Vec<Event>,
+    /// How many of `out` are stamped ([`crate::event::AgentIds`]) and,
+    /// with an outbox, have their records in `prepared`.
+    ready: usize,
+    /// The records of `out[..ready]`, built while the batch before is
+    /// being stored: the next append is ready when its commit returns.
+    prepared: Vec<crate::outbox::NewRecord>,
     /// The batch being stored (outbox): its task, and nothing else is
     /// published or stored until it returns.
     storing: Option<Storing>,
@@ -78,6 +90,8 @@ impl Pipeline {
             sweep_running: false,
             pbx: config.pbx.name.clone(),
             out: Vec::with_capacity(64),
+            ready: 0,
+            prepared: Vec::new(),
             storing: None,
             max_batch: config.outbox.max_batch_events.max(1),
             agent_ids: crate::event::AgentIds::default(),
@@ -121,7 +135,15 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                stored = Storing::done(&mut self.storing) => self.on_stored(stored?),
+                stored = Storing::done(&mut self.storing) => {
+                    // The next batch goes to the outbox first: its commit
+                    // then overlaps with publishing this one.
+                    let stored = stored?;
+                    if !self.out.is_empty() {
+                        self.store()?;
+                    }
+                    self.on_stored(stored);
+                }
                 Some(cmd) = commands.recv() => self.on_command(cmd),
                 item = source.recv(), if source_open && room => match item {
                     Some(item) => {
@@ -152,6 +174,9 @@ impl Pipeline {
                 _ = watchdog.tick() => crate::systemd::watchdog(),
             }
             self.shared.presence.sync_from(&mut self.normalizer);
+            if self.storing.is_some() {
+                self.prepare_new();
+            }
             if !self.out.is_empty() && self.storing.is_none() {
                 self.store()?;
             }
@@ -187,17 +212,30 @@ impl Pipeline {
     /// [`Pipeline::on_stored`] once durable); otherwise delivered and
     /// published now.
     fn store(&mut self) -> anyhow::Result<()> {
-        let mut events = std::mem::take(&mut self.out);
-        for e in &mut events {
-            self.agent_ids.stamp(e);
-        }
+        self.prepare_new();
+        let events = std::mem::take(&mut self.out);
+        let prepared = std::mem::take(&mut self.prepared);
+        self.ready = 0;
         // The calls' state as of the last event of this batch.
         let checkpoints = self.normalizer.take_checkpoints();
-        match self.delivery.deliver_in_task(events, checkpoints, &self.pbx)? {
+        match self.delivery.deliver_in_task(events, prepared, checkpoints, &self.pbx)? {
             Delivering::Done(events) => self.on_stored(events),
             Delivering::Task(task) => self.storing = Some(Storing(task)),
         }
         Ok(())
+    }
+
+    /// Stamps the events made since the last call (each exactly once) and,
+    /// with an outbox, builds their records.
+    fn prepare_new(&mut self) {
+        let new = self.out.get_mut(self.ready..).unwrap_or_default();
+        for e in new.iter_mut() {
+            self.agent_ids.stamp(e);
+        }
+        if let Some(outbox) = self.delivery.outbox() {
+            outbox.prepare(new, &mut self.prepared);
+        }
+        self.ready = self.out.len();
     }
 
     /// Delivers the pending events (durably) and waits, then publishes them.

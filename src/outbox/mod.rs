@@ -89,7 +89,9 @@
 //! redelivery with the same id, which at-least-once allows), and a commit
 //! that holds only acknowledgements is not fsync'd (it survives `kill -9`,
 //! and after a power loss costs at most redeliveries); the next fsync'd
-//! commit covers it, as the WAL is sequential. An ack that fails to commit
+//! commit covers it, as the WAL is sequential. Acknowledgements (and parks)
+//! alone wait up to 20 ms for the next append to share its commit instead
+//! of taking one of their own between every two appends. An ack that fails to commit
 //! is kept by the writer and applied again with the next commit. A commit
 //! whose fsync fails is settled (its rows are in), but its appends are
 //! answered with the error: their callers offer them again and find them
@@ -674,30 +676,37 @@ impl Outbox {
     }
 
     fn records(&self, events: &[Event]) -> Vec<NewRecord> {
+        let mut records = Vec::with_capacity(events.len());
+        self.prepare(events, &mut records);
+        records
+    }
+
+    /// Builds the records of `events` (their JSON, id and digest) into
+    /// `into`, ahead of their append: the pipeline does this while the
+    /// batch before is being stored, so that the next append is ready when
+    /// that commit returns (see [`Outbox::append_prepared_what_fits`]).
+    pub(crate) fn prepare(&self, events: &[Event], into: &mut Vec<NewRecord>) {
         // Each event's JSON is written into one buffer, then copied once into
         // the block the writer, the tail and every sink share.
         let mut scratch = Vec::with_capacity(2048);
         let mut id = String::with_capacity(64);
-        events
-            .iter()
-            .map(|e| {
-                let body: Arc<str> = Arc::from(e.cloudevent_json_in(&self.pbx, &mut scratch));
-                id.clear();
-                e.write_id(&self.pbx, &mut id);
-                NewRecord {
-                    id: Arc::from(id.as_str()),
-                    key: e.ordering_key(),
-                    kind: e.kind.type_name(),
-                    digest: digest(&body),
-                    body,
-                    call: e.call.as_ref().map(|c| CallMark {
-                        call: c.id.clone(),
-                        seq: e.seq,
-                        ended: matches!(e.kind, EventKind::Ended { .. }),
-                    }),
-                }
-            })
-            .collect()
+        into.extend(events.iter().map(|e| {
+            let body: Arc<str> = Arc::from(e.cloudevent_json_in(&self.pbx, &mut scratch));
+            id.clear();
+            e.write_id(&self.pbx, &mut id);
+            NewRecord {
+                id: Arc::from(id.as_str()),
+                key: e.ordering_key(),
+                kind: e.kind.type_name(),
+                digest: digest(&body),
+                body,
+                call: e.call.as_ref().map(|c| CallMark {
+                    call: c.id.clone(),
+                    seq: e.seq,
+                    ended: matches!(e.kind, EventKind::Ended { .. }),
+                }),
+            }
+        }));
     }
 
     /// Stores `events` durably, in order; returns once they are on disk
@@ -740,6 +749,20 @@ impl Outbox {
         events: &[Event],
         checkpoints: &Arc<[CallCheckpoint]>,
     ) -> Result<PartialAppend, OutboxError> {
+        self.append_prepared_what_fits(events, Vec::new(), checkpoints).await
+    }
+
+    /// [`Outbox::append_what_fits_shared`] with the records of `events`
+    /// built beforehand ([`Outbox::prepare`]): the first attempt, with
+    /// every event, stores them as they are; pieces after it (a store that
+    /// is full) are built again from `events`. `prepared` that is not the
+    /// records of `events` (another length) is not used.
+    pub(crate) async fn append_prepared_what_fits(
+        &self,
+        events: &[Event],
+        mut prepared: Vec<NewRecord>,
+        checkpoints: &Arc<[CallCheckpoint]>,
+    ) -> Result<PartialAppend, OutboxError> {
         if events.is_empty() && !checkpoints.is_empty() {
             let (reply, rx) = oneshot::channel();
             let op = Op::Append { records: Vec::new(), checkpoints: Arc::clone(checkpoints), split: false, reply };
@@ -751,7 +774,10 @@ impl Outbox {
         while done.taken < events.len() {
             let end = (done.taken + piece).min(events.len());
             let part = &events[done.taken..end];
-            let records = self.records(part);
+            let records = match done.taken == 0 && prepared.len() == part.len() {
+                true => std::mem::take(&mut prepared),
+                false => self.records(part),
+            };
             let checkpoints = if end == events.len() { Arc::clone(checkpoints) } else { Arc::new([]) };
             let (reply, rx) = oneshot::channel();
             let op = Op::Append { records, checkpoints, split: true, reply };
@@ -1343,6 +1369,57 @@ mod tests {
                 _ => None,
             })
             .sum()
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_alone_wait_for_the_next_append_to_share_its_commit_and_no_longer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let events = a11();
+        assert!(events.len() >= 12);
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snap = recorder.snapshotter();
+        let ob = metrics::with_local_recorder(&recorder, || open(tmp.path(), &["a"]));
+        let a: Arc<str> = Arc::from("a");
+        // Commits since the last call (a snapshot resets the counter).
+        let commits = || counter(&snap, "callbridge_outbox_commits_total");
+        let mut next = 0;
+        let mut shared = false;
+        // An append a few milliseconds after an acknowledgement: one commit
+        // for both (the acknowledgement alone would have committed by then).
+        // Tried a few times, as a loaded machine may pause this task longer
+        // than the hold.
+        for _ in 0..5 {
+            ob.append(&events[next..next + 2]).await.unwrap();
+            next += 2;
+            let recs = ob.pending("a", 0, 100).await.unwrap();
+            commits();
+            ob.ack(&a, recs.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            ob.append(&events[next..next + 1]).await.unwrap();
+            next += 1;
+            assert_eq!(ob.depth(), 1, "the acknowledged events are settled once the append returns");
+            if commits() == 1 {
+                shared = true;
+                break;
+            }
+            let recs = ob.pending("a", 0, 100).await.unwrap();
+            ob.ack(&a, recs.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+            ob.flush().await.unwrap();
+        }
+        assert!(shared, "the acknowledgement never shared the next append's commit");
+
+        // With nothing after it, an acknowledgement commits on its own once
+        // the hold is over, without a flush.
+        let recs = ob.pending("a", 0, 100).await.unwrap();
+        commits();
+        ob.ack(&a, recs.iter().map(|r| (r.pos, r.seq)).collect()).await.unwrap();
+        let t = std::time::Instant::now();
+        while ob.depth() != 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "an acknowledgement alone was never committed");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(commits(), 1);
+        ob.close().await.unwrap();
     }
 
     #[tokio::test]

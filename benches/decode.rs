@@ -3,22 +3,14 @@
 //!
 //! `cargo bench --bench decode`
 
+#[path = "support/mod.rs"]
+mod support;
+
 use callbridge::ami::codec::{decode_all, AmiCodec, AmiMessage};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-fn traces() -> Vec<Vec<u8>> {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let mut names: Vec<_> = std::fs::read_dir(format!("{root}/fixtures/ami"))
-        .expect("fixtures/ami")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "ami"))
-        .collect();
-    names.sort();
-    names.iter().map(|p| std::fs::read(p).expect("trace")).collect()
-}
-
 fn decode(c: &mut Criterion) {
-    let data = callbridge::tracegen::concatenated(&traces(), 20);
+    let data = callbridge::tracegen::concatenated(&support::fixture_traces(), 20);
     let mut frames = 0u64;
     decode_all(&mut AmiCodec::default(), &data, |m| frames += u64::from(matches!(m, AmiMessage::Frame(_))));
     let mut g = c.benchmark_group("decode");

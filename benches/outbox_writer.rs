@@ -34,17 +34,7 @@ fn env_or(name: &str, default: usize) -> usize {
 /// The lifecycle events of the fixture traces, `copies` times over.
 fn events(copies: usize) -> Vec<Event> {
     let root = env!("CARGO_MANIFEST_DIR");
-    let mut names: Vec<_> = std::fs::read_dir(format!("{root}/fixtures/ami"))
-        .expect("fixtures/ami")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "ami"))
-        .collect();
-    names.sort();
-    let traces: Vec<Vec<u8>> = names
-        .iter()
-        .map(|p| std::fs::read(p).expect("trace"))
-        .filter(|t| t.windows(6).any(|w| w == b"179547"))
-        .collect();
+    let traces = support::lab_session_traces();
     let data = callbridge::tracegen::concatenated(&traces, copies);
     let config = Config::load(std::path::Path::new(&format!("{root}/config/lab.toml"))).expect("config");
     let dir = Arc::new(callbridge::settings::directory(&config));

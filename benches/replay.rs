@@ -58,19 +58,7 @@ fn rss_kib() -> u64 {
 
 fn main() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let mut names: Vec<_> = std::fs::read_dir(format!("{root}/fixtures/ami"))
-        .expect("fixtures/ami")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "ami"))
-        .collect();
-    names.sort();
-    // The lab session whose ids `tracegen` renames (a12, recorded across a
-    // PBX crash later, keeps a call that only a resync ends).
-    let traces: Vec<Vec<u8>> = names
-        .iter()
-        .map(|p| std::fs::read(p).expect("trace"))
-        .filter(|t| t.windows(6).any(|w| w == b"179547"))
-        .collect();
+    let traces = support::lab_session_traces();
     let copies: usize = std::env::var("COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
     let data = callbridge::tracegen::concatenated(&traces, copies);
     let config = Config::load(std::path::Path::new(&format!("{root}/config/lab.toml"))).expect("config");

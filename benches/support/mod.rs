@@ -291,6 +291,25 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Every fixture trace (`fixtures/ami/*.ami`), in name order.
+pub fn fixture_traces() -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ami");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ami"))
+        .collect();
+    names.sort();
+    names.iter().map(|p| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).collect()
+}
+
+/// The fixture traces of the lab session whose ids `tracegen` renames
+/// (a12, recorded across a PBX crash later, keeps a call that only a
+/// resync ends).
+pub fn lab_session_traces() -> Vec<Vec<u8>> {
+    fixture_traces().into_iter().filter(|t| t.windows(6).any(|w| w == b"179547")).collect()
+}
+
 /// The frames of the fixture trace `name` (`fixtures/ami/`) from its first
 /// `Newchannel` on, without the closing empty lines; logins left out.
 pub fn call_frames(name: &str) -> Vec<String> {

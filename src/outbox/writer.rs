@@ -870,15 +870,7 @@ impl Writer {
                 std::thread::sleep(self.opts.commit_interval);
             }
             let mut n: usize = ops.iter().map(weight).sum();
-            while n < self.opts.max_batch_events {
-                match self.rx.try_recv() {
-                    Ok(op) => {
-                        n += weight(&op);
-                        ops.push(op);
-                    }
-                    Err(_) => break,
-                }
-            }
+            self.take_queued(&mut ops, &mut n);
             self.hold_acks(&mut ops);
             self.apply(ops);
             self.maintain();
@@ -910,16 +902,22 @@ impl Writer {
             n += weight(&op);
             ops.push(op);
             if waited_for {
-                while n < self.opts.max_batch_events {
-                    match self.rx.try_recv() {
-                        Ok(op) => {
-                            n += weight(&op);
-                            ops.push(op);
-                        }
-                        Err(_) => break,
-                    }
-                }
+                self.take_queued(ops, &mut n);
                 return;
+            }
+        }
+    }
+
+    /// Adds what is already queued to `ops`, up to a batch's worth (`n`:
+    /// the weight of `ops` so far).
+    fn take_queued(&mut self, ops: &mut Vec<Op>, n: &mut usize) {
+        while *n < self.opts.max_batch_events {
+            match self.rx.try_recv() {
+                Ok(op) => {
+                    *n += weight(&op);
+                    ops.push(op);
+                }
+                Err(_) => break,
             }
         }
     }

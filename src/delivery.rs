@@ -215,23 +215,19 @@ async fn store(
     outbox: &Outbox,
     readiness: &Readiness,
     events: &[Event],
-    prepared: Vec<NewRecord>,
+    mut prepared: Vec<NewRecord>,
     checkpoints: &Arc<[CallCheckpoint]>,
     deadline: Option<&OnceLock<tokio::time::Instant>>,
 ) -> anyhow::Result<usize> {
     let mut rest = events;
-    let mut prepared = Some(prepared);
     let mut delay = Duration::from_millis(100);
     let mut waiting = false;
     // Checkpoints go in with the last event (or alone when there is none).
     let states_pending = !checkpoints.is_empty();
     while !rest.is_empty() || states_pending {
-        // The records built ahead serve the first attempt (all of the events).
-        let attempt = match prepared.take() {
-            Some(p) => outbox.append_prepared_what_fits(rest, p, checkpoints).await,
-            None => outbox.append_what_fits_shared(rest, checkpoints).await,
-        };
-        match attempt {
+        // The records built ahead serve the first attempt (all of the
+        // events); later ones build theirs.
+        match outbox.append_prepared_what_fits(rest, std::mem::take(&mut prepared), checkpoints).await {
             Ok(p) => {
                 if p.outcome.conflicts > 0 {
                     // Retrying cannot help: the outbox keeps what it has

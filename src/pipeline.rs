@@ -229,6 +229,10 @@ impl Pipeline {
     /// with an outbox, builds their records.
     fn prepare_new(&mut self) {
         let new = self.out.get_mut(self.ready..).unwrap_or_default();
+        if new.is_empty() {
+            // Most turns of the loop (commands, ticks) made no event.
+            return;
+        }
         for e in new.iter_mut() {
             self.agent_ids.stamp(e);
         }

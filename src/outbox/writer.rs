@@ -871,7 +871,7 @@ impl Writer {
             }
             let mut n: usize = ops.iter().map(weight).sum();
             self.take_queued(&mut ops, &mut n);
-            self.hold_acks(&mut ops);
+            self.hold_acks(&mut ops, n);
             self.apply(ops);
             self.maintain();
         }
@@ -884,15 +884,15 @@ impl Writer {
     /// to [`ACK_HOLD`] for one that somebody does (an append, a flush, a
     /// retry) and share its commit, with whatever is queued behind it. Not
     /// while the store retries or recovers (it polls then), and never past
-    /// a batch's worth of requests or the queue's end.
-    fn hold_acks(&mut self, ops: &mut Vec<Op>) {
+    /// a batch's worth of requests or the queue's end. `n`: the weight of
+    /// `ops`.
+    fn hold_acks(&mut self, ops: &mut Vec<Op>, mut n: usize) {
         let Some(timer) = &self.timer else { return };
         let idle = self.deferred.is_empty() && !self.full && !self.failing && !self.probation;
         if !idle || ops.is_empty() || !ops.iter().all(unwaited) {
             return;
         }
         let until = Instant::now() + ACK_HOLD;
-        let mut n: usize = ops.iter().map(weight).sum();
         while n < self.opts.max_batch_events {
             let rx = &mut self.rx;
             // The deadline's timer is made inside the runtime's context.

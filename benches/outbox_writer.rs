@@ -11,6 +11,15 @@
 //! What is printed per run: events/s through the store, the writer thread's
 //! CPU time per event, and the bytes written per event (`/proc/self/io`).
 //!
+//! Then the same events through the outbox journal alone
+//! (`callbridge::outbox::journal`), in the same run: each event written as
+//! an entry of what the store keeps of it (seq, id, key, type, JSON,
+//! SHA-256), a commit (`fdatasync`) per batch, and each acknowledgement
+//! request of 100 as an entry of the next commit, on a thread of its own.
+//! The records are built before the clock starts, as the pipeline builds
+//! them on its side before the writer gets them. That is what the journal
+//! tier would leave on the writer's path per event.
+//!
 //! ```text
 //! cargo bench --bench outbox_writer                  # COPIES=1000 (105k events), 3 runs
 //! COPIES=2000 RUNS=5 BATCH=1200 cargo bench --bench outbox_writer
@@ -23,7 +32,9 @@ use callbridge::ami::codec::{decode_all, AmiCodec, AmiMessage};
 use callbridge::config::Config;
 use callbridge::event::Event;
 use callbridge::normalize::{AlwaysOpen, Normalizer};
+use callbridge::outbox::journal::Journal;
 use callbridge::outbox::{Outbox, OutboxOptions};
+use sha2::Digest;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -87,6 +98,90 @@ async fn run(events: &[Event], batch: usize) -> Run {
     Run { seconds, writer_cpu, written }
 }
 
+/// What the journal would hold of an event: the store's columns.
+struct Entry {
+    id: String,
+    key: String,
+    kind: &'static str,
+    body: String,
+    digest: [u8; 32],
+}
+
+fn entries(events: &[Event]) -> Vec<Entry> {
+    let mut scratch = Vec::with_capacity(2048);
+    events
+        .iter()
+        .map(|e| {
+            let body = e.cloudevent_json_in("lab", &mut scratch).to_owned();
+            Entry {
+                id: e.id("lab"),
+                key: e.ordering_key().to_string(),
+                kind: e.kind.type_name(),
+                digest: sha2::Sha256::digest(body.as_bytes()).into(),
+                body,
+            }
+        })
+        .collect()
+}
+
+/// Appends one length-prefixed field.
+fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn journal_run(entries: Arc<Vec<Entry>>, batch: usize) -> Run {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    let worker = std::thread::Builder::new()
+        .name("outbox-journal".into())
+        .spawn(move || {
+            let written0 = self_written();
+            let cpu0 = thread_cpu();
+            let t = Instant::now();
+            let mut journal = Journal::open(&path, |_, _| {}).expect("open the journal");
+            let mut entry = Vec::with_capacity(4096);
+            let mut seq = 0u64;
+            let mut acks: Vec<u64> = Vec::new();
+            for chunk in entries.chunks(batch) {
+                // The last batch's acknowledgements, 100 positions a request.
+                for piece in acks.chunks(100) {
+                    entry.clear();
+                    entry.push(b'A');
+                    field(&mut entry, b"hook");
+                    for pos in piece {
+                        entry.extend_from_slice(&pos.to_le_bytes());
+                    }
+                    journal.push(&entry).expect("push");
+                }
+                acks.clear();
+                for e in chunk {
+                    seq += 1;
+                    entry.clear();
+                    entry.push(b'E');
+                    entry.extend_from_slice(&seq.to_le_bytes());
+                    for f in [e.id.as_bytes(), e.key.as_bytes(), e.kind.as_bytes(), e.body.as_bytes(), &e.digest[..]] {
+                        field(&mut entry, f);
+                    }
+                    journal.push(&entry).expect("push");
+                    acks.push(seq);
+                }
+                journal.commit().expect("commit");
+            }
+            (t.elapsed().as_secs_f64(), thread_cpu() - cpu0, self_written() - written0)
+        })
+        .expect("spawn");
+    let (seconds, writer_cpu, written) = worker.join().expect("journal thread");
+    Run { seconds, writer_cpu, written }
+}
+
+/// The calling thread's CPU time, in seconds (to the nanosecond, where
+/// `/proc`'s ticks are 10 ms).
+fn thread_cpu() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
 fn main() {
     let (copies, runs, batch) = (env_or("COPIES", 1000), env_or("RUNS", 3), env_or("BATCH", 1200).max(1));
     let events = events(copies);
@@ -107,5 +202,27 @@ fn main() {
         rates.push(n / r.seconds);
         cpus.push(cpu_us);
     }
-    println!("median: {:.0} events/s | writer CPU {:.2} µs per event", support::median(rates), support::median(cpus));
+    let store_cpu = support::median(cpus);
+    println!("median: {:.0} events/s | writer CPU {store_cpu:.2} µs per event", support::median(rates));
+    let entries = Arc::new(entries(&events));
+    let mut rates = Vec::new();
+    let mut cpus = Vec::new();
+    for i in 1..=runs {
+        let r = journal_run(entries.clone(), batch);
+        let cpu_us = r.writer_cpu * 1e6 / n;
+        println!(
+            "journal run {i}: {:>8.0} events/s | journal thread CPU {:.2} s = {cpu_us:.2} µs per event | {:.0} bytes written per event",
+            n / r.seconds,
+            r.writer_cpu,
+            r.written as f64 / n
+        );
+        rates.push(n / r.seconds);
+        cpus.push(cpu_us);
+    }
+    let journal_cpu = support::median(cpus);
+    println!(
+        "journal median: {:.0} events/s | {journal_cpu:.2} µs per event, {:.1}× less than the store's {store_cpu:.2}",
+        support::median(rates),
+        store_cpu / journal_cpu.max(1e-9)
+    );
 }

@@ -212,6 +212,8 @@ fn daemon_run(a: &Args, server: &FakeAmi, receiver: &Receiver, run: usize) -> Ru
         "callbridge_lifecycle_events_total",
         "callbridge_outbox_commits_total",
         "callbridge_outbox_commit_duration_seconds_sum",
+        "callbridge_outbox_journal_events_total{left_as=\"delivered\"}",
+        "callbridge_outbox_journal_events_total{left_as=\"stored\"}",
     ];
     let mut first: Option<Instant> = None;
     let (mut last_lifecycle, mut last_change) = (0.0, Instant::now());
@@ -231,6 +233,7 @@ fn daemon_run(a: &Args, server: &FakeAmi, receiver: &Receiver, run: usize) -> Ru
             last_change = now;
         }
         if v[0] >= a.events as f64 && now.duration_since(last_change) > QUIET {
+            eprintln!("journal: {} events left it as delivered, {} as rows of the store", v[4], v[5]);
             break (last_change, v[1] as u64, v[2] as u64, v[3]);
         }
         std::thread::sleep(POLL);

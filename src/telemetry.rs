@@ -165,6 +165,12 @@ pub const METRICS: &[MetricDoc] = &[
     doc("callbridge_outbox_write_errors_total", Counter, None, "Outbox commits that failed (the events are retried)"),
     doc("callbridge_outbox_commits_total", Counter, None, "Outbox commits (group commits of appends and acks)"),
     doc(
+        "callbridge_outbox_journal_events_total",
+        Counter,
+        None,
+        "Events held in the outbox journal, by how they left it: delivered (acknowledged in time) or stored (rows)",
+    ),
+    doc(
         "callbridge_outbox_commit_duration_seconds",
         Histogram,
         Some(Unit::Seconds),

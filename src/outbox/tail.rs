@@ -22,8 +22,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Bytes of JSON the tail holds at most: a runner further behind than
-/// that reads from SQLite until it catches up.
-pub(crate) const TAIL_BYTES: usize = 2 << 20;
+/// that reads from SQLite until it catches up. Half of it bounds what one
+/// commit holds in the journal (the held events must stay in the tail):
+/// a full commit of 4,096 events is 2–5 MB of JSON. Only a sink that
+/// lags keeps it filled.
+pub(crate) const TAIL_BYTES: usize = 16 << 20;
 
 struct Entry {
     record: Record,
@@ -93,6 +96,11 @@ impl Tail {
             .collect();
         t.trim(self.budget);
         Some(out)
+    }
+
+    /// The first position the tail covers.
+    pub(crate) fn first(&self) -> i64 {
+        self.lock().first
     }
 
     /// Records just committed, pending for every sink, at consecutive

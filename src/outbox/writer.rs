@@ -11,6 +11,8 @@
 //! (errors recorded, then replies, counters, and the acknowledgements kept
 //! for the next commit if this one did not go through).
 
+use super::journal::Journal;
+use super::journaled::{self, Held};
 use super::{
     now_micros, publish_counters, AppendOutcome, AppendReply, NewRecord, Op, OutboxError, OutboxOptions, PartialAppend,
     Record, Shared, StoreError,
@@ -56,6 +58,21 @@ const NEW_PAGE_BYTES: i64 = 8192;
 /// written per event. What a `kill -9` can cost is redeliveries of at most
 /// this long's acknowledgements, which at-least-once allows.
 const ACK_HOLD: Duration = Duration::from_millis(20);
+/// The journal's open segment is closed (and a new one begun) once it
+/// holds this many bytes or is this old: a closed segment is removed once
+/// every event in it has left the journal, so the journal stays within a
+/// few segments, and none outlives the store's memory of delivered ids
+/// (`dedup_retention`), against which its events are told apart when read
+/// back.
+const JOURNAL_SEGMENT_BYTES: u64 = 8 << 20;
+const JOURNAL_SEGMENT_AGE: Duration = Duration::from_secs(60);
+/// How long an event stays held in the journal, waiting for its sink's
+/// acknowledgement, before it is written to the tables (its sink is slow
+/// or down). At full rate a sink acknowledges a commit's events while the
+/// next one or two commits are written: settled at the very next commit,
+/// more than half of them became rows (`benches/durable_ingest.rs`). With
+/// nothing else to do, the writer wakes up for this.
+const HELD_WAIT: Duration = Duration::from_secs(1);
 /// How often a full or failing store checks whether it can write again.
 const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
 /// A store full again within this long after the last time it was full is
@@ -115,7 +132,7 @@ pub(crate) struct StoreState {
     pub foreign_rows: bool,
 }
 
-fn storage(e: rusqlite::Error) -> OutboxError {
+pub(crate) fn storage(e: rusqlite::Error) -> OutboxError {
     OutboxError::from_store(e.into())
 }
 
@@ -139,6 +156,17 @@ pub(crate) struct Opened {
     /// The disk was full at open: the ballast is released, appends are
     /// refused until room returns (see "When the disk is full").
     pub full: bool,
+    pub journal: Journal,
+    /// Events of the journal the store has neither pending nor delivered
+    /// (a crash left them there): held again, settled by the first commit.
+    pub held: Vec<Held>,
+}
+
+impl Opened {
+    /// The first position the tail covers: the held events are its first.
+    pub fn tail_start(&self) -> i64 {
+        self.held.first().map_or(self.state.next_pos, |h| h.pos)
+    }
 }
 
 /// Opens or creates the store; returns its counters and the write
@@ -169,10 +197,18 @@ pub(crate) fn open_store(dir: &Path, opts: &OutboxOptions) -> Result<Opened, Out
              new events are refused (not ready) until space is freed");
         let _ = set_page_cap(&conn, opts, true);
     }
+    let mut state = state;
+    let (journal, held) = journaled::recover(dir, &conn, &mut state.next_pos)?;
+    if !held.is_empty() {
+        info!(events = held.len(), "outbox: events read back from the journal");
+        if !opts.sinks.is_empty() {
+            state.depth += held.len() as i64;
+        }
+    }
     if state.depth > 0 {
         info!(events = state.depth, "outbox: undelivered events from a previous run go first");
     }
-    Ok(Opened { state, conn, full })
+    Ok(Opened { state, conn, full, journal, held })
 }
 
 /// The connection, at the current format, with its counters.
@@ -466,7 +502,8 @@ pub(crate) fn spawn(
     dir: PathBuf,
     opts: OutboxOptions,
 ) -> Result<std::thread::JoinHandle<()>, OutboxError> {
-    let Opened { state, conn, full } = opened;
+    let Opened { state, conn, full, journal, held } = opened;
+    shared.tail.appended(held.iter().map(Held::record).collect());
     let wal = WalSync::new(&path_of(&dir));
     let sole_sink = shared.sinks.len() == 1 && !state.foreign_rows;
     let mut w = Writer {
@@ -489,6 +526,10 @@ pub(crate) fn spawn(
         metrics: WriterMetrics::new(),
         wal,
         timer: None,
+        journal,
+        held,
+        segment_started: Instant::now(),
+        settle_soon: false,
     };
     std::thread::Builder::new()
         .name("outbox-writer".into())
@@ -536,6 +577,16 @@ struct Writer {
     /// A clock for waiting on the request queue with a deadline
     /// ([`ACK_HOLD`]); without it, acknowledgements commit at once.
     timer: Option<tokio::runtime::Runtime>,
+    journal: Journal,
+    /// Events stored in the journal and not in the tables, in position
+    /// order: the next commit settles them (see "The journal tier").
+    held: Vec<Held>,
+    /// When the journal's open segment was begun (about: when the last
+    /// one was closed).
+    segment_started: Instant,
+    /// The tail was reset while events were held: it no longer has them,
+    /// so they are settled without waiting (sinks then read them as rows).
+    settle_soon: bool,
 }
 
 /// Counter handles, registered once.
@@ -546,6 +597,8 @@ struct WriterMetrics {
     stored: metrics::Counter,
     duplicates: metrics::Counter,
     conflicts: metrics::Counter,
+    held_delivered: metrics::Counter,
+    held_stored: metrics::Counter,
 }
 
 impl WriterMetrics {
@@ -557,6 +610,8 @@ impl WriterMetrics {
             stored: metrics::counter!("callbridge_outbox_appends_total", "result" => "stored"),
             duplicates: metrics::counter!("callbridge_outbox_appends_total", "result" => "duplicate"),
             conflicts: metrics::counter!("callbridge_outbox_id_conflicts_total"),
+            held_delivered: metrics::counter!("callbridge_outbox_journal_events_total", "left_as" => "delivered"),
+            held_stored: metrics::counter!("callbridge_outbox_journal_events_total", "left_as" => "stored"),
         }
     }
 }
@@ -660,6 +715,31 @@ struct Batch {
     /// SQLite rolled the whole transaction back (SQLITE_FULL among others):
     /// nothing of it can commit.
     aborted: bool,
+    /// Appends go to the journal (see [`Writer::journal_ok`]).
+    journal_ok: bool,
+    /// The events held before this batch that it settles at its start
+    /// (acknowledged, held long enough, or all of them); given back to the
+    /// writer if the transaction does not commit.
+    held: Vec<Held>,
+    /// The other events held before this batch: they stay held.
+    held_kept: Vec<Held>,
+    /// Settle every held event (a flush asks for it; the tail lost them).
+    settle_all: bool,
+    /// Settling some of `held` failed: they moved to `held_kept`.
+    held_unsettled: bool,
+    settled: journaled::Settled,
+    /// Events this batch stored in the journal only: held once it commits.
+    journaled: Vec<Held>,
+    /// The ids (and JSON) of the events held and journaled, which the
+    /// tables do not have: an append is told apart from them by these.
+    held_ids: HashMap<Arc<str>, Arc<str>, ahash::RandomState>,
+    /// JSON bytes journaled so far, and at most: half the tail's budget, so
+    /// that the held events always stay in the tail (sinks read them from
+    /// nowhere else); appends past it are written to the tables at once.
+    journaled_bytes: usize,
+    journal_budget: usize,
+    /// The commit reached the disk (its WAL fsync, when it needs one).
+    synced: bool,
 }
 
 impl Batch {
@@ -678,6 +758,8 @@ impl Batch {
                 }
                 Err(e) => self.defer(op, e, "recording acknowledgements"),
             },
+            // Still held (its row could not be written): parked once it is a row.
+            Op::Park { pos, .. } if self.held_kept.iter().any(|h| h.pos == pos) => self.deferred.push(op),
             Op::Park { ref sink, pos, seq, status, ref reason } => {
                 self.dead_letters = true;
                 match in_savepoint(c, |t| park(t, sink, pos, seq, status, reason, self.now)) {
@@ -705,6 +787,18 @@ impl Batch {
                 }
             }
             Op::Flush { reply } => self.after.push(After::Flush(reply)),
+            Op::Contains { id, reply } => {
+                let known = if self.held_ids.contains_key(id.as_str()) {
+                    Ok(true)
+                } else {
+                    c.prepare_cached(
+                        "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1) OR EXISTS(SELECT 1 FROM delivered WHERE id = ?1)",
+                    )
+                    .and_then(|mut st| st.query_row([&id], |r| r.get(0)))
+                    .map_err(storage)
+                };
+                let _ = reply.send(known);
+            }
         }
         if !self.errors.is_empty() && c.is_autocommit() {
             self.aborted = true;
@@ -721,6 +815,13 @@ impl Batch {
     ) {
         if self.full {
             let _ = reply.send(Err(OutboxError::DiskFull));
+            return;
+        }
+        let bytes: usize = records.iter().map(|r| r.body.len()).sum();
+        if self.journal_ok && !self.held_unsettled && self.journaled_bytes + bytes <= self.journal_budget {
+            // `journaled_bytes` starts with what stays held (`settle_held`).
+            self.journaled_bytes += bytes;
+            self.journal_append(c, records, checkpoints, reply);
             return;
         }
         let (mut a, taken, error) = self.store_prefix(c, &records, checkpoints, split);
@@ -744,6 +845,165 @@ impl Batch {
         }
         self.delta.depth += a.depth;
         self.after.push(After::Append(reply, PartialAppend { outcome: a.outcome, taken }, a.conflicts));
+    }
+
+    /// [`Batch::append`] through the journal: the checks for ids known
+    /// and the calls' states are done in the transaction; the new events
+    /// are held, written to the journal just before it commits.
+    fn journal_append(
+        &mut self,
+        c: &Connection,
+        records: Vec<NewRecord>,
+        checkpoints: &[CallCheckpoint],
+        reply: AppendReply,
+    ) {
+        match in_savepoint(c, |t| self.journal_records(t, &records, checkpoints)) {
+            Ok((mut a, new)) => {
+                self.next_pos += new.len() as i64;
+                for h in &new {
+                    self.held_ids.insert(h.id.clone(), h.body.clone());
+                }
+                self.journaled.extend(new);
+                self.keep_for_tail(records, std::mem::take(&mut a.stored));
+                self.delta.depth += a.depth;
+                let taken = a.outcome.appended + a.outcome.duplicates + a.outcome.conflicts;
+                self.after.push(After::Append(reply, PartialAppend { outcome: a.outcome, taken }, a.conflicts));
+            }
+            Err(e) => {
+                self.failed.push((Reply::Append(reply), e.clone()));
+                self.errors.push((e, "appending events"));
+            }
+        }
+    }
+
+    /// What [`Batch::journal_append`] holds of `records` (in memory only:
+    /// the caller keeps it once the savepoint is released).
+    fn journal_records(
+        &self,
+        c: &Connection,
+        records: &[NewRecord],
+        checkpoints: &[CallCheckpoint],
+    ) -> Result<(Appended, Vec<Held>), rusqlite::Error> {
+        let mut out =
+            Appended { outcome: AppendOutcome::default(), stored: Vec::new(), depth: 0, conflicts: Vec::new() };
+        let mut new: Vec<Held> = Vec::new();
+        let mut ids: HashMap<&str, usize, ahash::RandomState> = HashMap::default();
+        let mut pos = self.next_pos;
+        for (i, r) in records.iter().enumerate() {
+            let mut known = known_delivered(c, r)?;
+            if known == Known::New {
+                let held =
+                    self.held_ids.get(&r.id).or_else(|| ids.get(&*r.id).and_then(|&k| new.get(k).map(|h| &h.body)));
+                if let Some(body) = held {
+                    known = if **body == *r.body { Known::Same } else { Known::Different };
+                }
+            }
+            if known == Known::New {
+                known = known_stored(c, r)?;
+            }
+            match known {
+                Known::New => {
+                    ids.insert(&r.id, new.len());
+                    new.push(Held::new(r, pos, self.now));
+                    out.stored.push((i, pos));
+                    pos += 1;
+                    out.outcome.appended += 1;
+                }
+                Known::Different => {
+                    out.outcome.conflicts += 1;
+                    out.conflicts.push(r.id.to_string());
+                }
+                Known::Same => out.outcome.duplicates += 1,
+            }
+        }
+        out.depth = out.outcome.appended as i64;
+        store_live_calls(c, records, checkpoints)?;
+        Ok((out, new))
+    }
+
+    /// Settles the events held before this batch (see
+    /// [`journaled::settle`]), first thing in its transaction: those its
+    /// only sink acknowledged in this batch (and not parked) leave as
+    /// delivered. If that fails, they stay held for the next commit.
+    fn settle_held(&mut self, c: &Connection, ops: &[Op]) {
+        if self.held.is_empty() {
+            return;
+        }
+        self.settle_all |= ops.iter().any(|op| matches!(op, Op::Flush { .. }));
+        let mut acked: Vec<i64> = Vec::new();
+        // A parked event becomes a row first: its dead letter needs one.
+        let mut parked: Vec<i64> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Ack { acks, .. } if self.sole_sink => acked.extend(acks.iter().map(|&(pos, _)| pos)),
+                Op::Park { pos, .. } => parked.push(*pos),
+                _ => {}
+            }
+        }
+        acked.sort_unstable();
+        for h in &mut self.held {
+            if acked.binary_search(&h.pos).is_ok() && !parked.contains(&h.pos) {
+                h.acked = true;
+            }
+        }
+        for h in &self.held {
+            self.held_ids.insert(h.id.clone(), h.body.clone());
+        }
+        if !self.settle_all {
+            let wait = HELD_WAIT.as_micros() as i64;
+            let (settle, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|h| h.acked || self.now - h.appended_at >= wait || parked.contains(&h.pos));
+            self.journaled_bytes = keep.iter().map(|h| h.body.len()).sum();
+            (self.held, self.held_kept) = (settle, keep);
+        }
+        // Those acknowledged first, on their own: on a full disk, writing
+        // the others may fail, and these free room. On a full disk, only
+        // those, and a few at a time (as acknowledgements are then): a
+        // failure there may roll back the whole transaction, and with it
+        // the requests that free room.
+        let (mut delivered, mut stored): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut self.held).into_iter().partition(|h| h.acked || self.sinks.is_empty());
+        if self.full {
+            if delivered.len() > FULL_DISK_ACKS {
+                self.held_kept.extend(delivered.split_off(FULL_DISK_ACKS));
+            }
+            let (park, wait): (Vec<Held>, Vec<Held>) =
+                std::mem::take(&mut stored).into_iter().partition(|h| parked.contains(&h.pos));
+            stored = park;
+            self.held_kept.extend(wait);
+        }
+        for part in [delivered, stored] {
+            if part.is_empty() {
+                continue;
+            }
+            let (sinks, now) = (&self.sinks, self.now);
+            match in_savepoint(c, |t| journaled::settle(t, &part, sinks, now)) {
+                Ok(settled) => {
+                    if !sinks.is_empty() {
+                        self.delta.depth -= settled.left as i64;
+                    }
+                    self.settled.left += settled.left;
+                    self.settled.promoted += settled.promoted;
+                    self.held.extend(part);
+                }
+                Err(e) => {
+                    // They stay held.
+                    self.held_unsettled = true;
+                    self.held_kept.extend(part);
+                    self.errors.push((e, "storing events held in the journal"));
+                }
+            }
+        }
+    }
+
+    /// Every event held before this batch, in position order (settled or
+    /// not: the transaction did not commit, or settling them failed).
+    fn all_held(&mut self) -> Vec<Held> {
+        let mut all = std::mem::take(&mut self.held);
+        all.extend(self.held_kept.iter().cloned());
+        all.sort_unstable_by_key(|h| h.pos);
+        all
     }
 
     /// The records stored (index in `records`, position), as sinks read
@@ -791,7 +1051,8 @@ impl Batch {
             let end = (taken + piece).min(records.len());
             let part = &records[taken..end];
             let states = if end == records.len() { checkpoints } else { &[] };
-            match in_savepoint(c, |t| append(t, part, states, sinks, next_pos, now)) {
+            let held = &self.held_ids;
+            match in_savepoint(c, |t| append(t, part, states, sinks, held, next_pos, now)) {
                 Ok(a) => {
                     total.outcome.appended += a.outcome.appended;
                     total.outcome.duplicates += a.outcome.duplicates;
@@ -813,6 +1074,7 @@ impl Batch {
     /// found stored, as duplicates), the store counts as failing.
     fn unsynced(&mut self, e: StoreError) {
         self.tail_reset = true;
+        self.synced = false;
         let mut after = Vec::with_capacity(self.after.len());
         for a in std::mem::take(&mut self.after) {
             match a {
@@ -839,6 +1101,9 @@ impl Batch {
             Op::Append { reply, .. } => self.failed.push((Reply::Append(reply), e)),
             Op::Retry { reply, .. } => self.failed.push((Reply::Retry(reply), e)),
             Op::Flush { reply } => self.after.push(After::Flush(reply)),
+            Op::Contains { reply, .. } => {
+                let _ = reply.send(Err(OutboxError::from_store(e)));
+            }
             op @ (Op::Ack { .. } | Op::Park { .. }) => self.deferred.push(op),
         }
     }
@@ -849,9 +1114,17 @@ impl Writer {
         loop {
             let mut ops = Vec::new();
             if self.deferred.is_empty() && !self.full && !self.failing && !self.probation {
-                match self.rx.blocking_recv() {
-                    Some(op) => ops.push(op),
-                    None => break,
+                if self.held.is_empty() {
+                    match self.rx.blocking_recv() {
+                        Some(op) => ops.push(op),
+                        None => break,
+                    }
+                } else {
+                    match self.recv_until(Instant::now() + self.held_due()) {
+                        Some(Some(op)) => ops.push(op),
+                        Some(None) => break,
+                        None => {}
+                    }
                 }
             } else {
                 // Work to retry or a condition to recover from: poll.
@@ -866,6 +1139,14 @@ impl Writer {
                     }
                 }
             }
+            if ops.is_empty() && self.deferred.is_empty() {
+                // No request came: only the held events to settle.
+                if !self.held.is_empty() {
+                    self.commit(Vec::new(), true);
+                }
+                self.maintain();
+                continue;
+            }
             if !ops.is_empty() && !self.opts.commit_interval.is_zero() {
                 std::thread::sleep(self.opts.commit_interval);
             }
@@ -875,8 +1156,78 @@ impl Writer {
             self.apply(ops);
             self.maintain();
         }
+        // Closing: the held events go to the tables, and the journal,
+        // settled, is removed (left as it is if that fails: read back at
+        // the next open).
+        if !self.held.is_empty() {
+            self.settle_soon = true;
+            self.commit(Vec::new(), true);
+        }
+        // The commits that settled the last held events (acknowledgements
+        // alone are not fsync'd) reach the disk before the journal goes.
+        self.release_journal();
         if self.dirty {
             let _ = self.compact();
+        }
+    }
+
+    /// The next request, waiting until `until` at most: `None` when none
+    /// came in time, `Some(None)` when the queue is closed.
+    fn recv_until(&mut self, until: Instant) -> Option<Option<Op>> {
+        let Some(timer) = &self.timer else {
+            return match self.rx.try_recv() {
+                Ok(op) => Some(Some(op)),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => Some(None),
+            };
+        };
+        let rx = &mut self.rx;
+        timer.block_on(async { tokio::time::timeout_at(until.into(), rx.recv()).await }).ok()
+    }
+
+    /// Whether this commit's appends go to the journal: with one sink
+    /// (whose acknowledgement settles a held event as delivered), and not
+    /// while the store is full (appends are refused then).
+    fn journal_ok(&self) -> bool {
+        self.opts.journal && self.sole_sink && !self.full
+    }
+
+    /// How long until the oldest held event is due to be settled.
+    fn held_due(&self) -> Duration {
+        if self.settle_soon {
+            return Duration::ZERO;
+        }
+        let waited = self.held.first().map_or(0, |h| (now_micros() - h.appended_at).max(0) as u64);
+        HELD_WAIT.saturating_sub(Duration::from_micros(waited))
+    }
+
+    /// Where the held events begin, for readers (see `Outbox::pending`).
+    fn publish_held(&self) {
+        let from = self.held.first().map_or(i64::MAX, |h| h.pos);
+        self.shared.held_from.store(from, Ordering::Release);
+    }
+
+    /// The journal's room back once its events are settled, on a full disk
+    /// and at close (acknowledgements alone are not fsync'd, and would
+    /// never let the segments go): the WAL is fsync'd, then every segment
+    /// before the held events goes, the open one too when none is held.
+    fn release_journal(&mut self) {
+        if self.journal.segments().next().is_none() || self.wal.sync(&self.dir).is_err() {
+            return;
+        }
+        if self.held.is_empty() {
+            self.journal.rotate();
+        }
+        self.tidy_journal();
+    }
+
+    /// After a durable commit: the segments that hold only settled events
+    /// go.
+    fn tidy_journal(&mut self) {
+        // The held events are in position order, so in segment order.
+        let through = self.held.first().map_or(u64::MAX, |h| h.segment.saturating_sub(1));
+        if let Err(e) = self.journal.remove_through(through) {
+            warn!(error = %e, "outbox: cannot remove settled journal segments");
         }
     }
 
@@ -991,6 +1342,9 @@ impl Writer {
     /// [`Writer::apply`]'s one transaction.
     fn commit(&mut self, ops: Vec<Op>, must_sync: bool) {
         if let Some((mut batch, committed)) = self.execute(ops) {
+            // Only a commit that reached the disk lets journal segments go
+            // (with it, every commit before it did: the WAL is sequential).
+            batch.synced = must_sync;
             if committed.is_ok() && must_sync {
                 if let Err(e) = self.wal.sync(&self.dir) {
                     batch.unsynced(e);
@@ -1042,15 +1396,54 @@ impl Writer {
             errors: Vec::new(),
             failed: Vec::new(),
             aborted: false,
+            journal_ok: self.journal_ok(),
+            held: std::mem::take(&mut self.held),
+            held_kept: Vec::new(),
+            settle_all: self.settle_soon,
+            held_unsettled: false,
+            settled: journaled::Settled::default(),
+            journaled: Vec::new(),
+            held_ids: HashMap::default(),
+            journaled_bytes: 0,
+            journal_budget: self.opts.tail_bytes / 2,
+            synced: true,
         };
         if let Err(e) = self.conn.prepare_cached("BEGIN IMMEDIATE").and_then(|mut st| st.execute([])) {
+            self.held = batch.all_held();
             self.fail_all(ops, &e.into());
             return None;
         }
         // Owns the transaction begun above: commits, or rolls back on drop.
         let tx = Tx(&self.conn);
+        batch.settle_held(&tx, &ops);
+        if !batch.errors.is_empty() && tx.is_autocommit() {
+            batch.aborted = true;
+        }
+        if batch.journal_ok && self.opts.max_bytes > 0 {
+            // Under a size cap, what is held must fit in the store as rows
+            // (its sink may never acknowledge it), with room to spare: JSON
+            // of at most half the room left under 90 % of the cap.
+            let room = match used_bytes(&tx) {
+                Ok(used) => (self.opts.max_bytes as f64 * 0.9 - used as f64).max(0.0) as usize,
+                Err(_) => 0,
+            };
+            batch.journal_budget = batch.journal_budget.min(room / 2);
+        }
         for op in ops {
             batch.run(&tx, op);
+        }
+        if !batch.aborted && !batch.journaled.is_empty() {
+            match write_journal(&mut self.journal, &mut self.segment_started, &batch.journaled) {
+                Ok(segment) => {
+                    for h in &mut batch.journaled {
+                        h.segment = segment;
+                    }
+                }
+                Err(e) => {
+                    batch.errors.push((e, "writing the journal"));
+                    batch.aborted = true;
+                }
+            }
         }
         let committed = match batch.errors.first() {
             Some((e, _)) if batch.aborted => {
@@ -1067,6 +1460,11 @@ impl Writer {
     /// an error to every append and retry, and the acks and parks are kept
     /// for the next commit.
     fn settle(&mut self, mut batch: Batch, committed: Result<(), StoreError>) {
+        let journaled = std::mem::take(&mut batch.journaled);
+        // Every event held before the batch (cloned blocks), and those of
+        // them it did not try to settle.
+        let all_held = batch.all_held();
+        let kept = std::mem::take(&mut batch.held_kept);
         for (e, what) in &batch.errors {
             if *what == PIECE_TOO_LARGE {
                 self.metrics.write_errors.increment(1);
@@ -1102,9 +1500,25 @@ impl Writer {
                 }
                 self.shared.dead_letters.fetch_add(batch.delta.dead_letters, Ordering::AcqRel);
                 self.follow_in_tail(&batch.applied, std::mem::take(&mut batch.tail), batch.tail_reset, batch.next_pos);
+                // Held events whose settling failed stay held, before this
+                // commit's.
+                let promoted = batch.settled.promoted > 0;
+                self.metrics.held_delivered.increment(batch.settled.left as u64);
+                self.metrics.held_stored.increment(batch.settled.promoted as u64);
+                self.held = kept;
+                self.held.sort_unstable_by_key(|h| h.pos);
+                self.held.extend(journaled);
+                self.settle_soon = batch.tail_reset && !self.held.is_empty();
+                self.publish_held();
+                if batch.synced {
+                    self.tidy_journal();
+                }
                 if batch.next_pos != self.next_pos {
                     self.next_pos = batch.next_pos;
                     self.shared.committed.send_replace(batch.next_pos - 1);
+                } else if promoted {
+                    // Sinks reading behind the tail find them in the tables now.
+                    self.shared.committed.send_replace(self.next_pos - 1);
                 }
                 for a in batch.after {
                     self.reply_committed(a);
@@ -1124,6 +1538,12 @@ impl Writer {
                     a.fail(&e);
                 }
                 self.deferred.extend(batch.applied);
+                // Still held (acknowledged ones marked): settled next time.
+                // This batch's journaled events are not accepted: their
+                // callers offer them again (found held, at a restart, only
+                // if their ids are still unknown).
+                self.held = all_held;
+                self.publish_held();
             }
         }
         publish_counters(&self.shared);
@@ -1184,6 +1604,9 @@ impl Writer {
                 Op::Flush { reply } => {
                     let _ = reply.send(());
                 }
+                Op::Contains { reply, .. } => {
+                    let _ = reply.send(Err(OutboxError::from_store(e.clone())));
+                }
                 op @ (Op::Ack { .. } | Op::Park { .. }) => self.deferred.push(op),
             }
         }
@@ -1203,6 +1626,7 @@ impl Writer {
                 return;
             }
             self.last_recovery = Instant::now();
+            self.release_journal();
             let _ = self.compact();
             let freed = self.shared.depth.load(Ordering::Acquire) < self.depth_at_full;
             if (freed || self.has_room()) && disk_has_room(&self.dir, self.opts.reserve_bytes) {
@@ -1223,13 +1647,7 @@ impl Writer {
         if self.opts.max_bytes == 0 {
             return true;
         }
-        let used = self.conn.query_row(
-            "SELECT (SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM pragma_freelist_count()),
-                    (SELECT page_size FROM pragma_page_size())",
-            [],
-            |r| Ok(r.get::<_, i64>(0)? * r.get::<_, i64>(1)?),
-        );
-        matches!(used, Ok(u) if (u as f64) < self.opts.max_bytes as f64 * 0.9)
+        matches!(used_bytes(&self.conn), Ok(u) if (u as f64) < self.opts.max_bytes as f64 * 0.9)
     }
 
     fn compact(&mut self) -> Result<(), StoreError> {
@@ -1253,6 +1671,36 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Bytes of the store's pages in use (its free pages not counted).
+fn used_bytes(c: &Connection) -> Result<i64, rusqlite::Error> {
+    c.query_row(
+        "SELECT (SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM pragma_freelist_count()),
+                (SELECT page_size FROM pragma_page_size())",
+        [],
+        |r| Ok(r.get::<_, i64>(0)? * r.get::<_, i64>(1)?),
+    )
+}
+
+/// Writes `held` to the journal, durably (one commit, or several for more
+/// than one commit holds), in a new segment if the open one is old or
+/// large enough to close. Returns the segment.
+fn write_journal(journal: &mut Journal, started: &mut Instant, held: &[Held]) -> Result<u64, StoreError> {
+    if started.elapsed() >= JOURNAL_SEGMENT_AGE || journal.open_bytes() >= JOURNAL_SEGMENT_BYTES {
+        journal.rotate();
+        *started = Instant::now();
+    }
+    let mut entry = Vec::with_capacity(2048);
+    for h in held {
+        entry.clear();
+        h.write_entry(&mut entry);
+        if journal.push(&entry).is_err() {
+            journal.commit().map_err(|e| journaled::store_error(&e))?;
+            journal.push(&entry).map_err(|e| journaled::store_error(&e))?;
+        }
+    }
+    journal.commit().map_err(|e| journaled::store_error(&e))
 }
 
 fn path_of(dir: &Path) -> PathBuf {
@@ -1401,6 +1849,7 @@ fn append(
     records: &[NewRecord],
     checkpoints: &[CallCheckpoint],
     sinks: &[Arc<str>],
+    held: &HashMap<Arc<str>, Arc<str>, ahash::RandomState>,
     next_pos: &mut i64,
     now: i64,
 ) -> Result<Appended, rusqlite::Error> {
@@ -1415,6 +1864,10 @@ fn append(
     let no_sinks = sinks.is_empty();
     for (i, r) in records.iter().enumerate() {
         let mut known = known_delivered(c, r)?;
+        if let (Known::New, Some(body)) = (known, held.get(&r.id)) {
+            // Held in the journal (its settling failed): not in the tables.
+            known = if **body == *r.body { Known::Same } else { Known::Different };
+        }
         if known == Known::New && no_sinks {
             // Nobody to deliver to: remembered as delivered.
             out.outcome.appended += done.execute(params![r.id, now, &r.digest[..]])?;

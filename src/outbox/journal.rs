@@ -218,14 +218,25 @@ impl Journal {
     /// `MAX_COMMIT_BYTES` is refused and the commit is left as it was:
     /// commit what is gathered first.
     pub fn push(&mut self, entry: &[u8]) -> Result<(), JournalError> {
-        let pending = self.block.len() - COMMIT_HEADER_BYTES;
-        let len =
-            u32::try_from(entry.len()).ok().filter(|_| pending + ENTRY_HEADER_BYTES + entry.len() <= MAX_COMMIT_BYTES);
+        self.push_with(|out| out.extend_from_slice(entry))
+    }
+
+    /// [`Journal::push`] of the entry `write` appends to the buffer it is
+    /// given, written in place (no copy of it first).
+    pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), JournalError> {
+        let start = self.block.len();
+        let pending = start - COMMIT_HEADER_BYTES;
+        self.block.extend_from_slice(&[0; ENTRY_HEADER_BYTES]);
+        write(&mut self.block);
+        let entry = self.block.len() - start - ENTRY_HEADER_BYTES;
+        let len = u32::try_from(entry).ok().filter(|_| pending + ENTRY_HEADER_BYTES + entry <= MAX_COMMIT_BYTES);
         let Some(len) = len else {
-            return Err(JournalError::TooLarge { entry: entry.len(), pending });
+            self.block.truncate(start);
+            return Err(JournalError::TooLarge { entry, pending });
         };
-        self.block.extend_from_slice(&len.to_le_bytes());
-        self.block.extend_from_slice(entry);
+        if let Some(header) = self.block.get_mut(start..start + ENTRY_HEADER_BYTES) {
+            header.copy_from_slice(&len.to_le_bytes());
+        }
         Ok(())
     }
 

@@ -14,6 +14,24 @@ use std::sync::Arc;
 /// The journal's directory inside the outbox directory.
 pub(crate) const JOURNAL_DIR: &str = "journal";
 
+/// An event row, as an append or a settle writes it (`?7` the digest);
+/// `ON CONFLICT(id) DO NOTHING`: an id the store has is not written again.
+pub(crate) const INSERT_EVENT: &str =
+    "INSERT INTO events(seq, id, key, type, body, appended_at, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+     ON CONFLICT(id) DO NOTHING";
+/// A sink's pending row for the event at `?2` (its position is its seq).
+pub(crate) const INSERT_PENDING: &str = "INSERT INTO pending(sink, pos, seq) VALUES (?1, ?2, ?2)";
+/// An id (and digest) remembered as delivered.
+pub(crate) const INSERT_DELIVERED: &str = "INSERT OR IGNORE INTO delivered(id, done_at, digest) VALUES (?1, ?2, ?3)";
+
+/// Whether the store has this id, pending, parked or delivered.
+pub(crate) fn stored_or_delivered(c: &Connection, id: &str) -> Result<bool, rusqlite::Error> {
+    c.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1) OR EXISTS(SELECT 1 FROM delivered WHERE id = ?1)",
+    )?
+    .query_row([id], |r| r.get(0))
+}
+
 /// The tag of an event's entry (the only kind so far).
 const EVENT: u8 = b'E';
 
@@ -136,9 +154,6 @@ pub(crate) fn recover(dir: &Path, conn: &Connection, next_pos: &mut i64) -> Resu
     let path = dir.join(JOURNAL_DIR);
     let mut entries: Vec<(u64, Vec<u8>)> = Vec::new();
     let journal = Journal::open(&path, |n, e| entries.push((n, e.to_vec()))).map_err(OutboxError::Journal)?;
-    let mut stored = conn
-        .prepare("SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1) OR EXISTS(SELECT 1 FROM delivered WHERE id = ?1)")
-        .map_err(super::writer::storage)?;
     let mut seen: HashSet<Arc<str>> = HashSet::new();
     let mut held = Vec::new();
     for (segment, entry) in entries {
@@ -147,7 +162,7 @@ pub(crate) fn recover(dir: &Path, conn: &Connection, next_pos: &mut i64) -> Resu
         if seen.contains(&h.id) {
             continue;
         }
-        let known: bool = stored.query_row([&*h.id], |r| r.get(0)).map_err(super::writer::storage)?;
+        let known = stored_or_delivered(conn, &h.id).map_err(super::writer::storage)?;
         seen.insert(h.id.clone());
         if !known {
             *next_pos += 1;
@@ -171,12 +186,9 @@ pub(crate) struct Settled {
 /// without sinks) as delivered, its id kept; the others as events pending
 /// for every sink. An id the store has already leaves as a duplicate.
 pub(crate) fn settle(c: &Connection, held: &[Held], sinks: &[Arc<str>], now: i64) -> Result<Settled, rusqlite::Error> {
-    let mut done = c.prepare_cached("INSERT OR IGNORE INTO delivered(id, done_at, digest) VALUES (?1, ?2, ?3)")?;
-    let mut ins = c.prepare_cached(
-        "INSERT INTO events(seq, id, key, type, body, appended_at, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT(id) DO NOTHING",
-    )?;
-    let mut pend = c.prepare_cached("INSERT INTO pending(sink, pos, seq) VALUES (?1, ?2, ?2)")?;
+    let mut done = c.prepare_cached(INSERT_DELIVERED)?;
+    let mut ins = c.prepare_cached(INSERT_EVENT)?;
+    let mut pend = c.prepare_cached(INSERT_PENDING)?;
     let mut out = Settled::default();
     for h in held {
         if h.acked || sinks.is_empty() {

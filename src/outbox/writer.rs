@@ -791,11 +791,7 @@ impl Batch {
                 let known = if self.held_ids.contains_key(id.as_str()) {
                     Ok(true)
                 } else {
-                    c.prepare_cached(
-                        "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1) OR EXISTS(SELECT 1 FROM delivered WHERE id = ?1)",
-                    )
-                    .and_then(|mut st| st.query_row([&id], |r| r.get(0)))
-                    .map_err(storage)
+                    journaled::stored_or_delivered(c, &id).map_err(storage)
                 };
                 let _ = reply.send(known);
             }
@@ -894,9 +890,7 @@ impl Batch {
             if known == Known::New {
                 let held =
                     self.held_ids.get(&r.id).or_else(|| ids.get(&*r.id).and_then(|&k| new.get(k).map(|h| &h.body)));
-                if let Some(body) = held {
-                    known = if **body == *r.body { Known::Same } else { Known::Different };
-                }
+                known = known_held(held, r);
             }
             if known == Known::New {
                 known = known_stored(c, r)?;
@@ -998,12 +992,9 @@ impl Batch {
     }
 
     /// Every event held before this batch, in position order (settled or
-    /// not: the transaction did not commit, or settling them failed).
+    /// not: the transaction did not begin).
     fn all_held(&mut self) -> Vec<Held> {
-        let mut all = std::mem::take(&mut self.held);
-        all.extend(self.held_kept.iter().cloned());
-        all.sort_unstable_by_key(|h| h.pos);
-        all
+        merge_held(std::mem::take(&mut self.held), std::mem::take(&mut self.held_kept))
     }
 
     /// The records stored (index in `records`, position), as sinks read
@@ -1182,6 +1173,7 @@ impl Writer {
             };
         };
         let rx = &mut self.rx;
+        // The deadline's timer is made inside the runtime's context.
         timer.block_on(async { tokio::time::timeout_at(until.into(), rx.recv()).await }).ok()
     }
 
@@ -1238,17 +1230,16 @@ impl Writer {
     /// a batch's worth of requests or the queue's end. `n`: the weight of
     /// `ops`.
     fn hold_acks(&mut self, ops: &mut Vec<Op>, mut n: usize) {
-        let Some(timer) = &self.timer else { return };
+        if self.timer.is_none() {
+            return;
+        }
         let idle = self.deferred.is_empty() && !self.full && !self.failing && !self.probation;
         if !idle || ops.is_empty() || !ops.iter().all(unwaited) {
             return;
         }
         let until = Instant::now() + ACK_HOLD;
         while n < self.opts.max_batch_events {
-            let rx = &mut self.rx;
-            // The deadline's timer is made inside the runtime's context.
-            let next = timer.block_on(async { tokio::time::timeout_at(until.into(), rx.recv()).await });
-            let Ok(Some(op)) = next else { return };
+            let Some(Some(op)) = self.recv_until(until) else { return };
             let waited_for = !unwaited(&op);
             n += weight(&op);
             ops.push(op);
@@ -1461,10 +1452,9 @@ impl Writer {
     /// for the next commit.
     fn settle(&mut self, mut batch: Batch, committed: Result<(), StoreError>) {
         let journaled = std::mem::take(&mut batch.journaled);
-        // Every event held before the batch (cloned blocks), and those of
-        // them it did not try to settle.
-        let all_held = batch.all_held();
-        let kept = std::mem::take(&mut batch.held_kept);
+        // The events held before the batch: those it settled, and those it
+        // kept held.
+        let (settling, kept) = (std::mem::take(&mut batch.held), std::mem::take(&mut batch.held_kept));
         for (e, what) in &batch.errors {
             if *what == PIECE_TOO_LARGE {
                 self.metrics.write_errors.increment(1);
@@ -1505,8 +1495,7 @@ impl Writer {
                 let promoted = batch.settled.promoted > 0;
                 self.metrics.held_delivered.increment(batch.settled.left as u64);
                 self.metrics.held_stored.increment(batch.settled.promoted as u64);
-                self.held = kept;
-                self.held.sort_unstable_by_key(|h| h.pos);
+                self.held = merge_held(Vec::new(), kept);
                 self.held.extend(journaled);
                 self.settle_soon = batch.tail_reset && !self.held.is_empty();
                 self.publish_held();
@@ -1542,7 +1531,7 @@ impl Writer {
                 // This batch's journaled events are not accepted: their
                 // callers offer them again (found held, at a restart, only
                 // if their ids are still unknown).
-                self.held = all_held;
+                self.held = merge_held(settling, kept);
                 self.publish_held();
             }
         }
@@ -1673,6 +1662,13 @@ impl Writer {
     }
 }
 
+/// Held events `a` and `b` as one list in position order.
+fn merge_held(mut a: Vec<Held>, b: Vec<Held>) -> Vec<Held> {
+    a.extend(b);
+    a.sort_unstable_by_key(|h| h.pos);
+    a
+}
+
 /// Bytes of the store's pages in use (its free pages not counted).
 fn used_bytes(c: &Connection) -> Result<i64, rusqlite::Error> {
     c.query_row(
@@ -1691,13 +1687,10 @@ fn write_journal(journal: &mut Journal, started: &mut Instant, held: &[Held]) ->
         journal.rotate();
         *started = Instant::now();
     }
-    let mut entry = Vec::with_capacity(2048);
     for h in held {
-        entry.clear();
-        h.write_entry(&mut entry);
-        if journal.push(&entry).is_err() {
+        if journal.push_with(|out| h.write_entry(out)).is_err() {
             journal.commit().map_err(|e| journaled::store_error(&e))?;
-            journal.push(&entry).map_err(|e| journaled::store_error(&e))?;
+            journal.push_with(|out| h.write_entry(out)).map_err(|e| journaled::store_error(&e))?;
         }
     }
     journal.commit().map_err(|e| journaled::store_error(&e))
@@ -1817,6 +1810,15 @@ enum Known {
     Different,
 }
 
+/// The id among the held events, whose JSON is `held`: compared by content.
+fn known_held(held: Option<&Arc<str>>, r: &NewRecord) -> Known {
+    match held {
+        None => Known::New,
+        Some(body) if **body == *r.body => Known::Same,
+        Some(_) => Known::Different,
+    }
+}
+
 /// The id among delivered events: a digest that differs is a conflict; no
 /// digest (delivered before digests were kept) counts as the same.
 fn known_delivered(c: &Connection, r: &NewRecord) -> Result<Known, rusqlite::Error> {
@@ -1853,20 +1855,17 @@ fn append(
     next_pos: &mut i64,
     now: i64,
 ) -> Result<Appended, rusqlite::Error> {
-    let mut ins = c.prepare_cached(
-        "INSERT INTO events(seq, id, key, type, body, appended_at, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT(id) DO NOTHING",
-    )?;
-    let mut done = c.prepare_cached("INSERT OR IGNORE INTO delivered(id, done_at, digest) VALUES (?1, ?2, ?3)")?;
-    let mut pend = c.prepare_cached("INSERT INTO pending(sink, pos, seq) VALUES (?1, ?2, ?2)")?;
+    let mut ins = c.prepare_cached(journaled::INSERT_EVENT)?;
+    let mut done = c.prepare_cached(journaled::INSERT_DELIVERED)?;
+    let mut pend = c.prepare_cached(journaled::INSERT_PENDING)?;
     let mut out = Appended { outcome: AppendOutcome::default(), stored: Vec::new(), depth: 0, conflicts: Vec::new() };
     let mut pos = *next_pos;
     let no_sinks = sinks.is_empty();
     for (i, r) in records.iter().enumerate() {
         let mut known = known_delivered(c, r)?;
-        if let (Known::New, Some(body)) = (known, held.get(&r.id)) {
+        if known == Known::New {
             // Held in the journal (its settling failed): not in the tables.
-            known = if **body == *r.body { Known::Same } else { Known::Different };
+            known = known_held(held.get(&r.id), r);
         }
         if known == Known::New && no_sinks {
             // Nobody to deliver to: remembered as delivered.
